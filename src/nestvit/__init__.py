@@ -1,0 +1,12 @@
+"""nestvit: nested vision transformers (ViT, TNT, RTNT, NesT) in PyTorch."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .registry import create_model, list_models, register_model
+
+try:
+    __version__ = version("nestvit")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+local"
+
+__all__ = ["create_model", "list_models", "register_model", "__version__"]

@@ -1,0 +1,64 @@
+"""``nestvit`` command line: one entry point, one sub-command per capability.
+
+Sub-commands live next to the code they drive; each module exposes ``add_arguments(parser)`` and
+``run(args) -> int`` and is imported only when its command is used, so ``nestvit --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "models": ("nestvit.cli_models", "list registered models: params, GFLOPs, input size, family"),
+    "train": ("nestvit.train.cli_train", "train a model from a recipe"),
+    "eval": ("nestvit.train.cli_eval", "evaluate a checkpoint on a data set"),
+    "predict": ("nestvit.train.cli_predict", "classify image files with a checkpoint"),
+    "bench": ("nestvit.bench", "measure throughput, FLOPs, MFU and memory"),
+    "explain": ("nestvit.explain.cli", "GradCAT / CAM / Grad-CAM / rollout explanations as PNG"),
+    "generate": ("nestvit.generate.cli", "train the NesT generator (GAN) and sample images"),
+    "experiment": ("nestvit.experiments", "rerun the papers' experiments and write tables and plots"),
+}
+
+
+def _available() -> dict[str, tuple[str, str]]:
+    return {name: v for name, v in COMMANDS.items() if importlib.util.find_spec(v[0]) is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="nestvit", description="Nested vision transformers (ViT, TNT, RTNT, NesT): train, compare, explain, "
+                                    "generate.")
+    parser.add_argument("--version", action="version", version=f"nestvit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_) in _available().items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"nestvit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Weight interop with timm and safe weight loading.
+
+``from_timm("Nest" | "TNT", timm_kwargs, state_dict)`` builds the equivalent nestvit model and loads a
+timm state dict into it; ``load_weights(model, path)`` loads a nestvit safetensors file or a timm
+checkpoint (``.pth``/``.bin`` through ``torch.load(weights_only=True)``, or ``.safetensors``), never
+unpickling arbitrary objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .models.nest import Nest, NestConfig
+
+
+class WeightsError(ValueError):
+    """A weights file that does not fit the model (wrong family, shapes or keys) or cannot be read."""
+
+
+# ----------------------------------------------------------------------------------------------
+# NesT
+# ----------------------------------------------------------------------------------------------
+
+def nest_config_from_timm(kw: Mapping[str, Any]) -> NestConfig:
+    """Translate ``timm.models.nest.Nest`` constructor arguments to a ``NestConfig``."""
+    kw = dict(kw)
+    levels = kw.get("num_levels", 3)
+    allowed = {"img_size", "in_chans", "patch_size", "num_levels", "embed_dims", "num_heads", "depths",
+               "num_classes", "mlp_ratio", "qkv_bias", "drop_rate", "proj_drop_rate", "attn_drop_rate",
+               "drop_path_rate", "pad_type", "global_pool", "weight_init", "norm_layer", "act_layer"}
+    unknown = set(kw) - allowed
+    if unknown:
+        raise WeightsError(f"timm Nest arguments {sorted(unknown)} have no nestvit equivalent")
+    if kw.get("global_pool", "avg") != "avg":
+        raise WeightsError("only global_pool='avg' is supported for NesT")
+    if kw.get("norm_layer") is not None or kw.get("act_layer") is not None:
+        raise WeightsError("custom norm_layer / act_layer cannot be translated; nestvit uses LayerNorm(1e-6) and GELU")
+    img = kw.get("img_size", 224)
+    patch = kw.get("patch_size", 4)
+    img = (img, img) if isinstance(img, int) else tuple(img)
+    return NestConfig(
+        img_size=img, in_chans=kw.get("in_chans", 3), num_classes=kw.get("num_classes", 1000), patch_size=patch,
+        num_levels=levels, block_size=None, embed_dims=kw.get("embed_dims", (128, 256, 512)),
+        num_heads=kw.get("num_heads", (4, 8, 16)), depths=kw.get("depths", (2, 2, 20)),
+        mlp_ratio=kw.get("mlp_ratio", 4.0), qkv_bias=kw.get("qkv_bias", True), attn="mha", act="gelu",
+        pool_pad="same" if kw.get("pad_type", "") == "same" else "symmetric",
+        drop_rate=kw.get("drop_rate", 0.0), proj_drop_rate=kw.get("proj_drop_rate", 0.0),
+        attn_drop_rate=kw.get("attn_drop_rate", 0.0), drop_path_rate=kw.get("drop_path_rate", 0.0))
+
+
+def nest_state_from_timm(sd: Mapping[str, torch.Tensor], num_heads: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """timm NesT keys are nestvit's; only ``attn.proj.weight`` columns move from ``d*H + h`` to ``h*D + d``."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith("attn.proj.weight"):
+            level = int(k.split(".")[1])
+            H = num_heads[level]
+            D = v.shape[1] // H
+            v = v.reshape(v.shape[0], D, H).transpose(1, 2).reshape(v.shape[0], H * D)
+        out[k] = v
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------------------------
+
+def _strip(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop wrappers that checkpoints often carry: ``state_dict.``/``module.``/``_orig_mod.`` prefixes."""
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("state_dict.", "module.", "_orig_mod."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def load_state_strict(model: nn.Module, sd: Mapping[str, torch.Tensor], *, source: str) -> None:
+    """``load_state_dict(strict=True)`` with one readable message listing what does not fit."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        if shapes:
+            parts.append(f"{len(shapes)} with another shape (e.g. {shapes[:2]})")
+        raise WeightsError(f"{source} does not fit {type(model).__name__}: " + "; ".join(parts)
+                           + ". Is it a checkpoint of another model or size? Create the matching model "
+                             "(see `nestvit models`) or pass the overrides it was trained with.")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})
+
+
+def from_timm(class_name: str, kwargs: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Build the nestvit model equivalent to ``timm.models.<class_name>(**kwargs)`` with its weights.
+
+    Returns the model in eval mode; its logits match timm's to float32 precision.
+    """
+    sd = _strip(state_dict)
+    if class_name == "Nest":
+        cfg = nest_config_from_timm(kwargs)
+        model: nn.Module = Nest(cfg)
+        sd = nest_state_from_timm(sd, cfg.num_heads)
+    elif class_name == "TNT":
+        from .models.tnt import tnt_from_timm
+
+        model, sd = tnt_from_timm(kwargs, sd)
+    else:
+        raise WeightsError(f"unsupported timm class {class_name!r}; nestvit converts 'Nest' and 'TNT'")
+    load_state_strict(model, sd, source=f"timm {class_name} state dict")
+    return model.eval()
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` from a ``.safetensors`` file or a ``torch.save`` file (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such weights file")
+    meta: dict[str, str] = {}
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                meta = dict(f.metadata() or {})
+                return {k: f.get_tensor(k) for k in f.keys()}, meta
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - one clear message for any unreadable file
+        raise WeightsError(f"{path}: cannot read weights ({type(e).__name__}: {e}). Expected a .safetensors "
+                           "file or a PyTorch state dict saved with torch.save.") from None
+    for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path}: expected a mapping of parameter names to tensors")
+    return obj, meta
+
+
+def save_weights(model: nn.Module, path: str | Path, *, metadata: Mapping[str, str] | None = None) -> Path:
+    """Write ``model``'s weights as safetensors, atomically (temporary file, then rename)."""
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "nestvit", "family": getattr(model, "family", ""), **(metadata or {})}
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(sd, tmp, metadata={k: str(v) for k, v in meta.items()})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load nestvit weights (``save_weights``) or a timm checkpoint into ``model``.
+
+    Files written by nestvit carry ``format=nestvit`` metadata and load as they are (their family must
+    match); anything else is taken to be in timm's layout and converted.
+    """
+    sd, meta = read_state_dict(path)
+    sd = _strip(sd)
+    family = getattr(model, "family", "")
+    if meta.get("format") == "nestvit":
+        if meta.get("family") and family and meta["family"] != family:
+            raise WeightsError(f"{path} holds a {meta['family']} model ({meta.get('model', '?')}), "
+                               f"not a {family} model; create the model it was saved from")
+    elif family == "nest":
+        sd = nest_state_from_timm(sd, model.cfg.num_heads)
+    elif family == "tnt":
+        from .models.tnt import tnt_state_from_timm
+
+        sd = tnt_state_from_timm(sd, model)
+    load_state_strict(model, sd, source=str(path))
+    return model

@@ -1,0 +1,207 @@
+"""Building blocks shared by every nestvit model.
+
+Attention runs through ``F.scaled_dot_product_attention`` on 4-D ``(batch, heads, tokens, head_dim)``
+tensors; any leading block/patch dimensions are folded into the batch, so a NesT level with ``T``
+blocks or a TNT inner transformer over ``N`` patches is one attention call, never a Python loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def to_2tuple(x: int | Sequence[int]) -> tuple[int, int]:
+    """``7 -> (7, 7)``; ``(4, 6) -> (4, 6)``."""
+    if isinstance(x, int):
+        return (x, x)
+    t = tuple(int(v) for v in x)
+    if len(t) != 2:
+        raise ValueError(f"expected an int or a pair (height, width), got {x!r}")
+    return t  # type: ignore[return-value]
+
+
+def make_act(name: str) -> nn.Module:
+    """``gelu`` (exact, erf), ``gelu_tanh`` (the tanh approximation, as JAX's default), ``relu``, ``silu``."""
+    acts = {
+        "gelu": lambda: nn.GELU(),
+        "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+        "relu": lambda: nn.ReLU(),
+        "silu": lambda: nn.SiLU(),
+    }
+    if name not in acts:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(acts)}")
+    return acts[name]()
+
+
+def drop_path_rates(rate: float, depths: Sequence[int]) -> list[list[float]]:
+    """Linear stochastic-depth schedule from 0 to ``rate`` over all layers, split per stage."""
+    total = sum(depths)
+    flat = [rate * i / max(total - 1, 1) for i in range(total)]
+    out, start = [], 0
+    for d in depths:
+        out.append(flat[start:start + d])
+        start += d
+    return out
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample with probability ``p`` (training only)."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the last-but-one axis of ``(..., N, C)``.
+
+    ``kv_heads=1`` gives multi-query attention (one shared K/V head, as NesT's CIFAR models); it is
+    computed as one single-head attention whose queries are all heads' queries stacked along the
+    token axis, which is exact and uses larger matrix products than repeating K/V per head.
+    The fused ``qkv`` weight is laid out ``[q (C) | k (kv_heads*D) | v (kv_heads*D)]`` with heads
+    outermost inside each part, as timm's ViT; outputs of heads are merged ``h * D + d`` before ``proj``.
+    """
+
+    def __init__(self, dim: int, *, num_heads: int, kv_heads: int | None = None, qkv_bias: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        kv_heads = num_heads if kv_heads is None else kv_heads
+        if kv_heads not in (1, num_heads):
+            raise ValueError(f"kv_heads must be 1 (multi-query) or num_heads ({num_heads}), got {kv_heads}")
+        self.num_heads, self.kv_heads, self.head_dim = num_heads, kv_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, dim + 2 * kv_heads * self.head_dim, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        *lead, N, C = x.shape
+        H, D = self.num_heads, self.head_dim
+        x = x.reshape(-1, N, C)  # (B', N, C): blocks / patches folded into the batch
+        B = x.shape[0]
+        qkv = self.qkv(x)
+        drop = self.attn_drop if self.training else 0.0
+        if self.kv_heads == 1:
+            q, k, v = qkv.split([C, D, D], dim=-1)
+            q = q.reshape(B, N, H, D).transpose(1, 2).reshape(B, 1, H * N, D)  # (B', 1, H*N, D)
+            o = F.scaled_dot_product_attention(q, k.unsqueeze(1), v.unsqueeze(1), dropout_p=drop)
+            o = o.reshape(B, H, N, D)
+        else:
+            q, k, v = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)  # 3 x (B', H, N, D)
+            o = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)  # (B', H, N, D)
+        o = o.transpose(1, 2).reshape(*lead, N, C)
+        return self.proj_drop(self.proj(o))
+
+
+class Mlp(nn.Module):
+    """``fc1 -> act -> drop -> fc2 -> drop`` on the last axis."""
+
+    def __init__(self, dim: int, *, hidden: int, act: str = "gelu", drop: float = 0.0,
+                 out_dim: int | None = None) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = make_act(act)
+        self.fc2 = nn.Linear(hidden, out_dim or dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm transformer layer: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``, each with DropPath."""
+
+    def __init__(self, dim: int, *, num_heads: int, mlp_ratio: float = 4.0, kv_heads: int | None = None,
+                 qkv_bias: bool = True, act: str = "gelu", norm_eps: float = 1e-6, drop: float = 0.0,
+                 attn_drop: float = 0.0, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads=num_heads, kv_heads=kv_heads, qkv_bias=qkv_bias,
+                              attn_drop=attn_drop, proj_drop=drop)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, hidden=int(dim * mlp_ratio), act=act, drop=drop)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def init_weights(model: nn.Module, *, std: float = 0.02) -> None:
+    """Truncated-normal (+-2 std) init for Linear/Conv weights, zero biases, unit LayerNorm (timm/JAX ViT)."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class ModelBase(nn.Module):
+    """The contract every nestvit classifier follows (as timm's models do).
+
+    Subclasses set ``img_size``, ``in_chans``, ``num_classes``, ``num_features``, ``feature_info``,
+    ``family`` and implement ``forward_features``, ``forward_head`` and ``forward_intermediates``.
+    """
+
+    family: str = ""
+    img_size: tuple[int, int]
+    in_chans: int
+    num_classes: int
+    num_features: int
+    feature_info: list[dict]
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise one clear ``ValueError`` for a wrong rank, channel count or image size."""
+        if x.ndim != 4:
+            raise ValueError(f"{type(self).__name__} expects images (B, C, H, W), got shape {tuple(x.shape)}")
+        _, c, h, w = x.shape
+        if c != self.in_chans:
+            raise ValueError(f"{type(self).__name__} was built for {self.in_chans}-channel input, got {c} "
+                             f"channels; create it with in_chans={c} or convert the images")
+        if (h, w) != tuple(self.img_size):
+            raise ValueError(f"{type(self).__name__} was built for {self.img_size[0]}x{self.img_size[1]} input, "
+                             f"got {h}x{w}; create it with img_size=({h}, {w}) or resize the images")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W) -> (B, num_classes)``."""
+        return self.forward_head(self.forward_features(x))
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters that get no weight decay by default (position embeddings and tokens)."""
+        keys = ("pos_embed", "cls_token", "dist_token", "patch_pos", "pixel_pos", "pos.")
+        return {n for n, _ in self.named_parameters() if any(k in n for k in keys)}
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def grid_error(what: str, size: int, unit: int, axis: str) -> ValueError:
+    return ValueError(f"{what}: image {axis} {size} is not divisible by {unit}; "
+                      f"choose an image size that is a multiple of {unit}")
+
+
+def check_divisible(what: str, img_size: tuple[int, int], unit: int) -> tuple[int, int]:
+    """``img_size // unit`` per axis, or a clear error naming the axis that does not divide."""
+    for size, axis in zip(img_size, ("height", "width")):
+        if size % unit:
+            raise grid_error(what, size, unit, axis)
+    return img_size[0] // unit, img_size[1] // unit
