@@ -2,7 +2,9 @@
 
 from . import nest, rtnt, tnt, vit  # noqa: F401
 from .nest import Nest, NestConfig
+from .rtnt import RTNT, RTNTConfig
+from .tnt import TNT
 
 
 
-__all__ = ["Nest", "NestConfig", "RTNT", "RTNTConfig", "ViT", "ViTConfig"]
+__all__ = ["Nest", "NestConfig", "RTNT", "RTNTConfig", "TNT"]

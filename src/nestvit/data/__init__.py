@@ -1,0 +1,51 @@
+"""Datasets: in-memory small sets, streamed image folders, and checked downloads."""
+
+from .datasets import (
+    DATASETS,
+    IMAGE_EXTENSIONS,
+    ArrayDataset,
+    DatasetError,
+    DatasetInfo,
+    ImageFolderDataset,
+    default_root,
+    load_dataset,
+    make_loader,
+    mnist5k_split,
+    read_idx,
+    restricted_unpickle,
+)
+from .download import (
+    MIRRORS,
+    REMOTE_FILES,
+    ChecksumError,
+    RemoteFile,
+    dataset_urls,
+    download_dataset,
+    download_file,
+    extract_archive,
+    sha256_file,
+)
+
+__all__ = [
+    "DATASETS",
+    "IMAGE_EXTENSIONS",
+    "MIRRORS",
+    "REMOTE_FILES",
+    "ArrayDataset",
+    "ChecksumError",
+    "DatasetError",
+    "DatasetInfo",
+    "ImageFolderDataset",
+    "RemoteFile",
+    "dataset_urls",
+    "default_root",
+    "download_dataset",
+    "download_file",
+    "extract_archive",
+    "load_dataset",
+    "make_loader",
+    "mnist5k_split",
+    "read_idx",
+    "restricted_unpickle",
+    "sha256_file",
+]
