@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 
 # name -> (module, one-line help)
@@ -24,7 +25,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def _available() -> dict[str, tuple[str, str]]:
-    return {name: v for name, v in COMMANDS.items() if importlib.util.find_spec(v[0]) is not None}
+    """Commands whose module is installed (``find_spec`` raises when a parent package is missing)."""
+    out = {}
+    for name, (module, help_) in COMMANDS.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if found:
+            out[name] = (module, help_)
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nestvit", description="Nested vision transformers (ViT, TNT, RTNT, NesT): train, compare, explain, "
                                     "generate.")
     parser.add_argument("--version", action="version", version=f"nestvit {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_) in _available().items():
         p = sub.add_parser(name, help=help_, description=help_)

@@ -42,7 +42,8 @@ def attention_flops(q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Seq
 
 def attention_backward_flops(grad_shape: Sequence[int], q_shape: Sequence[int], k_shape: Sequence[int],
                              v_shape: Sequence[int]) -> int:
-    """Recompute ``Q K^T``; then ``dP = dO V^T``, ``dV = P^T dO``, ``dQ = dS K``, ``dK = dS^T Q`` (5 products)."""
+    """Backward of SDPA as PyTorch counts it: recompute ``Q K^T``, then ``dP = dO V^T``, ``dV = P^T dO``,
+    ``dQ = dS K``, ``dK = dS^T Q`` (5 products; the math path's autograd does 4, without the recompute)."""
     *lead, nq, d = q_shape
     nk, dv = k_shape[-2], v_shape[-1]
     bh = 1
@@ -55,7 +56,8 @@ def _forward_formula(query_shape, key_shape, value_shape, *args, out_shape=None,
     return attention_flops(query_shape, key_shape, value_shape)
 
 
-def _backward_formula(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+def _backward_formula(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                      **kwargs) -> int:
     return attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape)
 
 
@@ -118,9 +120,10 @@ def _default_shape(model: nn.Module) -> tuple[int, ...]:
     return (1, int(in_chans), int(h), int(w))
 
 
-def _count(model: nn.Module, input_shape: Sequence[int] | None, dtype: torch.dtype) -> tuple[FlopCounterMode, int]:
+def _count(model: nn.Module, input_shape: Sequence[int] | None, dtype: torch.dtype,
+           device: torch.device | str | None) -> tuple[FlopCounterMode, int]:
     shape = tuple(int(s) for s in (input_shape or _default_shape(model)))
-    x = torch.zeros(shape, dtype=dtype, device=_model_device(model))
+    x = torch.zeros(shape, dtype=dtype, device=device if device is not None else _model_device(model))
     modes = {m: m.training for m in model.modules()}
     model.eval()  # inference FLOPs (a DeiT distilled model then also returns one tensor)
     try:
@@ -133,23 +136,24 @@ def _count(model: nn.Module, input_shape: Sequence[int] | None, dtype: torch.dty
 
 
 def count_flops(model: nn.Module, input_shape: Sequence[int] | None = None, *,
-                dtype: torch.dtype = torch.float32) -> int:
+                dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> int:
     """Forward FLOPs **per image** (multiply-add = 2) of ``model`` in eval mode, without gradients.
 
-    ``input_shape`` defaults to ``(1, model.in_chans, *model.img_size)``. The input is made on the
-    model's device, so a model built under ``with torch.device("meta")`` is counted without computing
-    anything (fast; attention then runs the math path, which counts the same). Counts are exact for
-    any batch (they are divided by it).
+    ``input_shape`` defaults to ``(1, model.in_chans, *model.img_size)``. The input is made on
+    ``device``, by default the model's device, so a model built under ``with torch.device("meta")``
+    is counted without computing anything (fast; attention then runs the math path, which counts the
+    same). Counts are exact for any batch (they are divided by it).
     """
-    counter, batch = _count(model, input_shape, dtype)
+    counter, batch = _count(model, input_shape, dtype, device)
     return counter.get_total_flops() // batch
 
 
 def flops_by_operator(model: nn.Module, input_shape: Sequence[int] | None = None, *,
-                      dtype: torch.dtype = torch.float32) -> dict[str, int]:
+                      dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+                      ) -> dict[str, int]:
     """Per-image forward FLOPs split by ATen operator (``{"aten.addmm": ..., "aten.convolution": ...}``),
     largest first; the values sum to ``count_flops``."""
-    counter, batch = _count(model, input_shape, dtype)
+    counter, batch = _count(model, input_shape, dtype, device)
     per_op = counter.get_flop_counts().get("Global", {})
     items = sorted(((str(op), n // batch) for op, n in per_op.items() if n), key=lambda kv: (-kv[1], kv[0]))
     return dict(items)

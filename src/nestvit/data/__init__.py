@@ -14,6 +14,7 @@ from .datasets import (
     read_idx,
     restricted_unpickle,
 )
+from .augment import AugmentConfig, BatchAugment, RandAugment, eval_transform, mixup_cutmix, random_erasing
 from .download import (
     MIRRORS,
     REMOTE_FILES,
@@ -27,6 +28,12 @@ from .download import (
 )
 
 __all__ = [
+    "AugmentConfig",
+    "BatchAugment",
+    "RandAugment",
+    "eval_transform",
+    "mixup_cutmix",
+    "random_erasing",
     "DATASETS",
     "IMAGE_EXTENSIONS",
     "MIRRORS",

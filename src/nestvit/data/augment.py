@@ -200,11 +200,10 @@ def adjust_contrast(x: Tensor, factor: ScalarOrTensor) -> Tensor:
 
 def adjust_sharpness(x: Tensor, factor: ScalarOrTensor) -> Tensor:
     """PIL ``ImageEnhance.Sharpness``: blend with the SMOOTH-filtered image (border pixels kept)."""
-    n, c, h, w = x.shape
-    if h < 3 or w < 3:
+    if x.shape[2] < 3 or x.shape[3] < 3:
         return x
-    k = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]], device=x.device) / 13.0
-    smooth = F.conv2d(x.reshape(n * c, 1, h, w), k.view(1, 1, 3, 3)).reshape(n, c, h - 2, w - 2)
+    # SMOOTH kernel [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13 = (9 * mean3x3 + 4 * centre) / 13
+    smooth = (9.0 * F.avg_pool2d(x, 3, stride=1) + 4.0 * x[:, :, 1:-1, 1:-1]) / 13.0
     degenerate = x.clone()
     degenerate[:, :, 1:-1, 1:-1] = smooth
     return _blend(degenerate, x, factor)
@@ -222,15 +221,15 @@ def auto_contrast(x: Tensor) -> Tensor:
 def equalize(x: Tensor) -> Tensor:
     """PIL ``ImageOps.equalize``: per-channel histogram equalisation (vectorised over the batch).
 
-    As PIL: ``step = (n_pixels - count(max value)) // 256``; channels with ``step == 0`` are left
+    As Pillow: ``step = (n_pixels - count(max value)) // 255``; channels with ``step == 0`` are left
     unchanged; ``lut[i] = (step // 2 + #pixels below i) // step`` clipped at 255.
     """
     n, c, h, w = x.shape
     xi = x.floor().clamp(0, 255).long().reshape(n * c, h * w)
-    hist = torch.zeros(n * c, 256, dtype=torch.long, device=x.device)
-    hist.scatter_add_(1, xi, torch.ones_like(xi))
+    offsets = torch.arange(n * c, device=x.device).unsqueeze(1) * 256
+    hist = torch.bincount((xi + offsets).reshape(-1), minlength=n * c * 256).reshape(n * c, 256)
     last = hist.gather(1, xi.amax(dim=1, keepdim=True))  # count of the highest non-empty bin
-    step = torch.div(h * w - last, 256, rounding_mode="floor")  # (N*C, 1)
+    step = torch.div(h * w - last, 255, rounding_mode="floor")  # (N*C, 1)
     below = hist.cumsum(1) - hist
     lut = torch.div(step // 2 + below, step.clamp(min=1), rounding_mode="floor").clamp(max=255)
     out = torch.where(step > 0, lut.gather(1, xi), xi)
@@ -253,10 +252,11 @@ def affine_transform(
     n, c, h, w = x.shape
     dt = torch.float32
     m = matrix.to(device=x.device, dtype=dt)
-    # normalised coords u = 2 x / W - 1 (align_corners=False): theta = S M S^-1
+    # normalised coords u = S x - 1, S = diag(2/W, 2/H) (align_corners=False):
+    # u_in = S M S^-1 u_out + (S M S^-1 1 + S t - 1)
     s = torch.tensor([2.0 / w, 2.0 / h], device=x.device, dtype=dt)
     lin = m[:, :, :2] * s[:, None] / s[None, :]
-    shift = (m[:, :, :2] @ torch.ones(2, device=x.device, dtype=dt) + m[:, :, 2]) * s - 1.0
+    shift = lin.sum(dim=2) + m[:, :, 2] * s - 1.0
     theta = torch.cat([lin, shift[:, :, None]], dim=2)
     grid = F.affine_grid(theta, [n, c, h, w], align_corners=False)
     out = F.grid_sample(x.float() - fill, grid, mode=interpolation, padding_mode="zeros", align_corners=False)
@@ -405,6 +405,10 @@ class RandAugment:
     host sync per op on GPU); ``'where'`` runs every op on the full batch and blends with
     ``torch.where`` (no host syncs; best on GPU); ``'auto'`` = ``'where'`` on CUDA else ``'index'``.
     Both give identical results.
+
+    Against Pillow (what timm runs) the geometric and LUT ops (equalize, posterize, solarize,
+    invert) are exact; blend-type ops and autocontrast differ by at most one level (Pillow
+    truncates, we round).
     """
 
     def __init__(
@@ -461,16 +465,14 @@ class RandAugment:
         sign = torch.where(_rand(shape, generator, device) < 0.5, -1.0, 1.0)
         return RandAugmentRecord(op_idx, applied, mag, sign)
 
-    def geometric_matrix(
-        self, names: Sequence[str], op_idx: Tensor, mag: Tensor, sign: Tensor, h: int, w: int
-    ) -> Tensor:
+    def geometric_matrix(self, op_idx: Tensor, mag: Tensor, sign: Tensor, h: int, w: int) -> Tensor:
         """``(N, 2, 3)`` PIL-convention matrices for images whose op is geometric (identity otherwise)."""
         v = mag / _LEVEL_DENOM * sign
         out = torch.eye(2, 3, device=mag.device).repeat(mag.shape[0], 1, 1)
         for name in _GEOMETRIC_OPS:
-            if name not in names:
+            if name not in self.ops:
                 continue
-            sel = (op_idx == names.index(name))[:, None, None]
+            sel = (op_idx == self.ops.index(name))[:, None, None]
             if name == "Rotate":
                 m = rotation_matrix(v * 30.0, h, w)
             elif name == "ShearX":
@@ -494,7 +496,7 @@ class RandAugment:
         if use_where:
             out = x
             if geo_ids.numel():
-                theta = self.geometric_matrix(self.ops, op_idx, mag, sign, h, w)
+                theta = self.geometric_matrix(op_idx, mag, sign, h, w)
                 moved = affine_transform(x, theta, fill=self.fill, interpolation=self.interpolation)
                 out = torch.where(geo[:, None, None, None], moved, out)
             for k, name in enumerate(self.ops):
@@ -505,7 +507,7 @@ class RandAugment:
         out = x.clone()
         idx = geo.nonzero().squeeze(1)
         if idx.numel():
-            theta = self.geometric_matrix(self.ops, op_idx[idx], mag[idx], sign[idx], h, w)
+            theta = self.geometric_matrix(op_idx[idx], mag[idx], sign[idx], h, w)
             out[idx] = affine_transform(x[idx], theta, fill=self.fill, interpolation=self.interpolation)
         for k, name in enumerate(self.ops):
             if name in _COLOR_OPS:
@@ -849,7 +851,7 @@ class BatchAugment:
             x = random_erasing(x, p=cfg.random_erasing, mode="pixel", generator=generator)
         x, targets, _ = mixup_cutmix(
             x,
-            labels,
+            labels.to(x.device),
             num_classes=self.num_classes,
             mixup_alpha=cfg.mixup_alpha,
             cutmix_alpha=cfg.cutmix_alpha,

