@@ -8,7 +8,6 @@ from conftest import tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nestvit import create_model
 from nestvit.interop import WeightsError, from_timm, load_weights, save_weights
 from nestvit.models.nest import Nest
 from nestvit.models.tnt import tnt_config
@@ -54,17 +53,63 @@ def test_nest_head_order_conversion_is_not_the_identity():
     assert not torch.allclose(model(x), src(x))
 
 
-def test_tnt_from_timm_general_and_qkv_bias():
-    cfg = dict(img_size=16, patch_size=8, in_chans=1, embed_dim=16, inner_dim=4, depth=1, num_heads_inner=1,
-               num_heads_outer=2, first_stride=4, num_classes=5, qkv_bias=True)
-    model = create_model("tnt_tiny_patch4_32", **{k: v for k, v in tnt_config(**cfg).__dict__.items()})
-    sd = model.state_dict()
-    # rebuild a timm-layout dict from ours and load it back
-    timm_sd = {}
-    for k, v in sd.items():
-        timm_sd[k] = v
+def tnt_state_to_timm(model) -> dict[str, torch.Tensor]:
+    """nestvit TNT keys -> timm's (split qkv into qk and v), written independently of the loader."""
+    names = {"layers.1.norm1": "norm_in", "layers.1.attn.proj": "attn_in.proj", "layers.1.norm2": "norm_mlp_in",
+             "layers.1.mlp": "mlp_in", "projs.0.norm1": "norm1_proj", "projs.0.proj": "proj",
+             "projs.0.norm2": "norm2_proj", "layers.0.norm1": "norm_out", "layers.0.attn.proj": "attn_out.proj",
+             "layers.0.norm2": "norm_mlp", "layers.0.mlp": "mlp"}
+    out = {}
+    for k, v in model.state_dict().items():
+        if k == "pos_embed.1":
+            q = int(v.shape[1] ** 0.5)
+            out["pixel_pos"] = v.transpose(1, 2).reshape(1, v.shape[2], q, q)
+        elif k == "pos_embed.0":
+            out["patch_pos"] = v
+        elif k.startswith("pixel_embed."):
+            out["pixel_embed.proj." + k.split(".")[1]] = v
+        elif k.startswith("stems.0."):
+            part, leaf = k.split(".")[2:]
+            out[{"norm1": "norm1_proj", "proj": "proj", "norm2": "norm2_proj"}[part] + "." + leaf] = v
+        elif ".attn.qkv." in k:
+            i, lvl, leaf = k.split(".")[1], k.split(".")[3], k.rsplit(".", 1)[1]
+            pre = f"blocks.{i}.{'attn_in' if lvl == '1' else 'attn_out'}"
+            d = v.shape[0] // 3
+            out[f"{pre}.qk.{leaf}"], out[f"{pre}.v.{leaf}"] = v[: 2 * d], v[2 * d:]
+        elif k.startswith("blocks."):
+            i, rest = k.split(".", 2)[1:]
+            for ours, theirs in names.items():
+                if rest.startswith(ours + "."):
+                    out[f"blocks.{i}.{theirs}{rest[len(ours):]}"] = v
+                    break
+            else:
+                raise AssertionError(k)
+        else:
+            out[k] = v
+    return out
+
+
+@settings(max_examples=6, deadline=None)
+@given(chans=st.sampled_from([1, 3]), classes=st.integers(1, 7), depth=st.integers(1, 2),
+       stride=st.sampled_from([1, 2, 4]), qkv_bias=st.booleans())
+def test_tnt_from_timm_is_general(chans, classes, depth, stride, qkv_bias):
+    from nestvit.models.tnt import TNT
+
+    cfg = dict(img_size=16, patch_size=8, in_chans=chans, embed_dim=16, inner_dim=4, depth=depth,
+               num_heads_inner=1, num_heads_outer=2, first_stride=stride, num_classes=classes, qkv_bias=qkv_bias)
+    torch.manual_seed(0)
+    src = TNT(tnt_config(**cfg)).eval()
+    model = from_timm("TNT", cfg, tnt_state_to_timm(src))
+    x = torch.randn(2, chans, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), src(x))
+
+
+def test_checkpoint_of_another_model_is_refused():
+    src = tiny_model("tnt_tiny_patch4_32")
     with pytest.raises(WeightsError, match="does not fit"):
-        from_timm("TNT", cfg, timm_sd)  # nestvit names are not timm names: refused, not half-loaded
+        from_timm("Nest", dict(img_size=8, patch_size=1, num_levels=2, embed_dims=[8, 8], num_heads=[2, 2],
+                               depths=[1, 1], num_classes=3), src.state_dict())
 
 
 def test_from_timm_rejects_unknown_class_and_legacy():

@@ -1,0 +1,19 @@
+# The two commands of the README. Both set everything up first (scripts/setup.sh) and are idempotent.
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test lint
+setup:
+	@bash scripts/setup.sh
+
+# train a nested model on the built-in data (mnist5k), show progress, test accuracy, checkpoint and plots
+demo: setup
+	$(BIN)/nestvit train mnist5k_nest --out runs/demo
+
+# the default test suite (under 10 minutes on 2 cores)
+test: setup
+	$(BIN)/ruff check src tests
+	$(BIN)/python -m pytest -n 2 --durations=15
+
+lint: setup
+	$(BIN)/ruff check src tests experiments
