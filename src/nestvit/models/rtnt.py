@@ -216,18 +216,14 @@ class RTNT(ModelBase):
     def _embed(self, x: torch.Tensor) -> list[torch.Tensor]:
         self.check_input(x)
         n = self.cfg.tokens_per_parent
-        tokens = [self._pixels_to_tokens(x) + self.pos_embed[-1]]
-        for level in reversed(range(self.cfg.num_levels - 1)):
-            child = tokens[0]
-            t = self.stems[level](child.reshape(-1, n[level], n[level + 1] * child.shape[-1]))
-            if level == 0:
-                t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], dim=1)
-            tokens.insert(0, t + self.pos_embed[level])
-        if self.cfg.num_levels == 1:  # a ViT: the class token joins the only level
-            t = tokens[0].reshape(x.shape[0], n[0], -1)
-            tokens[0] = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], dim=1)
-        tokens[0] = self.pos_drop(tokens[0])
-        return tokens
+        t = self._pixels_to_tokens(x)  # innermost tokens (M, n_{L-1}, D_{L-1})
+        inner: list[torch.Tensor] = []
+        for level in reversed(range(self.cfg.num_levels - 1)):  # each stem builds the level above
+            t = t + self.pos_embed[level + 1]
+            inner.insert(0, t)
+            t = self.stems[level](t.reshape(-1, n[level], n[level + 1] * t.shape[-1]))  # (M', n_l, D_l)
+        t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], dim=1)  # (B, 1 + n_0, D_0)
+        return [self.pos_drop(t + self.pos_embed[0])] + inner
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W) -> (B, 1 + N_0, D_0)`` normalized class + sentence tokens."""

@@ -1,0 +1,93 @@
+"""NesT: blocking layout, options of the paper's ablations, registry sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import nestvit
+from nestvit.models.nest import AGGREGATIONS, Nest, blockify, deblockify
+
+
+@settings(max_examples=25, deadline=None)
+@given(gh=st.integers(1, 3), gw=st.integers(1, 3), block=st.integers(1, 4), c=st.integers(1, 3))
+def test_blockify_deblockify_are_inverse(gh, gw, block, c):
+    x = torch.randn(2, gh * block, gw * block, c)
+    b = blockify(x, block)
+    assert b.shape == (2, gh * gw, block * block, c)
+    assert torch.equal(deblockify(b, (gh, gw)), x)
+    # block t = row * gw + col holds the pixels of that grid cell, row-major inside
+    t = gw * (gh - 1) + (gw - 1)
+    cell = x[:, (gh - 1) * block:, (gw - 1) * block:].reshape(2, -1, c)
+    assert torch.equal(b[:, t], cell)
+
+
+@pytest.mark.parametrize("name,params", [
+    ("nest_tiny_cifar", 6.01), ("nest_small_cifar", 22.85), ("nest_base_cifar", 89.05),
+    ("nest_tiny_224", 17.06), ("nest_small_224", 38.35), ("nest_base_224", 67.72)])
+def test_registry_parameter_counts(name, params):
+    with torch.device("meta"):
+        model = nestvit.create_model(name)
+    assert round(model.num_params() / 1e6, 2) == params
+
+
+@settings(max_examples=20, deadline=None)
+@given(levels=st.integers(1, 5), patch=st.sampled_from([1, 2, 4]), agg=st.sampled_from(AGGREGATIONS),
+       plane=st.sampled_from(["image", "block"]), attn=st.sampled_from(["mha", "mqa"]),
+       act=st.sampled_from(["gelu", "gelu_tanh"]), pad=st.sampled_from(["same", "symmetric"]))
+def test_every_ablation_option_builds_and_runs(levels, patch, agg, plane, attn, act, pad):
+    block = 2
+    img = patch * block * 2 ** (levels - 1)
+    model = Nest(img_size=img, patch_size=patch, num_levels=levels, block_size=block, embed_dims=8, num_heads=2,
+                 depths=1, num_classes=3, aggregation=agg, aggregation_plane=plane, attn=attn, act=act,
+                 pool_pad=pad).eval()
+    feats, maps = model.forward_intermediates(torch.randn(2, 3, img, img))
+    assert [m.shape[-1] for m in maps] == [img // patch // 2 ** i for i in range(levels)]
+    assert feats.shape == (2, 8, block, block)
+    assert model.levels[-1].pos_embed.shape == (1, 1, block * block, 8)
+
+
+def test_top_level_is_one_block_for_square_and_several_for_rectangular_input():
+    sq = nestvit.create_model("nest_tiny_cifar", embed_dims=8, num_heads=1, depths=1)
+    assert sq.levels[-1].grid == (1, 1) and sq.levels[0].grid == (8, 8)
+    rect = nestvit.create_model("nest_tiny_cifar", img_size=(32, 64), embed_dims=8, num_heads=1, depths=1)
+    assert rect.levels[-1].grid == (1, 2)
+    assert rect(torch.randn(1, 3, 32, 64)).shape == (1, 10)
+
+
+def test_pool_padding_variants_differ_only_where_they_should():
+    torch.manual_seed(0)
+    a = Nest(img_size=8, patch_size=1, num_levels=2, embed_dims=8, num_heads=2, depths=1, pool_pad="same").eval()
+    b = Nest(img_size=8, patch_size=1, num_levels=2, embed_dims=8, num_heads=2, depths=1, pool_pad="symmetric")
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(1, 3, 8, 8)
+    assert not torch.allclose(a(x), b.eval()(x))
+
+
+def test_block_plane_aggregation_keeps_blocks_independent():
+    """On the block plane, changing one level-0 block changes only its parent block's aggregated pixels."""
+    torch.manual_seed(0)
+    model = Nest(img_size=16, patch_size=1, num_levels=3, block_size=4, embed_dims=8, num_heads=2, depths=1,
+                 aggregation_plane="block").eval()
+    level1 = model.levels[1]
+    x = torch.randn(1, 16, 16, 8)
+    y = x.clone()
+    y[:, :4, :4] += 1.0  # level-0 block 0
+    ax, ay = level1.aggregate(x), level1.aggregate(y)  # (1, 8, 8, C): 4 blocks of 4x4 at level 1
+    changed = ((ax - ay).abs().sum(-1) > 0)[0]
+    assert changed[:2, :2].all() and not changed[2:].any() and not changed[:, 2:].any()
+    img_plane = Nest(img_size=16, patch_size=1, num_levels=3, block_size=4, embed_dims=8, num_heads=2, depths=1)
+    img_plane.load_state_dict(model.state_dict())
+    changed_img = ((img_plane.levels[1].aggregate(x) - img_plane.levels[1].aggregate(y)).abs().sum(-1) > 0)[0]
+    assert changed_img[2, :].any() or changed_img[:, 2].any()  # the 3x3 conv / pool cross block borders
+
+
+def test_bad_config_messages():
+    with pytest.raises(ValueError, match="embed_dims has 2 entries but num_levels=3"):
+        Nest(num_levels=3, embed_dims=(8, 8))
+    with pytest.raises(ValueError, match="aggregation="):
+        Nest(aggregation="bogus")
+    with pytest.raises(ValueError, match="multiple of"):
+        nestvit.create_model("nest_tiny_cifar", img_size=36)
