@@ -1,0 +1,556 @@
+"""``nestvit bench``: parameters, FLOPs, throughput, MFU and peak memory of registered models.
+
+    nestvit bench nest_tiny_cifar tnt_s_patch16_224 [--set attn=mha] [--batch 64] [--dtype fp32,bf16]
+                  [--compile both] [--mode both] [--threads 2] [--warmup 3] [--iters 10] [--json out.json]
+
+For every model, dtype (``fp32``, or ``bf16`` autocast) and execution mode (eager, ``torch.compile``):
+
+- **FLOPs**: forward FLOPs per image from :func:`nestvit.flops.count_flops` (multiply-add = 2; matrix
+  products and convolutions only, attention included).
+- **Throughput**: images/s at ``--batch``, the median over ``--iters`` timed steps after ``--warmup``
+  untimed ones (the first compiled call is timed apart as ``compile_s``). Inference is a forward pass
+  under ``torch.no_grad`` in eval mode; training is ``zero_grad(set_to_none) -> forward ->
+  cross-entropy -> backward -> AdamW step`` in train mode (fp32 weights; bf16 is autocast).
+- **MFU** (model FLOPs utilisation): achieved FLOP/s over the device's peak. Achieved is
+  ``k x forward FLOPs/image x images/s`` with ``k = 1`` for inference and ``k = 3`` for training (backward
+  ~ 2x forward, the usual convention; recomputation is not counted). The peak is *measured in the same
+  run*, immediately before each model, as the median rate of a large square matrix product
+  (``--peak-size``, default 4096) in the same dtype and thread count, so MFU says how close the model
+  comes to what this machine's GEMM actually reaches, under the same load from other processes.
+- **Peak memory** of one step beyond what is held before it (weights, optimizer state, inputs): on
+  CUDA ``torch.cuda.max_memory_allocated``; on the CPU the process's peak resident set (``VmHWM`` of
+  ``/proc/self/status``) after resetting it by writing ``5`` to ``/proc/self/clear_refs`` and returning
+  freed heap pages to the OS with ``malloc_trim(0)``. The CPU number therefore counts everything the
+  step touches (activations kept for backward, gradients -- they are freed by ``set_to_none`` -- and
+  oneDNN / autograd scratch), not only tensors; per image is that divided by the batch.
+- **Data pipeline**: images/s of ``nestvit.data``'s ``BatchAugment`` (crop, flip, RandAugment, erasing,
+  mixup/cutmix) on random uint8 images of the model's size, or with ``--data NAME`` on a real data set
+  (indexing + collation, or JPEG/PNG decoding for an image folder) -- shown beside the training rate
+  so one sees whether the input pipeline or the model bounds training.
+
+Results print as a table and, with ``--json``, are written with the machine (CPU model, cores, flags
+that matter for bf16, load average), versions and every setting. Timings on a shared machine are only
+as good as the machine is quiet: the load average is recorded before and after for that reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import inspect
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("models", nargs="+", metavar="MODEL", help="registered model names (see `nestvit models`)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="model config override, e.g. --set attn=mha (repeatable; values parsed as YAML)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--batch", type=int, default=None,
+                        help="images per step (default: 64 up to 64x64 pixels, else 8)")
+    parser.add_argument("--img-size", default=None, metavar="H[,W]", help="input size (default: the model's)")
+    parser.add_argument("--dtype", default="fp32", metavar="fp32|bf16[,...]",
+                        help="fp32, or bf16 autocast; a comma list runs each (default fp32)")
+    parser.add_argument("--compile", nargs="?", const="on", default="off", choices=("off", "on", "both"),
+                        help="torch.compile the model: --compile (only compiled), --compile both (eager and "
+                             "compiled); default eager only")
+    parser.add_argument("--mode", default="both", choices=("infer", "train", "both"))
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: PyTorch's)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing (default 3)")
+    parser.add_argument("--iters", type=int, default=10, help="timed steps; the median is reported (default 10)")
+    parser.add_argument("--peak-size", type=int, default=4096, help="matrix edge of the peak-FLOP/s GEMM")
+    parser.add_argument("--peak-iters", type=int, default=5, help="timed GEMMs for the peak (median)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
+    parser.add_argument("--data", default=None, metavar="NAME",
+                        help="time the data pipeline on this data set (a nestvit.data name, or an image "
+                             "folder root/train/<class>/*) instead of random uint8 images")
+    parser.add_argument("--no-data", action="store_true", help="skip the data-pipeline measurement")
+    parser.add_argument("--generators", action="store_true",
+                        help="also run nestvit.generate.bench.bench_generators (if installed)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write every result and setting as JSON")
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """``["attn=mha", "depths=[1,1,1,1]"] -> {"attn": "mha", "depths": [1, 1, 1, 1]}`` (values as YAML)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        value = yaml.safe_load(text) if text.strip() else None
+        out[key.strip()] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def parse_img_size(text: str | None) -> tuple[int, int] | None:
+    """``"224" -> (224, 224)``, ``"32,64" -> (32, 64)``."""
+    if text is None:
+        return None
+    parts = [int(p) for p in str(text).replace("x", ",").split(",") if p.strip()]
+    if len(parts) not in (1, 2) or min(parts) <= 0:
+        raise ValueError(f"--img-size expects H or H,W (positive), got {text!r}")
+    return (parts[0], parts[-1])
+
+
+def default_batch(img_size: tuple[int, int]) -> int:
+    """64 for CIFAR-sized input (up to 64x64 pixels), 8 for ImageNet-sized input."""
+    return 64 if img_size[0] * img_size[1] <= 64 * 64 else 8
+
+
+# --------------------------------------------------------------------------------------------------
+# Machine, peak FLOP/s, MFU, memory
+# --------------------------------------------------------------------------------------------------
+
+def _cpuinfo() -> dict[str, str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    info: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() not in info:
+            info[key.strip()] = value.strip()
+    return info
+
+
+def machine_info(device: str = "cpu") -> dict[str, Any]:
+    """CPU model, cores, the ISA flags that decide bf16 speed, PyTorch version and threads (and the GPU)."""
+    cpu = _cpuinfo()
+    flags = set(cpu.get("flags", "").split())
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = os.cpu_count()
+    info: dict[str, Any] = {
+        "cpu_model": cpu.get("model name") or platform.processor() or "unknown",
+        "cpu_family": cpu.get("cpu family"), "cpu_model_number": cpu.get("model"),
+        "logical_cpus": os.cpu_count(), "usable_cpus": affinity,
+        "cpu_flags": {f: f in flags for f in wanted},
+        "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
+        "platform": platform.platform(), "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    if device == "cuda" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
+                       "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda}
+    return info
+
+
+def versions() -> dict[str, str]:
+    from . import __version__
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "nestvit": __version__}
+    try:
+        import numpy
+
+        out["numpy"] = numpy.__version__
+    except ImportError:
+        pass
+    out["mkldnn"] = str(torch.backends.mkldnn.is_available())
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_peak_flops(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *,
+                       size: int = 4096, iters: int = 5, warmup: int = 1) -> float:
+    """FLOP/s of ``(size x size) @ (size x size)`` in ``dtype``: the median over ``iters`` timed products.
+
+    ``2 * size**3`` FLOPs each (multiply-add = 2). This is the "peak" MFU divides by: what this
+    machine's GEMM reaches now, with the current thread count and load, not a data-sheet number.
+    """
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=g)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=g)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    times = []
+    for i in range(warmup + max(iters, 1)):
+        _sync(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return 2.0 * size ** 3 / statistics.median(times)
+
+
+def compute_mfu(flops_per_image: float, images_per_s: float, peak_flops: float, *, mode: str) -> float:
+    """Model FLOPs utilisation: ``k * flops_per_image * images_per_s / peak`` with k = 3 (train) or 1 (infer)."""
+    if mode not in ("train", "infer"):
+        raise ValueError(f"mode must be 'train' or 'infer', got {mode!r}")
+    if peak_flops <= 0:
+        raise ValueError(f"peak FLOP/s must be positive, got {peak_flops}")
+    k = 3 if mode == "train" else 1
+    return k * flops_per_image * images_per_s / peak_flops
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _malloc_trim() -> None:
+    """Return freed heap pages to the OS (glibc) so the next RSS peak counts fresh allocations only."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def measure_peak_memory(step: Callable[[], None], device: torch.device) -> tuple[int | None, str]:
+    """Bytes one call of ``step`` needs beyond what is allocated before it, and the method used.
+
+    CUDA: ``max_memory_allocated`` (tensors of the caching allocator). CPU: peak RSS (``VmHWM``),
+    reset through ``/proc/self/clear_refs`` after ``malloc_trim``; ``None`` where /proc is missing.
+    """
+    gc.collect()
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - before, "cuda max_memory_allocated"
+    _malloc_trim()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+    except OSError:
+        return None, "unavailable (no writable /proc/self/clear_refs)"
+    before = _status_kib("VmRSS")
+    step()
+    peak = _status_kib("VmHWM")
+    if before is None or peak is None:
+        return None, "unavailable (no VmRSS/VmHWM in /proc/self/status)"
+    return (peak - before) * 1024, "cpu peak RSS delta (VmHWM after clear_refs, malloc_trim)"
+
+
+# --------------------------------------------------------------------------------------------------
+# One model
+# --------------------------------------------------------------------------------------------------
+
+def _loss(out: torch.Tensor | tuple[torch.Tensor, ...], target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy; DeiT's distilled models return (cls, dist) logits while training: average both."""
+    if isinstance(out, tuple):
+        return sum(F.cross_entropy(o.float(), target) for o in out) / len(out)
+    return F.cross_entropy(out.float(), target)
+
+
+def _time_steps(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> list[float]:
+    times = []
+    for i in range(warmup + iters):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_model(name: str, overrides: dict[str, Any] | None = None, *, device: str = "cpu", batch: int | None = None,
+                img_size: tuple[int, int] | None = None, dtype: str = "fp32", compile: bool = False,
+                modes: tuple[str, ...] = ("infer", "train"), warmup: int = 3, iters: int = 10,
+                peak_size: int = 4096, peak_iters: int = 5, memory: bool = True,
+                peak_flops: float | None = None, model: nn.Module | None = None) -> dict[str, Any]:
+    """Measure one model in one dtype and execution mode; returns a flat dict (see the module doc).
+
+    ``peak_flops`` (FLOP/s) skips the GEMM measurement; ``model`` benchmarks a ready module instead of
+    building ``name`` from the registry.
+    """
+    from . import create_model
+    from .flops import count_flops
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA device is visible to PyTorch")
+    overrides = dict(overrides or {})
+    if img_size is not None:
+        overrides["img_size"] = img_size
+    torch.manual_seed(0)
+    if model is None:
+        model = create_model(name, **overrides)
+    model = model.to(dev)
+    if dev.type == "cpu":
+        model = model.to(memory_format=torch.channels_last)  # conv weights in NHWC; no-op for linear layers
+    h, w = model.img_size
+    batch = batch or default_batch((h, w))
+    flops = count_flops(model, (1, model.in_chans, h, w))
+    params = sum(p.numel() for p in model.parameters())
+    if peak_flops is None:
+        peak_flops = measure_peak_flops(dev, DTYPES[dtype], size=peak_size, iters=peak_iters)
+
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(batch, model.in_chans, h, w, device=dev, generator=g)
+    y = torch.randint(0, max(model.num_classes, 1), (batch,), device=dev, generator=g)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    run_model = torch.compile(model) if compile else model
+
+    row: dict[str, Any] = {"model": name, "overrides": {k: v for k, v in overrides.items()},
+                           "img_size": [h, w], "batch": batch, "dtype": dtype,
+                           "compile": bool(compile), "device": str(dev), "params": params,
+                           "gflops_per_image": flops / 1e9, "peak_tflops": peak_flops / 1e12,
+                           "threads": torch.get_num_threads()}
+
+    if "infer" in modes:
+        model.eval()
+
+        def infer_step() -> None:
+            with torch.no_grad(), autocast:
+                run_model(x)
+
+        t0 = time.perf_counter()
+        infer_step()  # first call: compiles when --compile
+        first = time.perf_counter() - t0
+        times = _time_steps(infer_step, dev, warmup, iters)
+        ips = batch / statistics.median(times)
+        row.update(infer_images_per_s=ips, infer_ms_per_step=1e3 * statistics.median(times),
+                   infer_mfu=compute_mfu(flops, ips, peak_flops, mode="infer"),
+                   infer_first_call_s=first)
+        if memory:
+            mem, method = measure_peak_memory(infer_step, dev)
+            row.update(infer_peak_mem_bytes=mem, infer_mem_per_image_mb=None if mem is None else mem / batch / 2**20,
+                       memory_method=method)
+
+    if "train" in modes:
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+
+        def train_step() -> None:
+            opt.zero_grad(set_to_none=True)
+            with autocast:
+                loss = _loss(run_model(x), y)
+            loss.backward()
+            opt.step()
+
+        t0 = time.perf_counter()
+        train_step()  # first call: compiles forward and backward when --compile; creates AdamW state
+        first = time.perf_counter() - t0
+        times = _time_steps(train_step, dev, warmup, iters)
+        ips = batch / statistics.median(times)
+        row.update(train_images_per_s=ips, train_ms_per_step=1e3 * statistics.median(times),
+                   train_mfu=compute_mfu(flops, ips, peak_flops, mode="train"),
+                   train_first_call_s=first)
+        if memory:
+            mem, method = measure_peak_memory(train_step, dev)
+            row.update(train_peak_mem_bytes=mem, train_mem_per_image_mb=None if mem is None else mem / batch / 2**20,
+                       memory_method=method)
+    return row
+
+
+# --------------------------------------------------------------------------------------------------
+# Data pipeline and generators
+# --------------------------------------------------------------------------------------------------
+
+def bench_data_pipeline(img_size: tuple[int, int], in_chans: int, num_classes: int, *, batch: int,
+                        iters: int = 5, warmup: int = 1, data: str | None = None) -> dict[str, Any]:
+    """Images/s of the training input pipeline (``nestvit.data``'s ``BatchAugment``), or a note why not."""
+    try:
+        from .data.augment import AugmentConfig, BatchAugment
+    except ImportError as e:
+        return {"images_per_s": None, "note": f"skipped: nestvit.data.augment is not importable ({e})"}
+    h, w = img_size
+    cfg = AugmentConfig()
+    if in_chans != len(cfg.mean):
+        cfg = AugmentConfig(mean=(0.5,) * in_chans, std=(0.5,) * in_chans)
+    augment = BatchAugment(cfg, num_classes=max(num_classes, 2))
+    g = torch.Generator().manual_seed(0)
+
+    if data is None:
+        source = f"random uint8 {in_chans}x{h}x{w} (no decoding)"
+
+        def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+            return (torch.randint(0, 256, (batch, in_chans, h, w), dtype=torch.uint8, generator=g),
+                    torch.randint(0, max(num_classes, 2), (batch,), generator=g))
+    else:
+        from .data import ImageFolderDataset, load_dataset, make_loader
+
+        if Path(data).is_dir():
+            dataset = ImageFolderDataset(data, split="train", size=h)
+            source = f"image folder {data} (Pillow decode + resize + centre crop, 0 workers)"
+        else:
+            dataset = load_dataset(data, split="train")
+            source = f"{data} train split (in memory: index + collate, 0 workers)"
+        loader = make_loader(dataset, batch_size=batch, shuffle=True, drop_last=True, seed=0)
+        batches = iter(loader)
+
+        def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+            nonlocal batches
+            try:
+                return next(batches)
+            except StopIteration:
+                batches = iter(loader)
+                return next(batches)
+
+    def step() -> None:
+        images, labels = next_batch()
+        augment(images, labels, generator=g)
+
+    times = _time_steps(step, torch.device("cpu"), warmup, iters)
+    return {"images_per_s": batch / statistics.median(times), "batch": batch, "source": source,
+            "pipeline": "crop+flip+RandAugment(2, 9)+normalise+erasing+mixup/cutmix (AugmentConfig defaults)"}
+
+
+def run_generators(args: argparse.Namespace) -> dict[str, Any]:
+    """Call ``nestvit.generate.bench.bench_generators`` with the settings it accepts, or say why not."""
+    try:
+        from .generate.bench import bench_generators
+    except ImportError as e:
+        return {"rows": None, "note": f"skipped: nestvit.generate.bench is not importable ({e})"}
+    wanted = {"threads": args.threads, "warmup": args.warmup, "repeats": args.iters}
+    accepted = inspect.signature(bench_generators).parameters
+    kwargs = {k: v for k, v in wanted.items() if k in accepted and v is not None}
+    return {"rows": bench_generators(**kwargs), "kwargs": kwargs}
+
+
+# --------------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------------
+
+def _fmt(v: Any, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """One line per (model, dtype, compile): params, GFLOPs, infer/train img/s, MFU, memory, data img/s."""
+    header = ("model", "dtype", "exec", "batch", "params M", "GFLOPs", "infer img/s", "infer MFU",
+              "train img/s", "train MFU", "train MB/img", "peak TFLOP/s", "data img/s")
+    cells = []
+    for r in rows:
+        label = r["model"] + "".join(f" {k}={v}" for k, v in r.get("overrides", {}).items() if k != "img_size")
+        mfu = lambda key: None if r.get(key) is None else 100 * r[key]
+        cells.append((label, r["dtype"], "compile" if r["compile"] else "eager", str(r["batch"]),
+                      _fmt(r["params"] / 1e6, ".2f"), _fmt(r["gflops_per_image"], ".2f"),
+                      _fmt(r.get("infer_images_per_s"), ".1f"), _fmt(mfu("infer_mfu"), ".0f") + "%",
+                      _fmt(r.get("train_images_per_s"), ".1f"), _fmt(mfu("train_mfu"), ".0f") + "%",
+                      _fmt(r.get("train_mem_per_image_mb"), ".1f"), _fmt(r["peak_tflops"], ".3f"),
+                      _fmt(r.get("data_images_per_s"), ".0f")))
+    widths = [max(len(row[i]) for row in [header, *cells]) for i in range(len(header))]
+
+    def line(row: tuple[str, ...]) -> str:
+        return "  ".join(c.ljust(wd) if i < 3 else c.rjust(wd) for i, (c, wd) in enumerate(zip(row, widths)))
+
+    return "\n".join([line(header), line(tuple("-" * wd for wd in widths))] + [line(c) for c in cells])
+
+
+def run(args: argparse.Namespace) -> int:
+    from .registry import list_models
+
+    known = set(list_models())
+    unknown = [m for m in args.models if m not in known]
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown}; run `nestvit models` for the list")
+    dtypes = [d.strip() for d in str(args.dtype).split(",") if d.strip()]
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad or not dtypes:
+        raise ValueError(f"--dtype takes fp32 and/or bf16 (comma separated), got {args.dtype!r}")
+    if args.warmup < 0 or args.iters < 1:
+        raise ValueError("--warmup must be >= 0 and --iters >= 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    modes = ("infer", "train") if args.mode == "both" else (args.mode,)
+    overrides = parse_sets(args.set)
+    img_size = parse_img_size(args.img_size)
+
+    machine = machine_info(args.device)
+    settings = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
+    print(f"# {machine['cpu_model']}, {machine['usable_cpus']} CPUs, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, load average {machine['load_average']}", file=sys.stderr)
+
+    rows, data_rates = [], {}
+    for name in args.models:
+        for dtype in dtypes:
+            for use_compile in compiles:
+                print(f"# {name} {dtype} {'compile' if use_compile else 'eager'} ...", file=sys.stderr)
+                row = bench_model(name, overrides, device=args.device, batch=args.batch, img_size=img_size,
+                                  dtype=dtype, compile=use_compile, modes=modes, warmup=args.warmup,
+                                  iters=args.iters, peak_size=args.peak_size, peak_iters=args.peak_iters,
+                                  memory=not args.no_memory)
+                if not args.no_data and "train" in modes:
+                    key = (tuple(row["img_size"]), row["batch"])
+                    if key not in data_rates:
+                        model_info = _model_io(name, overrides, img_size)
+                        data_rates[key] = bench_data_pipeline(tuple(row["img_size"]), model_info[0], model_info[1],
+                                                              batch=row["batch"], data=args.data)
+                    row["data_images_per_s"] = data_rates[key]["images_per_s"]
+                    row["data_pipeline"] = data_rates[key]
+                rows.append(row)
+                torch._dynamo.reset()  # free compiled graphs between models
+
+    print(format_table(rows))
+    notes = {d.get("note") for d in data_rates.values() if d.get("note")}
+    for note in sorted(notes):
+        print(f"data pipeline: {note}")
+    if rows and rows[0].get("memory_method"):
+        print(f"memory: per image, {rows[0]['memory_method']}")
+    result: dict[str, Any] = {"machine": machine, "versions": versions(), "settings": settings, "results": rows}
+    if args.generators:
+        result["generators"] = run_generators(args)
+        gen_rows = result["generators"].get("rows")
+        if gen_rows is None:
+            print(f"generators: {result['generators']['note']}")
+        else:
+            try:
+                from .generate.bench import format_table as gen_table
+
+                print(gen_table(gen_rows))
+            except (ImportError, TypeError, KeyError):
+                print(json.dumps(gen_rows, indent=2, default=str))
+    result["machine"]["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2, default=str))
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _model_io(name: str, overrides: dict[str, Any], img_size: tuple[int, int] | None) -> tuple[int, int]:
+    """``(in_chans, num_classes)`` of a registered model, built on the meta device (no memory)."""
+    from . import create_model
+
+    with torch.device("meta"):
+        m = create_model(name, **{**overrides, **({"img_size": img_size} if img_size else {})})
+    return int(m.in_chans), int(m.num_classes)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m nestvit.bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))

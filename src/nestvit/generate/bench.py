@@ -1,0 +1,165 @@
+"""Side-by-side generator throughput: NesT vs TransGAN-like (global attention) vs conv.
+
+``bench_generators()`` builds the presets ``{kind}_{size}`` of :mod:`nestvit.generate.models` for every
+output size and measures, in one process and *interleaved* (round-robin over the generators, so load
+from other processes on a shared machine hits all of them alike):
+
+- inference: images per second at ``batch_size`` (eval mode, ``torch.no_grad``);
+- training: generator steps per second at ``train_batch_size``: forward, backward of
+  ``mean(G(z)^2)`` and an Adam step (the discriminator is not included, it is the same for all).
+
+Each figure is the median over ``repeats`` timed runs after ``warmup`` untimed ones (the best run is
+reported too). FLOPs per image come from :func:`nestvit.flops.count_flops`.
+
+    python -m nestvit.generate.bench [--sizes 32 64] [--batch-size 64] [--repeats 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .models import build_generator
+
+__all__ = ["bench_generators", "format_table"]
+
+KINDS = ("nest", "transgan", "conv")
+
+
+def _time(fn: Callable[[], None]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench_generators(sizes: Sequence[int] = (32, 64), kinds: Sequence[str] = KINDS, *, batch_size: int = 64,
+                     train_batch_size: int | None = None, repeats: int = 3, train_repeats: int = 2, warmup: int = 1,
+                     threads: int | None = None, train: bool = True, seed: int = 0,
+                     log: Callable[[str], None] | None = print) -> list[dict]:
+    """One dict per (size, kind): params, GFLOPs/image, images/s (inference), steps/s (training), ratios.
+
+    ``ratio_*`` fields compare each generator with the NesT one of the same size (``> 1``: NesT is faster).
+    """
+    from ..flops import count_flops
+
+    if threads:
+        torch.set_num_threads(threads)
+    train_batch_size = train_batch_size or batch_size
+    rows: list[dict] = []
+    for size in sizes:
+        torch.manual_seed(seed)
+        models = {k: build_generator(f"{k}_{size}") for k in kinds}
+        info = {}
+        for k, g in models.items():
+            info[k] = {"size": size, "kind": k, "model": f"{k}_{size}",
+                       "params": sum(p.numel() for p in g.parameters()),
+                       "gflops_per_image": count_flops(g, (1, g.latent_dim)) / 1e9,
+                       "batch_size": batch_size, "train_batch_size": train_batch_size,
+                       "threads": torch.get_num_threads()}
+        # inference, interleaved
+        z = {k: torch.randn(batch_size, g.latent_dim) for k, g in models.items()}
+        times: dict[str, list[float]] = {k: [] for k in models}
+        for g in models.values():
+            g.eval()
+        with torch.no_grad():
+            for r in range(warmup + repeats):
+                for k, g in models.items():
+                    dt = _time(lambda: g(z[k]))
+                    if r >= warmup:
+                        times[k].append(dt)
+                    if log:
+                        log(f"{size}x{size} {k:9s} inference run {r + 1}/{warmup + repeats}: {dt:.3f}s")
+        for k in models:
+            med = statistics.median(times[k])
+            info[k].update(infer_seconds=med, images_per_s=batch_size / med,
+                           images_per_s_best=batch_size / min(times[k]), infer_runs=times[k])
+        # training steps, interleaved
+        if train:
+            opts = {k: torch.optim.Adam(g.parameters(), lr=1e-4, betas=(0.0, 0.99)) for k, g in models.items()}
+            zt = {k: torch.randn(train_batch_size, g.latent_dim) for k, g in models.items()}
+            ttimes: dict[str, list[float]] = {k: [] for k in models}
+            for g in models.values():
+                g.train()
+
+            def step(k: str) -> None:
+                opts[k].zero_grad(set_to_none=True)
+                models[k](zt[k]).square().mean().backward()
+                opts[k].step()
+
+            for r in range(warmup + train_repeats):
+                for k in models:
+                    dt = _time(lambda: step(k))
+                    if r >= warmup:
+                        ttimes[k].append(dt)
+                    if log:
+                        log(f"{size}x{size} {k:9s} train step {r + 1}/{warmup + train_repeats}: {dt:.3f}s")
+            for k in models:
+                med = statistics.median(ttimes[k])
+                info[k].update(train_step_seconds=med, train_steps_per_s=1 / med,
+                               train_steps_per_s_best=1 / min(ttimes[k]), train_runs=ttimes[k])
+            del opts
+        ref = info.get("nest")
+        for k in models:
+            if ref is not None:
+                info[k]["ratio_infer_vs_nest"] = ref["images_per_s"] / info[k]["images_per_s"]
+                if train:
+                    info[k]["ratio_train_vs_nest"] = ref["train_steps_per_s"] / info[k]["train_steps_per_s"]
+            rows.append(info[k])
+        del models
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """A Markdown table of :func:`bench_generators` rows."""
+    train = any("train_steps_per_s" in r for r in rows)
+    head = "| size | generator | params | GFLOPs/img | img/s (batch {b}) | NesT speed-up |".format(
+        b=rows[0]["batch_size"] if rows else "?")
+    sep = "|---|---|---:|---:|---:|---:|"
+    if train:
+        head += " train steps/s (batch {b}) | NesT speed-up |".format(b=rows[0]["train_batch_size"])
+        sep += "---:|---:|"
+    lines = [head, sep]
+    for r in rows:
+        line = (f"| {r['size']}x{r['size']} | {r['model']} | {r['params'] / 1e6:.1f}M | {r['gflops_per_image']:.2f} | "
+                f"{r['images_per_s']:.1f} | {r.get('ratio_infer_vs_nest', float('nan')):.2f}x |")
+        if train:
+            line += f" {r['train_steps_per_s']:.3f} | {r.get('ratio_train_vs_nest', float('nan')):.2f}x |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+    import platform
+
+    p = argparse.ArgumentParser(prog="python -m nestvit.generate.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[32, 64])
+    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--train-batch-size", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--train-repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-train", action="store_true")
+    p.add_argument("--json", help="also write the rows as JSON here")
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    rows = bench_generators(args.sizes, args.kinds, batch_size=args.batch_size,
+                            train_batch_size=args.train_batch_size, repeats=args.repeats,
+                            train_repeats=args.train_repeats, threads=args.threads, train=not args.no_train)
+    wall = time.perf_counter() - t0
+    print(format_table(rows))
+    print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, wall {wall:.0f}s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "wall_seconds": wall, "torch": torch.__version__}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -1,0 +1,521 @@
+"""GAN training for the NesT generator and its baselines.
+
+Objective (StyleGAN2's): non-saturating logistic loss,
+``L_D = softplus(D(G(z))) + softplus(-D(x))`` and ``L_G = softplus(-D(G(z)))``, plus the R1 gradient
+penalty ``gamma/2 * E ||grad_x D(x)||^2`` on real images, applied lazily every ``r1_every`` D steps
+(scaled by ``r1_every``, in the same pass as the D loss). Adam with ``beta1=0, beta2=0.99``, lr 1e-4 for
+both networks; an EMA of the generator (``ema_beta``, ramped up as ``min(beta, (1+t)/(10+t))``) is what
+samples and metrics use.
+
+A run directory holds ``config.yaml``, ``metrics.jsonl`` (one JSON object per line: training logs and
+evaluations), ``samples/step_XXXXXX.png`` (fixed latents, EMA generator) and
+``checkpoints/step_XXXXXX/`` with ``generator.safetensors``, ``generator_ema.safetensors``,
+``discriminator.safetensors`` and ``state.pt`` (step, optimizer states, RNG states; read with
+``torch.load(weights_only=True)``). Each checkpoint directory is written under a temporary name and
+renamed, then ``checkpoints/latest`` (a text file naming it) is replaced atomically. Resuming restores
+everything, so N steps in one go and N/2 + resume + N/2 give bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models import build_discriminator, build_generator
+
+__all__ = ["GanConfig", "ConfigError", "load_recipe", "apply_overrides", "r1_penalty", "train_gan",
+           "load_generator", "save_grid", "read_metrics"]
+
+
+class ConfigError(ValueError):
+    """A recipe or ``--set`` override that does not fit :class:`GanConfig`."""
+
+
+@dataclass(frozen=True)
+class GanConfig:
+    # data
+    dataset: str = "fashion_mnist"  # any in-memory set of nestvit.data.load_dataset
+    pad_to: int = 0  # pad images with background (-1) to this size (e.g. 32); 0 keeps the native size
+    max_images: int = 0  # use only the first N training images; 0 = all
+    # models (presets of nestvit.generate.models, with config-field overrides)
+    generator: str = "nest_28"
+    generator_overrides: dict = field(default_factory=dict)
+    discriminator: str = "resnet_28"
+    discriminator_overrides: dict = field(default_factory=dict)
+    # optimisation
+    steps: int = 3000
+    batch_size: int = 64
+    lr_g: float = 1e-4
+    lr_d: float = 1e-4
+    beta1: float = 0.0
+    beta2: float = 0.99
+    r1_gamma: float = 1.0
+    r1_every: int = 16  # lazy regularisation interval (1 = every step, 0 = off)
+    ema_beta: float = 0.999
+    bf16: bool = False  # torch.autocast(bfloat16) for the forward passes
+    seed: int = 0
+    threads: int = 0  # torch.set_num_threads; 0 leaves PyTorch's default
+    # logging / evaluation
+    log_every: int = 50
+    sample_every: int = 500
+    sample_n: int = 64
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    eval_every: int = 1000  # FID/KID/IS of the EMA generator; 0 = only at the end, -1 = never
+    eval_n: int = 2000
+    eval_ref_split: str = "test"
+    feature_net: str = "auto"  # "auto" (train/cache <out>/feature_net.safetensors) | path | "inception:PATH"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ConfigError("steps and batch_size must be >= 1")
+        for name in ("log_every", "sample_every", "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1")
+
+
+# --------------------------------------------------------------------------------------------------
+# Recipes and overrides
+# --------------------------------------------------------------------------------------------------
+
+def _fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(GanConfig)}
+
+
+def _check_keys(d: Mapping[str, Any], source: str) -> None:
+    bad = sorted(set(d) - set(_fields()))
+    if bad:
+        raise ConfigError(f"{source}: unknown key(s) {bad}; valid keys: {', '.join(_fields())}")
+
+
+def _coerce(name: str, value: Any) -> Any:
+    f = _fields()[name]
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+    elif isinstance(default, float):
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        value = float(value)
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+    elif isinstance(default, dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping, got {value!r}")
+    return value
+
+
+def config_from_dict(d: Mapping[str, Any], source: str = "config") -> GanConfig:
+    _check_keys(d, source)
+    return GanConfig(**{k: _coerce(k, v) for k, v in d.items()})
+
+
+def load_recipe(path: str | Path) -> GanConfig:
+    """A YAML recipe (a mapping of :class:`GanConfig` fields) -> config; unknown keys are an error."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        builtin = Path(__file__).resolve().parent.parent / "recipes" / path.name
+        for cand in (builtin, builtin.with_suffix(".yaml")):
+            if cand.is_file():
+                path = cand
+                break
+        else:
+            raise FileNotFoundError(f"{path}: no such recipe (also looked in {builtin.parent})")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a YAML mapping of config keys")
+    return config_from_dict(data, str(path))
+
+
+def apply_overrides(cfg: GanConfig, items: list[str]) -> GanConfig:
+    """``["steps=100", "generator_overrides.depths=[1,1,1]", "bf16=true"]`` -> new config (values are YAML)."""
+    import yaml
+
+    d = dataclasses.asdict(cfg)
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key = key.strip()
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: cannot parse the value ({e})") from None
+        head, dot, sub = key.partition(".")
+        _check_keys({head: None}, f"--set {key}")
+        if dot:
+            if not isinstance(d[head], dict):
+                raise ConfigError(f"--set {key}: {head} is not a mapping")
+            d[head] = {**d[head], sub: value}
+        else:
+            d[head] = value
+    return config_from_dict(d, "--set")
+
+
+def _yaml_dump(cfg: GanConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(_plain(dataclasses.asdict(cfg)), sort_keys=False)
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _model_overrides(d: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Pieces
+# --------------------------------------------------------------------------------------------------
+
+def r1_penalty(discriminator: nn.Module, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, mean_i ||grad_x D(x_i)||^2)`` on real images, differentiable (``create_graph=True``)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    real = real.detach().requires_grad_(True)
+    with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention kernels have no double backward
+        logits = discriminator(real)
+    (grad,) = torch.autograd.grad(logits.float().sum(), real, create_graph=True)
+    return logits, grad.float().square().sum(dim=tuple(range(1, grad.ndim))).mean()
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, beta: float) -> None:
+    for pe, p in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(p, 1 - beta)
+    for be, b in zip(ema.buffers(), model.buffers()):
+        be.copy_(b)
+
+
+def save_grid(images: torch.Tensor, path: str | Path, *, nrow: int | None = None, pad: int = 2) -> Path:
+    """Images in ``[-1, 1]`` ``(B, C, H, W)`` -> one PNG grid (grey for C=1), written atomically."""
+    from PIL import Image
+
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    B, C, H, W = x.shape
+    nrow = nrow or max(1, int(round(B ** 0.5)))
+    rows = -(-B // nrow)
+    grid = torch.full((C, rows * (H + pad) + pad, nrow * (W + pad) + pad), 255, dtype=torch.uint8)
+    for i in range(B):
+        r, c = divmod(i, nrow)
+        grid[:, pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = x[i]
+    arr = grid[0].numpy() if C == 1 else grid.permute(1, 2, 0).numpy()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        Image.fromarray(arr).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _to_unit(images: torch.Tensor, pad_to: int) -> torch.Tensor:
+    from .metrics import _to_unit as f
+
+    return f(images, pad_to)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _truncate_metrics(run_dir: Path, step: int) -> None:
+    """On resume drop log lines written after the checkpoint (they will be written again)."""
+    rows = read_metrics(run_dir)
+    keep = [r for r in rows if r.get("step", 0) <= step]
+    if len(keep) != len(rows):
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------
+
+def _weights_meta(name: str, overrides: Mapping[str, Any], role: str, step: int) -> dict[str, str]:
+    return {"model": name, "role": role, "overrides": json.dumps(_plain(dict(overrides))), "step": str(step)}
+
+
+def save_checkpoint(run_dir: Path, step: int, *, cfg: GanConfig, G: nn.Module, G_ema: nn.Module, D: nn.Module,
+                    opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, rng: torch.Generator) -> Path:
+    from ..interop import save_weights
+
+    ckdir = run_dir / "checkpoints"
+    ckdir.mkdir(parents=True, exist_ok=True)
+    final = ckdir / f"step_{step:06d}"
+    tmp = Path(tempfile.mkdtemp(dir=ckdir, prefix=f".step_{step:06d}."))
+    try:
+        save_weights(G, tmp / "generator.safetensors",
+                     metadata=_weights_meta(cfg.generator, cfg.generator_overrides, "generator", step))
+        save_weights(G_ema, tmp / "generator_ema.safetensors",
+                     metadata=_weights_meta(cfg.generator, cfg.generator_overrides, "generator_ema", step))
+        save_weights(D, tmp / "discriminator.safetensors",
+                     metadata=_weights_meta(cfg.discriminator, cfg.discriminator_overrides, "discriminator", step))
+        state = {"step": step, "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+                 "rng": rng.get_state(), "torch_rng": torch.get_rng_state(), "config": _yaml_dump(cfg)}
+        torch.save(state, tmp / "state.pt")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    fd, t = tempfile.mkstemp(dir=ckdir, prefix=".latest.")
+    with os.fdopen(fd, "w") as f:
+        f.write(final.name + "\n")
+    os.replace(t, ckdir / "latest")
+    # keep the newest ``keep_checkpoints``
+    olds = sorted(p for p in ckdir.glob("step_*") if p.is_dir())
+    for p in olds[:-max(cfg.keep_checkpoints, 1)]:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    ptr = run_dir / "checkpoints" / "latest"
+    if not ptr.is_file():
+        raise FileNotFoundError(f"{run_dir}: no checkpoints/latest; is this a `nestvit generate train` run directory?")
+    return run_dir / "checkpoints" / ptr.read_text().strip()
+
+
+def load_generator(path: str | Path, *, ema: bool = True) -> nn.Module:
+    """A generator from a run directory, a checkpoint directory or a ``generator*.safetensors`` file."""
+    from ..interop import load_weights, read_state_dict
+
+    path = Path(path)
+    if path.is_dir():
+        if (path / "checkpoints").is_dir():
+            path = latest_checkpoint(path)
+        path = path / ("generator_ema.safetensors" if ema else "generator.safetensors")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such generator weights file")
+    _, meta = read_state_dict(path)
+    if "model" not in meta or not meta.get("role", "").startswith("generator"):
+        raise ValueError(f"{path} is not a generator written by `nestvit generate train` (metadata {meta})")
+    G = build_generator(meta["model"], **_model_overrides(json.loads(meta.get("overrides", "{}"))))
+    load_weights(G, path)
+    return G.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+def load_train_images(cfg: GanConfig) -> torch.Tensor:
+    from ..data import load_dataset
+
+    images = load_dataset(cfg.dataset, split="train").images
+    return images[:cfg.max_images] if cfg.max_images else images
+
+
+def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data: torch.Tensor | None = None,
+              stop_at: int | None = None, log: Callable[[str], None] | None = None) -> dict:
+    """Train (or resume) a GAN run in ``out_dir``; returns a summary dict.
+
+    ``data``: uint8 ``(N, C, H, W)`` images instead of ``cfg.dataset`` (tests). ``stop_at``: end (with a
+    checkpoint) after this many steps although the run is configured for ``cfg.steps`` (tests of resume).
+    """
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    images = data if data is not None else load_train_images(cfg)
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise ValueError(f"training images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+
+    torch.manual_seed(cfg.seed)
+    G = build_generator(cfg.generator, **_model_overrides(cfg.generator_overrides))
+    D = build_discriminator(cfg.discriminator, **_model_overrides(cfg.discriminator_overrides))
+    size = cfg.pad_to or images.shape[-1]
+    if G.img_size != size or G.out_chans != images.shape[1]:
+        raise ValueError(f"generator {cfg.generator} makes {G.out_chans}x{G.img_size}x{G.img_size} images but the data "
+                         f"are {images.shape[1]}x{size}x{size}; pick a matching preset or set generator_overrides")
+    G_ema = build_generator(cfg.generator, **_model_overrides(cfg.generator_overrides))
+    G_ema.load_state_dict(G.state_dict())
+    G_ema.eval().requires_grad_(False)
+    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
+    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
+    rng = torch.Generator().manual_seed(cfg.seed)
+    fixed_z = torch.randn(cfg.sample_n, G.latent_dim, generator=torch.Generator().manual_seed(cfg.seed + 1))
+
+    step = 0
+    if resume:
+        from ..interop import load_weights
+
+        ck = latest_checkpoint(out)
+        load_weights(G, ck / "generator.safetensors")
+        load_weights(G_ema, ck / "generator_ema.safetensors")
+        load_weights(D, ck / "discriminator.safetensors")
+        state = torch.load(ck / "state.pt", map_location="cpu", weights_only=True)
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+        rng.set_state(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        step = int(state["step"])
+        _truncate_metrics(out, step)
+        log(f"resumed {out} at step {step} from {ck.name}")
+    (out / "config.yaml").write_text(_yaml_dump(cfg))
+
+    # evaluation set-up (feature network + reference features), only when evaluations are on
+    extractor = ref_feats = ref_stats = None
+    if cfg.eval_every >= 0 and data is None:
+        from .metrics import extract, gaussian_stats, get_feature_extractor
+
+        extractor = get_feature_extractor(cfg.feature_net, cache=out / "feature_net.safetensors",
+                                          dataset=cfg.dataset, pad_to=cfg.pad_to, log=log)
+        from ..data import load_dataset
+
+        ref = _to_unit(load_dataset(cfg.dataset, split=cfg.eval_ref_split).images, cfg.pad_to)
+        ref_feats, _ = extract(extractor, ref)
+        ref_stats = gaussian_stats(ref_feats)
+
+    metrics_f = open(out / "metrics.jsonl", "a")
+
+    def write(row: dict) -> None:
+        metrics_f.write(json.dumps(row) + "\n")
+        metrics_f.flush()
+
+    def evaluate(at: int) -> dict | None:
+        if extractor is None:
+            return None
+        from .metrics import evaluate_generator
+
+        res = evaluate_generator(G_ema, extractor, ref_feats, n=cfg.eval_n, ref_stats=ref_stats)
+        row = {"step": at, "kind": "eval", **res}
+        write(row)
+        log(f"step {at}: FID {res['fid']:.2f}  KID {res['kid']:.4f}  IS {res['is']:.2f}  "
+            f"[features: {res['feature_net']}, n={res['n']}]")
+        return row
+
+    if step == 0 and extractor is not None and not any(r.get("kind") == "eval_floor" for r in read_metrics(out)):
+        # the floor: FID of real training images against the reference set at the same sample size
+        from .metrics import extract as _extract
+        from .metrics import frechet_distance, gaussian_stats
+
+        idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(999))[:cfg.eval_n]
+        f, _ = _extract(extractor, _to_unit(images[idx], cfg.pad_to))
+        st = gaussian_stats(f)
+        write({"step": 0, "kind": "eval_floor", "fid": frechet_distance(st.mu, st.sigma, ref_stats.mu, ref_stats.sigma),
+               "n": int(len(idx)), "feature_net": extractor.name, "note": "real train images vs reference split"})
+
+    if step == 0 and cfg.eval_every > 0:
+        evaluate(0)  # the untrained generator: where the FID curve starts
+
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
+    last = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
+    G.train()
+    D.train()
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, dynamic_ncols=True, desc="gan",
+               mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    t_start = time.perf_counter()
+    t_train = 0.0
+    acc: dict[str, float] = {}
+    n_acc = 0
+    last_eval = None
+    while step < last:
+        t0 = time.perf_counter()
+        idx = torch.randint(len(images), (cfg.batch_size,), generator=rng)
+        real = _to_unit(images[idx], cfg.pad_to)
+        z = torch.randn(cfg.batch_size, G.latent_dim, generator=rng)
+        z2 = torch.randn(cfg.batch_size, G.latent_dim, generator=rng)
+        do_r1 = cfg.r1_gamma > 0 and cfg.r1_every > 0 and step % cfg.r1_every == 0
+
+        # discriminator step
+        with torch.no_grad(), autocast:
+            fake = G(z).float()
+        with autocast:
+            if do_r1:
+                real_logits, r1 = r1_penalty(D, real)
+            else:
+                real_logits, r1 = D(real), None
+            fake_logits = D(fake)
+        loss_d = F.softplus(fake_logits.float()).mean() + F.softplus(-real_logits.float()).mean()
+        total_d = loss_d + (r1 * (cfg.r1_gamma / 2) * cfg.r1_every if r1 is not None else 0.0)
+        opt_d.zero_grad(set_to_none=True)
+        total_d.backward()
+        opt_d.step()
+
+        # generator step
+        D.requires_grad_(False)
+        with autocast:
+            gen_logits = D(G(z2))
+        loss_g = F.softplus(-gen_logits.float()).mean()
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_g.step()
+        D.requires_grad_(True)
+        ema_update(G_ema, G, min(cfg.ema_beta, (1 + step) / (10 + step)))
+        step += 1
+        t_train += time.perf_counter() - t0
+
+        vals = {"loss_d": loss_d.item(), "loss_g": loss_g.item(), "d_real": real_logits.float().mean().item(),
+                "d_fake": fake_logits.float().mean().item()}
+        if r1 is not None:
+            vals["r1"] = r1.item()
+        for k, v in vals.items():
+            acc[k] = acc.get(k, 0.0) + v
+        n_acc += 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == last:
+            row = {"step": step, "kind": "train", **{k: v / (n_acc if k != "r1" else max(1, -(-n_acc // cfg.r1_every)))
+                                                      for k, v in acc.items()},
+                   "sec_per_step": round(t_train / max(1, n_acc), 4), "wall": round(time.perf_counter() - t_start, 1)}
+            write(row)
+            bar.set_postfix(loss_d=f"{row['loss_d']:.3f}", loss_g=f"{row['loss_g']:.3f}")
+            acc, n_acc, t_train = {}, 0, 0.0
+        if step % cfg.sample_every == 0 or step == last:
+            with torch.no_grad():
+                save_grid(G_ema(fixed_z), out / "samples" / f"step_{step:06d}.png")
+        if cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != last:
+            last_eval = evaluate(step)
+        if step % cfg.ckpt_every == 0 or step == last:
+            save_checkpoint(out, step, cfg=cfg, G=G, G_ema=G_ema, D=D, opt_g=opt_g, opt_d=opt_d, rng=rng)
+    bar.close()
+    if step == cfg.steps and cfg.eval_every >= 0:
+        last_eval = evaluate(step) or last_eval
+    metrics_f.close()
+    return {"step": step, "run_dir": str(out), "wall_seconds": round(time.perf_counter() - t_start, 1),
+            "eval": last_eval, "generator_params": sum(p.numel() for p in G.parameters()),
+            "discriminator_params": sum(p.numel() for p in D.parameters())}

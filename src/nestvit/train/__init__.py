@@ -1,0 +1,17 @@
+"""Training: recipes, the loop, checkpoints, distributed data parallel, distillation, metrics and plots.
+
+``train(load_config("mnist5k_nest"), "runs/demo")`` is what ``nestvit train mnist5k_nest --out
+runs/demo`` runs. Modules: ``config`` (recipes and ``--set``), ``optim`` (parameter groups, LR
+schedules, EMA), ``inputs`` (batches on the device), ``loop`` (the trainer), ``checkpoint``
+(atomic, resumable state), ``distributed`` (torchrun / DDP), ``distill`` (DeiT distillation,
+``SmallConvNet``), ``metrics`` (top-k, confusion, ``metrics.jsonl``), ``plots`` (PNG curves),
+``runs`` (models back from run directories), ``cli_train`` / ``cli_eval`` / ``cli_predict``.
+"""
+
+from .config import ConfigError, TrainConfig, builtin_recipes, load_config
+from .distill import SmallConvNet
+from .loop import NonFiniteLossError, RunResult, evaluate, train
+from .runs import load_trained
+
+__all__ = ["ConfigError", "NonFiniteLossError", "RunResult", "SmallConvNet", "TrainConfig", "builtin_recipes",
+           "evaluate", "load_config", "load_trained", "train"]

@@ -1,0 +1,71 @@
+"""``nestvit eval CHECKPOINT [--data NAME] [--root PATH] [--split test]``: accuracy of a trained model.
+
+CHECKPOINT is a run directory (its ``best.safetensors`` by default, see ``--weights``) or a
+``.safetensors`` written by ``nestvit train``; its metadata tells which model to build and how its
+input was normalised. Prints loss, top-1, top-5 and per-class accuracy; ``--out DIR`` also writes
+the confusion matrix as JSON and PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a run directory or a .safetensors file written by nestvit train")
+    parser.add_argument("--data", help="data set name (default: the one the run trained on)")
+    parser.add_argument("--root", help="data directory (default: the run's data.root, else the default root)")
+    parser.add_argument("--split", default=None, help="split to evaluate (default: the run's eval split, else test)")
+    parser.add_argument("--weights", default="best", choices=["best", "last", "ema"],
+                        help="which weights of a run directory (default: best, else last)")
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--limit", type=int, help="evaluate only the first N images")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    parser.add_argument("--out", metavar="DIR", help="write eval.json and confusion.png here")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .cli_train import one_line_errors
+    from .config import DataSection
+    from .distributed import DistInfo, resolve_device
+    from .inputs import load_split
+    from .loop import evaluate
+    from .plots import plot_confusion
+    from .runs import load_trained
+
+    trained = load_trained(args.checkpoint, args.weights)
+    run_data = trained.config.data if trained.config else None
+    name = args.data or (run_data.name if run_data else json.loads(trained.metadata.get("data", "null")))
+    if not name:
+        raise ValueError(f"{trained.weights} does not say which data set it was trained on; pass --data NAME")
+    split = args.split or (run_data.eval_split if run_data and name == run_data.name else "test")
+    root = args.root or (run_data.root if run_data and name == run_data.name else None)
+    size = trained.model.img_size
+    section = DataSection(name=name, root=root, pad_to=trained.pad_to, img_size=size[0])
+    device = resolve_device(args.device)
+    model = trained.model.to(device)
+    with one_line_errors():
+        data = load_split(section, split, device, classes=trained.classes if name == "imagefolder" else None,
+                          limit=args.limit)
+    if len(data.classes) != len(trained.classes):
+        raise ValueError(f"{name} has {len(data.classes)} classes but the model was trained on {len(trained.classes)}")
+    result = evaluate(model, data, mean=trained.mean, std=trained.std, batch=args.batch_size,
+                      info=DistInfo(device=device))
+    print(f"{trained.weights} on {data.name} ({result.count} images): loss {result.loss:.4f}  "
+          f"top-1 {result.top1:.2f}%  top-{min(5, len(data.classes))} {result.top5:.2f}%")
+    print("per-class accuracy:")
+    width = max(len(c) for c in data.classes)
+    for cls, acc in result.per_class.items():
+        print(f"  {cls:>{width}s}  {acc:6.2f}%")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps({"weights": str(trained.weights), "data": data.name,
+                                                    **result.to_json()}, indent=1) + "\n")
+        plot_confusion(result.confusion, result.classes, out / "confusion.png",
+                       title=f"{data.name}: top-1 {result.top1:.2f}%")
+        print(f"wrote {out / 'eval.json'} and {out / 'confusion.png'}")
+    return 0

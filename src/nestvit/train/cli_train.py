@@ -1,0 +1,86 @@
+"""``nestvit train RECIPE [--set key=value ...] [--out DIR] [--resume DIR] [--device cpu|cuda] [--epochs N]``.
+
+Several processes: ``torchrun --nproc-per-node 2 -m nestvit.cli train RECIPE`` (each process takes
+its share of the global batch; rank 0 prints and writes the run directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from .config import builtin_recipes, recipe_summary
+
+
+def _recipe_list() -> str:
+    lines = ["built-in recipes (src/nestvit/recipes/*.yaml):"]
+    for name, path in builtin_recipes().items():
+        lines.append(f"  {name:22s} {recipe_summary(path)}")
+    lines.append("")
+    lines.append("examples:")
+    lines.append("  nestvit train mnist5k_nest                       # the demo: a few minutes on a laptop CPU")
+    lines.append("  nestvit train mnist5k_nest --set optim.lr=2e-3 --set model.overrides.drop_path_rate=0.1")
+    lines.append("  nestvit train --resume runs/mnist5k_nest-20250101-120000 --epochs 20")
+    lines.append("  nestvit train --list-keys                        # every key --set accepts")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = _recipe_list()
+    parser.add_argument("recipe", nargs="?", help="a recipe YAML file or a built-in recipe name (listed below)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key, dotted for sections (optim.lr=1e-3, model.overrides.depths=2); "
+                             "the value is read as YAML; repeatable")
+    parser.add_argument("--out", metavar="DIR", help="run directory (default: runs/<recipe>-<date>-<time>)")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue the run in RUN_DIR from its last checkpoint, with its own config")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    parser.add_argument("--epochs", type=int, help="shorthand for --set epochs=N")
+    parser.add_argument("--list-keys", action="store_true", help="print every key --set accepts and exit")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+
+
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Data-set and file errors become RuntimeErrors, which ``nestvit`` prints as one line."""
+    from ..data.datasets import DatasetError
+
+    try:
+        yield
+    except DatasetError as e:
+        raise RuntimeError(str(e)) from e
+    except OSError as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise RuntimeError(str(e)) from e
+
+
+def run(args: argparse.Namespace) -> int:
+    from .config import load_config, read_recipe, valid_keys
+    from .loop import train
+
+    if args.list_keys:
+        print("\n".join(valid_keys()))
+        return 0
+    overrides = list(args.overrides) + ([f"epochs={args.epochs}"] if args.epochs is not None else [])
+    if args.resume:
+        if args.recipe:
+            raise ValueError("give either a RECIPE or --resume RUN_DIR (a resumed run keeps its own config.yaml; "
+                             "change it with --set)")
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise FileNotFoundError(f"{run_dir}: no config.yaml; is it a nestvit run directory?")
+        raw, _ = read_recipe(run_dir / "config.yaml")
+    else:
+        if not args.recipe:
+            raise ValueError("a RECIPE is required (a YAML file or a built-in name; see nestvit train --help)")
+        raw, name = read_recipe(args.recipe)
+        run_dir = Path(args.out or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    cfg = load_config(raw, overrides)
+    with one_line_errors():
+        train(cfg, run_dir, resume=bool(args.resume), device=args.device)
+    return 0

@@ -1,0 +1,395 @@
+"""Training configuration: typed frozen dataclasses read from a YAML recipe plus ``--set key=value``.
+
+A recipe is a small YAML file whose top-level keys are ``TrainConfig`` fields; nested sections
+(``model``, ``data``, ``aug``, ``optim``, ``schedule``, ``ema``, ``distill``) are mappings. Overrides
+use dotted keys (``optim.lr=1e-3``, ``model.overrides.drop_path_rate=0.1``); values are parsed with
+``yaml.safe_load``. Every key is checked against the dataclass fields and every value against the
+field's type, so a typo or a wrong type is one clear ``ConfigError`` that lists the valid keys.
+
+The batch is *global* (all devices and all accumulation steps together); the learning rate is given
+for a reference batch (``optim.lr_ref_batch``, 256 as DeiT and the official NesT code) and scaled
+linearly. Both derivations are printed when a run starts, never silent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..data.augment import AugmentConfig
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class ConfigError(ValueError):
+    """An unknown key, a value of the wrong type or an impossible combination in a training config."""
+
+
+# Keys a recipe cannot set because they are derived: the augmentation normalises with data.mean/std.
+DERIVED_KEYS = {"aug.mean": "data.mean", "aug.std": "data.std"}
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    name: str = "nest_tiny_cifar"  # a registered model (`nestvit models`) or "convnet" (SmallConvNet)
+    overrides: dict[str, Any] = field(default_factory=dict)  # create_model keywords; num_classes, in_chans
+    # and img_size default to the data set's
+    weights: str | None = None  # initialise from this weights file (nestvit safetensors or timm checkpoint)
+
+
+@dataclass(frozen=True)
+class DataSection:
+    name: str = "mnist5k"  # a name of nestvit.data.DATASETS, or "synthetic" (generated; tests and benchmarks)
+    root: str | None = None  # data directory; None: $NESTVIT_DATA_DIR or ~/.cache/nestvit/datasets
+    download: bool = False  # fetch missing files (mnist, fashion_mnist, cifar*, stl10)
+    train_split: str = "train"
+    eval_split: str = "test"  # the split evaluated after every eval_every epochs ("val" for imagefolder)
+    mean: tuple[float, ...] | None = None  # per-channel normalisation; None: measured on the training images
+    std: tuple[float, ...] | None = None
+    pad_to: int | None = None  # zero-pad in-memory images to pad_to x pad_to (e.g. 28 -> 32 for CIFAR models)
+    limit_train: int | None = None  # keep only the first N training images (quick runs, tests)
+    limit_eval: int | None = None  # keep only the first N evaluation images
+    img_size: int = 224  # imagefolder: images are resized and centre-cropped to this size; synthetic: the size
+    workers: int = 4  # imagefolder only: DataLoader processes
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    lr: float = 2.5e-4  # base learning rate for a global batch of lr_ref_batch
+    lr_ref_batch: int = 256  # lr is scaled by global_batch / lr_ref_batch; 0 = use lr as it is
+    weight_decay: float = 0.05  # decoupled (AdamW)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    no_decay: str = "recipe"  # "recipe" | "pos_embed_only" | "1d_and_tokens" (see optim.param_groups)
+    clip_grad: float = 0.0  # max global gradient norm; 0 = no clipping (official NesT: 0)
+
+
+@dataclass(frozen=True)
+class ScheduleSection:
+    name: str = "cosine"  # "cosine" (per step) | "step" (lr * gamma ** (step // step_every)) | "constant"
+    warmup_epochs: float = 0.0  # linear warmup from warmup_start * lr to lr
+    warmup_start: float = 0.0  # fraction of the peak lr where warmup starts
+    min_lr_ratio: float = 0.0  # cosine ends at min_lr_ratio * peak lr
+    step_every: int = 200  # "step": optimizer steps between decays (RTNT paper: 200)
+    gamma: float = 0.96  # "step": decay factor (RTNT paper: 0.96)
+
+
+@dataclass(frozen=True)
+class EmaSection:
+    decay: float = 0.0  # exponential moving average of the weights; 0 = off (e.g. 0.9998)
+
+
+@dataclass(frozen=True)
+class DistillSection:
+    teacher: str | None = None  # a registered model name or "convnet"; None = no distillation
+    teacher_weights: str | None = None  # weights of the trained teacher (required with a teacher)
+    teacher_overrides: dict[str, Any] = field(default_factory=dict)  # create_model keywords of the teacher
+    type: str = "hard"  # "hard" (teacher's argmax, DeiT's best) | "soft" (KL at temperature tau)
+    alpha: float = 0.5  # weight of the distillation term; the label term gets 1 - alpha
+    tau: float = 1.0  # soft distillation temperature
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    global_batch: int = 256  # images per optimizer step, all devices and accumulation steps together
+    micro_batch: int | None = None  # images per forward pass on one device; None: global_batch / world size
+    eval_batch: int = 500  # images per forward pass during evaluation (per device)
+    seed: int = 0
+    precision: str = "fp32"  # "fp32" | "bf16" (autocast) | "fp16" (autocast + GradScaler, CUDA only)
+    compile: bool = False  # torch.compile the training forward
+    log_every: int = 20  # optimizer steps between metrics.jsonl step records
+    eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
+    checkpoint_every: int = 0  # optimizer steps between mid-epoch checkpoints; 0 = at epoch ends only
+    progress: bool = True  # tqdm progress bar (rank 0 only)
+    threads: int | None = None  # CPU threads per process (torch.set_num_threads); None: torch's default
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    aug: AugmentConfig = field(default_factory=AugmentConfig.plain)  # nestvit.data.augment.AugmentConfig
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    ema: EmaSection = field(default_factory=EmaSection)
+    distill: DistillSection = field(default_factory=DistillSection)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.global_batch >= 1, f"global_batch must be >= 1, got {self.global_batch}"),
+            (self.micro_batch is None or self.micro_batch >= 1, f"micro_batch must be >= 1, got {self.micro_batch}"),
+            (self.eval_batch >= 1, f"eval_batch must be >= 1, got {self.eval_batch}"),
+            (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
+            (self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every}"),
+            (self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}"),
+            (self.precision in ("fp32", "bf16", "fp16"),
+             f"precision must be 'fp32', 'bf16' or 'fp16', got {self.precision!r}"),
+            (self.optim.no_decay in ("recipe", "pos_embed_only", "1d_and_tokens"),
+             f"optim.no_decay must be 'recipe', 'pos_embed_only' or '1d_and_tokens', got {self.optim.no_decay!r}"),
+            (self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}"),
+            (self.schedule.name in ("cosine", "step", "constant"),
+             f"schedule.name must be 'cosine', 'step' or 'constant', got {self.schedule.name!r}"),
+            (self.schedule.step_every >= 1, f"schedule.step_every must be >= 1, got {self.schedule.step_every}"),
+            (0.0 <= self.ema.decay < 1.0, f"ema.decay must be in [0, 1), got {self.ema.decay}"),
+            (self.distill.type in ("hard", "soft"),
+             f"distill.type must be 'hard' or 'soft', got {self.distill.type!r}"),
+            (0.0 <= self.distill.alpha <= 1.0, f"distill.alpha must be in [0, 1], got {self.distill.alpha}"),
+            (self.distill.tau > 0, f"distill.tau must be > 0, got {self.distill.tau}"),
+            (self.distill.teacher is None or self.distill.teacher_weights is not None,
+             "distill.teacher needs distill.teacher_weights (a trained teacher; an untrained one teaches noise)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def batch_plan(self, world_size: int) -> tuple[int, int, int]:
+        """``(per_device_batch, micro_batch, accumulation_steps)`` for ``world_size`` devices.
+
+        ``global_batch = world_size * per_device_batch`` and ``per_device_batch = micro * accum``.
+        """
+        if self.global_batch % world_size:
+            raise ConfigError(f"global_batch {self.global_batch} is not divisible by the world size {world_size}; "
+                              f"choose a multiple of {world_size}")
+        per_device = self.global_batch // world_size
+        micro = min(self.micro_batch or per_device, per_device)
+        if per_device % micro:
+            raise ConfigError(f"the per-device batch {per_device} (global_batch {self.global_batch} / "
+                              f"{world_size} devices) is not a multiple of micro_batch {micro}")
+        return per_device, micro, per_device // micro
+
+    def scaled_lr(self) -> float:
+        """The peak learning rate: ``optim.lr * global_batch / optim.lr_ref_batch`` (unscaled if ref is 0)."""
+        if self.optim.lr_ref_batch <= 0:
+            return self.optim.lr
+        return self.optim.lr * self.global_batch / self.optim.lr_ref_batch
+
+
+# --------------------------------------------------------------------------------------------------
+# dict <-> dataclass, with type checks
+# --------------------------------------------------------------------------------------------------
+
+def valid_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
+    """Every settable dotted key, e.g. ``["epochs", ..., "optim.lr", ...]`` (dict fields end in ``.*``)."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if prefix + f.name in DERIVED_KEYS:
+            continue
+        if dataclasses.is_dataclass(tp):
+            keys += valid_keys(tp, f"{prefix}{f.name}.")
+        elif typing.get_origin(tp) is dict:
+            keys.append(f"{prefix}{f.name}.*")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """``value`` checked against (and lightly converted to) the type hint ``tp``; ``ConfigError`` if it fails."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{key}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin is tuple:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and len(args) == 2 and args[1] is ...:
+            value = [value]  # a scalar for a variable-length tuple, e.g. data.mean: 0.5
+        if isinstance(value, (list, tuple)):
+            if len(args) == 2 and args[1] is ...:
+                return tuple(_coerce(v, args[0], key) for v in value)
+            if len(value) == len(args):
+                return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    elif origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    else:
+        raise ConfigError(f"{key}: unsupported field type {tp}")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "", base: Any = None) -> Any:
+    """Build dataclass ``cls`` from a nested dict, refusing unknown keys and wrong types.
+
+    Keys not given keep the value of ``base`` (default: the class defaults); a nested section starts
+    from its field's default, so ``aug: {hflip: true}`` is the plain pipeline plus flips.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'the recipe'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in data:
+        if prefix + name in DERIVED_KEYS:
+            raise ConfigError(f"{prefix}{name} cannot be set: it is taken from {DERIVED_KEYS[prefix + name]} "
+                              f"(None: measured on the training images)")
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        bad = ", ".join(prefix + k for k in unknown)
+        raise ConfigError(f"unknown key(s) {bad}; valid keys: {', '.join(valid_keys(cls, prefix))}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            default = getattr(base, name) if base is not None else fields[name].default_factory()
+            kwargs[name] = from_dict(tp, value or {}, f"{prefix}{name}.", default)
+        else:
+            kwargs[name] = _coerce(value, tp, prefix + name)
+    try:
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of builtins (tuples as lists) that ``from_dict`` reads back."""
+    def plain(v: Any, prefix: str = "") -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name), f"{prefix}{f.name}.") for f in dataclasses.fields(v)
+                    if prefix + f.name not in DERIVED_KEYS}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(cfg)
+
+
+def replace(cfg: TrainConfig, **sections: Any) -> TrainConfig:
+    """``dataclasses.replace`` for a nested field: ``replace(cfg, data={"mean": (0.5,)})``."""
+    changes = {}
+    for name, value in sections.items():
+        current = getattr(cfg, name)
+        changes[name] = dataclasses.replace(current, **value) if isinstance(value, dict) else value
+    return dataclasses.replace(cfg, **changes)
+
+
+# --------------------------------------------------------------------------------------------------
+# recipes and overrides
+# --------------------------------------------------------------------------------------------------
+
+def builtin_recipes() -> dict[str, Path]:
+    """Built-in training recipe name -> file: the ``src/nestvit/recipes/*.yaml`` whose keys are
+    ``TrainConfig`` fields (the folder also holds other commands' recipes, e.g. ``nestvit generate``'s)."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for path in sorted(RECIPE_DIR.glob("*.yaml")):
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError:
+            continue
+        if isinstance(raw, dict) and set(raw) <= fields:
+            out[path.stem] = path
+    return out
+
+
+def recipe_summary(path: Path) -> str:
+    """The first comment line of a recipe (what it is for)."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def read_recipe(recipe: str | Path) -> tuple[dict[str, Any], str]:
+    """``(raw dict, name)`` of a recipe file path or a built-in recipe name."""
+    path = Path(recipe)
+    if not path.is_file():
+        recipes = builtin_recipes()
+        if str(recipe) not in recipes:
+            raise ConfigError(f"recipe {str(recipe)!r} is neither a file nor a built-in recipe; built-in recipes: "
+                              f"{', '.join(recipes)}")
+        path = recipes[str(recipe)]
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of keys to values")
+    return raw, path.stem
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``["optim.lr=1e-3", "model.overrides.depths=[1, 1]"]`` to a nested dict (copied)."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        keys = valid_keys()
+        if key not in keys and not any(k.endswith(".*") and (key + ".").startswith(k[:-1]) for k in keys):
+            if key in DERIVED_KEYS:
+                raise ConfigError(f"{key} cannot be set: it is taken from {DERIVED_KEYS[key]}")
+            raise ConfigError(f"unknown key {key!r} in --set {item}; valid keys: {', '.join(keys)}")
+        node = out
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} is not a mapping in the recipe")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(recipe: str | Path | dict[str, Any] | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """A ``TrainConfig`` from a recipe (path, built-in name, dict or None for defaults) and ``--set`` overrides."""
+    if recipe is None:
+        raw: dict[str, Any] = {}
+    elif isinstance(recipe, dict):
+        raw = recipe
+    else:
+        raw, _ = read_recipe(recipe)
+    return from_dict(TrainConfig, apply_overrides(raw, list(overrides)))
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

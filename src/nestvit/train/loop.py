@@ -1,0 +1,468 @@
+"""The training loop: ``train(cfg, run_dir)``.
+
+One optimizer step: the rank's share of the global batch is fetched (uint8, on the device) and
+augmented as a whole (so mixup partners and random draws do not depend on the micro-batch size),
+then split into ``accumulation`` micro-batches; each runs forward under autocast and backward with
+its loss divided by the number of micro-batches (DDP synchronises gradients on the last one only),
+so ``2 x 16`` accumulates the gradient of ``1 x 32``. Then: non-finite check, gradient clipping,
+AdamW step, EMA update. The learning rate is set from ``LRSchedule`` before every step.
+
+After every epoch: evaluation (model and EMA), ``metrics.jsonl`` records, weights
+(``last``/``best``/``ema.safetensors``), the training state (``state.pt``, atomic), plots. Rank 0
+alone prints and writes; every rank computes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.augment import BatchAugment, eval_transform
+from ..interop import save_weights
+from . import config as C
+from .checkpoint import STATE_FILE, atomic_torch_save, capture_rng, load_state, restore_rng
+from .distill import classification_loss, teacher_targets
+from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed, shutdown
+from .inputs import Split, TrainBatches, eval_batches, load_split, normalization
+from .metrics import EvalAccumulator, EvalResult, MetricsLog
+from .optim import LRSchedule, ModelEMA, build_optimizer, param_groups, set_lr
+from .plots import plot_confusion, plot_run
+from .runs import build_model, weights_metadata
+
+PLOT_EVERY_S = 60.0  # plots are redrawn after an epoch at most this often (and always at the end)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stops without writing a checkpoint."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    epochs_done: int
+    steps: int
+    test: EvalResult | None  # the last evaluation of the model
+    ema: EvalResult | None  # ... and of its EMA
+    best_top1: float
+    wall_s: float
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``"bf16"`` / ``"fp16"``; nothing for ``"fp32"``."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _fmt_time(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
+
+
+class Trainer:
+    """Holds a run's model, optimizer, data and state; ``fit()`` trains it. Build with ``train()``."""
+
+    def __init__(self, cfg: C.TrainConfig, run_dir: Path, info: DistInfo, *, resume: bool = False) -> None:
+        self.info, self.device, self.run_dir = info, info.device, run_dir
+        self.main = info.is_main
+        self.started = self.plotted = time.perf_counter()
+        if cfg.precision == "fp16" and self.device.type != "cuda":
+            raise C.ConfigError("precision fp16 needs CUDA (it trains with a GradScaler); use bf16 on the CPU")
+        if self.main and not resume and (run_dir / STATE_FILE).exists():
+            raise FileExistsError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose "
+                                  "another --out")
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        random.seed(cfg.seed)
+
+        # data, and the normalisation written back into the config (the run directory records it)
+        d = cfg.data
+        self.train_split = load_split(d, d.train_split, self.device, limit=d.limit_train)
+        self.eval_split = load_split(d, d.eval_split, self.device, classes=self.train_split.classes,
+                                     limit=d.limit_eval)
+        mean, std = normalization(d, self.train_split)
+        cfg = C.replace(cfg, data={"mean": mean, "std": std})
+        self.cfg = cfg
+        self.classes = self.train_split.classes
+        self.num_classes = len(self.classes)
+
+        # model, EMA, teacher
+        self.model, self.model_kwargs = build_model(cfg.model, num_classes=self.num_classes,
+                                                    in_chans=self.train_split.channels, img_size=self.train_split.size)
+        self.model.to(self.device)
+        self.ema = ModelEMA(self.model, cfg.ema.decay) if cfg.ema.decay > 0 else None
+        self.teacher = None
+        if cfg.distill.teacher:
+            section = C.ModelSection(name=cfg.distill.teacher, overrides=cfg.distill.teacher_overrides,
+                                     weights=cfg.distill.teacher_weights)
+            self.teacher, _ = build_model(section, num_classes=self.num_classes, in_chans=self.train_split.channels,
+                                          img_size=self.train_split.size)
+            self.teacher.to(self.device).eval().requires_grad_(False)
+        if info.rank > 0:  # ranks share the initial weights but draw their own dropout / drop-path masks
+            torch.manual_seed(cfg.seed + 1000 * info.rank)
+
+        # batch plan, schedule, optimizer
+        self.per_device, self.micro, self.accum = cfg.batch_plan(info.world_size)
+        self.batches = TrainBatches(self.train_split, global_batch=cfg.global_batch, rank=info.rank,
+                                    world_size=info.world_size, seed=cfg.seed, device=self.device,
+                                    workers=d.workers)
+        self.steps_per_epoch = self.batches.steps_per_epoch
+        self.peak_lr = cfg.scaled_lr()
+        self.schedule = LRSchedule.from_config(cfg.schedule, peak=self.peak_lr, steps_per_epoch=self.steps_per_epoch,
+                                               epochs=cfg.epochs)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.peak_lr)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
+        self.augment = BatchAugment(dataclasses.replace(cfg.aug, mean=mean, std=std), num_classes=self.num_classes)
+        self.aug_gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 7919 + 1 + info.rank)
+
+        self.ddp: nn.Module = self.model
+        if info.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(self.model,
+                                               device_ids=[self.device] if self.device.type == "cuda" else None)
+        self.forward = torch.compile(self.ddp) if cfg.compile else self.ddp
+
+        # state
+        self.step = 0  # optimizer steps done
+        self.epoch = 0  # epochs completed
+        self.step_in_epoch = 0  # optimizer steps done inside the current epoch (mid-epoch checkpoints)
+        self.best_top1 = -1.0
+        self.rng_state: dict[str, Any] | None = None
+        if resume:
+            self._load(load_state(run_dir))
+
+        if self.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            C.save_config(cfg, run_dir / "config.yaml")
+        barrier(info)
+        self.log = MetricsLog(run_dir, enabled=self.main, truncate_after_step=self.step if resume else None)
+
+    # ---------------------------------------------------------------------------------------------
+    # printing
+    # ---------------------------------------------------------------------------------------------
+
+    def say(self, message: str) -> None:
+        if self.main:
+            from tqdm import tqdm
+
+            tqdm.write(message)
+
+    def describe(self) -> None:
+        cfg, i = self.cfg, self.info
+        tr, ev = self.train_split, self.eval_split
+        groups = param_groups(self.model, weight_decay=cfg.optim.weight_decay, policy=cfg.optim.no_decay)
+        nd = sum(len(g["names"]) for g in groups if g["group"] == "no_decay")
+        self.say(f"run dir: {self.run_dir}")
+        where = f"{self.device} ({torch.get_num_threads()} threads)" if self.device.type == "cpu" else str(self.device)
+        self.say(f"model: {cfg.model.name} ({self.model.num_params():,} parameters) on {where}, "
+                 f"precision {cfg.precision}{', compiled' if cfg.compile else ''}, world size {i.world_size}")
+        self.say(f"data: {cfg.data.name} {len(tr)} train / {len(ev)} {cfg.data.eval_split} images of "
+                 f"{tr.channels}x{tr.size[0]}x{tr.size[1]}, {self.num_classes} classes; normalised with mean "
+                 f"{cfg.data.mean} std {cfg.data.std}")
+        self.say(f"batch: global {cfg.global_batch} = {i.world_size} device(s) x {self.per_device} per device; per "
+                 f"device {self.micro} per forward x {self.accum} accumulation step(s); {self.steps_per_epoch} "
+                 f"steps/epoch x {cfg.epochs} epochs = {self.schedule.total_steps} steps")
+        scale = (f"{cfg.optim.lr:g} x {cfg.global_batch}/{cfg.optim.lr_ref_batch} = {self.peak_lr:.4g} "
+                 "(scaled linearly with the global batch)" if cfg.optim.lr_ref_batch > 0 else
+                 f"{self.peak_lr:.4g} (not scaled)")
+        self.say(f"lr: {scale}; {self.schedule.describe()}")
+        self.say(f"optimizer: AdamW weight decay {cfg.optim.weight_decay:g} ({nd} tensors exempt, policy "
+                 f"{cfg.optim.no_decay!r}), clip {cfg.optim.clip_grad or 'off'}, EMA "
+                 f"{cfg.ema.decay if self.ema else 'off'}"
+                 + (f"; distilling from {cfg.distill.teacher} ({cfg.distill.type}, alpha {cfg.distill.alpha:g})"
+                    if self.teacher is not None else ""))
+        if self.step:
+            self.say(f"resuming at epoch {self.epoch + 1}, step {self.step}")
+
+    # ---------------------------------------------------------------------------------------------
+    # one optimizer step
+    # ---------------------------------------------------------------------------------------------
+
+    def train_step(self, x: torch.Tensor, targets: torch.Tensor) -> tuple[float, float, float]:
+        """One optimizer step on this rank's augmented batch; ``(mean loss, correct, images)`` over all ranks."""
+        lr = self.schedule(self.step)
+        set_lr(self.optimizer, lr)
+        d = self.cfg.distill
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device)
+        for i, (xs, ts) in enumerate(zip(x.split(self.micro), targets.split(self.micro))):
+            last = i == self.accum - 1
+            sync = self.ddp.no_sync() if (self.info.enabled and not last) else contextlib.nullcontext()
+            with sync:
+                with autocast(self.device, self.cfg.precision):
+                    out = self.forward(xs)
+                    teacher = teacher_targets(self.teacher, xs) if self.teacher is not None else None
+                    loss = classification_loss(out, ts, teacher, kind=d.type, alpha=d.alpha, tau=d.tau)
+                self.scaler.scale(loss / self.accum).backward()
+            logits = out[0] if isinstance(out, tuple) else out
+            loss_sum += loss.detach().float() / self.accum
+            correct += (logits.detach().argmax(1) == ts.argmax(1)).sum()
+        stats = all_reduce_sum(torch.stack([loss_sum, correct]), self.info)
+        loss_value = stats[0].item() / self.info.world_size
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(
+                f"loss is {loss_value} at step {self.step + 1} (epoch {self.epoch + 1}, batch {self.step_in_epoch + 1}"
+                f" of {self.steps_per_epoch}); training stopped. The last good checkpoint is "
+                f"{self.run_dir / STATE_FILE}. Lower optim.lr, set optim.clip_grad, or train in fp32")
+        if self.cfg.optim.clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.step += 1
+        self.step_in_epoch += 1
+        return loss_value, stats[1].item(), float(x.shape[0] * self.info.world_size)
+
+    # ---------------------------------------------------------------------------------------------
+    # epochs
+    # ---------------------------------------------------------------------------------------------
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        from tqdm import tqdm
+
+        self.model.train()
+        bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
+                   disable=not (self.main and self.cfg.progress), dynamic_ncols=True, leave=False)
+        window = {"loss": 0.0, "correct": 0.0, "images": 0.0, "data_s": 0.0, "steps": 0}
+        total = dict(window)
+        t_epoch = t_window = time.perf_counter()
+        batches = self.batches.epoch(epoch, self.step_in_epoch)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                break
+            x, targets = self.augment(*batch, generator=self.aug_gen)
+            self._sync()
+            data_s = time.perf_counter() - t0
+            loss, correct, images = self.train_step(x, targets)
+            for acc in (window, total):
+                acc["loss"] += loss
+                acc["correct"] += correct
+                acc["images"] += images
+                acc["data_s"] += data_s
+                acc["steps"] += 1
+            now = time.perf_counter()
+            img_s = window["images"] / max(now - t_window, 1e-9)
+            data_img_s = window["images"] / max(window["data_s"], 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{window['loss'] / window['steps']:.4f}",
+                            acc=f"{100 * window['correct'] / window['images']:.1f}",
+                            lr=f"{self.schedule(self.step - 1):.2e}", img_s=f"{img_s:.0f}",
+                            data_img_s=f"{data_img_s:.0f}", refresh=False)
+            if self.step % self.cfg.log_every == 0:
+                self.log.write({"kind": "step", "epoch": epoch + 1, "step": self.step,
+                                "loss": window["loss"] / window["steps"],
+                                "acc": 100 * window["correct"] / window["images"],
+                                "lr": self.schedule(self.step - 1), "img_s": img_s, "data_img_s": data_img_s})
+                window = {k: 0.0 if k != "steps" else 0 for k in window}
+                t_window = time.perf_counter()
+            if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 \
+                    and self.step_in_epoch < self.steps_per_epoch:
+                self.save_state()
+        bar.close()
+        elapsed = time.perf_counter() - t_epoch
+        steps = max(total["steps"], 1)
+        return {"train_loss": total["loss"] / steps, "train_acc": 100 * total["correct"] / max(total["images"], 1),
+                "img_s": total["images"] / max(elapsed, 1e-9),
+                "data_img_s": total["images"] / max(total["data_s"], 1e-9), "time_s": elapsed}
+
+    def evaluate(self, model: nn.Module) -> EvalResult:
+        """Top-1/top-5, loss and confusion matrix of ``model`` on the evaluation split (summed over ranks)."""
+        return evaluate(model, self.eval_split, mean=self.cfg.data.mean, std=self.cfg.data.std,
+                        batch=self.cfg.eval_batch, info=self.info, precision=self.cfg.precision,
+                        workers=self.cfg.data.workers)
+
+    def fit(self, stop_after_epochs: int | None = None) -> RunResult:
+        cfg = self.cfg
+        self.describe()
+        if self.rng_state is not None:
+            restore_rng(self.rng_state, {"augment": self.aug_gen})
+        test = ema = None
+        while self.epoch < cfg.epochs:
+            epoch = self.epoch
+            stats = self.train_epoch(epoch)
+            self.epoch, self.step_in_epoch = epoch + 1, 0
+            record: dict[str, Any] = {"kind": "epoch", "epoch": epoch + 1, "step": self.step, **stats,
+                                      "lr": self.schedule(self.step - 1)}
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                test = self.evaluate(self.model)
+                record.update(test_loss=test.loss, test_top1=test.top1, test_top5=test.top5)
+                if self.ema is not None:
+                    ema = self.evaluate(self.ema.module)
+                    record.update(ema_top1=ema.top1, ema_top5=ema.top5)
+            self.log.write(record)
+            self.say(self._epoch_line(record))
+            self.save_weights(test if "test_top1" in record else None)
+            self.save_state()
+            stop = stop_after_epochs is not None and self.epoch >= stop_after_epochs
+            if self.epoch == cfg.epochs or stop or time.perf_counter() - self.plotted > PLOT_EVERY_S:
+                self.write_plots(test)
+            if stop:
+                break
+        wall = time.perf_counter() - self.started
+        result = RunResult(self.run_dir, self.epoch, self.step, test, ema, self.best_top1, wall)
+        if self.main:
+            summary = {"epochs": self.epoch, "steps": self.step, "wall_s": round(wall, 1),
+                       "test_top1": test.top1 if test else None, "test_top5": test.top5 if test else None,
+                       "best_top1": self.best_top1, "ema_top1": ema.top1 if ema else None,
+                       "params": self.model.num_params(), "world_size": self.info.world_size,
+                       "device": str(self.device)}
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            if test is not None:
+                self.say(f"done in {_fmt_time(wall)}: test top-1 {test.top1:.2f}% top-5 {test.top5:.2f}% (best "
+                         f"{self.best_top1:.2f}%)" + (f", EMA top-1 {ema.top1:.2f}%" if ema else "")
+                         + f"; {self.run_dir}")
+        self.log.close()
+        return result
+
+    def _epoch_line(self, r: dict[str, Any]) -> str:
+        line = (f"epoch {r['epoch']}/{self.cfg.epochs}: loss {r['train_loss']:.4f} train acc {r['train_acc']:.2f}%"
+                f" | {r['img_s']:.0f} img/s (input pipeline alone {r['data_img_s']:.0f} img/s)"
+                f" | {_fmt_time(r['time_s'])}")
+        if "test_top1" in r:
+            line += f" | test top-1 {r['test_top1']:.2f}% top-5 {r['test_top5']:.2f}%"
+        if "ema_top1" in r:
+            line += f" | EMA top-1 {r['ema_top1']:.2f}%"
+        return line
+
+    # ---------------------------------------------------------------------------------------------
+    # files
+    # ---------------------------------------------------------------------------------------------
+
+    def write_plots(self, test: EvalResult | None) -> None:
+        """Curves from ``metrics.jsonl`` and the last evaluation's confusion matrix (JSON and PNG)."""
+        self.plotted = time.perf_counter()
+        if not self.main:
+            return
+        plot_run(self.run_dir)
+        if test is not None:
+            (self.run_dir / "confusion.json").write_text(json.dumps(test.to_json(), indent=1) + "\n")
+            plot_confusion(test.confusion, test.classes, self.run_dir / "confusion.png",
+                           title=f"{self.cfg.model.name} on {self.eval_split.name}: top-1 {test.top1:.2f}%")
+
+    def _metadata(self, **extra: Any) -> dict[str, str]:
+        return weights_metadata(self.cfg.model.name, self.model_kwargs, classes=self.classes,
+                                mean=self.cfg.data.mean, std=self.cfg.data.std, pad_to=self.cfg.data.pad_to,
+                                unpadded=self.train_split.unpadded, data=self.cfg.data.name, epoch=self.epoch,
+                                step=self.step, **extra)
+
+    def save_weights(self, test: EvalResult | None) -> None:
+        if not self.main:
+            return
+        top1 = test.top1 if test is not None else None
+        save_weights(self.model, self.run_dir / "last.safetensors", metadata=self._metadata(top1=top1))
+        if self.ema is not None:
+            save_weights(self.ema.module, self.run_dir / "ema.safetensors", metadata=self._metadata())
+        if top1 is not None and top1 > self.best_top1:
+            self.best_top1 = top1
+            save_weights(self.model, self.run_dir / "best.safetensors", metadata=self._metadata(top1=top1))
+
+    def save_state(self) -> None:
+        """Write ``state.pt`` atomically (every rank's RNG states gathered into it)."""
+        rngs = all_gather_objects(capture_rng({"augment": self.aug_gen}), self.info)
+        if not self.main:
+            return
+        state = {
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "scheduler": {"step": self.step},  # LRSchedule is a pure function of the step
+            "rng": rngs,
+            "step": self.step,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "best_top1": self.best_top1,
+            "world_size": self.info.world_size,
+            "config": C.to_dict(self.cfg),
+        }
+        atomic_torch_save(state, self.run_dir / STATE_FILE)
+
+    def _load(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.step_in_epoch, self.best_top1 = state["step_in_epoch"], state["best_top1"]
+        rngs = state["rng"]
+        if len(rngs) == self.info.world_size:
+            self.rng_state = rngs[self.info.rank]
+        else:
+            self.say(f"note: the run was saved with {len(rngs)} process(es), now {self.info.world_size}; random "
+                     "streams restart from the seed (the data order is unchanged)")
+        changed = _changed_keys(state["config"], C.to_dict(self.cfg))
+        if changed:
+            self.say(f"note: the config differs from the saved run's in {', '.join(changed)}")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, *, mean: tuple[float, ...], std: tuple[float, ...], batch: int = 500,
+             info: DistInfo | None = None, precision: str = "fp32", workers: int = 0) -> EvalResult:
+    """Evaluate ``model`` (on ``info.device``) on every image of ``split``, each rank its share, summed over ranks.
+
+    A distilled model's pair of heads is averaged, as DeiT does at test time.
+    """
+    info = info or DistInfo(device=next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    acc = EvalAccumulator(len(split.classes), info.device)
+    for images, labels in eval_batches(split, batch=batch, rank=info.rank, world_size=info.world_size,
+                                       device=info.device, workers=workers):
+        with autocast(info.device, precision):
+            out = model(eval_transform(images, mean, std))
+        acc.add((out[0] + out[1]) / 2 if isinstance(out, tuple) else out, labels)
+    all_reduce_sum(acc.sums, info)
+    all_reduce_sum(acc.confusion, info)
+    model.train(was_training)
+    return acc.result(split.classes)
+
+
+def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and key != "overrides":
+            out += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(prefix + key)
+    return out
+
+
+def train(cfg: C.TrainConfig, run_dir: str | Path, *, resume: bool = False, device: str | None = None,
+          stop_after_epochs: int | None = None) -> RunResult:
+    """Train ``cfg`` into ``run_dir`` (continuing the run there with ``resume``); joins torchrun's group if any.
+
+    ``stop_after_epochs`` returns after that many epochs have completed, as an interrupted run would.
+    """
+    info = init_distributed(device)
+    trainer = None
+    try:
+        run_dir = Path(all_gather_objects(str(run_dir), info)[0])  # every rank writes under rank 0's choice
+        trainer = Trainer(cfg, run_dir, info, resume=resume)
+        return trainer.fit(stop_after_epochs)
+    finally:
+        del trainer  # model, optimizer and DDP go before the process group (see distributed.shutdown)
+        shutdown(info)

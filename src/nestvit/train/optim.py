@@ -1,0 +1,136 @@
+"""Optimizer, learning-rate schedules and the EMA of weights.
+
+- ``param_groups``: AdamW groups with and without weight decay. Three policies:
+  ``"1d_and_tokens"`` (timm/DeiT: biases, norm weights and every other 1-D tensor, plus the model's
+  ``no_weight_decay()`` names: position embeddings and class/distillation tokens),
+  ``"pos_embed_only"`` (the official NesT code's ``optim_wd_ignore=["pos_embedding"]``: only position
+  embeddings are exempt, biases and LayerNorm weights *are* decayed), and ``"recipe"``, which picks
+  the policy the model family's own recipe used: ``pos_embed_only`` for NesT, ``1d_and_tokens`` else.
+- ``LRSchedule``: a pure function of the optimizer step (so resuming needs only the step): linear
+  warmup, then cosine to ``min_lr_ratio * peak``, the RTNT paper's step decay (``x0.96`` every 200
+  steps), or constant.
+- ``ModelEMA``: ``ema = decay * ema + (1 - decay) * weights`` after every optimizer step, kept in a
+  second copy of the model that is evaluated and saved like the model itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import OptimSection, ScheduleSection
+
+
+def no_decay_names(model: nn.Module, policy: str) -> set[str]:
+    """Names of the parameters that get no weight decay under ``policy`` (see the module docstring)."""
+    declared = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    if policy == "recipe":
+        policy = "pos_embed_only" if getattr(model, "family", "") == "nest" else "1d_and_tokens"
+    if policy == "pos_embed_only":
+        return {n for n in declared if "pos" in n}
+    if policy == "1d_and_tokens":
+        return declared | {n for n, p in model.named_parameters() if p.ndim <= 1}
+    raise ValueError(f"unknown no_decay policy {policy!r}; choose 'recipe', 'pos_embed_only' or '1d_and_tokens'")
+
+
+def param_groups(model: nn.Module, *, weight_decay: float, policy: str) -> list[dict]:
+    """Two AdamW groups, ``decay`` and ``no_decay``; each also carries its parameter ``names``."""
+    exempt = no_decay_names(model, policy)
+    unknown = exempt - {n for n, _ in model.named_parameters()}
+    if unknown:
+        raise ValueError(f"{type(model).__name__}.no_weight_decay() names parameters it does not have: "
+                         f"{sorted(unknown)}")
+    groups = {"decay": ([], []), "no_decay": ([], [])}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        params, names = groups["no_decay" if name in exempt else "decay"]
+        params.append(p)
+        names.append(name)
+    return [{"params": groups[k][0], "names": groups[k][1], "weight_decay": wd, "group": k}
+            for k, wd in (("decay", weight_decay), ("no_decay", 0.0)) if groups[k][0]]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimSection, lr: float) -> torch.optim.AdamW:
+    groups = param_groups(model, weight_decay=cfg.weight_decay, policy=cfg.no_decay)
+    for g in groups:
+        del g["names"]  # not part of an optimizer's state (keeps state_dicts plain)
+    return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps)
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """Learning rate of optimizer step ``s`` (0-based): ``schedule(s)``."""
+
+    peak: float  # the scaled learning rate
+    total_steps: int
+    warmup_steps: int = 0
+    name: str = "cosine"  # "cosine" | "step" | "constant"
+    warmup_start: float = 0.0  # warmup begins at warmup_start * peak
+    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of peak
+    step_every: int = 200
+    gamma: float = 0.96
+
+    @classmethod
+    def from_config(cls, cfg: ScheduleSection, *, peak: float, steps_per_epoch: int, epochs: int) -> LRSchedule:
+        total = steps_per_epoch * epochs
+        warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total)
+        return cls(peak=peak, total_steps=total, warmup_steps=warmup, name=cfg.name, warmup_start=cfg.warmup_start,
+                   min_lr_ratio=cfg.min_lr_ratio, step_every=cfg.step_every, gamma=cfg.gamma)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:  # linear, reaching the peak at the last warmup step's successor
+            frac = (step + 1) / self.warmup_steps
+            return self.peak * (self.warmup_start + (1.0 - self.warmup_start) * frac)
+        if self.name == "constant":
+            return self.peak
+        if self.name == "step":
+            return self.peak * self.gamma ** ((step - self.warmup_steps) // self.step_every)
+        span = max(self.total_steps - self.warmup_steps, 1)
+        progress = min((step - self.warmup_steps) / span, 1.0)
+        floor = self.min_lr_ratio * self.peak
+        return floor + 0.5 * (self.peak - floor) * (1.0 + math.cos(math.pi * progress))
+
+    def describe(self) -> str:
+        warm = f"linear warmup {self.warmup_steps} steps, then " if self.warmup_steps else ""
+        if self.name == "cosine":
+            return f"{warm}cosine over {self.total_steps - self.warmup_steps} steps to {self.min_lr_ratio:g} x peak"
+        if self.name == "step":
+            return f"{warm}x{self.gamma:g} every {self.step_every} steps"
+        return f"{warm}constant"
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+class ModelEMA:
+    """Exponential moving average of a model's parameters (float buffers averaged too, others copied)."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = self.decay
+        own = self.module.state_dict()
+        for name, value in model.state_dict().items():
+            target = own[name]
+            if target.dtype.is_floating_point:
+                target.mul_(d).add_(value.detach(), alpha=1.0 - d)
+            else:
+                target.copy_(value)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state)

@@ -1,0 +1,107 @@
+"""``nestvit explain`` end to end: checkpoints (file, run directory, none), every method, valid PNGs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import nestvit
+from nestvit.cli import main
+from nestvit.interop import save_weights
+
+PNG = b"\x89PNG\r\n\x1a\n"
+NEST = ("nest_tiny_cifar", dict(img_size=32, in_chans=1, num_classes=4, patch_size=2, num_levels=3, block_size=None,
+                                embed_dims=8, num_heads=2, depths=1))
+VIT = ("vit_tiny_patch4_32", dict(img_size=32, in_chans=3, num_classes=4, embed_dim=16, depth=2, num_heads=2))
+TNT = ("tnt_tiny_patch4_32", dict(img_size=16, num_classes=4, dims=(16, 4), num_heads=(2, 1), depth=2))
+
+
+def save(tmp_path, spec, name, *, with_meta=True):
+    model_name, overrides = spec
+    torch.manual_seed(0)
+    model = nestvit.create_model(model_name, **overrides)
+    meta = {"model": model_name, "model_overrides": json.dumps(overrides), "classes": json.dumps(list("abcd")),
+            "mean": json.dumps([0.5]), "std": json.dumps([0.25])} if with_meta else {}
+    return save_weights(model, tmp_path / name, metadata=meta)
+
+
+@pytest.fixture
+def images(tmp_path):
+    rng = np.random.default_rng(0)
+    a = tmp_path / "cat.png"
+    Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(a)  # non-square: resize + crop
+    b = tmp_path / "dog.jpg"
+    Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(b)
+    return [a, b]
+
+
+def check_png(path, min_size=(300, 200)):
+    assert path.is_file()
+    assert path.read_bytes()[:8] == PNG
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.width >= min_size[0] and im.height >= min_size[1]
+        return im.size
+
+
+@pytest.mark.parametrize("method", ["gradcat", "cam", "gradcam"])
+def test_nest_methods_write_pngs(tmp_path, images, method, capsys):
+    ckpt = save(tmp_path, NEST, "nest.safetensors")
+    out = tmp_path / "out"
+    argv = ["explain", str(ckpt), *map(str, images), "--method", method, "--out", str(out), "--json"]
+    if method == "gradcat":
+        argv += ["--top-k", "2"]
+    else:
+        argv += ["--threshold", "0.5"]
+    assert main(argv) == 0
+    for img in images:
+        w, _ = check_png(out / f"{img.stem}_{method}.png")
+        if method == "gradcat":
+            assert w >= 3 * 300  # two explained classes + the bars
+    report = json.loads((out / "explain.json").read_text())
+    assert report["method"] == method and len(report["images"]) == 2
+    if method == "gradcat":
+        e = report["images"][0]["explained"]
+        assert len(e) == 2 and len(e[0]["path"]) == 3 and e[0]["levels"] == [3, 2, 1]
+        assert e[0]["name"] in "abcd"
+    else:
+        assert len(report["images"][0]["box"]) == 4
+    assert "->" in capsys.readouterr().out
+
+
+def test_vit_gradcam_and_rollout_from_a_run_directory(tmp_path, images):
+    run = tmp_path / "run"
+    run.mkdir()
+    save(tmp_path, VIT, "run/best.safetensors")
+    for method in ("gradcam", "rollout"):
+        assert main(["explain", str(run), str(images[0]), "--method", method, "--out", str(tmp_path / "o")]) == 0
+        check_png(tmp_path / "o" / f"cat_{method}.png")
+
+
+def test_tnt_rollout_with_class_and_gradcat_refused(tmp_path, images, capsys):
+    ckpt = save(tmp_path, TNT, "tnt.safetensors")
+    assert main(["explain", str(ckpt), str(images[1]), "--method", "rollout", "--out", str(tmp_path / "o")]) == 0
+    check_png(tmp_path / "o" / "dog_rollout.png")
+    assert main(["explain", str(ckpt), str(images[1]), "--method", "gradcat", "--out", str(tmp_path / "o")]) == 2
+    assert "GradCAT" in capsys.readouterr().err
+
+
+def test_model_flags_without_metadata_and_random_weights(tmp_path, images, capsys):
+    bare = save(tmp_path, NEST, "bare.safetensors", with_meta=False)
+    assert main(["explain", str(bare), str(images[0]), "--out", str(tmp_path / "o")]) == 2
+    assert "--model" in capsys.readouterr().err
+    sets = [f"--set={k}={json.dumps(v)}" for k, v in NEST[1].items()]
+    assert main(["explain", str(bare), str(images[0]), "--model", NEST[0], *sets, "--class", "3",
+                 "--out", str(tmp_path / "o1")]) == 0
+    check_png(tmp_path / "o1" / "cat_gradcat.png")
+    # no checkpoint at all: --model alone gives a random-weight demo
+    assert main(["explain", str(images[1]), "--model", NEST[0], *sets, "--method", "cam",
+                 "--out", str(tmp_path / "o2")]) == 0
+    check_png(tmp_path / "o2" / "dog_cam.png")
+    assert "random weights" in capsys.readouterr().err
+    assert main(["explain", str(images[1]), "--out", str(tmp_path / "o3")]) == 2  # neither checkpoint nor --model

@@ -1,0 +1,18 @@
+"""One intra-op thread for the generation tests (restored afterwards).
+
+On a small shared machine two threads that wait on each other's barriers are many times slower than
+one when other processes hold the cores; these tests use small tensors, so one thread loses nothing.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

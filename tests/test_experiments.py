@@ -1,0 +1,112 @@
+"""``nestvit experiment``: the drivers in --quick mode (synthetic images, seconds) and the mean/spread math."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from nestvit import experiments as E
+from nestvit.cli import build_parser
+
+
+def test_mean_spread_math():
+    s = E.mean_spread([90.0, 92.0, 94.0])
+    assert s["n"] == 3 and s["mean"] == pytest.approx(92.0)
+    assert s["std"] == pytest.approx(2.0)  # sample standard deviation (ddof 1)
+    assert (s["min"], s["max"]) == (90.0, 94.0)
+    one = E.mean_spread([80.0])
+    assert one["std"] is None and one["mean"] == 80.0
+    assert E.mean_spread([])["mean"] is None
+    assert E.mean_spread([1.0, float("nan"), 3.0])["mean"] == pytest.approx(2.0)
+    assert E.fmt_ms(s) == "92.00 ± 2.00"
+    assert E.fmt_ms(one) == "80.00"
+    assert E.fmt_ms(E.mean_spread([])) == "-"
+
+
+def test_merge_is_deep_and_keeps_inputs():
+    base = {"optim": {"lr": 1.0, "weight_decay": 0.0}, "model": {"overrides": {"a": 1}}}
+    out = E._merge(base, {"optim": {"lr": 2.0}, "model": {"overrides": {"b": 2}}})
+    assert out["optim"] == {"lr": 2.0, "weight_decay": 0.0}
+    assert out["model"]["overrides"] == {"b": 2}  # overrides are replaced, not merged
+    assert base["optim"]["lr"] == 1.0
+
+
+def _args(name: str, tmp_path, *extra: str):
+    args = build_parser().parse_args(["experiment", name, "--quick", "--seeds", "0", "1", "--out",
+                                      str(tmp_path / name), "--threads", "1", *extra])
+    args.argv = [name, "--quick"]
+    return args
+
+
+@pytest.mark.parametrize("name", list(E.EXPERIMENTS))
+def test_plans_are_valid_configs(name):
+    """Every default (full-size) plan builds valid TrainConfigs, without training anything."""
+    from nestvit.train.config import TrainConfig, from_dict
+
+    args = build_parser().parse_args(["experiment", name])
+    plan = E.EXPERIMENTS[name](args)
+    assert len(plan.seeds) >= 2 and plan.arms
+    assert len({a.name for a in plan.arms}) == len(plan.arms)
+    for arm in plan.arms:
+        from_dict(TrainConfig, arm.recipe)
+
+
+def test_rtnt_plan_switches_the_innermost_level():
+    args = build_parser().parse_args(["experiment", "rtnt_vs_tnt", "--data", "mnist5k"])
+    arms = E.plan_rtnt_vs_tnt(args).arms
+    assert [a.recipe["model"]["overrides"]["innermost"] for a in arms] == [True, False]
+    assert all(a.recipe["schedule"] == {"name": "step", "step_every": 200, "gamma": 0.96} for a in arms)
+
+
+def test_data_efficiency_same_step_budget():
+    args = build_parser().parse_args(["experiment", "data_efficiency", "--train-sizes", "500", "1000", "3000",
+                                      "--steps", "47"])
+    arms = E.plan_data_efficiency(args).arms
+    for arm in arms:
+        size = arm.labels["train_size"]
+        assert arm.recipe["epochs"] == max(1, round(47 * 64 / size))
+
+
+@pytest.mark.parametrize("name", ["rtnt_vs_tnt", "data_efficiency"])
+def test_quick_mode_writes_json_markdown_png(name, tmp_path):
+    result = E.run_experiment(_args(name, tmp_path), log=lambda m: None)
+    out = tmp_path / name
+    data = json.loads((out / "results.json").read_text())
+    assert data["experiment"] == name and data["seeds"] == [0, 1]
+    assert len(data["runs"]) == 2 * len(data["rows"])
+    for row in data["rows"]:
+        acc = row["test_top1"]
+        seeds = [r["test_top1"] for r in data["runs"] if r["arm"] == row["arm"]]
+        assert acc["n"] == 2 and math.isclose(acc["mean"], sum(seeds) / 2)
+        assert row["params"] > 0 and row["flops"] > 0
+    md = (out / "results.md").read_text()
+    assert md.startswith(f"### `{name}`") and "mean ± std" in md
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result["meta"]["wall_s"] >= 0
+    # a second call reads the finished runs back instead of retraining them
+    again = E.run_experiment(_args(name, tmp_path), log=lambda m: None)
+    assert [r["test_top1"] for r in again["runs"]] == [r["test_top1"] for r in result["runs"]]
+
+
+@pytest.mark.parametrize("name", ["aggregation", "hierarchy", "best_fashion_mnist"])
+def test_quick_mode_other_experiments(name, tmp_path):
+    args = _args(name, tmp_path, "--seeds", "0")
+    args.seeds = [0]
+    E.run_experiment(args, log=lambda m: None)
+    out = tmp_path / name
+    assert (out / "results.json").is_file() and (out / "results.md").is_file() and (out / "results.png").is_file()
+
+
+def test_time_budget_stops_between_epochs(tmp_path):
+    args = _args("best_fashion_mnist", tmp_path)
+    args.seeds = [0]
+    plan = E.plan_quick(E.plan_best_fashion_mnist, args)
+    arm = plan.arms[0]
+    arm.recipe["epochs"] = 3
+    arm.recipe["threads"] = 1
+    res = E.run_arm(arm, 0, tmp_path / "b", device="cpu", fresh=False, log=lambda m: None, time_budget_s=0.0)
+    assert res["epochs"] == 1  # one epoch always runs; the next would exceed a zero budget
+    summary = json.loads((tmp_path / "b" / "runs" / "nest-best-s0" / "summary.json").read_text())
+    assert summary["planned_epochs"] == 3

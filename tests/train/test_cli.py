@@ -1,0 +1,76 @@
+"""``nestvit train`` / ``eval`` / ``predict`` end to end through ``nestvit.cli.main``."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from nestvit.cli import main
+from nestvit.train.inputs import synthetic
+
+
+@pytest.fixture
+def recipe(tmp_path, make_recipe):
+    path = tmp_path / "tiny.yaml"
+    path.write_text("# tiny: nestvit train tiny.yaml\n" + yaml.safe_dump(make_recipe(epochs=1)))
+    return path
+
+
+def test_train_eval_predict(tmp_path, recipe, capsys):
+    run = tmp_path / "run"
+    assert main(["train", str(recipe), "--out", str(run), "--set", "optim.lr=1e-2", "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.01 x 32/256 = 0.00125" in out and "global 32 = 1 device(s) x 32 per device" in out
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 2
+
+    assert main(["eval", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "synthetic:test (512 images)" in out and "top-1" in out and "class9" in out
+    assert main(["eval", str(run / "last.safetensors"), "--data", "synthetic", "--out", str(tmp_path / "ev")]) == 0
+    assert json.loads((tmp_path / "ev/eval.json").read_text())["count"] == 512
+    assert (tmp_path / "ev/confusion.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+
+    images, labels = synthetic("test", size=8, count=2)
+    files = []
+    for i, img in enumerate(images):
+        files.append(tmp_path / f"img{i}.png")
+        # an RGB file at another size: predict converts to the model's 1 channel and 8x8
+        Image.fromarray(np.repeat(img[0].numpy(), 4, 0).repeat(4, 1)).convert("RGB").save(files[-1])
+    assert main(["predict", str(run), *map(str, files), "--top-k", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("%") == 6 and str(files[0]) in out
+
+
+def test_resume_cli(tmp_path, recipe, capsys):
+    run = tmp_path / "run"
+    assert main(["train", str(recipe), "--out", str(run)]) == 0
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming at epoch 2, step 4" in out and "the config differs from the saved run's in epochs" in out
+
+
+def test_errors_are_one_line(tmp_path, recipe, capsys):
+    assert main(["train", str(recipe), "--set", "optim.lrr=1", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown key 'optim.lrr'" in err and "valid keys" in err
+    assert main(["train", "no_such_recipe"]) == 2
+    assert "built-in recipes" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "missing")]) == 2
+    assert "no such run directory" in capsys.readouterr().err
+    assert main(["train", str(recipe), "--set", "data.name=cifar10", "--set", "data.root=" + str(tmp_path),
+                 "--out", str(tmp_path / "y")]) == 2
+    assert "cifar10" in capsys.readouterr().err
+
+
+def test_help_lists_recipes(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "built-in recipes" in out and "mnist5k_nest" in out
+    assert main(["train", "--list-keys"]) == 0
+    assert "model.overrides.*" in capsys.readouterr().out

@@ -1,0 +1,104 @@
+"""Recipes, --set overrides and their errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from nestvit.train.config import (
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    builtin_recipes,
+    from_dict,
+    load_config,
+    read_recipe,
+    to_dict,
+    valid_keys,
+)
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(None, ["optim.lr=1e-3", "model.name=nest_small_cifar", "aug.mixup_alpha=0.8",
+                             "model.overrides.drop_path_rate=0.1", "data.mean=[0.5]", "epochs=3",
+                             "optim.betas=[0.9, 0.95]", "distill.teacher_overrides.widths=[8, 16]"])
+    assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)  # "1e-3" is a str to YAML 1.1
+    assert cfg.model.name == "nest_small_cifar"
+    assert cfg.model.overrides == {"drop_path_rate": 0.1}
+    assert cfg.aug.mixup_alpha == 0.8 and cfg.aug.hflip is False  # the aug section starts from the plain pipeline
+    assert cfg.data.mean == (0.5,)
+    assert cfg.epochs == 3
+    assert cfg.optim.betas == (0.9, 0.95)
+    assert cfg.distill.teacher_overrides == {"widths": [8, 16]}
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["optim.lrr=1"])
+    msg = str(e.value)
+    assert "optim.lrr" in msg and "valid keys" in msg and "optim.lr" in msg and "optim.weight_decay" in msg
+    with pytest.raises(ConfigError, match="unknown key.*epoch.*valid keys: epochs"):
+        load_config({"epoch": 3})
+
+
+def test_wrong_type_is_refused():
+    with pytest.raises(ConfigError, match="epochs: expected int, got 'many'"):
+        load_config(None, ["epochs=many"])
+    with pytest.raises(ConfigError, match="optim.lr: expected float"):
+        load_config(None, ["optim.lr=fast"])
+    with pytest.raises(ConfigError, match="compile: expected bool"):
+        load_config(None, ["compile=3"])
+    with pytest.raises(ConfigError, match="optim: expected a mapping"):
+        load_config({"optim": 3})
+    with pytest.raises(ConfigError, match="unknown key 'epochs.x'.*valid keys"):
+        load_config(None, ["epochs.x=3"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["epochs"])
+
+
+def test_value_checks():
+    with pytest.raises(ConfigError, match="precision"):
+        load_config(None, ["precision=fp8"])
+    with pytest.raises(ConfigError, match="teacher_weights"):
+        load_config(None, ["distill.teacher=convnet"])
+    with pytest.raises(ConfigError, match="aug.mean cannot be set.*data.mean"):
+        load_config(None, ["aug.mean=[0.5]"])
+    assert "aug.mean" not in valid_keys() and "data.mean" in valid_keys()
+
+
+def test_batch_plan_and_lr_scaling():
+    cfg = load_config(None, ["global_batch=1024", "micro_batch=64", "optim.lr=2.5e-4"])
+    assert cfg.batch_plan(1) == (1024, 64, 16)
+    assert cfg.batch_plan(8) == (128, 64, 2)
+    assert cfg.batch_plan(16) == (64, 64, 1)
+    assert cfg.scaled_lr() == pytest.approx(2.5e-4 * 1024 / 256)
+    assert load_config(None, ["optim.lr_ref_batch=0", "optim.lr=0.01"]).scaled_lr() == 0.01
+    with pytest.raises(ConfigError, match="not divisible by the world size 3"):
+        cfg.batch_plan(3)
+    with pytest.raises(ConfigError, match="not a multiple of micro_batch"):
+        load_config(None, ["global_batch=96", "micro_batch=64"]).batch_plan(1)
+
+
+def test_round_trip():
+    cfg = load_config(None, ["data.std=[0.3]", "model.overrides.depths=[1, 2]"])
+    assert from_dict(TrainConfig, to_dict(cfg)) == cfg
+
+
+def test_overrides_do_not_touch_the_input():
+    raw = {"optim": {"lr": 1.0}}
+    out = apply_overrides(raw, ["optim.lr=2.0"])
+    assert raw == {"optim": {"lr": 1.0}} and out == {"optim": {"lr": 2.0}}
+
+
+@pytest.mark.parametrize("name", sorted(builtin_recipes()))
+def test_builtin_recipes_load(name):
+    raw, stem = read_recipe(name)
+    assert stem == name
+    cfg = load_config(name)
+    assert cfg.global_batch >= 1
+    text = builtin_recipes()[name].read_text()
+    assert text.startswith("#") and "nestvit train" in text  # the header says the command
+
+
+def test_missing_recipe():
+    with pytest.raises(ConfigError, match="neither a file nor a built-in recipe.*mnist5k_nest"):
+        load_config("no_such_recipe")

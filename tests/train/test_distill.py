@@ -1,0 +1,79 @@
+"""DeiT distillation: the loss math, and a conv-net teacher training NesT and distilled-ViT students."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nestvit.train.distill import SmallConvNet, classification_loss, distillation_term
+from nestvit.train.loop import train
+
+TINY_VIT = {"patch_size": 2, "embed_dim": 16, "depth": 1, "num_heads": 1}
+
+
+def test_hard_distillation_math():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(6, 5), torch.randn(6, 5)
+    labels = torch.randint(0, 5, (6,))
+    onehot = F.one_hot(labels, 5).float()
+    loss = classification_loss(student, onehot, teacher, kind="hard", alpha=0.3)
+    expect = 0.7 * F.cross_entropy(student, labels) + 0.3 * F.cross_entropy(student, teacher.argmax(1))
+    torch.testing.assert_close(loss, expect)
+
+
+def test_soft_distillation_math():
+    torch.manual_seed(1)
+    student, teacher = torch.randn(4, 3), torch.randn(4, 3)
+    tau = 2.0
+    p_t = F.softmax(teacher / tau, 1)
+    kl = (p_t * (p_t.log() - F.log_softmax(student / tau, 1))).sum(1).mean() * tau * tau
+    torch.testing.assert_close(distillation_term(student, teacher, kind="soft", tau=tau), kl)
+    assert distillation_term(teacher, teacher, kind="soft", tau=tau).abs() < 1e-6
+
+
+def test_two_heads_split_the_work():
+    torch.manual_seed(2)
+    cls, dist, teacher = torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 3)
+    targets = F.one_hot(torch.tensor([0, 1, 2, 0]), 3).float()
+    loss = classification_loss((cls, dist), targets, teacher, kind="hard", alpha=0.5)
+    expect = 0.5 * F.cross_entropy(cls, targets.argmax(1)) + 0.5 * F.cross_entropy(dist, teacher.argmax(1))
+    torch.testing.assert_close(loss, expect)
+    # without a teacher both heads learn the labels
+    no_teacher = classification_loss((cls, dist), targets)
+    torch.testing.assert_close(no_teacher, (F.cross_entropy(cls, targets.argmax(1))
+                                            + F.cross_entropy(dist, targets.argmax(1))) / 2)
+
+
+def test_small_convnet_contract():
+    net = SmallConvNet(in_chans=1, num_classes=7, widths=(8, 16))
+    x = torch.randn(2, 1, 12, 10)
+    assert net(x).shape == (2, 7)
+    assert net.forward_features(x).shape == (2, 16, 6, 5)
+    feats, maps = net.forward_intermediates(x)
+    assert len(maps) == 2 and net.no_weight_decay() == set()
+    net.reset_classifier(3)
+    assert net(x).shape == (2, 3)
+    with pytest.raises(TypeError, match="unknown option"):
+        SmallConvNet(width=3)
+
+
+@pytest.mark.parametrize("student", ["nest", "vit_distilled"])
+def test_distillation_trains(tmp_path, make_config, student):
+    teacher_dir = tmp_path / "teacher"
+    if not teacher_dir.exists():
+        train(make_config("epochs=1", "model.name=convnet", "model.overrides={widths: [8, 16]}"), teacher_dir)
+    sets = ["epochs=1", "distill.teacher=convnet", f"distill.teacher_weights={teacher_dir / 'last.safetensors'}",
+            "distill.teacher_overrides={widths: [8, 16]}", f"distill.type={'hard' if student == 'nest' else 'soft'}"]
+    if student == "vit_distilled":
+        sets += ["model.name=vit_tiny_patch4_32", "model.overrides={patch_size: 2, embed_dim: 16, depth: 1, "
+                                                  "num_heads: 1, distilled: true}"]
+    result = train(make_config(*sets), tmp_path / "student")
+    assert result.steps == 4 and 0 <= result.test.top1 <= 100
+
+
+def test_teacher_weights_must_fit(tmp_path, make_config):
+    train(make_config("epochs=1", "model.name=convnet", "model.overrides={widths: [8, 16]}"), tmp_path / "t")
+    cfg = make_config("distill.teacher=convnet", f"distill.teacher_weights={tmp_path / 't/last.safetensors'}")
+    with pytest.raises(ValueError, match="does not fit"):  # default widths (32, 64, 128) != the file's
+        train(cfg, tmp_path / "s")

@@ -1,0 +1,216 @@
+"""The training loop: accumulation, bit-exact resume, crash safety, non-finite losses, run files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nestvit.train import checkpoint as ckpt
+from nestvit.train import loop
+from nestvit.train.checkpoint import load_state
+from nestvit.train.inputs import Split, TrainBatches
+from nestvit.train.loop import NonFiniteLossError, train
+from nestvit.train.metrics import read_metrics
+
+# every source of randomness the loop has: augmentation draws, drop path, mixup, EMA
+RANDOM = ["aug.crop_padding=1", "aug.hflip=true", "aug.mixup_alpha=0.4", "aug.mix_prob=0.5",
+          "aug.random_erasing=0.3", "aug.label_smoothing=0.1", "model.overrides.drop_path_rate=0.2", "ema.decay=0.9"]
+
+
+def weights(path):
+    return load_file(str(path))
+
+
+def assert_same_weights(a, b, exact=True):
+    assert a.keys() == b.keys()
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path, make_config):
+    full = train(make_config("epochs=1", "micro_batch=32"), tmp_path / "full")
+    accum = train(make_config("epochs=1", "micro_batch=16"), tmp_path / "accum")
+    assert full.steps == accum.steps == 4
+    assert_same_weights(weights(tmp_path / "full/last.safetensors"), weights(tmp_path / "accum/last.safetensors"),
+                        exact=False)
+
+
+def test_resume_is_bit_exact(tmp_path, make_config):
+    cfg = make_config(*RANDOM)
+    straight = train(cfg, tmp_path / "a")
+    first = train(cfg, tmp_path / "b", stop_after_epochs=1)
+    assert first.epochs_done == 1 and load_state(tmp_path / "b")["epoch"] == 1
+    with open(tmp_path / "b/metrics.jsonl", "a") as f:  # a record torn by the kill
+        f.write('{"kind": "step", "epoch": 2, "st')
+    resumed = train(cfg, tmp_path / "b", resume=True)
+    assert resumed.epochs_done == straight.epochs_done == 2 and resumed.steps == straight.steps == 8
+    for name in ("last", "ema"):
+        assert_same_weights(weights(tmp_path / f"a/{name}.safetensors"), weights(tmp_path / f"b/{name}.safetensors"))
+    sa, sb = load_state(tmp_path / "a"), load_state(tmp_path / "b")
+    for k, v in sa["optimizer"]["state"].items():
+        assert torch.equal(v["exp_avg_sq"], sb["optimizer"]["state"][k]["exp_avg_sq"])
+    # the resumed log has each step once and the same losses
+    la, lb = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    steps = lambda log: [(r["step"], r["loss"]) for r in log if r["kind"] == "step"]  # noqa: E731
+    assert steps(la) == steps(lb)
+
+
+def test_resume_mid_epoch_after_a_kill(tmp_path, make_config, monkeypatch):
+    cfg = make_config(*RANDOM, "checkpoint_every=3")
+    train(cfg, tmp_path / "a")
+    real_step = loop.Trainer.train_step
+
+    def killed_at_step_5(self, x, t):
+        if self.step == 5:
+            raise KeyboardInterrupt  # the process dies after the step-3 checkpoint (epoch 1, batch 4 done)
+        return real_step(self, x, t)
+
+    monkeypatch.setattr(loop.Trainer, "train_step", killed_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "b")
+    state = load_state(tmp_path / "b")
+    assert (state["step"], state["epoch"], state["step_in_epoch"]) == (4, 1, 0)  # epoch-end checkpoint at 4
+    monkeypatch.setattr(loop.Trainer, "train_step", real_step)
+    train(cfg, tmp_path / "b", resume=True)
+    assert_same_weights(weights(tmp_path / "a/last.safetensors"), weights(tmp_path / "b/last.safetensors"))
+
+
+def test_mid_epoch_checkpoint_resume(tmp_path, make_config, monkeypatch):
+    cfg = make_config(*RANDOM, "checkpoint_every=2", "epochs=1")
+    train(cfg, tmp_path / "a")
+    real_step = loop.Trainer.train_step
+
+    def killed(self, x, t):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return real_step(self, x, t)
+
+    monkeypatch.setattr(loop.Trainer, "train_step", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "b")
+    state = load_state(tmp_path / "b")
+    assert (state["step"], state["epoch"], state["step_in_epoch"]) == (2, 0, 2)
+    monkeypatch.setattr(loop.Trainer, "train_step", real_step)
+    train(cfg, tmp_path / "b", resume=True)
+    assert_same_weights(weights(tmp_path / "a/last.safetensors"), weights(tmp_path / "b/last.safetensors"))
+
+
+def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, make_config, monkeypatch):
+    cfg = make_config("epochs=2")
+    train(cfg, tmp_path / "run", stop_after_epochs=1)
+    good = load_state(tmp_path / "run")
+    real_save = torch.save
+
+    def dies_half_way(obj, f, *a, **k):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt.torch, "save", dies_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        train(cfg, tmp_path / "run", resume=True)
+    monkeypatch.setattr(ckpt.torch, "save", real_save)
+    after = load_state(tmp_path / "run")  # still the epoch-1 state, readable
+    assert after["step"] == good["step"] == 4
+    assert all(torch.equal(after["model"][k], good["model"][k]) for k in good["model"])
+    assert not list((tmp_path / "run").glob(".*.tmp"))  # no temporary file left behind
+    train(cfg, tmp_path / "run", resume=True)  # and the run can still be continued
+    assert load_state(tmp_path / "run")["epoch"] == 2
+
+
+def test_non_finite_loss_names_the_step(tmp_path, make_config, monkeypatch):
+    calls = {"n": 0}
+    real = loop.classification_loss
+
+    def goes_nan(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(loop, "classification_loss", goes_nan)
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 3 \(epoch 1, batch 3 of 4\)"):
+        train(make_config(), tmp_path / "run")
+    assert not (tmp_path / "run" / "state.pt").exists()  # nothing written after a bad step
+
+
+def test_refuses_to_overwrite_a_run(tmp_path, make_config):
+    train(make_config("epochs=1"), tmp_path / "run")
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(make_config("epochs=1"), tmp_path / "run")
+
+
+def test_run_directory_contents(tmp_path, make_config):
+    result = train(make_config("ema.decay=0.5", "epochs=2"), tmp_path / "run")
+    run = tmp_path / "run"
+    for name in ("config.yaml", "state.pt", "last.safetensors", "best.safetensors", "ema.safetensors",
+                 "metrics.jsonl", "confusion.json", "confusion.png", "loss.png", "accuracy.png", "lr.png",
+                 "summary.json"):
+        assert (run / name).is_file(), name
+    records = read_metrics(run)
+    assert [r["step"] for r in records if r["kind"] == "step"] == list(range(1, 9))
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    for key in ("train_loss", "train_acc", "test_top1", "test_top5", "ema_top1", "img_s", "data_img_s", "lr"):
+        assert key in epochs[-1], key
+    conf = json.loads((run / "confusion.json").read_text())
+    assert sum(map(sum, conf["confusion"])) == 64 and len(conf["per_class_accuracy"]) == 10
+    assert result.test.top1 == pytest.approx(epochs[-1]["test_top1"])
+    assert 0 <= result.test.top1 <= result.test.top5 <= 100
+    # the config is written with the measured normalisation
+    from nestvit.train.config import load_config
+
+    saved = load_config(run / "config.yaml")
+    assert saved.data.mean is not None and len(saved.data.mean) == 1
+
+
+def test_the_tiny_model_learns(tmp_path, make_config):
+    result = train(make_config("epochs=8", "optim.lr=1e-2", "optim.lr_ref_batch=0", "data.limit_train=256"),
+                   tmp_path / "run")
+    assert result.test.top1 > 80  # chance is 10%
+
+
+def test_step_order_is_shared_by_world_sizes():
+    split = Split(name="x", labels=torch.arange(100), classes=["a"], channels=1, size=(1, 1),
+                  images=torch.zeros(100, 1, 1, 1, dtype=torch.uint8))
+    one = TrainBatches(split, global_batch=20, rank=0, world_size=1, seed=3, device=torch.device("cpu"))
+    two = [TrainBatches(split, global_batch=20, rank=r, world_size=2, seed=3, device=torch.device("cpu"))
+           for r in range(2)]
+    for epoch in range(2):
+        whole = one.step_indices(epoch)
+        assert torch.equal(torch.cat([t.step_indices(epoch) for t in two], dim=1), whole)
+        assert len(set(whole.flatten().tolist())) == 100  # each image once per epoch
+    assert not torch.equal(one.step_indices(0), one.step_indices(1))
+    labels = [lab for _, lab in one.epoch(1, start_step=3)]
+    assert len(labels) == 2 and torch.equal(labels[0], one.step_indices(1)[3])
+
+
+def test_bf16_autocast_and_fp16_refusal_on_cpu(tmp_path, make_config):
+    result = train(make_config("epochs=1", "precision=bf16"), tmp_path / "bf16")
+    assert result.steps == 4 and 0 <= result.test.top1 <= 100
+    from nestvit.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="fp16 needs CUDA"):
+        train(make_config("epochs=1", "precision=fp16"), tmp_path / "fp16")
+
+
+def test_imagefolder_streams_through_a_dataloader(tmp_path, make_config):
+    import numpy as np
+    from PIL import Image
+
+    for split, n in (("train", 8), ("val", 4)):
+        for label, value in (("dark", 30), ("light", 220)):
+            folder = tmp_path / "data" / split / label
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = np.full((12, 10, 3), value, np.uint8) + np.uint8(i)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    cfg = make_config("epochs=2", "global_batch=4", "data.name=imagefolder", f"data.root={tmp_path / 'data'}",
+                      "data.eval_split=val", "data.img_size=8", "data.workers=0", "data.limit_train=null",
+                      "data.limit_eval=null", "optim.lr=1e-2")
+    result = train(cfg, tmp_path / "run")
+    assert result.steps == 8 and result.test.count == 8 and result.test.classes == ["dark", "light"]

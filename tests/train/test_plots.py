@@ -1,0 +1,41 @@
+"""Plots are valid PNG files; smoothing is TensorBoard's debiased EMA."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nestvit.train.plots import plot_confusion, plot_run, smooth
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def is_png(path):
+    data = path.read_bytes()
+    return data[:8] == PNG and len(data) > 1000
+
+
+def test_smooth():
+    assert smooth([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])  # debiased: a constant stays constant
+    s = smooth([0.0, 10.0], weight=0.5)
+    assert s == pytest.approx([0.0, (0.5 * 0.0 * 0.5 + 0.5 * 10.0) / (1 - 0.25)])
+    assert smooth([], 0.9) == []
+
+
+def test_plot_run_writes_pngs(tmp_path):
+    records = [{"kind": "step", "epoch": 1 + i // 10, "step": i + 1, "loss": 2.3 / (1 + i), "acc": i, "lr": 1e-3}
+               for i in range(30)]
+    records += [{"kind": "epoch", "epoch": e, "step": 10 * e, "train_acc": 50 + e, "test_top1": 40 + e,
+                 "ema_top1": 41 + e} for e in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    paths = plot_run(tmp_path)
+    assert sorted(p.name for p in paths) == ["accuracy.png", "loss.png", "lr.png"]
+    assert all(is_png(p) for p in paths)
+
+
+def test_confusion_png(tmp_path):
+    path = plot_confusion([[5, 1], [0, 4]], ["cat", "dog"], tmp_path / "c.png")
+    assert is_png(path)
+    many = [[int(i == j) for j in range(30)] for i in range(30)]  # no cell labels past 20 classes
+    assert is_png(plot_confusion(many, [str(i) for i in range(30)], tmp_path / "many.png"))
