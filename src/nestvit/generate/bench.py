@@ -143,6 +143,7 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-batch-size", type=int, default=None)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--train-repeats", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per generator before timing")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--json", help="also write the rows as JSON here")
@@ -150,7 +151,8 @@ def _main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     rows = bench_generators(args.sizes, args.kinds, batch_size=args.batch_size,
                             train_batch_size=args.train_batch_size, repeats=args.repeats,
-                            train_repeats=args.train_repeats, threads=args.threads, train=not args.no_train)
+                            train_repeats=args.train_repeats, warmup=args.warmup, threads=args.threads,
+                            train=not args.no_train)
     wall = time.perf_counter() - t0
     print(format_table(rows))
     print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, "

@@ -449,7 +449,7 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
 
     bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, dynamic_ncols=True, desc="gan",
                mininterval=1.0 if sys.stderr.isatty() else 30.0)
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     t_train = 0.0
     acc: dict[str, float] = {}
     n_acc = 0
@@ -501,7 +501,8 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
         if step % cfg.log_every == 0 or step == last:
             row = {"step": step, "kind": "train", **{k: v / (n_acc if k != "r1" else max(1, -(-n_acc // cfg.r1_every)))
                                                       for k, v in acc.items()},
-                   "sec_per_step": round(t_train / max(1, n_acc), 4), "wall": round(time.perf_counter() - t_start, 1)}
+                   "sec_per_step": round(t_train / max(1, n_acc), 4), "wall": round(time.perf_counter() - t_start, 1),
+                   "cpu": round(time.process_time() - cpu_start, 1)}
             write(row)
             bar.set_postfix(loss_d=f"{row['loss_d']:.3f}", loss_g=f"{row['loss_g']:.3f}")
             acc, n_acc, t_train = {}, 0, 0.0
@@ -517,5 +518,6 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
         last_eval = evaluate(step) or last_eval
     metrics_f.close()
     return {"step": step, "run_dir": str(out), "wall_seconds": round(time.perf_counter() - t_start, 1),
+            "cpu_seconds": round(time.process_time() - cpu_start, 1),
             "eval": last_eval, "generator_params": sum(p.numel() for p in G.parameters()),
             "discriminator_params": sum(p.numel() for p in D.parameters())}

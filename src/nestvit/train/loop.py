@@ -78,7 +78,7 @@ class Trainer:
         self.started = self.plotted = time.perf_counter()
         if cfg.precision == "fp16" and self.device.type != "cuda":
             raise C.ConfigError("precision fp16 needs CUDA (it trains with a GradScaler); use bf16 on the CPU")
-        if self.main and not resume and (run_dir / STATE_FILE).exists():
+        if not resume and (run_dir / STATE_FILE).exists():  # every rank checks, so none waits for a failed one
             raise FileExistsError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose "
                                   "another --out")
         if cfg.threads is not None:
@@ -166,7 +166,8 @@ class Trainer:
         groups = param_groups(self.model, weight_decay=cfg.optim.weight_decay, policy=cfg.optim.no_decay)
         nd = sum(len(g["names"]) for g in groups if g["group"] == "no_decay")
         self.say(f"run dir: {self.run_dir}")
-        where = f"{self.device} ({torch.get_num_threads()} threads)" if self.device.type == "cpu" else str(self.device)
+        threads = torch.get_num_threads()
+        where = f"cpu ({threads} thread{'s' if threads > 1 else ''})" if self.device.type == "cpu" else str(self.device)
         self.say(f"model: {cfg.model.name} ({self.model.num_params():,} parameters) on {where}, "
                  f"precision {cfg.precision}{', compiled' if cfg.compile else ''}, world size {i.world_size}")
         self.say(f"data: {cfg.data.name} {len(tr)} train / {len(ev)} {cfg.data.eval_split} images of "
@@ -458,7 +459,7 @@ def train(cfg: C.TrainConfig, run_dir: str | Path, *, resume: bool = False, devi
     ``stop_after_epochs`` returns after that many epochs have completed, as an interrupted run would.
     """
     info = init_distributed(device)
-    trainer = None
+    trainer, threads = None, torch.get_num_threads()
     try:
         run_dir = Path(all_gather_objects(str(run_dir), info)[0])  # every rank writes under rank 0's choice
         trainer = Trainer(cfg, run_dir, info, resume=resume)
@@ -466,3 +467,4 @@ def train(cfg: C.TrainConfig, run_dir: str | Path, *, resume: bool = False, devi
     finally:
         del trainer  # model, optimizer and DDP go before the process group (see distributed.shutdown)
         shutdown(info)
+        torch.set_num_threads(threads)  # cfg.threads applies to this run only
