@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
-# Reruns every experiment of docs/results.md in its default mode, one after the other, with logs.
+# Reruns every experiment of docs/results.md in its default mode, one after the other, with logs, then
+# copies the plots to docs/img/. Usage (from the repository root):
 #   nohup experiments/results/run_all.sh > experiments/results/run_all.log 2>&1 &
-# Each command below is also the one docs/results.md quotes; outputs go to runs/experiments/NAME.
+# Outputs: runs/experiments/NAME/{results.json,results.md,results.png,runs/}.
+# --threads 1: on a CPU shared with other jobs, one thread per run was far faster than torch's default
+# (2 threads here): see docs/results.md.
 set -u
 cd "$(dirname "$0")/../.."
 NV=${NESTVIT:-.venv/bin/nestvit}
 export PYTHONUNBUFFERED=1
 for cmd in \
-  "rtnt_vs_tnt" \
-  "aggregation" \
-  "hierarchy" \
-  "data_efficiency" \
-  "best_fashion_mnist --budget-min 60"; do
+  "rtnt_vs_tnt --threads 1" \
+  "aggregation --threads 1" \
+  "hierarchy --threads 1" \
+  "data_efficiency --threads 1" \
+  "best_fashion_mnist --threads 1 --budget-min 60"; do
   name=${cmd%% *}
   echo "=== $(date +%T) nestvit experiment $cmd"
   start=$(date +%s)
   # shellcheck disable=SC2086
   $NV experiment $cmd > "experiments/results/$name.log" 2>&1
   echo "=== $(date +%T) $name: rc $? in $(( $(date +%s) - start )) s"
+  [ -f "runs/experiments/$name/results.png" ] && cp "runs/experiments/$name/results.png" "docs/img/results_$name.png"
 done

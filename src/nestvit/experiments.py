@@ -406,29 +406,32 @@ def plan_rtnt_vs_tnt(a: argparse.Namespace) -> Plan:
                                                       "RTNT: innermost level in every block vs none"), paper)
 
 
+ABLATION_TRAIN = 2000  # aggregation / hierarchy: the first 2,000 training images by default
+
+
 def _nest_arm(name: str, data: str, a: argparse.Namespace, overrides: dict[str, Any], labels: dict[str, Any],
               model: str = "nest_tiny_cifar", train_size: int | None = None, epochs: int | None = None,
               ) -> Arm:
     recipe = _merge(NEST_RECIPE, {
         "epochs": epochs or a.epochs or 1,
         "model": {"name": model, "overrides": overrides},
-        "data": _data(data, train_size or a.train_size or 4000, _ev(a)),
+        "data": _data(data, train_size or a.train_size or ABLATION_TRAIN, _ev(a)),
     })
     return Arm(name, recipe, labels)
 
 
 def plan_aggregation(a: argparse.Namespace) -> Plan:
     data = (a.data or ["fashion_mnist"])[0]
-    variants = [("conv_maxpool", "image"), ("conv_avgpool", "image"), ("subsample", "image"), ("patch_merge", "image"),
-                ("conv_maxpool", "block")]
+    variants = [("conv_maxpool", "image"), ("conv_maxpool", "block"), ("subsample", "image")]
     if a.all_variants:
-        variants += [("conv_stride2", "image"), ("patch_merge", "block")]
+        variants += [("conv_avgpool", "image"), ("patch_merge", "image"), ("conv_stride2", "image"),
+                     ("patch_merge", "block")]
     arms = [_nest_arm(f"{agg}-{plane}", data, a, {**SMALL_NEST, "aggregation": agg, "aggregation_plane": plane},
                       {"aggregation": agg + (" (default)" if (agg, plane) == ("conv_maxpool", "image") else ""),
                        "plane": plane}) for agg, plane in variants]
     return Plan("aggregation", arms, a.seeds, [
         f"Model: the small NesT (patch 2 on 28x28 padded to 32, 3 levels, blocks of 4x4 patches, width 64, depths "
-        f"1/1/2); data: the first {a.train_size or 4000} {data} training images, {a.epochs or 1} epoch(s), first "
+        f"1/1/2); data: the first {a.train_size or ABLATION_TRAIN} {data} training images, {a.epochs or 1} epoch(s), first "
         f"{_ev(a)} test images; AdamW lr 2e-3, cosine, random crops (pad 2).",
         "Paper (NesT Fig. 5 / A1, CIFAR-10, NesT-T 300 epochs): conv3x3 + LN + max-pool on the image plane is "
         "best; block-plane aggregation and plain subsampling lose accuracy.",
@@ -438,7 +441,7 @@ def plan_aggregation(a: argparse.Namespace) -> Plan:
 def plan_hierarchy(a: argparse.Namespace) -> Plan:
     data = (a.data or ["fashion_mnist"])[0]
     # (levels, patch size, block size): patch 2 -> 16x16 grid, patch 4 -> 8x8, patch 1 -> 32x32 (expensive)
-    variants = [(3, 2, 4), (2, 2, 8), (4, 2, 2), (2, 4, 4)] + ([(3, 4, 2), (3, 1, 8)] if a.all_variants else [])
+    variants = [(3, 2, 4), (2, 2, 8), (2, 4, 4)] + ([(4, 2, 2), (3, 4, 2), (3, 1, 8)] if a.all_variants else [])
     arms = []
     for levels, patch, block in variants:
         ov = {**SMALL_NEST, "num_levels": levels, "patch_size": patch, "block_size": block,
@@ -449,7 +452,7 @@ def plan_hierarchy(a: argparse.Namespace) -> Plan:
                                "level-0 blocks": (grid // block) ** 2}))
     return Plan("hierarchy", arms, a.seeds, [
         f"Model: the small NesT (width 64, 2 heads, one layer per level and two at the top) on {data} padded to "
-        f"32x32; the first {a.train_size or 4000} training images, {a.epochs or 1} epoch(s), first "
+        f"32x32; the first {a.train_size or ABLATION_TRAIN} training images, {a.epochs or 1} epoch(s), first "
         f"{_ev(a)} test images; the block size is chosen so the top level is one block.",
         "Paper (NesT Fig. 6, CIFAR-10): more levels (hierarchies) help up to a point; smaller patches help at a "
         "higher cost.",

@@ -66,24 +66,29 @@ class DropPath(nn.Module):
         return f"p={self.p}"
 
 
-# Largest (batch, heads, queries, keys) score tensor that ``attend`` materialises on the CPU (bytes).
+# ``attend`` computes attention explicitly on the CPU when the (batch, heads, queries, keys) score tensor
+# is at most this large, and the sequence is short or the dtype is reduced (bfloat16 / float16).
 SMALL_SCORES_BYTES = 16 * 2**20
+SHORT_SEQUENCE = 128
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
     """``softmax(q k^T / sqrt(D)) v`` over the last two axes: ``q (..., Nq, D)``, ``k, v (..., Nk, D)``.
 
-    Leading axes broadcast (a single K/V head serves every query head). On the CPU, when the score
-    tensor is small (<= ``SMALL_SCORES_BYTES``: NesT's 16-token blocks, TNT's 16 words, ViT/DeiT at
-    batch 8-64), it is computed explicitly -- two batched matrix products and a softmax. Why: for such
-    short sequences PyTorch's fused CPU kernel (``_scaled_dot_product_flash_attention_for_cpu``) spends
-    its time on per-(batch, head) tiling, not on arithmetic; measured on a 2-core Zen 5 with torch 2.13
-    it is 1.1-2x slower in float32 and 3-8x slower in bfloat16 (backward) than the explicit form
-    (``docs/benchmarks.md``). Long sequences, and every GPU, use ``F.scaled_dot_product_attention``,
-    which never materialises the scores. The two agree to float rounding.
+    Leading axes broadcast (a single K/V head serves every query head). Usually this is
+    ``F.scaled_dot_product_attention``. On the CPU, short sequences (NesT's 16-token blocks, TNT's 16
+    words, RTNT's 4 letters, ViT's 65 tokens at 32x32) and bfloat16 are instead computed explicitly --
+    two batched matrix products and a softmax -- as long as the scores stay small. Why: PyTorch's fused
+    CPU kernel (``_scaled_dot_product_flash_attention_for_cpu``) spends such short sequences on its
+    per-(batch, head) tiling rather than on arithmetic, and its bfloat16 backward is slow; measured on
+    a 2-core Zen 5 with torch 2.13 the explicit form is 1.3-2x faster in float32 and 3-8x faster in
+    bfloat16 (``docs/benchmarks.md``). For long float32 sequences the fused kernel is as fast or faster
+    and never materialises the scores, so it is kept there, and on every GPU. Both agree to rounding.
     """
     scores_bytes = q.shape[:-1].numel() * k.shape[-2] * q.element_size()  # q's leading axes cover k's
-    if q.device.type != "cpu" or scores_bytes > SMALL_SCORES_BYTES:
+    explicit = (q.device.type == "cpu" and scores_bytes <= SMALL_SCORES_BYTES
+                and (k.shape[-2] <= SHORT_SEQUENCE or q.dtype != torch.float32))
+    if not explicit:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
     attn = (q @ k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5).softmax(dim=-1)  # (..., Nq, Nk)
     if dropout_p > 0.0:

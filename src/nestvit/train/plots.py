@@ -1,7 +1,8 @@
 """PNG plots of a run (matplotlib, Agg backend: no display needed).
 
 - ``loss.png``: training loss per logged step, raw and EMA-smoothed (the RTNT paper's Figure 2 shows
-  its loss curves this way; ``smooth`` is TensorBoard's debiased exponential moving average);
+  its loss curves this way; ``smooth`` is TensorBoard's debiased exponential moving average, with
+  TensorBoard's default weight 0.6);
 - ``accuracy.png``: train and test top-1 accuracy per epoch (and the EMA model's, when there is one);
 - ``lr.png``: the learning rate per logged step;
 - ``confusion.png``: the confusion matrix of an evaluation (row-normalised colours, counts written in
@@ -26,7 +27,7 @@ def _pyplot():
     return plt
 
 
-def smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:
+def smooth(values: Sequence[float], weight: float = 0.6) -> list[float]:
     """Debiased EMA: ``s_t = w s_{t-1} + (1 - w) x_t``, divided by ``1 - w**t`` (as TensorBoard)."""
     out, acc = [], 0.0
     for t, v in enumerate(values, start=1):
@@ -44,7 +45,7 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def plot_loss(steps: Sequence[int], losses: Sequence[float], path: Path, *, weight: float = 0.9,
+def plot_loss(steps: Sequence[int], losses: Sequence[float], path: Path, *, weight: float = 0.6,
               title: str = "training loss") -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -102,7 +103,7 @@ def plot_confusion(confusion: Sequence[Sequence[int]], classes: Sequence[str], p
     return _save(fig, path)
 
 
-def plot_run(run_dir: str | Path, *, weight: float = 0.9) -> list[Path]:
+def plot_run(run_dir: str | Path, *, weight: float = 0.6) -> list[Path]:
     """Write ``loss.png``, ``accuracy.png`` and ``lr.png`` from a run directory's ``metrics.jsonl``."""
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)

@@ -1,0 +1,44 @@
+"""Copy each finished experiment's Markdown table and plot into docs/results.md and docs/img/.
+
+    .venv/bin/python experiments/results/publish.py [--runs runs/experiments]
+
+docs/results.md holds ``<!-- BEGIN name -->`` / ``<!-- END name -->`` markers; the text between them is
+replaced by ``runs/experiments/name/results.md`` and the plot is copied to ``docs/img/results_name.png``.
+Experiments without results keep their text ("not run yet").
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--runs", default=str(ROOT / "runs" / "experiments"))
+    p.add_argument("--doc", default=str(ROOT / "docs" / "results.md"))
+    a = p.parse_args()
+    doc = Path(a.doc)
+    text = doc.read_text()
+    for name in re.findall(r"<!-- BEGIN (\w+) -->", text):
+        src = Path(a.runs) / name
+        if not (src / "results.md").is_file():
+            print(f"{name}: no results, left as it is")
+            continue
+        table = (src / "results.md").read_text().strip()
+        img = f"img/results_{name}.png"
+        if (src / "results.png").is_file():
+            shutil.copyfile(src / "results.png", doc.parent / img)
+            table += f"\n\n![{name}]({img})"
+        text = re.sub(rf"<!-- BEGIN {name} -->.*?<!-- END {name} -->",
+                      lambda m: f"<!-- BEGIN {name} -->\n{table}\n<!-- END {name} -->", text, flags=re.S)
+        print(f"{name}: published")
+    doc.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
