@@ -50,7 +50,7 @@ from nestvit.explain import (
     top1_loc_error,
 )
 from nestvit.explain.synthetic import make_localization_set
-from nestvit.interop import save_weights
+from nestvit.interop import load_weights, save_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,11 +81,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--examples", type=int, default=6, help="test canvases shown in the example figure")
     p.add_argument("--nest-only", action="store_true", help="train and evaluate NesT only (no figures)")
     p.add_argument("--skip-untrained", action="store_true", help="skip the random-weight baselines")
+    p.add_argument("--eval-only", action="store_true",
+                   help="re-evaluate the weights saved in --run-dir (no training); keeps the training log and "
+                        "normalisation of the existing --out-json")
     args = p.parse_args(argv)
     if args.quick:
         args.train_size, args.test_size, args.epochs, args.examples = 512, 64, 1, 4
+        args.run_dir = args.run_dir / "quick"  # never overwrites the default run's weights or figures
         args.out_json = args.run_dir / "quick.json"
-        args.img_dir = args.run_dir / "quick_img"
+        args.img_dir = args.run_dir / "img"
     return args
 
 
@@ -170,6 +174,30 @@ def pointing(maps: torch.Tensor, cell: int, gt: np.ndarray) -> dict:
     return {"hit50": float(hit.mean()), "inside": float(ins.mean())}
 
 
+@torch.no_grad()
+def occlusion_maps(model, x, y, cell: int, fill: float) -> torch.Tensor:
+    """Drop of the true-class logit when one leaf-sized cell is set to the background value ``fill``
+    (a perturbation reference: what the model's decision actually depends on), ``(N, n, n)``."""
+    n = x.shape[-1] // cell
+    out = torch.zeros(len(x), n, n)
+    for i in range(0, len(x), 128):
+        xb, yb = x[i:i + 128], y[i:i + 128]
+        base = model(xb).gather(1, yb[:, None])[:, 0]
+        for r in range(n):
+            for c in range(n):
+                xo = xb.clone()
+                xo[..., r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] = fill
+                out[i:i + 128, r, c] = base - model(xo).gather(1, yb[:, None])[:, 0]
+    return out
+
+
+def occlusion_pointing(model, x, y, gt, cell: int, fill: float, log, name: str) -> dict:
+    occ = occlusion_maps(model, x, y, cell, fill)
+    res = pointing(occ.repeat_interleave(cell, 1).repeat_interleave(cell, 2), cell, gt)
+    log(f"  {name} occlusion pointing {res}")
+    return res
+
+
 def batched(fn, x, bs=128):
     return torch.cat([fn(x[i:i + bs]) for i in range(0, len(x), bs)])
 
@@ -225,6 +253,7 @@ def evaluate_nest(model, x, y, gt, log) -> dict:
     out["grad_cam"] = box_metrics("NesT Grad-CAM", gc_gt, gc_pred, pred, y, gt, log)
     out["grad_cam"]["pointing"] = pointing(gc_gt, leaf, gt)
     log(f"  NesT CAM pointing {out['cam']['pointing']}, Grad-CAM pointing {out['grad_cam']['pointing']}")
+    out["occlusion"] = {"pointing": occlusion_pointing(model, x, y, gt, leaf, float(x.min()), log, "NesT")}
     return out, pred, cam_gt
 
 
@@ -241,6 +270,7 @@ def evaluate_vit(model, x, y, gt, leaf, log) -> dict:
     out["rollout"] = box_metrics("ViT rollout", ro, ro, pred, y, gt, log)
     out["rollout"]["pointing"] = pointing(ro, leaf, gt)
     log(f"  ViT Grad-CAM pointing {out['grad_cam']['pointing']}, rollout pointing {out['rollout']['pointing']}")
+    out["occlusion"] = {"pointing": occlusion_pointing(model, x, y, gt, leaf, float(x.min()), log, "ViT")}
     return out, pred, gc_gt, ro
 
 
@@ -307,14 +337,18 @@ def main(argv=None) -> int:
 
     names = list(load_dataset(args.source, split="test").classes)
     kw = dict(canvas=64, scale=(24, 44), clutter=True)
-    log(f"building {args.epochs} x {args.train_size} training canvases and {args.test_size} test canvases "
-        f"from {args.source}")
-    data = [make_localization_set(args.source, args.train_size, split="train", seed=args.seed * 1000 + e + 1, **kw)
-            for e in range(args.epochs)]
+    old = json.loads(args.out_json.read_text()) if args.eval_only else None
+    log(f"building {0 if old else args.epochs} x {args.train_size} training canvases and {args.test_size} test "
+        f"canvases from {args.source}")
+    data = [] if old else [make_localization_set(args.source, args.train_size, split="train",
+                                                 seed=args.seed * 1000 + e + 1, **kw) for e in range(args.epochs)]
     raw_test, y_test, box_test = make_localization_set(args.source, args.test_size, split="test",
                                                        seed=args.seed * 1000 + 999, **kw)
-    mean = float(data[0][0].float().mean() / 255)
-    std = float(data[0][0].float().std() / 255)
+    if old:
+        mean, std = old["data"]["mean"], old["data"]["std"]
+    else:
+        mean = float(data[0][0].float().mean() / 255)
+        std = float(data[0][0].float().std() / 255)
     x_test = normalise(raw_test, mean, std)
     gt = box_test.numpy().astype(np.float64)
     results = {"command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
@@ -336,12 +370,18 @@ def main(argv=None) -> int:
             model.eval()
             evaluate = evaluate_nest if key == "nest" else lambda *a: evaluate_vit(*a[:4], NEST_LEAF, a[4])
             results[key]["untrained"] = evaluate(model, x_test, y_test, gt, log)[0]
-        log(f"training {key} ({name}, {model.num_params() / 1e6:.3f}M params) for {args.epochs} epochs")
-        results[key].update(train(model, data, args, mean, std, log))
-        meta = {"model": name, "model_overrides": json.dumps(overrides), "mean": json.dumps([mean]),
-                "std": json.dumps([std]), "classes": json.dumps(names)}
-        save_weights(model, args.run_dir / f"{key}.safetensors", metadata=meta)
-        models[key] = model
+        if old:
+            load_weights(model, args.run_dir / f"{key}.safetensors")
+            results[key].update({k: old[key][k] for k in ("history", "train_minutes", "steps")})
+            results["training_run"] = old.get("training_run") or {
+                k: old.get(k) for k in ("command", "wall_minutes", "cpu_minutes", "load_average_at_end")}
+        else:
+            log(f"training {key} ({name}, {model.num_params() / 1e6:.3f}M params) for {args.epochs} epochs")
+            results[key].update(train(model, data, args, mean, std, log))
+            meta = {"model": name, "model_overrides": json.dumps(overrides), "mean": json.dumps([mean]),
+                    "std": json.dumps([std]), "classes": json.dumps(names)}
+            save_weights(model, args.run_dir / f"{key}.safetensors", metadata=meta)
+        models[key] = model.eval()
 
     log("evaluating NesT")
     nest_out, nest_pred, nest_cam_gt = evaluate_nest(models["nest"], x_test, y_test, gt, log)
