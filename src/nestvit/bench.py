@@ -283,7 +283,8 @@ def bench_model(name: str, overrides: dict[str, Any] | None = None, *, device: s
                 img_size: tuple[int, int] | None = None, dtype: str = "fp32", compile: bool = False,
                 modes: tuple[str, ...] = ("infer", "train"), warmup: int = 3, iters: int = 10,
                 peak_size: int = 4096, peak_iters: int = 5, memory: bool = True,
-                peak_flops: float | None = None, model: nn.Module | None = None) -> dict[str, Any]:
+                peak_flops: float | None = None, model: nn.Module | None = None,
+                channels_last: bool = False) -> dict[str, Any]:
     """Measure one model in one dtype and execution mode; returns a flat dict (see the module doc).
 
     ``peak_flops`` (FLOP/s) skips the GEMM measurement; ``model`` benchmarks a ready module instead of
@@ -304,7 +305,7 @@ def bench_model(name: str, overrides: dict[str, Any] | None = None, *, device: s
     if model is None:
         model = create_model(name, **overrides)
     model = model.to(dev)
-    if dev.type == "cpu":
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)  # conv weights in NHWC; no-op for linear layers
     h, w = model.img_size
     batch = batch or default_batch((h, w))

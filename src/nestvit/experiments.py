@@ -190,7 +190,8 @@ def run_arm(arm: Arm, seed: int, out: Path, *, device: str | None, fresh: bool, 
     run_dir = out / "runs" / f"{arm.name}-s{seed}"
     if fresh and run_dir.exists():
         shutil.rmtree(run_dir)
-    if (run_dir / "summary.json").is_file():
+    read_back = (run_dir / "summary.json").is_file()
+    if read_back:
         log(f"[{arm.name} seed {seed}] done before: reading {run_dir}")
     else:
         if run_dir.exists():  # an interrupted run: start it again (the results must come from one run)
@@ -201,7 +202,7 @@ def run_arm(arm: Arm, seed: int, out: Path, *, device: str | None, fresh: bool, 
         else:
             _train_within(cfg, run_dir, device=device, budget_s=time_budget_s, log=log)
     res = _read_run(run_dir)
-    res.update(arm=arm.name, seed=seed, run_dir=str(run_dir))
+    res.update(arm=arm.name, seed=seed, run_dir=str(run_dir), read_back=read_back)
     log(f"[{arm.name} seed {seed}] test top-1 {res['test_top1']:.2f}% in {res['wall_s']:.0f}s "
         f"({res['train_img_s'] or 0:.0f} train img/s)")
     return res
@@ -262,8 +263,10 @@ def markdown(plan: Plan, rows: list[dict[str, Any]], meta: dict[str, Any]) -> st
                            "train img/s", "wall s / run"] + (["paper"] if has_paper else [])
     lines = [f"### `{plan.experiment}`", "",
              f"Command: `{meta['command']}`  ",
-             f"Seeds: {', '.join(map(str, plan.seeds))}; measured wall time of the whole experiment: "
-             f"{meta['wall_s'] / 60:.1f} min on {meta['device']} ({meta['threads']} threads).", ""]
+             f"Seeds: {', '.join(map(str, plan.seeds))}; wall time: {meta['runs_wall_s'] / 60:.1f} min summed over "
+             f"the {len(plan.arms) * len(plan.seeds)} runs on {meta['device']} ({meta['threads']} thread(s) per run)"
+             + (f"; this invocation {meta['wall_s'] / 60:.1f} min, {meta['read_back']} runs read back from an "
+                "earlier one" if meta.get("read_back") else "") + ".", ""]
     lines += [f"- {n}" for n in plan.notes]
     lines += ["", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
@@ -586,7 +589,9 @@ def run_experiment(a: argparse.Namespace, log: Callable[[str], None] = _print) -
     meta = {"command": "nestvit experiment " + " ".join(a.argv) if getattr(a, "argv", None) else
             f"nestvit experiment {a.name}", "wall_s": round(wall, 1),
             "device": a.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-            "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M")}
+            "threads": a.threads or torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M"),
+            "runs_wall_s": round(sum(r["wall_s"] or 0 for r in runs), 1),
+            "read_back": sum(1 for r in runs if r.get("read_back"))}
     rows = aggregate(plan, runs, stats)
     result = {"experiment": plan.experiment, "meta": meta, "seeds": plan.seeds, "notes": plan.notes,
               "rows": rows, "runs": runs, "recipes": {arm.name: arm.recipe for arm in plan.arms}}
