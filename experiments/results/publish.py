@@ -34,8 +34,8 @@ def main() -> None:
         if (src / "results.png").is_file():
             shutil.copyfile(src / "results.png", doc.parent / img)
             table += f"\n\n![{name}]({img})"
-        text = re.sub(rf"<!-- BEGIN {name} -->.*?<!-- END {name} -->",
-                      lambda m: f"<!-- BEGIN {name} -->\n{table}\n<!-- END {name} -->", text, flags=re.S)
+        block = f"<!-- BEGIN {name} -->\n{table}\n<!-- END {name} -->"
+        text = re.sub(rf"<!-- BEGIN {name} -->.*?<!-- END {name} -->", lambda m, b=block: b, text, flags=re.S)
         print(f"{name}: published")
     doc.write_text(text)
 

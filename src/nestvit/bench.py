@@ -80,6 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peak-size", type=int, default=4096, help="matrix edge of the peak-FLOP/s GEMM")
     parser.add_argument("--peak-iters", type=int, default=5, help="timed GEMMs for the peak (median)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="convert the model's conv weights to channels_last first (default: as built)")
     parser.add_argument("--data", default=None, metavar="NAME",
                         help="time the data pipeline on this data set (a nestvit.data name, or an image "
                              "folder root/train/<class>/*) instead of random uint8 images")
@@ -324,7 +326,8 @@ def bench_model(name: str, overrides: dict[str, Any] | None = None, *, device: s
                            "img_size": [h, w], "batch": batch, "dtype": dtype,
                            "compile": bool(compile), "device": str(dev), "params": params,
                            "gflops_per_image": flops / 1e9, "peak_tflops": peak_flops / 1e12,
-                           "threads": torch.get_num_threads()}
+                           "threads": torch.get_num_threads(), "channels_last": channels_last,
+                           "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
     if "infer" in modes:
         model.eval()
@@ -452,11 +455,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     cells = []
     for r in rows:
         label = r["model"] + "".join(f" {k}={v}" for k, v in r.get("overrides", {}).items() if k != "img_size")
-        mfu = lambda key: None if r.get(key) is None else 100 * r[key]
+        mfu = lambda key: "-" if r.get(key) is None else f"{100 * r[key]:.0f}%"
         cells.append((label, r["dtype"], "compile" if r["compile"] else "eager", str(r["batch"]),
                       _fmt(r["params"] / 1e6, ".2f"), _fmt(r["gflops_per_image"], ".2f"),
-                      _fmt(r.get("infer_images_per_s"), ".1f"), _fmt(mfu("infer_mfu"), ".0f") + "%",
-                      _fmt(r.get("train_images_per_s"), ".1f"), _fmt(mfu("train_mfu"), ".0f") + "%",
+                      _fmt(r.get("infer_images_per_s"), ".1f"), mfu("infer_mfu"),
+                      _fmt(r.get("train_images_per_s"), ".1f"), mfu("train_mfu"),
                       _fmt(r.get("train_mem_per_image_mb"), ".1f"), _fmt(r["peak_tflops"], ".3f"),
                       _fmt(r.get("data_images_per_s"), ".0f")))
     widths = [max(len(row[i]) for row in [header, *cells]) for i in range(len(header))]
@@ -502,7 +505,7 @@ def run(args: argparse.Namespace) -> int:
                 row = bench_model(name, overrides, device=args.device, batch=args.batch, img_size=img_size,
                                   dtype=dtype, compile=use_compile, modes=modes, warmup=args.warmup,
                                   iters=args.iters, peak_size=args.peak_size, peak_iters=args.peak_iters,
-                                  memory=not args.no_memory)
+                                  memory=not args.no_memory, channels_last=args.channels_last)
                 if not args.no_data and "train" in modes:
                     key = (tuple(row["img_size"]), row["batch"])
                     if key not in data_rates:

@@ -182,7 +182,7 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
 def run_arm(arm: Arm, seed: int, out: Path, *, device: str | None, fresh: bool, log: Callable[[str], None],
             time_budget_s: float | None = None) -> dict[str, Any]:
     """Train ``arm`` with ``seed`` into ``out/runs/<arm>-s<seed>`` (or read it back) and return its numbers."""
-    from .train.config import from_dict, TrainConfig
+    from .train.config import TrainConfig, from_dict
     from .train.loop import train
 
     recipe = _merge(arm.recipe, {"seed": seed, "progress": False})
@@ -434,7 +434,8 @@ def plan_aggregation(a: argparse.Namespace) -> Plan:
                        "plane": plane}) for agg, plane in variants]
     return Plan("aggregation", arms, a.seeds, [
         f"Model: the small NesT (patch 2 on 28x28 padded to 32, 3 levels, blocks of 4x4 patches, width 64, depths "
-        f"1/1/2); data: the first {a.train_size or ABLATION_TRAIN} {data} training images, {a.epochs or 1} epoch(s), first "
+        f"1/1/2); data: the first {a.train_size or ABLATION_TRAIN} {data} training images, "
+        f"{a.epochs or 1} epoch(s), first "
         f"{_ev(a)} test images; AdamW lr 2e-3, cosine, random crops (pad 2).",
         "Paper (NesT Fig. 5 / A1, CIFAR-10, NesT-T 300 epochs): conv3x3 + LN + max-pool on the image plane is "
         "best; block-plane aggregation and plain subsampling lose accuracy.",
@@ -563,7 +564,7 @@ def _print(message: str) -> None:
 def run_experiment(a: argparse.Namespace, log: Callable[[str], None] = _print) -> dict[str, Any]:
     import torch
 
-    from .train.config import apply_overrides, from_dict, TrainConfig
+    from .train.config import TrainConfig, apply_overrides, from_dict
 
     plan = plan_quick(EXPERIMENTS[a.name], a) if a.quick else EXPERIMENTS[a.name](a)
     if a.set:
@@ -612,13 +613,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-size", type=int, help="first N training images (default: per experiment)")
     parser.add_argument("--train-sizes", type=int, nargs="+", help="data_efficiency: training-set sizes "
                         "(default 1000 4000; the paper-like setting: 1000 6000 60000 with --steps 938)")
-    parser.add_argument("--steps", type=int, help="data_efficiency: optimizer steps of 64 images per run (default 62)")
+    parser.add_argument("--steps", type=int,
+                        help="data_efficiency: optimizer steps of 64 images per run (default 62)")
     parser.add_argument("--eval-size", type=int, help="first N test images (default 1000; 0 = all)")
     parser.add_argument("--epochs", type=int, help="epochs per run (default: per experiment)")
     parser.add_argument("--depth", type=int, help="rtnt_vs_tnt: blocks of rtnt_nano/tiny (default 4; paper 12)")
     parser.add_argument("--tiny", action="store_true", help="rtnt_vs_tnt: also rtnt_tiny")
     parser.add_argument("--all-variants", action="store_true",
-                        help="aggregation: also conv_stride2 and block-plane patch_merge; hierarchy: also L3-p4 and "
+                        help="aggregation: also conv_stride2 and block-plane patch_merge; hierarchy: also L4 and L3-p4 "
                              "L3-p1 (patch 1 is expensive)")
     parser.add_argument("--models", nargs="+", help="data_efficiency: models among nest vit tnt rtnt (default: nest vit)")
     parser.add_argument("--budget-min", type=float, default=None,

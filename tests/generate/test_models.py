@@ -20,7 +20,6 @@ from nestvit.generate.models import (
 from nestvit.models.nest import blockify, deblockify
 
 
-
 def _tiny_gen(name: str) -> torch.nn.Module:
     kind = name.split("_")[0]
     base = GENERATORS[name]

@@ -78,7 +78,7 @@ def bench_generators(sizes: Sequence[int | str] = (32, 64), kinds: Sequence[str]
         with torch.no_grad():
             for r in range(warmup + repeats):
                 for k, g in models.items():
-                    dt = _time(lambda: g(z[k]), clock)
+                    dt = _time(lambda g=g, x=z[k]: g(x), clock)
                     if r >= warmup:
                         times[k].append(dt)
                     if log:
@@ -95,14 +95,14 @@ def bench_generators(sizes: Sequence[int | str] = (32, 64), kinds: Sequence[str]
             for g in models.values():
                 g.train()
 
-            def step(k: str) -> None:
-                opts[k].zero_grad(set_to_none=True)
-                models[k](zt[k]).square().mean().backward()
-                opts[k].step()
+            def step(g: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
+                opt.zero_grad(set_to_none=True)
+                g(x).square().mean().backward()
+                opt.step()
 
             for r in range(warmup + train_repeats):
-                for k in models:
-                    dt = _time(lambda: step(k), clock)
+                for k, g in models.items():
+                    dt = _time(lambda g=g, o=opts[k], x=zt[k]: step(g, o, x), clock)
                     if r >= warmup:
                         ttimes[k].append(dt)
                     if log:
@@ -119,7 +119,7 @@ def bench_generators(sizes: Sequence[int | str] = (32, 64), kinds: Sequence[str]
                 if train:
                     info[k]["ratio_train_vs_nest"] = ref["train_steps_per_s"] / info[k]["train_steps_per_s"]
             rows.append(info[k])
-        del models
+        models.clear()
     return rows
 
 

@@ -73,7 +73,8 @@ def _train(args: argparse.Namespace) -> int:
     line = (f"done: {summary['step']} steps in {summary['wall_seconds']:.0f}s wall "
             f"({summary['cpu_seconds']:.0f}s CPU) -> {run_dir}")
     if ev:
-        line += f"; FID {ev['fid']:.2f}, KID {ev['kid']:.4f}, IS {ev['is']:.2f} (features {ev['feature_net']}, n={ev['n']})"
+        line += (f"; FID {ev['fid']:.2f}, KID {ev['kid']:.4f}, IS {ev['is']:.2f} "
+                 f"(features {ev['feature_net']}, n={ev['n']})")
     print(line)
     return 0
 

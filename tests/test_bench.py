@@ -1,0 +1,196 @@
+"""``nestvit bench`` and the CPU fast paths it measures. Fast: tiny models, one or two iterations.
+
+No assertion here is about speed: performance claims live in docs/benchmarks.md, never in timed tests.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import rand_input, tiny_model
+
+import nestvit
+from nestvit import bench
+from nestvit.cli import main
+from nestvit.layers import attend
+
+# nest_tiny_cifar shrunk through --set / --img-size, as a user would
+TINY_NEST = ["nest_tiny_cifar", "--img-size", "16", "--set", "block_size=2", "--set", "embed_dims=16",
+             "--set", "num_heads=2", "--set", "depths=1"]
+FAST = ["--batch", "2", "--warmup", "0", "--iters", "1", "--peak-size", "64", "--peak-iters", "1"]
+
+
+# --------------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------------
+
+def test_bench_writes_json_with_every_key(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", *TINY_NEST, *FAST, "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "nest_tiny_cifar" in table and "train MFU" in table
+
+    result = json.loads(out.read_text())
+    assert {"machine", "versions", "settings", "results"} <= set(result)
+    machine = result["machine"]
+    for key in ("cpu_model", "logical_cpus", "usable_cpus", "cpu_flags", "torch_threads", "load_average"):
+        assert key in machine
+    assert {"avx512_bf16", "amx_bf16"} <= set(machine["cpu_flags"])
+    assert result["versions"]["torch"] == torch.__version__
+    settings = result["settings"]
+    for key in ("models", "set", "device", "batch", "img_size", "dtype", "compile", "mode", "threads", "warmup",
+                "iters", "peak_size", "data", "generators", "json"):
+        assert key in settings, key
+
+    (row,) = result["results"]
+    for key in ("model", "overrides", "img_size", "batch", "dtype", "compile", "device", "params",
+                "gflops_per_image", "peak_tflops", "threads",
+                "infer_images_per_s", "infer_ms_per_step", "infer_mfu", "infer_first_call_s", "infer_peak_mem_bytes",
+                "train_images_per_s", "train_ms_per_step", "train_mfu", "train_first_call_s", "train_peak_mem_bytes",
+                "train_mem_per_image_mb", "memory_method", "data_images_per_s", "data_pipeline"):
+        assert key in row, key
+    assert row["img_size"] == [16, 16] and row["batch"] == 2 and row["overrides"]["depths"] == 1
+    assert row["params"] == nestvit.create_model("nest_tiny_cifar", img_size=16, block_size=2, embed_dims=16,
+                                                 num_heads=2, depths=1).num_params()
+    assert row["gflops_per_image"] > 0 and row["peak_tflops"] > 0
+    assert row["infer_images_per_s"] > 0 and row["train_images_per_s"] > 0
+    assert row["train_mfu"] == pytest.approx(bench.compute_mfu(row["gflops_per_image"] * 1e9, row["train_images_per_s"],
+                                                               row["peak_tflops"] * 1e12, mode="train"))
+
+
+def test_bench_dtype_list_and_single_mode(tmp_path):
+    out = tmp_path / "b.json"
+    assert main(["bench", *TINY_NEST, *FAST, "--dtype", "fp32,bf16", "--mode", "infer", "--no-memory", "--no-data",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["dtype"] for r in rows] == ["fp32", "bf16"]
+    assert all("train_mfu" not in r and r["infer_mfu"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "nest_huge_cifar"], "unknown model"),
+    (["bench", "nest_tiny_cifar", "--dtype", "fp16"], "--dtype"),
+    (["bench", "nest_tiny_cifar", "--set", "attn"], "KEY=VALUE"),
+    (["bench", "nest_tiny_cifar", "--img-size", "0"], "--img-size"),
+])
+def test_bad_arguments_are_clear_errors(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_parsers():
+    assert bench.parse_sets(["attn=mha", "depths=[1, 1, 1, 1]", "act=gelu"]) == {
+        "attn": "mha", "depths": (1, 1, 1, 1), "act": "gelu"}
+    assert bench.parse_img_size("224") == (224, 224)
+    assert bench.parse_img_size("32,64") == (32, 64)
+    assert bench.parse_img_size(None) is None
+    assert bench.default_batch((32, 32)) == 64 and bench.default_batch((224, 224)) == 8
+
+
+# --------------------------------------------------------------------------------------------------
+# MFU, peak FLOP/s, memory
+# --------------------------------------------------------------------------------------------------
+
+def test_mfu_on_known_numbers():
+    # 1 GFLOP forward per image, 100 images/s, 1 TFLOP/s peak
+    assert bench.compute_mfu(1e9, 100.0, 1e12, mode="infer") == pytest.approx(0.1)
+    assert bench.compute_mfu(1e9, 100.0, 1e12, mode="train") == pytest.approx(0.3)  # forward + 2x backward
+    with pytest.raises(ValueError, match="mode"):
+        bench.compute_mfu(1e9, 100.0, 1e12, mode="both")
+    with pytest.raises(ValueError, match="positive"):
+        bench.compute_mfu(1e9, 100.0, 0.0, mode="train")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_peak_flops_is_positive(dtype):
+    assert bench.measure_peak_flops("cpu", dtype, size=64, iters=2) > 0
+
+
+def test_cpu_peak_memory_sees_a_64_mb_tensor():
+    def step():
+        x = torch.ones(16 * 2**20)  # 64 MiB, touched
+        assert x.sum() > 0
+
+    used, method = bench.measure_peak_memory(step, torch.device("cpu"))
+    if used is None:
+        pytest.skip(method)
+    assert used >= 48 * 2**20, method
+
+
+def test_machine_info_and_versions():
+    info = bench.machine_info()
+    assert info["logical_cpus"] >= 1 and info["torch_threads"] == torch.get_num_threads()
+    assert bench.versions()["nestvit"] == nestvit.__version__
+
+
+# --------------------------------------------------------------------------------------------------
+# Data pipeline and generators (optional modules)
+# --------------------------------------------------------------------------------------------------
+
+def test_data_pipeline_rate_or_note():
+    rate = bench.bench_data_pipeline((16, 16), 3, 10, batch=4, iters=1, warmup=0)
+    if rate["images_per_s"] is None:
+        assert "skipped" in rate["note"]
+    else:
+        assert rate["images_per_s"] > 0 and "random uint8" in rate["source"]
+
+
+def test_generators_are_called_with_the_settings_they_accept(monkeypatch):
+    calls = {}
+
+    def bench_generators(*, threads=None, warmup=1, repeats=3, log=print):
+        calls.update(threads=threads, warmup=warmup, repeats=repeats)
+        return [{"model": "fake", "images_per_s": 1.0}]
+
+    fake = types.ModuleType("nestvit.generate.bench")
+    fake.bench_generators = bench_generators
+    monkeypatch.setitem(sys.modules, "nestvit.generate.bench", fake)
+    args = types.SimpleNamespace(threads=None, warmup=2, iters=5)
+    out = bench.run_generators(args)
+    assert out["rows"] == [{"model": "fake", "images_per_s": 1.0}]
+    assert calls == {"threads": None, "warmup": 2, "repeats": 5}
+
+
+# --------------------------------------------------------------------------------------------------
+# The CPU fast paths compute the same function as the plain ones
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape_q, shape_kv", [
+    ((6, 3, 16, 8), (6, 3, 16, 8)),  # multi-head, NesT-like 16-token blocks
+    ((6, 1, 48, 8), (6, 1, 16, 8)),  # multi-query: every head's queries stacked, one K/V head
+    ((2, 2, 200, 8), (2, 2, 200, 8)),  # long float32 sequence: the fused kernel
+])
+def test_attend_matches_sdpa_values_and_gradients(shape_q, shape_kv):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(shape_q, generator=g, requires_grad=True)
+    k = torch.randn(shape_kv, generator=g, requires_grad=True)
+    v = torch.randn(shape_kv, generator=g, requires_grad=True)
+    grad = torch.randn(shape_q, generator=g)
+    out = attend(q, k, v)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["mqa", "mha"])
+def test_nest_groups_of_images_match_the_whole_batch(attn):
+    """``cpu_chunk_tokens`` only regroups images: outputs and gradients are those of one whole-batch pass."""
+    grouped = tiny_model("nest_tiny_cifar", attn=attn, cpu_chunk_tokens=256)  # 1 image per group at level 0
+    whole = tiny_model("nest_tiny_cifar", attn=attn, cpu_chunk_tokens=0)
+    whole.load_state_dict(grouped.state_dict())
+    x = rand_input(grouped, batch=5)
+    assert grouped.levels[0].tokens_per_image == 256 and grouped.levels[1].tokens_per_image == 64
+    torch.testing.assert_close(grouped.eval()(x), whole.eval()(x), atol=1e-5, rtol=1e-5)
+    for m in (grouped, whole):
+        m.train()
+        m(x).square().mean().backward()
+    for (name, a), b in zip(grouped.named_parameters(), whole.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
