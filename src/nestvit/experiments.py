@@ -620,9 +620,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth", type=int, help="rtnt_vs_tnt: blocks of rtnt_nano/tiny (default 4; paper 12)")
     parser.add_argument("--tiny", action="store_true", help="rtnt_vs_tnt: also rtnt_tiny")
     parser.add_argument("--all-variants", action="store_true",
-                        help="aggregation: also conv_stride2 and block-plane patch_merge; hierarchy: also L4 and L3-p4 "
-                             "L3-p1 (patch 1 is expensive)")
-    parser.add_argument("--models", nargs="+", help="data_efficiency: models among nest vit tnt rtnt (default: nest vit)")
+                        help="aggregation: also conv_avgpool, conv_stride2, patch_merge (both planes); hierarchy: "
+                             "also L4, L3-p4 and L3-p1 (patch 1 is expensive)")
+    parser.add_argument("--models", nargs="+",
+                        help="data_efficiency: models among nest vit tnt rtnt (default: nest vit)")
     parser.add_argument("--budget-min", type=float, default=None,
                         help="best_fashion_mnist: stop after the last epoch that fits into this many minutes")
     parser.add_argument("--data", nargs="+", help="data set(s) (default: per experiment)")
