@@ -17,10 +17,11 @@ split, the script measures
   on the evaluation set (the CAM protocol).
 
 Writes ``docs/img/explain_localization.json`` and example figures ``docs/img/explain_*.png``; keeps the
-trained weights in ``runs/localization/`` (``nestvit explain`` can read them). ``--quick`` is a smoke
-run of about a minute.
+trained weights in ``runs/localization/`` (``nestvit explain`` can read them). ``--eval-only``
+re-evaluates those weights; ``--quick`` is a smoke run of about one CPU-minute (in runs/localization/quick/).
 
-    python experiments/localization.py            # default, ~15 minutes on 2 CPU cores
+    python experiments/localization.py            # default: ~5-7 CPU-minutes, one thread
+    python experiments/localization.py --eval-only
     python experiments/localization.py --quick
 """
 

@@ -24,7 +24,8 @@ def tiny_overrides(name: str) -> dict:
             return dict(img_size=32, block_size=2, embed_dims=(8, 16, 16), num_heads=(1, 2, 2), depths=(1, 1, 1))
         return dict(img_size=16, block_size=2, embed_dims=16, num_heads=2, depths=1)
     if family in ("tnt", "rtnt"):
-        base = nestvit.create_model(name).cfg
+        with torch.device("meta"):  # only the config is needed: no memory, no init
+            base = nestvit.create_model(name).cfg
         L = base.num_levels
         dims = tuple(16 if i == 0 else 4 for i in range(L))
         heads = tuple(2 if i == 0 else 1 for i in range(L))

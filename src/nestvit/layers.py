@@ -90,10 +90,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float =
                 and (k.shape[-2] <= SHORT_SEQUENCE or q.dtype != torch.float32))
     if not explicit:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-    attn = (q @ k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5).softmax(dim=-1)  # (..., Nq, Nk)
+    *lead, Nq, D = q.shape
+    q, k, v = q.reshape(-1, Nq, D), k.reshape(-1, *k.shape[-2:]), v.reshape(-1, *v.shape[-2:])  # (L, N, D)
+    attn = torch.bmm(q, k.transpose(1, 2)).mul_(D ** -0.5).softmax(dim=-1)  # (L, Nq, Nk)
     if dropout_p > 0.0:
         attn = F.dropout(attn, dropout_p)
-    return attn.to(v.dtype) @ v  # softmax runs in float32 under autocast; the product in v's dtype
+    o = torch.bmm(attn.to(v.dtype), v)  # softmax runs in float32 under autocast; the product in v's dtype
+    return o.reshape(*lead, Nq, v.shape[-1])
 
 
 class Attention(nn.Module):
