@@ -75,7 +75,7 @@ SHORT_SEQUENCE = 128
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
     """``softmax(q k^T / sqrt(D)) v`` over the last two axes: ``q (..., Nq, D)``, ``k, v (..., Nk, D)``.
 
-    Leading axes broadcast (a single K/V head serves every query head). Usually this is
+    ``q``, ``k`` and ``v`` have the same leading axes (batch, heads). Usually this is
     ``F.scaled_dot_product_attention``. On the CPU, short sequences (NesT's 16-token blocks, TNT's 16
     words, RTNT's 4 letters, ViT's 65 tokens at 32x32) and bfloat16 are instead computed explicitly --
     two batched matrix products and a softmax -- as long as the scores stay small. Why: PyTorch's fused
@@ -85,11 +85,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float =
     bfloat16 (``docs/benchmarks.md``). For long float32 sequences the fused kernel is as fast or faster
     and never materialises the scores, so it is kept there, and on every GPU. Both agree to rounding.
     """
-    scores_bytes = q.shape[:-1].numel() * k.shape[-2] * q.element_size()  # q's leading axes cover k's
+    scores_bytes = q.shape[:-1].numel() * k.shape[-2] * q.element_size()  # of the scores (..., Nq, Nk)
     explicit = (q.device.type == "cpu" and scores_bytes <= SMALL_SCORES_BYTES
                 and (k.shape[-2] <= SHORT_SEQUENCE or q.dtype != torch.float32))
     if not explicit:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    # 3-D batched products (torch.matmul on 4-D inputs with one head trips an Inductor bug in torch 2.13)
     *lead, Nq, D = q.shape
     q, k, v = q.reshape(-1, Nq, D), k.reshape(-1, *k.shape[-2:]), v.reshape(-1, *v.shape[-2:])  # (L, N, D)
     attn = torch.bmm(q, k.transpose(1, 2)).mul_(D ** -0.5).softmax(dim=-1)  # (L, Nq, Nk)
@@ -103,8 +104,9 @@ class Attention(nn.Module):
     """Multi-head self-attention over the last-but-one axis of ``(..., N, C)``.
 
     ``kv_heads=1`` gives multi-query attention (one shared K/V head, as NesT's CIFAR models); it is
-    computed as one single-head attention whose queries are all heads' queries stacked along the
-    token axis, which is exact and uses larger matrix products than repeating K/V per head.
+    computed as one single-head attention whose queries are all heads' queries stacked token-major
+    (row ``n * H + h``), which is exact, uses larger matrix products than repeating K/V per head, and
+    leaves the output already in ``(B', N, C)`` order.
     The fused ``qkv`` weight is laid out ``[q (C) | k (kv_heads*D) | v (kv_heads*D)]`` with heads
     outermost inside each part, as timm's ViT; outputs of heads are merged ``h * D + d`` before ``proj``.
     """
