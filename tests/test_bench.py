@@ -12,7 +12,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rand_input, tiny_model
+from tests.conftest import rand_input, tiny_model
 
 import nestvit
 from nestvit import bench

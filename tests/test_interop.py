@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
+from tests.conftest import tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import rand_input, tiny_model, tiny_overrides
+from tests.conftest import rand_input, tiny_model, tiny_overrides
 
 import nestvit
 from nestvit.registry import model_family

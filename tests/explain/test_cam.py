@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model  # tests/conftest.py: small overrides of every registered model
+from tests.conftest import tiny_model  # tests/conftest.py: small overrides of every registered model
 
 import nestvit
 from nestvit.explain import attention_rollout, cam_layer_default, grad_cam, nest_cam, rollout
