@@ -6,9 +6,10 @@ BIN := $(VENV)/bin
 setup:
 	@bash scripts/setup.sh
 
-# train a nested model on the built-in data (mnist5k), show progress, test accuracy, checkpoint and plots
+# train a nested model on the built-in data (mnist5k), show progress, test accuracy, checkpoint and plots;
+# each run gets its own folder runs/mnist5k_nest-<date>-<time>, so repeating it never collides
 demo: setup
-	$(BIN)/nestvit train mnist5k_nest --out runs/demo
+	$(BIN)/nestvit train mnist5k_nest
 
 # the default test suite (under 10 minutes on 2 cores)
 test: setup
