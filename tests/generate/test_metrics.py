@@ -139,8 +139,8 @@ def test_feature_extractor_protocol_and_evaluate(tmp_path):
     assert math.isfinite(res["fid"]) and res["is"] >= 1.0 - 1e-9
 
 
-def test_inception_hook_explains(tmp_path):
-    with pytest.raises(FeatureNetError, match="pt_inception-2015-12-05"):
+def test_feature_net_errors_explain(tmp_path):
+    with pytest.raises(FeatureNetError, match="pt_inception-2015-12-05"):  # the missing file is named
         get_feature_extractor("inception:/nonexistent.pth")
     with pytest.raises(FeatureNetError, match="train-features"):
         get_feature_extractor(str(tmp_path / "missing.safetensors"))

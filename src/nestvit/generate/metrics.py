@@ -9,8 +9,9 @@ Feature networks:
   (:class:`FeatureNet`) trained by :func:`train_feature_net` on the same data set for about a minute;
   features are its 128-d penultimate activations (post-ReLU, like Inception's pool3), logits feed the
   Inception Score. Numbers are comparable only between runs that use the *same* weights file.
-- **Inception-v3** (``pt_inception-2015-12-05``, what the FID literature uses): not bundled and cannot be
-  downloaded here; :func:`load_inception_features` explains which file is needed and raises.
+- **Inception-v3** (``pt_inception-2015-12-05``, what the FID literature uses): the architecture is in
+  :mod:`nestvit.generate.inception`; the weights are not bundled and cannot be downloaded here, so the user
+  passes the file (``inception:PATH``). Only these numbers are comparable with published FIDs.
 
 Maths (float64 throughout):
 
@@ -308,16 +309,12 @@ def load_feature_net(path: str | Path) -> ClassifierFeatures:
 
 
 def load_inception_features(path: str | Path | None = None) -> FeatureExtractor:
-    """Hook for the standard FID network (pytorch-fid's ``pt_inception-2015-12-05``).
+    """The standard FID network from the user's pytorch-fid weights file (see :mod:`nestvit.generate.inception`)."""
+    from .inception import WEIGHTS_FILE, load_fid_inception
 
-    nestvit does not bundle Inception-v3 (no torchvision, no downloads here) and does not yet implement
-    its FID variant of the architecture; this raises a clear error saying what would be needed.
-    """
-    raise FeatureNetError(
-        "Inception-v3 FID features need the file pt_inception-2015-12-05-6726825d.pth (pytorch-fid's port of the "
-        "TF 2015-12-05 graph, ~92 MB) and an implementation of that exact architecture (FIDInceptionA/C/E blocks), "
-        "which nestvit does not include yet. Use feature_net=<path to a nestvit FeatureNet> (offline classifier "
-        f"features) instead; got path={path!r}.")
+    if not path:
+        raise FeatureNetError(f"inception features need the weights file: inception:/path/to/{WEIGHTS_FILE}")
+    return load_fid_inception(path)
 
 
 def get_feature_extractor(spec: str, *, cache: str | Path | None = None, dataset: str = "fashion_mnist",
