@@ -89,6 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generators", action="store_true",
                         help="also run nestvit.generate.bench.bench_generators (if installed)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write every result and setting as JSON")
+    parser.add_argument("--markdown", action="store_true", help="print the table as GitHub markdown")
 
 
 def parse_sets(items: list[str]) -> dict[str, Any]:
@@ -394,11 +395,15 @@ def bench_data_pipeline(img_size: tuple[int, int], in_chans: int, num_classes: i
     g = torch.Generator().manual_seed(0)
 
     if data is None:
-        source = f"random uint8 {in_chans}x{h}x{w} (no decoding)"
+        source = f"random uint8 {in_chans}x{h}x{w} (no decoding; batches made before timing)"
+        pool = [(torch.randint(0, 256, (batch, in_chans, h, w), dtype=torch.uint8, generator=g),
+                 torch.randint(0, max(num_classes, 2), (batch,), generator=g)) for _ in range(min(warmup + iters, 4))]
+        count = 0
 
         def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
-            return (torch.randint(0, 256, (batch, in_chans, h, w), dtype=torch.uint8, generator=g),
-                    torch.randint(0, max(num_classes, 2), (batch,), generator=g))
+            nonlocal count
+            count += 1
+            return pool[count % len(pool)]
     else:
         from .data import ImageFolderDataset, load_dataset, make_loader
 
@@ -448,20 +453,34 @@ def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """One line per (model, dtype, compile): params, GFLOPs, infer/train img/s, MFU, memory, data img/s."""
-    header = ("model", "dtype", "exec", "batch", "params M", "GFLOPs", "infer img/s", "infer MFU",
-              "train img/s", "train MFU", "train MB/img", "peak TFLOP/s", "data img/s")
+HEADER = ("model", "dtype", "exec", "batch", "params M", "GFLOPs", "infer img/s", "infer MFU",
+          "train img/s", "train MFU", "train MB/img", "peak TFLOP/s", "data img/s")
+
+
+def table_cells(rows: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+    """The cells of ``HEADER`` for every result row, formatted."""
+    def mfu(r: dict[str, Any], key: str) -> str:
+        return "-" if r.get(key) is None else f"{100 * r[key]:.0f}%"
+
     cells = []
     for r in rows:
         label = r["model"] + "".join(f" {k}={v}" for k, v in r.get("overrides", {}).items() if k != "img_size")
-        mfu = lambda key: "-" if r.get(key) is None else f"{100 * r[key]:.0f}%"
         cells.append((label, r["dtype"], "compile" if r["compile"] else "eager", str(r["batch"]),
                       _fmt(r["params"] / 1e6, ".2f"), _fmt(r["gflops_per_image"], ".2f"),
-                      _fmt(r.get("infer_images_per_s"), ".1f"), mfu("infer_mfu"),
-                      _fmt(r.get("train_images_per_s"), ".1f"), mfu("train_mfu"),
+                      _fmt(r.get("infer_images_per_s"), ".1f"), mfu(r, "infer_mfu"),
+                      _fmt(r.get("train_images_per_s"), ".1f"), mfu(r, "train_mfu"),
                       _fmt(r.get("train_mem_per_image_mb"), ".1f"), _fmt(r["peak_tflops"], ".3f"),
                       _fmt(r.get("data_images_per_s"), ".0f")))
+    return cells
+
+
+def format_table(rows: list[dict[str, Any]], *, markdown: bool = False) -> str:
+    """One line per (model, dtype, compile): params, GFLOPs, infer/train img/s, MFU, memory, data img/s."""
+    header, cells = HEADER, table_cells(rows)
+    if markdown:
+        rule = "|" + "|".join("---" if i < 3 else "---:" for i in range(len(header))) + "|"  # numbers right-aligned
+        return "\n".join(["| " + " | ".join(row) + " |" for row in [header]] + [rule]
+                         + ["| " + " | ".join(row) + " |" for row in cells])
     widths = [max(len(row[i]) for row in [header, *cells]) for i in range(len(header))]
 
     def line(row: tuple[str, ...]) -> str:
@@ -517,7 +536,7 @@ def run(args: argparse.Namespace) -> int:
                 rows.append(row)
                 torch._dynamo.reset()  # free compiled graphs between models
 
-    print(format_table(rows))
+    print(format_table(rows, markdown=args.markdown))
     notes = {d.get("note") for d in data_rates.values() if d.get("note")}
     for note in sorted(notes):
         print(f"data pipeline: {note}")
