@@ -140,20 +140,15 @@ def test_data_pipeline_rate_or_note():
         assert rate["images_per_s"] > 0 and "random uint8" in rate["source"]
 
 
-def test_generators_are_called_with_the_settings_they_accept(monkeypatch):
-    calls = {}
-
-    def bench_generators(*, threads=None, warmup=1, repeats=3, log=print):
-        calls.update(threads=threads, warmup=warmup, repeats=repeats)
-        return [{"model": "fake", "images_per_s": 1.0}]
-
-    fake = types.ModuleType("nestvit.generate.bench")
-    fake.bench_generators = bench_generators
-    monkeypatch.setitem(sys.modules, "nestvit.generate.bench", fake)
-    args = types.SimpleNamespace(threads=None, warmup=2, iters=5)
+def test_generators_side_by_side_through_bench(capsys):
+    args = types.SimpleNamespace(threads=None, warmup=0, iters=1, gen_sizes=[28])
     out = bench.run_generators(args)
-    assert out["rows"] == [{"model": "fake", "images_per_s": 1.0}]
-    assert calls == {"threads": None, "warmup": 2, "repeats": 5}
+    assert out["kwargs"] == {"warmup": 0, "repeats": 1, "sizes": [28]}
+    kinds = {r["kind"] for r in out["rows"]}
+    assert kinds == {"nest", "transgan", "conv"} and all(r["images_per_s"] > 0 for r in out["rows"])
+    from nestvit.generate.bench import format_table
+
+    assert "nest_28" in format_table(out["rows"])
 
 
 # --------------------------------------------------------------------------------------------------

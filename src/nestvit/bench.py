@@ -87,7 +87,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "folder root/train/<class>/*) instead of random uint8 images")
     parser.add_argument("--no-data", action="store_true", help="skip the data-pipeline measurement")
     parser.add_argument("--generators", action="store_true",
-                        help="also run nestvit.generate.bench.bench_generators (if installed)")
+                        help="also time the NesT, TransGAN-like and conv generators side by side "
+                             "(nestvit.generate.bench) at --gen-sizes")
+    parser.add_argument("--gen-sizes", type=int, nargs="+", default=[32, 64], metavar="PX",
+                        help="--generators: output sizes, among 28 32 64 (default 32 64)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write every result and setting as JSON")
     parser.add_argument("--markdown", action="store_true", help="print the table as GitHub markdown")
 
@@ -439,7 +442,8 @@ def run_generators(args: argparse.Namespace) -> dict[str, Any]:
         from .generate.bench import bench_generators
     except ImportError as e:
         return {"rows": None, "note": f"skipped: nestvit.generate.bench is not importable ({e})"}
-    wanted = {"threads": args.threads, "warmup": args.warmup, "repeats": args.iters}
+    wanted = {"threads": args.threads, "warmup": args.warmup, "repeats": args.iters,
+              "sizes": getattr(args, "gen_sizes", None)}
     accepted = inspect.signature(bench_generators).parameters
     kwargs = {k: v for k, v in wanted.items() if k in accepted and v is not None}
     return {"rows": bench_generators(**kwargs), "kwargs": kwargs}
