@@ -6,18 +6,17 @@ No assertion here is about speed: performance claims live in docs/benchmarks.md,
 from __future__ import annotations
 
 import json
-import sys
 import types
 
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.conftest import rand_input, tiny_model
 
 import nestvit
 from nestvit import bench
 from nestvit.cli import main
 from nestvit.layers import attend
+from tests.conftest import rand_input, tiny_model
 
 # nest_tiny_cifar shrunk through --set / --img-size, as a user would
 TINY_NEST = ["nest_tiny_cifar", "--img-size", "16", "--set", "block_size=2", "--set", "embed_dims=16",

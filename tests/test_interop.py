@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.conftest import tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nestvit.interop import WeightsError, from_timm, load_weights, save_weights
 from nestvit.models.nest import Nest
 from nestvit.models.tnt import tnt_config
+from tests.conftest import tiny_model
 
 
 def nest_state_to_timm(model: Nest) -> dict[str, torch.Tensor]:

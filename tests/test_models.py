@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.conftest import rand_input, tiny_model, tiny_overrides
 
 import nestvit
 from nestvit.registry import model_family
+from tests.conftest import rand_input, tiny_model, tiny_overrides
 
 ALL = nestvit.list_models()
 ONE_PER_FAMILY = sorted({model_family(n): n for n in reversed(ALL)}.values())

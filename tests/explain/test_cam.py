@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.conftest import tiny_model  # tests/conftest.py: small overrides of every registered model
 
 import nestvit
 from nestvit.explain import attention_rollout, cam_layer_default, grad_cam, nest_cam, rollout
 from nestvit.explain.cam import _probs_from_qkv, outer_attention_maps
 from nestvit.registry import list_models, model_family
+from tests.conftest import tiny_model  # tests/conftest.py: small overrides of every registered model
 
 
 def tiny(name: str, **extra):

@@ -1,5 +1,6 @@
 """Datasets: in-memory small sets, streamed image folders, and checked downloads."""
 
+from .augment import AugmentConfig, BatchAugment, RandAugment, eval_transform, mixup_cutmix, random_erasing
 from .datasets import (
     DATASETS,
     IMAGE_EXTENSIONS,
@@ -14,7 +15,6 @@ from .datasets import (
     read_idx,
     restricted_unpickle,
 )
-from .augment import AugmentConfig, BatchAugment, RandAugment, eval_transform, mixup_cutmix, random_erasing
 from .download import (
     MIRRORS,
     REMOTE_FILES,

@@ -13,7 +13,8 @@ ported by pytorch-fid to ``pt_inception-2015-12-05-6726825d.pth``. It differs fr
 
 nestvit cannot download the file (and must not need torchvision); the user supplies it::
 
-    nestvit generate train gan_nest_fashion_mnist --set feature_net=inception:/path/to/pt_inception-2015-12-05-6726825d.pth
+    nestvit generate train gan_nest_fashion_mnist \\
+        --set feature_net=inception:/path/to/pt_inception-2015-12-05-6726825d.pth
 
 Input: images in ``[-1, 1]``, ``(B, 1 | 3, H, W)``; grey images are repeated to RGB and every image is
 resized to 299x299 bilinearly (``align_corners=False``, as pytorch-fid; resizing commutes with the affine map
