@@ -67,6 +67,11 @@ def test_data_efficiency_same_step_budget():
     for arm in arms:
         size = arm.labels["train_size"]
         assert arm.recipe["epochs"] == max(1, round(47 * 64 / size))
+        assert arm.recipe["epochs"] // arm.recipe["eval_every"] <= 10  # about ten evaluations at most
+    defaults = E.plan_data_efficiency(build_parser().parse_args(["experiment", "data_efficiency"])).arms
+    assert sorted({a.labels["train_size"] for a in defaults}) == [1000, 6000, 60000]
+    assert len({a.labels["model"] for a in defaults}) == 4  # NesT, matched ViT, TNT, RTNT
+    assert {a.recipe["epochs"] for a in defaults if a.labels["train_size"] == 60000} == {1}
 
 
 @pytest.mark.parametrize("name", ["rtnt_vs_tnt", "data_efficiency"])

@@ -409,6 +409,7 @@ def plan_rtnt_vs_tnt(a: argparse.Namespace) -> Plan:
                                                       "RTNT: innermost level in every block vs none"), paper)
 
 
+DATA_EFFICIENCY_STEPS = 938  # one epoch of 60,000 images at batch 64
 ABLATION_TRAIN = 2000  # aggregation / hierarchy: the first 2,000 training images by default
 
 
@@ -466,34 +467,34 @@ def plan_hierarchy(a: argparse.Namespace) -> Plan:
 
 def plan_data_efficiency(a: argparse.Namespace) -> Plan:
     data = (a.data or ["fashion_mnist"])[0]
-    sizes = a.train_sizes or [1000, 4000]
-    steps = a.steps or 62  # one epoch of 4,000 images at batch 64
+    sizes = a.train_sizes or [1000, 6000, 60000]
+    steps = a.steps or DATA_EFFICIENCY_STEPS
     models = [
         ("NesT", "nest_tiny_cifar", dict(SMALL_NEST), {}),
         ("ViT (matched)", "vit_tiny_patch4_32", dict(SMALL_VIT), {}),
-    ]
-    slow = [
-        ("TNT (rtnt_nano, innermost off, depth 2)", "rtnt_nano", {"depth": 2, "innermost": False},
+        ("TNT (rtnt_nano, innermost off, depth 1)", "rtnt_nano", {"depth": 1, "innermost": False},
          {"data": {"pad_to": None}}),
-        ("RTNT (rtnt_nano, depth 2)", "rtnt_nano", {"depth": 2}, {"data": {"pad_to": None}}),
+        ("RTNT (rtnt_nano, depth 1)", "rtnt_nano", {"depth": 1}, {"data": {"pad_to": None}}),
     ]
     if a.models:
-        models = [m for m in models + slow if m[0].split()[0].lower() in {x.lower() for x in a.models}]
+        models = [m for m in models if m[0].split()[0].lower() in {x.lower() for x in a.models}]
     arms = []
     for size in sizes:
         epochs = a.epochs or max(1, round(steps * 64 / size))
         for label, name, ov, extra in models:
             arm = _nest_arm(f"{label.split()[0].lower()}-{size}", data, a, ov, {"model": label, "train_size": size},
                             model=name, train_size=size, epochs=epochs)
-            arm.recipe = _merge(arm.recipe, extra)
+            # bf16 autocast (2x the fp32 rate on this CPU); at most ~10 evaluations per run
+            arm.recipe = _merge(arm.recipe, extra, {"precision": "bf16", "eval_every": max(1, epochs // 10)})
             arms.append(arm)
     return Plan("data_efficiency", arms, a.seeds, [
-        f"Budget: the same number of optimizer steps for every training-set size, about {steps} steps of 64 images "
-        f"(epochs = round({steps} x 64 / size), at least 1), AdamW lr 2e-3, cosine, random crops (pad 2); "
-        f"sizes: the first {', '.join(map(str, sizes))} {data} training images; evaluated on the first "
-        f"{_ev(a)} test images after every epoch (right panel).",
+        f"Budget: the same number of optimizer steps for every training-set size, {steps} steps of 64 images "
+        f"(epochs = round({steps} x 64 / size), at least 1: one epoch of the largest set), AdamW lr 2e-3, cosine, "
+        f"random crops (pad 2), bf16 autocast; sizes: the first {', '.join(map(str, sizes))} {data} training "
+        f"images; evaluated on the first {_ev(a)} test images about ten times per run (right panel).",
         "Models: the small NesT; a ViT matched to it in parameters and FLOPs (4x4-px patches, width 64, 5 "
-        "layers); TNT and RTNT are rtnt_nano at depth 2 (innermost level off / on), on 28x28 without padding.",
+        "layers); TNT and RTNT are rtnt_nano at depth 1 (innermost level off / on), on 28x28 without padding "
+        "(depth 1 keeps their cost near the NesT's; see the FLOPs and images/s columns).",
         "Paper (NesT Fig. 4, CIFAR-10 subsets): NesT keeps its accuracy with less data and converges faster "
         "than DeiT/ViT.",
     ], ["model", "train_size"], data_efficiency_plot)
@@ -611,10 +612,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=list(EXPERIMENTS), help="the experiment")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds (default: 0 1)")
     parser.add_argument("--train-size", type=int, help="first N training images (default: per experiment)")
-    parser.add_argument("--train-sizes", type=int, nargs="+", help="data_efficiency: training-set sizes "
-                        "(default 1000 4000; the paper-like setting: 1000 6000 60000 with --steps 938)")
-    parser.add_argument("--steps", type=int,
-                        help="data_efficiency: optimizer steps of 64 images per run (default 62)")
+    parser.add_argument("--train-sizes", type=int, nargs="+",
+                        help="data_efficiency: training-set sizes (default 1000 6000 60000)")
+    parser.add_argument("--steps", type=int, help="data_efficiency: optimizer steps of 64 images per run "
+                        f"(default {DATA_EFFICIENCY_STEPS}: one epoch of 60,000)")
     parser.add_argument("--eval-size", type=int, help="first N test images (default 1000; 0 = all)")
     parser.add_argument("--epochs", type=int, help="epochs per run (default: per experiment)")
     parser.add_argument("--depth", type=int, help="rtnt_vs_tnt: blocks of rtnt_nano/tiny (default 4; paper 12)")
@@ -623,7 +624,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="aggregation: also conv_avgpool, conv_stride2, patch_merge (both planes); hierarchy: "
                              "also L4, L3-p4 and L3-p1 (patch 1 is expensive)")
     parser.add_argument("--models", nargs="+",
-                        help="data_efficiency: models among nest vit tnt rtnt (default: nest vit)")
+                        help="data_efficiency: models among nest vit tnt rtnt (default: all four)")
     parser.add_argument("--budget-min", type=float, default=None,
                         help="best_fashion_mnist: stop after the last epoch that fits into this many minutes")
     parser.add_argument("--data", nargs="+", help="data set(s) (default: per experiment)")
