@@ -67,3 +67,12 @@ def test_help(capsys):
         main(["models", "--help"])
     assert e.value.code == 0
     assert "--family" in capsys.readouterr().out
+
+
+def test_python_dash_m_nestvit_is_the_command():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "nestvit", "models"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "nest_tiny_cifar" in out.stdout and "rtnt_nano" in out.stdout

@@ -737,6 +737,31 @@ def test_image_folder_resize_crop_and_jpeg(image_tree):
     assert torch.equal(flipped[photo][0], image.flip(-1))
 
 
+def test_image_folder_random_resized_crop(image_tree):
+    root, pics = image_tree
+    ds = ImageFolderDataset(root, split="train", size=12, crop_scale=(0.08, 1.0))
+    torch.manual_seed(0)
+    first = [ds[i][0] for i in range(len(ds))]
+    torch.manual_seed(0)
+    assert all(torch.equal(a, ds[i][0]) for i, a in enumerate(first))  # seeded: the same crops again
+    assert all(a.shape == (3, 12, 12) and a.dtype == torch.uint8 for a in first)
+    # the boxes' statistics: area fraction in [0.08, 1], aspect ratio in [3/4, 4/3] (up to rounding)
+    torch.manual_seed(1)
+    boxes = [ds.random_box(200, 160) for _ in range(2000)]
+    assert sum(b is None for b in boxes) < 20
+    areas = torch.tensor([(r - x) * (b - y) / (200 * 160) for x, y, r, b in filter(None, boxes)])
+    ratios = torch.tensor([(r - x) / (b - y) for x, y, r, b in filter(None, boxes)])
+    assert areas.min() > 0.07 and areas.max() <= 1.0 and 0.4 < areas.mean() < 0.6
+    assert ratios.min() > 0.74 and ratios.max() < 1.35 and (ratios < 1).float().mean() > 0.3
+    # the whole square image at scale 1 and ratio 1 is a plain resize
+    full = ImageFolderDataset(root, split="train", size=16, crop_scale=(1.0, 1.0))
+    path = next(p for p in full.samples if p[0].name == "n01_cat_0.png")
+    got = [full.load_image(path[0]) for _ in range(20)]
+    assert any(torch.equal(g.permute(1, 2, 0), torch.from_numpy(pics[path[0]])) for g in got)
+    with pytest.raises(ValueError, match="crop_scale"):
+        ImageFolderDataset(root, split="train", crop_scale=(0.5, 1.5))
+
+
 def test_image_folder_errors(tmp_path, image_tree, monkeypatch):
     root, _ = image_tree
     bad = root / "train" / "n01_cat" / "broken.jpg"

@@ -696,7 +696,10 @@ class ImageFolderDataset(Dataset):
 
     Each item is ``(image, label)``: a uint8 RGB ``3 x size x size`` tensor, obtained by
     resizing the shorter side to ``resize_size`` (default ``round(size / 0.875)``) and
-    cropping the centre, then ``transform`` if given. ``classes`` fixes the class list
+    cropping the centre, then ``transform`` if given. With ``crop_scale=(lo, hi)`` (training) it instead
+    takes an Inception-style random-resized crop: a box covering ``lo..hi`` of the image's area with an
+    aspect ratio log-uniform in ``3/4..4/3`` (10 tries, then the centre crop), resized to ``size x size``;
+    the draws use torch's RNG, which DataLoader seeds per worker. ``classes`` fixes the class list
     (and so the label numbering) e.g. to reuse the training classes for a validation split;
     by default it is the sorted list of sub-directory names.
     """
@@ -711,9 +714,13 @@ class ImageFolderDataset(Dataset):
         classes: Sequence[str] | None = None,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        crop_scale: tuple[float, float] | None = None,
     ):
         self.root = Path(root).expanduser() / split if split else Path(root).expanduser()
         self.size = size
+        if crop_scale is not None and not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {crop_scale}")
+        self.crop_scale = crop_scale
         self.resize_size = resize_size or round(size / 0.875)
         self.transform = transform
         if not self.root.is_dir():
@@ -740,18 +747,37 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def random_box(self, w: int, h: int) -> tuple[int, int, int, int] | None:
+        """``(left, top, right, bottom)`` of a random-resized crop of a ``w x h`` image, or None (centre)."""
+        lo, hi = self.crop_scale or (1.0, 1.0)
+        log_ratio = torch.tensor([3 / 4, 4 / 3]).log()
+        for _ in range(10):
+            area = w * h * float(torch.empty(()).uniform_(lo, hi))
+            ratio = float(torch.empty(()).uniform_(float(log_ratio[0]), float(log_ratio[1])).exp())
+            cw, ch = round((area * ratio) ** 0.5), round((area / ratio) ** 0.5)
+            if 0 < cw <= w and 0 < ch <= h:
+                left = int(torch.randint(0, w - cw + 1, ()))
+                top = int(torch.randint(0, h - ch + 1, ()))
+                return left, top, left + cw, top + ch
+        return None
+
     def load_image(self, path: Path) -> torch.Tensor:
-        """Decode one file to a uint8 ``3 x size x size`` tensor (resize shorter side, centre crop)."""
+        """Decode one file to a uint8 ``3 x size x size`` tensor (centre crop, or a random-resized crop)."""
         try:
             with Image.open(path) as img:
-                img.draft("RGB", (self.resize_size, self.resize_size))  # fast JPEG downscale on decode
+                if not self.crop_scale:  # small random crops need the full resolution
+                    img.draft("RGB", (self.resize_size, self.resize_size))  # fast JPEG downscale on decode
                 img = img.convert("RGB")
                 w, h = img.size
-                scale = self.resize_size / min(w, h)
-                new_w, new_h = max(self.size, round(w * scale)), max(self.size, round(h * scale))
-                img = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
-                left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
-                img = img.crop((left, top, left + self.size, top + self.size))
+                box = self.random_box(w, h) if self.crop_scale else None
+                if box is not None:
+                    img = img.resize((self.size, self.size), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0)
+                else:
+                    scale = self.resize_size / min(w, h)
+                    new_w, new_h = max(self.size, round(w * scale)), max(self.size, round(h * scale))
+                    img = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
+                    left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
+                    img = img.crop((left, top, left + self.size, top + self.size))
                 array = np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
             raise DatasetError(f"{path}: cannot decode image ({e})") from None

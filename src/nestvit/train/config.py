@@ -57,6 +57,8 @@ class DataSection:
     limit_eval: int | None = None  # keep only the first N evaluation images
     img_size: int = 224  # imagefolder: images are resized and centre-cropped to this size; synthetic: the size
     workers: int = 4  # imagefolder only: DataLoader processes
+    random_resized_crop: float | None = None  # imagefolder training split: Inception-style crop of this..1 of the
+    # area (aspect 3/4..4/3) resized to img_size, instead of the centre crop; the official ImageNet recipes: 0.08
 
 
 @dataclass(frozen=True)

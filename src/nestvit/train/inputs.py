@@ -89,7 +89,8 @@ def load_split(cfg: DataSection, split: str, device: torch.device, *, classes: l
     if not DATASETS[cfg.name].in_memory:
         if cfg.root is None:
             raise ValueError(f"data.root is required for {cfg.name} (root/<split>/<class>/*.jpg)")
-        folder = ImageFolderDataset(cfg.root, split=split, size=cfg.img_size, classes=classes)
+        crop = (cfg.random_resized_crop, 1.0) if cfg.random_resized_crop and split == cfg.train_split else None
+        folder = ImageFolderDataset(cfg.root, split=split, size=cfg.img_size, classes=classes, crop_scale=crop)
         if limit is not None:
             folder.samples = folder.samples[:limit]
         labels = torch.tensor([label for _, label in folder.samples], dtype=torch.int64)
