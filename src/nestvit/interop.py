@@ -150,23 +150,15 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 def save_weights(model: nn.Module, path: str | Path, *, metadata: Mapping[str, str] | None = None) -> Path:
     """Write ``model``'s weights as safetensors, atomically (temporary file, then rename)."""
-    import os
-    import tempfile
-
     from safetensors.torch import save_file
 
+    from .fileio import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": "nestvit", "family": getattr(model, "family", ""), **(metadata or {})}
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(sd, tmp, metadata={k: str(v) for k, v in meta.items()})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file(sd, str(tmp), metadata={k: str(v) for k, v in meta.items()})
     return path
 
 

@@ -108,7 +108,8 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, make_confi
     real_save = torch.save
 
     def dies_half_way(obj, f, *a, **k):
-        f.write(b"PK\x03\x04 half a checkpoint")
+        with open(f, "wb") as out:
+            out.write(b"PK\x03\x04 half a checkpoint")
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt.torch, "save", dies_half_way)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..fileio import atomic_path
 from .models import build_discriminator, build_generator
 
 __all__ = ["GanConfig", "ConfigError", "load_recipe", "apply_overrides", "r1_penalty", "train_gan",
@@ -233,15 +234,8 @@ def save_grid(images: torch.Tensor, path: str | Path, *, nrow: int | None = None
         grid[:, pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = x[i]
     arr = grid[0].numpy() if C == 1 else grid.permute(1, 2, 0).numpy()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         Image.fromarray(arr).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
@@ -298,10 +292,8 @@ def save_checkpoint(run_dir: Path, step: int, *, cfg: GanConfig, G: nn.Module, G
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    fd, t = tempfile.mkstemp(dir=ckdir, prefix=".latest.")
-    with os.fdopen(fd, "w") as f:
-        f.write(final.name + "\n")
-    os.replace(t, ckdir / "latest")
+    with atomic_path(ckdir / "latest") as t:
+        t.write_text(final.name + "\n")
     # keep the newest ``keep_checkpoints``
     olds = sorted(p for p in ckdir.glob("step_*") if p.is_dir())
     for p in olds[:-max(cfg.keep_checkpoints, 1)]:

@@ -37,11 +37,11 @@ def smooth(values: Sequence[float], weight: float = 0.6) -> list[float]:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    from ..fileio import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     _pyplot().close(fig)
-    tmp.replace(path)
     return path
 
 
