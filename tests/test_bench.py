@@ -62,6 +62,19 @@ def test_bench_writes_json_with_every_key(tmp_path, capsys):
                                                                row["peak_tflops"] * 1e12, mode="train"))
 
 
+def test_profile_lists_the_top_operators(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", *TINY_NEST, *FAST, "--mode", "train", "--no-memory", "--no-data", "--profile", "5",
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "top operators by self time" in printed
+    (row,) = json.loads(out.read_text())["results"]
+    ops = row["train_profile"]
+    assert 1 <= len(ops) <= 5 and all(o["self_ms_per_step"] > 0 and 0 < o["share"] <= 1 for o in ops)
+    assert [o["share"] for o in ops] == sorted((o["share"] for o in ops), reverse=True)
+    assert any(o["op"].startswith("aten::") for o in ops) and "infer_profile" not in row
+
+
 def test_bench_dtype_list_and_single_mode(tmp_path):
     out = tmp_path / "b.json"
     assert main(["bench", *TINY_NEST, *FAST, "--dtype", "fp32,bf16", "--mode", "infer", "--no-memory", "--no-data",

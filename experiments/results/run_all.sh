@@ -13,8 +13,8 @@ for cmd in \
   "rtnt_vs_tnt --threads 1" \
   "aggregation --threads 1" \
   "hierarchy --threads 1" \
-  "data_efficiency --threads 1" \
-  "best_fashion_mnist --threads 1 --budget-min 60"; do
+  "data_efficiency --threads 2" \
+  "best_fashion_mnist --seeds 0 --threads 2 --budget-min 60"; do
   name=${cmd%% *}
   echo "=== $(date +%T) nestvit experiment $cmd"
   start=$(date +%s)

@@ -93,6 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--generators: output sizes, among 28 32 64 (default 32 64)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write every result and setting as JSON")
     parser.add_argument("--markdown", action="store_true", help="print the table as GitHub markdown")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also profile two steps per mode (torch.profiler) and print the top N operators "
+                             "by self time")
 
 
 def parse_sets(items: list[str]) -> dict[str, Any]:
@@ -285,16 +288,43 @@ def _time_steps(step: Callable[[], None], device: torch.device, warmup: int, ite
     return times
 
 
+def profile_step(step: Callable[[], None], device: torch.device, *, top: int = 15, steps: int = 2
+                 ) -> list[dict[str, Any]]:
+    """The ``top`` operators by self time over ``steps`` calls of ``step`` (device time on CUDA)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+
+    def self_us(e: Any) -> float:
+        return float(getattr(e, "self_device_time_total", 0.0) if cuda else e.self_cpu_time_total)
+
+    events = [e for e in prof.key_averages() if self_us(e) > 0]
+    total = sum(self_us(e) for e in events) or 1.0
+    return [{"op": e.key, "self_ms_per_step": self_us(e) / 1e3 / steps, "share": self_us(e) / total,
+             "calls_per_step": e.count / steps}
+            for e in sorted(events, key=self_us, reverse=True)[:top]]
+
+
+def format_profile(ops: list[dict[str, Any]]) -> str:
+    return "\n".join(f"  {o['share']:6.1%}  {o['self_ms_per_step']:9.2f} ms  {o['calls_per_step']:6.0f} calls"
+                     f"  {o['op']}" for o in ops)
+
+
 def bench_model(name: str, overrides: dict[str, Any] | None = None, *, device: str = "cpu", batch: int | None = None,
                 img_size: tuple[int, int] | None = None, dtype: str = "fp32", compile: bool = False,
                 modes: tuple[str, ...] = ("infer", "train"), warmup: int = 3, iters: int = 10,
                 peak_size: int = 4096, peak_iters: int = 5, memory: bool = True,
                 peak_flops: float | None = None, model: nn.Module | None = None,
-                channels_last: bool = False) -> dict[str, Any]:
+                channels_last: bool = False, profile: int = 0) -> dict[str, Any]:
     """Measure one model in one dtype and execution mode; returns a flat dict (see the module doc).
 
     ``peak_flops`` (FLOP/s) skips the GEMM measurement; ``model`` benchmarks a ready module instead of
-    building ``name`` from the registry.
+    building ``name`` from the registry; ``profile=N`` adds the top N operators per mode
+    (``infer_profile`` / ``train_profile``).
     """
     from . import create_model
     from .flops import count_flops
@@ -348,6 +378,8 @@ def bench_model(name: str, overrides: dict[str, Any] | None = None, *, device: s
         row.update(infer_images_per_s=ips, infer_ms_per_step=1e3 * statistics.median(times),
                    infer_mfu=compute_mfu(flops, ips, peak_flops, mode="infer"),
                    infer_first_call_s=first)
+        if profile:
+            row["infer_profile"] = profile_step(infer_step, dev, top=profile)
         if memory:
             mem, method = measure_peak_memory(infer_step, dev)
             row.update(infer_peak_mem_bytes=mem, infer_mem_per_image_mb=None if mem is None else mem / batch / 2**20,
@@ -372,6 +404,8 @@ def bench_model(name: str, overrides: dict[str, Any] | None = None, *, device: s
         row.update(train_images_per_s=ips, train_ms_per_step=1e3 * statistics.median(times),
                    train_mfu=compute_mfu(flops, ips, peak_flops, mode="train"),
                    train_first_call_s=first)
+        if profile:
+            row["train_profile"] = profile_step(train_step, dev, top=profile)
         if memory:
             mem, method = measure_peak_memory(train_step, dev)
             row.update(train_peak_mem_bytes=mem, train_mem_per_image_mb=None if mem is None else mem / batch / 2**20,
@@ -528,7 +562,8 @@ def run(args: argparse.Namespace) -> int:
                 row = bench_model(name, overrides, device=args.device, batch=args.batch, img_size=img_size,
                                   dtype=dtype, compile=use_compile, modes=modes, warmup=args.warmup,
                                   iters=args.iters, peak_size=args.peak_size, peak_iters=args.peak_iters,
-                                  memory=not args.no_memory, channels_last=args.channels_last)
+                                  memory=not args.no_memory, channels_last=args.channels_last,
+                                  profile=args.profile)
                 if not args.no_data and "train" in modes:
                     key = (tuple(row["img_size"]), row["batch"])
                     if key not in data_rates:
@@ -544,6 +579,12 @@ def run(args: argparse.Namespace) -> int:
     notes = {d.get("note") for d in data_rates.values() if d.get("note")}
     for note in sorted(notes):
         print(f"data pipeline: {note}")
+    for r in rows:
+        for mode in modes:
+            if r.get(f"{mode}_profile"):
+                print(f"profile: {r['model']} {r['dtype']} {'compile' if r['compile'] else 'eager'} {mode}, "
+                      "top operators by self time per step:")
+                print(format_profile(r[f"{mode}_profile"]))
     if rows and rows[0].get("memory_method"):
         print(f"memory: per image, {rows[0]['memory_method']}")
     result: dict[str, Any] = {"machine": machine, "versions": versions(), "settings": settings, "results": rows}
