@@ -3,16 +3,15 @@
 # copies the plots to docs/img/. Usage (from the repository root):
 #   nohup experiments/results/run_all.sh > experiments/results/run_all.log 2>&1 &
 # Outputs: runs/experiments/NAME/{results.json,results.md,results.png,runs/}.
-# --threads 1: on a CPU shared with other jobs, one thread per run was far faster than torch's default
-# (2 threads here): see docs/results.md.
+# Run it alone: on a CPU shared with other jobs, OpenMP threads wait for each other (see docs/results.md).
 set -u
 cd "$(dirname "$0")/../.."
 NV=${NESTVIT:-.venv/bin/nestvit}
 export PYTHONUNBUFFERED=1
 for cmd in \
-  "rtnt_vs_tnt --threads 1" \
-  "aggregation --threads 1" \
-  "hierarchy --threads 1" \
+  "rtnt_vs_tnt --threads 2" \
+  "aggregation --threads 2" \
+  "hierarchy --threads 2" \
   "data_efficiency --threads 2" \
   "best_fashion_mnist --seeds 0 --threads 2 --budget-min 60"; do
   name=${cmd%% *}

@@ -421,14 +421,14 @@ def plan_rtnt_vs_tnt(a: argparse.Namespace) -> Plan:
             recipe = _merge(RTNT_RECIPE, {
                 "epochs": a.epochs or 1,
                 "model": {"name": model, "overrides": {"depth": depth, "innermost": inner}},
-                "data": _data(data, a.train_size or 4000, a.eval_size if a.eval_size is not None else 1000),
+                "data": _data(data, a.train_size, a.eval_size if a.eval_size is not None else 1000),
             })
             arms.append(Arm(f"{data}-{model}-{'rtnt' if inner else 'tnt'}", recipe,
                             {"data": data, "model": model, "innermost level": "every block" if inner else "none"}))
     paper = {}
     return Plan("rtnt_vs_tnt", arms, a.seeds, [
         f"Recipe: the RTNT paper's (AdamW without weight decay, lr 1e-3, x0.96 every 200 steps, no augmentation, "
-        f"batch 64 assumed); {a.epochs or 1} epoch(s) on the first {a.train_size or 4000} training images, "
+        f"batch 64 assumed); {a.epochs or 1} epoch(s) on {f'the first {a.train_size}' if a.train_size else 'all the'} training images, "
         f"evaluated on the first {a.eval_size or 1000} test images (mnist5k has 4,000/1,000 in all: all of it).",
         f"Depth {depth} blocks instead of the paper's 12 (rtnt_nano at depth 12 trained at ~2 images/s on this "
         "shared CPU, measured); widths, heads and the sentence/word/letter sizes (4/2/1 px) are the paper's.",
@@ -438,7 +438,7 @@ def plan_rtnt_vs_tnt(a: argparse.Namespace) -> Plan:
 
 
 DATA_EFFICIENCY_STEPS = 938  # one epoch of 60,000 images at batch 64
-ABLATION_TRAIN = 2000  # aggregation / hierarchy: the first 2,000 training images by default
+ABLATION_TRAIN = 60000  # aggregation / hierarchy: all of Fashion-MNIST's training images by default
 
 
 def _nest_arm(name: str, data: str, a: argparse.Namespace, overrides: dict[str, Any], labels: dict[str, Any],
@@ -448,6 +448,7 @@ def _nest_arm(name: str, data: str, a: argparse.Namespace, overrides: dict[str, 
         "epochs": epochs or a.epochs or 1,
         "model": {"name": model, "overrides": overrides},
         "data": _data(data, train_size or a.train_size or ABLATION_TRAIN, _ev(a)),
+        "precision": "bf16",  # autocast: about 2x the fp32 rate for these models on this CPU
     })
     return Arm(name, recipe, labels)
 
@@ -465,7 +466,7 @@ def plan_aggregation(a: argparse.Namespace) -> Plan:
         f"Model: the small NesT (patch 2 on 28x28 padded to 32, 3 levels, blocks of 4x4 patches, width 64, depths "
         f"1/1/2); data: the first {a.train_size or ABLATION_TRAIN} {data} training images, "
         f"{a.epochs or 1} epoch(s), first "
-        f"{_ev(a)} test images; AdamW lr 2e-3, cosine, random crops (pad 2).",
+        f"{_ev(a)} test images; AdamW lr 2e-3, cosine, random crops (pad 2), bf16 autocast.",
         "Paper (NesT Fig. 5 / A1, CIFAR-10, NesT-T 300 epochs): conv3x3 + LN + max-pool on the image plane is "
         "best; block-plane aggregation and plain subsampling lose accuracy.",
     ], ["aggregation", "plane"], bar_plot(["aggregation", "plane"], f"NesT block aggregation ({data})"))
@@ -486,7 +487,7 @@ def plan_hierarchy(a: argparse.Namespace) -> Plan:
     return Plan("hierarchy", arms, a.seeds, [
         f"Model: the small NesT (width 64, 2 heads, one layer per level and two at the top) on {data} padded to "
         f"32x32; the first {a.train_size or ABLATION_TRAIN} training images, {a.epochs or 1} epoch(s), first "
-        f"{_ev(a)} test images; the block size is chosen so the top level is one block.",
+        f"{_ev(a)} test images; bf16 autocast; the block size is chosen so the top level is one block.",
         "Paper (NesT Fig. 6, CIFAR-10): more levels (hierarchies) help up to a point; smaller patches help at a "
         "higher cost.",
     ], ["levels", "patch px", "block (patches)", "level-0 blocks"],
@@ -512,8 +513,7 @@ def plan_data_efficiency(a: argparse.Namespace) -> Plan:
         for label, name, ov, extra in models:
             arm = _nest_arm(f"{label.split()[0].lower()}-{size}", data, a, ov, {"model": label, "train_size": size},
                             model=name, train_size=size, epochs=epochs)
-            # bf16 autocast (2x the fp32 rate on this CPU); at most ~10 evaluations per run
-            arm.recipe = _merge(arm.recipe, extra, {"precision": "bf16", "eval_every": max(1, epochs // 10)})
+            arm.recipe = _merge(arm.recipe, extra, {"eval_every": max(1, epochs // 10)})  # ~10 evaluations
             arms.append(arm)
     return Plan("data_efficiency", arms, a.seeds, [
         f"Budget: the same number of optimizer steps for every training-set size, {steps} steps of 64 images "
