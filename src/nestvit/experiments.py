@@ -428,10 +428,11 @@ def plan_rtnt_vs_tnt(a: argparse.Namespace) -> Plan:
     paper = {}
     return Plan("rtnt_vs_tnt", arms, a.seeds, [
         f"Recipe: the RTNT paper's (AdamW without weight decay, lr 1e-3, x0.96 every 200 steps, no augmentation, "
-        f"batch 64 assumed); {a.epochs or 1} epoch(s) on {f'the first {a.train_size}' if a.train_size else 'all the'} training images, "
+        f"batch 64 assumed); {a.epochs or 1} epoch(s) on {f'the first {a.train_size}' if a.train_size else 'all the'} "
+        f"training images, "
         f"evaluated on the first {a.eval_size or 1000} test images (mnist5k has 4,000/1,000 in all: all of it).",
-        f"Depth {depth} blocks instead of the paper's 12 (rtnt_nano at depth 12 trained at ~2 images/s on this "
-        "shared CPU, measured); widths, heads and the sentence/word/letter sizes (4/2/1 px) are the paper's.",
+        f"Depth {depth} blocks instead of the paper's 12 (rtnt_nano at depth 12 trains at ~66 images/s on this "
+        "2-core CPU, docs/benchmarks.md); widths, heads and the sentence/word/letter sizes (4/2/1 px) are the paper's.",
         "Paper (full MNIST, 60,000 images, 5 epochs, depth 12): RTNT 96.20%, innermost level off 96.74%.",
     ], ["data", "model", "innermost level"], bar_plot(["data", "model", "innermost level"],
                                                       "RTNT: innermost level in every block vs none"), paper)
