@@ -75,6 +75,18 @@ def test_profile_lists_the_top_operators(tmp_path, capsys):
     assert any(o["op"].startswith("aten::") for o in ops) and "infer_profile" not in row
 
 
+def test_markdown_table_and_channels_last(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", *TINY_NEST, *FAST, "--mode", "infer", "--no-memory", "--no-data", "--markdown",
+                 "--channels-last", "--json", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("| model | dtype | exec |") and lines[0].endswith("| data img/s |")
+    assert lines[1] == "|" + "|".join(["---"] * 3 + ["---:"] * 10) + "|"
+    assert lines[2].startswith("| nest_tiny_cifar ") and lines[2].count("|") == 14
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["channels_last"] is True and row["infer_images_per_s"] > 0
+
+
 def test_bench_dtype_list_and_single_mode(tmp_path):
     out = tmp_path / "b.json"
     assert main(["bench", *TINY_NEST, *FAST, "--dtype", "fp32,bf16", "--mode", "infer", "--no-memory", "--no-data",

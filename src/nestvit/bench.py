@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import inspect
 import json
 import os
 import platform
@@ -471,15 +470,11 @@ def bench_data_pipeline(img_size: tuple[int, int], in_chans: int, num_classes: i
 
 
 def run_generators(args: argparse.Namespace) -> dict[str, Any]:
-    """Call ``nestvit.generate.bench.bench_generators`` with the settings it accepts, or say why not."""
-    try:
-        from .generate.bench import bench_generators
-    except ImportError as e:
-        return {"rows": None, "note": f"skipped: nestvit.generate.bench is not importable ({e})"}
-    wanted = {"threads": args.threads, "warmup": args.warmup, "repeats": args.iters,
-              "sizes": getattr(args, "gen_sizes", None)}
-    accepted = inspect.signature(bench_generators).parameters
-    kwargs = {k: v for k, v in wanted.items() if k in accepted and v is not None}
+    """Time the generators (``nestvit.generate.bench.bench_generators``) with this command's settings."""
+    from .generate.bench import bench_generators
+
+    wanted = {"threads": args.threads, "warmup": args.warmup, "repeats": args.iters, "sizes": args.gen_sizes}
+    kwargs = {k: v for k, v in wanted.items() if v is not None}
     return {"rows": bench_generators(**kwargs), "kwargs": kwargs}
 
 
@@ -491,15 +486,14 @@ def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-HEADER = ("model", "dtype", "exec", "batch", "params M", "GFLOPs", "infer img/s", "infer MFU",
-          "train img/s", "train MFU", "train MB/img", "peak TFLOP/s", "data img/s")
-
-
-def table_cells(rows: list[dict[str, Any]]) -> list[tuple[str, ...]]:
-    """The cells of ``HEADER`` for every result row, formatted."""
+def format_table(rows: list[dict[str, Any]], *, markdown: bool = False) -> str:
+    """One line per (model, dtype, compile): params, GFLOPs, infer/train img/s, MFU, memory, data img/s;
+    aligned plain text, or a GitHub Markdown table with ``markdown=True``."""
     def mfu(r: dict[str, Any], key: str) -> str:
         return "-" if r.get(key) is None else f"{100 * r[key]:.0f}%"
 
+    header = ("model", "dtype", "exec", "batch", "params M", "GFLOPs", "infer img/s", "infer MFU",
+              "train img/s", "train MFU", "train MB/img", "peak TFLOP/s", "data img/s")
     cells = []
     for r in rows:
         label = r["model"] + "".join(f" {k}={v}" for k, v in r.get("overrides", {}).items() if k != "img_size")
@@ -509,16 +503,10 @@ def table_cells(rows: list[dict[str, Any]]) -> list[tuple[str, ...]]:
                       _fmt(r.get("train_images_per_s"), ".1f"), mfu(r, "train_mfu"),
                       _fmt(r.get("train_mem_per_image_mb"), ".1f"), _fmt(r["peak_tflops"], ".3f"),
                       _fmt(r.get("data_images_per_s"), ".0f")))
-    return cells
-
-
-def format_table(rows: list[dict[str, Any]], *, markdown: bool = False) -> str:
-    """One line per (model, dtype, compile): params, GFLOPs, infer/train img/s, MFU, memory, data img/s."""
-    header, cells = HEADER, table_cells(rows)
     if markdown:
         rule = "|" + "|".join("---" if i < 3 else "---:" for i in range(len(header))) + "|"  # numbers right-aligned
-        return "\n".join(["| " + " | ".join(row) + " |" for row in [header]] + [rule]
-                         + ["| " + " | ".join(row) + " |" for row in cells])
+        lines = ["| " + " | ".join(row) + " |" for row in [header, *cells]]
+        return "\n".join([lines[0], rule, *lines[1:]])
     widths = [max(len(row[i]) for row in [header, *cells]) for i in range(len(header))]
 
     def line(row: tuple[str, ...]) -> str:
@@ -590,16 +578,9 @@ def run(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {"machine": machine, "versions": versions(), "settings": settings, "results": rows}
     if args.generators:
         result["generators"] = run_generators(args)
-        gen_rows = result["generators"].get("rows")
-        if gen_rows is None:
-            print(f"generators: {result['generators']['note']}")
-        else:
-            try:
-                from .generate.bench import format_table as gen_table
+        from .generate.bench import format_table as generator_table
 
-                print(gen_table(gen_rows))
-            except (ImportError, TypeError, KeyError):
-                print(json.dumps(gen_rows, indent=2, default=str))
+        print(generator_table(result["generators"]["rows"]))
     result["machine"]["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     if args.json:
         path = Path(args.json)
