@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from nestvit.train.config import (
     ConfigError,
@@ -102,3 +103,21 @@ def test_builtin_recipes_load(name):
 def test_missing_recipe():
     with pytest.raises(ConfigError, match="neither a file nor a built-in recipe.*mnist5k_nest"):
         load_config("no_such_recipe")
+
+
+def test_random_resized_crop_is_checked_and_reaches_the_training_split_only(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from nestvit.train.inputs import load_split
+
+    with pytest.raises(ConfigError, match=r"data.random_resized_crop must be in \(0, 1\]"):
+        load_config(None, ["data.random_resized_crop=1.5"])
+    for split in ("train", "val"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / split / "a" / "0.png")
+    cfg = load_config(None, ["data.name=imagefolder", f"data.root={tmp_path}", "data.eval_split=val",
+                             "data.random_resized_crop=0.08"])
+    train = load_split(cfg.data, "train", torch.device("cpu"))
+    val = load_split(cfg.data, "val", torch.device("cpu"))
+    assert train.folder.crop_scale == (0.08, 1.0) and val.folder.crop_scale is None

@@ -749,11 +749,10 @@ class ImageFolderDataset(Dataset):
 
     def random_box(self, w: int, h: int) -> tuple[int, int, int, int] | None:
         """``(left, top, right, bottom)`` of a random-resized crop of a ``w x h`` image, or None (centre)."""
-        lo, hi = self.crop_scale or (1.0, 1.0)
-        log_ratio = torch.tensor([3 / 4, 4 / 3]).log()
+        lo, hi = self.crop_scale
         for _ in range(10):
             area = w * h * float(torch.empty(()).uniform_(lo, hi))
-            ratio = float(torch.empty(()).uniform_(float(log_ratio[0]), float(log_ratio[1])).exp())
+            ratio = math.exp(float(torch.empty(()).uniform_(math.log(3 / 4), math.log(4 / 3))))
             cw, ch = round((area * ratio) ** 0.5), round((area / ratio) ** 0.5)
             if 0 < cw <= w and 0 < ch <= h:
                 left = int(torch.randint(0, w - cw + 1, ()))

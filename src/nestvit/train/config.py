@@ -136,6 +136,9 @@ class TrainConfig:
             (self.schedule.name in ("cosine", "step", "constant"),
              f"schedule.name must be 'cosine', 'step' or 'constant', got {self.schedule.name!r}"),
             (self.schedule.step_every >= 1, f"schedule.step_every must be >= 1, got {self.schedule.step_every}"),
+            (self.data.random_resized_crop is None or 0 < self.data.random_resized_crop <= 1,
+             f"data.random_resized_crop must be in (0, 1] (the smallest crop's share of the area; the official "
+             f"ImageNet recipes: 0.08) or null, got {self.data.random_resized_crop}"),
             (0.0 <= self.ema.decay < 1.0, f"ema.decay must be in [0, 1), got {self.ema.decay}"),
             (self.distill.type in ("hard", "soft"),
              f"distill.type must be 'hard' or 'soft', got {self.distill.type!r}"),
