@@ -24,7 +24,6 @@ from ``[0, 1]``, so resizing in ``[-1, 1]`` gives the same values). Features: th
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
@@ -239,7 +238,7 @@ def load_fid_inception(path: str | Path, *, batch_size: int = 50) -> InceptionFe
     Raises ``FeatureNetError`` naming the file and the problem when it is missing, unreadable or holds
     another network's weights.
     """
-    from .metrics import FeatureNetError
+    from .metrics import FeatureNetError, _sha8
 
     path = Path(path)
     if not path.is_file():
@@ -267,5 +266,4 @@ def load_fid_inception(path: str | Path, *, batch_size: int = 50) -> InceptionFe
                     (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
         raise FeatureNetError(f"{path} is not the FID Inception-v3 ({WEIGHTS_FILE}): " + "; ".join(problems))
     net.load_state_dict(sd, strict=False)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:8]
-    return InceptionFeatures(net, f"inception_v3_fid:{digest}", batch_size=batch_size)
+    return InceptionFeatures(net, f"inception_v3_fid:{_sha8(path)}", batch_size=batch_size)
