@@ -13,7 +13,8 @@ from nestvit.registry import model_family
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+# timm's conformance files: ../shared/golden beside the project root (as in CI), or $NESTVIT_GOLDEN_DIR
+GOLDEN = Path(os.environ.get("NESTVIT_GOLDEN_DIR") or Path(__file__).resolve().parents[1].parent / "shared" / "golden")
 
 
 def tiny_overrides(name: str) -> dict:
@@ -49,5 +50,6 @@ def rand_input(model, batch: int = 2, size: tuple[int, int] | None = None) -> to
 @pytest.fixture
 def golden_dir() -> Path:
     if not GOLDEN.is_dir():
-        pytest.fail(f"golden files not found at {GOLDEN}: ../shared/golden must sit beside the project root")
+        pytest.fail(f"golden files not found at {GOLDEN}: put ../shared/golden beside the project root or set "
+                    "NESTVIT_GOLDEN_DIR to the folder")
     return GOLDEN
