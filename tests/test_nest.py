@@ -49,6 +49,27 @@ def test_every_ablation_option_builds_and_runs(levels, patch, agg, plane, attn, 
     assert model.levels[-1].pos_embed.shape == (1, 1, block * block, 8)
 
 
+def test_conv_stem_option():
+    """``stem_dim``: conv3x3 -> LN -> act before the patch embedding; off by default (timm's key layout)."""
+    plain = nestvit.create_model("nest_tiny_cifar", embed_dims=8, num_heads=1, depths=1)
+    assert not any(k.startswith("patch_embed.stem") for k in plain.state_dict())
+    model = nestvit.create_model("nest_tiny_cifar", in_chans=1, patch_size=2, num_levels=3, embed_dims=(8, 16, 32),
+                                 num_heads=(1, 2, 4), depths=1, stem_dim=6)
+    assert model.patch_embed.stem[0].weight.shape == (6, 1, 3, 3)
+    assert model.patch_embed.proj.weight.shape == (8, 6, 2, 2)
+    x = torch.randn(3, 1, 32, 32)
+    model(x).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.patch_embed.parameters())
+    # the stem sees pixels: changing one pixel changes only the patches its 3x3 neighbourhood reaches
+    model.eval()
+    x2 = x.clone()
+    x2[:, :, 0, 0] += 1.0
+    with torch.no_grad():
+        a, b = (model._embed(t) for t in (x, x2))  # (B, 16, 16, 8)
+    changed = (a - b).abs().amax(dim=(0, 3)) > 0
+    assert changed[0, 0] and changed.sum() == 1  # pixel (0, 0) reaches pixels 0-1: patch (0, 0) only
+
+
 def test_top_level_is_one_block_for_square_and_several_for_rectangular_input():
     sq = nestvit.create_model("nest_tiny_cifar", embed_dims=8, num_heads=1, depths=1)
     assert sq.levels[-1].grid == (1, 1) and sq.levels[0].grid == (8, 8)

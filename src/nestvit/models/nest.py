@@ -19,6 +19,9 @@ Deviations (all options; the defaults follow the official code):
 - ``act="gelu_tanh"`` is JAX's default GELU (official code); timm's port computes the exact GELU, so
   the 224 entries default to ``"gelu"`` to reproduce timm's published weights exactly.
 - ``pool_pad="same"`` pads the max-pool 0 before / 1 after (TF SAME, official); ``"symmetric"`` pads 1/1.
+- ``stem_dim > 0`` puts ``conv3x3 -> LayerNorm -> activation`` (``stem_dim`` channels, full resolution)
+  before the patch embedding, an early convolution as in Xiao et al. 2021 ("Early Convolutions Help
+  Transformers See Better"); not in NesT, off by default, used by the Fashion-MNIST results recipe.
 - ``aggregation`` and ``aggregation_plane`` implement the paper's Figure 5 / A1 ablations (see
   ``BlockAggregation``); rectangular images work wherever the block grid divides (the top level then
   has more than one block).
@@ -32,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import ModelBase, TransformerLayer, check_divisible, drop_path_rates, init_weights, to_2tuple
+from ..layers import ModelBase, TransformerLayer, check_divisible, drop_path_rates, init_weights, make_act, to_2tuple
 from ..registry import build_config, register_model
 
 
@@ -42,6 +45,7 @@ class NestConfig:
     in_chans: int = 3
     num_classes: int = 1000
     patch_size: int = 4  # 1 for CIFAR, 4 for ImageNet (the paper's Figure 6 also tries 2)
+    stem_dim: int = 0  # 0: the paper's linear patch embedding; > 0: a conv3x3 stem of this width before it
     num_levels: int = 3  # hierarchies T_d; level l has 4**(num_levels-1-l) blocks for square input
     block_size: int | None = None  # block edge in patches; None: grid / 2**(num_levels-1) (top = 1 block)
     embed_dims: tuple[int, ...] = (128, 256, 512)
@@ -256,7 +260,11 @@ class Nest(ModelBase):
         cfg.block_grid(cfg.num_levels - 1)  # validate the whole hierarchy up front
 
         self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dims[0], cfg.patch_size, stride=cfg.patch_size)
+        self.patch_embed.stem = nn.Identity() if cfg.stem_dim <= 0 else nn.Sequential(
+            nn.Conv2d(cfg.in_chans, cfg.stem_dim, 3, padding=1), ChannelNorm(cfg.stem_dim, eps=cfg.norm_eps),
+            make_act(cfg.act))
+        self.patch_embed.proj = nn.Conv2d(cfg.stem_dim if cfg.stem_dim > 0 else cfg.in_chans, cfg.embed_dims[0],
+                                          cfg.patch_size, stride=cfg.patch_size)
         dprs = drop_path_rates(cfg.drop_path_rate, cfg.depths)
         self.levels = nn.ModuleList([NestLevel(cfg, i, dprs[i]) for i in range(cfg.num_levels)])
         self.norm = nn.LayerNorm(cfg.embed_dims[-1], eps=cfg.norm_eps)
@@ -278,7 +286,8 @@ class Nest(ModelBase):
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        x = self.patch_embed.proj(x.contiguous(memory_format=torch.channels_last))
+        x = self.patch_embed.stem(x.contiguous(memory_format=torch.channels_last))
+        x = self.patch_embed.proj(x)
         return x.permute(0, 2, 3, 1)  # (B, H/p, W/p, C): channels-last memory, so this view is contiguous
 
     def forward_intermediates(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
