@@ -115,3 +115,16 @@ def test_time_budget_stops_between_epochs(tmp_path):
     assert res["epochs"] == 1  # one epoch always runs; the next would exceed a zero budget
     summary = json.loads((tmp_path / "b" / "runs" / "nest-best-s0" / "summary.json").read_text())
     assert summary["planned_epochs"] == 3
+
+
+def test_a_finished_run_is_reused_only_for_the_same_config(tmp_path):
+    args = _args("best_fashion_mnist", tmp_path)
+    arm = E.plan_quick(E.plan_best_fashion_mnist, args).arms[0]
+    arm.recipe.update(epochs=1, threads=1)
+    said: list[str] = []
+    first = E.run_arm(arm, 0, tmp_path, device="cpu", fresh=False, log=said.append)
+    again = E.run_arm(arm, 0, tmp_path, device="cpu", fresh=False, log=said.append)
+    assert not first["read_back"] and again["read_back"]
+    arm.recipe = E._merge(arm.recipe, {"optim": {"lr": 1e-4}})  # the recipe changed since: train again
+    changed = E.run_arm(arm, 0, tmp_path, device="cpu", fresh=False, log=said.append)
+    assert not changed["read_back"] and any("another config" in m for m in said)

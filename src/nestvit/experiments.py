@@ -179,6 +179,25 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
             "curve": [(e["epoch"], e["test_top1"]) for e in epochs if e.get("test_top1") is not None]}
 
 
+def _same_config(run_dir: Path, cfg: Any) -> bool:
+    """Whether ``run_dir/config.yaml`` describes ``cfg`` (a finished run is only reused for the same config).
+
+    A key left ``None`` in ``cfg`` matches any saved value: the trainer fills those in (``data.mean``/``std``).
+    """
+    from .train.config import TrainConfig, from_dict, read_recipe, to_dict
+
+    def same(planned: Any, saved: Any) -> bool:
+        if isinstance(planned, dict) and isinstance(saved, dict):
+            return planned.keys() == saved.keys() and all(same(planned[k], saved[k]) for k in planned)
+        return planned is None or planned == saved
+
+    try:
+        raw, _ = read_recipe(run_dir / "config.yaml")
+        return same(to_dict(cfg), to_dict(from_dict(TrainConfig, raw)))
+    except (OSError, ValueError):
+        return False
+
+
 def run_arm(arm: Arm, seed: int, out: Path, *, device: str | None, fresh: bool, log: Callable[[str], None],
             time_budget_s: float | None = None) -> dict[str, Any]:
     """Train ``arm`` with ``seed`` into ``out/runs/<arm>-s<seed>`` (or read it back) and return its numbers."""
@@ -191,10 +210,14 @@ def run_arm(arm: Arm, seed: int, out: Path, *, device: str | None, fresh: bool, 
     if fresh and run_dir.exists():
         shutil.rmtree(run_dir)
     read_back = (run_dir / "summary.json").is_file()
+    if read_back and not _same_config(run_dir, cfg):
+        log(f"[{arm.name} seed {seed}] {run_dir} was trained with another config (the recipe or arguments "
+            f"changed): training it again")
+        read_back = False
     if read_back:
         log(f"[{arm.name} seed {seed}] done before: reading {run_dir}")
     else:
-        if run_dir.exists():  # an interrupted run: start it again (the results must come from one run)
+        if run_dir.exists():  # interrupted or stale: start it again (the results must come from one run)
             shutil.rmtree(run_dir)
         log(f"[{arm.name} seed {seed}] training -> {run_dir}")
         if time_budget_s is None:
