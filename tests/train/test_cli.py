@@ -32,6 +32,9 @@ def test_train_eval_predict(tmp_path, recipe, capsys):
     assert "synthetic:test (512 images)" in out and "top-1" in out and "class9" in out
     assert main(["eval", str(run / "last.safetensors"), "--data", "synthetic", "--out", str(tmp_path / "ev")]) == 0
     assert json.loads((tmp_path / "ev/eval.json").read_text())["count"] == 512
+    assert main(["eval", str(run), "--flip-tta", "--out", str(tmp_path / "tta")]) == 0
+    assert "512 images, flip TTA" in capsys.readouterr().out
+    assert json.loads((tmp_path / "tta/eval.json").read_text())["flip_tta"] is True
     assert (tmp_path / "ev/confusion.png").read_bytes()[:4] == b"\x89PNG"
     capsys.readouterr()
 

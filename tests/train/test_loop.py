@@ -215,3 +215,25 @@ def test_imagefolder_streams_through_a_dataloader(tmp_path, make_config):
                       "data.limit_eval=null", "optim.lr=1e-2")
     result = train(cfg, tmp_path / "run")
     assert result.steps == 8 and result.test.count == 8 and result.test.classes == ["dark", "light"]
+
+
+def test_flip_tta_averages_the_softmax_of_each_image_and_its_mirror():
+    from torch import nn
+
+    from nestvit.train.inputs import Split
+    from nestvit.train.loop import evaluate
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (12, 1, 4, 6), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 3, (12,), generator=g)
+    split = Split("toy", labels, ["a", "b", "c"], 1, (4, 6), images=images)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(24, 3))  # not mirror-symmetric
+    x = (images.float() / 255 - 0.5) / 0.25
+    with torch.no_grad():
+        probs = (model(x).softmax(-1) + model(x.flip(-1)).softmax(-1)) / 2
+    plain = evaluate(model, split, mean=(0.5,), std=(0.25,), batch=5)
+    tta = evaluate(model, split, mean=(0.5,), std=(0.25,), batch=5, flip_tta=True)
+    want_top1 = 100.0 * (probs.argmax(-1) == labels).float().mean().item()
+    want_loss = nn.functional.nll_loss(probs.log(), labels).item()
+    assert tta.top1 == pytest.approx(want_top1) and tta.loss == pytest.approx(want_loss, rel=1e-5)
+    assert plain.loss != pytest.approx(tta.loss)

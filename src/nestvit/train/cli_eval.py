@@ -3,7 +3,8 @@
 CHECKPOINT is a run directory (its ``best.safetensors`` by default, see ``--weights``) or a
 ``.safetensors`` written by ``nestvit train``; its metadata tells which model to build and how its
 input was normalised. Prints loss, top-1, top-5 and per-class accuracy; ``--out DIR`` also writes
-the confusion matrix as JSON and PNG.
+the confusion matrix as JSON and PNG. ``--flip-tta`` averages each image's softmax output with its
+mirror image's.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", default="best", choices=["best", "last", "ema"],
                         help="which weights of a run directory (default: best, else last)")
     parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--flip-tta", action="store_true",
+                        help="test-time augmentation: also run each image mirrored left-right and average the "
+                             "two softmax outputs (for data whose classes are mirror-symmetric)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N images")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     parser.add_argument("--out", metavar="DIR", help="write eval.json and confusion.png here")
@@ -53,8 +57,9 @@ def run(args: argparse.Namespace) -> int:
     if len(data.classes) != len(trained.classes):
         raise ValueError(f"{name} has {len(data.classes)} classes but the model was trained on {len(trained.classes)}")
     result = evaluate(model, data, mean=trained.mean, std=trained.std, batch=args.batch_size,
-                      info=DistInfo(device=device))
-    print(f"{trained.weights} on {data.name} ({result.count} images): loss {result.loss:.4f}  "
+                      info=DistInfo(device=device), flip_tta=args.flip_tta)
+    tta = ", flip TTA" if args.flip_tta else ""
+    print(f"{trained.weights} on {data.name} ({result.count} images{tta}): loss {result.loss:.4f}  "
           f"top-1 {result.top1:.2f}%  top-{min(5, len(data.classes))} {result.top5:.2f}%")
     print("per-class accuracy:")
     width = max(len(c) for c in data.classes)
@@ -63,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(json.dumps({"weights": str(trained.weights), "data": data.name,
-                                                    **result.to_json()}, indent=1) + "\n")
+        record = {"weights": str(trained.weights), "data": data.name, "flip_tta": args.flip_tta, **result.to_json()}
+        (out / "eval.json").write_text(json.dumps(record, indent=1) + "\n")
         plot_confusion(result.confusion, result.classes, out / "confusion.png",
                        title=f"{data.name}: top-1 {result.top1:.2f}%")
         print(f"wrote {out / 'eval.json'} and {out / 'confusion.png'}")

@@ -421,10 +421,12 @@ class Trainer:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split, *, mean: tuple[float, ...], std: tuple[float, ...], batch: int = 500,
-             info: DistInfo | None = None, precision: str = "fp32", workers: int = 0) -> EvalResult:
+             info: DistInfo | None = None, precision: str = "fp32", workers: int = 0,
+             flip_tta: bool = False) -> EvalResult:
     """Evaluate ``model`` (on ``info.device``) on every image of ``split``, each rank its share, summed over ranks.
 
-    A distilled model's pair of heads is averaged, as DeiT does at test time.
+    A distilled model's pair of heads is averaged, as DeiT does at test time. ``flip_tta`` also runs
+    every image mirrored left-right and averages the two softmax outputs (test-time augmentation).
     """
     info = info or DistInfo(device=next(model.parameters()).device)
     was_training = model.training
@@ -432,13 +434,22 @@ def evaluate(model: nn.Module, split: Split, *, mean: tuple[float, ...], std: tu
     acc = EvalAccumulator(len(split.classes), info.device)
     for images, labels in eval_batches(split, batch=batch, rank=info.rank, world_size=info.world_size,
                                        device=info.device, workers=workers):
+        x = eval_transform(images, mean, std)
         with autocast(info.device, precision):
-            out = model(eval_transform(images, mean, std))
-        acc.add((out[0] + out[1]) / 2 if isinstance(out, tuple) else out, labels)
+            out = _logits(model(x))
+            if flip_tta:  # log of the mean of the two softmax outputs: still logits
+                out = torch.stack([out.float(), _logits(model(x.flip(-1))).float()]).log_softmax(-1)
+                out = out.logsumexp(0) - math.log(2)
+        acc.add(out, labels)
     all_reduce_sum(acc.sums, info)
     all_reduce_sum(acc.confusion, info)
     model.train(was_training)
     return acc.result(split.classes)
+
+
+def _logits(out: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """A distilled model's (class, distillation) pair averaged; any other output as it is."""
+    return (out[0] + out[1]) / 2 if isinstance(out, tuple) else out
 
 
 def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
