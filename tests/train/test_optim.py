@@ -10,7 +10,7 @@ from torch import nn
 
 from nestvit import create_model
 from nestvit.train.config import OptimSection
-from nestvit.train.optim import LRSchedule, ModelEMA, build_optimizer, no_decay_names, param_groups
+from nestvit.train.optim import LRSchedule, ModelEMA, adamw, build_optimizer, no_decay_names, param_groups
 
 TINY = {"img_size": 8, "patch_size": 1, "num_levels": 2, "block_size": 4, "embed_dims": 16, "num_heads": 1,
         "depths": 1}
@@ -56,6 +56,24 @@ def test_optimizer_groups_reach_adamw():
     assert isinstance(opt, torch.optim.AdamW)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+def test_adamw_is_fused_on_cpu_and_matches_the_reference_update():
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Linear(7, 3))
+    b = nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Linear(7, 3))
+    b.load_state_dict(a.state_dict())
+    assert build_optimizer(a, OptimSection(), lr=1e-2).defaults["fused"] is True
+    fused = adamw(a.parameters(), lr=1e-2, weight_decay=0.05)
+    plain = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.05, foreach=False)
+    x = torch.randn(8, 5)
+    for _ in range(3):
+        for m, opt in ((a, fused), (b, plain)):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
 
 
 def test_warmup_then_cosine():

@@ -59,9 +59,9 @@ def param_groups(model: nn.Module, *, weight_decay: float, policy: str) -> list[
 def adamw(params: Any, **kwargs: Any) -> torch.optim.AdamW:
     """``torch.optim.AdamW`` with its fused kernel wherever every parameter is on a CPU or CUDA device.
 
-    The fused kernel updates each tensor in one pass; PyTorch's CPU default loops over tensors op by
-    op. Measured on TNT-S (339 tensors, 23.8M parameters) on this 2-core CPU: 11.5 ms a step fused,
-    28.8 ms default, 36.8 ms foreach. Same update rule; results agree to float rounding.
+    The fused kernel updates each tensor in one pass; PyTorch's default issues several elementwise ops
+    per tensor. Measured on TNT-S (339 tensors, 23.8M parameters) on this 2-core CPU: 11.5 ms a step
+    fused, 28.8 ms default, 36.8 ms foreach, 126 ms single-tensor. Same update rule, equal to rounding.
     """
     params = list(params)
     tensors = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else params
