@@ -2,7 +2,7 @@
 # The CPU benchmark table of docs/benchmarks.md: every registered family at the issue's batch sizes
 # (64 at 32x32, 8 at 224), fp32 and bf16 autocast eager, and torch.compile (fp32; nest_tiny_cifar also
 # bf16) for the models with targets. torch.compile on this CPU costs 1-4 minutes per model and mode.
-# Usage: bash scripts/bench_cpu.sh [OUT_DIR]   (default docs/bench; 31 min measured on the 2-core CPU; run it alone)
+# Usage: bash scripts/bench_cpu.sh [OUT_DIR]   (default docs/bench; 19-31 min on the 2-core CPU; run it alone)
 set -euo pipefail
 out=${1:-docs/bench}
 mkdir -p "$out"
@@ -21,7 +21,7 @@ quick=(--warmup 2 --iters 5)
 "$nb" bench tnt_tiny_patch4_32 vit_tiny_patch4_32 vit_nest_matched_32 deit_tiny_patch16_224 "${common[@]}" \
   "${quick[@]}" --dtype fp32,bf16 --json "$out/baselines.json"
 # one table from every JSON file (the rows of docs/benchmarks.md)
-"${NESTVIT_PYTHON:-.venv/bin/python}" - "$out"/*.json <<'PY'
+"${NESTVIT_PYTHON:-.venv/bin/python}" - "$out"/{baselines,nest_tiny_cifar_mha,nest_tiny_cifar_mha_compile,nest_tiny_cifar_mqa,targets,targets_compile}.json <<'PY'
 import json, sys
 from nestvit.bench import format_table
 rows = [r for f in sys.argv[1:] for r in json.load(open(f))["results"]]
