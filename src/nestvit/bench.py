@@ -276,7 +276,8 @@ def _loss(out: torch.Tensor | tuple[torch.Tensor, ...], target: torch.Tensor) ->
     return F.cross_entropy(out.float(), target)
 
 
-def _time_steps(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> list[float]:
+def time_steps(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> list[float]:
+    """Seconds of each of ``iters`` calls of ``step`` after ``warmup`` untimed ones (device-synchronised)."""
     times = []
     for i in range(warmup + iters):
         _sync(device)
@@ -374,7 +375,7 @@ def bench_model(name: str, overrides: dict[str, Any] | None = None, *, device: s
         t0 = time.perf_counter()
         infer_step()  # first call: compiles when --compile
         first = time.perf_counter() - t0
-        times = _time_steps(infer_step, dev, warmup, iters)
+        times = time_steps(infer_step, dev, warmup, iters)
         ips = batch / statistics.median(times)
         row.update(infer_images_per_s=ips, infer_ms_per_step=1e3 * statistics.median(times),
                    infer_mfu=compute_mfu(flops, ips, peak_flops, mode="infer"),
@@ -400,7 +401,7 @@ def bench_model(name: str, overrides: dict[str, Any] | None = None, *, device: s
         t0 = time.perf_counter()
         train_step()  # first call: compiles forward and backward when --compile; creates AdamW state
         first = time.perf_counter() - t0
-        times = _time_steps(train_step, dev, warmup, iters)
+        times = time_steps(train_step, dev, warmup, iters)
         ips = batch / statistics.median(times)
         row.update(train_images_per_s=ips, train_ms_per_step=1e3 * statistics.median(times),
                    train_mfu=compute_mfu(flops, ips, peak_flops, mode="train"),
@@ -466,7 +467,7 @@ def bench_data_pipeline(img_size: tuple[int, int], in_chans: int, num_classes: i
         images, labels = next_batch()
         augment(images, labels, generator=g)
 
-    times = _time_steps(step, torch.device("cpu"), warmup, iters)
+    times = time_steps(step, torch.device("cpu"), warmup, iters)
     return {"images_per_s": batch / statistics.median(times), "batch": batch, "source": source,
             "pipeline": "crop+flip+RandAugment(2, 9)+normalise+erasing+mixup/cutmix (AugmentConfig defaults)"}
 
