@@ -238,7 +238,7 @@ def load_fid_inception(path: str | Path, *, batch_size: int = 50) -> InceptionFe
     Raises ``FeatureNetError`` naming the file and the problem when it is missing, unreadable or holds
     another network's weights.
     """
-    from .metrics import FeatureNetError, _sha8
+    from .metrics import FeatureNetError, sha8
 
     path = Path(path)
     if not path.is_file():
@@ -266,4 +266,4 @@ def load_fid_inception(path: str | Path, *, batch_size: int = 50) -> InceptionFe
                     (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
         raise FeatureNetError(f"{path} is not the FID Inception-v3 ({WEIGHTS_FILE}): " + "; ".join(problems))
     net.load_state_dict(sd, strict=False)
-    return InceptionFeatures(net, f"inception_v3_fid:{_sha8(path)}", batch_size=batch_size)
+    return InceptionFeatures(net, f"inception_v3_fid:{sha8(path)}", batch_size=batch_size)

@@ -219,7 +219,8 @@ def _to_unit(images: torch.Tensor, pad_to: int = 0) -> torch.Tensor:
     return x
 
 
-def _sha8(path: Path) -> str:
+def sha8(path: Path) -> str:
+    """The first 8 hex digits of the file's SHA-256: the weights' tag in feature-network names."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:8]
 
 
@@ -305,7 +306,7 @@ def load_feature_net(path: str | Path) -> ClassifierFeatures:
     net = FeatureNet(int(meta["in_chans"]), int(meta["num_classes"]), int(meta["dim"]))
     load_weights(net, path)
     tag = {"fashion_mnist": "fmnist", "mnist5k": "mnist5k"}.get(meta.get("dataset", ""), meta.get("dataset", "?"))
-    return ClassifierFeatures(net, f"{tag}_convnet:{_sha8(path)}")
+    return ClassifierFeatures(net, f"{tag}_convnet:{sha8(path)}")
 
 
 def load_inception_features(path: str | Path | None = None) -> FeatureExtractor:
