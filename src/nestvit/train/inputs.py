@@ -89,8 +89,7 @@ def load_split(cfg: DataSection, split: str, device: torch.device, *, classes: l
     if not DATASETS[cfg.name].in_memory:
         if cfg.root is None:
             raise ValueError(f"data.root is required for {cfg.name} (root/<split>/<class>/*.jpg)")
-        train_split = split == cfg.train_split and cfg.random_resized_crop is not None
-        crop = (cfg.random_resized_crop, 1.0) if train_split else None
+        crop = (cfg.random_resized_crop, 1.0) if split == cfg.train_split and cfg.random_resized_crop else None
         folder = ImageFolderDataset(cfg.root, split=split, size=cfg.img_size, classes=classes, crop_scale=crop)
         if limit is not None:
             folder.samples = folder.samples[:limit]
