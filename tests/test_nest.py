@@ -112,3 +112,5 @@ def test_bad_config_messages():
         Nest(aggregation="bogus")
     with pytest.raises(ValueError, match="multiple of"):
         nestvit.create_model("nest_tiny_cifar", img_size=36)
+    with pytest.raises(ValueError, match="stem_dim must be 0"):
+        Nest(stem_dim=-1)

@@ -79,6 +79,8 @@ class NestConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
+        if self.stem_dim < 0:
+            raise ValueError(f"stem_dim must be 0 (no stem) or a channel count, got {self.stem_dim}")
         if not 1 <= self.num_levels <= 6:
             raise ValueError(f"num_levels must be between 1 and 6, got {self.num_levels}")
 
@@ -260,11 +262,11 @@ class Nest(ModelBase):
         cfg.block_grid(cfg.num_levels - 1)  # validate the whole hierarchy up front
 
         self.patch_embed = nn.Module()
-        self.patch_embed.stem = nn.Identity() if cfg.stem_dim <= 0 else nn.Sequential(
+        self.patch_embed.stem = nn.Identity() if not cfg.stem_dim else nn.Sequential(
             nn.Conv2d(cfg.in_chans, cfg.stem_dim, 3, padding=1), ChannelNorm(cfg.stem_dim, eps=cfg.norm_eps),
             make_act(cfg.act))
-        self.patch_embed.proj = nn.Conv2d(cfg.stem_dim if cfg.stem_dim > 0 else cfg.in_chans, cfg.embed_dims[0],
-                                          cfg.patch_size, stride=cfg.patch_size)
+        self.patch_embed.proj = nn.Conv2d(cfg.stem_dim or cfg.in_chans, cfg.embed_dims[0], cfg.patch_size,
+                                          stride=cfg.patch_size)
         dprs = drop_path_rates(cfg.drop_path_rate, cfg.depths)
         self.levels = nn.ModuleList([NestLevel(cfg, i, dprs[i]) for i in range(cfg.num_levels)])
         self.norm = nn.LayerNorm(cfg.embed_dims[-1], eps=cfg.norm_eps)
