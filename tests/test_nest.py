@@ -70,6 +70,22 @@ def test_conv_stem_option():
     assert changed[0, 0] and changed.sum() == 1  # pixel (0, 0) reaches pixels 0-1: patch (0, 0) only
 
 
+def test_conv_stem_depth():
+    """``stem_depth=2``: two conv3x3 layers, so a pixel reaches two pixels away (5x5 receptive field)."""
+    model = nestvit.create_model("nest_tiny_cifar", in_chans=1, patch_size=2, num_levels=3, embed_dims=(8, 16, 32),
+                                 num_heads=(1, 2, 4), depths=1, stem_dim=6, stem_depth=2).eval()
+    assert [k for k in model.state_dict() if k.startswith("patch_embed.stem") and k.endswith("weight")] == [
+        "patch_embed.stem.0.weight", "patch_embed.stem.1.weight", "patch_embed.stem.3.weight",
+        "patch_embed.stem.4.weight"]  # depth 1 keeps the keys of stem_depth's absence
+    x = torch.randn(2, 1, 32, 32)
+    x2 = x.clone()
+    x2[:, :, 0, 0] += 1.0
+    with torch.no_grad():
+        a, b = (model._embed(t) for t in (x, x2))
+    changed = (a - b).abs().amax(dim=(0, 3)) > 0
+    assert changed[:2, :2].all() and changed.sum() == 4  # pixels 0-2 reach patches 0-1 along each axis
+
+
 def test_top_level_is_one_block_for_square_and_several_for_rectangular_input():
     sq = nestvit.create_model("nest_tiny_cifar", embed_dims=8, num_heads=1, depths=1)
     assert sq.levels[-1].grid == (1, 1) and sq.levels[0].grid == (8, 8)
@@ -114,3 +130,5 @@ def test_bad_config_messages():
         nestvit.create_model("nest_tiny_cifar", img_size=36)
     with pytest.raises(ValueError, match="stem_dim must be 0"):
         Nest(stem_dim=-1)
+    with pytest.raises(ValueError, match="stem_depth must be at least 1"):
+        Nest(stem_dim=8, stem_depth=0)

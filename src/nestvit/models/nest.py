@@ -19,8 +19,8 @@ Deviations (all options; the defaults follow the official code):
 - ``act="gelu_tanh"`` is JAX's default GELU (official code); timm's port computes the exact GELU, so
   the 224 entries default to ``"gelu"`` to reproduce timm's published weights exactly.
 - ``pool_pad="same"`` pads the max-pool 0 before / 1 after (TF SAME, official); ``"symmetric"`` pads 1/1.
-- ``stem_dim > 0`` puts ``conv3x3 -> LayerNorm -> activation`` (``stem_dim`` channels, full resolution)
-  before the patch embedding, an early convolution as in Xiao et al. 2021 ("Early Convolutions Help
+- ``stem_dim > 0`` puts ``stem_depth`` x ``conv3x3 -> LayerNorm -> activation`` (``stem_dim`` channels,
+  full resolution) before the patch embedding, an early convolution as in Xiao et al. 2021 ("Early Convolutions Help
   Transformers See Better"); not in NesT, off by default, used by the Fashion-MNIST results recipe.
 - ``aggregation`` and ``aggregation_plane`` implement the paper's Figure 5 / A1 ablations (see
   ``BlockAggregation``); rectangular images work wherever the block grid divides (the top level then
@@ -46,6 +46,7 @@ class NestConfig:
     num_classes: int = 1000
     patch_size: int = 4  # 1 for CIFAR, 4 for ImageNet (the paper's Figure 6 also tries 2)
     stem_dim: int = 0  # 0: the paper's linear patch embedding; > 0: a conv3x3 stem of this width before it
+    stem_depth: int = 1  # conv3x3 -> LayerNorm -> act layers in that stem
     num_levels: int = 3  # hierarchies T_d; level l has 4**(num_levels-1-l) blocks for square input
     block_size: int | None = None  # block edge in patches; None: grid / 2**(num_levels-1) (top = 1 block)
     embed_dims: tuple[int, ...] = (128, 256, 512)
@@ -81,6 +82,8 @@ class NestConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
         if self.stem_dim < 0:
             raise ValueError(f"stem_dim must be 0 (no stem) or a channel count, got {self.stem_dim}")
+        if self.stem_depth < 1:
+            raise ValueError(f"stem_depth must be at least 1 (stem_dim=0 turns the stem off), got {self.stem_depth}")
         if not 1 <= self.num_levels <= 6:
             raise ValueError(f"num_levels must be between 1 and 6, got {self.num_levels}")
 
@@ -262,9 +265,10 @@ class Nest(ModelBase):
         cfg.block_grid(cfg.num_levels - 1)  # validate the whole hierarchy up front
 
         self.patch_embed = nn.Module()
-        self.patch_embed.stem = nn.Identity() if not cfg.stem_dim else nn.Sequential(
-            nn.Conv2d(cfg.in_chans, cfg.stem_dim, 3, padding=1), ChannelNorm(cfg.stem_dim, eps=cfg.norm_eps),
-            make_act(cfg.act))
+        self.patch_embed.stem = nn.Identity() if not cfg.stem_dim else nn.Sequential(*[
+            layer for i in range(cfg.stem_depth)
+            for layer in (nn.Conv2d(cfg.stem_dim if i else cfg.in_chans, cfg.stem_dim, 3, padding=1),
+                          ChannelNorm(cfg.stem_dim, eps=cfg.norm_eps), make_act(cfg.act))])
         self.patch_embed.proj = nn.Conv2d(cfg.stem_dim or cfg.in_chans, cfg.embed_dims[0], cfg.patch_size,
                                           stride=cfg.patch_size)
         dprs = drop_path_rates(cfg.drop_path_rate, cfg.depths)
