@@ -11,6 +11,8 @@ import importlib
 import importlib.util
 import sys
 
+from .system import keep_freed_memory
+
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("nestvit.cli_models", "list registered models: params, GFLOPs, input size, family"),
@@ -59,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
+    keep_freed_memory()
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except KeyboardInterrupt:

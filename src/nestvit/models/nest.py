@@ -20,8 +20,10 @@ Deviations (all options; the defaults follow the official code):
   the 224 entries default to ``"gelu"`` to reproduce timm's published weights exactly.
 - ``pool_pad="same"`` pads the max-pool 0 before / 1 after (TF SAME, official); ``"symmetric"`` pads 1/1.
 - ``stem_dim > 0`` puts ``stem_depth`` x ``conv3x3 -> LayerNorm -> activation`` (``stem_dim`` channels,
-  full resolution) before the patch embedding, an early convolution as in Xiao et al. 2021 ("Early Convolutions Help
-  Transformers See Better"); not in NesT, off by default, used by the Fashion-MNIST results recipe.
+  full resolution) before the patch embedding, an early convolution as in Xiao et al. 2021 ("Early
+  Convolutions Help Transformers See Better"); not in NesT, off by default, used by the Fashion-MNIST
+  results recipe. ``patch_overlap=True`` widens the patch embedding to kernel ``2p-1`` (stride ``p``,
+  padding ``p-1``), PVTv2's overlapping patch embedding (Wang et al. 2022); not in NesT, off by default.
 - ``aggregation`` and ``aggregation_plane`` implement the paper's Figure 5 / A1 ablations (see
   ``BlockAggregation``); rectangular images work wherever the block grid divides (the top level then
   has more than one block).
@@ -47,6 +49,7 @@ class NestConfig:
     patch_size: int = 4  # 1 for CIFAR, 4 for ImageNet (the paper's Figure 6 also tries 2)
     stem_dim: int = 0  # 0: the paper's linear patch embedding; > 0: a conv3x3 stem of this width before it
     stem_depth: int = 1  # conv3x3 -> LayerNorm -> act layers in that stem
+    patch_overlap: bool = False  # patch embedding conv of kernel 2p-1 (padding p-1) instead of p: patches overlap
     num_levels: int = 3  # hierarchies T_d; level l has 4**(num_levels-1-l) blocks for square input
     block_size: int | None = None  # block edge in patches; None: grid / 2**(num_levels-1) (top = 1 block)
     embed_dims: tuple[int, ...] = (128, 256, 512)
@@ -269,8 +272,10 @@ class Nest(ModelBase):
             layer for i in range(cfg.stem_depth)
             for layer in (nn.Conv2d(cfg.stem_dim if i else cfg.in_chans, cfg.stem_dim, 3, padding=1),
                           ChannelNorm(cfg.stem_dim, eps=cfg.norm_eps), make_act(cfg.act))])
-        self.patch_embed.proj = nn.Conv2d(cfg.stem_dim or cfg.in_chans, cfg.embed_dims[0], cfg.patch_size,
-                                          stride=cfg.patch_size)
+        p = cfg.patch_size
+        self.patch_embed.proj = nn.Conv2d(cfg.stem_dim or cfg.in_chans, cfg.embed_dims[0],
+                                          2 * p - 1 if cfg.patch_overlap else p, stride=p,
+                                          padding=p - 1 if cfg.patch_overlap else 0)
         dprs = drop_path_rates(cfg.drop_path_rate, cfg.depths)
         self.levels = nn.ModuleList([NestLevel(cfg, i, dprs[i]) for i in range(cfg.num_levels)])
         self.norm = nn.LayerNorm(cfg.embed_dims[-1], eps=cfg.norm_eps)
