@@ -70,6 +70,27 @@ def test_conv_stem_option():
     assert changed[0, 0] and changed.sum() == 1  # pixel (0, 0) reaches pixels 0-1: patch (0, 0) only
 
 
+def test_patch_overlap():
+    """``patch_overlap``: kernel 2p-1, stride p, padding p-1: same grid, and a pixel on a patch border reaches
+    both neighbouring patches (p=2: pixel 1 sits in patch 0 and under the kernel of patch 1)."""
+    model = nestvit.create_model("nest_tiny_cifar", in_chans=1, patch_size=2, num_levels=3, embed_dims=(8, 16, 32),
+                                 num_heads=(1, 2, 4), depths=1, patch_overlap=True).eval()
+    assert model.patch_embed.proj.weight.shape == (8, 1, 3, 3)
+    x = torch.randn(2, 1, 32, 32)
+    x2 = x.clone()
+    x2[:, :, 1, 1] += 1.0
+    with torch.no_grad():
+        a, b = (model._embed(t) for t in (x, x2))
+    assert a.shape == (2, 16, 16, 8)
+    changed = (a - b).abs().amax(dim=(0, 3)) > 0
+    assert changed[:2, :2].all() and changed.sum() == 4
+    plain = nestvit.create_model("nest_tiny_cifar", patch_size=4, num_levels=2, embed_dims=8, num_heads=1, depths=1)
+    wide = nestvit.create_model("nest_tiny_cifar", patch_size=4, num_levels=2, embed_dims=8, num_heads=1, depths=1,
+                                patch_overlap=True)
+    assert wide.patch_embed.proj.weight.shape[-2:] == (7, 7) and plain.patch_embed.proj.weight.shape[-2:] == (4, 4)
+    assert wide(torch.randn(1, 3, 32, 32)).shape == (1, wide.num_classes)
+
+
 def test_conv_stem_depth():
     """``stem_depth=2``: two conv3x3 layers, so a pixel reaches two pixels away (5x5 receptive field)."""
     model = nestvit.create_model("nest_tiny_cifar", in_chans=1, patch_size=2, num_levels=3, embed_dims=(8, 16, 32),
