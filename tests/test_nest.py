@@ -97,7 +97,7 @@ def test_conv_stem_depth():
                                  num_heads=(1, 2, 4), depths=1, stem_dim=6, stem_depth=2).eval()
     assert [k for k in model.state_dict() if k.startswith("patch_embed.stem") and k.endswith("weight")] == [
         "patch_embed.stem.0.weight", "patch_embed.stem.1.weight", "patch_embed.stem.3.weight",
-        "patch_embed.stem.4.weight"]  # depth 1 keeps the keys of stem_depth's absence
+        "patch_embed.stem.4.weight"]  # the first layer keeps the keys of a one-layer stem
     x = torch.randn(2, 1, 32, 32)
     x2 = x.clone()
     x2[:, :, 0, 0] += 1.0
