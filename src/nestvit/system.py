@@ -3,7 +3,7 @@
 ``keep_freed_memory()``: glibc returns large freed blocks to the kernel (``munmap`` above the mmap
 threshold, heap trimming above the trim threshold), so every training step of a CPU model faults its
 activations back in page by page: 12,000-25,000 minor page faults (47-98 MB) a step for the Fashion-MNIST
-results model at batch 128, which cost it 3-15 % of its training rate on the 2-core machine of
+results model at batch 128, which cost it 2-14 % of its training rate on the 2-core machine of
 docs/benchmarks.md. Raising
 both thresholds keeps freed memory in the process for reuse, what PyTorch's CUDA caching allocator does
 on GPUs and what Intel's CPU tuning guide gets by preloading jemalloc or tcmalloc. Peak memory is
