@@ -146,7 +146,7 @@ def _model_stats(cfg: Any) -> dict[str, Any]:
     from .train.runs import build_model
 
     d = cfg.data
-    key = (d.name, d.root, d.train_split, d.pad_to, d.img_size)
+    key = (d.name, d.root, d.train_split, d.resize_to, d.pad_to, d.img_size)
     if key not in _SHAPES:  # (classes, channels, size) of the data set; reading it once per experiment
         split = load_split(dataclasses.replace(d, limit_train=None), d.train_split, torch.device("cpu"), limit=2)
         _SHAPES[key] = (len(split.classes), split.channels, split.size)

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -77,3 +78,32 @@ def test_help_lists_recipes(capsys):
     assert "built-in recipes" in out and "mnist5k_nest" in out
     assert main(["train", "--list-keys"]) == 0
     assert "model.overrides.*" in capsys.readouterr().out
+
+
+def test_resize_to_is_applied_in_training_eval_and_predict(tmp_path, recipe, capsys):
+    """16x16 images resized to the model's 8x8: the weights file alone tells eval and predict to do the same."""
+    run = tmp_path / "run"
+    assert main(["train", str(recipe), "--out", str(run), "--set", "data.img_size=16",
+                 "--set", "data.resize_to=8"]) == 0
+    assert "1x8x8" in capsys.readouterr().out
+    # the bare weights file (no config.yaml beside it): eval reads resize_to from its metadata
+    alone = tmp_path / "alone.safetensors"
+    alone.write_bytes((run / "last.safetensors").read_bytes())
+    assert main(["eval", str(alone), "--data", "synthetic", "--limit", "64"]) == 0
+    assert "(64 images)" in capsys.readouterr().out
+    images, _ = synthetic("test", size=16, count=1)
+    Image.fromarray(images[0, 0].numpy()).save(tmp_path / "img.png")
+    assert main(["predict", str(run), str(tmp_path / "img.png")]) == 0
+    assert main(["train", str(recipe), "--out", str(tmp_path / "bad"), "--set", "data.resize_to=0"]) == 2
+    assert "data.resize_to must be a positive image size" in capsys.readouterr().err
+
+
+def test_resize_keeps_flat_images_flat_and_is_a_no_op_at_the_same_size():
+    from nestvit.train.inputs import _resize
+
+    flat = torch.full((3, 1, 28, 28), 77, dtype=torch.uint8)
+    assert torch.equal(_resize(flat, 24), torch.full((3, 1, 24, 24), 77, dtype=torch.uint8))
+    assert _resize(flat, 28) is flat and _resize(flat, None) is flat
+    ramp = torch.arange(28, dtype=torch.uint8).mul(9).expand(1, 1, 28, 28)
+    small = _resize(ramp, 14)[0, 0, 0]
+    assert small.dtype == torch.uint8 and bool((small[1:] > small[:-1]).all())  # order kept, no wrap-around

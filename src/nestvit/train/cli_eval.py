@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     split = args.split or (run_data.eval_split if run_data and name == run_data.name else "test")
     root = args.root or (run_data.root if run_data and name == run_data.name else None)
     size = trained.model.img_size
-    section = DataSection(name=name, root=root, pad_to=trained.pad_to, img_size=size[0])
+    section = DataSection(name=name, root=root, resize_to=trained.resize_to, pad_to=trained.pad_to, img_size=size[0])
     device = resolve_device(args.device)
     model = trained.model.to(device)
     with one_line_errors():

@@ -52,6 +52,7 @@ class DataSection:
     eval_split: str = "test"  # the split evaluated after every eval_every epochs ("val" for imagefolder)
     mean: tuple[float, ...] | None = None  # per-channel normalisation; None: measured on the training images
     std: tuple[float, ...] | None = None
+    resize_to: int | None = None  # resize in-memory images to resize_to x resize_to first (bilinear, antialiased)
     pad_to: int | None = None  # zero-pad in-memory images to pad_to x pad_to (e.g. 28 -> 32 for CIFAR models)
     limit_train: int | None = None  # keep only the first N training images (quick runs, tests)
     limit_eval: int | None = None  # keep only the first N evaluation images
@@ -139,6 +140,8 @@ class TrainConfig:
             (self.data.random_resized_crop is None or 0 < self.data.random_resized_crop <= 1,
              f"data.random_resized_crop must be in (0, 1] (the smallest crop's share of the area; the official "
              f"ImageNet recipes: 0.08) or null, got {self.data.random_resized_crop}"),
+            (self.data.resize_to is None or self.data.resize_to >= 1,
+             f"data.resize_to must be a positive image size or null, got {self.data.resize_to}"),
             (0.0 <= self.ema.decay < 1.0, f"ema.decay must be in [0, 1), got {self.ema.decay}"),
             (self.distill.type in ("hard", "soft"),
              f"distill.type must be 'hard' or 'soft', got {self.distill.type!r}"),

@@ -40,10 +40,19 @@ class Split:
     size: tuple[int, int]  # (H, W) of the images the model sees
     images: torch.Tensor | None = None  # (N, C, H, W) uint8, on the training device
     folder: ImageFolderDataset | None = None
-    unpadded: tuple[int, int] | None = None  # (H, W) of the images as stored, before data.pad_to
+    unpadded: tuple[int, int] | None = None  # (H, W) of the images before data.pad_to (after data.resize_to)
 
     def __len__(self) -> int:
         return len(self.labels)
+
+
+def _resize(images: torch.Tensor, size: int | None) -> torch.Tensor:
+    """``(N, C, H, W)`` uint8 resized to ``size`` x ``size`` (bilinear, antialiased, like PIL's), in chunks."""
+    if size is None or tuple(images.shape[-2:]) == (size, size):
+        return images
+    out = [F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+           .round_().clamp_(0, 255).to(torch.uint8) for chunk in images.split(4096)]
+    return torch.cat(out)
 
 
 def _pad(images: torch.Tensor, pad_to: int | None) -> torch.Tensor:
@@ -80,13 +89,17 @@ def load_split(cfg: DataSection, split: str, device: torch.device, *, classes: l
     """
     if cfg.name == "synthetic":
         images, labels = synthetic(split, size=cfg.img_size, count=limit or 512)
+        images = _resize(images, cfg.resize_to)
+        unpadded = tuple(images.shape[-2:])
         images = _pad(images, cfg.pad_to)
         return Split(name=f"synthetic:{split}", labels=labels, classes=[f"class{k}" for k in range(10)],
-                     channels=1, size=tuple(images.shape[-2:]), images=images.to(device),
-                     unpadded=(cfg.img_size, cfg.img_size))
+                     channels=1, size=tuple(images.shape[-2:]), images=images.to(device), unpadded=unpadded)
     if cfg.name not in DATASETS:
         raise ValueError(f"unknown data set {cfg.name!r}; known: {', '.join(DATASETS)}, synthetic")
     if not DATASETS[cfg.name].in_memory:
+        if cfg.resize_to is not None or cfg.pad_to is not None:
+            raise ValueError(f"data.resize_to and data.pad_to apply to in-memory data sets; {cfg.name} images are "
+                             "resized to data.img_size instead: set that")
         if cfg.root is None:
             raise ValueError(f"data.root is required for {cfg.name} (root/<split>/<class>/*.jpg)")
         crop = (cfg.random_resized_crop, 1.0) if split == cfg.train_split and cfg.random_resized_crop else None
@@ -100,6 +113,7 @@ def load_split(cfg: DataSection, split: str, device: torch.device, *, classes: l
     images, labels = ds.images, ds.labels
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
+    images = _resize(images, cfg.resize_to)
     unpadded = tuple(images.shape[-2:])
     images = _pad(images, cfg.pad_to)
     return Split(name=ds.name, labels=labels, classes=list(ds.classes), channels=images.shape[1],

@@ -365,7 +365,8 @@ class Trainer:
     def _metadata(self, **extra: Any) -> dict[str, str]:
         return weights_metadata(self.cfg.model.name, self.model_kwargs, classes=self.classes,
                                 mean=self.cfg.data.mean, std=self.cfg.data.std, pad_to=self.cfg.data.pad_to,
-                                unpadded=self.train_split.unpadded, data=self.cfg.data.name, epoch=self.epoch,
+                                unpadded=self.train_split.unpadded, resize_to=self.cfg.data.resize_to,
+                                data=self.cfg.data.name, epoch=self.epoch,
                                 step=self.step, **extra)
 
     def save_weights(self, test: EvalResult | None) -> None:

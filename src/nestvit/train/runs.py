@@ -63,6 +63,7 @@ class Trained:
     std: tuple[float, ...]
     pad_to: int | None = None  # the training images were zero-padded to this size ...
     unpadded: tuple[int, int] | None = None  # ... from this (H, W)
+    resize_to: int | None = None  # the stored training images were resized to this size first
     config: TrainConfig | None = None  # the run's config, when the weights sit in a run directory
     metadata: dict[str, str] = field(default_factory=dict)
 
@@ -107,8 +108,8 @@ def load_trained(checkpoint: str | Path, which: str = "best") -> Trained:
     config = load_config(config_file) if config_file.is_file() else None
     return Trained(model=model.eval(), weights=weights, classes=json.loads(meta["classes"]),
                    mean=tuple(json.loads(meta["mean"])), std=tuple(json.loads(meta["std"])),
-                   pad_to=json.loads(meta.get("pad_to", "null")), unpadded=_pair(meta.get("unpadded")), config=config,
-                   metadata=meta)
+                   pad_to=json.loads(meta.get("pad_to", "null")), unpadded=_pair(meta.get("unpadded")),
+                   resize_to=json.loads(meta.get("resize_to", "null")), config=config, metadata=meta)
 
 
 def _pair(text: str | None) -> tuple[int, int] | None:
