@@ -128,3 +128,7 @@ def test_a_finished_run_is_reused_only_for_the_same_config(tmp_path):
     arm.recipe = E._merge(arm.recipe, {"optim": {"lr": 1e-4}})  # the recipe changed since: train again
     changed = E.run_arm(arm, 0, tmp_path, device="cpu", fresh=False, log=said.append)
     assert not changed["read_back"] and any("another config" in m for m in said)
+
+
+def test_epochs_and_steps_show_a_range_when_a_budget_stopped_seeds_apart():
+    assert E._span([22, 22]) == 22 and E._span([22, 20]) == "20-22" and E._span([None, 7]) == 7 and E._span([]) is None

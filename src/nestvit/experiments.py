@@ -267,7 +267,7 @@ def aggregate(plan: Plan, runs: list[dict[str, Any]], stats: dict[str, dict[str,
                "test_top1": mean_spread([r["test_top1"] for r in rs]),
                "wall_s": mean_spread([r["wall_s"] for r in rs]),
                "train_img_s": mean_spread([r["train_img_s"] for r in rs]),
-               "steps": rs[0]["steps"] if rs else None, "epochs": rs[0]["epochs"] if rs else None}
+               "steps": _span([r["steps"] for r in rs]), "epochs": _span([r["epochs"] for r in rs])}
         # mean test accuracy after each epoch (over the seeds that have it)
         curve: dict[int, list[float]] = {}
         for r in rs:
@@ -278,6 +278,14 @@ def aggregate(plan: Plan, runs: list[dict[str, Any]], stats: dict[str, dict[str,
             row["paper"] = plan.paper[arm.name]
         rows.append(row)
     return rows
+
+
+def _span(values: list[Any]) -> Any:
+    """The one value all seeds share, else ``"min-max"`` (a time budget can stop seeds at different epochs)."""
+    known = [v for v in values if v is not None]
+    if not known:
+        return None
+    return known[0] if min(known) == max(known) else f"{min(known)}-{max(known)}"
 
 
 def markdown(plan: Plan, rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
