@@ -107,3 +107,11 @@ def test_resize_keeps_flat_images_flat_and_is_a_no_op_at_the_same_size():
     ramp = torch.arange(28, dtype=torch.uint8).mul(9).expand(1, 1, 28, 28)
     small = _resize(ramp, 14)[0, 0, 0]
     assert small.dtype == torch.uint8 and bool((small[1:] > small[:-1]).all())  # order kept, no wrap-around
+
+
+def test_resize_and_pad_are_refused_for_image_folders(tmp_path):
+    from nestvit.train.config import DataSection
+    from nestvit.train.inputs import load_split
+
+    with pytest.raises(ValueError, match="data.img_size instead"):
+        load_split(DataSection(name="imagefolder", root=str(tmp_path), resize_to=24), "train", torch.device("cpu"))
