@@ -94,6 +94,20 @@ def test_resize_to_is_applied_in_training_eval_and_predict(tmp_path, recipe, cap
     images, _ = synthetic("test", size=16, count=1)
     Image.fromarray(images[0, 0].numpy()).save(tmp_path / "img.png")
     assert main(["predict", str(run), str(tmp_path / "img.png")]) == 0
+    capsys.readouterr()
+    # a real in-memory set stored at 28x28 (IDX files): eval of the bare weights fails unless it resizes too
+    from tests.data.test_datasets import write_idx_set
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 64), ("test", 32)):
+        write_idx_set(tmp_path / "fm", split, rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
+                      rng.integers(0, 10, n, dtype=np.uint8), gz=False)
+    fm = tmp_path / "fm_run"
+    assert main(["train", str(recipe), "--out", str(fm), "--set", "data.name=fashion_mnist",
+                 "--set", f"data.root={tmp_path / 'fm'}", "--set", "data.resize_to=8"]) == 0
+    alone.write_bytes((fm / "last.safetensors").read_bytes())
+    assert main(["eval", str(alone), "--data", "fashion_mnist", "--root", str(tmp_path / "fm")]) == 0
+    assert "fashion_mnist:test (32 images)" in capsys.readouterr().out
     assert main(["train", str(recipe), "--out", str(tmp_path / "bad"), "--set", "data.resize_to=0"]) == 2
     assert "data.resize_to must be a positive image size" in capsys.readouterr().err
 
