@@ -104,17 +104,17 @@ def test_quick_mode_other_experiments(name, tmp_path):
     assert (out / "results.json").is_file() and (out / "results.md").is_file() and (out / "results.png").is_file()
 
 
-def test_time_budget_stops_between_epochs(tmp_path):
-    args = _args("best_fashion_mnist", tmp_path)
-    args.seeds = [0]
-    plan = E.plan_quick(E.plan_best_fashion_mnist, args)
-    arm = plan.arms[0]
-    arm.recipe["epochs"] = 3
-    arm.recipe["threads"] = 1
-    res = E.run_arm(arm, 0, tmp_path / "b", device="cpu", fresh=False, log=lambda m: None, time_budget_s=0.0)
-    assert res["epochs"] == 1  # one epoch always runs; the next would exceed a zero budget
+def test_time_budget_ends_a_run_inside_an_epoch(tmp_path):
+    args = _args("best_fashion_mnist", tmp_path, "--budget-min", "1e-6")
+    assert E.plan_best_fashion_mnist(args).arms[0].recipe["time_budget_min"] == 1e-6
+    arm = E.plan_quick(E.plan_best_fashion_mnist, args).arms[0]
+    assert "time_budget_min" not in arm.recipe  # --quick runs its epoch whole
+    arm.recipe.update(epochs=3, threads=1, time_budget_min=1e-6)
+    res = E.run_arm(arm, 0, tmp_path / "b", device="cpu", fresh=False, log=lambda m: None)
+    assert res["steps"] == 1 and res["epochs"] == 0.5  # one step of two, then the deadline
+    assert res["curve"] == [(0.5, res["test_top1"])]  # evaluated where it stopped
     summary = json.loads((tmp_path / "b" / "runs" / "nest-best-s0" / "summary.json").read_text())
-    assert summary["planned_epochs"] == 3
+    assert summary["stopped_by_budget"] and summary["time_budget_s"] == pytest.approx(6e-5)
 
 
 def test_a_finished_run_is_reused_only_for_the_same_config(tmp_path):

@@ -113,7 +113,6 @@ class Plan:
     columns: list[str]  # the label columns of the table
     plot: Callable[[dict[str, Any], Path], None]
     paper: dict[str, str] = field(default_factory=dict)  # arm name -> the paper's number, when it has one
-    time_budget_s: float | None = None  # best_fashion_mnist: stop training after this many seconds
 
 
 def mean_spread(values: Sequence[float]) -> dict[str, float | int | None]:
@@ -198,8 +197,8 @@ def _same_config(run_dir: Path, cfg: Any) -> bool:
         return False
 
 
-def run_arm(arm: Arm, seed: int, out: Path, *, device: str | None, fresh: bool, log: Callable[[str], None],
-            time_budget_s: float | None = None) -> dict[str, Any]:
+def run_arm(arm: Arm, seed: int, out: Path, *, device: str | None, fresh: bool,
+            log: Callable[[str], None]) -> dict[str, Any]:
     """Train ``arm`` with ``seed`` into ``out/runs/<arm>-s<seed>`` (or read it back) and return its numbers."""
     from .train.config import TrainConfig, from_dict
     from .train.loop import train
@@ -220,41 +219,12 @@ def run_arm(arm: Arm, seed: int, out: Path, *, device: str | None, fresh: bool, 
         if run_dir.exists():  # interrupted or stale: start it again (the results must come from one run)
             shutil.rmtree(run_dir)
         log(f"[{arm.name} seed {seed}] training -> {run_dir}")
-        if time_budget_s is None:
-            train(cfg, run_dir, device=device)
-        else:
-            _train_within(cfg, run_dir, device=device, budget_s=time_budget_s, log=log)
+        train(cfg, run_dir, device=device)
     res = _read_run(run_dir)
     res.update(arm=arm.name, seed=seed, run_dir=str(run_dir), read_back=read_back)
     log(f"[{arm.name} seed {seed}] test top-1 {res['test_top1']:.2f}% in {res['wall_s']:.0f}s "
         f"({res['train_img_s'] or 0:.0f} train img/s)")
     return res
-
-
-def _train_within(cfg: Any, run_dir: Path, *, device: str | None, budget_s: float,
-                  log: Callable[[str], None]) -> None:
-    """Train epoch by epoch (resuming the same run) until the epochs are done or ``budget_s`` of training
-    time would be exceeded by one more epoch (estimated from the last one). The run keeps its schedule of
-    ``cfg.epochs`` epochs; a stopped run is evaluated after its last completed epoch."""
-    from .train.loop import train
-
-    started = time.perf_counter()
-    res = train(cfg, run_dir, device=device, stop_after_epochs=1)
-    last_epoch_s = time.perf_counter() - started
-    while res.epochs_done < cfg.epochs:
-        spent = time.perf_counter() - started
-        if spent + last_epoch_s > budget_s:
-            log(f"time budget: stopping after {res.epochs_done}/{cfg.epochs} epochs ({spent:.0f}s spent, one more "
-                f"epoch takes ~{last_epoch_s:.0f}s, budget {budget_s:.0f}s)")
-            break
-        t = time.perf_counter()
-        res = train(cfg, run_dir, resume=True, device=device, stop_after_epochs=res.epochs_done + 1)
-        last_epoch_s = time.perf_counter() - t
-    summary = run_dir / "summary.json"
-    data = json.loads(summary.read_text())
-    data["wall_s"] = round(time.perf_counter() - started, 1)  # all the resumed pieces together
-    data["planned_epochs"] = cfg.epochs
-    summary.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def aggregate(plan: Plan, runs: list[dict[str, Any]], stats: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -269,11 +239,11 @@ def aggregate(plan: Plan, runs: list[dict[str, Any]], stats: dict[str, dict[str,
                "train_img_s": mean_spread([r["train_img_s"] for r in rs]),
                "steps": _span([r["steps"] for r in rs]), "epochs": _span([r["epochs"] for r in rs])}
         # mean test accuracy after each epoch (over the seeds that have it)
-        curve: dict[int, list[float]] = {}
+        curve: dict[float, list[float]] = {}  # a time budget can end a run inside an epoch (epoch 26.4)
         for r in rs:
             for ep, acc in r["curve"]:
-                curve.setdefault(int(ep), []).append(acc)
-        row["curve"] = {str(ep): mean_spread(v) for ep, v in sorted(curve.items())}
+                curve.setdefault(float(ep), []).append(acc)
+        row["curve"] = {f"{ep:g}": mean_spread(v) for ep, v in sorted(curve.items())}
         if arm.name in plan.paper:
             row["paper"] = plan.paper[arm.name]
         rows.append(row)
@@ -378,8 +348,7 @@ def data_efficiency_plot(result: dict[str, Any], path: Path) -> None:
         a1.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=m, color=f"C{i}")
         curve = rs[0]["curve"]  # the smallest set: the most epochs
         if curve:
-            eps = [int(e) for e in curve]
-            a2.plot(eps, [curve[str(e)]["mean"] for e in eps], marker=".", color=f"C{i}",
+            a2.plot([float(e) for e in curve], [v["mean"] for v in curve.values()], marker=".", color=f"C{i}",
                     label=f"{m} ({rs[0]['train_size']} images)")
     a1.set_xscale("log")
     a1.set_xlabel("training images (log)")
@@ -569,18 +538,21 @@ def plan_best_fashion_mnist(a: argparse.Namespace) -> Plan:
     raw = _merge(raw, {"data": {"name": data}})
     if a.epochs:
         raw["epochs"] = a.epochs
+    if a.budget_min is not None:
+        raw["time_budget_min"] = a.budget_min
     if a.train_size:
         raw["data"]["limit_train"] = a.train_size
     if a.eval_size:
         raw["data"]["limit_eval"] = a.eval_size
     arms = [Arm("nest-best", raw, {"model": f"{raw['model']['name']} {json.dumps(raw['model'].get('overrides', {}))}"})]
-    budget = a.budget_min * 60 if a.budget_min else None
+    budget = raw.get("time_budget_min", 0.0)
     return Plan("best_fashion_mnist", arms, a.seeds, [
-        f"Recipe: src/nestvit/recipes/results_best_fashion_mnist.yaml ({raw['epochs']} epochs planned on "
-        f"{raw['data'].get('limit_train') or 'all 60,000'} training images); training stops after the last epoch "
-        f"that fits into {a.budget_min or 'no'} minutes (--budget-min); test on "
+        f"Recipe: src/nestvit/recipes/results_best_fashion_mnist.yaml (at most {raw['epochs']} epochs on "
+        f"{raw['data'].get('limit_train') or 'all 60,000'} training images"
+        + (f", {budget:g} minutes per run: the learning rate decays by step or by time, whichever is further "
+           "along, and training stops at the deadline" if budget else "") + "); test on "
         f"{raw['data'].get('limit_eval') or 'all 10,000'} test images.",
-    ], ["model"], best_plot, time_budget_s=budget)
+    ], ["model"], best_plot)
 
 
 def plan_quick(plan_fn: Callable[[argparse.Namespace], Plan], a: argparse.Namespace) -> Plan:
@@ -592,6 +564,7 @@ def plan_quick(plan_fn: Callable[[argparse.Namespace], Plan], a: argparse.Namesp
         r["epochs"] = 1
         r["data"] = {**r.get("data", {}), "name": "synthetic", "img_size": 28, "limit_train": 64, "limit_eval": 32}
         r["global_batch"] = 32
+        r.pop("time_budget_min", None)
         ov = r["model"].setdefault("overrides", {})
         if r["model"]["name"].startswith("rtnt"):
             ov.update(depth=1, dims=[16, 8, 4], num_heads=[1, 1, 1])
@@ -601,7 +574,6 @@ def plan_quick(plan_fn: Callable[[argparse.Namespace], Plan], a: argparse.Namesp
         else:
             ov.update(embed_dim=16, depth=1, num_heads=1)
     plan.arms = arms
-    plan.time_budget_s = None
     return plan
 
 
@@ -645,8 +617,7 @@ def run_experiment(a: argparse.Namespace, log: Callable[[str], None] = _print) -
     runs = []
     for seed in plan.seeds:  # seed-major: a stopped experiment has every arm at the first seed
         for arm in plan.arms:
-            runs.append(run_arm(arm, seed, out, device=a.device, fresh=a.fresh, log=log,
-                                time_budget_s=plan.time_budget_s))
+            runs.append(run_arm(arm, seed, out, device=a.device, fresh=a.fresh, log=log))
     wall = time.perf_counter() - started
     meta = {"command": "nestvit experiment " + " ".join(a.argv) if getattr(a, "argv", None) else
             f"nestvit experiment {a.name}", "wall_s": round(wall, 1),
@@ -686,7 +657,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+",
                         help="data_efficiency: models among nest vit tnt rtnt (default: all four)")
     parser.add_argument("--budget-min", type=float, default=None,
-                        help="best_fashion_mnist: stop after the last epoch that fits into this many minutes")
+                        help="best_fashion_mnist: minutes per run (default: the recipe's time_budget_min); the "
+                             "learning rate decays to the deadline; 0 = no budget")
     parser.add_argument("--data", nargs="+", help="data set(s) (default: per experiment)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a recipe override applied to every run (as nestvit train --set); repeatable")

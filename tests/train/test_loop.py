@@ -237,3 +237,24 @@ def test_flip_tta_averages_the_softmax_of_each_image_and_its_mirror():
     want_loss = nn.functional.nll_loss(probs.log(), labels).item()
     assert tta.top1 == pytest.approx(want_top1) and tta.loss == pytest.approx(want_loss, rel=1e-5)
     assert plain.loss != pytest.approx(tta.loss)
+
+
+def test_a_time_budget_stops_inside_an_epoch_at_the_lr_floor(tmp_path, make_config):
+    cfg = make_config("epochs=3", "time_budget_min=1e-6", "schedule.warmup_epochs=0")  # spent by step 1
+    res = train(cfg, tmp_path / "run")
+    assert res.steps == 1 and res.epochs_done == 0 and res.test is not None
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["stopped_by_budget"] and summary["epochs"] == 0.25 and summary["steps"] == 1
+    last = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "epoch"][-1]
+    assert last["epoch"] == 0.25 and last["lr"] == 0.0 and "test_top1" in last  # cosine floor, evaluated
+    assert load_state(tmp_path / "run")["elapsed_s"] > 0
+    again = train(cfg, tmp_path / "run", resume=True)  # the budget counts the earlier pieces: nothing to do
+    assert again.steps == 1
+
+
+def test_a_budget_that_is_not_reached_changes_nothing(tmp_path, make_config):
+    train(make_config(*RANDOM), tmp_path / "a")
+    res = train(make_config(*RANDOM, "time_budget_min=600"), tmp_path / "b")
+    assert res.epochs_done == 2
+    assert_same_weights(weights(tmp_path / "a/last.safetensors"), weights(tmp_path / "b/last.safetensors"))
+    assert not json.loads((tmp_path / "b/summary.json").read_text())["stopped_by_budget"]

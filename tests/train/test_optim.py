@@ -97,6 +97,16 @@ def test_rtnt_step_decay():
     assert s(1000) == pytest.approx(1e-3 * 0.96 ** 5)
 
 
+def test_schedule_follows_a_time_budget_when_it_is_further_along():
+    s = LRSchedule(peak=1.0, total_steps=110, warmup_steps=10, min_lr_ratio=0.1)
+    assert s(5, time_frac=0.9) == s(5)  # warmup counts steps only
+    assert s(60, time_frac=0.1) == s(60)  # the step is further along
+    assert s(20, time_frac=0.5) == pytest.approx(s(55)) and s(20, time_frac=0.5) < s(20)
+    assert s(20, time_frac=1.0) == pytest.approx(0.1)  # at the deadline: the floor
+    step = LRSchedule(peak=1.0, total_steps=1000, name="step", step_every=100, gamma=0.5)
+    assert step(0, time_frac=0.25) == pytest.approx(0.25)  # 250 steps' worth of time: two decays
+
+
 def test_schedule_from_config_counts_warmup_in_steps():
     from nestvit.train.config import ScheduleSection
 

@@ -101,6 +101,10 @@ class DistillSection:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 10
+    # Stop once this many minutes of the run (training and its evaluations) have passed; 0 = off. The
+    # schedule then decays by the larger of step and time progress, so the LR reaches its floor at the
+    # deadline even on a slower machine (`epochs` becomes an upper bound). Not bit-reproducible.
+    time_budget_min: float = 0.0
     global_batch: int = 256  # images per optimizer step, all devices and accumulation steps together
     micro_batch: int | None = None  # images per forward pass on one device; None: global_batch / world size
     eval_batch: int = 500  # images per forward pass during evaluation (per device)
@@ -123,6 +127,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.time_budget_min >= 0, f"time_budget_min must be >= 0, got {self.time_budget_min}"),
             (self.global_batch >= 1, f"global_batch must be >= 1, got {self.global_batch}"),
             (self.micro_batch is None or self.micro_batch >= 1, f"micro_batch must be >= 1, got {self.micro_batch}"),
             (self.eval_batch >= 1, f"eval_batch must be >= 1, got {self.eval_batch}"),

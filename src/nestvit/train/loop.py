@@ -141,6 +141,11 @@ class Trainer:
         self.step_in_epoch = 0  # optimizer steps done inside the current epoch (mid-epoch checkpoints)
         self.best_top1 = -1.0
         self.rng_state: dict[str, Any] | None = None
+        # time budget (cfg.time_budget_min): seconds spent by earlier pieces of a resumed run, the last
+        # evaluation's duration (kept in reserve for the final one) and the part of the budget spent
+        self.budget_s = cfg.time_budget_min * 60.0
+        self.spent_before = self.eval_s = self.time_frac = 0.0
+        self.fit_started = time.perf_counter()
         if resume:
             self._load(load_state(run_dir))
 
@@ -185,6 +190,9 @@ class Trainer:
                  f"{cfg.ema.decay if self.ema else 'off'}"
                  + (f"; distilling from {cfg.distill.teacher} ({cfg.distill.type}, alpha {cfg.distill.alpha:g})"
                     if self.teacher is not None else ""))
+        if self.budget_s:
+            self.say(f"time budget: {self.cfg.time_budget_min:g} min (training and evaluations); the schedule "
+                     f"decays by step or by time, whichever is further along; {cfg.epochs} epochs at most")
         if self.step:
             self.say(f"resuming at epoch {self.epoch + 1}, step {self.step}")
 
@@ -194,7 +202,7 @@ class Trainer:
 
     def train_step(self, x: torch.Tensor, targets: torch.Tensor) -> tuple[float, float, float]:
         """One optimizer step on this rank's augmented batch; ``(mean loss, correct, images)`` over all ranks."""
-        lr = self.schedule(self.step)
+        lr = self.schedule(self.step, self.time_frac)
         set_lr(self.optimizer, lr)
         d = self.cfg.distill
         loss_sum = torch.zeros((), device=self.device)
@@ -211,8 +219,13 @@ class Trainer:
             logits = out[0] if isinstance(out, tuple) else out
             loss_sum += loss.detach().float() / self.accum
             correct += (logits.detach().argmax(1) == ts.argmax(1)).sum()
-        stats = all_reduce_sum(torch.stack([loss_sum, correct]), self.info)
+        parts = [loss_sum, correct]
+        if self.budget_s:  # the ranks' mean clock, so that all of them stop at the same step
+            parts.append(torch.full((), self.elapsed() + self.eval_s, device=self.device))
+        stats = all_reduce_sum(torch.stack(parts), self.info)
         loss_value = stats[0].item() / self.info.world_size
+        if self.budget_s:
+            self.time_frac = stats[2].item() / self.info.world_size / self.budget_s
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(
                 f"loss is {loss_value} at step {self.step + 1} (epoch {self.epoch + 1}, batch {self.step_in_epoch + 1}"
@@ -281,6 +294,9 @@ class Trainer:
             if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 \
                     and self.step_in_epoch < self.steps_per_epoch:
                 self.save_state()
+            if self.time_frac >= 1.0:
+                batches.close()
+                break
         bar.close()
         elapsed = time.perf_counter() - t_epoch
         steps = max(total["steps"], 1)
@@ -294,41 +310,64 @@ class Trainer:
                         batch=self.cfg.eval_batch, info=self.info, precision=self.cfg.precision,
                         workers=self.cfg.data.workers)
 
+    def elapsed(self) -> float:
+        """Seconds of this run so far, the pieces before a resume included (what the time budget counts)."""
+        return self.spent_before + time.perf_counter() - self.fit_started
+
     def fit(self, stop_after_epochs: int | None = None) -> RunResult:
         cfg = self.cfg
         self.describe()
         if self.rng_state is not None:
             restore_rng(self.rng_state, {"augment": self.aug_gen})
         test = ema = None
-        while self.epoch < cfg.epochs:
+        self.fit_started = time.perf_counter()
+        if self.budget_s:
+            self.time_frac = self.spent_before / self.budget_s
+            if self.time_frac >= 1.0:
+                self.say(f"the time budget of {cfg.time_budget_min:g} min was spent before: nothing to train")
+        while self.epoch < cfg.epochs and self.time_frac < 1.0:
             epoch = self.epoch
             stats = self.train_epoch(epoch)
-            self.epoch, self.step_in_epoch = epoch + 1, 0
-            record: dict[str, Any] = {"kind": "epoch", "epoch": epoch + 1, "step": self.step, **stats,
-                                      "lr": self.schedule(self.step - 1)}
-            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            out_of_time = self.step_in_epoch < self.steps_per_epoch  # the budget ended the epoch early
+            if out_of_time:
+                self.say(f"time budget of {cfg.time_budget_min:g} min spent after {self.step} steps: stopping")
+                done = round(epoch + self.step_in_epoch / self.steps_per_epoch, 3)
+            else:
+                self.epoch, self.step_in_epoch = epoch + 1, 0
+                done = self.epoch
+            record: dict[str, Any] = {"kind": "epoch", "epoch": done, "step": self.step, **stats,
+                                      "lr": self.schedule(self.step - 1, self.time_frac)}
+            last = out_of_time or self.epoch == cfg.epochs or self.time_frac >= 1.0
+            if (epoch + 1) % cfg.eval_every == 0 or last:
+                t = time.perf_counter()
                 test = self.evaluate(self.model)
                 record.update(test_loss=test.loss, test_top1=test.top1, test_top5=test.top5)
                 if self.ema is not None:
                     ema = self.evaluate(self.ema.module)
                     record.update(ema_top1=ema.top1, ema_top5=ema.top5)
+                self.eval_s = time.perf_counter() - t
             self.log.write(record)
             self.say(self._epoch_line(record))
             self.save_weights(test if "test_top1" in record else None)
             self.save_state()
             stop = stop_after_epochs is not None and self.epoch >= stop_after_epochs
-            if self.epoch == cfg.epochs or stop or time.perf_counter() - self.plotted > PLOT_EVERY_S:
+            if last or stop or time.perf_counter() - self.plotted > PLOT_EVERY_S:
                 self.write_plots(test)
-            if stop:
+            if stop or last:
                 break
         wall = time.perf_counter() - self.started
         result = RunResult(self.run_dir, self.epoch, self.step, test, ema, self.best_top1, wall)
         if self.main:
-            summary = {"epochs": self.epoch, "steps": self.step, "wall_s": round(wall, 1),
+            part = self.step_in_epoch / self.steps_per_epoch  # of an epoch a time budget ended early
+            epochs = round(self.epoch + part, 3) if part else self.epoch
+            summary = {"epochs": epochs, "steps": self.step, "wall_s": round(wall, 1),
                        "test_top1": test.top1 if test else None, "test_top5": test.top5 if test else None,
                        "best_top1": self.best_top1, "ema_top1": ema.top1 if ema else None,
                        "params": self.model.num_params(), "world_size": self.info.world_size,
                        "device": str(self.device)}
+            if self.budget_s:
+                summary.update(time_budget_s=self.budget_s, run_s=round(self.elapsed(), 1),
+                               stopped_by_budget=self.time_frac >= 1.0 and self.epoch < cfg.epochs)
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             if test is not None:
                 self.say(f"done in {_fmt_time(wall)}: test top-1 {test.top1:.2f}% top-5 {test.top5:.2f}% (best "
@@ -395,6 +434,7 @@ class Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
+            "elapsed_s": self.elapsed(),
             "best_top1": self.best_top1,
             "world_size": self.info.world_size,
             "config": C.to_dict(self.cfg),
@@ -409,6 +449,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.step_in_epoch, self.best_top1 = state["step_in_epoch"], state["best_top1"]
+        self.spent_before = state.get("elapsed_s", 0.0)
         rngs = state["rng"]
         if len(rngs) == self.info.world_size:
             self.rng_state = rngs[self.info.rank]

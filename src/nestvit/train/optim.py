@@ -8,7 +8,9 @@
   the policy the model family's own recipe used: ``pos_embed_only`` for NesT, ``1d_and_tokens`` else.
 - ``LRSchedule``: a pure function of the optimizer step (so resuming needs only the step): linear
   warmup, then cosine to ``min_lr_ratio * peak``, the RTNT paper's step decay (``x0.96`` every 200
-  steps), or constant.
+  steps), or constant. Under a time budget the decay may run ahead of the step: it follows the part
+  of the budget spent when that is further along (the budget-aware schedule of Geiping & Goldstein's
+  "Cramming", 2022).
 - ``ModelEMA``: ``ema = decay * ema + (1 - decay) * weights`` after every optimizer step, kept in a
   second copy of the model that is evaluated and saved like the model itself.
 """
@@ -96,12 +98,15 @@ class LRSchedule:
         return cls(peak=peak, total_steps=total, warmup_steps=warmup, name=cfg.name, warmup_start=cfg.warmup_start,
                    min_lr_ratio=cfg.min_lr_ratio, step_every=cfg.step_every, gamma=cfg.gamma)
 
-    def __call__(self, step: int) -> float:
+    def __call__(self, step: int, time_frac: float = 0.0) -> float:
+        """``time_frac``: the part of a time budget spent so far; after warmup the decay follows whichever of
+        ``step / total_steps`` and ``time_frac`` is further along (so it ends at the deadline)."""
         if step < self.warmup_steps:  # linear, reaching the peak at the last warmup step's successor
             frac = (step + 1) / self.warmup_steps
             return self.peak * (self.warmup_start + (1.0 - self.warmup_start) * frac)
         if self.name == "constant":
             return self.peak
+        step = max(step, round(time_frac * self.total_steps))
         if self.name == "step":
             return self.peak * self.gamma ** ((step - self.warmup_steps) // self.step_every)
         span = max(self.total_steps - self.warmup_steps, 1)
