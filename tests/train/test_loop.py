@@ -258,3 +258,24 @@ def test_a_budget_that_is_not_reached_changes_nothing(tmp_path, make_config):
     assert res.epochs_done == 2
     assert_same_weights(weights(tmp_path / "a/last.safetensors"), weights(tmp_path / "b/last.safetensors"))
     assert not json.loads((tmp_path / "b/summary.json").read_text())["stopped_by_budget"]
+
+
+def test_an_evaluation_that_spends_the_budget_ends_the_run_at_that_epoch(tmp_path, make_config, monkeypatch):
+    clock = {"s": 0.0}  # a fake clock: 10 s per step, 100 s per evaluation
+    real_step, real_eval = loop.Trainer.train_step, loop.Trainer.evaluate
+
+    def step(self, *args):
+        clock["s"] += 10.0
+        return real_step(self, *args)
+
+    def evaluate(self, model):
+        clock["s"] += 100.0
+        return real_eval(self, model)
+
+    monkeypatch.setattr(loop.Trainer, "train_step", step)
+    monkeypatch.setattr(loop.Trainer, "evaluate", evaluate)
+    monkeypatch.setattr(loop.Trainer, "elapsed", lambda self: clock["s"])
+    res = train(make_config("epochs=3", "time_budget_min=1"), tmp_path / "run")  # 4 steps = 40 s, then 140 s
+    assert res.steps == 4 and res.epochs_done == 1  # not one more step into epoch 2
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["stopped_by_budget"] and summary["epochs"] == 1

@@ -219,13 +219,9 @@ class Trainer:
             logits = out[0] if isinstance(out, tuple) else out
             loss_sum += loss.detach().float() / self.accum
             correct += (logits.detach().argmax(1) == ts.argmax(1)).sum()
-        parts = [loss_sum, correct]
-        if self.budget_s:  # the ranks' mean clock, so that all of them stop at the same step
-            parts.append(torch.full((), self.elapsed() + self.eval_s, device=self.device))
-        stats = all_reduce_sum(torch.stack(parts), self.info)
+        stats = all_reduce_sum(torch.stack([loss_sum, correct]), self.info)
         loss_value = stats[0].item() / self.info.world_size
-        if self.budget_s:
-            self.time_frac = stats[2].item() / self.info.world_size / self.budget_s
+        self.read_clock()
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(
                 f"loss is {loss_value} at step {self.step + 1} (epoch {self.epoch + 1}, batch {self.step_in_epoch + 1}"
@@ -314,6 +310,13 @@ class Trainer:
         """Seconds of this run so far, the pieces before a resume included (what the time budget counts)."""
         return self.spent_before + time.perf_counter() - self.fit_started
 
+    def read_clock(self) -> None:
+        """Under a time budget, set ``time_frac``: the part spent, counting the final evaluation's time ahead
+        (the last one's), from the ranks' mean clock so that all of them stop at the same step."""
+        if self.budget_s:
+            t = all_reduce_sum(torch.full((), self.elapsed() + self.eval_s, device=self.device), self.info)
+            self.time_frac = t.item() / self.info.world_size / self.budget_s
+
     def fit(self, stop_after_epochs: int | None = None) -> RunResult:
         cfg = self.cfg
         self.describe()
@@ -323,14 +326,11 @@ class Trainer:
         self.fit_started = time.perf_counter()
         if self.budget_s:
             self.time_frac = self.spent_before / self.budget_s
-            if self.time_frac >= 1.0:
-                self.say(f"the time budget of {cfg.time_budget_min:g} min was spent before: nothing to train")
         while self.epoch < cfg.epochs and self.time_frac < 1.0:
             epoch = self.epoch
             stats = self.train_epoch(epoch)
             out_of_time = self.step_in_epoch < self.steps_per_epoch  # the budget ended the epoch early
             if out_of_time:
-                self.say(f"time budget of {cfg.time_budget_min:g} min spent after {self.step} steps: stopping")
                 done = round(epoch + self.step_in_epoch / self.steps_per_epoch, 3)
             else:
                 self.epoch, self.step_in_epoch = epoch + 1, 0
@@ -346,6 +346,8 @@ class Trainer:
                     ema = self.evaluate(self.ema.module)
                     record.update(ema_top1=ema.top1, ema_top5=ema.top5)
                 self.eval_s = time.perf_counter() - t
+                self.read_clock()
+                last = last or self.time_frac >= 1.0  # the evaluation spent the rest of the budget
             self.log.write(record)
             self.say(self._epoch_line(record))
             self.save_weights(test if "test_top1" in record else None)
@@ -355,6 +357,8 @@ class Trainer:
                 self.write_plots(test)
             if stop or last:
                 break
+        if self.time_frac >= 1.0 and self.epoch < cfg.epochs:
+            self.say(f"the time budget of {cfg.time_budget_min:g} min is spent: stopped after {self.step} steps")
         wall = time.perf_counter() - self.started
         result = RunResult(self.run_dir, self.epoch, self.step, test, ema, self.best_top1, wall)
         if self.main:
