@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reruns every experiment of docs/results.md in its default mode, one after the other, with logs, then
+# Reruns every experiment of docs/results.md as docs/results.md reports it, one after the other, with logs, then
 # copies the plots to docs/img/. Usage (from the repository root):
 #   nohup experiments/results/run_all.sh > experiments/results/run_all.log 2>&1 &
 # Outputs: runs/experiments/NAME/{results.json,results.md,results.png,runs/}.
@@ -10,10 +10,10 @@ NV=${NESTVIT:-.venv/bin/nestvit}
 export PYTHONUNBUFFERED=1
 for cmd in \
   "rtnt_vs_tnt --threads 2" \
-  "aggregation --threads 2" \
-  "hierarchy --threads 2" \
+  "aggregation --threads 2 --all-variants" \
+  "hierarchy --threads 2 --all-variants" \
   "data_efficiency --threads 2" \
-  "best_fashion_mnist --seeds 0 --threads 2 --budget-min 60"; do
+  "best_fashion_mnist --seeds 0 1 --threads 2"; do
   name=${cmd%% *}
   echo "=== $(date +%T) nestvit experiment $cmd"
   start=$(date +%s)
