@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reruns every experiment of docs/results.md as docs/results.md reports it, one after the other, with logs, then
+# Reruns every experiment of docs/results.md with the arguments that page reports, one after the other, with logs, then
 # copies the plots to docs/img/. Usage (from the repository root):
 #   nohup experiments/results/run_all.sh > experiments/results/run_all.log 2>&1 &
 # Outputs: runs/experiments/NAME/{results.json,results.md,results.png,runs/}.
