@@ -64,6 +64,9 @@ def test_value_checks():
     with pytest.raises(ConfigError, match="aug.mean cannot be set.*data.mean"):
         load_config(None, ["aug.mean=[0.5]"])
     assert "aug.mean" not in valid_keys() and "data.mean" in valid_keys()
+    with pytest.raises(ConfigError, match="time_budget_min must be >= 0, got -1"):
+        load_config(None, ["time_budget_min=-1"])
+    assert "time_budget_min" in valid_keys()
 
 
 def test_batch_plan_and_lr_scaling():

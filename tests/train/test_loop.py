@@ -14,6 +14,7 @@ from nestvit.train.checkpoint import load_state
 from nestvit.train.inputs import Split, TrainBatches
 from nestvit.train.loop import NonFiniteLossError, train
 from nestvit.train.metrics import read_metrics
+from nestvit.train.optim import LRSchedule
 
 # every source of randomness the loop has: augmentation draws, drop path, mixup, EMA
 RANDOM = ["aug.crop_padding=1", "aug.hflip=true", "aug.mixup_alpha=0.4", "aug.mix_prob=0.5",
@@ -239,14 +240,16 @@ def test_flip_tta_averages_the_softmax_of_each_image_and_its_mirror():
     assert plain.loss != pytest.approx(tta.loss)
 
 
-def test_a_time_budget_stops_inside_an_epoch_at_the_lr_floor(tmp_path, make_config):
+def test_a_time_budget_stops_inside_an_epoch_and_logs_the_lr_it_used(tmp_path, make_config):
     cfg = make_config("epochs=3", "time_budget_min=1e-6", "schedule.warmup_epochs=0")  # spent by step 1
     res = train(cfg, tmp_path / "run")
     assert res.steps == 1 and res.epochs_done == 0 and res.test is not None
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert summary["stopped_by_budget"] and summary["epochs"] == 0.25 and summary["steps"] == 1
     last = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "epoch"][-1]
-    assert last["epoch"] == 0.25 and last["lr"] == 0.0 and "test_top1" in last  # cosine floor, evaluated
+    assert last["epoch"] == 0.25 and "test_top1" in last  # evaluated where it stopped
+    # the records log the learning rate the step used (the peak: no time had passed yet), as the optimizer has it
+    assert last["lr"] == load_state(tmp_path / "run")["optimizer"]["param_groups"][0]["lr"] == pytest.approx(5e-4)
     assert load_state(tmp_path / "run")["elapsed_s"] > 0
     again = train(cfg, tmp_path / "run", resume=True)  # the budget counts the earlier pieces: nothing to do
     assert again.steps == 1
@@ -275,7 +278,14 @@ def test_an_evaluation_that_spends_the_budget_ends_the_run_at_that_epoch(tmp_pat
     monkeypatch.setattr(loop.Trainer, "train_step", step)
     monkeypatch.setattr(loop.Trainer, "evaluate", evaluate)
     monkeypatch.setattr(loop.Trainer, "elapsed", lambda self: clock["s"])
-    res = train(make_config("epochs=3", "time_budget_min=1"), tmp_path / "run")  # 4 steps = 40 s, then 140 s
+    cfg = make_config("epochs=3", "time_budget_min=1")
+    res = train(cfg, tmp_path / "run")  # 4 steps = 40 s, then 140 s
     assert res.steps == 4 and res.epochs_done == 1  # not one more step into epoch 2
+    # the decay followed the clock (step s starts at 10 s x s of 60), ahead of the 12 planned steps, and the
+    # records log it
+    sched = LRSchedule.from_config(cfg.schedule, peak=cfg.scaled_lr(), steps_per_epoch=4, epochs=3)
+    logged = [r["lr"] for r in read_metrics(tmp_path / "run") if r["kind"] == "step"]
+    assert logged == pytest.approx([sched(s, time_frac=10 * s / 60) for s in range(4)])
+    assert logged[3] < sched(3)
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert summary["stopped_by_budget"] and summary["epochs"] == 1

@@ -145,6 +145,7 @@ class Trainer:
         # evaluation's duration (kept in reserve for the final one) and the part of the budget spent
         self.budget_s = cfg.time_budget_min * 60.0
         self.spent_before = self.eval_s = self.time_frac = 0.0
+        self.lr = 0.0  # the learning rate of the last optimizer step (what the records log)
         self.fit_started = time.perf_counter()
         if resume:
             self._load(load_state(run_dir))
@@ -202,7 +203,7 @@ class Trainer:
 
     def train_step(self, x: torch.Tensor, targets: torch.Tensor) -> tuple[float, float, float]:
         """One optimizer step on this rank's augmented batch; ``(mean loss, correct, images)`` over all ranks."""
-        lr = self.schedule(self.step, self.time_frac)
+        self.lr = lr = self.schedule(self.step, self.time_frac)
         set_lr(self.optimizer, lr)
         d = self.cfg.distill
         loss_sum = torch.zeros((), device=self.device)
@@ -278,13 +279,13 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{window['loss'] / window['steps']:.4f}",
                             acc=f"{100 * window['correct'] / window['images']:.1f}",
-                            lr=f"{self.schedule(self.step - 1):.2e}", img_s=f"{img_s:.0f}",
+                            lr=f"{self.lr:.2e}", img_s=f"{img_s:.0f}",
                             data_img_s=f"{data_img_s:.0f}", refresh=False)
             if self.step % self.cfg.log_every == 0:
                 self.log.write({"kind": "step", "epoch": epoch + 1, "step": self.step,
                                 "loss": window["loss"] / window["steps"],
                                 "acc": 100 * window["correct"] / window["images"],
-                                "lr": self.schedule(self.step - 1), "img_s": img_s, "data_img_s": data_img_s})
+                                "lr": self.lr, "img_s": img_s, "data_img_s": data_img_s})
                 window = {k: 0.0 if k != "steps" else 0 for k in window}
                 t_window = time.perf_counter()
             if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 \
@@ -336,7 +337,7 @@ class Trainer:
                 self.epoch, self.step_in_epoch = epoch + 1, 0
                 done = self.epoch
             record: dict[str, Any] = {"kind": "epoch", "epoch": done, "step": self.step, **stats,
-                                      "lr": self.schedule(self.step - 1, self.time_frac)}
+                                      "lr": self.lr}
             last = out_of_time or self.epoch == cfg.epochs or self.time_frac >= 1.0
             if (epoch + 1) % cfg.eval_every == 0 or last:
                 t = time.perf_counter()
