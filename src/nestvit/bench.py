@@ -365,6 +365,23 @@ def bench_model(name: str, overrides: dict[str, Any] | None = None, *, device: s
                            "threads": torch.get_num_threads(), "channels_last": channels_last,
                            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
+    def measure(mode: str, step: Callable[[], None]) -> None:
+        """Time ``step`` and add the ``{mode}_*`` columns (first call, median step, MFU, profile, memory)."""
+        t0 = time.perf_counter()
+        step()  # first call: compiles when --compile (forward and backward in train); creates AdamW state
+        first = time.perf_counter() - t0
+        times = time_steps(step, dev, warmup, iters)
+        ips = batch / statistics.median(times)
+        row.update({f"{mode}_images_per_s": ips, f"{mode}_ms_per_step": 1e3 * statistics.median(times),
+                    f"{mode}_mfu": compute_mfu(flops, ips, peak_flops, mode=mode), f"{mode}_first_call_s": first})
+        if profile:
+            row[f"{mode}_profile"] = profile_step(step, dev, top=profile)
+        if memory:
+            mem, method = measure_peak_memory(step, dev)
+            row.update({f"{mode}_peak_mem_bytes": mem,
+                        f"{mode}_mem_per_image_mb": None if mem is None else mem / batch / 2**20,
+                        "memory_method": method})
+
     if "infer" in modes:
         model.eval()
 
@@ -372,20 +389,7 @@ def bench_model(name: str, overrides: dict[str, Any] | None = None, *, device: s
             with torch.no_grad(), autocast:
                 run_model(x)
 
-        t0 = time.perf_counter()
-        infer_step()  # first call: compiles when --compile
-        first = time.perf_counter() - t0
-        times = time_steps(infer_step, dev, warmup, iters)
-        ips = batch / statistics.median(times)
-        row.update(infer_images_per_s=ips, infer_ms_per_step=1e3 * statistics.median(times),
-                   infer_mfu=compute_mfu(flops, ips, peak_flops, mode="infer"),
-                   infer_first_call_s=first)
-        if profile:
-            row["infer_profile"] = profile_step(infer_step, dev, top=profile)
-        if memory:
-            mem, method = measure_peak_memory(infer_step, dev)
-            row.update(infer_peak_mem_bytes=mem, infer_mem_per_image_mb=None if mem is None else mem / batch / 2**20,
-                       memory_method=method)
+        measure("infer", infer_step)
 
     if "train" in modes:
         model.train()
@@ -398,20 +402,7 @@ def bench_model(name: str, overrides: dict[str, Any] | None = None, *, device: s
             loss.backward()
             opt.step()
 
-        t0 = time.perf_counter()
-        train_step()  # first call: compiles forward and backward when --compile; creates AdamW state
-        first = time.perf_counter() - t0
-        times = time_steps(train_step, dev, warmup, iters)
-        ips = batch / statistics.median(times)
-        row.update(train_images_per_s=ips, train_ms_per_step=1e3 * statistics.median(times),
-                   train_mfu=compute_mfu(flops, ips, peak_flops, mode="train"),
-                   train_first_call_s=first)
-        if profile:
-            row["train_profile"] = profile_step(train_step, dev, top=profile)
-        if memory:
-            mem, method = measure_peak_memory(train_step, dev)
-            row.update(train_peak_mem_bytes=mem, train_mem_per_image_mb=None if mem is None else mem / batch / 2**20,
-                       memory_method=method)
+        measure("train", train_step)
     return row
 
 

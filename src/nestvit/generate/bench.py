@@ -41,6 +41,20 @@ def _time(fn: Callable[[], None], clock: str) -> float:
     return timer() - t0
 
 
+def _interleaved(calls: dict[str, Callable[[], object]], *, rounds: int, warmup: int, clock: str,
+                 log: Callable[[str], None] | None, where: str, what: str) -> dict[str, list[float]]:
+    """Seconds of each call, round-robin over the calls for ``warmup + rounds`` rounds; the warmup is dropped."""
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for r in range(warmup + rounds):
+        for k, fn in calls.items():
+            dt = _time(fn, clock)
+            if r >= warmup:
+                times[k].append(dt)
+            if log:
+                log(f"{where} {k:9s} {what} {r + 1}/{warmup + rounds}: {dt:.3f}s")
+    return times
+
+
 def bench_generators(sizes: Sequence[int | str] = (32, 64), kinds: Sequence[str] = KINDS, *, batch_size: int = 64,
                      train_batch_size: int | None = None, repeats: int = 3, train_repeats: int = 2, warmup: int = 1,
                      threads: int | None = None, train: bool = True, seed: int = 0, clock: str = "wall",
@@ -72,17 +86,11 @@ def bench_generators(sizes: Sequence[int | str] = (32, 64), kinds: Sequence[str]
                        "threads": torch.get_num_threads(), "clock": clock}
         # inference, interleaved
         z = {k: torch.randn(batch_size, g.latent_dim) for k, g in models.items()}
-        times: dict[str, list[float]] = {k: [] for k in models}
         for g in models.values():
             g.eval()
         with torch.no_grad():
-            for r in range(warmup + repeats):
-                for k, g in models.items():
-                    dt = _time(lambda g=g, x=z[k]: g(x), clock)
-                    if r >= warmup:
-                        times[k].append(dt)
-                    if log:
-                        log(f"{size}x{size} {k:9s} inference run {r + 1}/{warmup + repeats}: {dt:.3f}s")
+            times = _interleaved({k: lambda g=g, x=z[k]: g(x) for k, g in models.items()}, rounds=repeats,
+                                 warmup=warmup, clock=clock, log=log, where=f"{size}x{size}", what="inference run")
         for k in models:
             med = statistics.median(times[k])
             info[k].update(infer_seconds=med, images_per_s=batch_size / med,
@@ -91,7 +99,6 @@ def bench_generators(sizes: Sequence[int | str] = (32, 64), kinds: Sequence[str]
         if train:
             opts = {k: torch.optim.Adam(g.parameters(), lr=1e-4, betas=(0.0, 0.99)) for k, g in models.items()}
             zt = {k: torch.randn(train_batch_size, g.latent_dim) for k, g in models.items()}
-            ttimes: dict[str, list[float]] = {k: [] for k in models}
             for g in models.values():
                 g.train()
 
@@ -100,13 +107,9 @@ def bench_generators(sizes: Sequence[int | str] = (32, 64), kinds: Sequence[str]
                 g(x).square().mean().backward()
                 opt.step()
 
-            for r in range(warmup + train_repeats):
-                for k, g in models.items():
-                    dt = _time(lambda g=g, o=opts[k], x=zt[k]: step(g, o, x), clock)
-                    if r >= warmup:
-                        ttimes[k].append(dt)
-                    if log:
-                        log(f"{size}x{size} {k:9s} train step {r + 1}/{warmup + train_repeats}: {dt:.3f}s")
+            ttimes = _interleaved({k: lambda g=g, o=opts[k], x=zt[k]: step(g, o, x) for k, g in models.items()},
+                                  rounds=train_repeats, warmup=warmup, clock=clock, log=log,
+                                  where=f"{size}x{size}", what="train step")
             for k in models:
                 med = statistics.median(ttimes[k])
                 info[k].update(train_step_seconds=med, train_steps_per_s=1 / med,
