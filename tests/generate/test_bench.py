@@ -24,3 +24,15 @@ def test_bench_generators_tiny(clock):
 def test_bench_bad_clock():
     with pytest.raises(ValueError, match="clock"):
         bench_generators(["tiny"], clock="gpu", log=None)
+
+
+def test_interleaved_round_robin_drops_warmup():
+    from nestvit.generate.bench import _interleaved
+
+    order, lines = [], []
+    calls = {k: (lambda k=k: order.append(k)) for k in ("a", "b")}
+    times = _interleaved(calls, rounds=2, warmup=1, clock="wall", log=lines.append, where="8x8", what="step")
+    assert order == ["a", "b"] * 3  # one call each per round, warmup round included
+    assert {k: len(v) for k, v in times.items()} == {"a": 2, "b": 2}  # the warmup round is not kept
+    assert all(t >= 0 for v in times.values() for t in v)
+    assert len(lines) == 6 and lines[0].startswith("8x8 a") and " step 1/3: " in lines[0]
