@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -132,3 +133,28 @@ def test_a_finished_run_is_reused_only_for_the_same_config(tmp_path):
 
 def test_epochs_and_steps_show_a_range_when_a_budget_stopped_seeds_apart():
     assert E._span([22, 22]) == 22 and E._span([22, 20]) == "20-22" and E._span([None, 7]) == 7 and E._span([]) is None
+
+
+def test_best_fashion_mnist_adds_a_tta_column_from_the_last_weights(tmp_path, capsys):
+    from nestvit.cli import main
+
+    result = E.run_experiment(_args("best_fashion_mnist", tmp_path), log=lambda m: None)
+    assert result["tta"] == "flip-shift"
+    runs, (row,) = result["runs"], result["rows"]
+    assert row["test_top1_tta"]["n"] == 2
+    assert math.isclose(row["test_top1_tta"]["mean"], sum(r["test_top1_tta"] for r in runs) / 2)
+    assert "with flip-shift TTA (18 views; min-max)" in (tmp_path / "best_fashion_mnist" / "results.md").read_text()
+    run_dir = Path(runs[0]["run_dir"])
+    cached = json.loads((run_dir / "tta_flip-shift.json").read_text())
+    assert cached["top1"] == runs[0]["test_top1_tta"] and cached["count"] == 32
+    capsys.readouterr()  # the number is the eval command's
+    assert main(["eval", str(run_dir), "--weights", "last", "--tta", "flip-shift", "--precision", "bf16",
+                 "--limit", "32"]) == 0
+    assert f"top-1 {cached['top1']:.2f}%" in capsys.readouterr().out
+    # read back: the cached number, not a new evaluation
+    (run_dir / "tta_flip-shift.json").write_text(json.dumps({**cached, "top1": 12.5}))
+    again = E.run_experiment(_args("best_fashion_mnist", tmp_path), log=lambda m: None)
+    assert again["runs"][0]["read_back"] and again["runs"][0]["test_top1_tta"] == 12.5
+    # other experiments have no such column unless asked
+    assert "TTA" not in E.markdown(E.plan_hierarchy(build_parser().parse_args(["experiment", "hierarchy"])),
+                                   [], {"command": "c", "runs_wall_s": 0, "device": "cpu", "threads": 1})

@@ -113,6 +113,7 @@ class Plan:
     columns: list[str]  # the label columns of the table
     plot: Callable[[dict[str, Any], Path], None]
     paper: dict[str, str] = field(default_factory=dict)  # arm name -> the paper's number, when it has one
+    tta: str = "none"  # test-time augmentation of an extra column (last weights; data.augment.tta_views)
 
 
 def mean_spread(values: Sequence[float]) -> dict[str, float | int | None]:
@@ -178,6 +179,31 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
             "curve": [(e["epoch"], e["test_top1"]) for e in epochs if e.get("test_top1") is not None]}
 
 
+def tta_top1(run_dir: Path, cfg: Any, mode: str, device: str | None) -> float:
+    """Test top-1 of the run's last weights with test-time augmentation ``mode``, at the run's precision.
+
+    Cached in ``run_dir/tta_<mode>.json`` (a retrained run's directory is made anew, and the cache with it).
+    """
+    cache = run_dir / f"tta_{mode}.json"
+    if cache.is_file():
+        return float(json.loads(cache.read_text())["top1"])
+    from .fileio import atomic_path
+    from .train.distributed import DistInfo, resolve_device
+    from .train.inputs import load_split
+    from .train.loop import evaluate
+    from .train.runs import load_trained
+
+    trained = load_trained(run_dir, "last")
+    dev = resolve_device(device)
+    split = load_split(cfg.data, cfg.data.eval_split, dev, limit=cfg.data.limit_eval)
+    res = evaluate(trained.model.to(dev), split, mean=trained.mean, std=trained.std, batch=cfg.eval_batch,
+                   info=DistInfo(device=dev), precision=cfg.precision, tta=mode)
+    with atomic_path(cache) as tmp:
+        tmp.write_text(json.dumps({"weights": "last", "tta": mode, "precision": cfg.precision, "count": res.count,
+                                   "top1": res.top1}) + "\n")
+    return res.top1
+
+
 def _same_config(run_dir: Path, cfg: Any) -> bool:
     """Whether ``run_dir/config.yaml`` describes ``cfg`` (a finished run is only reused for the same config).
 
@@ -198,8 +224,11 @@ def _same_config(run_dir: Path, cfg: Any) -> bool:
 
 
 def run_arm(arm: Arm, seed: int, out: Path, *, device: str | None, fresh: bool,
-            log: Callable[[str], None]) -> dict[str, Any]:
-    """Train ``arm`` with ``seed`` into ``out/runs/<arm>-s<seed>`` (or read it back) and return its numbers."""
+            log: Callable[[str], None], tta: str = "none") -> dict[str, Any]:
+    """Train ``arm`` with ``seed`` into ``out/runs/<arm>-s<seed>`` (or read it back) and return its numbers.
+
+    With ``tta`` other than ``"none"`` also the last weights' test top-1 with that test-time augmentation.
+    """
     from .train.config import TrainConfig, from_dict
     from .train.loop import train
 
@@ -222,8 +251,11 @@ def run_arm(arm: Arm, seed: int, out: Path, *, device: str | None, fresh: bool,
         train(cfg, run_dir, device=device)
     res = _read_run(run_dir)
     res.update(arm=arm.name, seed=seed, run_dir=str(run_dir), read_back=read_back)
+    if tta != "none":
+        res["test_top1_tta"] = tta_top1(run_dir, cfg, tta, device)
     log(f"[{arm.name} seed {seed}] test top-1 {res['test_top1']:.2f}% in {res['wall_s']:.0f}s "
-        f"({res['train_img_s'] or 0:.0f} train img/s)")
+        f"({res['train_img_s'] or 0:.0f} train img/s)"
+        + (f"; with {tta} TTA {res['test_top1_tta']:.2f}%" if tta != "none" else ""))
     return res
 
 
@@ -235,6 +267,7 @@ def aggregate(plan: Plan, runs: list[dict[str, Any]], stats: dict[str, dict[str,
         row = {"arm": arm.name, **arm.labels, **stats.get(arm.name, {}),
                "seeds": [r["seed"] for r in rs],
                "test_top1": mean_spread([r["test_top1"] for r in rs]),
+               **({"test_top1_tta": mean_spread([r["test_top1_tta"] for r in rs])} if plan.tta != "none" else {}),
                "wall_s": mean_spread([r["wall_s"] for r in rs]),
                "train_img_s": mean_spread([r["train_img_s"] for r in rs]),
                "steps": _span([r["steps"] for r in rs]), "epochs": _span([r["epochs"] for r in rs])}
@@ -259,8 +292,11 @@ def _span(values: list[Any]) -> Any:
 
 
 def markdown(plan: Plan, rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    from .data.augment import tta_views
+
     has_paper = any("paper" in r for r in rows)
-    head = plan.columns + ["params", "MFLOPs", "epochs", "steps", "test top-1 % (mean ± std)", "min-max",
+    tta = [f"with {plan.tta} TTA ({len(tta_views(plan.tta))} views; min-max)"] if plan.tta != "none" else []
+    head = plan.columns + ["params", "MFLOPs", "epochs", "steps", "test top-1 % (mean ± std)", "min-max", *tta,
                            "train img/s", "wall s / run"] + (["paper"] if has_paper else [])
     lines = [f"### `{plan.experiment}`", "",
              f"Command: `{meta['command']}`  ",
@@ -276,13 +312,19 @@ def markdown(plan: Plan, rows: list[dict[str, Any]], meta: dict[str, Any]) -> st
         cells = [str(r.get(c, "")) for c in plan.columns]
         cells += [f"{r['params'] / 1e6:.3f}M" if r.get("params") else "-",
                   f"{r['flops'] / 1e6:.1f}" if r.get("flops") else "-",
-                  str(r.get("epochs")), str(r.get("steps")), fmt_ms(acc), mm,
-                  fmt_ms(r["train_img_s"], 0), fmt_ms(r["wall_s"], 0)]
+                  str(r.get("epochs")), str(r.get("steps")), fmt_ms(acc), mm]
+        cells += [_tta_cell(r["test_top1_tta"])] if tta else []
+        cells += [fmt_ms(r["train_img_s"], 0), fmt_ms(r["wall_s"], 0)]
         if has_paper:
             cells.append(r.get("paper", ""))
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     return "\n".join(lines)
+
+
+def _tta_cell(s: dict[str, Any]) -> str:
+    """``"94.52 ± 0.04 (94.49-94.55)"``: mean ± std and the range over seeds."""
+    return fmt_ms(s) + (f" ({s['min']:.2f}-{s['max']:.2f})" if s.get("std") is not None else "")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -378,7 +420,11 @@ def best_plot(result: dict[str, Any], path: Path) -> None:
     for run in result["runs"]:
         curve = sorted(run.get("curve") or [])  # [(epoch, test top-1)]
         lowest = min([lowest] + [a - 2 for _, a in curve])
-        ax.plot([e for e, _ in curve], [a for _, a in curve], marker=".", label=f"{run['arm']} seed {run['seed']}")
+        line, = ax.plot([e for e, _ in curve], [a for _, a in curve], marker=".",
+                        label=f"{run['arm']} seed {run['seed']}")
+        if run.get("test_top1_tta") is not None and curve:  # the last weights with test-time augmentation
+            ax.plot([curve[-1][0]], [run["test_top1_tta"]], marker="*", ms=10, color=line.get_color(), ls="none",
+                    label=f"seed {run['seed']} with {result.get('tta', 'test-time')} TTA")
     ax.axhline(BEST_TARGET, color="r", ls="--", lw=1, label=f"target {BEST_TARGET}%")
     for i, (name, acc) in enumerate(FMNIST_BASELINES.items()):
         ax.axhline(acc, color=f"C{i + 2}", ls=":", lw=1, label=f"{name} (published) {acc}%")
@@ -552,7 +598,10 @@ def plan_best_fashion_mnist(a: argparse.Namespace) -> Plan:
         + (f", {budget:g} minutes per run: the learning rate decays by step or by time, whichever is further "
            "along, and training stops at the deadline" if budget else "") + "); test on "
         f"{raw['data'].get('limit_eval') or 'all 10,000'} test images.",
-    ], ["model"], best_plot)
+        "TTA column: the last weights (the ones reported) on each test image, its mirror image and their shifts "
+        "by at most one pixel (18 views, softmax outputs averaged, at the run's precision: bf16; `nestvit eval RUN "
+        "--weights last --tta flip-shift --precision bf16`).",
+    ], ["model"], best_plot, tta=getattr(a, "tta", None) or "flip-shift")
 
 
 def plan_quick(plan_fn: Callable[[argparse.Namespace], Plan], a: argparse.Namespace) -> Plan:
@@ -600,6 +649,7 @@ def run_experiment(a: argparse.Namespace, log: Callable[[str], None] = _print) -
     from .train.config import TrainConfig, apply_overrides, from_dict
 
     plan = plan_quick(EXPERIMENTS[a.name], a) if a.quick else EXPERIMENTS[a.name](a)
+    plan.tta = getattr(a, "tta", None) or plan.tta
     if a.set:
         for arm in plan.arms:
             arm.recipe = apply_overrides(arm.recipe, a.set)
@@ -617,7 +667,7 @@ def run_experiment(a: argparse.Namespace, log: Callable[[str], None] = _print) -
     runs = []
     for seed in plan.seeds:  # seed-major: a stopped experiment has every arm at the first seed
         for arm in plan.arms:
-            runs.append(run_arm(arm, seed, out, device=a.device, fresh=a.fresh, log=log))
+            runs.append(run_arm(arm, seed, out, device=a.device, fresh=a.fresh, log=log, tta=plan.tta))
     wall = time.perf_counter() - started
     meta = {"command": "nestvit experiment " + " ".join(a.argv) if getattr(a, "argv", None) else
             f"nestvit experiment {a.name}", "wall_s": round(wall, 1),
@@ -626,7 +676,7 @@ def run_experiment(a: argparse.Namespace, log: Callable[[str], None] = _print) -
             "runs_wall_s": round(sum(r["wall_s"] or 0 for r in runs), 1),
             "read_back": sum(1 for r in runs if r.get("read_back"))}
     rows = aggregate(plan, runs, stats)
-    result = {"experiment": plan.experiment, "meta": meta, "seeds": plan.seeds, "notes": plan.notes,
+    result = {"experiment": plan.experiment, "meta": meta, "seeds": plan.seeds, "notes": plan.notes, "tta": plan.tta,
               "rows": rows, "runs": runs, "recipes": {arm.name: arm.recipe for arm in plan.arms}}
     (out / "results.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     md = markdown(plan, rows, meta)
@@ -659,6 +709,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-min", type=float, default=None,
                         help="best_fashion_mnist: minutes per run (default: the recipe's time_budget_min); the "
                              "learning rate decays to the deadline; 0 = no budget")
+    parser.add_argument("--tta", choices=["none", "flip", "shift", "flip-shift"],
+                        help="also test every run's last weights with this test-time augmentation, in a column of "
+                             "its own (default: flip-shift for best_fashion_mnist, none for the others)")
     parser.add_argument("--data", nargs="+", help="data set(s) (default: per experiment)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a recipe override applied to every run (as nestvit train --set); repeatable")

@@ -142,6 +142,17 @@ def test_crop_uint8_and_zero_padding_disabled():
     assert out.dtype == torch.uint8
 
 
+@given(dy=st.integers(-3, 3), dx=st.integers(-3, 3))
+@settings(max_examples=30, deadline=None)
+def test_shift_is_the_crop_at_that_offset(dy, dx):
+    x = rand_u8((2, 3, 5, 7))
+    out = A.shift(x, dy, dx)
+    assert out.dtype == torch.uint8 and out.shape == x.shape
+    padded = F.pad(x, (3, 3, 3, 3))  # the window of the zero-padded image the crop with offset (3-dy, 3-dx) takes
+    assert torch.equal(out, padded[..., 3 - dy:3 - dy + 5, 3 - dx:3 - dx + 7])
+    assert A.shift(x, 0, 0) is x
+
+
 def test_hflip_fraction_and_exactness():
     x = torch.rand(2000, 1, 3, 5, generator=gen(0))
     out = A.random_hflip(x, p=0.5, generator=gen(1))

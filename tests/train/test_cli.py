@@ -34,8 +34,10 @@ def test_train_eval_predict(tmp_path, recipe, capsys):
     assert main(["eval", str(run / "last.safetensors"), "--data", "synthetic", "--out", str(tmp_path / "ev")]) == 0
     assert json.loads((tmp_path / "ev/eval.json").read_text())["count"] == 512
     assert main(["eval", str(run), "--flip-tta", "--out", str(tmp_path / "tta")]) == 0
-    assert "512 images, flip TTA" in capsys.readouterr().out
-    assert json.loads((tmp_path / "tta/eval.json").read_text())["flip_tta"] is True
+    assert "512 images, flip TTA (2 views)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "tta/eval.json").read_text())["tta"] == "flip"
+    assert main(["eval", str(run), "--tta", "flip-shift", "--precision", "bf16", "--limit", "64"]) == 0
+    assert "64 images, flip-shift TTA (18 views), bf16" in capsys.readouterr().out
     assert (tmp_path / "ev/confusion.png").read_bytes()[:4] == b"\x89PNG"
     capsys.readouterr()
 

@@ -218,26 +218,43 @@ def test_imagefolder_streams_through_a_dataloader(tmp_path, make_config):
     assert result.steps == 8 and result.test.count == 8 and result.test.classes == ["dark", "light"]
 
 
-def test_flip_tta_averages_the_softmax_of_each_image_and_its_mirror():
+@pytest.mark.parametrize("mode, views", [("flip", 2), ("shift", 9), ("flip-shift", 18)])
+def test_tta_averages_the_softmax_of_every_view(mode, views):
     from torch import nn
 
     from nestvit.train.inputs import Split
-    from nestvit.train.loop import evaluate
+    from nestvit.train.loop import evaluate, tta_views
 
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (12, 1, 4, 6), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 3, (12,), generator=g)
     split = Split("toy", labels, ["a", "b", "c"], 1, (4, 6), images=images)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(24, 3))  # not mirror-symmetric
-    x = (images.float() / 255 - 0.5) / 0.25
+    model = nn.Sequential(nn.Flatten(), nn.Linear(24, 3))  # neither mirror- nor shift-invariant
+    raw = images.float()
+    moved = []  # each view by hand: mirror, then move with zeros coming in (before normalising)
+    for mirrored in (False, True) if "flip" in mode else (False,):
+        src = raw.flip(-1) if mirrored else raw
+        for dy, dx in [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)] if "shift" in mode else [(0, 0)]:
+            out = torch.zeros_like(src)
+            out[..., max(dy, 0):4 + min(dy, 0), max(dx, 0):6 + min(dx, 0)] = \
+                src[..., max(-dy, 0):4 + min(-dy, 0), max(-dx, 0):6 + min(-dx, 0)]
+            moved.append(out)
+    assert len(moved) == len(tta_views(mode)) == views and tta_views(mode)[0] == (False, 0, 0)
     with torch.no_grad():
-        probs = (model(x).softmax(-1) + model(x.flip(-1)).softmax(-1)) / 2
+        probs = sum(model((x / 255 - 0.5) / 0.25).softmax(-1) for x in moved) / views
     plain = evaluate(model, split, mean=(0.5,), std=(0.25,), batch=5)
-    tta = evaluate(model, split, mean=(0.5,), std=(0.25,), batch=5, flip_tta=True)
+    tta = evaluate(model, split, mean=(0.5,), std=(0.25,), batch=5, tta=mode)
     want_top1 = 100.0 * (probs.argmax(-1) == labels).float().mean().item()
     want_loss = nn.functional.nll_loss(probs.log(), labels).item()
     assert tta.top1 == pytest.approx(want_top1) and tta.loss == pytest.approx(want_loss, rel=1e-5)
     assert plain.loss != pytest.approx(tta.loss)
+
+
+def test_an_unknown_tta_mode_is_named():
+    from nestvit.train.loop import tta_views
+
+    with pytest.raises(ValueError, match="unknown test-time augmentation 'rotate'.*flip-shift"):
+        tta_views("rotate")
 
 
 def test_a_time_budget_stops_inside_an_epoch_and_logs_the_lr_it_used(tmp_path, make_config):

@@ -39,6 +39,7 @@ __all__ = [
     "BatchAugment",
     "RandAugment",
     "RandAugmentRecord",
+    "TTA_MODES",
     "adjust_brightness",
     "adjust_color",
     "adjust_contrast",
@@ -60,12 +61,14 @@ __all__ = [
     "sample_beta",
     "shear_x",
     "shear_y",
+    "shift",
     "smooth_one_hot",
     "soft_target_cross_entropy",
     "solarize",
     "solarize_add",
     "translate_x",
     "translate_y",
+    "tta_views",
 ]
 
 CIFAR10_MEAN: tuple[float, ...] = (0.4914, 0.4822, 0.4465)
@@ -142,6 +145,36 @@ def random_crop_with_padding(
     cols = offs[1, :, None] + torch.arange(w, device=x.device)  # (B, W)
     idx = (rows[:, :, None] * wp + cols[:, None, :]).reshape(b, 1, h * w).expand(b, c, h * w)
     return xp.reshape(b, c, hp * wp).gather(2, idx).reshape(b, c, h, w)
+
+
+def shift(x: Tensor, dy: int, dx: int) -> Tensor:
+    """Move every image ``dy`` pixels down and ``dx`` right, zeros coming in at the edges.
+
+    ``(B, C, H, W)`` -> same. One fixed offset of :func:`random_crop_with_padding` (constant mode): the
+    views of shift test-time augmentation.
+    """
+    _check_images(x)
+    p = max(abs(dy), abs(dx))
+    if p == 0:
+        return x
+    h, w = x.shape[-2:]
+    return F.pad(x, (p, p, p, p))[..., p - dy:p - dy + h, p - dx:p - dx + w]
+
+
+TTA_MODES = ("none", "flip", "shift", "flip-shift")
+
+
+def tta_views(mode: str) -> list[tuple[bool, int, int]]:
+    """``(mirrored, dy, dx)`` of each test-time view: ``none`` 1, ``flip`` 2, ``shift`` 9, ``flip-shift`` 18.
+
+    ``shift`` moves the image by every offset of at most one pixel on each axis (the 3x3 neighbourhood,
+    zeros coming in, as training's constant-padded crops do); ``flip-shift`` adds their mirror images.
+    """
+    if mode not in TTA_MODES:
+        raise ValueError(f"unknown test-time augmentation {mode!r}; choose one of {', '.join(TTA_MODES)}")
+    offsets = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)] if "shift" in mode else [(0, 0)]
+    offsets.sort(key=lambda o: o != (0, 0))  # the plain view first
+    return [(m, dy, dx) for m in ((False, True) if "flip" in mode else (False,)) for dy, dx in offsets]
 
 
 def random_hflip(x: Tensor, *, p: float = 0.5, generator: torch.Generator | None = None) -> Tensor:

@@ -3,8 +3,9 @@
 CHECKPOINT is a run directory (its ``best.safetensors`` by default, see ``--weights``) or a
 ``.safetensors`` written by ``nestvit train``; its metadata tells which model to build and how its
 input was normalised. Prints loss, top-1, top-5 and per-class accuracy; ``--out DIR`` also writes
-the confusion matrix as JSON and PNG. ``--flip-tta`` averages each image's softmax output with its
-mirror image's.
+the confusion matrix as JSON and PNG. ``--tta flip|shift|flip-shift`` averages each image's softmax
+output over its mirror image and/or its one-pixel shifts (test-time augmentation; ``--flip-tta`` is
+``--tta flip``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+from ..data.augment import TTA_MODES, tta_views
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,9 +25,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", default="best", choices=["best", "last", "ema"],
                         help="which weights of a run directory (default: best, else last)")
     parser.add_argument("--batch-size", type=int, default=500)
-    parser.add_argument("--flip-tta", action="store_true",
-                        help="test-time augmentation: also run each image mirrored left-right and average the "
-                             "two softmax outputs (for data whose classes are mirror-symmetric)")
+    parser.add_argument("--tta", default="none", choices=TTA_MODES,
+                        help="test-time augmentation: average the softmax outputs of each image's views: flip "
+                             "(and its mirror image; for mirror-symmetric classes), shift (the 9 shifts by at "
+                             "most one pixel, zeros coming in), flip-shift (both: 18 views). Default: none")
+    parser.add_argument("--flip-tta", dest="tta", action="store_const", const="flip", help="the same as --tta flip")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                        help="fp32, or bf16 autocast (what a bf16 run's own evaluations use); default fp32")
     parser.add_argument("--limit", type=int, help="evaluate only the first N images")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     parser.add_argument("--out", metavar="DIR", help="write eval.json and confusion.png here")
@@ -57,8 +64,9 @@ def run(args: argparse.Namespace) -> int:
     if len(data.classes) != len(trained.classes):
         raise ValueError(f"{name} has {len(data.classes)} classes but the model was trained on {len(trained.classes)}")
     result = evaluate(model, data, mean=trained.mean, std=trained.std, batch=args.batch_size,
-                      info=DistInfo(device=device), flip_tta=args.flip_tta)
-    tta = ", flip TTA" if args.flip_tta else ""
+                      info=DistInfo(device=device), precision=args.precision, tta=args.tta)
+    tta = f", {args.tta} TTA ({len(tta_views(args.tta))} views)" if args.tta != "none" else ""
+    tta += ", bf16" if args.precision == "bf16" else ""
     print(f"{trained.weights} on {data.name} ({result.count} images{tta}): loss {result.loss:.4f}  "
           f"top-1 {result.top1:.2f}%  top-{min(5, len(data.classes))} {result.top5:.2f}%")
     print("per-class accuracy:")
@@ -68,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        record = {"weights": str(trained.weights), "data": data.name, "flip_tta": args.flip_tta, **result.to_json()}
+        record = {"weights": str(trained.weights), "data": data.name, "tta": args.tta, "precision": args.precision,
+                  **result.to_json()}
         (out / "eval.json").write_text(json.dumps(record, indent=1) + "\n")
         plot_confusion(result.confusion, result.classes, out / "confusion.png",
                        title=f"{data.name}: top-1 {result.top1:.2f}%")

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.augment import BatchAugment, eval_transform
+from ..data.augment import BatchAugment, eval_transform, shift, tta_views
 from ..interop import save_weights
 from . import config as C
 from .checkpoint import STATE_FILE, atomic_torch_save, capture_rng, load_state, restore_rng
@@ -469,24 +469,27 @@ class Trainer:
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split, *, mean: tuple[float, ...], std: tuple[float, ...], batch: int = 500,
              info: DistInfo | None = None, precision: str = "fp32", workers: int = 0,
-             flip_tta: bool = False) -> EvalResult:
+             tta: str = "none") -> EvalResult:
     """Evaluate ``model`` (on ``info.device``) on every image of ``split``, each rank its share, summed over ranks.
 
-    A distilled model's pair of heads is averaged, as DeiT does at test time. ``flip_tta`` also runs
-    every image mirrored left-right and averages the two softmax outputs (test-time augmentation).
+    A distilled model's pair of heads is averaged, as DeiT does at test time. With ``tta`` (test-time
+    augmentation, see :func:`tta_views`) the model also sees every image mirrored and/or moved, and the
+    prediction is the mean of the views' softmax outputs (its log, for the loss).
     """
+    views = tta_views(tta)
     info = info or DistInfo(device=next(model.parameters()).device)
     was_training = model.training
     model.eval()
     acc = EvalAccumulator(len(split.classes), info.device)
     for images, labels in eval_batches(split, batch=batch, rank=info.rank, world_size=info.world_size,
                                        device=info.device, workers=workers):
-        x = eval_transform(images, mean, std)
         with autocast(info.device, precision):
-            out = _logits(model(x))
-            if flip_tta:  # log of the mean of the two softmax outputs: still logits
-                out = torch.stack([out.float(), _logits(model(x.flip(-1))).float()]).log_softmax(-1)
-                out = out.logsumexp(0) - math.log(2)
+            if len(views) == 1:
+                out = _logits(model(eval_transform(images, mean, std)))
+            else:  # log of the mean of the views' softmax outputs: still logits
+                out = torch.stack([
+                    _logits(model(eval_transform(shift(images.flip(-1) if m else images, dy, dx), mean, std)))
+                    .float().log_softmax(-1) for m, dy, dx in views]).logsumexp(0) - math.log(len(views))
         acc.add(out, labels)
     all_reduce_sum(acc.sums, info)
     all_reduce_sum(acc.confusion, info)
