@@ -143,7 +143,8 @@ def test_best_fashion_mnist_adds_a_tta_column_from_the_last_weights(tmp_path, ca
     runs, (row,) = result["runs"], result["rows"]
     assert row["test_top1_tta"]["n"] == 2
     assert math.isclose(row["test_top1_tta"]["mean"], sum(r["test_top1_tta"] for r in runs) / 2)
-    assert "with flip-shift TTA (18 views; min-max)" in (tmp_path / "best_fashion_mnist" / "results.md").read_text()
+    md = (tmp_path / "best_fashion_mnist" / "results.md").read_text()
+    assert "with flip-shift TTA (18 views; min-max)" in md and "--tta flip-shift --precision bf16`" in md
     run_dir = Path(runs[0]["run_dir"])
     cached = json.loads((run_dir / "tta_flip-shift.json").read_text())
     assert cached["top1"] == runs[0]["test_top1_tta"] and cached["count"] == 32

@@ -305,6 +305,12 @@ def markdown(plan: Plan, rows: list[dict[str, Any]], meta: dict[str, Any]) -> st
              + (f"; this invocation {meta['wall_s'] / 60:.1f} min, {meta['read_back']} runs read back from an "
                 "earlier one" if meta.get("read_back") else "") + ".", ""]
     lines += [f"- {n}" for n in plan.notes]
+    if tta:
+        precision = plan.arms[0].recipe.get("precision", "fp32")
+        lines.append(f"- TTA column: the last weights (the ones reported) on {len(tta_views(plan.tta))} views of "
+                     f"each test image ({TTA_TEXT[plan.tta]}), their softmax outputs averaged, at the runs' "
+                     f"precision ({precision}): `nestvit eval RUN --weights last --tta {plan.tta} --precision "
+                     f"{precision}`.")
     lines += ["", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         acc = r["test_top1"]
@@ -320,6 +326,10 @@ def markdown(plan: Plan, rows: list[dict[str, Any]], meta: dict[str, Any]) -> st
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     return "\n".join(lines)
+
+
+TTA_TEXT = {"flip": "the image and its mirror image", "shift": "the image moved by every offset of at most one pixel",
+            "flip-shift": "the image and its mirror image, each moved by every offset of at most one pixel"}
 
 
 def _tta_cell(s: dict[str, Any]) -> str:
@@ -598,9 +608,6 @@ def plan_best_fashion_mnist(a: argparse.Namespace) -> Plan:
         + (f", {budget:g} minutes per run: the learning rate decays by step or by time, whichever is further "
            "along, and training stops at the deadline" if budget else "") + "); test on "
         f"{raw['data'].get('limit_eval') or 'all 10,000'} test images.",
-        "TTA column: the last weights (the ones reported) on each test image, its mirror image and their shifts "
-        "by at most one pixel (18 views, softmax outputs averaged, at the run's precision: bf16; `nestvit eval RUN "
-        "--weights last --tta flip-shift --precision bf16`).",
     ], ["model"], best_plot, tta=getattr(a, "tta", None) or "flip-shift")
 
 

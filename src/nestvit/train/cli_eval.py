@@ -30,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(and its mirror image; for mirror-symmetric classes), shift (the 9 shifts by at "
                              "most one pixel, zeros coming in), flip-shift (both: 18 views). Default: none")
     parser.add_argument("--flip-tta", dest="tta", action="store_const", const="flip", help="the same as --tta flip")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                        help="fp32, or bf16 autocast (what a bf16 run's own evaluations use); default fp32")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                        help="fp32, or bf16/fp16 autocast (what such a run's own evaluations use); default fp32")
     parser.add_argument("--limit", type=int, help="evaluate only the first N images")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     parser.add_argument("--out", metavar="DIR", help="write eval.json and confusion.png here")
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate(model, data, mean=trained.mean, std=trained.std, batch=args.batch_size,
                       info=DistInfo(device=device), precision=args.precision, tta=args.tta)
     tta = f", {args.tta} TTA ({len(tta_views(args.tta))} views)" if args.tta != "none" else ""
-    tta += ", bf16" if args.precision == "bf16" else ""
+    tta += f", {args.precision}" if args.precision != "fp32" else ""
     print(f"{trained.weights} on {data.name} ({result.count} images{tta}): loss {result.loss:.4f}  "
           f"top-1 {result.top1:.2f}%  top-{min(5, len(data.classes))} {result.top5:.2f}%")
     print("per-class accuracy:")
