@@ -13,7 +13,7 @@ for cmd in \
   "aggregation --threads 2 --all-variants" \
   "hierarchy --threads 2 --all-variants" \
   "data_efficiency --threads 2" \
-  "best_fashion_mnist --seeds 0 1 --threads 2"; do
+  "best_fashion_mnist --seeds 0 1 2 --threads 2"; do
   name=${cmd%% *}
   echo "=== $(date +%T) nestvit experiment $cmd"
   start=$(date +%s)
