@@ -159,3 +159,19 @@ def test_best_fashion_mnist_adds_a_tta_column_from_the_last_weights(tmp_path, ca
     # other experiments have no such column unless asked
     assert "TTA" not in E.markdown(E.plan_hierarchy(build_parser().parse_args(["experiment", "hierarchy"])),
                                    [], {"command": "c", "runs_wall_s": 0, "device": "cpu", "threads": 1})
+
+
+def test_tta_views_script_agrees_with_the_tta_column(tmp_path):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "tta_views.py"
+    spec = importlib.util.spec_from_file_location("tta_views", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = _args("best_fashion_mnist", tmp_path, "--seeds", "0")
+    args.seeds = [0]
+    (run,) = E.run_experiment(args, log=lambda m: None)["runs"]
+    top1 = script.view_top1(run["run_dir"], threads=1)
+    assert list(top1) == list(script.VIEW_SETS)
+    assert 0 <= top1["plain"] <= 100
+    assert top1["flip + 3x3 one-pixel moves (18, --tta flip-shift)"] == pytest.approx(run["test_top1_tta"])
