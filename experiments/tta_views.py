@@ -21,22 +21,27 @@ import math
 
 import torch
 
-from nestvit.data.augment import eval_transform, shift
+from nestvit.data.augment import eval_transform, shift, tta_views
 from nestvit.train.config import load_config
 from nestvit.train.inputs import eval_batches, load_split
 from nestvit.train.loop import autocast
 from nestvit.train.runs import load_trained
 
-ONE = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
-TWO = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)]
+TWO = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)]  # every move the pass computes
 PLUS = [(0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)]
-VIEW_SETS = {  # name -> the moves, each taken with and without the mirror image (but "plain")
-    "plain": [(0, 0)],
-    "flip (2)": [(0, 0)],
-    "flip + 4 one-pixel moves (10)": PLUS,
-    "flip + 3x3 one-pixel moves (18, --tta flip-shift)": ONE,
-    "flip + 4 one- and 4 two-pixel moves (18)": PLUS + [(2, 0), (-2, 0), (0, 2), (0, -2)],
-    "flip + 5x5 two-pixel moves (50)": TWO,
+
+
+def _mirrored(moves: list[tuple[int, int]]) -> list[tuple[bool, int, int]]:
+    return [(m, dy, dx) for m in (False, True) for dy, dx in moves]
+
+
+VIEW_SETS = {  # name -> (mirrored, dy, dx) of its views
+    "plain": tta_views("none"),
+    "flip (2)": tta_views("flip"),
+    "flip + 4 one-pixel moves (10)": _mirrored(PLUS),
+    "flip + 3x3 one-pixel moves (18, --tta flip-shift)": tta_views("flip-shift"),
+    "flip + 4 one- and 4 two-pixel moves (18)": _mirrored(PLUS + [(2, 0), (-2, 0), (0, 2), (0, -2)]),
+    "flip + 5x5 two-pixel moves (50)": _mirrored(TWO),
 }
 
 
@@ -52,16 +57,13 @@ def view_top1(run_dir: str, threads: int) -> dict[str, float]:
     with torch.no_grad(), autocast(device, cfg.precision):
         for images, y in eval_batches(split, batch=cfg.eval_batch, rank=0, world_size=1, device=device, workers=0):
             labels.append(y)
-            for mirrored in (False, True):
-                src = images.flip(-1) if mirrored else images
-                for dy, dx in TWO:
-                    x = eval_transform(shift(src, dy, dx), trained.mean, trained.std)
-                    logp.setdefault((mirrored, dy, dx), []).append(model(x).float().log_softmax(-1))
+            for mirrored, dy, dx in _mirrored(TWO):
+                x = eval_transform(shift(images.flip(-1) if mirrored else images, dy, dx), trained.mean, trained.std)
+                logp.setdefault((mirrored, dy, dx), []).append(model(x).float().log_softmax(-1))
     target = torch.cat(labels)
     views = {k: torch.cat(v) for k, v in logp.items()}
     out = {}
-    for name, moves in VIEW_SETS.items():
-        keys = [(m, dy, dx) for m in ((False,) if name == "plain" else (False, True)) for dy, dx in moves]
+    for name, keys in VIEW_SETS.items():
         mean_log_prob = torch.stack([views[k] for k in keys]).logsumexp(0) - math.log(len(keys))
         out[name] = 100.0 * (mean_log_prob.argmax(-1) == target).float().mean().item()
     return out

@@ -292,7 +292,7 @@ def _span(values: list[Any]) -> Any:
 
 
 def markdown(plan: Plan, rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    from .data.augment import tta_views
+    from .data.augment import TTA_MODES, tta_views
 
     has_paper = any("paper" in r for r in rows)
     tta = [f"with {plan.tta} TTA ({len(tta_views(plan.tta))} views; min-max)"] if plan.tta != "none" else []
@@ -308,7 +308,7 @@ def markdown(plan: Plan, rows: list[dict[str, Any]], meta: dict[str, Any]) -> st
     if tta:
         precision = plan.arms[0].recipe.get("precision", "fp32")
         lines.append(f"- TTA column: the last weights (the ones reported) on {len(tta_views(plan.tta))} views of "
-                     f"each test image ({TTA_TEXT[plan.tta]}), their softmax outputs averaged, at the runs' "
+                     f"each test image ({TTA_MODES[plan.tta]}), their softmax outputs averaged, at the runs' "
                      f"precision ({precision}): `nestvit eval RUN --weights last --tta {plan.tta} --precision "
                      f"{precision}`.")
     lines += ["", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
@@ -326,10 +326,6 @@ def markdown(plan: Plan, rows: list[dict[str, Any]], meta: dict[str, Any]) -> st
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     return "\n".join(lines)
-
-
-TTA_TEXT = {"flip": "the image and its mirror image", "shift": "the image moved by every offset of at most one pixel",
-            "flip-shift": "the image and its mirror image, each moved by every offset of at most one pixel"}
 
 
 def _tta_cell(s: dict[str, Any]) -> str:
@@ -608,7 +604,7 @@ def plan_best_fashion_mnist(a: argparse.Namespace) -> Plan:
         + (f", {budget:g} minutes per run: the learning rate decays by step or by time, whichever is further "
            "along, and training stops at the deadline" if budget else "") + "); test on "
         f"{raw['data'].get('limit_eval') or 'all 10,000'} test images.",
-    ], ["model"], best_plot, tta=getattr(a, "tta", None) or "flip-shift")
+    ], ["model"], best_plot, tta="flip-shift")
 
 
 def plan_quick(plan_fn: Callable[[argparse.Namespace], Plan], a: argparse.Namespace) -> Plan:
@@ -656,7 +652,7 @@ def run_experiment(a: argparse.Namespace, log: Callable[[str], None] = _print) -
     from .train.config import TrainConfig, apply_overrides, from_dict
 
     plan = plan_quick(EXPERIMENTS[a.name], a) if a.quick else EXPERIMENTS[a.name](a)
-    plan.tta = getattr(a, "tta", None) or plan.tta
+    plan.tta = a.tta or plan.tta
     if a.set:
         for arm in plan.arms:
             arm.recipe = apply_overrides(arm.recipe, a.set)
@@ -695,6 +691,8 @@ def run_experiment(a: argparse.Namespace, log: Callable[[str], None] = _print) -
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .data.augment import TTA_MODES
+
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = __doc__.split("Experiments:", 1)[1].join(["experiments:", ""])
     parser.add_argument("name", choices=list(EXPERIMENTS), help="the experiment")
@@ -716,7 +714,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-min", type=float, default=None,
                         help="best_fashion_mnist: minutes per run (default: the recipe's time_budget_min); the "
                              "learning rate decays to the deadline; 0 = no budget")
-    parser.add_argument("--tta", choices=["none", "flip", "shift", "flip-shift"],
+    parser.add_argument("--tta", choices=TTA_MODES,
                         help="also test every run's last weights with this test-time augmentation, in a column of "
                              "its own (default: flip-shift for best_fashion_mnist, none for the others)")
     parser.add_argument("--data", nargs="+", help="data set(s) (default: per experiment)")

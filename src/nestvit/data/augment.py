@@ -161,7 +161,12 @@ def shift(x: Tensor, dy: int, dx: int) -> Tensor:
     return F.pad(x, (p, p, p, p))[..., p - dy:p - dy + h, p - dx:p - dx + w]
 
 
-TTA_MODES = ("none", "flip", "shift", "flip-shift")
+TTA_MODES = {  # test-time augmentation: mode -> the views of each image (see tta_views)
+    "none": "the image alone",
+    "flip": "the image and its mirror image",
+    "shift": "the image moved by every offset of at most one pixel",
+    "flip-shift": "the image and its mirror image, each moved by every offset of at most one pixel",
+}
 
 
 def tta_views(mode: str) -> list[tuple[bool, int, int]]:

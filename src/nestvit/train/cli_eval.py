@@ -26,9 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which weights of a run directory (default: best, else last)")
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--tta", default="none", choices=TTA_MODES,
-                        help="test-time augmentation: average the softmax outputs of each image's views: flip "
-                             "(and its mirror image; for mirror-symmetric classes), shift (the 9 shifts by at "
-                             "most one pixel, zeros coming in), flip-shift (both: 18 views). Default: none")
+                        help="test-time augmentation: average the softmax outputs of each image's views; "
+                             + "; ".join(f"{k}: {v} ({len(tta_views(k))})" for k, v in TTA_MODES.items())
+                             + ". Moves bring zeros in, as training's padded crops; flip suits mirror-symmetric "
+                               "classes. Default: none")
     parser.add_argument("--flip-tta", dest="tta", action="store_const", const="flip", help="the same as --tta flip")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                         help="fp32, or bf16/fp16 autocast (what such a run's own evaluations use); default fp32")
