@@ -107,6 +107,26 @@ def test_conv_stem_depth():
     assert changed[:2, :2].all() and changed.sum() == 4  # pixels 0-2 reach patches 0-1 along each axis
 
 
+def test_local_conv_crosses_block_borders_within_a_level():
+    """``local_conv``: a depthwise conv3x3 before every layer; a changed token then reaches the neighbouring
+    blocks inside level 0 (and their attention the whole of them), which plain NesT keeps inside its block."""
+    kw = dict(in_chans=1, patch_size=1, num_levels=2, block_size=4, embed_dims=(8, 16), num_heads=(1, 2),
+              depths=(2, 1))  # depth 2: the second conv sees what the first layer's attention spread
+    plain = nestvit.create_model("nest_tiny_cifar", img_size=8, **kw).eval()
+    local = nestvit.create_model("nest_tiny_cifar", img_size=8, local_conv=True, **kw).eval()
+    assert len(local.levels[0].local_convs) == 2 and not plain.levels[0].local_convs
+    assert local.levels[0].local_convs[0].weight.shape == (8, 1, 3, 3)
+    x = torch.randn(2, 8, 8, 8)  # (B, H, W, C) level-0 input: 2x2 blocks of 4x4 tokens
+    x2 = x.clone()
+    x2[:, 3, 3] += torch.randn(8)  # the bottom-right token of block (0, 0)
+    with torch.no_grad():
+        changed = [((m.levels[0](x) - m.levels[0](x2)).abs().amax(dim=(0, 3)) > 0) for m in (plain, local)]
+    assert changed[0][:4, :4].all() and changed[0].sum() == 16  # block (0, 0) only
+    assert changed[1].all()  # all four blocks
+    local(torch.randn(2, 1, 8, 8)).square().mean().backward()
+    assert all(c.weight.grad.abs().sum() > 0 for level in local.levels for c in level.local_convs)
+
+
 def test_top_level_is_one_block_for_square_and_several_for_rectangular_input():
     sq = nestvit.create_model("nest_tiny_cifar", embed_dims=8, num_heads=1, depths=1)
     assert sq.levels[-1].grid == (1, 1) and sq.levels[0].grid == (8, 8)

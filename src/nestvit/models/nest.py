@@ -24,6 +24,9 @@ Deviations (all options; the defaults follow the official code):
   Convolutions Help Transformers See Better"); not in NesT, off by default, used by the Fashion-MNIST
   results recipe. ``patch_overlap=True`` widens the patch embedding to kernel ``2p-1`` (stride ``p``,
   padding ``p-1``), PVTv2's overlapping patch embedding (Wang et al. 2022); not in NesT, off by default.
+- ``local_conv=True`` adds ``x + dwconv3x3(x)`` on the image plane before every transformer layer, CMT's
+  local perception unit (Guo et al. 2022): locality inside the layers and a path across block borders
+  within a level; not in NesT, off by default.
 - ``aggregation`` and ``aggregation_plane`` implement the paper's Figure 5 / A1 ablations (see
   ``BlockAggregation``); rectangular images work wherever the block grid divides (the top level then
   has more than one block).
@@ -50,6 +53,7 @@ class NestConfig:
     stem_dim: int = 0  # 0: the paper's linear patch embedding; > 0: a conv3x3 stem of this width before it
     stem_depth: int = 1  # conv3x3 -> LayerNorm -> act layers in that stem
     patch_overlap: bool = False  # patch embedding conv of kernel 2p-1 (padding p-1) instead of p: patches overlap
+    local_conv: bool = False  # x + depthwise conv3x3(x) on the image plane before every transformer layer (CMT)
     num_levels: int = 3  # hierarchies T_d; level l has 4**(num_levels-1-l) blocks for square input
     block_size: int | None = None  # block edge in patches; None: grid / 2**(num_levels-1) (top = 1 block)
     embed_dims: tuple[int, ...] = (128, 256, 512)
@@ -220,6 +224,8 @@ class NestLevel(nn.Module):
                              norm_eps=cfg.norm_eps, drop=cfg.proj_drop_rate, attn_drop=cfg.attn_drop_rate,
                              drop_path=p)
             for p in dpr])
+        self.local_convs = nn.ModuleList([nn.Conv2d(dim, dim, 3, padding=1, groups=dim) for _ in dpr]
+                                         if cfg.local_conv else [])
 
     def aggregate(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, W, C) -> (B, H/2, W/2, C')`` on the image plane, or per block on the block plane."""
@@ -250,7 +256,12 @@ class NestLevel(nn.Module):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.aggregate(x)
         x = blockify(x, self.block) + self.pos_embed  # (B, T, N, C)
-        x = self.transformer_encoder(x)  # attention folds T into the batch
+        if not self.local_convs:
+            return deblockify(self.transformer_encoder(x), self.grid)  # attention folds T into the batch
+        for conv, layer in zip(self.local_convs, self.transformer_encoder):
+            x = deblockify(x, self.grid)  # (B, H', W', C)
+            x = x + conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # channels-last NCHW view of NHWC
+            x = layer(blockify(x, self.block))
         return deblockify(x, self.grid)  # (B, H', W', C)
 
 
