@@ -107,6 +107,27 @@ def test_conv_stem_depth():
     assert changed[:2, :2].all() and changed.sum() == 4  # pixels 0-2 reach patches 0-1 along each axis
 
 
+def test_patch_blur():
+    """``patch_blur``: a fixed [1, 2, 1]^2 / 16 filter before the stride-p embedding: no new weights in the
+    state dict, a flat image stays flat inside, and a pixel reaches the patches beside it (anti-aliasing)."""
+    kw = dict(in_chans=1, patch_size=2, num_levels=3, embed_dims=(8, 16, 32), num_heads=(1, 2, 4), depths=1)
+    plain = nestvit.create_model("nest_tiny_cifar", **kw).eval()
+    blur = nestvit.create_model("nest_tiny_cifar", patch_blur=True, **kw).eval()
+    assert blur.state_dict().keys() == plain.state_dict().keys()
+    blur.load_state_dict(plain.state_dict())
+    flat = torch.full((1, 1, 32, 32), 0.7)
+    assert torch.allclose(blur.patch_embed.blur(flat)[..., 1:-1, 1:-1], flat[..., 1:-1, 1:-1])
+    x = torch.randn(2, 1, 32, 32)
+    x2 = x.clone()
+    x2[:, :, 2, 2] += 1.0  # the first pixel of patch (1, 1)
+    with torch.no_grad():
+        for model, reach in ((plain, [(1, 1)]), (blur, [(0, 0), (0, 1), (1, 0), (1, 1)])):
+            changed = ((model._embed(x) - model._embed(x2)).abs().amax(dim=(0, 3)) > 0).nonzero().tolist()
+            assert changed == [list(p) for p in reach]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert blur(x).shape == (2, blur.num_classes)
+
+
 def test_local_conv_crosses_block_borders_within_a_level():
     """``local_conv``: a depthwise conv3x3 before every layer; a changed token then reaches the neighbouring
     blocks inside level 0 (and their attention the whole of them), which plain NesT keeps inside its block."""

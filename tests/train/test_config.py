@@ -67,6 +67,8 @@ def test_value_checks():
     with pytest.raises(ConfigError, match="time_budget_min must be >= 0, got -1"):
         load_config(None, ["time_budget_min=-1"])
     assert "time_budget_min" in valid_keys()
+    with pytest.raises(ConfigError, match="tta must be one of none, flip, shift, flip-shift, got 'flips'"):
+        load_config(None, ["tta=flips"])
 
 
 def test_batch_plan_and_lr_scaling():

@@ -8,6 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from nestvit.cli import main as cli_main
+from nestvit.data.augment import tta_views
 from nestvit.train import checkpoint as ckpt
 from nestvit.train import loop
 from nestvit.train.checkpoint import load_state
@@ -270,6 +272,39 @@ def test_a_time_budget_stops_inside_an_epoch_and_logs_the_lr_it_used(tmp_path, m
     assert load_state(tmp_path / "run")["elapsed_s"] > 0
     again = train(cfg, tmp_path / "run", resume=True)  # the budget counts the earlier pieces: nothing to do
     assert again.steps == 1
+
+
+@pytest.mark.parametrize("tta", ["none", "flip"])
+def test_a_final_tta_evaluation_is_reserved_inside_the_budget(tmp_path, make_config, monkeypatch, tta):
+    """``tta``: the final evaluation adds the multi-view top-1, and its cost (the last evaluation's time per
+    view, plus the single view) is kept in reserve, so the run stops earlier and the whole fits the budget."""
+    clock, calls = {"s": 0.0}, []  # a fake clock: 10 s per step, 5 s per evaluation and view
+    real_step, real_eval = loop.Trainer.train_step, loop.Trainer.evaluate
+
+    def step(self, *args):
+        clock["s"] += 10.0
+        return real_step(self, *args)
+
+    def evaluate(self, model, tta="none"):
+        calls.append(tta)
+        clock["s"] += 5.0 * len(tta_views(tta))
+        return real_eval(self, model, tta)
+
+    monkeypatch.setattr(loop.Trainer, "train_step", step)
+    monkeypatch.setattr(loop.Trainer, "evaluate", evaluate)
+    monkeypatch.setattr(loop.Trainer, "elapsed", lambda self: clock["s"])
+    res = train(make_config("epochs=3", "time_budget_min=1", f"tta={tta}"), tmp_path / "run")
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    last = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "epoch"][-1]
+    if tta == "none":  # 4 steps + 5 s = 45 s, 5 s reserved: one more step (55 + 5 s), then the final evaluation
+        assert res.steps == 5 and calls == ["none", "none"] and "test_top1_tta" not in summary
+    else:  # 45 s + 3 x 5 s reserved = the budget: stop after epoch 1, then the 2-view evaluation (55 s in all)
+        assert res.steps == 4 and calls == ["none", "flip"] and clock["s"] == 55.0
+        assert summary["tta"] == "flip" and summary["test_top1_tta"] == last["test_top1_tta"]
+        # the number is the one `nestvit eval RUN --tta flip` gives for the final weights
+        assert cli_main(["eval", str(tmp_path / "run"), "--weights", "last", "--tta", "flip", "--limit", "64",
+                         "--out", str(tmp_path / "ev")]) == 0
+        assert json.loads((tmp_path / "ev/eval.json").read_text())["top1"] == summary["test_top1_tta"]
 
 
 def test_a_budget_that_is_not_reached_changes_nothing(tmp_path, make_config):

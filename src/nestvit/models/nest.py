@@ -24,6 +24,9 @@ Deviations (all options; the defaults follow the official code):
   Convolutions Help Transformers See Better"); not in NesT, off by default, used by the Fashion-MNIST
   results recipe. ``patch_overlap=True`` widens the patch embedding to kernel ``2p-1`` (stride ``p``,
   padding ``p-1``), PVTv2's overlapping patch embedding (Wang et al. 2022); not in NesT, off by default.
+- ``patch_blur=True`` low-passes the patch embedding's input with a fixed binomial 3x3 filter ([1, 2, 1]^2 / 16,
+  depthwise, zero padding) so that the stride-``p`` embedding subsamples a blurred map, Zhang 2019's
+  anti-aliasing ("Making Convolutional Networks Shift-Invariant Again"); not in NesT, off by default.
 - ``local_conv=True`` adds ``x + dwconv3x3(x)`` on the image plane before every transformer layer, CMT's
   local perception unit (Guo et al. 2022): locality inside the layers and a path across block borders
   within a level; not in NesT, off by default.
@@ -53,6 +56,7 @@ class NestConfig:
     stem_dim: int = 0  # 0: the paper's linear patch embedding; > 0: a conv3x3 stem of this width before it
     stem_depth: int = 1  # conv3x3 -> LayerNorm -> act layers in that stem
     patch_overlap: bool = False  # patch embedding conv of kernel 2p-1 (padding p-1) instead of p: patches overlap
+    patch_blur: bool = False  # fixed binomial 3x3 blur before the stride-p patch embedding (anti-aliasing)
     local_conv: bool = False  # x + depthwise conv3x3(x) on the image plane before every transformer layer (CMT)
     num_levels: int = 3  # hierarchies T_d; level l has 4**(num_levels-1-l) blocks for square input
     block_size: int | None = None  # block edge in patches; None: grid / 2**(num_levels-1) (top = 1 block)
@@ -152,6 +156,22 @@ class ChannelNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class BinomialBlur(nn.Module):
+    """Fixed depthwise ``[1, 2, 1]^2 / 16`` filter, ``(B, C, H, W) -> (B, C, H, W)`` (zero padding 1).
+
+    The filter is a buffer, not a parameter, and is not saved: state dicts are those of the model without it.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        k = torch.tensor([1.0, 2.0, 1.0])
+        self.register_buffer("kernel", (k[:, None] * k[None, :] / 16).expand(channels, 1, 3, 3).clone(),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.kernel.to(x.dtype), padding=1, groups=x.shape[1])
 
 
 class BlockAggregation(nn.Module):
@@ -283,6 +303,7 @@ class Nest(ModelBase):
             layer for i in range(cfg.stem_depth)
             for layer in (nn.Conv2d(cfg.stem_dim if i else cfg.in_chans, cfg.stem_dim, 3, padding=1),
                           ChannelNorm(cfg.stem_dim, eps=cfg.norm_eps), make_act(cfg.act))])
+        self.patch_embed.blur = BinomialBlur(cfg.stem_dim or cfg.in_chans) if cfg.patch_blur else nn.Identity()
         p = cfg.patch_size
         self.patch_embed.proj = nn.Conv2d(cfg.stem_dim or cfg.in_chans, cfg.embed_dims[0],
                                           2 * p - 1 if cfg.patch_overlap else p, stride=p,
@@ -309,7 +330,7 @@ class Nest(ModelBase):
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         x = self.patch_embed.stem(x.contiguous(memory_format=torch.channels_last))
-        x = self.patch_embed.proj(x)
+        x = self.patch_embed.proj(self.patch_embed.blur(x))
         return x.permute(0, 2, 3, 1)  # (B, H/p, W/p, C): channels-last memory, so this view is contiguous
 
     def forward_intermediates(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

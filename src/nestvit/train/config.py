@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from ..data.augment import AugmentConfig
+from ..data.augment import TTA_MODES, AugmentConfig
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -113,6 +113,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training forward
     log_every: int = 20  # optimizer steps between metrics.jsonl step records
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
+    # Test-time views (nestvit.data.augment.TTA_MODES) of the final evaluation, which then reports both the
+    # single-view and the multi-view top-1; under a time budget its cost is reserved inside the budget.
+    tta: str = "none"
     checkpoint_every: int = 0  # optimizer steps between mid-epoch checkpoints; 0 = at epoch ends only
     progress: bool = True  # tqdm progress bar (rank 0 only)
     threads: int | None = None  # CPU threads per process (torch.set_num_threads); None: torch's default
@@ -134,6 +137,7 @@ class TrainConfig:
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
             (self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every}"),
             (self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}"),
+            (self.tta in TTA_MODES, f"tta must be one of {', '.join(TTA_MODES)}, got {self.tta!r}"),
             (self.precision in ("fp32", "bf16", "fp16"),
              f"precision must be 'fp32', 'bf16' or 'fp16', got {self.precision!r}"),
             (self.optim.no_decay in ("recipe", "pos_embed_only", "1d_and_tokens"),

@@ -142,8 +142,10 @@ class Trainer:
         self.best_top1 = -1.0
         self.rng_state: dict[str, Any] | None = None
         # time budget (cfg.time_budget_min): seconds spent by earlier pieces of a resumed run, the last
-        # evaluation's duration (kept in reserve for the final one) and the part of the budget spent
+        # evaluation's duration (kept in reserve for the final one, times its views plus one with cfg.tta)
+        # and the part of the budget spent
         self.budget_s = cfg.time_budget_min * 60.0
+        self.final_eval_cost = 1 + (len(tta_views(cfg.tta)) if cfg.tta != "none" else 0)
         self.spent_before = self.eval_s = self.time_frac = 0.0
         self.lr = 0.0  # the learning rate of the last optimizer step (what the records log)
         self.fit_started = time.perf_counter()
@@ -301,11 +303,11 @@ class Trainer:
                 "img_s": total["images"] / max(elapsed, 1e-9),
                 "data_img_s": total["images"] / max(total["data_s"], 1e-9), "time_s": elapsed}
 
-    def evaluate(self, model: nn.Module) -> EvalResult:
+    def evaluate(self, model: nn.Module, tta: str = "none") -> EvalResult:
         """Top-1/top-5, loss and confusion matrix of ``model`` on the evaluation split (summed over ranks)."""
         return evaluate(model, self.eval_split, mean=self.cfg.data.mean, std=self.cfg.data.std,
                         batch=self.cfg.eval_batch, info=self.info, precision=self.cfg.precision,
-                        workers=self.cfg.data.workers)
+                        workers=self.cfg.data.workers, tta=tta)
 
     def elapsed(self) -> float:
         """Seconds of this run so far, the pieces before a resume included (what the time budget counts)."""
@@ -315,7 +317,8 @@ class Trainer:
         """Under a time budget, set ``time_frac``: the part spent, counting the final evaluation's time ahead
         (the last one's), from the ranks' mean clock so that all of them stop at the same step."""
         if self.budget_s:
-            t = all_reduce_sum(torch.full((), self.elapsed() + self.eval_s, device=self.device), self.info)
+            ahead = self.eval_s * self.final_eval_cost
+            t = all_reduce_sum(torch.full((), self.elapsed() + ahead, device=self.device), self.info)
             self.time_frac = t.item() / self.info.world_size / self.budget_s
 
     def fit(self, stop_after_epochs: int | None = None) -> RunResult:
@@ -323,7 +326,7 @@ class Trainer:
         self.describe()
         if self.rng_state is not None:
             restore_rng(self.rng_state, {"augment": self.aug_gen})
-        test = ema = None
+        test = ema = tta = None
         self.fit_started = time.perf_counter()
         if self.budget_s:
             self.time_frac = self.spent_before / self.budget_s
@@ -340,15 +343,18 @@ class Trainer:
                                       "lr": self.lr}
             last = out_of_time or self.epoch == cfg.epochs or self.time_frac >= 1.0
             if (epoch + 1) % cfg.eval_every == 0 or last:
-                t = time.perf_counter()
+                t = self.elapsed()
                 test = self.evaluate(self.model)
                 record.update(test_loss=test.loss, test_top1=test.top1, test_top5=test.top5)
                 if self.ema is not None:
                     ema = self.evaluate(self.ema.module)
                     record.update(ema_top1=ema.top1, ema_top5=ema.top5)
-                self.eval_s = time.perf_counter() - t
+                self.eval_s = self.elapsed() - t
                 self.read_clock()
                 last = last or self.time_frac >= 1.0  # the evaluation spent the rest of the budget
+                if last and cfg.tta != "none":
+                    tta = self.evaluate(self.model, tta=cfg.tta)
+                    record.update(test_top1_tta=tta.top1, test_top5_tta=tta.top5)
             self.log.write(record)
             self.say(self._epoch_line(record))
             self.save_weights(test if "test_top1" in record else None)
@@ -368,6 +374,7 @@ class Trainer:
             summary = {"epochs": epochs, "steps": self.step, "wall_s": round(wall, 1),
                        "test_top1": test.top1 if test else None, "test_top5": test.top5 if test else None,
                        "best_top1": self.best_top1, "ema_top1": ema.top1 if ema else None,
+                       **({"tta": cfg.tta, "test_top1_tta": tta.top1} if tta else {}),
                        "params": self.model.num_params(), "world_size": self.info.world_size,
                        "device": str(self.device)}
             if self.budget_s:
@@ -377,6 +384,7 @@ class Trainer:
             if test is not None:
                 self.say(f"done in {_fmt_time(wall)}: test top-1 {test.top1:.2f}% top-5 {test.top5:.2f}% (best "
                          f"{self.best_top1:.2f}%)" + (f", EMA top-1 {ema.top1:.2f}%" if ema else "")
+                         + (f", {cfg.tta} TTA top-1 {tta.top1:.2f}%" if tta else "")
                          + f"; {self.run_dir}")
         self.log.close()
         return result
@@ -389,6 +397,8 @@ class Trainer:
             line += f" | test top-1 {r['test_top1']:.2f}% top-5 {r['test_top5']:.2f}%"
         if "ema_top1" in r:
             line += f" | EMA top-1 {r['ema_top1']:.2f}%"
+        if "test_top1_tta" in r:
+            line += f" | {self.cfg.tta} TTA top-1 {r['test_top1_tta']:.2f}%"
         return line
 
     # ---------------------------------------------------------------------------------------------
