@@ -161,6 +161,16 @@ def test_best_fashion_mnist_adds_a_tta_column_from_the_last_weights(tmp_path, ca
                                    [], {"command": "c", "runs_wall_s": 0, "device": "cpu", "threads": 1})
 
 
+def test_the_tta_column_reuses_a_runs_own_final_tta_evaluation(tmp_path):
+    """A run trained with ``tta`` (views scored inside its budget) is not evaluated again for the column."""
+    args = _args("best_fashion_mnist", tmp_path, "--set", "tta=flip-shift")
+    args.seeds = [0]
+    (run,) = E.run_experiment(args, log=lambda m: None)["runs"]
+    summary = json.loads((Path(run["run_dir"]) / "summary.json").read_text())
+    assert summary["tta"] == "flip-shift" and run["test_top1_tta"] == summary["test_top1_tta"]
+    assert not (Path(run["run_dir"]) / "tta_flip-shift.json").exists()
+
+
 def test_tta_views_script_agrees_with_the_tta_column(tmp_path):
     import importlib.util
 

@@ -182,8 +182,13 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
 def tta_top1(run_dir: Path, cfg: Any, mode: str, device: str | None) -> float:
     """Test top-1 of the run's last weights with test-time augmentation ``mode``, at the run's precision.
 
-    Cached in ``run_dir/tta_<mode>.json`` (a retrained run's directory is made anew, and the cache with it).
+    A run trained with ``tta: <mode>`` already scored its last weights so (``summary.json``); others are
+    evaluated here once and cached in ``run_dir/tta_<mode>.json`` (a retrained run's directory is made anew,
+    and the cache with it).
     """
+    summary = json.loads((run_dir / "summary.json").read_text())
+    if summary.get("tta") == mode:
+        return float(summary["test_top1_tta"])
     cache = run_dir / f"tta_{mode}.json"
     if cache.is_file():
         return float(json.loads(cache.read_text())["top1"])
