@@ -274,25 +274,34 @@ def test_a_time_budget_stops_inside_an_epoch_and_logs_the_lr_it_used(tmp_path, m
     assert again.steps == 1
 
 
-@pytest.mark.parametrize("tta", ["none", "flip"])
-def test_a_final_tta_evaluation_is_reserved_inside_the_budget(tmp_path, make_config, monkeypatch, tta):
-    """``tta``: the final evaluation adds the multi-view top-1, and its cost (the last evaluation's time per
-    view, plus the single view) is kept in reserve, so the run stops earlier and the whole fits the budget."""
-    clock, calls = {"s": 0.0}, []  # a fake clock: 10 s per step, 5 s per evaluation and view
+def fake_clock(monkeypatch, *, step_s: float, eval_s: float) -> tuple[dict[str, float], list[str]]:
+    """Drive the trainer's clock by hand: ``step_s`` per optimizer step, ``eval_s`` per evaluation and view.
+
+    Returns the clock (``{"s": seconds}``) and the ``tta`` mode of every evaluation, in order.
+    """
+    clock, calls = {"s": 0.0}, []
     real_step, real_eval = loop.Trainer.train_step, loop.Trainer.evaluate
 
     def step(self, *args):
-        clock["s"] += 10.0
+        clock["s"] += step_s
         return real_step(self, *args)
 
     def evaluate(self, model, tta="none"):
         calls.append(tta)
-        clock["s"] += 5.0 * len(tta_views(tta))
+        clock["s"] += eval_s * len(tta_views(tta))
         return real_eval(self, model, tta)
 
     monkeypatch.setattr(loop.Trainer, "train_step", step)
     monkeypatch.setattr(loop.Trainer, "evaluate", evaluate)
     monkeypatch.setattr(loop.Trainer, "elapsed", lambda self: clock["s"])
+    return clock, calls
+
+
+@pytest.mark.parametrize("tta", ["none", "flip"])
+def test_a_final_tta_evaluation_is_reserved_inside_the_budget(tmp_path, make_config, monkeypatch, tta):
+    """``tta``: the final evaluation adds the multi-view top-1, and its cost (the last evaluation's time per
+    view, plus the single view) is kept in reserve, so the run stops earlier and the whole fits the budget."""
+    clock, calls = fake_clock(monkeypatch, step_s=10.0, eval_s=5.0)
     res = train(make_config("epochs=3", "time_budget_min=1", f"tta={tta}"), tmp_path / "run")
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     last = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "epoch"][-1]
@@ -316,20 +325,7 @@ def test_a_budget_that_is_not_reached_changes_nothing(tmp_path, make_config):
 
 
 def test_an_evaluation_that_spends_the_budget_ends_the_run_at_that_epoch(tmp_path, make_config, monkeypatch):
-    clock = {"s": 0.0}  # a fake clock: 10 s per step, 100 s per evaluation
-    real_step, real_eval = loop.Trainer.train_step, loop.Trainer.evaluate
-
-    def step(self, *args):
-        clock["s"] += 10.0
-        return real_step(self, *args)
-
-    def evaluate(self, model):
-        clock["s"] += 100.0
-        return real_eval(self, model)
-
-    monkeypatch.setattr(loop.Trainer, "train_step", step)
-    monkeypatch.setattr(loop.Trainer, "evaluate", evaluate)
-    monkeypatch.setattr(loop.Trainer, "elapsed", lambda self: clock["s"])
+    fake_clock(monkeypatch, step_s=10.0, eval_s=100.0)
     cfg = make_config("epochs=3", "time_budget_min=1")
     res = train(cfg, tmp_path / "run")  # 4 steps = 40 s, then 140 s
     assert res.steps == 4 and res.epochs_done == 1  # not one more step into epoch 2
