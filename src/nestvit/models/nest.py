@@ -171,7 +171,7 @@ class BinomialBlur(nn.Module):
                              persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.kernel.to(x.dtype), padding=1, groups=x.shape[1])
+        return F.conv2d(x, self.kernel, padding=1, groups=x.shape[1])
 
 
 class BlockAggregation(nn.Module):
