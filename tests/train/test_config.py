@@ -69,6 +69,10 @@ def test_value_checks():
     assert "time_budget_min" in valid_keys()
     with pytest.raises(ConfigError, match="tta must be one of none, flip, shift, flip-shift, got 'flips'"):
         load_config(None, ["tta=flips"])
+    with pytest.raises(ConfigError, match=r"optim.sam_rho must be >= 0 \(0 = off\), got -0.1"):
+        load_config(None, ["optim.sam_rho=-0.1"])
+    with pytest.raises(ConfigError, match="optim.sam_batch must be >= 0"):
+        load_config(None, ["optim.sam_batch=-8"])
 
 
 def test_batch_plan_and_lr_scaling():

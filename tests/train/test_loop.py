@@ -337,3 +337,33 @@ def test_an_evaluation_that_spends_the_budget_ends_the_run_at_that_epoch(tmp_pat
     assert logged[3] < sched(3)
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert summary["stopped_by_budget"] and summary["epochs"] == 1
+
+
+def test_sam_steps_with_the_gradient_at_the_moved_weights(tmp_path, make_config, monkeypatch, capsys):
+    """Each step: a pass on ``sam_batch`` images at the weights, then the batch at weights ``rho`` away."""
+    seen = []
+    real_loss = loop.Trainer.loss
+
+    def recording(self, xs, ts):
+        seen.append((xs.shape[0], torch.cat([p.detach().flatten().clone() for p in self.model.parameters()])))
+        return real_loss(self, xs, ts)
+
+    monkeypatch.setattr(loop.Trainer, "loss", recording)
+    result = train(make_config("epochs=1", "optim.sam_rho=0.05", "optim.sam_batch=8"), tmp_path / "sam")
+    assert result.steps == 4 and [n for n, _ in seen] == [8, 32] * 4
+    for (_, at), (_, moved) in zip(seen[::2], seen[1::2]):
+        assert abs(torch.linalg.vector_norm(moved - at).item() - 0.05) < 1e-4
+    # and the update starts from the weights the ascent found, not from the moved ones
+    for (_, moved), (_, next_at) in zip(seen[1::2], seen[2::2]):
+        assert torch.linalg.vector_norm(next_at - moved).item() > 0.01
+    assert "SAM rho 0.05 on 8 images a step" in capsys.readouterr().out
+
+
+def test_sam_with_a_vanishing_radius_trains_what_plain_steps_train(tmp_path, make_config):
+    plain = train(make_config("epochs=1"), tmp_path / "plain")
+    tiny = train(make_config("epochs=1", "optim.sam_rho=1e-30"), tmp_path / "tiny")
+    sam = train(make_config("epochs=1", "optim.sam_rho=0.5"), tmp_path / "sam")
+    assert plain.steps == tiny.steps == sam.steps == 4
+    assert_same_weights(weights(tmp_path / "plain/last.safetensors"), weights(tmp_path / "tiny/last.safetensors"))
+    a, b = weights(tmp_path / "plain/last.safetensors"), weights(tmp_path / "sam/last.safetensors")
+    assert any(not torch.allclose(a[k], b[k]) for k in a)

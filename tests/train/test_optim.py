@@ -1,4 +1,4 @@
-"""Parameter groups, learning-rate schedules, EMA."""
+"""Parameter groups, learning-rate schedules, EMA, SAM's weight moves."""
 
 from __future__ import annotations
 
@@ -10,7 +10,17 @@ from torch import nn
 
 from nestvit import create_model
 from nestvit.train.config import OptimSection
-from nestvit.train.optim import LRSchedule, ModelEMA, adamw, build_optimizer, no_decay_names, param_groups
+from nestvit.train.optim import (
+    LRSchedule,
+    ModelEMA,
+    adamw,
+    build_optimizer,
+    frozen_norm_stats,
+    no_decay_names,
+    param_groups,
+    sam_perturb,
+    sam_restore,
+)
 
 TINY = {"img_size": 8, "patch_size": 1, "num_levels": 2, "block_size": 4, "embed_dims": 16, "num_heads": 1,
         "depths": 1}
@@ -127,3 +137,43 @@ def test_ema_math():
     ema.update(model)
     torch.testing.assert_close(ema.module[0].weight, 0.81 * w0 + 0.19 * (w0 + 1.0))
     assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def _with_gradients(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = create_model("nest_tiny_cifar", **TINY, num_classes=4)
+    model(torch.randn(3, 3, 8, 8)).logsumexp(1).sum().backward()
+    return model
+
+
+def test_sam_moves_the_weights_by_rho_along_the_gradient_and_back():
+    model = _with_gradients()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    norm = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads.values()]))
+    moved = sam_perturb(model, 0.05)
+    assert len(moved) == len(before) and all(p.grad is None for p in model.parameters())
+    step = {n: p.detach() - before[n] for n, p in model.named_parameters()}
+    for n in before:
+        torch.testing.assert_close(step[n], 0.05 * grads[n] / norm, rtol=1e-3, atol=1e-6, msg=n)
+    assert abs(torch.linalg.vector_norm(torch.cat([s.flatten() for s in step.values()])).item() - 0.05) < 1e-5
+    sam_restore(moved)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def test_sam_leaves_the_weights_alone_when_the_gradient_overflows():
+    model = _with_gradients()
+    before = [p.detach().clone() for p in model.parameters()]
+    next(model.parameters()).grad[0] = float("inf")
+    assert sam_perturb(model, 0.05) == []
+    assert all(torch.equal(p, b) and p.grad is None for p, b in zip(model.parameters(), before))
+
+
+def test_frozen_norm_stats_keeps_batch_norm_statistics():
+    bn = nn.BatchNorm2d(3)
+    with frozen_norm_stats(bn):
+        bn(torch.randn(4, 3, 5, 5) + 2)
+    assert torch.equal(bn.running_mean, torch.zeros(3)) and bn.num_batches_tracked.item() == 0
+    bn(torch.randn(4, 3, 5, 5) + 2)
+    assert bn.running_mean.min() > 0.1 and bn.num_batches_tracked.item() == 1

@@ -71,6 +71,11 @@ class OptimSection:
     eps: float = 1e-8
     no_decay: str = "recipe"  # "recipe" | "pos_embed_only" | "1d_and_tokens" (see optim.param_groups)
     clip_grad: float = 0.0  # max global gradient norm; 0 = no clipping (official NesT: 0)
+    # sharpness-aware minimisation (Foret et al. 2021): before every step the weights move by sam_rho along the
+    # gradient of the first sam_batch images of each device's batch (0: its first micro-batch), and the step
+    # uses the gradient there; 0 = off (e.g. 0.05). Costs one more forward/backward of sam_batch images a step
+    sam_rho: float = 0.0
+    sam_batch: int = 0
 
 
 @dataclass(frozen=True)
@@ -143,6 +148,9 @@ class TrainConfig:
             (self.optim.no_decay in ("recipe", "pos_embed_only", "1d_and_tokens"),
              f"optim.no_decay must be 'recipe', 'pos_embed_only' or '1d_and_tokens', got {self.optim.no_decay!r}"),
             (self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}"),
+            (self.optim.sam_rho >= 0, f"optim.sam_rho must be >= 0 (0 = off), got {self.optim.sam_rho}"),
+            (self.optim.sam_batch >= 0,
+             f"optim.sam_batch must be >= 0 (0 = the first micro-batch), got {self.optim.sam_batch}"),
             (self.schedule.name in ("cosine", "step", "constant"),
              f"schedule.name must be 'cosine', 'step' or 'constant', got {self.schedule.name!r}"),
             (self.schedule.step_every >= 1, f"schedule.step_every must be >= 1, got {self.schedule.step_every}"),

@@ -4,8 +4,10 @@ One optimizer step: the rank's share of the global batch is fetched (uint8, on t
 augmented as a whole (so mixup partners and random draws do not depend on the micro-batch size),
 then split into ``accumulation`` micro-batches; each runs forward under autocast and backward with
 its loss divided by the number of micro-batches (DDP synchronises gradients on the last one only),
-so ``2 x 16`` accumulates the gradient of ``1 x 32``. Then: non-finite check, gradient clipping,
-AdamW step, EMA update. The learning rate is set from ``LRSchedule`` before every step.
+so ``2 x 16`` accumulates the gradient of ``1 x 32``. With ``optim.sam_rho`` (SAM) a first
+forward/backward on the first ``sam_batch`` images moves the weights before those passes, and they
+are moved back before the update. Then: non-finite check, gradient clipping, AdamW step, EMA
+update. The learning rate is set from ``LRSchedule`` before every step.
 
 After every epoch: evaluation (model and EMA), ``metrics.jsonl`` records, weights
 (``last``/``best``/``ema.safetensors``), the training state (``state.pt``, atomic), plots. Rank 0
@@ -36,7 +38,16 @@ from .distill import classification_loss, teacher_targets
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed, shutdown
 from .inputs import Split, TrainBatches, eval_batches, load_split, normalization
 from .metrics import EvalAccumulator, EvalResult, MetricsLog
-from .optim import LRSchedule, ModelEMA, build_optimizer, param_groups, set_lr
+from .optim import (
+    LRSchedule,
+    ModelEMA,
+    build_optimizer,
+    frozen_norm_stats,
+    param_groups,
+    sam_perturb,
+    sam_restore,
+    set_lr,
+)
 from .plots import plot_confusion, plot_run
 from .runs import build_model, weights_metadata
 
@@ -191,6 +202,8 @@ class Trainer:
         self.say(f"optimizer: AdamW weight decay {cfg.optim.weight_decay:g} ({nd} tensors exempt, policy "
                  f"{cfg.optim.no_decay!r}), clip {cfg.optim.clip_grad or 'off'}, EMA "
                  f"{cfg.ema.decay if self.ema else 'off'}"
+                 + (f", SAM rho {cfg.optim.sam_rho:g} on {cfg.optim.sam_batch or self.micro} images a step"
+                    if cfg.optim.sam_rho > 0 else "")
                  + (f"; distilling from {cfg.distill.teacher} ({cfg.distill.type}, alpha {cfg.distill.alpha:g})"
                     if self.teacher is not None else ""))
         if self.budget_s:
@@ -203,25 +216,41 @@ class Trainer:
     # one optimizer step
     # ---------------------------------------------------------------------------------------------
 
+    def loss(self, xs: torch.Tensor, ts: torch.Tensor) -> tuple[Any, torch.Tensor]:
+        """The model's output and its loss (labels, plus the teacher's term with distillation) under autocast."""
+        d = self.cfg.distill
+        with autocast(self.device, self.cfg.precision):
+            out = self.forward(xs)
+            teacher = teacher_targets(self.teacher, xs) if self.teacher is not None else None
+            return out, classification_loss(out, ts, teacher, kind=d.type, alpha=d.alpha, tau=d.tau)
+
+    def sam_ascent(self, x: torch.Tensor, targets: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """SAM's first pass: the gradient of the first ``optim.sam_batch`` images moves the weights by ``sam_rho``.
+
+        Each device moves along its own images' gradient (no all-reduce: SAM's m-sharpness, as the
+        paper's own code does per accelerator); batch-norm statistics are left as they were.
+        """
+        n = self.cfg.optim.sam_batch or self.micro
+        with self.ddp.no_sync() if self.info.enabled else contextlib.nullcontext(), frozen_norm_stats(self.model):
+            self.scaler.scale(self.loss(x[:n], targets[:n])[1]).backward()
+        return sam_perturb(self.model, self.cfg.optim.sam_rho)
+
     def train_step(self, x: torch.Tensor, targets: torch.Tensor) -> tuple[float, float, float]:
         """One optimizer step on this rank's augmented batch; ``(mean loss, correct, images)`` over all ranks."""
         self.lr = lr = self.schedule(self.step, self.time_frac)
         set_lr(self.optimizer, lr)
-        d = self.cfg.distill
+        moved = self.sam_ascent(x, targets) if self.cfg.optim.sam_rho > 0 else []
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
         for i, (xs, ts) in enumerate(zip(x.split(self.micro), targets.split(self.micro))):
             last = i == self.accum - 1
-            sync = self.ddp.no_sync() if (self.info.enabled and not last) else contextlib.nullcontext()
-            with sync:
-                with autocast(self.device, self.cfg.precision):
-                    out = self.forward(xs)
-                    teacher = teacher_targets(self.teacher, xs) if self.teacher is not None else None
-                    loss = classification_loss(out, ts, teacher, kind=d.type, alpha=d.alpha, tau=d.tau)
+            with self.ddp.no_sync() if (self.info.enabled and not last) else contextlib.nullcontext():
+                out, loss = self.loss(xs, ts)
                 self.scaler.scale(loss / self.accum).backward()
             logits = out[0] if isinstance(out, tuple) else out
             loss_sum += loss.detach().float() / self.accum
             correct += (logits.detach().argmax(1) == ts.argmax(1)).sum()
+        sam_restore(moved)
         stats = all_reduce_sum(torch.stack([loss_sum, correct]), self.info)
         loss_value = stats[0].item() / self.info.world_size
         self.read_clock()

@@ -13,12 +13,17 @@
   "Cramming", 2022).
 - ``ModelEMA``: ``ema = decay * ema + (1 - decay) * weights`` after every optimizer step, kept in a
   second copy of the model that is evaluated and saved like the model itself.
+- ``sam_perturb`` / ``sam_restore``: the two halves of sharpness-aware minimisation's weight move
+  (Foret et al., "Sharpness-Aware Minimization for Efficiently Improving Generalization", ICLR 2021);
+  the trainer's ``optim.sam_rho`` runs them around every optimizer step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,3 +158,46 @@ class ModelEMA:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.module.load_state_dict(state)
+
+
+def sam_perturb(model: nn.Module, rho: float) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """SAM's ascent: move every parameter that has a gradient ``g`` by ``rho * g / ||g||``.
+
+    ``||g||`` is the global L2 norm over all those gradients, so the weights move by ``rho`` in all
+    (SAM's neighbourhood radius). The gradients are cleared; the returned ``(parameter, original
+    value)`` pairs are what ``sam_restore`` puts back once the gradient at the moved weights is
+    computed. A non-finite norm (an fp16 overflow) moves nothing.
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    moved: list[tuple[nn.Parameter, torch.Tensor]] = []
+    with torch.no_grad():
+        norms = [torch.linalg.vector_norm(p.grad.float()) for p in params]
+        norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+        if params and math.isfinite(norm.item()):
+            scale = rho / (norm + 1e-12)
+            for p in params:
+                moved.append((p, p.detach().clone()))
+                p.add_(p.grad * scale)
+    for p in params:
+        p.grad = None
+    return moved
+
+
+def sam_restore(moved: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
+    """Undo ``sam_perturb``: every moved parameter gets its original value back, bit for bit."""
+    with torch.no_grad():
+        for p, original in moved:
+            p.copy_(original)
+
+
+@contextlib.contextmanager
+def frozen_norm_stats(model: nn.Module) -> Iterator[None]:
+    """Batch-norm running statistics are as before after the block (SAM's extra forward pass)."""
+    saved = [(b, b.clone()) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             for b in m.buffers(recurse=False)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
