@@ -87,13 +87,16 @@ def test_markdown_table_and_channels_last(tmp_path, capsys):
     assert row["channels_last"] is True and row["infer_images_per_s"] > 0
 
 
-def test_bench_dtype_list_and_single_mode(tmp_path):
+def test_bench_dtype_list_and_single_mode(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("nestvit.system.cpu_has_fast_bf16", lambda: False)  # an AVX2-only CPU
     out = tmp_path / "b.json"
     assert main(["bench", *TINY_NEST, *FAST, "--dtype", "fp32,bf16", "--mode", "infer", "--no-memory", "--no-data",
                  "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
     assert [r["dtype"] for r in rows] == ["fp32", "bf16"]
     assert all("train_mfu" not in r and r["infer_mfu"] > 0 for r in rows)
+    err = capsys.readouterr().err
+    assert "no fast bf16 kernels" in err and "use --dtype fp32" in err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -1,4 +1,4 @@
-"""``nestvit.system.keep_freed_memory``: glibc keeps freed blocks instead of faulting them back in every step."""
+"""``nestvit.system``: glibc keeps freed blocks instead of faulting them back in every step; the slow-bf16 warning."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from nestvit import cli
-from nestvit.system import keep_freed_memory
+from nestvit.system import cpu_has_fast_bf16, keep_freed_memory, slow_bf16
 
 GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
@@ -18,7 +18,7 @@ GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 # trim) give the 100 MB back to the kernel every round, so every round faults it in again.
 ROUNDS = """
 import ctypes, resource, sys
-from nestvit.system import keep_freed_memory
+from nestvit.system import cpu_has_fast_bf16, keep_freed_memory, slow_bf16
 print(keep_freed_memory(), end=" ")
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
@@ -67,3 +67,13 @@ def test_every_command_applies_it(monkeypatch, capsys):
     assert calls == [1]
     assert cli.main([]) == 0  # bare `nestvit` prints help and tunes nothing
     assert calls == [1]
+
+
+def test_slow_bf16_warns_on_a_cpu_without_bf16_kernels_only(monkeypatch):
+    assert isinstance(cpu_has_fast_bf16(), bool)
+    monkeypatch.setattr("nestvit.system.cpu_has_fast_bf16", lambda: False)
+    warning = slow_bf16("cpu", "--set precision=fp32")
+    assert warning.startswith("warning: this CPU has no fast bf16 kernels") and warning.endswith("precision=fp32")
+    assert slow_bf16("cuda:0", "x") is None
+    monkeypatch.setattr("nestvit.system.cpu_has_fast_bf16", lambda: True)
+    assert slow_bf16("cpu", "x") is None

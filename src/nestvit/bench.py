@@ -511,6 +511,7 @@ def format_table(rows: list[dict[str, Any]], *, markdown: bool = False) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from .registry import list_models
+    from .system import slow_bf16
 
     known = set(list_models())
     unknown = [m for m in args.models if m not in known]
@@ -535,6 +536,8 @@ def run(args: argparse.Namespace) -> int:
     settings = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
     print(f"# {machine['cpu_model']}, {machine['usable_cpus']} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load average {machine['load_average']}", file=sys.stderr)
+    if "bf16" in dtypes and (warning := slow_bf16(args.device, "--dtype fp32")):
+        print(f"# {warning}", file=sys.stderr)
 
     rows, data_rates = [], {}
     for name in args.models:

@@ -8,6 +8,10 @@ docs/benchmarks.md. Raising
 both thresholds keeps freed memory in the process for reuse, what PyTorch's CUDA caching allocator does
 on GPUs and what Intel's CPU tuning guide gets by preloading jemalloc or tcmalloc. Peak memory is
 unchanged; the process just does not shrink between steps. ``NESTVIT_KEEP_FREED_MEMORY=0`` turns it off.
+
+``slow_bf16(device)``: the warning that ``train``, ``eval`` and ``bench`` print before bf16 autocast
+on a CPU for which oneDNN has no bf16 kernels (x86 without AVX-512: matrix products and convolutions
+then fall back to slow single-threaded code; docs/benchmarks.md measured it at 20x+ slower than fp32).
 """
 
 from __future__ import annotations
@@ -32,3 +36,21 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # musl and others: no mallopt, nothing to tune
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether oneDNN runs bf16 matrix products and convolutions on this CPU (AVX-512 or newer, or Arm bf16)."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN: assume the best, say nothing
+        return True
+
+
+def slow_bf16(device: object, fix: str) -> str | None:
+    """A one-line warning for bf16 autocast on ``device`` where it is slow, naming ``fix``; None where it is fine."""
+    if str(device).split(":")[0] != "cpu" or cpu_has_fast_bf16():
+        return None
+    return (f"warning: this CPU has no fast bf16 kernels (oneDNN needs AVX-512 for bf16; matrix products and "
+            f"convolutions fall back to slow single-threaded code, 20x+ slower than fp32): use {fix}")

@@ -21,7 +21,7 @@ def recipe(tmp_path, make_recipe):
     return path
 
 
-def test_train_eval_predict(tmp_path, recipe, capsys):
+def test_train_eval_predict(tmp_path, recipe, capsys, monkeypatch):
     run = tmp_path / "run"
     assert main(["train", str(recipe), "--out", str(run), "--set", "optim.lr=1e-2", "--epochs", "2"]) == 0
     out = capsys.readouterr().out
@@ -36,8 +36,10 @@ def test_train_eval_predict(tmp_path, recipe, capsys):
     assert main(["eval", str(run), "--flip-tta", "--out", str(tmp_path / "tta")]) == 0
     assert "512 images, flip TTA (2 views)" in capsys.readouterr().out
     assert json.loads((tmp_path / "tta/eval.json").read_text())["tta"] == "flip"
+    monkeypatch.setattr("nestvit.system.cpu_has_fast_bf16", lambda: False)  # an AVX2-only CPU: a warning
     assert main(["eval", str(run), "--tta", "flip-shift", "--precision", "bf16", "--limit", "64"]) == 0
-    assert "64 images, flip-shift TTA (18 views), bf16" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "64 images, flip-shift TTA (18 views), bf16" in out and "use --precision fp32" in err
     assert (tmp_path / "ev/confusion.png").read_bytes()[:4] == b"\x89PNG"
     capsys.readouterr()
 

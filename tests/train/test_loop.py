@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from nestvit.cli import main as cli_main
 from nestvit.data.augment import tta_views
+from nestvit.system import cpu_has_fast_bf16
 from nestvit.train import checkpoint as ckpt
 from nestvit.train import loop
 from nestvit.train.checkpoint import load_state
@@ -193,9 +194,15 @@ def test_step_order_is_shared_by_world_sizes():
     assert len(labels) == 2 and torch.equal(labels[0], one.step_indices(1)[3])
 
 
-def test_bf16_autocast_and_fp16_refusal_on_cpu(tmp_path, make_config):
+def test_bf16_autocast_and_fp16_refusal_on_cpu(tmp_path, make_config, monkeypatch, capsys):
     result = train(make_config("epochs=1", "precision=bf16"), tmp_path / "bf16")
     assert result.steps == 4 and 0 <= result.test.top1 <= 100
+    fast = capsys.readouterr().out
+    monkeypatch.setattr("nestvit.system.cpu_has_fast_bf16", lambda: False)  # an AVX2-only CPU: one warning line
+    train(make_config("epochs=1", "precision=bf16"), tmp_path / "slow")
+    slow = capsys.readouterr().out
+    assert [line for line in slow.splitlines() if "no fast bf16 kernels" in line][0].endswith("--set precision=fp32")
+    assert ("no fast bf16 kernels" in fast) == (not cpu_has_fast_bf16())
     from nestvit.train.config import ConfigError
 
     with pytest.raises(ConfigError, match="fp16 needs CUDA"):

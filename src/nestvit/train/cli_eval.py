@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from ..data.augment import TTA_MODES, tta_views
+from ..system import slow_bf16
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     section = DataSection(name=name, root=root, resize_to=trained.resize_to, pad_to=trained.pad_to, img_size=size[0])
     device = resolve_device(args.device)
     model = trained.model.to(device)
+    if args.precision == "bf16" and (warning := slow_bf16(device, "--precision fp32")):
+        print(warning, file=sys.stderr)
     with one_line_errors():
         data = load_split(section, split, device, classes=trained.classes if name == "imagefolder" else None,
                           limit=args.limit)

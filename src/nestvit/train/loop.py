@@ -32,6 +32,7 @@ from torch import nn
 
 from ..data.augment import BatchAugment, eval_transform, shift, tta_views
 from ..interop import save_weights
+from ..system import slow_bf16
 from . import config as C
 from .checkpoint import STATE_FILE, atomic_torch_save, capture_rng, load_state, restore_rng
 from .distill import classification_loss, teacher_targets
@@ -189,6 +190,8 @@ class Trainer:
         where = f"cpu ({threads} thread{'s' if threads > 1 else ''})" if self.device.type == "cpu" else str(self.device)
         self.say(f"model: {cfg.model.name} ({self.model.num_params():,} parameters) on {where}, "
                  f"precision {cfg.precision}{', compiled' if cfg.compile else ''}, world size {i.world_size}")
+        if cfg.precision == "bf16" and (warning := slow_bf16(self.device, "--set precision=fp32")):
+            self.say(warning)
         self.say(f"data: {cfg.data.name} {len(tr)} train / {len(ev)} {cfg.data.eval_split} images of "
                  f"{tr.channels}x{tr.size[0]}x{tr.size[1]}, {self.num_classes} classes; normalised with mean "
                  f"{cfg.data.mean} std {cfg.data.std}")
