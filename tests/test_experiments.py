@@ -98,11 +98,15 @@ def test_quick_mode_writes_json_markdown_png(name, tmp_path):
 
 @pytest.mark.parametrize("name", ["aggregation", "hierarchy", "best_fashion_mnist"])
 def test_quick_mode_other_experiments(name, tmp_path):
-    args = _args(name, tmp_path, "--seeds", "0")
+    args = _args(name, tmp_path, "--seeds", "0", "--eval-size", "0", "--set", "optim.weight_decay=0.01")
     args.seeds = [0]
     E.run_experiment(args, log=lambda m: None)
     out = tmp_path / name
     assert (out / "results.json").is_file() and (out / "results.md").is_file() and (out / "results.png").is_file()
+    # the notes name the --set overrides and say "all the" test images for --eval-size 0, never "None"
+    md = (out / "results.md").read_text()
+    assert "Every run also has optim.weight_decay=0.01 (--set" in md and "None" not in md
+    assert name == "best_fashion_mnist" or "all the" in md
 
 
 def test_time_budget_ends_a_run_inside_an_epoch(tmp_path):

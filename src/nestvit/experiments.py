@@ -467,6 +467,11 @@ def _ev(a: argparse.Namespace) -> int | None:
     return 1000 if a.eval_size is None else (a.eval_size or None)
 
 
+def _ev_text(a: argparse.Namespace) -> str:
+    """The evaluation images in words: "the first 1000" or "all the"."""
+    return f"the first {_ev(a)}" if _ev(a) else "all the"
+
+
 def plan_rtnt_vs_tnt(a: argparse.Namespace) -> Plan:
     depth = a.depth or 2
     datas = a.data or ["fashion_mnist", "mnist5k"]
@@ -478,7 +483,7 @@ def plan_rtnt_vs_tnt(a: argparse.Namespace) -> Plan:
             recipe = _merge(RTNT_RECIPE, {
                 "epochs": a.epochs or 1,
                 "model": {"name": model, "overrides": {"depth": depth, "innermost": inner}},
-                "data": _data(data, a.train_size, a.eval_size if a.eval_size is not None else 1000),
+                "data": _data(data, a.train_size, _ev(a)),
             })
             arms.append(Arm(f"{data}-{model}-{'rtnt' if inner else 'tnt'}", recipe,
                             {"data": data, "model": model, "innermost level": "every block" if inner else "none"}))
@@ -487,7 +492,7 @@ def plan_rtnt_vs_tnt(a: argparse.Namespace) -> Plan:
         f"Recipe: the RTNT paper's (AdamW without weight decay, lr 1e-3, x0.96 every 200 steps, no augmentation, "
         f"batch 64 assumed); {a.epochs or 1} epoch(s) on {f'the first {a.train_size}' if a.train_size else 'all the'} "
         f"training images, "
-        f"evaluated on the first {a.eval_size or 1000} test images (mnist5k has 4,000/1,000 in all: all of it).",
+        f"evaluated on {_ev_text(a)} test images (mnist5k has 4,000/1,000 in all: all of it).",
         f"Depth {depth} blocks instead of the paper's 12 (rtnt_nano at depth 12 trains at ~66 images/s on this "
         "2-core CPU, docs/benchmarks.md); widths, heads and the sentence/word/letter sizes (4/2/1 px) are the paper's.",
         "Paper (full MNIST, 60,000 images, 5 epochs, depth 12): RTNT 96.20%, innermost level off 96.74%.",
@@ -523,8 +528,8 @@ def plan_aggregation(a: argparse.Namespace) -> Plan:
     return Plan("aggregation", arms, a.seeds, [
         f"Model: the small NesT (patch 2 on 28x28 padded to 32, 3 levels, blocks of 4x4 patches, width 64, depths "
         f"1/1/2); data: the first {a.train_size or ABLATION_TRAIN} {data} training images, "
-        f"{a.epochs or 1} epoch(s), first "
-        f"{_ev(a)} test images; AdamW lr 2e-3, cosine, random crops (pad 2), bf16 autocast.",
+        f"{a.epochs or 1} epoch(s), {_ev_text(a)} test images; AdamW lr 2e-3, cosine, random crops (pad 2), bf16 "
+        "autocast.",
         "Paper (NesT Fig. 5 / A1, CIFAR-10, NesT-T 300 epochs): conv3x3 + LN + max-pool on the image plane is "
         "best; block-plane aggregation and plain subsampling lose accuracy.",
     ], ["aggregation", "plane"], bar_plot(["aggregation", "plane"], f"NesT block aggregation ({data})"))
@@ -544,8 +549,8 @@ def plan_hierarchy(a: argparse.Namespace) -> Plan:
                                "level-0 blocks": (grid // block) ** 2}))
     return Plan("hierarchy", arms, a.seeds, [
         f"Model: the small NesT (width 64, 2 heads, one layer per level and two at the top) on {data} padded to "
-        f"32x32; the first {a.train_size or ABLATION_TRAIN} training images, {a.epochs or 1} epoch(s), first "
-        f"{_ev(a)} test images; bf16 autocast; the block size is chosen so the top level is one block.",
+        f"32x32; the first {a.train_size or ABLATION_TRAIN} training images, {a.epochs or 1} epoch(s), "
+        f"{_ev_text(a)} test images; bf16 autocast; the block size is chosen so the top level is one block.",
         "Paper (NesT Fig. 6, CIFAR-10): more levels (hierarchies) help up to a point; smaller patches help at a "
         "higher cost.",
     ], ["levels", "patch px", "block (patches)", "level-0 blocks"],
@@ -577,7 +582,7 @@ def plan_data_efficiency(a: argparse.Namespace) -> Plan:
         f"Budget: the same number of optimizer steps for every training-set size, {steps} steps of 64 images "
         f"(epochs = round({steps} x 64 / size), at least 1: one epoch of the largest set), AdamW lr 2e-3, cosine, "
         f"random crops (pad 2), bf16 autocast; sizes: the first {', '.join(map(str, sizes))} {data} training "
-        f"images; evaluated on the first {_ev(a)} test images about ten times per run (right panel).",
+        f"images; evaluated on {_ev_text(a)} test images about ten times per run (right panel).",
         "Models: the small NesT; a ViT matched to it in parameters and FLOPs (4x4-px patches, width 64, 5 "
         "layers); TNT and RTNT are rtnt_nano at depth 1 (innermost level off / on), on 28x28 without padding "
         "(depth 1 keeps their cost near the NesT's; see the FLOPs and images/s columns).",
@@ -661,6 +666,7 @@ def run_experiment(a: argparse.Namespace, log: Callable[[str], None] = _print) -
     if a.set:
         for arm in plan.arms:
             arm.recipe = apply_overrides(arm.recipe, a.set)
+        plan.notes.append(f"Every run also has {', '.join(a.set)} (--set; they take precedence over the above).")
     if a.threads:
         for arm in plan.arms:
             arm.recipe["threads"] = a.threads
