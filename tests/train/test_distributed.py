@@ -32,3 +32,16 @@ def test_two_process_ddp_matches_one_process(tmp_path, make_config):
 
     conf = json.loads((tmp_path / "two/confusion.json").read_text())
     assert conf["count"] == 64
+
+
+def test_two_process_ddp_with_sam(tmp_path, make_config):
+    # each rank moves the weights along its own 8 images' gradient (no all-reduce in that pass), then the
+    # batch's all-reduced gradient steps from the restored weights: the run finishes and SAM changed it
+    plain = make_config("epochs=1", "micro_batch=8")
+    spawn_local(2, train, plain, tmp_path / "plain")
+    spawn_local(2, train, make_config("epochs=1", "micro_batch=8", "optim.sam_rho=0.5", "optim.sam_batch=8"),
+                tmp_path / "sam")
+    a, b = load_file(str(tmp_path / "plain/last.safetensors")), load_file(str(tmp_path / "sam/last.safetensors"))
+    assert a.keys() == b.keys() and any(not torch.allclose(a[k], b[k]) for k in a)
+    assert all(torch.isfinite(v).all() for v in b.values())
+    assert [r["step"] for r in read_metrics(tmp_path / "sam") if r["kind"] == "step"] == [1, 2, 3, 4]
