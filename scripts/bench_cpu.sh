@@ -2,7 +2,8 @@
 # The CPU benchmark table of docs/benchmarks.md: every registered family at the batch sizes
 # (64 at 32x32, 8 at 224), fp32 and bf16 autocast eager, and torch.compile (fp32; nest_tiny_cifar also
 # bf16) for the models with targets. torch.compile on this CPU costs 1-4 minutes per model and mode.
-# Usage: bash scripts/bench_cpu.sh [OUT_DIR]   (default docs/bench; 19-31 min on the 2-core CPU; run it alone)
+# Usage: bash scripts/bench_cpu.sh [OUT_DIR]   (default docs/bench; run it alone; 19-31 min on the 2-core AVX-512
+# CPU with a warm torch.compile cache; on an AVX2-only CPU the bf16 rows take hours: docs/benchmarks.md)
 set -euo pipefail
 out=${1:-docs/bench}
 mkdir -p "$out"
