@@ -346,8 +346,8 @@ def test_an_evaluation_that_spends_the_budget_ends_the_run_at_that_epoch(tmp_pat
     assert summary["stopped_by_budget"] and summary["epochs"] == 1
 
 
-def test_sam_steps_with_the_gradient_at_the_moved_weights(tmp_path, make_config, monkeypatch, capsys):
-    """Each step: a pass on ``sam_batch`` images at the weights, then the batch at weights ``rho`` away."""
+def record_loss_calls(monkeypatch) -> list[tuple[int, torch.Tensor]]:
+    """Every ``Trainer.loss`` call from now on: its number of images and the flat weights it ran at."""
     seen = []
     real_loss = loop.Trainer.loss
 
@@ -356,6 +356,12 @@ def test_sam_steps_with_the_gradient_at_the_moved_weights(tmp_path, make_config,
         return real_loss(self, xs, ts)
 
     monkeypatch.setattr(loop.Trainer, "loss", recording)
+    return seen
+
+
+def test_sam_steps_with_the_gradient_at_the_moved_weights(tmp_path, make_config, monkeypatch, capsys):
+    """Each step: a pass on ``sam_batch`` images at the weights, then the batch at weights ``rho`` away."""
+    seen = record_loss_calls(monkeypatch)
     result = train(make_config("epochs=1", "optim.sam_rho=0.05", "optim.sam_batch=8"), tmp_path / "sam")
     assert result.steps == 4 and [n for n, _ in seen] == [8, 32] * 4
     for (_, at), (_, moved) in zip(seen[::2], seen[1::2]):
@@ -374,3 +380,10 @@ def test_sam_with_a_vanishing_radius_trains_what_plain_steps_train(tmp_path, mak
     assert_same_weights(weights(tmp_path / "plain/last.safetensors"), weights(tmp_path / "tiny/last.safetensors"))
     a, b = weights(tmp_path / "plain/last.safetensors"), weights(tmp_path / "sam/last.safetensors")
     assert any(not torch.allclose(a[k], b[k]) for k in a)
+
+
+def test_sam_ascent_takes_at_most_one_micro_batch(tmp_path, make_config, monkeypatch, capsys):
+    seen = record_loss_calls(monkeypatch)
+    train(make_config("epochs=1", "micro_batch=16", "optim.sam_rho=0.05", "optim.sam_batch=1000"), tmp_path / "sam")
+    assert [n for n, _ in seen] == [16, 16, 16] * 4  # ascent, then the two accumulated micro-batches
+    assert "SAM rho 0.05 on 16 images a step" in capsys.readouterr().out

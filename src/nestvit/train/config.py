@@ -72,8 +72,9 @@ class OptimSection:
     no_decay: str = "recipe"  # "recipe" | "pos_embed_only" | "1d_and_tokens" (see optim.param_groups)
     clip_grad: float = 0.0  # max global gradient norm; 0 = no clipping (official NesT: 0)
     # sharpness-aware minimisation (Foret et al. 2021): before every step the weights move by sam_rho along the
-    # gradient of the first sam_batch images of each device's batch (0: its first micro-batch), and the step
-    # uses the gradient there; 0 = off (e.g. 0.05). Costs one more forward/backward of sam_batch images a step
+    # gradient of the first sam_batch images of each device's batch (0 or more than a micro-batch: its first
+    # micro-batch), and the step uses the gradient there; 0 = off (e.g. 0.05). Costs one more forward/backward
+    # of those images a step
     sam_rho: float = 0.0
     sam_batch: int = 0
 

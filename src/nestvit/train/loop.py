@@ -127,6 +127,8 @@ class Trainer:
 
         # batch plan, schedule, optimizer
         self.per_device, self.micro, self.accum = cfg.batch_plan(info.world_size)
+        # SAM's ascent pass: the first images of each device's batch, at most one micro-batch (its memory bound)
+        self.sam_images = min(cfg.optim.sam_batch or self.micro, self.micro)
         self.batches = TrainBatches(self.train_split, global_batch=cfg.global_batch, rank=info.rank,
                                     world_size=info.world_size, seed=cfg.seed, device=self.device,
                                     workers=d.workers)
@@ -205,7 +207,7 @@ class Trainer:
         self.say(f"optimizer: AdamW weight decay {cfg.optim.weight_decay:g} ({nd} tensors exempt, policy "
                  f"{cfg.optim.no_decay!r}), clip {cfg.optim.clip_grad or 'off'}, EMA "
                  f"{cfg.ema.decay if self.ema else 'off'}"
-                 + (f", SAM rho {cfg.optim.sam_rho:g} on {cfg.optim.sam_batch or self.micro} images a step"
+                 + (f", SAM rho {cfg.optim.sam_rho:g} on {self.sam_images} images a step"
                     if cfg.optim.sam_rho > 0 else "")
                  + (f"; distilling from {cfg.distill.teacher} ({cfg.distill.type}, alpha {cfg.distill.alpha:g})"
                     if self.teacher is not None else ""))
@@ -228,12 +230,12 @@ class Trainer:
             return out, classification_loss(out, ts, teacher, kind=d.type, alpha=d.alpha, tau=d.tau)
 
     def sam_ascent(self, x: torch.Tensor, targets: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
-        """SAM's first pass: the gradient of the first ``optim.sam_batch`` images moves the weights by ``sam_rho``.
+        """SAM's first pass: the gradient of the first ``sam_images`` images moves the weights by ``sam_rho``.
 
         Each device moves along its own images' gradient (no all-reduce: SAM's m-sharpness, as the
         paper's own code does per accelerator); batch-norm statistics are left as they were.
         """
-        n = self.cfg.optim.sam_batch or self.micro
+        n = self.sam_images
         with self.ddp.no_sync() if self.info.enabled else contextlib.nullcontext(), frozen_norm_stats(self.model):
             self.scaler.scale(self.loss(x[:n], targets[:n])[1]).backward()
         return sam_perturb(self.model, self.cfg.optim.sam_rho)
