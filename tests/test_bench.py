@@ -138,6 +138,16 @@ def test_peak_flops_is_positive(dtype):
     assert bench.measure_peak_flops("cpu", dtype, size=64, iters=2) > 0
 
 
+def test_peak_flops_shrinks_a_product_that_would_take_too_long(monkeypatch):
+    sizes = []
+    monkeypatch.setattr(bench, "_gemm_rate", lambda device, dtype, size, **k: sizes.append(size) or 1e9)  # 1 GFLOP/s
+    assert bench.measure_peak_flops("cpu", size=4096, max_s=5.0) == 1e9
+    assert sizes == [512, 1024]  # 4096 would take 137 s and 2048 17 s at that rate; 1024 takes 2.1 s
+    sizes.clear()
+    bench.measure_peak_flops("cpu", size=4096, max_s=200.0)
+    assert sizes == [512, 4096]
+
+
 def test_cpu_peak_memory_sees_a_64_mb_tensor():
     def step():
         x = torch.ones(16 * 2**20)  # 64 MiB, touched

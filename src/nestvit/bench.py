@@ -16,7 +16,8 @@ For every model, dtype (``fp32``, or ``bf16`` autocast) and execution mode (eage
   ``k x forward FLOPs/image x images/s`` with ``k = 1`` for inference and ``k = 3`` for training (backward
   ~ 2x forward, the usual convention; recomputation is not counted). The peak is *measured in the same
   run*, immediately before each model, as the median rate of a large square matrix product
-  (``--peak-size``, default 4096) in the same dtype and thread count, so MFU says how close the model
+  (``--peak-size``, default 4096, smaller where one product would take over 5 s) in the same dtype and
+  thread count, so MFU says how close the model
   comes to what this machine's GEMM actually reaches, under the same load from other processes.
 - **Peak memory** of one step beyond what is held before it (weights, optimizer state, inputs): on
   CUDA ``torch.cuda.max_memory_allocated``; on the CPU the process's peak resident set (``VmHWM`` of
@@ -188,13 +189,24 @@ def _sync(device: torch.device) -> None:
 
 
 def measure_peak_flops(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *,
-                       size: int = 4096, iters: int = 5, warmup: int = 1) -> float:
+                       size: int = 4096, iters: int = 5, warmup: int = 1, max_s: float = 5.0) -> float:
     """FLOP/s of ``(size x size) @ (size x size)`` in ``dtype``: the median over ``iters`` timed products.
 
     ``2 * size**3`` FLOPs each (multiply-add = 2). This is the "peak" MFU divides by: what this
     machine's GEMM reaches now, with the current thread count and load, not a data-sheet number.
+    ``size`` is halved while one product would take more than ``max_s`` seconds at the rate of a
+    512-edge probe (bf16 on a CPU without bf16 kernels runs at ~1 GFLOP/s: a 4096 product takes minutes).
     """
     device = torch.device(device)
+    probe = min(size, 512)
+    rate = _gemm_rate(device, dtype, probe, iters=1, warmup=1)
+    while size > probe and 2.0 * size ** 3 / rate > max_s:
+        size //= 2
+    return rate if size == probe else _gemm_rate(device, dtype, size, iters=iters, warmup=warmup)
+
+
+def _gemm_rate(device: torch.device, dtype: torch.dtype, size: int, *, iters: int, warmup: int) -> float:
+    """FLOP/s of one square product of edge ``size``: the median over ``iters`` timed products."""
     g = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(size, size, device=device, dtype=dtype, generator=g)
     b = torch.randn(size, size, device=device, dtype=dtype, generator=g)

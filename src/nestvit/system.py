@@ -11,7 +11,7 @@ unchanged; the process just does not shrink between steps. ``NESTVIT_KEEP_FREED_
 
 ``slow_bf16(device)``: the warning that ``train``, ``eval`` and ``bench`` print before bf16 autocast
 on a CPU for which oneDNN has no bf16 kernels (x86 without AVX-512: matrix products and convolutions
-then fall back to slow single-threaded code; docs/benchmarks.md measured it at 20x+ slower than fp32).
+then fall back to slow single-threaded code; docs/benchmarks.md measured it at 10-20x slower than fp32).
 """
 
 from __future__ import annotations
@@ -53,4 +53,4 @@ def slow_bf16(device: object, fix: str) -> str | None:
     if str(device).split(":")[0] != "cpu" or cpu_has_fast_bf16():
         return None
     return (f"warning: this CPU has no fast bf16 kernels (oneDNN needs AVX-512 for bf16; matrix products and "
-            f"convolutions fall back to slow single-threaded code, 20x+ slower than fp32): use {fix}")
+            f"convolutions fall back to slow single-threaded code, 10-20x slower than fp32): use {fix}")
