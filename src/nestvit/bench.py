@@ -78,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: PyTorch's)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing (default 3)")
     parser.add_argument("--iters", type=int, default=10, help="timed steps; the median is reported (default 10)")
-    parser.add_argument("--peak-size", type=int, default=4096, help="matrix edge of the peak-FLOP/s GEMM")
+    parser.add_argument("--peak-size", type=int, default=4096,
+                        help="matrix edge of the peak-FLOP/s GEMM (halved while one product would take over 5 s)")
     parser.add_argument("--peak-iters", type=int, default=5, help="timed GEMMs for the peak (median)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
     parser.add_argument("--channels-last", action="store_true",
