@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from nestvit import cli
-from nestvit.system import cpu_has_fast_bf16, keep_freed_memory, slow_bf16
+from nestvit.system import cpu_has_fast_bf16, keep_freed_memory, resolve_precision, slow_bf16
 
 GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
@@ -77,3 +77,16 @@ def test_slow_bf16_warns_on_a_cpu_without_bf16_kernels_only(monkeypatch):
     assert slow_bf16("cuda:0", "x") is None
     monkeypatch.setattr("nestvit.system.cpu_has_fast_bf16", lambda: True)
     assert slow_bf16("cpu", "x") is None
+
+
+def test_precision_auto_is_bf16_only_where_it_is_fast(monkeypatch):
+    for given in ("fp32", "bf16", "fp16"):
+        assert resolve_precision(given, "cpu") == given  # only auto is resolved
+    monkeypatch.setattr("nestvit.system.cpu_has_fast_bf16", lambda: False)
+    assert resolve_precision("auto", "cpu") == "fp32"
+    monkeypatch.setattr("nestvit.system.cpu_has_fast_bf16", lambda: True)
+    assert resolve_precision("auto", "cpu") == "bf16"
+    assert resolve_precision("auto", "mps") == "fp32"
+    for bf16 in (True, False):  # a GPU decides by its own bf16 support, not the CPU's
+        monkeypatch.setattr("torch.cuda.is_bf16_supported", lambda bf16=bf16: bf16)
+        assert resolve_precision("auto", "cuda:0") == ("bf16" if bf16 else "fp32")

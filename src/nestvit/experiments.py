@@ -176,6 +176,7 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
     return {"test_top1": summary.get("test_top1"), "best_top1": summary.get("best_top1"),
             "epochs": summary.get("epochs"), "steps": summary.get("steps"), "wall_s": summary.get("wall_s"),
             "train_s": round(train_s, 1), "train_img_s": images / train_s if train_s > 0 else None,
+            "precision": summary.get("precision"),  # absent in runs before precision auto
             "curve": [(e["epoch"], e["test_top1"]) for e in epochs if e.get("test_top1") is not None]}
 
 
@@ -193,6 +194,7 @@ def tta_top1(run_dir: Path, cfg: Any, mode: str, device: str | None) -> float:
     if cache.is_file():
         return float(json.loads(cache.read_text())["top1"])
     from .fileio import atomic_path
+    from .system import resolve_precision
     from .train.distributed import DistInfo, resolve_device
     from .train.inputs import load_split
     from .train.loop import evaluate
@@ -200,11 +202,12 @@ def tta_top1(run_dir: Path, cfg: Any, mode: str, device: str | None) -> float:
 
     trained = load_trained(run_dir, "last")
     dev = resolve_device(device)
+    precision = summary.get("precision") or resolve_precision(cfg.precision, dev)  # the run's own
     split = load_split(cfg.data, cfg.data.eval_split, dev, limit=cfg.data.limit_eval)
     res = evaluate(trained.model.to(dev), split, mean=trained.mean, std=trained.std, batch=cfg.eval_batch,
-                   info=DistInfo(device=dev), precision=cfg.precision, tta=mode)
+                   info=DistInfo(device=dev), precision=precision, tta=mode)
     with atomic_path(cache) as tmp:
-        tmp.write_text(json.dumps({"weights": "last", "tta": mode, "precision": cfg.precision, "count": res.count,
+        tmp.write_text(json.dumps({"weights": "last", "tta": mode, "precision": precision, "count": res.count,
                                    "top1": res.top1}) + "\n")
     return res.top1
 
@@ -306,12 +309,13 @@ def markdown(plan: Plan, rows: list[dict[str, Any]], meta: dict[str, Any]) -> st
     lines = [f"### `{plan.experiment}`", "",
              f"Command: `{meta['command']}`  ",
              f"Seeds: {', '.join(map(str, plan.seeds))}; wall time: {meta['runs_wall_s'] / 60:.1f} min summed over "
-             f"the {len(plan.arms) * len(plan.seeds)} runs on {meta['device']} ({meta['threads']} thread(s) per run)"
+             f"the {len(plan.arms) * len(plan.seeds)} runs on {meta['device']} ({meta['threads']} thread(s) per run"
+             + (f", {meta['precision']}" if meta.get("precision") else "") + ")"
              + (f"; this invocation {meta['wall_s'] / 60:.1f} min, {meta['read_back']} runs read back from an "
                 "earlier one" if meta.get("read_back") else "") + ".", ""]
     lines += [f"- {n}" for n in plan.notes]
     if tta:
-        precision = plan.arms[0].recipe.get("precision", "fp32")
+        precision = meta.get("precision") or plan.arms[0].recipe.get("precision", "fp32")
         lines.append(f"- TTA column: the last weights (the ones reported) on {len(tta_views(plan.tta))} views of "
                      f"each test image ({TTA_MODES[plan.tta]}), their softmax outputs averaged, at the runs' "
                      f"precision ({precision}): `nestvit eval RUN --weights last --tta {plan.tta} --precision "
@@ -511,7 +515,7 @@ def _nest_arm(name: str, data: str, a: argparse.Namespace, overrides: dict[str, 
         "epochs": epochs or a.epochs or 1,
         "model": {"name": model, "overrides": overrides},
         "data": _data(data, train_size or a.train_size or ABLATION_TRAIN, _ev(a)),
-        "precision": "bf16",  # autocast: about 2x the fp32 rate for these models on this CPU
+        "precision": "auto",  # bf16 autocast where fast (about 2x fp32 on an AVX-512 CPU), else fp32
     })
     return Arm(name, recipe, labels)
 
@@ -529,7 +533,7 @@ def plan_aggregation(a: argparse.Namespace) -> Plan:
         f"Model: the small NesT (patch 2 on 28x28 padded to 32, 3 levels, blocks of 4x4 patches, width 64, depths "
         f"1/1/2); data: the first {a.train_size or ABLATION_TRAIN} {data} training images, "
         f"{a.epochs or 1} epoch(s), {_ev_text(a)} test images; AdamW lr 2e-3, cosine, random crops (pad 2), bf16 "
-        "autocast.",
+        "autocast where the device has fast bf16 kernels, else fp32 (precision auto).",
         "Paper (NesT Fig. 5 / A1, CIFAR-10, NesT-T 300 epochs): conv3x3 + LN + max-pool on the image plane is "
         "best; block-plane aggregation and plain subsampling lose accuracy.",
     ], ["aggregation", "plane"], bar_plot(["aggregation", "plane"], f"NesT block aggregation ({data})"))
@@ -550,7 +554,8 @@ def plan_hierarchy(a: argparse.Namespace) -> Plan:
     return Plan("hierarchy", arms, a.seeds, [
         f"Model: the small NesT (width 64, 2 heads, one layer per level and two at the top) on {data} padded to "
         f"32x32; the first {a.train_size or ABLATION_TRAIN} training images, {a.epochs or 1} epoch(s), "
-        f"{_ev_text(a)} test images; bf16 autocast; the block size is chosen so the top level is one block.",
+        f"{_ev_text(a)} test images; bf16 autocast where fast, else fp32 (precision auto); the block size is "
+        "chosen so the top level is one block.",
         "Paper (NesT Fig. 6, CIFAR-10): more levels (hierarchies) help up to a point; smaller patches help at a "
         "higher cost.",
     ], ["levels", "patch px", "block (patches)", "level-0 blocks"],
@@ -581,7 +586,8 @@ def plan_data_efficiency(a: argparse.Namespace) -> Plan:
     return Plan("data_efficiency", arms, a.seeds, [
         f"Budget: the same number of optimizer steps for every training-set size, {steps} steps of 64 images "
         f"(epochs = round({steps} x 64 / size), at least 1: one epoch of the largest set), AdamW lr 2e-3, cosine, "
-        f"random crops (pad 2), bf16 autocast; sizes: the first {', '.join(map(str, sizes))} {data} training "
+        "random crops (pad 2), bf16 autocast where fast, else fp32 (precision auto); sizes: the first "
+        f"{', '.join(map(str, sizes))} {data} training "
         f"images; evaluated on {_ev_text(a)} test images about ten times per run (right panel).",
         "Models: the small NesT; a ViT matched to it in parameters and FLOPs (4x4-px patches, width 64, 5 "
         "layers); TNT and RTNT are rtnt_nano at depth 1 (innermost level off / on), on 28x28 without padding "
@@ -688,7 +694,8 @@ def run_experiment(a: argparse.Namespace, log: Callable[[str], None] = _print) -
             "device": a.device or ("cuda" if torch.cuda.is_available() else "cpu"),
             "threads": a.threads or torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M"),
             "runs_wall_s": round(sum(r["wall_s"] or 0 for r in runs), 1),
-            "read_back": sum(1 for r in runs if r.get("read_back"))}
+            "read_back": sum(1 for r in runs if r.get("read_back")),
+            "precision": "/".join(sorted({r["precision"] for r in runs if r.get("precision")})) or None}
     rows = aggregate(plan, runs, stats)
     result = {"experiment": plan.experiment, "meta": meta, "seeds": plan.seeds, "notes": plan.notes, "tta": plan.tta,
               "rows": rows, "runs": runs, "recipes": {arm.name: arm.recipe for arm in plan.arms}}

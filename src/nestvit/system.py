@@ -48,6 +48,19 @@ def cpu_has_fast_bf16() -> bool:
         return True
 
 
+def resolve_precision(precision: str, device: object) -> str:
+    """``"auto"`` -> ``"bf16"`` where ``device`` has fast bf16 kernels (a CUDA GPU with bf16, a CPU with oneDNN bf16),
+    else ``"fp32"``; any other precision is returned as it is."""
+    if precision != "auto":
+        return precision
+    kind = str(device).split(":")[0]
+    if kind == "cuda":
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if kind == "cpu" and cpu_has_fast_bf16() else "fp32"
+
+
 def slow_bf16(device: object, fix: str) -> str | None:
     """A one-line warning for bf16 autocast on ``device`` where it is slow, naming ``fix``; None where it is fine."""
     if str(device).split(":")[0] != "cpu" or cpu_has_fast_bf16():

@@ -39,7 +39,11 @@ def test_train_eval_predict(tmp_path, recipe, capsys, monkeypatch):
     monkeypatch.setattr("nestvit.system.cpu_has_fast_bf16", lambda: False)  # an AVX2-only CPU: a warning
     assert main(["eval", str(run), "--tta", "flip-shift", "--precision", "bf16", "--limit", "64"]) == 0
     out, err = capsys.readouterr()
-    assert "64 images, flip-shift TTA (18 views), bf16" in out and "use --precision fp32" in err
+    assert "64 images, flip-shift TTA (18 views), bf16" in out and "use --precision auto (fp32 here)" in err
+    assert main(["eval", str(run), "--precision", "auto", "--limit", "64", "--out", str(tmp_path / "auto")]) == 0
+    out, err = capsys.readouterr()
+    assert "(64 images)" in out and not err  # auto is fp32 on that CPU
+    assert json.loads((tmp_path / "auto/eval.json").read_text())["precision"] == "fp32"
     assert (tmp_path / "ev/confusion.png").read_bytes()[:4] == b"\x89PNG"
     capsys.readouterr()
 

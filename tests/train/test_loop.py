@@ -201,8 +201,20 @@ def test_bf16_autocast_and_fp16_refusal_on_cpu(tmp_path, make_config, monkeypatc
     monkeypatch.setattr("nestvit.system.cpu_has_fast_bf16", lambda: False)  # an AVX2-only CPU: one warning line
     train(make_config("epochs=1", "precision=bf16"), tmp_path / "slow")
     slow = capsys.readouterr().out
-    assert [line for line in slow.splitlines() if "no fast bf16 kernels" in line][0].endswith("--set precision=fp32")
+    assert [line for line in slow.splitlines() if "no fast bf16 kernels" in line][0].endswith(
+        "--set precision=auto (fp32 here)")
     assert ("no fast bf16 kernels" in fast) == (not cpu_has_fast_bf16())
+    # precision auto: fp32 on that CPU (no warning, same numbers as fp32), bf16 on one with fast kernels
+    auto = train(make_config("epochs=1", "precision=auto"), tmp_path / "auto")
+    out = capsys.readouterr().out
+    assert "precision auto -> fp32" in out and "no fast bf16 kernels" not in out
+    assert json.loads((tmp_path / "auto/summary.json").read_text())["precision"] == "fp32"
+    fp32 = train(make_config("epochs=1"), tmp_path / "fp32")
+    assert auto.test.top1 == fp32.test.top1 and auto.test.loss == fp32.test.loss
+    monkeypatch.setattr("nestvit.system.cpu_has_fast_bf16", lambda: True)
+    train(make_config("epochs=1", "precision=auto"), tmp_path / "auto_bf16")
+    assert "precision auto -> bf16" in capsys.readouterr().out
+    assert json.loads((tmp_path / "auto_bf16/summary.json").read_text())["precision"] == "bf16"
     from nestvit.train.config import ConfigError
 
     with pytest.raises(ConfigError, match="fp16 needs CUDA"):

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from ..data.augment import TTA_MODES, tta_views
-from ..system import slow_bf16
+from ..system import resolve_precision, slow_bf16
+from .config import PRECISIONS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,8 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              + ". Moves bring zeros in, as training's padded crops; flip suits mirror-symmetric "
                                "classes. Default: none")
     parser.add_argument("--flip-tta", dest="tta", action="store_const", const="flip", help="the same as --tta flip")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
-                        help="fp32, or bf16/fp16 autocast (what such a run's own evaluations use); default fp32")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                        help="fp32, or bf16/fp16 autocast (what such a run's own evaluations use), or auto: bf16 "
+                             "where the device has fast bf16 kernels, else fp32; default fp32")
     parser.add_argument("--limit", type=int, help="evaluate only the first N images")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     parser.add_argument("--out", metavar="DIR", help="write eval.json and confusion.png here")
@@ -61,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     section = DataSection(name=name, root=root, resize_to=trained.resize_to, pad_to=trained.pad_to, img_size=size[0])
     device = resolve_device(args.device)
     model = trained.model.to(device)
-    if args.precision == "bf16" and (warning := slow_bf16(device, "--precision fp32")):
+    precision = resolve_precision(args.precision, device)
+    if precision == "bf16" and (warning := slow_bf16(device, "--precision auto (fp32 here)")):
         print(warning, file=sys.stderr)
     with one_line_errors():
         data = load_split(section, split, device, classes=trained.classes if name == "imagefolder" else None,
@@ -69,9 +72,9 @@ def run(args: argparse.Namespace) -> int:
     if len(data.classes) != len(trained.classes):
         raise ValueError(f"{name} has {len(data.classes)} classes but the model was trained on {len(trained.classes)}")
     result = evaluate(model, data, mean=trained.mean, std=trained.std, batch=args.batch_size,
-                      info=DistInfo(device=device), precision=args.precision, tta=args.tta)
+                      info=DistInfo(device=device), precision=precision, tta=args.tta)
     tta = f", {args.tta} TTA ({len(tta_views(args.tta))} views)" if args.tta != "none" else ""
-    tta += f", {args.precision}" if args.precision != "fp32" else ""
+    tta += f", {precision}" if precision != "fp32" else ""
     print(f"{trained.weights} on {data.name} ({result.count} images{tta}): loss {result.loss:.4f}  "
           f"top-1 {result.top1:.2f}%  top-{min(5, len(data.classes))} {result.top5:.2f}%")
     print("per-class accuracy:")
@@ -81,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        record = {"weights": str(trained.weights), "data": data.name, "tta": args.tta, "precision": args.precision,
+        record = {"weights": str(trained.weights), "data": data.name, "tta": args.tta, "precision": precision,
                   **result.to_json()}
         (out / "eval.json").write_text(json.dumps(record, indent=1) + "\n")
         plot_confusion(result.confusion, result.classes, out / "confusion.png",

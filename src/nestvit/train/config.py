@@ -25,6 +25,7 @@ import yaml
 from ..data.augment import TTA_MODES, AugmentConfig
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 
 
 class ConfigError(ValueError):
@@ -115,7 +116,8 @@ class TrainConfig:
     micro_batch: int | None = None  # images per forward pass on one device; None: global_batch / world size
     eval_batch: int = 500  # images per forward pass during evaluation (per device)
     seed: int = 0
-    precision: str = "fp32"  # "fp32" | "bf16" (autocast) | "fp16" (autocast + GradScaler, CUDA only)
+    precision: str = "fp32"  # "fp32" | "bf16" (autocast) | "fp16" (autocast + GradScaler, CUDA only) | "auto":
+    # bf16 where the device has fast bf16 kernels, else fp32 (nestvit.system.resolve_precision)
     compile: bool = False  # torch.compile the training forward
     log_every: int = 20  # optimizer steps between metrics.jsonl step records
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
@@ -144,8 +146,8 @@ class TrainConfig:
             (self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every}"),
             (self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}"),
             (self.tta in TTA_MODES, f"tta must be one of {', '.join(TTA_MODES)}, got {self.tta!r}"),
-            (self.precision in ("fp32", "bf16", "fp16"),
-             f"precision must be 'fp32', 'bf16' or 'fp16', got {self.precision!r}"),
+            (self.precision in PRECISIONS,
+             f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
             (self.optim.no_decay in ("recipe", "pos_embed_only", "1d_and_tokens"),
              f"optim.no_decay must be 'recipe', 'pos_embed_only' or '1d_and_tokens', got {self.optim.no_decay!r}"),
             (self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}"),

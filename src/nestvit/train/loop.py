@@ -32,7 +32,7 @@ from torch import nn
 
 from ..data.augment import BatchAugment, eval_transform, shift, tta_views
 from ..interop import save_weights
-from ..system import slow_bf16
+from ..system import resolve_precision, slow_bf16
 from . import config as C
 from .checkpoint import STATE_FILE, atomic_torch_save, capture_rng, load_state, restore_rng
 from .distill import classification_loss, teacher_targets
@@ -88,7 +88,8 @@ class Trainer:
         self.info, self.device, self.run_dir = info, info.device, run_dir
         self.main = info.is_main
         self.started = self.plotted = time.perf_counter()
-        if cfg.precision == "fp16" and self.device.type != "cuda":
+        self.precision = resolve_precision(cfg.precision, self.device)
+        if self.precision == "fp16" and self.device.type != "cuda":
             raise C.ConfigError("precision fp16 needs CUDA (it trains with a GradScaler); use bf16 on the CPU")
         if not resume and (run_dir / STATE_FILE).exists():  # every rank checks, so none waits for a failed one
             raise FileExistsError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose "
@@ -137,7 +138,7 @@ class Trainer:
         self.schedule = LRSchedule.from_config(cfg.schedule, peak=self.peak_lr, steps_per_epoch=self.steps_per_epoch,
                                                epochs=cfg.epochs)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.peak_lr)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.augment = BatchAugment(dataclasses.replace(cfg.aug, mean=mean, std=std), num_classes=self.num_classes)
         self.aug_gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 7919 + 1 + info.rank)
 
@@ -191,8 +192,9 @@ class Trainer:
         threads = torch.get_num_threads()
         where = f"cpu ({threads} thread{'s' if threads > 1 else ''})" if self.device.type == "cpu" else str(self.device)
         self.say(f"model: {cfg.model.name} ({self.model.num_params():,} parameters) on {where}, "
-                 f"precision {cfg.precision}{', compiled' if cfg.compile else ''}, world size {i.world_size}")
-        if cfg.precision == "bf16" and (warning := slow_bf16(self.device, "--set precision=fp32")):
+                 f"precision {cfg.precision}{f' -> {self.precision}' if cfg.precision != self.precision else ''}"
+                 f"{', compiled' if cfg.compile else ''}, world size {i.world_size}")
+        if self.precision == "bf16" and (warning := slow_bf16(self.device, "--set precision=auto (fp32 here)")):
             self.say(warning)
         self.say(f"data: {cfg.data.name} {len(tr)} train / {len(ev)} {cfg.data.eval_split} images of "
                  f"{tr.channels}x{tr.size[0]}x{tr.size[1]}, {self.num_classes} classes; normalised with mean "
@@ -224,7 +226,7 @@ class Trainer:
     def loss(self, xs: torch.Tensor, ts: torch.Tensor) -> tuple[Any, torch.Tensor]:
         """The model's output and its loss (labels, plus the teacher's term with distillation) under autocast."""
         d = self.cfg.distill
-        with autocast(self.device, self.cfg.precision):
+        with autocast(self.device, self.precision):
             out = self.forward(xs)
             teacher = teacher_targets(self.teacher, xs) if self.teacher is not None else None
             return out, classification_loss(out, ts, teacher, kind=d.type, alpha=d.alpha, tau=d.tau)
@@ -340,7 +342,7 @@ class Trainer:
     def evaluate(self, model: nn.Module, tta: str = "none") -> EvalResult:
         """Top-1/top-5, loss and confusion matrix of ``model`` on the evaluation split (summed over ranks)."""
         return evaluate(model, self.eval_split, mean=self.cfg.data.mean, std=self.cfg.data.std,
-                        batch=self.cfg.eval_batch, info=self.info, precision=self.cfg.precision,
+                        batch=self.cfg.eval_batch, info=self.info, precision=self.precision,
                         workers=self.cfg.data.workers, tta=tta)
 
     def elapsed(self) -> float:
@@ -410,7 +412,7 @@ class Trainer:
                        "best_top1": self.best_top1, "ema_top1": ema.top1 if ema else None,
                        **({"tta": cfg.tta, "test_top1_tta": tta.top1} if tta else {}),
                        "params": self.model.num_params(), "world_size": self.info.world_size,
-                       "device": str(self.device)}
+                       "device": str(self.device), "precision": self.precision}
             if self.budget_s:
                 summary.update(time_budget_s=self.budget_s, run_s=round(self.elapsed(), 1),
                                stopped_by_budget=self.time_frac >= 1.0 and self.epoch < cfg.epochs)
