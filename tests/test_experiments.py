@@ -139,21 +139,23 @@ def test_epochs_and_steps_show_a_range_when_a_budget_stopped_seeds_apart():
     assert E._span([22, 22]) == 22 and E._span([22, 20]) == "20-22" and E._span([None, 7]) == 7 and E._span([]) is None
 
 
-def test_best_fashion_mnist_adds_a_tta_column_from_the_last_weights(tmp_path, capsys):
+def test_best_fashion_mnist_adds_a_tta_column_from_the_last_weights(tmp_path, capsys, monkeypatch):
     from nestvit.cli import main
 
+    monkeypatch.setattr("nestvit.system.cpu_has_fast_bf16", lambda: False)  # precision auto: fp32 on any CPU
     result = E.run_experiment(_args("best_fashion_mnist", tmp_path), log=lambda m: None)
     assert result["tta"] == "flip-shift"
     runs, (row,) = result["runs"], result["rows"]
     assert row["test_top1_tta"]["n"] == 2
     assert math.isclose(row["test_top1_tta"]["mean"], sum(r["test_top1_tta"] for r in runs) / 2)
     md = (tmp_path / "best_fashion_mnist" / "results.md").read_text()
-    assert "with flip-shift TTA (18 views; min-max)" in md and "--tta flip-shift --precision bf16`" in md
+    assert "with flip-shift TTA (18 views; min-max)" in md and "--tta flip-shift --precision fp32`" in md
+    assert "(1 thread(s) per run, fp32)" in md and all(r["precision"] == "fp32" for r in runs)
     run_dir = Path(runs[0]["run_dir"])
     cached = json.loads((run_dir / "tta_flip-shift.json").read_text())
     assert cached["top1"] == runs[0]["test_top1_tta"] and cached["count"] == 32
     capsys.readouterr()  # the number is the eval command's
-    assert main(["eval", str(run_dir), "--weights", "last", "--tta", "flip-shift", "--precision", "bf16",
+    assert main(["eval", str(run_dir), "--weights", "last", "--tta", "flip-shift", "--precision", "auto",
                  "--limit", "32"]) == 0
     assert f"top-1 {cached['top1']:.2f}%" in capsys.readouterr().out
     # read back: the cached number, not a new evaluation
