@@ -159,9 +159,7 @@ def test_cpu_peak_memory_sees_a_64_mb_tensor():
     assert used >= 48 * 2**20, method
 
 
-def test_machine_info_and_versions():
-    info = bench.machine_info()
-    assert info["logical_cpus"] >= 1 and info["torch_threads"] == torch.get_num_threads()
+def test_versions():
     assert bench.versions()["nestvit"] == nestvit.__version__
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from nestvit import experiments as E
 from nestvit.cli import build_parser
+from nestvit.system import machine_info, machine_label
 
 
 def test_mean_spread_math():
@@ -89,6 +90,7 @@ def test_quick_mode_writes_json_markdown_png(name, tmp_path):
         assert row["params"] > 0 and row["flops"] > 0
     md = (out / "results.md").read_text()
     assert md.startswith(f"### `{name}`") and "mean ± std" in md
+    assert f"; machine: {machine_label(machine_info())}." in md  # every run recorded the same machine
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert result["meta"]["wall_s"] >= 0
     # a second call reads the finished runs back instead of retraining them

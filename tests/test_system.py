@@ -8,9 +8,17 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from nestvit import cli
-from nestvit.system import cpu_has_fast_bf16, keep_freed_memory, resolve_precision, slow_bf16
+from nestvit.system import (
+    cpu_has_fast_bf16,
+    keep_freed_memory,
+    machine_info,
+    machine_label,
+    resolve_precision,
+    slow_bf16,
+)
 
 GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
@@ -90,3 +98,15 @@ def test_precision_auto_is_bf16_only_where_it_is_fast(monkeypatch):
     for bf16 in (True, False):  # a GPU decides by its own bf16 support, not the CPU's
         monkeypatch.setattr("torch.cuda.is_bf16_supported", lambda bf16=bf16: bf16)
         assert resolve_precision("auto", "cuda:0") == ("bf16" if bf16 else "fp32")
+
+
+def test_machine_info_and_label():
+    info = machine_info()
+    assert info["logical_cpus"] >= 1 and info["torch_threads"] == torch.get_num_threads()
+    assert set(info["cpu_flags"]) >= {"avx2", "avx512f", "avx512_bf16"}
+    assert machine_label(info).endswith(f", {info['usable_cpus']} CPUs")
+    zen5 = {"cpu_model": "AMD EPYC", "cpu_family": "26", "cpu_model_number": "2", "usable_cpus": 2}
+    assert machine_label(zen5) == "AMD EPYC (family 26, model 2), 2 CPUs"
+    assert machine_label({"cpu_model": "Apple M3", "usable_cpus": 8}) == "Apple M3, 8 CPUs"  # no family on Arm
+    assert machine_label({**zen5, "gpu": {"name": "NVIDIA H200"}}) == "NVIDIA H200"
+    assert machine_label(None) is None and machine_label({}) is None  # a run from before runs recorded it

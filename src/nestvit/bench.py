@@ -130,45 +130,8 @@ def default_batch(img_size: tuple[int, int]) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# Machine, peak FLOP/s, MFU, memory
+# Machine, peak FLOP/s, MFU, memory (machine_info lives in nestvit.system: runs record it too)
 # --------------------------------------------------------------------------------------------------
-
-def _cpuinfo() -> dict[str, str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {}
-    info: dict[str, str] = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip() not in info:
-            info[key.strip()] = value.strip()
-    return info
-
-
-def machine_info(device: str = "cpu") -> dict[str, Any]:
-    """CPU model, cores, the ISA flags that decide bf16 speed, PyTorch version and threads (and the GPU)."""
-    cpu = _cpuinfo()
-    flags = set(cpu.get("flags", "").split())
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = os.cpu_count()
-    info: dict[str, Any] = {
-        "cpu_model": cpu.get("model name") or platform.processor() or "unknown",
-        "cpu_family": cpu.get("cpu family"), "cpu_model_number": cpu.get("model"),
-        "logical_cpus": os.cpu_count(), "usable_cpus": affinity,
-        "cpu_flags": {f: f in flags for f in wanted},
-        "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
-        "platform": platform.platform(), "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
-    if device == "cuda" and torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info["gpu"] = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
-                       "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda}
-    return info
-
 
 def versions() -> dict[str, str]:
     from . import __version__
@@ -524,7 +487,7 @@ def format_table(rows: list[dict[str, Any]], *, markdown: bool = False) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from .registry import list_models
-    from .system import slow_bf16
+    from .system import machine_info, slow_bf16
 
     known = set(list_models())
     unknown = [m for m in args.models if m not in known]

@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .system import machine_label
+
 # --------------------------------------------------------------------------------------------------
 # recipes shared by the experiments
 # --------------------------------------------------------------------------------------------------
@@ -177,6 +179,7 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
             "epochs": summary.get("epochs"), "steps": summary.get("steps"), "wall_s": summary.get("wall_s"),
             "train_s": round(train_s, 1), "train_img_s": images / train_s if train_s > 0 else None,
             "precision": summary.get("precision"),  # absent in runs before precision auto
+            "machine": machine_label(summary.get("machine")),  # absent in runs before the thirteenth session
             "curve": [(e["epoch"], e["test_top1"]) for e in epochs if e.get("test_top1") is not None]}
 
 
@@ -310,7 +313,7 @@ def markdown(plan: Plan, rows: list[dict[str, Any]], meta: dict[str, Any]) -> st
              f"Command: `{meta['command']}`  ",
              f"Seeds: {', '.join(map(str, plan.seeds))}; wall time: {meta['runs_wall_s'] / 60:.1f} min summed over "
              f"the {len(plan.arms) * len(plan.seeds)} runs on {meta['device']} ({meta['threads']} thread(s) per run"
-             + (f", {meta['precision']}" if meta.get("precision") else "") + ")"
+             + (f", {meta['precision']}" if meta.get("precision") else "") + ")" + _machines(meta)
              + (f"; this invocation {meta['wall_s'] / 60:.1f} min, {meta['read_back']} runs read back from an "
                 "earlier one" if meta.get("read_back") else "") + ".", ""]
     lines += [f"- {n}" for n in plan.notes]
@@ -335,6 +338,15 @@ def markdown(plan: Plan, rows: list[dict[str, Any]], meta: dict[str, Any]) -> st
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     return "\n".join(lines)
+
+
+def _machines(meta: dict[str, Any]) -> str:
+    """``"; machine: A; 2 runs without a record"``: time-budgeted numbers depend on it (docs/benchmarks.md)."""
+    names, missing = meta.get("machines") or [], meta.get("unrecorded_machines") or 0
+    if not names:
+        return ""
+    return (f"; machine{'s' if len(names) > 1 else ''}: {'; '.join(names)}"
+            + (f"; {missing} run{'s' if missing > 1 else ''} without a record of it" if missing else ""))
 
 
 def _tta_cell(s: dict[str, Any]) -> str:
@@ -695,7 +707,9 @@ def run_experiment(a: argparse.Namespace, log: Callable[[str], None] = _print) -
             "threads": a.threads or torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M"),
             "runs_wall_s": round(sum(r["wall_s"] or 0 for r in runs), 1),
             "read_back": sum(1 for r in runs if r.get("read_back")),
-            "precision": "/".join(sorted({r["precision"] for r in runs if r.get("precision")})) or None}
+            "precision": "/".join(sorted({r["precision"] for r in runs if r.get("precision")})) or None,
+            "machines": sorted({r["machine"] for r in runs if r.get("machine")}),
+            "unrecorded_machines": sum(1 for r in runs if not r.get("machine"))}
     rows = aggregate(plan, runs, stats)
     result = {"experiment": plan.experiment, "meta": meta, "seeds": plan.seeds, "notes": plan.notes, "tta": plan.tta,
               "rows": rows, "runs": runs, "recipes": {arm.name: arm.recipe for arm in plan.arms}}

@@ -12,6 +12,11 @@ unchanged; the process just does not shrink between steps. ``NESTVIT_KEEP_FREED_
 ``slow_bf16(device)``: the warning that ``train``, ``eval`` and ``bench`` print before bf16 autocast
 on a CPU for which oneDNN has no bf16 kernels (x86 without AVX-512: matrix products and convolutions
 then fall back to slow single-threaded code; docs/benchmarks.md measured it at 10-20x slower than fp32).
+
+``machine_info(device)`` / ``machine_label(info)``: which machine a benchmark or a training run ran on. VMs sold
+under one name ("AMD EPYC", 2 cores) have differed by 2-4x in bf16 training speed (docs/benchmarks.md), so
+every ``nestvit bench --json`` file and every run's ``summary.json`` records the CPU family and model number,
+and the flags that decide bf16 speed.
 """
 
 from __future__ import annotations
@@ -19,7 +24,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import platform
 import sys
+from pathlib import Path
+from typing import Any
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 MMAP_THRESHOLD = 32 << 20  # glibc's ceiling for it: blocks above 32 MB are still mmapped
@@ -67,3 +75,54 @@ def slow_bf16(device: object, fix: str) -> str | None:
         return None
     return (f"warning: this CPU has no fast bf16 kernels (oneDNN needs AVX-512 for bf16; matrix products and "
             f"convolutions fall back to slow single-threaded code, 10-20x slower than fp32): use {fix}")
+
+
+def _cpuinfo() -> dict[str, str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    info: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() not in info:
+            info[key.strip()] = value.strip()
+    return info
+
+
+def machine_info(device: str = "cpu") -> dict[str, Any]:
+    """CPU model, cores, the ISA flags that decide bf16 speed, PyTorch threads, load average (and the GPU)."""
+    import torch
+
+    cpu = _cpuinfo()
+    flags = set(cpu.get("flags", "").split())
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = os.cpu_count()
+    info: dict[str, Any] = {
+        "cpu_model": cpu.get("model name") or platform.processor() or "unknown",
+        "cpu_family": cpu.get("cpu family"), "cpu_model_number": cpu.get("model"),
+        "logical_cpus": os.cpu_count(), "usable_cpus": affinity,
+        "cpu_flags": {f: f in flags for f in wanted},
+        "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
+        "platform": platform.platform(), "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    if str(device).split(":")[0] == "cuda" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
+                       "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda}
+    return info
+
+
+
+def machine_label(info: dict[str, Any] | None) -> str | None:
+    """A line for tables and logs: ``"AMD EPYC (family 26, model 2), 2 CPUs"`` or the GPU's name; None without info."""
+    if not info:
+        return None
+    if info.get("gpu"):
+        return str(info["gpu"]["name"])
+    ids = ", ".join(f"{k} {info[key]}" for k, key in (("family", "cpu_family"), ("model", "cpu_model_number"))
+                    if info.get(key) is not None)
+    return f"{info.get('cpu_model', 'unknown')}{f' ({ids})' if ids else ''}, {info.get('usable_cpus')} CPUs"

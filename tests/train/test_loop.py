@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from nestvit.cli import main as cli_main
 from nestvit.data.augment import tta_views
-from nestvit.system import cpu_has_fast_bf16
+from nestvit.system import cpu_has_fast_bf16, machine_info, machine_label
 from nestvit.train import checkpoint as ckpt
 from nestvit.train import loop
 from nestvit.train.checkpoint import load_state
@@ -208,7 +208,13 @@ def test_bf16_autocast_and_fp16_refusal_on_cpu(tmp_path, make_config, monkeypatc
     auto = train(make_config("epochs=1", "precision=auto"), tmp_path / "auto")
     out = capsys.readouterr().out
     assert "precision auto -> fp32" in out and "no fast bf16 kernels" not in out
-    assert json.loads((tmp_path / "auto/summary.json").read_text())["precision"] == "fp32"
+    summary = json.loads((tmp_path / "auto/summary.json").read_text())
+    assert summary["precision"] == "fp32"
+    # the run records the machine it ran on (a time-budgeted result depends on it), and its header names it
+    here = machine_info()
+    assert {k: summary["machine"][k] for k in ("cpu_model", "cpu_family", "cpu_model_number", "cpu_flags")} == {
+        k: here[k] for k in ("cpu_model", "cpu_family", "cpu_model_number", "cpu_flags")}
+    assert f"; {machine_label(summary['machine'])}), precision auto -> fp32" in out
     fp32 = train(make_config("epochs=1"), tmp_path / "fp32")
     assert auto.test.top1 == fp32.test.top1 and auto.test.loss == fp32.test.loss
     monkeypatch.setattr("nestvit.system.cpu_has_fast_bf16", lambda: True)

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..data.augment import BatchAugment, eval_transform, shift, tta_views
 from ..interop import save_weights
-from ..system import resolve_precision, slow_bf16
+from ..system import machine_info, machine_label, resolve_precision, slow_bf16
 from . import config as C
 from .checkpoint import STATE_FILE, atomic_torch_save, capture_rng, load_state, restore_rng
 from .distill import classification_loss, teacher_targets
@@ -96,6 +96,7 @@ class Trainer:
                                   "another --out")
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
+        self.machine = machine_info(self.device.type)  # recorded in summary.json and the run header
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         random.seed(cfg.seed)
@@ -190,7 +191,8 @@ class Trainer:
         nd = sum(len(g["names"]) for g in groups if g["group"] == "no_decay")
         self.say(f"run dir: {self.run_dir}")
         threads = torch.get_num_threads()
-        where = f"cpu ({threads} thread{'s' if threads > 1 else ''})" if self.device.type == "cpu" else str(self.device)
+        where = (f"cpu ({threads} thread{'s' if threads > 1 else ''}; {machine_label(self.machine)})"
+                 if self.device.type == "cpu" else f"{self.device} ({machine_label(self.machine)})")
         self.say(f"model: {cfg.model.name} ({self.model.num_params():,} parameters) on {where}, "
                  f"precision {cfg.precision}{f' -> {self.precision}' if cfg.precision != self.precision else ''}"
                  f"{', compiled' if cfg.compile else ''}, world size {i.world_size}")
@@ -412,7 +414,8 @@ class Trainer:
                        "best_top1": self.best_top1, "ema_top1": ema.top1 if ema else None,
                        **({"tta": cfg.tta, "test_top1_tta": tta.top1} if tta else {}),
                        "params": self.model.num_params(), "world_size": self.info.world_size,
-                       "device": str(self.device), "precision": self.precision}
+                       "device": str(self.device), "precision": self.precision,
+                       "machine": self.machine}  # which CPU/GPU: VMs of one name differ 2-4x in speed
             if self.budget_s:
                 summary.update(time_budget_s=self.budget_s, run_s=round(self.elapsed(), 1),
                                stopped_by_budget=self.time_frac >= 1.0 and self.epoch < cfg.epochs)
