@@ -116,7 +116,6 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
     return info
 
 
-
 def machine_label(info: dict[str, Any] | None) -> str | None:
     """A line for tables and logs: ``"AMD EPYC (family 26, model 2), 2 CPUs"`` or the GPU's name; None without info."""
     if not info:
