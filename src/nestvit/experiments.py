@@ -341,7 +341,7 @@ def markdown(plan: Plan, rows: list[dict[str, Any]], meta: dict[str, Any]) -> st
 
 
 def _machines(meta: dict[str, Any]) -> str:
-    """``"; machine: A; 2 runs without a record"``: time-budgeted numbers depend on it (docs/benchmarks.md)."""
+    """``"; machine: A; 2 runs without a record of it"``: time-budgeted numbers depend on it (docs/benchmarks.md)."""
     names, missing = meta.get("machines") or [], meta.get("unrecorded_machines") or 0
     if not names:
         return ""
