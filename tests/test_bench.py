@@ -31,8 +31,12 @@ FAST = ["--batch", "2", "--warmup", "0", "--iters", "1", "--peak-size", "64", "-
 def test_bench_writes_json_with_every_key(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", *TINY_NEST, *FAST, "--json", str(out)]) == 0
-    table = capsys.readouterr().out
+    printed = capsys.readouterr()
+    table = printed.out
     assert "nest_tiny_cifar" in table and "train MFU" in table
+    from nestvit.system import machine_label
+
+    assert printed.err.startswith(f"# {machine_label(json.loads(out.read_text())['machine'])}, torch ")  # the CPU's ids
 
     result = json.loads(out.read_text())
     assert {"machine", "versions", "settings", "results"} <= set(result)

@@ -193,3 +193,12 @@ def test_tta_views_script_agrees_with_the_tta_column(tmp_path):
     assert list(top1) == list(script.VIEW_SETS)
     assert 0 <= top1["plain"] <= 100
     assert top1["flip + 3x3 one-pixel moves (18, --tta flip-shift)"] == pytest.approx(run["test_top1_tta"])
+
+
+def test_the_wall_time_line_names_the_machines_and_the_runs_without_a_record():
+    assert E._machines({"machines": [], "unrecorded_machines": 3}) == ""  # published tables stay as they were
+    assert E._machines({"machines": ["A, 2 CPUs"], "unrecorded_machines": 0}) == "; machine: A, 2 CPUs"
+    assert E._machines({"machines": ["A, 2 CPUs", "B, 2 CPUs"], "unrecorded_machines": 1}) == (
+        "; machines: A, 2 CPUs; B, 2 CPUs; 1 run without a record of it")
+    two_missing = E._machines({"machines": ["A, 2 CPUs"], "unrecorded_machines": 2})
+    assert two_missing.endswith("; 2 runs without a record of it")

@@ -487,7 +487,7 @@ def format_table(rows: list[dict[str, Any]], *, markdown: bool = False) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from .registry import list_models
-    from .system import machine_info, slow_bf16
+    from .system import machine_info, machine_label, slow_bf16
 
     known = set(list_models())
     unknown = [m for m in args.models if m not in known]
@@ -510,7 +510,7 @@ def run(args: argparse.Namespace) -> int:
 
     machine = machine_info(args.device)
     settings = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
-    print(f"# {machine['cpu_model']}, {machine['usable_cpus']} CPUs, torch {torch.__version__}, "
+    print(f"# {machine_label(machine)}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load average {machine['load_average']}", file=sys.stderr)
     if "bf16" in dtypes and (warning := slow_bf16(args.device, "--dtype fp32")):
         print(f"# {warning}", file=sys.stderr)
