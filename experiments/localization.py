@@ -51,6 +51,7 @@ from nestvit.explain import (
     top1_loc_error,
 )
 from nestvit.explain.synthetic import make_localization_set
+from nestvit.fileio import atomic_write_text, save_figure
 from nestvit.interop import load_weights, save_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -305,8 +306,7 @@ def example_figure(path, raw, x, y, gt, nest, vit, nest_cam_maps, vit_gc, vit_ro
         axes[r, 0].set_ylabel(names[int(y[i])] if names else str(int(y[i])), fontsize=8)
     fig.suptitle("true class explained; green dashed: object box; white: thresholded-map box", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.98))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path, dpi=90)
     plt.close(fig)
 
 
@@ -322,7 +322,7 @@ def dataset_figure(path, raw, gt, y, names, n=12):
         draw_box(ax, gt[k], color="lime", lw=1.0)
         ax.set_title(names[int(y[k])] if names else str(int(y[k])), fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path, dpi=90)
     plt.close(fig)
 
 
@@ -389,8 +389,7 @@ def main(argv=None) -> int:
     results["nest"].update(nest_out)
     if args.nest_only:
         results["wall_minutes"] = (time.time() - t_start) / 60
-        args.out_json.parent.mkdir(parents=True, exist_ok=True)
-        args.out_json.write_text(json.dumps(results, indent=1))
+        atomic_write_text(args.out_json, json.dumps(results, indent=1))
         log(f"wrote {args.out_json} ({results['wall_minutes']:.1f} min)")
         return 0
     log("evaluating ViT")
@@ -414,8 +413,7 @@ def main(argv=None) -> int:
     results["wall_minutes"] = (time.time() - t_start) / 60
     results["cpu_minutes"] = time.process_time() / 60  # independent of other jobs sharing the machine
     results["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    args.out_json.parent.mkdir(parents=True, exist_ok=True)
-    args.out_json.write_text(json.dumps(results, indent=1))
+    atomic_write_text(args.out_json, json.dumps(results, indent=1))
     log(f"wrote {args.out_json} and figures in {args.img_dir} ({results['wall_minutes']:.1f} min wall, "
         f"{results['cpu_minutes']:.1f} min CPU)")
     return 0

@@ -14,6 +14,8 @@ import re
 import shutil
 from pathlib import Path
 
+from nestvit.fileio import atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -37,7 +39,7 @@ def main() -> None:
         block = f"<!-- BEGIN {name} -->\n{table}\n<!-- END {name} -->"
         text = re.sub(rf"<!-- BEGIN {name} -->.*?<!-- END {name} -->", lambda m, b=block: b, text, flags=re.S)
         print(f"{name}: published")
-    doc.write_text(text)
+    atomic_write_text(doc, text)
 
 
 if __name__ == "__main__":

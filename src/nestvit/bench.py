@@ -54,6 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fileio import atomic_write_text
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -556,9 +558,7 @@ def run(args: argparse.Namespace) -> int:
         print(generator_table(result["generators"]["rows"]))
     result["machine"]["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2, default=str))
+        path = atomic_write_text(args.json, json.dumps(result, indent=2, default=str))
         print(f"wrote {path}", file=sys.stderr)
     return 0
 

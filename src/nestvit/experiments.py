@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .fileio import atomic_path, atomic_write_text, save_figure
 from .system import machine_label
 
 # --------------------------------------------------------------------------------------------------
@@ -196,7 +197,6 @@ def tta_top1(run_dir: Path, cfg: Any, mode: str, device: str | None) -> float:
     cache = run_dir / f"tta_{mode}.json"
     if cache.is_file():
         return float(json.loads(cache.read_text())["top1"])
-    from .fileio import atomic_path
     from .system import resolve_precision
     from .train.distributed import DistInfo, resolve_device
     from .train.inputs import load_split
@@ -394,7 +394,7 @@ def bar_plot(keys: Sequence[str], title: str) -> Callable[[dict[str, Any], Path]
         ax.set_xlabel("test top-1 % (bar: mean over seeds, whisker: min-max, dots: seeds)")
         ax.set_title(title, fontsize=10)
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        save_figure(fig, path, dpi=110)
         plt.close(fig)
     return plot
 
@@ -430,7 +430,7 @@ def data_efficiency_plot(result: dict[str, Any], path: Path) -> None:
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -462,7 +462,7 @@ def best_plot(result: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -713,9 +713,9 @@ def run_experiment(a: argparse.Namespace, log: Callable[[str], None] = _print) -
     rows = aggregate(plan, runs, stats)
     result = {"experiment": plan.experiment, "meta": meta, "seeds": plan.seeds, "notes": plan.notes, "tta": plan.tta,
               "rows": rows, "runs": runs, "recipes": {arm.name: arm.recipe for arm in plan.arms}}
-    (out / "results.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    atomic_write_text(out / "results.json", json.dumps(result, indent=1, default=str) + "\n")
     md = markdown(plan, rows, meta)
-    (out / "results.md").write_text(md)
+    atomic_write_text(out / "results.md", md)
     plan.plot(result, out / "results.png")
     log(md)
     log(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'} ({wall / 60:.1f} min)")

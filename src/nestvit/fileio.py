@@ -1,4 +1,4 @@
-"""Atomic file writes: no reader ever sees a half-written checkpoint, weights file or plot."""
+"""Atomic file writes: no reader ever sees a half-written checkpoint, weights file, record or plot."""
 
 from __future__ import annotations
 
@@ -7,8 +7,12 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_path"]
+__all__ = ["atomic_path", "atomic_write_text", "save_figure"]
+
+_UMASK = os.umask(0o022)  # read once, at import, where no other thread can create a file in between
+os.umask(_UMASK)
 
 
 @contextmanager
@@ -21,6 +25,7 @@ def atomic_path(path: str | Path, *, fsync: bool = False) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600; give it the mode a plain open() would
     try:
         yield Path(tmp)
         if fsync:
@@ -30,3 +35,20 @@ def atomic_path(path: str | Path, *, fsync: bool = False) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through :func:`atomic_path`: the old file or the whole new one, never a torn one."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return path
+
+
+def save_figure(fig: Any, path: str | Path, **savefig_kwargs) -> Path:
+    """``fig.savefig`` through :func:`atomic_path`; the format comes from ``path``'s suffix (default PNG)."""
+    path = Path(path)
+    savefig_kwargs.setdefault("format", path.suffix.lstrip(".") or "png")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, **savefig_kwargs)
+    return path

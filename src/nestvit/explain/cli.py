@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from ..fileio import atomic_write_text
+
 METHODS = ("gradcat", "cam", "gradcam", "rollout")
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 RUN_DIR_NAMES = ("best.safetensors", "model.safetensors", "final.safetensors", "last.safetensors",
@@ -271,5 +273,5 @@ def run(args: argparse.Namespace) -> int:
             report.append(entry)
             print(f"{p}: top-1 {label(int(top_c[b, 0]))} p={float(top_p[b, 0]):.3f} -> {out}")
     if args.json:
-        (args.out / "explain.json").write_text(json.dumps({"method": args.method, "images": report}, indent=1))
+        atomic_write_text(args.out / "explain.json", json.dumps({"method": args.method, "images": report}, indent=1))
     return 0

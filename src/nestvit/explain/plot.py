@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..fileio import save_figure
+
 __all__ = ["gradcat_figure", "heatmap_figure", "draw_gradcat_path", "draw_box", "show_image", "overlay",
            "level_colors"]
 
@@ -137,9 +139,7 @@ def gradcat_figure(path: str | Path, image, result, b: int = 0, *, top_classes=N
     fig.suptitle(title or f"GradCAT path (sign {result.sign:+d}): boxes from the top level to the leaf",
                  fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 0.95))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    path = save_figure(fig, path, dpi=dpi)
     plt.close(fig)
     return path
 
@@ -165,8 +165,6 @@ def heatmap_figure(path: str | Path, image, heat, *, method: str, explained: str
     if with_bars:
         _bars(axes[-1], [int(c) for c in top_classes], [float(p) for p in top_probs], class_names)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    path = save_figure(fig, path, dpi=dpi)
     plt.close(fig)
     return path

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..fileio import atomic_write_text
 from .models import build_generator
 
 __all__ = ["bench_generators", "format_table"]
@@ -175,8 +176,8 @@ def _main(argv: list[str] | None = None) -> int:
     print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, clock {args.clock}, wall {wall:.0f}s")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows, "wall_seconds": wall, "torch": torch.__version__}, f, indent=1)
+        record = {"rows": rows, "wall_seconds": wall, "torch": torch.__version__}
+        atomic_write_text(args.json, json.dumps(record, indent=1))
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..fileio import save_figure
 from .train import read_metrics
 
 __all__ = ["eval_rows", "plot_fid", "fid_table"]
@@ -45,9 +46,7 @@ def plot_fid(run_dirs: Sequence[str | Path], out: str | Path, *, labels: Sequenc
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    out = save_figure(fig, out, dpi=110)
     plt.close(fig)
     return out
 

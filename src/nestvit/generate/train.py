@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..fileio import atomic_path
+from ..fileio import atomic_path, atomic_write_text
 from .models import build_discriminator, build_generator
 
 __all__ = ["GanConfig", "ConfigError", "load_recipe", "apply_overrides", "r1_penalty", "train_gan",
@@ -257,7 +257,7 @@ def _truncate_metrics(run_dir: Path, step: int) -> None:
     rows = read_metrics(run_dir)
     keep = [r for r in rows if r.get("step", 0) <= step]
     if len(keep) != len(rows):
-        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
+        atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in keep))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -292,8 +292,7 @@ def save_checkpoint(run_dir: Path, step: int, *, cfg: GanConfig, G: nn.Module, G
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    with atomic_path(ckdir / "latest") as t:
-        t.write_text(final.name + "\n")
+    atomic_write_text(ckdir / "latest", final.name + "\n")
     # keep the newest ``keep_checkpoints``
     olds = sorted(p for p in ckdir.glob("step_*") if p.is_dir())
     for p in olds[:-max(cfg.keep_checkpoints, 1)]:
@@ -386,7 +385,7 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
         step = int(state["step"])
         _truncate_metrics(out, step)
         log(f"resumed {out} at step {step} from {ck.name}")
-    (out / "config.yaml").write_text(_yaml_dump(cfg))
+    atomic_write_text(out / "config.yaml", _yaml_dump(cfg))
 
     # evaluation set-up (feature network + reference features), only when evaluations are on
     extractor = ref_feats = ref_stats = None

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from ..data.augment import TTA_MODES, tta_views
+from ..fileio import atomic_write_text
 from ..system import resolve_precision, slow_bf16
 from .config import PRECISIONS
 
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         record = {"weights": str(trained.weights), "data": data.name, "tta": args.tta, "precision": precision,
                   **result.to_json()}
-        (out / "eval.json").write_text(json.dumps(record, indent=1) + "\n")
+        atomic_write_text(out / "eval.json", json.dumps(record, indent=1) + "\n")
         plot_confusion(result.confusion, result.classes, out / "confusion.png",
                        title=f"{data.name}: top-1 {result.top1:.2f}%")
         print(f"wrote {out / 'eval.json'} and {out / 'confusion.png'}")

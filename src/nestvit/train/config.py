@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from ..data.augment import TTA_MODES, AugmentConfig
+from ..fileio import atomic_write_text
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
@@ -420,4 +421,4 @@ def load_config(recipe: str | Path | dict[str, Any] | None = None, overrides: li
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..data.augment import BatchAugment, eval_transform, shift, tta_views
+from ..fileio import atomic_write_text
 from ..interop import save_weights
 from ..system import machine_info, machine_label, resolve_precision, slow_bf16
 from . import config as C
@@ -419,7 +420,7 @@ class Trainer:
             if self.budget_s:
                 summary.update(time_budget_s=self.budget_s, run_s=round(self.elapsed(), 1),
                                stopped_by_budget=self.time_frac >= 1.0 and self.epoch < cfg.epochs)
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
             if test is not None:
                 self.say(f"done in {_fmt_time(wall)}: test top-1 {test.top1:.2f}% top-5 {test.top5:.2f}% (best "
                          f"{self.best_top1:.2f}%)" + (f", EMA top-1 {ema.top1:.2f}%" if ema else "")
@@ -451,7 +452,7 @@ class Trainer:
             return
         plot_run(self.run_dir)
         if test is not None:
-            (self.run_dir / "confusion.json").write_text(json.dumps(test.to_json(), indent=1) + "\n")
+            atomic_write_text(self.run_dir / "confusion.json", json.dumps(test.to_json(), indent=1) + "\n")
             plot_confusion(test.confusion, test.classes, self.run_dir / "confusion.png",
                            title=f"{self.cfg.model.name} on {self.eval_split.name}: top-1 {test.top1:.2f}%")
 

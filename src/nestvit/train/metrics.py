@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..fileio import atomic_write_text
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -83,7 +85,7 @@ class MetricsLog:
         if truncate_after_step is not None and self.path.is_file():
             # a resumed run drops what the killed run logged after its last checkpoint (and a torn last line)
             keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= truncate_after_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
         self.file = self.path.open("a")
         try:
             from torch.utils.tensorboard import SummaryWriter

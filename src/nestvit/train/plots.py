@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..fileio import save_figure
 from .metrics import read_metrics
 
 
@@ -37,10 +38,7 @@ def smooth(values: Sequence[float], weight: float = 0.6) -> list[float]:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    from ..fileio import atomic_path
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    save_figure(fig, path, dpi=110, bbox_inches="tight")
     _pyplot().close(fig)
     return path
 
