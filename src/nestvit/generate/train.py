@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..fileio import atomic_path, atomic_write_text
+from ..train.metrics import read_metrics as _read_metrics
+from ..train.metrics import truncate_metrics
 from .models import build_discriminator, build_generator
 
 __all__ = ["GanConfig", "ConfigError", "load_recipe", "apply_overrides", "r1_penalty", "train_gan",
@@ -246,18 +248,9 @@ def _to_unit(images: torch.Tensor, pad_to: int) -> torch.Tensor:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The run's ``metrics.jsonl`` records ([] before the first); a line torn by a kill is skipped."""
     path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _truncate_metrics(run_dir: Path, step: int) -> None:
-    """On resume drop log lines written after the checkpoint (they will be written again)."""
-    rows = read_metrics(run_dir)
-    keep = [r for r in rows if r.get("step", 0) <= step]
-    if len(keep) != len(rows):
-        atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in keep))
+    return _read_metrics(path) if path.is_file() else []
 
 
 # --------------------------------------------------------------------------------------------------
@@ -383,7 +376,7 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
         rng.set_state(state["rng"])
         torch.set_rng_state(state["torch_rng"])
         step = int(state["step"])
-        _truncate_metrics(out, step)
+        truncate_metrics(out, step)
         log(f"resumed {out} at step {step} from {ck.name}")
     atomic_write_text(out / "config.yaml", _yaml_dump(cfg))
 

@@ -82,10 +82,8 @@ class MetricsLog:
         self.tb = None
         if not enabled:
             return
-        if truncate_after_step is not None and self.path.is_file():
-            # a resumed run drops what the killed run logged after its last checkpoint (and a torn last line)
-            keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= truncate_after_step]
-            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+        if truncate_after_step is not None:
+            truncate_metrics(self.path, truncate_after_step)
         self.file = self.path.open("a")
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -110,6 +108,16 @@ class MetricsLog:
             self.file.close()
             if self.tb is not None:
                 self.tb.close()
+
+
+def truncate_metrics(path: str | Path, after_step: int) -> None:
+    """On resume: drop what a killed run logged after its last checkpoint (and a torn last line), atomically."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    if path.is_file():
+        keep = [r for r in read_metrics(path) if r.get("step", 0) <= after_step]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
