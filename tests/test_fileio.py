@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -50,7 +51,7 @@ def test_save_figure_writes_a_png_or_keeps_the_old_one(tmp_path):
 
     class Broken:
         def savefig(self, fname, **kwargs):
-            open(fname, "wb").write(b"half a PNG")
+            Path(fname).write_bytes(b"half a PNG")
             raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
