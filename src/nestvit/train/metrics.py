@@ -110,11 +110,15 @@ class MetricsLog:
                 self.tb.close()
 
 
+def _metrics_path(path: str | Path) -> Path:
+    """``path`` itself, or the ``metrics.jsonl`` inside it when it is a run directory."""
+    path = Path(path)
+    return path / METRICS_FILE if path.is_dir() else path
+
+
 def truncate_metrics(path: str | Path, after_step: int) -> None:
     """On resume: drop what a killed run logged after its last checkpoint (and a torn last line), atomically."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / METRICS_FILE
+    path = _metrics_path(path)
     if path.is_file():
         keep = [r for r in read_metrics(path) if r.get("step", 0) <= after_step]
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
@@ -122,11 +126,8 @@ def truncate_metrics(path: str | Path, after_step: int) -> None:
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """Records of a ``metrics.jsonl`` (or of the run directory holding one); unreadable lines are skipped."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / METRICS_FILE
     records = []
-    for line in path.read_text().splitlines():
+    for line in _metrics_path(path).read_text().splitlines():
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:  # a line torn by a killed process
