@@ -202,3 +202,16 @@ def test_the_wall_time_line_names_the_machines_and_the_runs_without_a_record():
         "; machines: A, 2 CPUs; B, 2 CPUs; 1 run without a record of it")
     two_missing = E._machines({"machines": ["A, 2 CPUs"], "unrecorded_machines": 2})
     assert two_missing.endswith("; 2 runs without a record of it")
+
+
+def test_read_run_skips_a_torn_log_line(tmp_path):
+    """A run read back by a later invocation keeps its epochs when the kill tore the log's last line."""
+    (tmp_path / "summary.json").write_text(json.dumps({"test_top1": 90.0, "epochs": 2, "steps": 20}))
+    rows = [{"kind": "step", "step": 5, "loss": 1.0},
+            {"kind": "epoch", "epoch": 1, "step": 10, "test_top1": 80.0, "img_s": 100.0, "time_s": 10.0},
+            {"kind": "epoch", "epoch": 2, "step": 20, "test_top1": 90.0, "img_s": 300.0, "time_s": 10.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"kind": "epo')
+    run = E._read_run(tmp_path)
+    assert run["curve"] == [(1, 80.0), (2, 90.0)]
+    assert run["train_s"] == 20.0 and run["train_img_s"] == 200.0
+    assert run["test_top1"] == 90.0 and run["steps"] == 20

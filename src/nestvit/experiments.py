@@ -162,18 +162,13 @@ def _model_stats(cfg: Any) -> dict[str, Any]:
 
 def _read_run(run_dir: Path) -> dict[str, Any]:
     """The numbers of a finished run directory: summary.json plus the epoch records of metrics.jsonl."""
+    from .train.metrics import METRICS_FILE, read_metrics
+
     summary = json.loads((run_dir / "summary.json").read_text())
-    epochs = []
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("kind") == "epoch":
-                epochs.append({k: rec.get(k) for k in ("epoch", "step", "train_loss", "train_acc", "test_top1",
-                                                       "img_s", "time_s")})
+    metrics = run_dir / METRICS_FILE
+    records = read_metrics(metrics) if metrics.is_file() else []
+    epochs = [{k: rec.get(k) for k in ("epoch", "step", "train_loss", "train_acc", "test_top1", "img_s", "time_s")}
+              for rec in records if rec.get("kind") == "epoch"]
     train_s = sum(e["time_s"] or 0 for e in epochs)
     images = sum((e["img_s"] or 0) * (e["time_s"] or 0) for e in epochs)
     return {"test_top1": summary.get("test_top1"), "best_top1": summary.get("best_top1"),

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..fileio import atomic_path, atomic_write_text
+from ..train.metrics import METRICS_FILE, truncate_metrics
 from ..train.metrics import read_metrics as _read_metrics
-from ..train.metrics import truncate_metrics
 from .models import build_discriminator, build_generator
 
 __all__ = ["GanConfig", "ConfigError", "load_recipe", "apply_overrides", "r1_penalty", "train_gan",
@@ -249,7 +249,7 @@ def _to_unit(images: torch.Tensor, pad_to: int) -> torch.Tensor:
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """The run's ``metrics.jsonl`` records ([] before the first); a line torn by a kill is skipped."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS_FILE
     return _read_metrics(path) if path.is_file() else []
 
 
@@ -393,7 +393,7 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
         ref_feats, _ = extract(extractor, ref)
         ref_stats = gaussian_stats(ref_feats)
 
-    metrics_f = open(out / "metrics.jsonl", "a")
+    metrics_f = open(out / METRICS_FILE, "a")
 
     def write(row: dict) -> None:
         metrics_f.write(json.dumps(row) + "\n")
