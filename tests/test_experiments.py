@@ -215,3 +215,36 @@ def test_read_run_skips_a_torn_log_line(tmp_path):
     assert run["curve"] == [(1, 80.0), (2, 90.0)]
     assert run["train_s"] == 20.0 and run["train_img_s"] == 200.0
     assert run["test_top1"] == 90.0 and run["steps"] == 20
+
+
+def _lever_curves():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "lever_curves.py"
+    spec = importlib.util.spec_from_file_location("lever_curves", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_lever_curves_reads_the_published_logs(tmp_path, capsys):
+    """The script behind section 5's curve plot parses the trainer's epoch lines in the committed logs."""
+    script = _lever_curves()
+    curve = script.read_log(script.PILOTS / "best_fashion_mnist_s16_lr1e-3_e20.log")
+    assert curve["epoch"] == list(range(1, 21))
+    assert curve["test"][-1] == 94.13 and curve["train"][-1] == 96.31 and curve["tta"] == 94.58
+    logs = [f"--log=lr 1e-3={script.PILOTS / 'best_fashion_mnist_s16_lr1e-3_e20.log'}",
+            f"--log=recipe={script.PILOTS / 'best_fashion_mnist_s14_ema_e20.log'}"]
+    script.main([*logs, "--out", str(tmp_path / "levers.png")])
+    table = capsys.readouterr().out
+    assert "| lr 1e-3 | 20 | 96.3 | 94.13 | 94.58 |" in table and "| recipe | 20 | 95.9 | 93.94 | 94.49 |" in table
+    assert (tmp_path / "levers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lever_curves_names_a_log_without_epoch_lines(tmp_path):
+    script = _lever_curves()
+    (tmp_path / "empty.log").write_text("run dir: x\nepoch 1/20:  10%|#   | 4/40 [00:02<00:18]\r")
+    with pytest.raises(SystemExit, match="no per-epoch lines"):
+        script.read_log(tmp_path / "empty.log")
+    with pytest.raises(SystemExit, match="no log at"):
+        script.read_log(tmp_path / "missing.log")
