@@ -248,3 +248,9 @@ def test_lever_curves_names_a_log_without_epoch_lines(tmp_path):
         script.read_log(tmp_path / "empty.log")
     with pytest.raises(SystemExit, match="no log at"):
         script.read_log(tmp_path / "missing.log")
+
+
+def test_lever_curves_default_runs_are_all_committed_and_complete():
+    script = _lever_curves()
+    for log in script.RUNS.values():
+        assert script.read_log(script.PILOTS / log)["epoch"] == list(range(1, 21)), log
