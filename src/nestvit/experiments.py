@@ -214,6 +214,8 @@ def _same_config(run_dir: Path, cfg: Any) -> bool:
     """Whether ``run_dir/config.yaml`` describes ``cfg`` (a finished run is only reused for the same config).
 
     A key left ``None`` in ``cfg`` matches any saved value: the trainer fills those in (``data.mean``/``std``).
+    Keys that only change what is shown (``progress``) are not compared, so a run made by ``nestvit train``
+    with the same recipe and seed counts too.
     """
     from .train.config import TrainConfig, from_dict, read_recipe, to_dict
 
@@ -222,9 +224,12 @@ def _same_config(run_dir: Path, cfg: Any) -> bool:
             return planned.keys() == saved.keys() and all(same(planned[k], saved[k]) for k in planned)
         return planned is None or planned == saved
 
+    def shown_only_dropped(c: Any) -> dict[str, Any]:
+        return {k: v for k, v in to_dict(c).items() if k != "progress"}
+
     try:
         raw, _ = read_recipe(run_dir / "config.yaml")
-        return same(to_dict(cfg), to_dict(from_dict(TrainConfig, raw)))
+        return same(shown_only_dropped(cfg), shown_only_dropped(from_dict(TrainConfig, raw)))
     except (OSError, ValueError):
         return False
 
