@@ -224,12 +224,12 @@ def _same_config(run_dir: Path, cfg: Any) -> bool:
             return planned.keys() == saved.keys() and all(same(planned[k], saved[k]) for k in planned)
         return planned is None or planned == saved
 
-    def shown_only_dropped(c: Any) -> dict[str, Any]:
+    def compared(c: Any) -> dict[str, Any]:  # every key but the display-only ones
         return {k: v for k, v in to_dict(c).items() if k != "progress"}
 
     try:
         raw, _ = read_recipe(run_dir / "config.yaml")
-        return same(shown_only_dropped(cfg), shown_only_dropped(from_dict(TrainConfig, raw)))
+        return same(compared(cfg), compared(from_dict(TrainConfig, raw)))
     except (OSError, ValueError):
         return False
 
