@@ -146,29 +146,38 @@ def test_epochs_and_steps_show_a_range_when_a_budget_stopped_seeds_apart():
     assert E._span([22, 22]) == 22 and E._span([22, 20]) == "20-22" and E._span([None, 7]) == 7 and E._span([]) is None
 
 
-def test_best_fashion_mnist_adds_a_tta_column_from_the_last_weights(tmp_path, capsys, monkeypatch):
+def test_best_fashion_mnist_adds_a_column_per_tta_from_the_last_weights(tmp_path, capsys, monkeypatch):
     from nestvit.cli import main
 
     monkeypatch.setattr("nestvit.system.cpu_has_fast_bf16", lambda: False)  # precision auto: fp32 on any CPU
     result = E.run_experiment(_args("best_fashion_mnist", tmp_path), log=lambda m: None)
-    assert result["tta"] == "flip-shift"
+    assert list(result["tta"]) == ["flip", "flip-shift"]
     runs, (row,) = result["runs"], result["rows"]
-    assert row["test_top1_tta"]["n"] == 2
-    assert math.isclose(row["test_top1_tta"]["mean"], sum(r["test_top1_tta"] for r in runs) / 2)
+    for mode in ("flip", "flip-shift"):
+        assert row["tta"][mode]["n"] == 2
+        assert math.isclose(row["tta"][mode]["mean"], sum(r["tta"][mode] for r in runs) / 2)
     md = (tmp_path / "best_fashion_mnist" / "results.md").read_text()
-    assert "with flip-shift TTA (18 views; min-max)" in md and "--tta flip-shift --precision fp32`" in md
+    head = next(line for line in md.splitlines() if line.startswith("| model"))
+    assert head.index("with flip TTA (2 views; min-max)") < head.index("with flip-shift TTA (18 views; min-max)")
+    assert "--tta flip --precision fp32`" in md and "--tta flip-shift --precision fp32`" in md
     assert "(1 thread(s) per run, fp32)" in md and all(r["precision"] == "fp32" for r in runs)
     run_dir = Path(runs[0]["run_dir"])
-    cached = json.loads((run_dir / "tta_flip-shift.json").read_text())
-    assert cached["top1"] == runs[0]["test_top1_tta"] and cached["count"] == 32
-    capsys.readouterr()  # the number is the eval command's
-    assert main(["eval", str(run_dir), "--weights", "last", "--tta", "flip-shift", "--precision", "auto",
-                 "--limit", "32"]) == 0
-    assert f"top-1 {cached['top1']:.2f}%" in capsys.readouterr().out
+    for mode in ("flip", "flip-shift"):
+        cached = json.loads((run_dir / f"tta_{mode}.json").read_text())
+        assert cached["top1"] == runs[0]["tta"][mode] and cached["count"] == 32
+        capsys.readouterr()  # the number is the eval command's
+        assert main(["eval", str(run_dir), "--weights", "last", "--tta", mode, "--precision", "auto",
+                     "--limit", "32"]) == 0
+        assert f"top-1 {cached['top1']:.2f}%" in capsys.readouterr().out
     # read back: the cached number, not a new evaluation
     (run_dir / "tta_flip-shift.json").write_text(json.dumps({**cached, "top1": 12.5}))
     again = E.run_experiment(_args("best_fashion_mnist", tmp_path), log=lambda m: None)
-    assert again["runs"][0]["read_back"] and again["runs"][0]["test_top1_tta"] == 12.5
+    assert again["runs"][0]["read_back"] and again["runs"][0]["tta"]["flip-shift"] == 12.5
+    # --tta picks the columns; none drops them
+    only = E.run_experiment(_args("best_fashion_mnist", tmp_path, "--tta", "flip-shift"), log=lambda m: None)
+    assert list(only["runs"][0]["tta"]) == ["flip-shift"] and list(only["rows"][0]["tta"]) == ["flip-shift"]
+    none = E.run_experiment(_args("best_fashion_mnist", tmp_path, "--tta", "none"), log=lambda m: None)
+    assert none["runs"][0]["tta"] == {} and "TTA" not in (tmp_path / "best_fashion_mnist" / "results.md").read_text()
     # other experiments have no such column unless asked
     assert "TTA" not in E.markdown(E.plan_hierarchy(build_parser().parse_args(["experiment", "hierarchy"])),
                                    [], {"command": "c", "runs_wall_s": 0, "device": "cpu", "threads": 1})
@@ -180,7 +189,7 @@ def test_the_tta_column_reuses_a_runs_own_final_tta_evaluation(tmp_path):
     args.seeds = [0]
     (run,) = E.run_experiment(args, log=lambda m: None)["runs"]
     summary = json.loads((Path(run["run_dir"]) / "summary.json").read_text())
-    assert summary["tta"] == "flip-shift" and run["test_top1_tta"] == summary["test_top1_tta"]
+    assert summary["tta"] == "flip-shift" and run["tta"]["flip-shift"] == summary["test_top1_tta"]
     assert not (Path(run["run_dir"]) / "tta_flip-shift.json").exists()
 
 
@@ -197,7 +206,8 @@ def test_tta_views_script_agrees_with_the_tta_column(tmp_path):
     top1 = script.view_top1(run["run_dir"], threads=1)
     assert list(top1) == list(script.VIEW_SETS)
     assert 0 <= top1["plain"] <= 100
-    assert top1["flip + 3x3 one-pixel moves (18, --tta flip-shift)"] == pytest.approx(run["test_top1_tta"])
+    assert top1["flip + 3x3 one-pixel moves (18, --tta flip-shift)"] == pytest.approx(run["tta"]["flip-shift"])
+    assert top1["flip (2)"] == pytest.approx(run["tta"]["flip"])
 
 
 def test_the_wall_time_line_names_the_machines_and_the_runs_without_a_record():

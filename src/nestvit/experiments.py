@@ -116,7 +116,7 @@ class Plan:
     columns: list[str]  # the label columns of the table
     plot: Callable[[dict[str, Any], Path], None]
     paper: dict[str, str] = field(default_factory=dict)  # arm name -> the paper's number, when it has one
-    tta: str = "none"  # test-time augmentation of an extra column (last weights; data.augment.tta_views)
+    tta: tuple[str, ...] = ()  # test-time augmentations, a column each (last weights; data.augment.tta_views)
 
 
 def mean_spread(values: Sequence[float]) -> dict[str, float | int | None]:
@@ -235,10 +235,10 @@ def _same_config(run_dir: Path, cfg: Any) -> bool:
 
 
 def run_arm(arm: Arm, seed: int, out: Path, *, device: str | None, fresh: bool,
-            log: Callable[[str], None], tta: str = "none") -> dict[str, Any]:
+            log: Callable[[str], None], tta: Sequence[str] = ()) -> dict[str, Any]:
     """Train ``arm`` with ``seed`` into ``out/runs/<arm>-s<seed>`` (or read it back) and return its numbers.
 
-    With ``tta`` other than ``"none"`` also the last weights' test top-1 with that test-time augmentation.
+    ``res["tta"]`` maps each test-time augmentation in ``tta`` to the last weights' test top-1 with it.
     """
     from .train.config import TrainConfig, from_dict
     from .train.loop import train
@@ -262,11 +262,10 @@ def run_arm(arm: Arm, seed: int, out: Path, *, device: str | None, fresh: bool,
         train(cfg, run_dir, device=device)
     res = _read_run(run_dir)
     res.update(arm=arm.name, seed=seed, run_dir=str(run_dir), read_back=read_back)
-    if tta != "none":
-        res["test_top1_tta"] = tta_top1(run_dir, cfg, tta, device)
+    res["tta"] = {mode: tta_top1(run_dir, cfg, mode, device) for mode in tta}
     log(f"[{arm.name} seed {seed}] test top-1 {res['test_top1']:.2f}% in {res['wall_s']:.0f}s "
         f"({res['train_img_s'] or 0:.0f} train img/s)"
-        + (f"; with {tta} TTA {res['test_top1_tta']:.2f}%" if tta != "none" else ""))
+        + "".join(f"; with {mode} TTA {top1:.2f}%" for mode, top1 in res["tta"].items()))
     return res
 
 
@@ -278,7 +277,7 @@ def aggregate(plan: Plan, runs: list[dict[str, Any]], stats: dict[str, dict[str,
         row = {"arm": arm.name, **arm.labels, **stats.get(arm.name, {}),
                "seeds": [r["seed"] for r in rs],
                "test_top1": mean_spread([r["test_top1"] for r in rs]),
-               **({"test_top1_tta": mean_spread([r["test_top1_tta"] for r in rs])} if plan.tta != "none" else {}),
+               "tta": {mode: mean_spread([r["tta"][mode] for r in rs]) for mode in plan.tta},
                "wall_s": mean_spread([r["wall_s"] for r in rs]),
                "train_img_s": mean_spread([r["train_img_s"] for r in rs]),
                "steps": _span([r["steps"] for r in rs]), "epochs": _span([r["epochs"] for r in rs])}
@@ -306,7 +305,7 @@ def markdown(plan: Plan, rows: list[dict[str, Any]], meta: dict[str, Any]) -> st
     from .data.augment import TTA_MODES, tta_views
 
     has_paper = any("paper" in r for r in rows)
-    tta = [f"with {plan.tta} TTA ({len(tta_views(plan.tta))} views; min-max)"] if plan.tta != "none" else []
+    tta = [f"with {mode} TTA ({len(tta_views(mode))} views; min-max)" for mode in plan.tta]
     head = plan.columns + ["params", "MFLOPs", "epochs", "steps", "test top-1 % (mean ± std)", "min-max", *tta,
                            "train img/s", "wall s / run"] + (["paper"] if has_paper else [])
     lines = [f"### `{plan.experiment}`", "",
@@ -317,11 +316,11 @@ def markdown(plan: Plan, rows: list[dict[str, Any]], meta: dict[str, Any]) -> st
              + (f"; this invocation {meta['wall_s'] / 60:.1f} min, {meta['read_back']} runs read back from an "
                 "earlier one" if meta.get("read_back") else "") + ".", ""]
     lines += [f"- {n}" for n in plan.notes]
-    if tta:
-        precision = meta.get("precision") or plan.arms[0].recipe.get("precision", "fp32")
-        lines.append(f"- TTA column: the last weights (the ones reported) on {len(tta_views(plan.tta))} views of "
-                     f"each test image ({TTA_MODES[plan.tta]}), their softmax outputs averaged, at the runs' "
-                     f"precision ({precision}): `nestvit eval RUN --weights last --tta {plan.tta} --precision "
+    precision = meta.get("precision") or plan.arms[0].recipe.get("precision", "fp32")
+    for mode in plan.tta:
+        lines.append(f"- {mode} TTA column: the last weights (the ones reported) on {len(tta_views(mode))} views of "
+                     f"each test image ({TTA_MODES[mode]}), their softmax outputs averaged, at the runs' "
+                     f"precision ({precision}): `nestvit eval RUN --weights last --tta {mode} --precision "
                      f"{precision}`.")
     lines += ["", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
@@ -331,7 +330,7 @@ def markdown(plan: Plan, rows: list[dict[str, Any]], meta: dict[str, Any]) -> st
         cells += [f"{r['params'] / 1e6:.3f}M" if r.get("params") else "-",
                   f"{r['flops'] / 1e6:.1f}" if r.get("flops") else "-",
                   str(r.get("epochs")), str(r.get("steps")), fmt_ms(acc), mm]
-        cells += [_tta_cell(r["test_top1_tta"])] if tta else []
+        cells += [_tta_cell(r["tta"][mode]) for mode in plan.tta]
         cells += [fmt_ms(r["train_img_s"], 0), fmt_ms(r["wall_s"], 0)]
         if has_paper:
             cells.append(r.get("paper", ""))
@@ -449,9 +448,9 @@ def best_plot(result: dict[str, Any], path: Path) -> None:
         lowest = min([lowest] + [a - 2 for _, a in curve])
         line, = ax.plot([e for e, _ in curve], [a for _, a in curve], marker=".",
                         label=f"{run['arm']} seed {run['seed']}")
-        if run.get("test_top1_tta") is not None and curve:  # the last weights with test-time augmentation
-            ax.plot([curve[-1][0]], [run["test_top1_tta"]], marker="*", ms=10, color=line.get_color(), ls="none",
-                    label=f"seed {run['seed']} with {result.get('tta', 'test-time')} TTA")
+        for (mode, top1), marker in zip((run.get("tta") or {}).items() if curve else (), "*Pd"):  # last weights
+            ax.plot([curve[-1][0]], [top1], marker=marker, ms=9, color=line.get_color(), ls="none",
+                    label=f"last weights with {mode} TTA (the seed's colour)" if run is result["runs"][0] else None)
     ax.axhline(BEST_TARGET, color="r", ls="--", lw=1, label=f"target {BEST_TARGET}%")
     for i, (name, acc) in enumerate(FMNIST_BASELINES.items()):
         ax.axhline(acc, color=f"C{i + 2}", ls=":", lw=1, label=f"{name} (published) {acc}%")
@@ -632,7 +631,7 @@ def plan_best_fashion_mnist(a: argparse.Namespace) -> Plan:
         + (f", {budget:g} minutes per run: the learning rate decays by step or by time, whichever is further "
            "along, and training stops at the deadline" if budget else "") + "); test on "
         f"{raw['data'].get('limit_eval') or 'all 10,000'} test images.",
-    ], ["model"], best_plot, tta="flip-shift")
+    ], ["model"], best_plot, tta=("flip", "flip-shift"))
 
 
 def plan_quick(plan_fn: Callable[[argparse.Namespace], Plan], a: argparse.Namespace) -> Plan:
@@ -680,7 +679,7 @@ def run_experiment(a: argparse.Namespace, log: Callable[[str], None] = _print) -
     from .train.config import TrainConfig, apply_overrides, from_dict
 
     plan = plan_quick(EXPERIMENTS[a.name], a) if a.quick else EXPERIMENTS[a.name](a)
-    plan.tta = a.tta or plan.tta
+    plan.tta = plan.tta if a.tta is None else tuple(m for m in a.tta if m != "none")
     if a.set:
         for arm in plan.arms:
             arm.recipe = apply_overrides(arm.recipe, a.set)
@@ -746,9 +745,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-min", type=float, default=None,
                         help="best_fashion_mnist: minutes per run (default: the recipe's time_budget_min); the "
                              "learning rate decays to the deadline; 0 = no budget")
-    parser.add_argument("--tta", choices=TTA_MODES,
-                        help="also test every run's last weights with this test-time augmentation, in a column of "
-                             "its own (default: flip-shift for best_fashion_mnist, none for the others)")
+    parser.add_argument("--tta", choices=TTA_MODES, nargs="+",
+                        help="also test every run's last weights with these test-time augmentations, a column "
+                             "each (default: flip flip-shift for best_fashion_mnist, none for the others)")
     parser.add_argument("--data", nargs="+", help="data set(s) (default: per experiment)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a recipe override applied to every run (as nestvit train --set); repeatable")
