@@ -34,6 +34,7 @@ RUNS = {  # label -> log: every 20-epoch (9,360-step) run of the recipe at lr 2e
     "lr 1e-3, Zen 4": "best_fashion_mnist_s16_lr1e-3_e20.log",
     "depths 1/1/4 at lr 1e-3, Zen 4": "best_fashion_mnist_s19_depths114_e20.log",
     "lr 5e-4, Zen 4": "best_fashion_mnist_s20_lr5e-4_e20.log",
+    "lr 2.5e-4, Intel AMX": "best_fashion_mnist_s24_lr2.5e-4_e20.log",
     "lr 2e-3 (the old recipe), seed 1, Intel AMX": "best_fashion_mnist_s17_lr2e-3_seed1_e20.log",
     "lr 1e-3, seed 1, Intel AMX": "best_fashion_mnist_s17_lr1e-3_seed1_e20.log",
     "lr 5e-4, seed 1, Intel AMX": "best_fashion_mnist_s22_lr5e-4_seed1_e20.log",
