@@ -679,7 +679,7 @@ def run_experiment(a: argparse.Namespace, log: Callable[[str], None] = _print) -
     from .train.config import TrainConfig, apply_overrides, from_dict
 
     plan = plan_quick(EXPERIMENTS[a.name], a) if a.quick else EXPERIMENTS[a.name](a)
-    plan.tta = plan.tta if a.tta is None else tuple(m for m in a.tta if m != "none")
+    plan.tta = plan.tta if a.tta is None else tuple(dict.fromkeys(m for m in a.tta if m != "none"))
     if a.set:
         for arm in plan.arms:
             arm.recipe = apply_overrides(arm.recipe, a.set)
