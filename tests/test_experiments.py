@@ -174,8 +174,10 @@ def test_best_fashion_mnist_adds_a_column_per_tta_from_the_last_weights(tmp_path
     again = E.run_experiment(_args("best_fashion_mnist", tmp_path), log=lambda m: None)
     assert again["runs"][0]["read_back"] and again["runs"][0]["tta"]["flip-shift"] == 12.5
     # --tta picks the columns; none drops them
-    only = E.run_experiment(_args("best_fashion_mnist", tmp_path, "--tta", "flip-shift"), log=lambda m: None)
+    only = E.run_experiment(_args("best_fashion_mnist", tmp_path, "--tta", "flip-shift", "flip-shift"),
+                            log=lambda m: None)  # a mode given twice makes one column
     assert list(only["runs"][0]["tta"]) == ["flip-shift"] and list(only["rows"][0]["tta"]) == ["flip-shift"]
+    assert (tmp_path / "best_fashion_mnist" / "results.md").read_text().count("with flip-shift TTA (18 views") == 1
     none = E.run_experiment(_args("best_fashion_mnist", tmp_path, "--tta", "none"), log=lambda m: None)
     assert none["runs"][0]["tta"] == {} and "TTA" not in (tmp_path / "best_fashion_mnist" / "results.md").read_text()
     # other experiments have no such column unless asked
