@@ -27,7 +27,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 PILOTS = Path(__file__).resolve().parent / "results" / "pilots"
-RUNS = {  # label -> log: every 20-epoch (9,360-step) run of the recipe at lr 2e-3 and its variants, seed 0 unless named
+# label -> log: every 20-epoch (9,360-step) run of the recipe (lr 2e-3, later 5e-4) and its variants; seed 0
+# unless the label names another
+RUNS = {
     "lr 2e-3 (the old recipe), Zen 4": "best_fashion_mnist_s14_ema_e20.log",
     "stem 48, Zen 4": "best_fashion_mnist_s13_stem48_e20.log",
     "batch 64, Zen 4": "best_fashion_mnist_s15_batch64_e20.log",
