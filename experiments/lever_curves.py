@@ -41,6 +41,7 @@ RUNS = {
     "no label smoothing at lr 5e-4, Intel AMX": "best_fashion_mnist_s25_ls0_e20.log",
     "Adam beta2 0.95 at lr 5e-4, Intel AMX": "best_fashion_mnist_s25_beta2_0.95_e20.log",
     "3-pixel crops at lr 5e-4, Intel AMX": "best_fashion_mnist_s26_crop3_e20.log",
+    "1-pixel crops at lr 5e-4, Intel AMX": "best_fashion_mnist_s26_crop1_e20.log",
     "lr 2e-3 (the old recipe), seed 1, Intel AMX": "best_fashion_mnist_s17_lr2e-3_seed1_e20.log",
     "lr 1e-3, seed 1, Intel AMX": "best_fashion_mnist_s17_lr1e-3_seed1_e20.log",
     "lr 5e-4, seed 1, Intel AMX": "best_fashion_mnist_s22_lr5e-4_seed1_e20.log",
