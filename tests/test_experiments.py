@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -150,7 +151,11 @@ def test_best_fashion_mnist_adds_a_column_per_tta_from_the_last_weights(tmp_path
     from nestvit.cli import main
 
     monkeypatch.setattr("nestvit.system.cpu_has_fast_bf16", lambda: False)  # precision auto: fp32 on any CPU
-    result = E.run_experiment(_args("best_fashion_mnist", tmp_path), log=lambda m: None)
+
+    def args(*extra: str):  # views scored after the run (the recipe scores flip-shift inside its budget)
+        return _args("best_fashion_mnist", tmp_path, "--set", "tta=none", *extra)
+
+    result = E.run_experiment(args(), log=lambda m: None)
     assert list(result["tta"]) == ["flip", "flip-shift"]
     runs, (row,) = result["runs"], result["rows"]
     for mode in ("flip", "flip-shift"):
@@ -171,14 +176,14 @@ def test_best_fashion_mnist_adds_a_column_per_tta_from_the_last_weights(tmp_path
         assert f"top-1 {cached['top1']:.2f}%" in capsys.readouterr().out
     # read back: the cached number, not a new evaluation
     (run_dir / "tta_flip-shift.json").write_text(json.dumps({**cached, "top1": 12.5}))
-    again = E.run_experiment(_args("best_fashion_mnist", tmp_path), log=lambda m: None)
+    again = E.run_experiment(args(), log=lambda m: None)
     assert again["runs"][0]["read_back"] and again["runs"][0]["tta"]["flip-shift"] == 12.5
     # --tta picks the columns; none drops them
-    only = E.run_experiment(_args("best_fashion_mnist", tmp_path, "--tta", "flip-shift", "flip-shift"),
+    only = E.run_experiment(args("--tta", "flip-shift", "flip-shift"),
                             log=lambda m: None)  # a mode given twice makes one column
     assert list(only["runs"][0]["tta"]) == ["flip-shift"] and list(only["rows"][0]["tta"]) == ["flip-shift"]
     assert (tmp_path / "best_fashion_mnist" / "results.md").read_text().count("with flip-shift TTA (18 views") == 1
-    none = E.run_experiment(_args("best_fashion_mnist", tmp_path, "--tta", "none"), log=lambda m: None)
+    none = E.run_experiment(args("--tta", "none"), log=lambda m: None)
     assert none["runs"][0]["tta"] == {} and "TTA" not in (tmp_path / "best_fashion_mnist" / "results.md").read_text()
     # other experiments have no such column unless asked
     assert "TTA" not in E.markdown(E.plan_hierarchy(build_parser().parse_args(["experiment", "hierarchy"])),
@@ -186,13 +191,19 @@ def test_best_fashion_mnist_adds_a_column_per_tta_from_the_last_weights(tmp_path
 
 
 def test_the_tta_column_reuses_a_runs_own_final_tta_evaluation(tmp_path):
-    """A run trained with ``tta`` (views scored inside its budget) is not evaluated again for the column."""
-    args = _args("best_fashion_mnist", tmp_path, "--set", "tta=flip-shift")
+    """The recipe's ``tta: flip-shift`` (views scored inside its budget) is not evaluated again for the column."""
+    args = _args("best_fashion_mnist", tmp_path)
     args.seeds = [0]
     (run,) = E.run_experiment(args, log=lambda m: None)["runs"]
     summary = json.loads((Path(run["run_dir"]) / "summary.json").read_text())
     assert summary["tta"] == "flip-shift" and run["tta"]["flip-shift"] == summary["test_top1_tta"]
     assert not (Path(run["run_dir"]) / "tta_flip-shift.json").exists()
+    assert (Path(run["run_dir"]) / "tta_flip.json").is_file()  # the other column is scored after the run
+    md = (tmp_path / "best_fashion_mnist" / "results.md").read_text()
+    flip, flip_shift = (line for line in md.splitlines() if " TTA column: " in line)
+    assert "inside its time budget (the recipe's `tta: flip-shift`)" in flip_shift
+    assert "inside" not in flip
+    assert re.search(r": `nestvit eval RUN --weights last --tta flip --precision \w+`\.$", flip)
 
 
 def test_tta_views_script_agrees_with_the_tta_column(tmp_path):

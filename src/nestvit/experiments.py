@@ -318,10 +318,14 @@ def markdown(plan: Plan, rows: list[dict[str, Any]], meta: dict[str, Any]) -> st
     lines += [f"- {n}" for n in plan.notes]
     precision = meta.get("precision") or plan.arms[0].recipe.get("precision", "fp32")
     for mode in plan.tta:
+        in_run = all(arm.recipe.get("tta") == mode for arm in plan.arms)  # the trainer scored it (tta_top1)
         lines.append(f"- {mode} TTA column: the last weights (the ones reported) on {len(tta_views(mode))} views of "
                      f"each test image ({TTA_MODES[mode]}), their softmax outputs averaged, at the runs' "
-                     f"precision ({precision}): `nestvit eval RUN --weights last --tta {mode} --precision "
-                     f"{precision}`.")
+                     f"precision ({precision})"
+                     + (f", scored by the trainer at the end of each run inside its time budget (the recipe's "
+                        f"`tta: {mode}`); the same as" if in_run else ":")
+                     + f" `nestvit eval RUN --weights last --tta {mode} --precision {precision}`"
+                     + (" after the run." if in_run else "."))
     lines += ["", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         acc = r["test_top1"]
