@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         kw = {"marker": ".", "color": colors[i % len(colors)]}
         ax_test.plot(c["epoch"], c["test"], style, label=label, **kw)
         ax_train.plot(c["epoch"], c["train"], style, **kw)
-    for (label, span), color in zip(HOURS.items(), ("grey", "tab:green", "tab:blue")):
+    for (label, span), color in zip(HOURS.items(), ("grey", "tab:green", "tab:blue"), strict=True):
         ax_test.axhspan(*span, color=color, alpha=0.2, label=label)
     ax_test.axhline(TARGET, color="red", lw=1, label=f"target {TARGET} %")
     ax_test.set(xlabel="epoch", ylabel="test top-1 % (10,000 images, one view)", xlim=(3.5, 20.5), ylim=(89, 94.8),
