@@ -1,8 +1,8 @@
 """GradCAT: gradient-based class-aware tree traversal through NesT's block hierarchy.
 
 Paper: Zhang et al., "Nested Hierarchical Transformer: Towards Accurate, Data-Efficient and
-Interpretable Visual Understanding", AAAI 2022 (arXiv:2105.12723), Section 5 and Algorithm 1. The
-paper publishes no code for it; this follows Algorithm 1:
+Interpretable Visual Understanding", AAAI 2022 (arXiv:2105.12723), Section 3.2 and Algorithm 1 (experiments:
+Section 4.6). The paper publishes no code for it; this follows Algorithm 1:
 
     input  {A_l | l = 2..T_d} (the feature maps of every hierarchy), alpha_{T_d} = A_{T_d}, P = []
     for l = T_d, ..., 2:

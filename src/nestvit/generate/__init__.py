@@ -1,4 +1,4 @@
-"""Image generation with NesT (paper Section 4.4): generators, discriminators, GAN training, metrics.
+"""Image generation with NesT (paper Section 4.5): generators, discriminators, GAN training, metrics.
 
 - :mod:`.models`: ``NestGenerator`` (block de-aggregation), ``TransGanGenerator``, ``ConvGenerator``,
   ``ResNetDiscriminator``, ``NestDiscriminator`` and named presets (``build_generator("nest_64")``).
