@@ -21,11 +21,11 @@ import math
 
 import torch
 
+import nestvit
 from nestvit.data.augment import eval_transform, shift, tta_views
 from nestvit.train.config import load_config
 from nestvit.train.inputs import eval_batches, load_split
 from nestvit.train.loop import autocast
-from nestvit.train.runs import load_trained
 
 TWO = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)]  # every move the pass computes
 PLUS = [(0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)]
@@ -47,18 +47,19 @@ VIEW_SETS = {  # name -> (mirrored, dy, dx) of its views
 
 def view_top1(run_dir: str, threads: int) -> dict[str, float]:
     torch.set_num_threads(threads)
-    trained = load_trained(run_dir, "last")
+    loaded = nestvit.load(run_dir, "last")
     cfg = load_config(f"{run_dir}/config.yaml")
     device = torch.device("cpu")
     split = load_split(cfg.data, cfg.data.eval_split, device, limit=cfg.data.limit_eval)
-    model = trained.model.eval()
+    model = loaded.model.eval()
     logp: dict[tuple[bool, int, int], list[torch.Tensor]] = {}
     labels = []
     with torch.no_grad(), autocast(device, cfg.precision):
         for images, y in eval_batches(split, batch=cfg.eval_batch, rank=0, world_size=1, device=device, workers=0):
             labels.append(y)
             for mirrored, dy, dx in _mirrored(TWO):
-                x = eval_transform(shift(images.flip(-1) if mirrored else images, dy, dx), trained.mean, trained.std)
+                views = shift(images.flip(-1) if mirrored else images, dy, dx)
+                x = eval_transform(views, loaded.transform.mean, loaded.transform.std)
                 logp.setdefault((mirrored, dy, dx), []).append(model(x).float().log_softmax(-1))
     target = torch.cat(labels)
     views = {k: torch.cat(v) for k, v in logp.items()}

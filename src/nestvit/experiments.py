@@ -192,17 +192,18 @@ def tta_top1(run_dir: Path, cfg: Any, mode: str, device: str | None) -> float:
     cache = run_dir / f"tta_{mode}.json"
     if cache.is_file():
         return float(json.loads(cache.read_text())["top1"])
+    from .contract import load
     from .system import resolve_precision
     from .train.distributed import DistInfo, resolve_device
     from .train.inputs import load_split
     from .train.loop import evaluate
-    from .train.runs import load_trained
 
-    trained = load_trained(run_dir, "last")
+    loaded = load(run_dir, "last")
     dev = resolve_device(device)
     precision = summary.get("precision") or resolve_precision(cfg.precision, dev)  # the run's own
     split = load_split(cfg.data, cfg.data.eval_split, dev, limit=cfg.data.limit_eval)
-    res = evaluate(trained.model.to(dev), split, mean=trained.mean, std=trained.std, batch=cfg.eval_batch,
+    t = loaded.transform
+    res = evaluate(loaded.model.to(dev), split, mean=t.mean, std=t.std, batch=cfg.eval_batch,
                    info=DistInfo(device=dev), precision=precision, tta=mode)
     with atomic_path(cache) as tmp:
         tmp.write_text(json.dumps({"weights": "last", "tta": mode, "precision": precision, "count": res.count,

@@ -8,6 +8,7 @@ unpickling arbitrary objects.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,26 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import UserError
 from .models.nest import Nest, NestConfig
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """A weights file that does not fit the model (wrong family, shapes or keys) or cannot be read."""
+
+
+CHECKSUM_KEY = "nestvit.sha256"
+
+
+def tensors_sha256(sd: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order: the weights' checksum."""
+    h = hashlib.sha256()
+    for name in sorted(sd):
+        t = sd[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,23 +138,35 @@ def from_timm(class_name: str, kwargs: Mapping[str, Any], state_dict: Mapping[st
     return model.eval()
 
 
-def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``(tensors, metadata)`` from a ``.safetensors`` file or a ``torch.save`` file (``weights_only=True``)."""
+def read_state_dict(path: str | Path, *, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` from a ``.safetensors`` file or a ``torch.save`` file (``weights_only=True``).
+
+    A nestvit file's tensors are checked against the SHA-256 in its metadata; ``tensors=False`` reads
+    only a safetensors file's metadata (``({}, metadata)``), unchecked.
+    """
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file")
     meta: dict[str, str] = {}
     try:
-        if path.suffix == ".safetensors":
+        if path.suffix == ".safetensors" or _is_safetensors(path):
             from safetensors import safe_open
 
             with safe_open(str(path), "pt") as f:
                 meta = dict(f.metadata() or {})
-                return {k: f.get_tensor(k) for k in f.keys()}, meta
+                sd = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+            if tensors and CHECKSUM_KEY in meta and tensors_sha256(sd) != meta[CHECKSUM_KEY]:
+                raise WeightsError(f"{path}: the weights are damaged (their SHA-256 does not match the one recorded "
+                                   "when they were saved); copy the file again or retrain")
+            return sd, meta
+        if not tensors:
+            return {}, meta
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except WeightsError:
+        raise
     except Exception as e:  # noqa: BLE001 - one clear message for any unreadable file
         raise WeightsError(f"{path}: cannot read weights ({type(e).__name__}: {e}). Expected a .safetensors "
-                           "file or a PyTorch state dict saved with torch.save.") from None
+                           "file or a PyTorch state dict saved with torch.save; is the file truncated?") from None
     for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -148,15 +176,33 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return obj, meta
 
 
-def save_weights(model: nn.Module, path: str | Path, *, metadata: Mapping[str, str] | None = None) -> Path:
-    """Write ``model``'s weights as safetensors, atomically (temporary file, then rename)."""
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file under another suffix: 8-byte little-endian header length, then a JSON ``{``."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 31)
+
+
+def save_weights(model: nn.Module, path: str | Path, *, metadata: Mapping[str, str] | None = None,
+                 contract: Any = None) -> Path:
+    """Write ``model``'s weights as safetensors, atomically (temporary file, then rename).
+
+    The metadata holds the run contract (``contract``, else -- unless ``metadata`` names a ``model`` itself --
+    the one ``create_model`` recorded on the model; see ``nestvit.contract``) and a SHA-256 of the tensors
+    that every load checks.
+    """
     from safetensors.torch import save_file
 
+    from .contract import contract_of
     from .fileio import atomic_path
 
     path = Path(path)
-    meta = {"format": "nestvit", "family": getattr(model, "family", ""), **(metadata or {})}
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if contract is None and "model" not in (metadata or {}):  # hand-written model metadata: read as it is
+        contract = contract_of(model)
+    meta = {"format": "nestvit", "family": getattr(model, "family", ""),
+            **(contract.to_metadata() if contract is not None else {}), **(metadata or {}),
+            CHECKSUM_KEY: tensors_sha256(sd)}
     with atomic_path(path) as tmp:
         save_file(sd, str(tmp), metadata={k: str(v) for k, v in meta.items()})
     return path

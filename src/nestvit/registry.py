@@ -17,18 +17,27 @@ from torch import nn
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _FAMILY: dict[str, str] = {}
+_KIND: dict[str, str] = {}
+KINDS = ("classifier", "generator", "discriminator", "feature-net")
 
 C = TypeVar("C")
 
 
-def register_model(family: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator: ``@register_model("nest")`` registers the function under its own name."""
+def register_model(family: str, *, kind: str = "classifier", name: str | None = None,
+                   ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: ``@register_model("nest")`` registers the function under its own name (or ``name``).
+
+    ``kind`` tells classifiers (the default; ``list_models`` and the generic test suite) from the GAN's
+    generators and discriminators and the FID feature network, which ``create_model`` builds the same way.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
 
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if fn.__name__ in _MODELS:
-            raise ValueError(f"model {fn.__name__!r} is registered twice")
-        _MODELS[fn.__name__] = fn
-        _FAMILY[fn.__name__] = family
+        key = name or fn.__name__
+        if key in _MODELS:
+            raise ValueError(f"model {key!r} is registered twice")
+        _MODELS[key], _FAMILY[key], _KIND[key] = fn, family, kind
         return fn
 
     return wrap
@@ -45,12 +54,16 @@ def build_config(cfg: C, overrides: dict[str, Any]) -> C:
 
 def _ensure_loaded() -> None:
     from . import models  # noqa: F401  (importing the package registers every family)
+    from .generate import metrics as _fid  # noqa: F401  (the FID feature network)
+    from .generate import models as _gan  # noqa: F401  (generators and discriminators)
+    from .train import distill  # noqa: F401  (the small conv net of distillation)
 
 
-def list_models(pattern: str = "*", *, family: str | None = None) -> list[str]:
-    """Registered names matching a shell pattern (``"nest_*"``), sorted; optionally one family only."""
+def list_models(pattern: str = "*", *, family: str | None = None, kind: str | None = "classifier") -> list[str]:
+    """Registered names matching a shell pattern (``"nest_*"``), sorted; one family and/or kind (None: all)."""
     _ensure_loaded()
-    return sorted(n for n in _MODELS if fnmatch.fnmatch(n, pattern) and (family is None or _FAMILY[n] == family))
+    return sorted(n for n in _MODELS if fnmatch.fnmatch(n, pattern) and (family is None or _FAMILY[n] == family)
+                  and (kind is None or _KIND[n] == kind))
 
 
 def model_family(name: str) -> str:
@@ -58,13 +71,23 @@ def model_family(name: str) -> str:
     return _FAMILY[name]
 
 
+def model_kind(name: str) -> str:
+    _ensure_loaded()
+    return _KIND[name]
+
+
 def create_model(name: str, *, weights: str | Path | None = None, **overrides: Any) -> nn.Module:
-    """Build a registered model; ``weights`` loads a nestvit safetensors file or a timm checkpoint."""
+    """Build a registered model; ``weights`` loads a nestvit safetensors file or a timm checkpoint.
+
+    Any kind builds here: classifiers, GAN generators and discriminators, the FID feature network.
+    """
     _ensure_loaded()
     if name not in _MODELS:
         close = [n for n in _MODELS if n.split("_")[0] == name.split("_")[0]] or list(_MODELS)
         raise ValueError(f"unknown model {name!r}; did you mean one of: {', '.join(sorted(close))}?")
     model = _MODELS[name](**overrides)
+    # what built it: nestvit.interop.save_weights writes this into the file's run contract
+    model.registry_spec = {"model": name, "kwargs": dict(overrides)}
     if weights is not None:
         from .interop import load_weights
 

@@ -3,11 +3,11 @@
     nestvit explain CHECKPOINT IMAGE... --method gradcat|cam|gradcam|rollout [--class K] [--top-k N] [--out DIR]
     nestvit explain --model NAME [--set k=v ...] IMAGE...        # random weights, for a demo
 
-CHECKPOINT is a ``.safetensors`` file written by ``nestvit.interop.save_weights`` (or a training run
-directory holding one). Its metadata names the model: ``model`` (registry name) and
-``model_overrides`` (JSON; ``config`` is accepted too); ``--model`` / ``--set`` fill in or replace them.
-Optional metadata ``mean`` / ``std`` (JSON lists, the input normalisation) and ``classes`` (JSON list of
-names) are used when present; ``--mean`` / ``--std`` override them.
+CHECKPOINT is a run directory or a weights file; ``nestvit.load`` reads the model, its class names and
+its input transform from it (``nestvit.contract``), so each image is prepared exactly as ``nestvit
+predict`` and training prepare it. For a file that records no model (a timm or ``torch.save`` state
+dict) ``--model NAME`` / ``--set KEY=VALUE`` name the architecture; ``--set`` also replaces recorded
+constructor arguments, and ``--mean`` / ``--std`` the recorded normalisation.
 
 For every image, one PNG ``<out>/<image stem>_<method>.png`` is written; ``--json`` adds the numbers.
 """
@@ -17,16 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from ..cli_args import positive_int, writable_dir
 from ..fileio import atomic_write_text
 
 METHODS = ("gradcat", "cam", "gradcam", "rollout")
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
-RUN_DIR_NAMES = ("best.safetensors", "model.safetensors", "final.safetensors", "last.safetensors",
-                 "checkpoint.safetensors", "weights.safetensors")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,8 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "rollout (ViT, TNT, RTNT attention rollout); default gradcat")
     p.add_argument("--class", dest="target", type=int, default=None,
                    help="explain this class instead of the prediction")
-    p.add_argument("--top-k", type=int, default=1, help="explain the top-k predicted classes (gradcat) and show "
-                                                        "k bars (default 1; at least 5 bars are shown)")
+    p.add_argument("--top-k", type=positive_int, default=1,
+                   help="explain the top-k predicted classes (gradcat) and show k bars (default 1; at least 5 bars "
+                        "are shown)")
     p.add_argument("--out", type=Path, default=Path("explain_out"), help="output directory (default explain_out)")
     p.add_argument("--model", default=None, help="registry name (when the checkpoint does not record one, "
                                                  "or alone for random weights)")
@@ -80,107 +81,26 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """A weights file, or the best-named ``.safetensors`` inside a training run directory."""
-    if path.is_file():
-        return path
-    if path.is_dir():
-        for d in (path, path / "checkpoints"):
-            for name in RUN_DIR_NAMES:
-                if (d / name).is_file():
-                    return d / name
-        found = sorted(path.rglob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)
-        if found:
-            return found[0]
-        raise FileNotFoundError(f"{path}: a run directory without a .safetensors checkpoint")
-    raise FileNotFoundError(f"{path}: no such checkpoint file or run directory")
-
-
-def _json_meta(meta: dict, key: str):
-    if key not in meta:
-        return None
-    try:
-        return json.loads(meta[key])
-    except (TypeError, json.JSONDecodeError):
-        raise ValueError(f"checkpoint metadata {key!r} is not valid JSON: {meta[key][:80]!r}") from None
-
-
 def load_model(checkpoint: Path | None, model_name: str | None = None, overrides: dict | None = None):
-    """``(model in eval mode, metadata)`` from a checkpoint and/or a registry name with overrides."""
-    import nestvit
-    from nestvit.interop import load_weights, read_state_dict
+    """``Loaded`` (``nestvit.contract``) from a checkpoint, or a registry name with random weights."""
+    from ..contract import InputTransform, Loaded, RunContract, load
 
-    meta: dict = {}
-    weights = None
     if checkpoint is not None:
-        weights = resolve_checkpoint(Path(checkpoint))
-        if weights.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(weights), "pt") as f:
-                meta = dict(f.metadata() or {})
-        else:
-            _, meta = read_state_dict(weights)
-    name = model_name or meta.get("model")
-    if not name:
-        raise ValueError(f"{weights}: the checkpoint does not record its model (metadata 'model'); pass "
-                         f"--model NAME and the --set KEY=VALUE overrides it was trained with")
-    cfg = _json_meta(meta, "model_overrides")
-    if cfg is None:
-        cfg = _json_meta(meta, "config")
-        if isinstance(cfg, dict) and isinstance(cfg.get("model_overrides"), dict):
-            cfg = cfg["model_overrides"]
-    same = meta.get("model") in (None, name)  # metadata overrides belong to the recorded model only
-    kwargs = {**((cfg or {}) if same else {}), **(overrides or {})}
-    model = nestvit.create_model(name, **kwargs)
-    if weights is not None:
-        load_weights(model, weights)
-    return model.eval(), meta
+        return load(checkpoint, model=model_name, overrides=overrides)
+    contract = RunContract(model=model_name, kwargs=dict(overrides or {}))
+    model = contract.build().eval()
+    return Loaded(model=model, transform=InputTransform.default(model.in_chans, model.img_size), contract=contract,
+                  weights=Path("(random weights)"))
 
 
-# ----------------------------------------------------------------------------------------------
-# Images
-# ----------------------------------------------------------------------------------------------
-
-def load_image(path: Path, size: tuple[int, int], channels: int) -> torch.Tensor:
-    """uint8 ``(C, H, W)``: resize the shorter side to fit and crop the centre to ``size`` (H, W)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
-            H, W = size
-            scale = max(H / im.height, W / im.width)
-            nh, nw = max(H, round(im.height * scale)), max(W, round(im.width * scale))
-            if (nh, nw) != (im.height, im.width):
-                im = im.resize((nw, nh), Image.BILINEAR)
-            top, left = (nh - H) // 2, (nw - W) // 2
-            im = im.crop((left, top, left + W, top + H))
-            t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{path}: cannot read the image ({e})") from None
-    t = t.reshape(size[0], size[1], -1).permute(2, 0, 1).contiguous()
-    if channels not in (1, 3):
-        t = t[:1].expand(channels, -1, -1).contiguous()
-    return t
-
-
-def _stats(values, meta: dict, key: str, channels: int, default: float) -> list[float]:
-    v = values if values is not None else _json_meta(meta, key)
-    if v is None:
-        return [default] * channels
-    v = [float(x) for x in (v if isinstance(v, list) else [v])]
-    if len(v) == 1:
-        v = v * channels
-    if len(v) != channels:
-        raise ValueError(f"{key} has {len(v)} values but the model takes {channels} channels")
-    return v
-
-
-def preprocess(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
-    m = torch.tensor(mean).view(1, -1, 1, 1)
-    s = torch.tensor(std).view(1, -1, 1, 1)
-    return (images.float() / 255.0 - m) / s
+def _stats(values: list[float] | None, recorded: tuple[float, ...], name: str) -> tuple[float, ...]:
+    if values is None:
+        return recorded
+    if len(values) == 1:
+        values = values * len(recorded)
+    if len(values) != len(recorded):
+        raise ValueError(f"--{name} has {len(values)} values but the model takes {len(recorded)} channels")
+    return tuple(values)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,34 +128,33 @@ def run(args: argparse.Namespace) -> int:
     for p in image_paths:
         if not p.is_file():
             raise FileNotFoundError(f"{p}: no such image file")
-    model, meta = load_model(checkpoint, args.model, parse_overrides(args.overrides))
+    out_dir = writable_dir(args.out)  # fail now, not after the explanations
+    loaded = load_model(checkpoint, args.model, parse_overrides(args.overrides))
+    if loaded.contract.kind != "classifier":
+        raise ValueError(f"{loaded.weights} holds a {loaded.contract.kind}, not a classifier; explain needs one")
+    model = loaded.model
     if checkpoint is None:
         print("nestvit explain: no checkpoint given, the model has random weights (a demo)", file=sys.stderr)
-    C = model.in_chans
-    mean = _stats(args.mean, meta, "mean", C, 0.5)
-    std = _stats(args.std, meta, "std", C, 0.5)
-    names = None
+    transform = replace(loaded.transform, mean=_stats(args.mean, loaded.transform.mean, "mean"),
+                        std=_stats(args.std, loaded.transform.std, "std"))
     if args.classes is not None:
         names = [line.strip() for line in args.classes.read_text().splitlines() if line.strip()]
-    elif _json_meta(meta, "classes"):
-        names = [str(n) for n in _json_meta(meta, "classes")]
-    if args.top_k < 1:
-        raise ValueError("--top-k must be at least 1")
+    else:
+        names = list(loaded.contract.classes) if loaded.contract.classes is not None else None
     if args.target is not None and not 0 <= args.target < model.num_classes:
         raise ValueError(f"--class must lie in 0..{model.num_classes - 1}")
 
-    raw = torch.stack([load_image(p, tuple(model.img_size), C) for p in image_paths])
-    x = preprocess(raw, mean, std)
+    raw = transform.read_batch(image_paths)
+    x = transform(raw)
     n_bars = min(max(args.top_k, 5), model.num_classes)
     top_c, top_p = predict(model, x, n_bars)
-    args.out.mkdir(parents=True, exist_ok=True)
     label = lambda c: names[c] if names and c < len(names) else str(c)
     report = []
     if args.method == "gradcat":
         target = None if args.target is None else torch.full((len(x), 1), args.target, dtype=torch.long)
         res = gradcat(model, x, target=target, top_k=args.top_k, sign=args.sign, top=args.top_map)
         for b, p in enumerate(image_paths):
-            out = gradcat_figure(args.out / f"{p.stem}_gradcat.png", raw[b], res, b, top_classes=top_c[b],
+            out = gradcat_figure(out_dir / f"{p.stem}_gradcat.png", raw[b], res, b, top_classes=top_c[b],
                                  top_probs=top_p[b], class_names=names)
             entry = {"image": str(p), "png": str(out), "explained": []}
             for k in range(res.classes.shape[1]):
@@ -263,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
             c = int(top_c[b, 0]) if args.target is None else args.target
             box = map_to_box(heat[b], args.threshold) if args.threshold is not None else None
             explained = "" if args.method == "rollout" else label(c)
-            out = heatmap_figure(args.out / f"{p.stem}_{args.method}.png", raw[b], heat[b],
+            out = heatmap_figure(out_dir / f"{p.stem}_{args.method}.png", raw[b], heat[b],
                                  method=titles[args.method], explained=explained, top_classes=top_c[b],
                                  top_probs=top_p[b], class_names=names, box=box)
             entry = {"image": str(p), "png": str(out), "class": None if args.method == "rollout" else c,
@@ -273,5 +192,5 @@ def run(args: argparse.Namespace) -> int:
             report.append(entry)
             print(f"{p}: top-1 {label(int(top_c[b, 0]))} p={float(top_p[b, 0]):.3f} -> {out}")
     if args.json:
-        atomic_write_text(args.out / "explain.json", json.dumps({"method": args.method, "images": report}, indent=1))
+        atomic_write_text(out_dir / "explain.json", json.dumps({"method": args.method, "images": report}, indent=1))
     return 0

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..registry import register_model
+
 __all__ = [
     "ClassifierFeatures",
     "FeatureExtractor",
@@ -179,6 +181,7 @@ def inception_score(logits: torch.Tensor, *, splits: int = 10) -> tuple[float, f
 # Offline feature network: a small conv classifier trained on the same data
 # --------------------------------------------------------------------------------------------------
 
+@register_model("feature_net", kind="feature-net", name="feature_net")
 class FeatureNet(nn.Module):
     """conv32-BN -> pool -> conv64-BN -> pool -> conv128-BN -> global avg -> fc128 (features) -> fc(num_classes).
 
@@ -288,24 +291,27 @@ def train_feature_net(dataset: str = "fashion_mnist", out: str | Path = "feature
     acc = float((pred == test.labels).float().mean())
     if log:
         log(f"feature net: test accuracy {acc:.4f}, {time.perf_counter() - t0:.0f}s")
-    meta = {"model": "feature_net", "dataset": dataset, "pad_to": str(pad_to), "test_accuracy": f"{acc:.4f}",
-            "in_chans": str(net.in_chans), "num_classes": str(net.num_classes), "dim": str(net.dim)}
-    return save_weights(net, out, metadata=meta)
+    from ..contract import RunContract
+
+    contract = RunContract(model="feature_net", kwargs={"in_chans": net.in_chans, "num_classes": net.num_classes,
+                                                        "dim": net.dim}, kind="feature-net",
+                           info={"data": dataset, "pad_to": pad_to, "test_accuracy": round(acc, 4)})
+    return save_weights(net, out, contract=contract)
 
 
 def load_feature_net(path: str | Path) -> ClassifierFeatures:
-    from ..interop import load_weights, read_state_dict
+    from ..contract import load
 
     path = Path(path)
     if not path.is_file():
         raise FeatureNetError(f"{path}: no feature network weights; train one with "
                               f"`python -m nestvit.generate.metrics train-features --out {path}`")
-    _, meta = read_state_dict(path)
-    if meta.get("model") != "feature_net":
-        raise FeatureNetError(f"{path} is not a nestvit feature network (metadata model={meta.get('model')!r})")
-    net = FeatureNet(int(meta["in_chans"]), int(meta["num_classes"]), int(meta["dim"]))
-    load_weights(net, path)
-    tag = {"fashion_mnist": "fmnist", "mnist5k": "mnist5k"}.get(meta.get("dataset", ""), meta.get("dataset", "?"))
+    loaded = load(path)
+    if loaded.contract.kind != "feature-net":
+        raise FeatureNetError(f"{path} is not a nestvit feature network (it holds {loaded.contract.model!r})")
+    net = loaded.model
+    data = loaded.contract.info.get("data", "")
+    tag = {"fashion_mnist": "fmnist", "mnist5k": "mnist5k"}.get(data, data or "?")
     return ClassifierFeatures(net, f"{tag}_convnet:{sha8(path)}")
 
 

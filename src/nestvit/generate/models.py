@@ -1,4 +1,4 @@
-"""Generators and discriminators for the NesT GAN (paper Section 4.4, Table A4) and its baselines.
+"""Generators and discriminators for the NesT GAN (paper Section 4.5, Table A4) and its baselines.
 
 Generators map a latent ``z (B, latent_dim)`` to images ``(B, C, H, W)`` in ``[-1, 1]`` (``tanh``
 output, the default; ``output_act="none"`` leaves them unbounded):
@@ -45,6 +45,7 @@ from torch import nn
 
 from ..layers import TransformerLayer, init_weights
 from ..models.nest import Nest, NestConfig, blockify, deblockify
+from ..registry import register_model
 
 __all__ = [
     "DEAGGREGATIONS",
@@ -487,20 +488,29 @@ DISCRIMINATORS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+for _name, _fn in GENERATORS.items():
+    register_model("gan", kind="generator", name=f"generator_{_name}")(_fn)
+for _name, _fn in DISCRIMINATORS.items():
+    register_model("gan", kind="discriminator", name=f"discriminator_{_name}")(_fn)
+
+
 def _build(table: dict[str, Callable[..., nn.Module]], what: str, name: str, overrides: dict) -> nn.Module:
     if name not in table:
         raise ValueError(f"unknown {what} {name!r}; choose one of {', '.join(table)}")
+    from ..registry import create_model
+
     try:
-        return table[name](**overrides)
+        return create_model(f"{what}_{name}", **overrides)
     except TypeError as e:
         raise TypeError(f"{what} {name!r}: {e}") from None
 
 
 def build_generator(name: str, **overrides) -> nn.Module:
-    """A preset from ``GENERATORS`` with config fields overridden (``build_generator("nest_28", depths=(1,1,1))``)."""
+    """The registry's ``generator_<name>`` (a preset of ``GENERATORS``) with config fields overridden
+    (``build_generator("nest_28", depths=(1, 1, 1))``)."""
     return _build(GENERATORS, "generator", name, overrides)
 
 
 def build_discriminator(name: str, **overrides) -> nn.Module:
-    """A preset from ``DISCRIMINATORS`` with config fields overridden."""
+    """The registry's ``discriminator_<name>`` (a preset of ``DISCRIMINATORS``) with config fields overridden."""
     return _build(DISCRIMINATORS, "discriminator", name, overrides)

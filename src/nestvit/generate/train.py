@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..contract import InputTransform, RunContract
 from ..fileio import atomic_path, atomic_write_text
 from ..train.metrics import METRICS_FILE, truncate_metrics
 from ..train.metrics import read_metrics as _read_metrics
@@ -257,8 +258,15 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 # Checkpoints
 # --------------------------------------------------------------------------------------------------
 
-def _weights_meta(name: str, overrides: Mapping[str, Any], role: str, step: int) -> dict[str, str]:
-    return {"model": name, "role": role, "overrides": json.dumps(_plain(dict(overrides))), "step": str(step)}
+def _contract(kind: str, name: str, overrides: Mapping[str, Any], role: str, step: int, model: nn.Module,
+              cfg: GanConfig) -> RunContract:
+    """The run contract of a GAN checkpoint's network; a generator's transform is its output space ([-1, 1])."""
+    transform = None
+    if kind == "generator":
+        size = (model.img_size, model.img_size)
+        transform = InputTransform.default(model.out_chans, size)
+    return RunContract(model=f"{kind}_{name}", kwargs=_plain(dict(overrides)), kind=kind, transform=transform,
+                       info={"role": role, "step": step, "data": cfg.dataset})
 
 
 def save_checkpoint(run_dir: Path, step: int, *, cfg: GanConfig, G: nn.Module, G_ema: nn.Module, D: nn.Module,
@@ -270,12 +278,12 @@ def save_checkpoint(run_dir: Path, step: int, *, cfg: GanConfig, G: nn.Module, G
     final = ckdir / f"step_{step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=ckdir, prefix=f".step_{step:06d}."))
     try:
-        save_weights(G, tmp / "generator.safetensors",
-                     metadata=_weights_meta(cfg.generator, cfg.generator_overrides, "generator", step))
-        save_weights(G_ema, tmp / "generator_ema.safetensors",
-                     metadata=_weights_meta(cfg.generator, cfg.generator_overrides, "generator_ema", step))
+        for net, file, role in ((G, "generator", "generator"), (G_ema, "generator_ema", "generator_ema")):
+            save_weights(net, tmp / f"{file}.safetensors",
+                         contract=_contract("generator", cfg.generator, cfg.generator_overrides, role, step, net, cfg))
         save_weights(D, tmp / "discriminator.safetensors",
-                     metadata=_weights_meta(cfg.discriminator, cfg.discriminator_overrides, "discriminator", step))
+                     contract=_contract("discriminator", cfg.discriminator, cfg.discriminator_overrides,
+                                        "discriminator", step, D, cfg))
         state = {"step": step, "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
                  "rng": rng.get_state(), "torch_rng": torch.get_rng_state(), "config": _yaml_dump(cfg)}
         torch.save(state, tmp / "state.pt")
@@ -302,22 +310,15 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
 
 
 def load_generator(path: str | Path, *, ema: bool = True) -> nn.Module:
-    """A generator from a run directory, a checkpoint directory or a ``generator*.safetensors`` file."""
-    from ..interop import load_weights, read_state_dict
+    """A generator from a run directory, a checkpoint directory or a ``generator*.safetensors`` file
+    (``nestvit.load`` with ``which="ema"`` or ``"raw"``)."""
+    from ..contract import load
 
-    path = Path(path)
-    if path.is_dir():
-        if (path / "checkpoints").is_dir():
-            path = latest_checkpoint(path)
-        path = path / ("generator_ema.safetensors" if ema else "generator.safetensors")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such generator weights file")
-    _, meta = read_state_dict(path)
-    if "model" not in meta or not meta.get("role", "").startswith("generator"):
-        raise ValueError(f"{path} is not a generator written by `nestvit generate train` (metadata {meta})")
-    G = build_generator(meta["model"], **_model_overrides(json.loads(meta.get("overrides", "{}"))))
-    load_weights(G, path)
-    return G.eval()
+    loaded = load(path, "ema" if ema else "raw")
+    if loaded.contract.kind != "generator":
+        raise ValueError(f"{loaded.weights} holds a {loaded.contract.kind} ({loaded.contract.model}), not a generator "
+                         "written by `nestvit generate train`")
+    return loaded.model
 
 
 # --------------------------------------------------------------------------------------------------

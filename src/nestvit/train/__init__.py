@@ -5,13 +5,13 @@ runs/demo`` runs. Modules: ``config`` (recipes and ``--set``), ``optim`` (parame
 schedules, EMA), ``inputs`` (batches on the device), ``loop`` (the trainer), ``checkpoint``
 (atomic, resumable state), ``distributed`` (torchrun / DDP), ``distill`` (DeiT distillation,
 ``SmallConvNet``), ``metrics`` (top-k, confusion, ``metrics.jsonl``), ``plots`` (PNG curves),
-``runs`` (models back from run directories), ``cli_train`` / ``cli_eval`` / ``cli_predict``.
+``runs`` (the model of a config and the run contract of its weights; ``nestvit.load`` reads them
+back), ``cli_train`` / ``cli_eval`` / ``cli_predict``.
 """
 
 from .config import ConfigError, TrainConfig, builtin_recipes, load_config
 from .distill import SmallConvNet
 from .loop import NonFiniteLossError, RunResult, evaluate, train
-from .runs import load_trained
 
 __all__ = ["ConfigError", "NonFiniteLossError", "RunResult", "SmallConvNet", "TrainConfig", "builtin_recipes",
-           "evaluate", "load_config", "load_trained", "train"]
+           "evaluate", "load_config", "train"]

@@ -1,11 +1,10 @@
 """``nestvit eval CHECKPOINT [--data NAME] [--root PATH] [--split test]``: accuracy of a trained model.
 
 CHECKPOINT is a run directory (its ``best.safetensors`` by default, see ``--weights``) or a
-``.safetensors`` written by ``nestvit train``; its metadata tells which model to build and how its
-input was normalised. Prints loss, top-1, top-5 and per-class accuracy; ``--out DIR`` also writes
-the confusion matrix as JSON and PNG. ``--tta flip|shift|flip-shift`` averages each image's softmax
-output over its mirror image and/or its one-pixel shifts (test-time augmentation; ``--flip-tta`` is
-``--tta flip``).
+weights file; ``nestvit.load`` reads the model and its input transform from it (``nestvit.contract``).
+Prints loss, top-1, top-5 and per-class accuracy; ``--out DIR`` also writes the confusion matrix as
+JSON and PNG. ``--tta flip|shift|flip-shift`` averages each image's softmax output over its mirror
+image and/or its one-pixel shifts (test-time augmentation; ``--flip-tta`` is ``--tta flip``).
 """
 
 from __future__ import annotations
@@ -13,12 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
+from ..cli_args import positive_int, writable_dir
+from ..contract import InputTransform
 from ..data.augment import TTA_MODES, tta_views
 from ..fileio import atomic_write_text
 from ..system import resolve_precision, slow_bf16
-from .config import PRECISIONS
+from .config import PRECISIONS, DataSection
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,9 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="data set name (default: the one the run trained on)")
     parser.add_argument("--root", help="data directory (default: the run's data.root, else the default root)")
     parser.add_argument("--split", default=None, help="split to evaluate (default: the run's eval split, else test)")
-    parser.add_argument("--weights", default="best", choices=["best", "last", "ema"],
+    parser.add_argument("--weights", default=None, choices=["best", "last", "ema"],
                         help="which weights of a run directory (default: best, else last)")
-    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--batch-size", type=positive_int, default=500, help="images per forward pass (default 500)")
     parser.add_argument("--tta", default="none", choices=TTA_MODES,
                         help="test-time augmentation: average the softmax outputs of each image's views; "
                              + "; ".join(f"{k}: {v} ({len(tta_views(k))})" for k, v in TTA_MODES.items())
@@ -38,57 +38,71 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
                         help="fp32, or bf16/fp16 autocast (what such a run's own evaluations use), or auto: bf16 "
                              "where the device has fast bf16 kernels, else fp32; default fp32")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N images")
+    parser.add_argument("--limit", type=positive_int, help="evaluate only the first N images")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     parser.add_argument("--out", metavar="DIR", help="write eval.json and confusion.png here")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..contract import load
     from .cli_train import one_line_errors
-    from .config import DataSection
     from .distributed import DistInfo, resolve_device
     from .inputs import load_split
     from .loop import evaluate
     from .plots import plot_confusion
-    from .runs import load_trained
 
-    trained = load_trained(args.checkpoint, args.weights)
-    run_data = trained.config.data if trained.config else None
-    name = args.data or (run_data.name if run_data else json.loads(trained.metadata.get("data", "null")))
+    out = writable_dir(args.out) if args.out else None  # fail now, not after the evaluation
+    loaded = load(args.checkpoint, args.weights)
+    if loaded.contract.kind != "classifier":
+        raise ValueError(f"{loaded.weights} holds a {loaded.contract.kind}, not a classifier; eval needs one")
+    transform = loaded.transform
+    run_data = loaded.config.data if loaded.config is not None and hasattr(loaded.config, "data") else None
+    name = args.data or (run_data.name if run_data else loaded.contract.info.get("data"))
     if not name:
-        raise ValueError(f"{trained.weights} does not say which data set it was trained on; pass --data NAME")
+        raise ValueError(f"{loaded.weights} does not say which data set it was trained on; pass --data NAME")
     split = args.split or (run_data.eval_split if run_data and name == run_data.name else "test")
     root = args.root or (run_data.root if run_data and name == run_data.name else None)
-    size = trained.model.img_size
-    section = DataSection(name=name, root=root, resize_to=trained.resize_to, pad_to=trained.pad_to, img_size=size[0])
+    section = eval_section(name, root, transform)
     device = resolve_device(args.device)
-    model = trained.model.to(device)
+    model = loaded.model.to(device)
     precision = resolve_precision(args.precision, device)
     if precision == "bf16" and (warning := slow_bf16(device, "--precision auto (fp32 here)")):
         print(warning, file=sys.stderr)
+    classes = loaded.classes
     with one_line_errors():
-        data = load_split(section, split, device, classes=trained.classes if name == "imagefolder" else None,
+        data = load_split(section, split, device, classes=classes if name == "imagefolder" else None,
                           limit=args.limit)
-    if len(data.classes) != len(trained.classes):
-        raise ValueError(f"{name} has {len(data.classes)} classes but the model was trained on {len(trained.classes)}")
-    result = evaluate(model, data, mean=trained.mean, std=trained.std, batch=args.batch_size,
+    if len(data.classes) != len(classes):
+        raise ValueError(f"{name} has {len(data.classes)} classes but the model was trained on {len(classes)}")
+    result = evaluate(model, data, mean=transform.mean, std=transform.std, batch=args.batch_size,
                       info=DistInfo(device=device), precision=precision, tta=args.tta)
     tta = f", {args.tta} TTA ({len(tta_views(args.tta))} views)" if args.tta != "none" else ""
     tta += f", {precision}" if precision != "fp32" else ""
-    print(f"{trained.weights} on {data.name} ({result.count} images{tta}): loss {result.loss:.4f}  "
+    print(f"{loaded.weights} on {data.name} ({result.count} images{tta}): loss {result.loss:.4f}  "
           f"top-1 {result.top1:.2f}%  top-{min(5, len(data.classes))} {result.top5:.2f}%")
     print("per-class accuracy:")
     width = max(len(c) for c in data.classes)
     for cls, acc in result.per_class.items():
         print(f"  {cls:>{width}s}  {acc:6.2f}%")
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        record = {"weights": str(trained.weights), "data": data.name, "tta": args.tta, "precision": precision,
+    if out is not None:
+        record = {"weights": str(loaded.weights), "data": data.name, "tta": args.tta, "precision": precision,
                   **result.to_json()}
         atomic_write_text(out / "eval.json", json.dumps(record, indent=1) + "\n")
         plot_confusion(result.confusion, result.classes, out / "confusion.png",
                        title=f"{data.name}: top-1 {result.top1:.2f}%")
         print(f"wrote {out / 'eval.json'} and {out / 'confusion.png'}")
     return 0
+
+
+def eval_section(name: str, root: str | None, transform: InputTransform) -> DataSection:
+    """The data section that prepares ``name``'s images as the model's transform says: image folders resized
+    and centre-cropped; in-memory sets resized to the transform's content size, then zero-padded."""
+    from .config import DataSection
+
+    size = transform.size[0]
+    if transform.resize == "center-crop":
+        return DataSection(name=name, root=root, img_size=size)
+    content = (transform.content or transform.size)[0]
+    return DataSection(name=name, root=root, resize_to=content, pad_to=size if transform.content else None,
+                       img_size=size)

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..data.augment import soft_target_cross_entropy
 from ..layers import ModelBase, to_2tuple
+from ..registry import register_model
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class ConvNetConfig:
     drop_rate: float = 0.0  # dropout before the head
 
 
+@register_model("convnet", name="convnet")
 class SmallConvNet(ModelBase):
     """A few conv layers (conv3x3-BN-ReLU per stage, stride 2 from the second stage), average pool, linear."""
 

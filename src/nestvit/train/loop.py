@@ -32,6 +32,7 @@ from torch import nn
 
 from ..data.augment import BatchAugment, eval_transform, shift, tta_views
 from ..fileio import atomic_write_text
+from ..contract import RunContract
 from ..interop import save_weights
 from ..system import machine_info, machine_label, resolve_precision, slow_bf16
 from . import config as C
@@ -51,7 +52,7 @@ from .optim import (
     set_lr,
 )
 from .plots import plot_confusion, plot_run
-from .runs import build_model, weights_metadata
+from .runs import build_model, input_transform, run_contract
 
 PLOT_EVERY_S = 60.0  # plots are redrawn after an epoch at most this often (and always at the end)
 
@@ -456,23 +457,22 @@ class Trainer:
             plot_confusion(test.confusion, test.classes, self.run_dir / "confusion.png",
                            title=f"{self.cfg.model.name} on {self.eval_split.name}: top-1 {test.top1:.2f}%")
 
-    def _metadata(self, **extra: Any) -> dict[str, str]:
-        return weights_metadata(self.cfg.model.name, self.model_kwargs, classes=self.classes,
-                                mean=self.cfg.data.mean, std=self.cfg.data.std, pad_to=self.cfg.data.pad_to,
-                                unpadded=self.train_split.unpadded, resize_to=self.cfg.data.resize_to,
-                                data=self.cfg.data.name, epoch=self.epoch,
-                                step=self.step, **extra)
+    def _contract(self, top1: float | None = None) -> RunContract:
+        transform = input_transform(self.cfg.data, channels=self.train_split.channels, size=self.train_split.size,
+                                    unpadded=self.train_split.unpadded)
+        return run_contract(self.cfg.model.name, self.model_kwargs, classes=self.classes, transform=transform,
+                            data=self.cfg.data.name, epoch=self.epoch, step=self.step, top1=top1)
 
     def save_weights(self, test: EvalResult | None) -> None:
         if not self.main:
             return
         top1 = test.top1 if test is not None else None
-        save_weights(self.model, self.run_dir / "last.safetensors", metadata=self._metadata(top1=top1))
+        save_weights(self.model, self.run_dir / "last.safetensors", contract=self._contract(top1))
         if self.ema is not None:
-            save_weights(self.ema.module, self.run_dir / "ema.safetensors", metadata=self._metadata())
+            save_weights(self.ema.module, self.run_dir / "ema.safetensors", contract=self._contract())
         if top1 is not None and top1 > self.best_top1:
             self.best_top1 = top1
-            save_weights(self.model, self.run_dir / "best.safetensors", metadata=self._metadata(top1=top1))
+            save_weights(self.model, self.run_dir / "best.safetensors", contract=self._contract(top1))
 
     def save_state(self) -> None:
         """Write ``state.pt`` atomically (every rank's RNG states gathered into it)."""

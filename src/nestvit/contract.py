@@ -1,0 +1,410 @@
+"""The run contract: what a saved nestvit model is, and how an image becomes its input.
+
+Every weights file that nestvit writes (training runs, distillation, GAN runs, the FID feature network,
+``nestvit.interop.save_weights``) carries in its safetensors metadata
+
+- ``nestvit.contract``: one JSON document, :class:`RunContract` -- the registry name and constructor
+  keyword arguments of the model, its kind (classifier, generator, ...), the class names and the
+  :class:`InputTransform` (channels, size, resize / crop / zero-padding, mean and std);
+- ``nestvit.sha256``: a SHA-256 of the tensors, checked on every load, so a damaged file is refused
+  instead of evaluating at chance.
+
+One loader reads it back, :func:`load` (``nestvit.load``): a run directory or a weights file in, the
+model and its transform out. ``nestvit eval``, ``predict``, ``explain``, ``generate sample``, ``bench``
+and ``experiment`` all go through it. Files written before the contract existed (``model`` /
+``model_kwargs`` / ``mean`` / ``std`` / ``pad_to`` keys of training runs, ``model`` / ``overrides`` /
+``role`` of GAN runs) still load: :func:`RunContract.from_metadata` reads the old keys.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+__all__ = ["CONTRACT_KEY", "ContractError", "InputTransform", "Loaded", "RunContract", "contract_of", "load",
+           "open_image", "resolve_weights"]
+
+CONTRACT_KEY = "nestvit.contract"
+CONTRACT_VERSION = 1
+Kind = Literal["classifier", "generator", "discriminator", "feature-net"]
+Resize = Literal["stretch", "center-crop"]
+
+# which weights of a run directory: classifier runs write best/last/ema, GAN runs a generator, its EMA and a
+# discriminator per checkpoint
+CLASSIFIER_WEIGHTS = ("best", "last", "ema")
+GAN_WEIGHTS = {"ema": "generator_ema", "raw": "generator", "discriminator": "discriminator"}
+
+
+class ContractError(UserError, ValueError):
+    """A path that is not a nestvit run or weights file, or metadata that does not describe a model."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The input transform
+# --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class InputTransform:
+    """How an image becomes the model's input; the same steps as the data pipeline the model trained on.
+
+    A file is decoded to ``channels`` (grayscale or RGB), then
+
+    - ``resize="stretch"`` (in-memory data sets: MNIST, Fashion-MNIST, CIFAR, ...): resized to ``content``
+      (``(H, W)``, default ``size``) whatever its aspect ratio, and zero-padded, centred, to ``size``;
+    - ``resize="center-crop"`` (image folders): its shorter side resized to ``size / crop_pct`` and the
+      centre ``size`` cropped, as ``nestvit.data.ImageFolderDataset`` does;
+
+    and a uint8 batch ``(B, C, H, W)`` is normalised as ``(x / 255 - mean) / std`` by :meth:`__call__`.
+    """
+
+    channels: int
+    size: tuple[int, int]  # (H, W) the model sees
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize: Resize = "stretch"
+    content: tuple[int, int] | None = None  # stretch: the image's (H, W) before zero padding to ``size``
+    crop_pct: float = 0.875  # center-crop: the crop's share of the resized shorter side
+
+    def __post_init__(self) -> None:
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ContractError(f"input transform: mean {self.mean} / std {self.std} need {self.channels} values "
+                                "(one per channel)")
+        if self.resize not in ("stretch", "center-crop"):
+            raise ContractError(f"input transform: resize must be 'stretch' or 'center-crop', not {self.resize!r}")
+
+    @classmethod
+    def default(cls, channels: int, size: Sequence[int] | int) -> InputTransform:
+        """Images scaled to ``[-1, 1]`` (mean = std = 0.5), stretched to ``size``: for models saved without one."""
+        hw = (size, size) if isinstance(size, int) else tuple(size)
+        return cls(channels=channels, size=hw, mean=(0.5,) * channels, std=(0.5,) * channels)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> InputTransform:
+        d = dict(d)
+        for key in ("size", "content", "mean", "std"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def read(self, path: str | Path) -> torch.Tensor:
+        """uint8 ``(channels, H, W)`` of an image file, resized (cropped, padded) as the model expects."""
+        import numpy as np
+        from PIL import Image
+
+        if self.channels not in (1, 3):
+            raise ContractError(f"the model takes {self.channels}-channel input; image files give 1 (grayscale) "
+                                "or 3 (RGB)")
+        with open_image(path) as img:
+            img = img.convert("L" if self.channels == 1 else "RGB")
+            if self.resize == "center-crop":
+                img = center_crop(img, self.size[0], round(self.size[0] / self.crop_pct))
+            else:
+                h, w = self.content or self.size
+                if (img.height, img.width) != (h, w):
+                    img = img.resize((w, h), Image.Resampling.BILINEAR)
+            array = np.asarray(img, dtype=np.uint8)
+        x = torch.from_numpy(array.copy())
+        x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
+        H, W = self.size
+        h, w = x.shape[-2:]
+        if (h, w) != (H, W):
+            if h > H or w > W:
+                raise ContractError(f"input transform: content {h}x{w} is larger than the input size {H}x{W}")
+            top, left = (H - h) // 2, (W - w) // 2
+            x = torch.nn.functional.pad(x, (left, W - w - left, top, H - h - top))
+        return x.contiguous()
+
+    def read_batch(self, paths: Sequence[str | Path]) -> torch.Tensor:
+        """uint8 ``(B, channels, H, W)`` of image files."""
+        return torch.stack([self.read(p) for p in paths])
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(B, C, H, W)`` -> normalised float32, as in training and evaluation."""
+        from .data.augment import eval_transform
+
+        return eval_transform(images, self.mean, self.std)
+
+
+def open_image(path: str | Path):
+    """``PIL.Image`` of a file, with one clear :class:`ContractError` for a missing, unreadable or huge file."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ContractError(f"{path}: no such image file")
+    try:
+        img = Image.open(path)
+        img.load()
+        return img
+    except Image.DecompressionBombError as e:
+        raise ContractError(f"{path}: the image is too large to open safely ({e}); downscale it first") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise ContractError(f"{path}: cannot read the image ({e})") from None
+
+
+def center_crop(img, size: int, resize_size: int):
+    """Resize the shorter side of a ``PIL.Image`` to ``resize_size`` (bilinear) and crop the centre ``size``."""
+    from PIL import Image
+
+    w, h = img.size
+    scale = resize_size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+# --------------------------------------------------------------------------------------------------
+# The contract
+# --------------------------------------------------------------------------------------------------
+
+def _tuples(value: Any) -> Any:
+    """JSON lists back to the tuples model configs hold (nested too)."""
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    return value
+
+
+def _lists(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_lists(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _lists(v) for k, v in value.items()}
+    return value
+
+
+@dataclass(frozen=True)
+class RunContract:
+    """A saved model: what to build, what it outputs, and how its input is prepared."""
+
+    model: str  # registry name (``nestvit models``)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # create_model(model, **kwargs)
+    kind: Kind = "classifier"
+    classes: tuple[str, ...] | None = None  # classifier: name of each output
+    transform: InputTransform | None = None  # classifier: its input; generator: its output space
+    info: dict[str, Any] = field(default_factory=dict)  # data set, epoch, step, top-1 ... (display only)
+
+    def build(self) -> nn.Module:
+        """The model, freshly initialised (load weights into it)."""
+        from .registry import create_model
+
+        return create_model(self.model, **_tuples(self.kwargs))
+
+    def to_json(self) -> str:
+        return json.dumps({"version": CONTRACT_VERSION, "model": self.model, "kwargs": _lists(self.kwargs),
+                           "kind": self.kind, "classes": None if self.classes is None else list(self.classes),
+                           "transform": None if self.transform is None else _lists(self.transform.to_dict()),
+                           "info": _lists(self.info)})
+
+    def to_metadata(self) -> dict[str, str]:
+        return {CONTRACT_KEY: self.to_json(), "model": self.model}
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = "metadata") -> RunContract:
+        try:
+            d = json.loads(text)
+            if int(d.get("version", 1)) > CONTRACT_VERSION:
+                raise ContractError(f"{source}: written by a newer nestvit (contract version {d['version']}); "
+                                    "upgrade nestvit to read it")
+            t = d.get("transform")
+            return cls(model=str(d["model"]), kwargs=dict(d.get("kwargs") or {}), kind=d.get("kind", "classifier"),
+                       classes=None if d.get("classes") is None else tuple(str(c) for c in d["classes"]),
+                       transform=None if t is None else InputTransform.from_dict(t), info=dict(d.get("info") or {}))
+        except ContractError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ContractError(f"{source}: the nestvit run contract is damaged ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, str], *, source: str = "metadata") -> RunContract | None:
+        """The contract of a weights file's metadata (current or older layouts); None if it records no model."""
+        if CONTRACT_KEY in meta:
+            return cls.from_json(meta[CONTRACT_KEY], source=source)
+        if "model" not in meta:
+            return None
+        try:
+            return _legacy(meta)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ContractError(f"{source}: cannot read its model metadata ({type(e).__name__}: {e})") from None
+
+
+def _legacy(meta: Mapping[str, str]) -> RunContract:
+    """Metadata written before the contract: training runs, GAN runs, feature networks, hand-made files."""
+    j = lambda key, default=None: json.loads(meta[key]) if key in meta else default  # noqa: E731
+    name = meta["model"]
+    if name == "feature_net":
+        kwargs = {"in_chans": int(meta["in_chans"]), "num_classes": int(meta["num_classes"]), "dim": int(meta["dim"])}
+        return RunContract(model=name, kwargs=kwargs, kind="feature-net", info={"data": meta.get("dataset")})
+    role = meta.get("role", "")
+    if role:  # nestvit generate train, before the contract
+        kind = "discriminator" if role == "discriminator" else "generator"
+        return RunContract(model=f"{kind}_{name}", kwargs=j("overrides", {}), kind=kind,
+                           info={"role": role, "step": int(meta.get("step", 0))})
+    if "model_kwargs" in meta:  # nestvit train, before the contract
+        kwargs = j("model_kwargs")
+    else:  # a hand-made file: model + model_overrides (or config.model_overrides)
+        kwargs = j("model_overrides")
+        if kwargs is None:
+            cfg = j("config", {})
+            kwargs = cfg.get("model_overrides", {}) if isinstance(cfg, dict) else {}
+    transform = None
+    if "mean" in meta and "std" in meta:
+        model = RunContract(model=name, kwargs=kwargs).build()
+        data = j("data")
+        pad_to, unpadded = j("pad_to"), j("unpadded")
+        c = model.in_chans
+        mean, std = (tuple(v) * (c if len(v) == 1 else 1) for v in (j("mean"), j("std")))  # one value: every channel
+        transform = InputTransform(channels=c, size=tuple(model.img_size), mean=mean, std=std, resize="center-crop" if _is_folder(data) else "stretch",
+                                   content=tuple(unpadded) if pad_to and unpadded else None)
+    classes = j("classes")
+    info = {k: j(k) for k in ("data", "epoch", "step", "top1") if k in meta}
+    return RunContract(model=name, kwargs=kwargs, classes=None if classes is None else tuple(classes),
+                       transform=transform, info=info)
+
+
+def _is_folder(data: str | None) -> bool:
+    from .data.datasets import DATASETS
+
+    return data in DATASETS and not DATASETS[data].in_memory
+
+
+def contract_of(model: nn.Module, **fields: Any) -> RunContract | None:
+    """The contract of a model built by ``create_model`` (it records its name and arguments), with ``fields``."""
+    spec = getattr(model, "registry_spec", None)
+    if spec is None:
+        return None
+    return RunContract(model=spec["model"], kwargs=dict(spec["kwargs"]), **fields)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Loaded:
+    """A saved model ready to use, and how to feed it."""
+
+    model: nn.Module  # in eval mode, on the CPU
+    transform: InputTransform  # image file -> read(); uint8 batch -> __call__()
+    contract: RunContract
+    weights: Path  # the file the weights came from
+    config: Any = None  # the run's config (TrainConfig or GanConfig) when the file sits in its run directory
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names (``class0`` ... where the file records none)."""
+        if self.contract.classes is not None:
+            return list(self.contract.classes)
+        return [f"class{k}" for k in range(int(getattr(self.model, "num_classes", 0)))]
+
+
+def _gan_run(path: Path) -> Path | None:
+    """The latest checkpoint directory of a ``nestvit generate train`` run (or the checkpoint itself)."""
+    if (path / "checkpoints" / "latest").is_file():
+        from .generate.train import latest_checkpoint
+
+        return latest_checkpoint(path)
+    if (path / "generator.safetensors").is_file():
+        return path
+    return None
+
+
+def resolve_weights(path: str | Path, which: str | None = None) -> Path:
+    """A weights file: ``path`` itself, or the ``which`` weights of a run directory.
+
+    Classifier runs: ``best`` (default; falls back to ``last``), ``last``, ``ema``. GAN runs (their latest
+    checkpoint, or a ``checkpoints/step_*`` directory): ``ema`` (default, the EMA generator), ``raw``,
+    ``discriminator``.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise ContractError(f"{path}: no such run directory or weights file")
+    ck = _gan_run(path)
+    if ck is not None:
+        which = which or "ema"
+        if which not in GAN_WEIGHTS:
+            raise ContractError(f"{path} is a GAN run: choose weights {', '.join(GAN_WEIGHTS)}, not {which!r}")
+        found = ck / f"{GAN_WEIGHTS[which]}.safetensors"
+        if not found.is_file():
+            raise ContractError(f"{ck}: no {found.name}; the checkpoint is incomplete")
+        return found
+    which = which or "best"
+    if which not in CLASSIFIER_WEIGHTS:
+        raise ContractError(f"unknown weights {which!r} for a training run; choose {', '.join(CLASSIFIER_WEIGHTS)}")
+    for name in [which, "last"] if which == "best" else [which]:
+        if (path / f"{name}.safetensors").is_file():
+            return path / f"{name}.safetensors"
+    raise ContractError(f"{path}: no {which}.safetensors; is it a nestvit run directory that reached its first "
+                        "checkpoint?")
+
+
+def _run_config(weights: Path) -> Any:
+    """The config of the run a weights file sits in (``config.yaml`` beside it, or two levels up for GANs)."""
+    for folder in (weights.parent, weights.parent.parent.parent):
+        cfg = folder / "config.yaml"
+        if cfg.is_file():
+            try:
+                if folder == weights.parent:
+                    from .train.config import load_config
+
+                    return load_config(cfg)
+                import yaml
+
+                from .generate.train import config_from_dict
+
+                return config_from_dict(yaml.safe_load(cfg.read_text()), str(cfg))
+            except Exception as e:  # noqa: BLE001 - the weights stand alone; a stale config is only a warning
+                warnings.warn(f"{cfg}: not read ({e}); the weights load without it", stacklevel=3)
+                return None
+    return None
+
+
+def load(path: str | Path, which: str | None = None, *, model: str | None = None,
+         overrides: Mapping[str, Any] | None = None) -> Loaded:
+    """A saved model and its input transform, from a run directory or a weights file.
+
+    ``which`` picks the weights of a run directory (see :func:`resolve_weights`). ``model`` / ``overrides``
+    name the architecture for files that record none (a plain timm or ``torch.save`` state dict); for files
+    that do, ``overrides`` replace recorded keyword arguments (e.g. ``drop_path_rate``).
+    """
+    from .interop import load_weights, read_state_dict
+
+    weights = resolve_weights(path, which)
+    _, meta = read_state_dict(weights, tensors=False)
+    contract = RunContract.from_metadata(meta, source=str(weights))
+    if contract is None or (model is not None and model != contract.model):
+        if model is None:
+            raise ContractError(f"{weights}: records no model (it was not written by nestvit); name its "
+                                "architecture: nestvit.load(path, model=NAME, overrides={...}), or on the command "
+                                "line --model NAME --set KEY=VALUE")
+        contract = RunContract(model=model)
+    if overrides:
+        contract = replace(contract, kwargs={**contract.kwargs, **overrides})
+    net = contract.build()
+    load_weights(net, weights)
+    transform = contract.transform
+    if transform is None:
+        transform = InputTransform.default(_channels(net), getattr(net, "img_size", (32, 32)))
+    return Loaded(model=net.eval(), transform=transform, contract=contract, weights=weights,
+                  config=_run_config(weights))
+
+
+def _channels(net: nn.Module) -> int:
+    return int(getattr(net, "in_chans", None) or getattr(net, "out_chans", 3))

@@ -1,0 +1,174 @@
+"""Where the commands meet: what one command writes, every other command reads.
+
+One chain per model family, at tiny sizes on the built-in real digits (``mnist5k``): ``nestvit train`` (a
+few steps of the README's recipe) -> ``eval`` -> ``predict`` -> ``explain`` with every method the family
+supports -> ``train --resume`` -> ``nestvit.load`` of the run and of the bare weights file, with the same
+logits as ``predict`` printed. And the GAN's: ``generate train`` -> ``generate sample`` -> resume.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import nestvit
+from nestvit.cli import main
+from nestvit.train.config import load_config
+
+# every family of the registry, tiny, on mnist5k digits padded to 32x32 (the README recipe's data)
+FAMILIES = {
+    "nest": ("nest_tiny_cifar", {"patch_size": 2, "num_levels": 3, "block_size": 4, "embed_dims": 8,
+                                 "num_heads": 2, "depths": 1}, ("gradcat", "cam", "gradcam")),
+    "tnt": ("tnt_tiny_patch4_32", {"dims": [16, 4], "num_heads": [2, 1], "depth": 2}, ("gradcam", "rollout")),
+    "rtnt": ("rtnt_nano", {"dims": [16, 4, 4], "num_heads": [2, 1, 1], "depth": 2, "img_size": 32},
+             ("gradcam", "rollout")),
+    "vit": ("vit_tiny_patch4_32", {"embed_dim": 16, "depth": 2, "num_heads": 2}, ("gradcam", "rollout")),
+    "convnet": ("convnet", {"widths": [8, 16]}, ("cam", "gradcam")),  # CAM: a pooled map and a linear head
+}
+METHODS = ("gradcat", "cam", "gradcam", "rollout")
+
+
+def tiny_run_recipe(tmp_path, name: str, overrides: dict):
+    """The README's ``mnist5k_nest`` recipe with another (tiny) model and 4 steps of 32 images."""
+    recipe = yaml.safe_load(open(nestvit.train.config.builtin_recipes()["mnist5k_nest"]).read())
+    recipe.update(epochs=1, global_batch=32, eval_batch=64, log_every=1, progress=False)
+    recipe["model"] = {"name": name, "overrides": overrides}
+    recipe["data"].update(limit_train=128, limit_eval=64)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def digit_png(tmp_path, index: int = 0):
+    """A real test digit as a 28x28 grayscale PNG (what a user would pass to predict and explain)."""
+    from nestvit.data import load_dataset
+
+    image = load_dataset("mnist5k", split="test").images[index, 0].numpy()
+    path = tmp_path / f"digit{index}.png"
+    Image.fromarray(image).save(path)
+    return path
+
+
+def printed_probs(out: str) -> dict[str, float]:
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^\s+(\S+)\s+([\d.]+)%$", out, re.M)}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_command_reads_what_train_writes(family, tmp_path, capsys):
+    name, overrides, methods = FAMILIES[family]
+    recipe = tiny_run_recipe(tmp_path, name, overrides)
+    run = tmp_path / "run"
+    assert main(["train", str(recipe), "--out", str(run)]) == 0
+    capsys.readouterr()
+
+    assert main(["eval", str(run), "--limit", "32", "--out", str(tmp_path / "ev")]) == 0
+    assert "mnist5k:test (32 images)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["count"] == 32
+
+    digit = digit_png(tmp_path)
+    assert main(["predict", str(run), str(digit), "--top-k", "10"]) == 0
+    probs = printed_probs(capsys.readouterr().out)
+    assert len(probs) == 10 and abs(sum(probs.values()) - 100) < 0.1
+
+    for method in METHODS:
+        code = main(["explain", str(run), str(digit), "--method", method, "--out", str(tmp_path / "x"), "--json"])
+        err = capsys.readouterr().err
+        if method in methods:
+            assert code == 0, err
+            assert (tmp_path / "x" / f"digit0_{method}.png").read_bytes()[:4] == b"\x89PNG"
+        else:  # a method the family cannot give: one line saying why, nothing half-written
+            assert code == 2 and err.count("\n") == 1, err
+
+    # the run contract: the bare weights file, copied away from its run, is the same model with the same inputs
+    alone = tmp_path / "elsewhere" / "model.safetensors"
+    alone.parent.mkdir()
+    alone.write_bytes((run / "best.safetensors").read_bytes())
+    for source in (run, alone):
+        loaded = nestvit.load(source)
+        assert loaded.classes == [str(k) for k in range(10)] or len(loaded.classes) == 10
+        x = loaded.transform(loaded.transform.read_batch([digit]))
+        with torch.no_grad():
+            p = loaded.model(x).softmax(-1)[0]
+        got = {loaded.classes[k]: 100 * float(v) for k, v in enumerate(p)}
+        assert all(abs(got[c] - probs[c]) < 0.006 for c in probs)  # predict prints two decimals
+    assert nestvit.load(alone).config is None and nestvit.load(run).config is not None
+    assert main(["eval", str(alone), "--limit", "32"]) == 0  # the data set comes from the contract
+    assert "mnist5k:test (32 images)" in capsys.readouterr().out
+
+    # resume continues, and what it writes still loads
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0
+    assert "resuming at epoch 2" in capsys.readouterr().out
+    assert nestvit.load(run, "last").contract.info["epoch"] == 2
+
+
+def test_readme_demo_then_explain_gradcat(tmp_path, capsys):
+    """The issue's journey: ``nestvit train mnist5k_nest --out r && nestvit explain r digit.png --method gradcat``."""
+    run = tmp_path / "r"
+    assert main(["train", "mnist5k_nest", "--out", str(run), "--epochs", "1", "--set", "data.limit_train=128",
+                 "--set", "data.limit_eval=64", "--set", "model.overrides.embed_dims=8",
+                 "--set", "progress=false"]) == 0
+    capsys.readouterr()
+    digit = digit_png(tmp_path, 3)
+    assert main(["explain", str(run), str(digit), "--method", "gradcat", "--top-k", "2", "--out",
+                 str(tmp_path / "explain"), "--json"]) == 0
+    report = json.loads((tmp_path / "explain" / "explain.json").read_text())
+    assert [e["name"] for e in report["images"][0]["explained"]][0] in [str(k) for k in range(10)]
+    loaded = nestvit.load(run)
+    # the run padded 28x28 digits to 32x32: the transform says so, and reads a file the same way
+    t = loaded.transform
+    assert t.size == (32, 32) and t.content == (28, 28) and t.resize == "stretch" and t.channels == 1
+    x = t.read(digit)
+    assert x.shape == (1, 32, 32) and int(x[:, :2].sum()) == 0 and int(x[:, :, :2].sum()) == 0
+
+
+def test_old_weights_files_still_load(tmp_path):
+    """A run's weights file from before the run contract (``model_kwargs`` / ``mean`` / ``pad_to`` keys)."""
+    from safetensors.torch import save_file
+
+    kwargs = {"num_classes": 10, "in_chans": 1, "img_size": [32, 32], **FAMILIES["nest"][1]}
+    model = nestvit.create_model("nest_tiny_cifar", **kwargs).eval()
+    meta = {"format": "nestvit", "family": "nest", "model": "nest_tiny_cifar", "model_kwargs": json.dumps(kwargs),
+            "classes": json.dumps([str(k) for k in range(10)]), "mean": json.dumps([0.13]),
+            "std": json.dumps([0.3]), "pad_to": "32", "unpadded": "[28, 28]", "resize_to": "null",
+            "data": '"mnist5k"', "epoch": "3", "step": "93"}
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "old.safetensors"), meta)
+    loaded = nestvit.load(tmp_path / "old.safetensors")
+    assert loaded.transform.content == (28, 28) and loaded.transform.mean == (0.13,)
+    assert loaded.contract.info == {"data": "mnist5k", "epoch": 3, "step": 93}
+    x = torch.randn(2, 1, 32, 32)
+    assert torch.equal(loaded.model(x), model(x))
+
+
+def test_gan_train_sample_resume(tmp_path, capsys):
+    run = tmp_path / "gan"
+    tiny = ["--set", "dataset=mnist5k", "--set", "max_images=64", "--set", "batch_size=8", "--set", "eval_every=-1",
+            "--set", "generator_overrides.embed_dims=[8,8,4]", "--set", "generator_overrides.num_heads=[2,2,1]",
+            "--set", "generator_overrides.depths=[1,1,1]", "--set", "progress=false", "--set", "sample_every=1000",
+            "--set", "ckpt_every=2", "--set", "log_every=1", "--set", "sample_n=4"]
+    assert main(["generate", "train", "gan_nest_fashion_mnist", "--out", str(run), "--set", "steps=2", *tiny]) == 0
+    assert main(["generate", "sample", str(run), "-n", "4", "--out", str(tmp_path / "grid.png")]) == 0
+    assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
+    loaded = nestvit.load(run)  # the EMA generator of the latest checkpoint
+    assert loaded.contract.kind == "generator" and loaded.contract.info["step"] == 2
+    assert loaded.transform.channels == 1 and loaded.transform.size == (28, 28)
+    assert nestvit.load(run, "discriminator").contract.kind == "discriminator"
+    assert main(["generate", "train", "--resume", str(run), "--set", "steps=4"]) == 0
+    assert nestvit.load(run, "raw").contract.info["step"] == 4
+    # a generator is not a classifier: the classifier commands say so in one line
+    assert main(["predict", str(run), str(digit_png(tmp_path))]) == 2
+    assert "not a classifier" in capsys.readouterr().err
+
+
+def test_config_of_a_run_reads_back(tmp_path):
+    """The trainer's ``config.yaml`` is the config system's own format (``load_config`` reads it)."""
+    recipe = tiny_run_recipe(tmp_path, "vit_tiny_patch4_32", FAMILIES["vit"][1])
+    assert main(["train", str(recipe), "--out", str(tmp_path / "run")]) == 0
+    cfg = load_config(tmp_path / "run" / "config.yaml")
+    assert cfg.model.name == "vit_tiny_patch4_32" and cfg.data.name == "mnist5k"
+    assert np.isclose(sum(nestvit.load(tmp_path / "run").transform.std), sum(cfg.data.std))
