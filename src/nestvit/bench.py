@@ -64,7 +64,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # --------------------------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("models", nargs="+", metavar="MODEL", help="registered model names (see `nestvit models`)")
+    parser.add_argument("models", nargs="+", metavar="MODEL",
+                        help="registered model names (see `nestvit models`), or run directories / weights files of "
+                             "trained models (their architecture, read from the run contract)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="model config override, e.g. --set attn=mha (repeatable; values parsed as YAML)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -313,7 +315,9 @@ def bench_model(name: str, overrides: dict[str, Any] | None = None, *, device: s
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: no CUDA device is visible to PyTorch")
+        from .train.distributed import DeviceError
+
+        raise DeviceError("--device cuda: no CUDA device is visible to PyTorch; use --device cpu")
     overrides = dict(overrides or {})
     if img_size is not None:
         overrides["img_size"] = img_size
@@ -468,7 +472,8 @@ def format_table(rows: list[dict[str, Any]], *, markdown: bool = False) -> str:
               "train img/s", "train MFU", "train MB/img", "peak TFLOP/s", "data img/s")
     cells = []
     for r in rows:
-        label = r["model"] + "".join(f" {k}={v}" for k, v in r.get("overrides", {}).items() if k != "img_size")
+        label = (f"{r['source']} ({r['model']})" if r.get("source") else
+                 r["model"] + "".join(f" {k}={v}" for k, v in r.get("overrides", {}).items() if k != "img_size"))
         cells.append((label, r["dtype"], "compile" if r["compile"] else "eager", str(r["batch"]),
                       _fmt(r["params"] / 1e6, ".2f"), _fmt(r["gflops_per_image"], ".2f"),
                       _fmt(r.get("infer_images_per_s"), ".1f"), mfu(r, "infer_mfu"),
@@ -491,10 +496,19 @@ def run(args: argparse.Namespace) -> int:
     from .registry import list_models
     from .system import machine_info, machine_label, slow_bf16
 
-    known = set(list_models())
-    unknown = [m for m in args.models if m not in known]
-    if unknown:
-        raise ValueError(f"unknown model(s) {unknown}; run `nestvit models` for the list")
+    known = set(list_models(kind=None))
+    specs = {}  # what the table calls it -> (registered name, its keyword arguments)
+    for m in args.models:
+        if m in known:
+            specs[m] = (m, {})
+        elif Path(m).exists():
+            from .contract import read_contract
+
+            contract = read_contract(m)
+            specs[m] = (contract.model, dict(contract.kwargs))
+        else:
+            raise ValueError(f"unknown model {m!r}: neither a registered name (`nestvit models`) nor a run "
+                             "directory or weights file")
     dtypes = [d.strip() for d in str(args.dtype).split(",") if d.strip()]
     bad = [d for d in dtypes if d not in DTYPES]
     if bad or not dtypes:
@@ -518,11 +532,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"# {warning}", file=sys.stderr)
 
     rows, data_rates = [], {}
-    for name in args.models:
+    for label, (name, recorded) in specs.items():
+        kwargs = {**recorded, **overrides}
         for dtype in dtypes:
             for use_compile in compiles:
-                print(f"# {name} {dtype} {'compile' if use_compile else 'eager'} ...", file=sys.stderr)
-                row = bench_model(name, overrides, device=args.device, batch=args.batch, img_size=img_size,
+                print(f"# {label} {dtype} {'compile' if use_compile else 'eager'} ...", file=sys.stderr)
+                row = bench_model(name, kwargs, device=args.device, batch=args.batch, img_size=img_size,
                                   dtype=dtype, compile=use_compile, modes=modes, warmup=args.warmup,
                                   iters=args.iters, peak_size=args.peak_size, peak_iters=args.peak_iters,
                                   memory=not args.no_memory, channels_last=args.channels_last,
@@ -530,11 +545,13 @@ def run(args: argparse.Namespace) -> int:
                 if not args.no_data and "train" in modes:
                     key = (tuple(row["img_size"]), row["batch"])
                     if key not in data_rates:
-                        model_info = _model_io(name, overrides, img_size)
+                        model_info = _model_io(name, kwargs, img_size)
                         data_rates[key] = bench_data_pipeline(tuple(row["img_size"]), model_info[0], model_info[1],
                                                               batch=row["batch"], data=args.data)
                     row["data_images_per_s"] = data_rates[key]["images_per_s"]
                     row["data_pipeline"] = data_rates[key]
+                if label != name:
+                    row["source"] = label  # a trained run's model
                 rows.append(row)
                 torch._dynamo.reset()  # free compiled graphs between models
 

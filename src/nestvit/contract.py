@@ -31,7 +31,7 @@ from torch import nn
 from .errors import UserError
 
 __all__ = ["CONTRACT_KEY", "ContractError", "InputTransform", "Loaded", "RunContract", "contract_of", "load",
-           "open_image", "resolve_weights"]
+           "open_image", "read_contract", "resolve_weights"]
 
 CONTRACT_KEY = "nestvit.contract"
 CONTRACT_VERSION = 1
@@ -200,10 +200,16 @@ class RunContract:
     info: dict[str, Any] = field(default_factory=dict)  # data set, epoch, step, top-1 ... (display only)
 
     def build(self) -> nn.Module:
-        """The model, freshly initialised (load weights into it)."""
+        """The model, freshly initialised (load weights into it).
+
+        Files of older versions still build: NesT's retired ``cpu_chunk_tokens`` is dropped, and a NesT entry
+        recorded with an option of ``nestvit.models.nest_variants`` builds that entry's ``nestv_*`` twin.
+        """
+        from .models.nest_variants import legacy_nest_kwargs
         from .registry import create_model
 
-        return create_model(self.model, **_tuples(self.kwargs))
+        name, kwargs = legacy_nest_kwargs(self.model, _tuples(self.kwargs))
+        return create_model(name, **kwargs)
 
     def to_json(self) -> str:
         return json.dumps({"version": CONTRACT_VERSION, "model": self.model, "kwargs": _lists(self.kwargs),
@@ -264,12 +270,13 @@ def _legacy(meta: Mapping[str, str]) -> RunContract:
             kwargs = cfg.get("model_overrides", {}) if isinstance(cfg, dict) else {}
     transform = None
     if "mean" in meta and "std" in meta:
-        model = RunContract(model=name, kwargs=kwargs).build()
-        data = j("data")
+        with torch.device("meta"):  # only its input size and channels are needed
+            model = RunContract(model=name, kwargs=kwargs).build()
         pad_to, unpadded = j("pad_to"), j("unpadded")
         c = model.in_chans
         mean, std = (tuple(v) * (c if len(v) == 1 else 1) for v in (j("mean"), j("std")))  # one value: every channel
-        transform = InputTransform(channels=c, size=tuple(model.img_size), mean=mean, std=std, resize="center-crop" if _is_folder(data) else "stretch",
+        transform = InputTransform(channels=c, size=tuple(model.img_size), mean=mean, std=std,
+                                   resize="center-crop" if _is_folder(j("data")) else "stretch",
                                    content=tuple(unpadded) if pad_to and unpadded else None)
     classes = j("classes")
     info = {k: j(k) for k in ("data", "epoch", "step", "top1") if k in meta}
@@ -374,6 +381,17 @@ def _run_config(weights: Path) -> Any:
                 warnings.warn(f"{cfg}: not read ({e}); the weights load without it", stacklevel=3)
                 return None
     return None
+
+
+def read_contract(path: str | Path, which: str | None = None) -> RunContract:
+    """The contract of a run directory or weights file, from its metadata alone (no tensors are read)."""
+    from .interop import read_state_dict
+
+    weights = resolve_weights(path, which)
+    contract = RunContract.from_metadata(read_state_dict(weights, tensors=False)[1], source=str(weights))
+    if contract is None:
+        raise ContractError(f"{weights}: records no model (it was not written by nestvit)")
+    return contract
 
 
 def load(path: str | Path, which: str | None = None, *, model: str | None = None,

@@ -1,0 +1,151 @@
+"""The run contract (``nestvit.contract``): what a weights file says of its model, and bad files and images.
+
+Each bad input a user can hand to a command that reads a model gets one line naming the problem and the
+fix, exit status 2, and nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import nestvit
+from nestvit.cli import main
+from nestvit.contract import ContractError, InputTransform, RunContract, load, read_contract
+from nestvit.interop import WeightsError, save_weights
+
+TINY = dict(img_size=16, in_chans=1, num_classes=3, patch_size=2, num_levels=2, block_size=4, embed_dims=8,
+            num_heads=2, depths=1)
+
+
+@pytest.fixture
+def weights(tmp_path):
+    model = nestvit.create_model("nest_tiny_cifar", **TINY)
+    transform = InputTransform(channels=1, size=(16, 16), mean=(0.2,), std=(0.4,), content=(12, 12))
+    contract = RunContract(model="nest_tiny_cifar", kwargs=TINY, classes=("cat", "dog", "eel"), transform=transform,
+                           info={"data": "mnist5k"})
+    return save_weights(model, tmp_path / "w.safetensors", contract=contract)
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "img.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def one_line_error(capsys, *argv) -> str:
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    return err
+
+
+def test_contract_round_trip_and_transform(weights, image):
+    c = read_contract(weights)
+    assert c.classes == ("cat", "dog", "eel") and c.kwargs["embed_dims"] == 8 and c.kind == "classifier"
+    assert RunContract.from_json(c.to_json()) == c
+    loaded = load(weights)
+    assert loaded.classes == ["cat", "dog", "eel"] and not loaded.model.training
+    x = loaded.transform.read(image)  # RGB 20x30 -> grey, stretched to 12x12, zero-padded to 16x16
+    assert x.shape == (1, 16, 16) and x.dtype == torch.uint8
+    assert int(x[:, :2].sum()) == 0 and int(x[:, -2:].sum()) == 0 and int(x[:, 2:14, 2:14].sum()) > 0
+    y = loaded.transform(x[None])
+    assert torch.allclose(y, (x[None].float() / 255 - 0.2) / 0.4)
+    folder = InputTransform(channels=3, size=(8, 8), mean=(0.5,) * 3, std=(0.5,) * 3, resize="center-crop")
+    assert folder.read(image).shape == (3, 8, 8)
+
+
+def test_create_model_records_itself_and_save_weights_writes_it(tmp_path):
+    model = nestvit.create_model("nest_tiny_cifar", **TINY)
+    save_weights(model, tmp_path / "m.safetensors")
+    loaded = load(tmp_path / "m.safetensors")
+    x = torch.randn(2, 1, 16, 16)
+    assert torch.equal(loaded.model(x), model.eval()(x))
+    assert loaded.transform == InputTransform.default(1, 16)  # none recorded: [-1, 1] inputs
+    assert loaded.classes == ["class0", "class1", "class2"]
+
+
+def test_a_flipped_bit_is_refused(weights, image, capsys):
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x10  # inside the last tensor: the file still parses
+    weights.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="damaged"):
+        load(weights)
+    assert "damaged" in one_line_error(capsys, "predict", str(weights), str(image))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_a_corrupt_weights_file_is_one_line_everywhere(weights, image, tmp_path, capsys, damage):
+    data = weights.read_bytes()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"\x00" * 100, "empty": b""}[damage])
+    for argv in (["explain", str(bad), str(image), "--out", str(tmp_path / "x")], ["predict", str(bad), str(image)],
+                 ["eval", str(bad)], ["bench", str(bad)]):
+        assert "cannot read weights" in one_line_error(capsys, *argv)
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
+
+
+def test_a_pth_of_another_model_to_explain_model(tmp_path, image, capsys):
+    other = nestvit.create_model("vit_tiny_patch4_32", img_size=16, in_chans=1, embed_dim=16, depth=1, num_heads=2)
+    torch.save(other.state_dict(), tmp_path / "other.pth")
+    err = one_line_error(capsys, "explain", str(tmp_path / "other.pth"), str(image), "--model", "nest_tiny_cifar",
+                         *[f"--set={k}={json.dumps(v)}" for k, v in TINY.items()], "--out", str(tmp_path / "x"))
+    assert "does not fit Nest" in err
+    # and without --model: the file records none, so the message says how to name it
+    assert "--model NAME" in one_line_error(capsys, "explain", str(tmp_path / "other.pth"), str(image),
+                                            "--out", str(tmp_path / "x"))
+
+
+def test_a_decompression_bomb_is_one_line(weights, tmp_path, capsys, monkeypatch):
+    """A 400-megapixel PNG: Pillow refuses it as a decompression bomb (its limit lowered here to keep it small)."""
+    big = tmp_path / "big.png"
+    Image.new("L", (300, 300)).save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100 // 2)  # 300x300 is then > 2x the limit: an error
+    for argv in (["predict", str(weights), str(big)],
+                 ["explain", str(weights), str(big), "--out", str(tmp_path / "x")]):
+        assert "too large to open safely" in one_line_error(capsys, *argv)
+
+
+def test_not_an_image_is_one_line(weights, tmp_path, capsys):
+    (tmp_path / "notes.png").write_text("not a picture")
+    assert "cannot read the image" in one_line_error(capsys, "predict", str(weights), str(tmp_path / "notes.png"))
+    assert "no such image file" in one_line_error(capsys, "predict", str(weights), str(tmp_path / "missing.png"))
+
+
+def test_unwritable_out_fails_before_the_work(weights, image, tmp_path, capsys):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    for argv in (["eval", str(weights), "--out", str(blocker / "sub")],
+                 ["explain", str(weights), str(image), "--out", str(blocker / "sub")],
+                 ["explain", str(weights), str(image), "--out", str(blocker)]):
+        assert "--out" in one_line_error(capsys, *argv)
+
+
+@pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--limit", "-5"), ("--limit", "0"),
+                                        ("--batch-size", "two")])
+def test_eval_counts_must_be_positive(weights, capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", str(weights), flag, value])
+    assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_not_a_run(tmp_path, capsys):
+    assert "no such run directory or weights file" in one_line_error(capsys, "eval", str(tmp_path / "nothing"))
+    (tmp_path / "empty").mkdir()
+    assert "no best.safetensors" in one_line_error(capsys, "predict", str(tmp_path / "empty"), "x.png")
+    with pytest.raises(ContractError, match="newer nestvit"):
+        RunContract.from_json(json.dumps({"version": 99, "model": "nest_tiny_cifar"}))
+    with pytest.raises(ContractError, match="damaged"):
+        RunContract.from_json("{not json")
+
+
+def test_bench_takes_a_trained_run(weights, capsys):
+    fast = ["--batch", "2", "--warmup", "0", "--iters", "1", "--peak-size", "64", "--peak-iters", "1", "--no-memory",
+            "--no-data", "--mode", "infer"]
+    assert main(["bench", str(weights), *fast]) == 0
+    assert f"{weights} (nest_tiny_cifar)" in capsys.readouterr().out
