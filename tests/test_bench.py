@@ -16,6 +16,7 @@ import nestvit
 from nestvit import bench
 from nestvit.cli import main
 from nestvit.layers import attend
+from nestvit.models.nest import set_cpu_chunk_tokens
 from tests.conftest import rand_input, tiny_model
 
 # nest_tiny_cifar shrunk through --set / --img-size, as a user would
@@ -216,15 +217,17 @@ def test_attend_matches_sdpa_values_and_gradients(shape_q, shape_kv):
 
 @pytest.mark.parametrize("attn", ["mqa", "mha"])
 def test_nest_groups_of_images_match_the_whole_batch(attn):
-    """``cpu_chunk_tokens`` only regroups images: outputs and gradients are those of one whole-batch pass."""
-    grouped = tiny_model("nest_tiny_cifar", attn=attn, cpu_chunk_tokens=256)  # 1 image per group at level 0
-    whole = tiny_model("nest_tiny_cifar", attn=attn, cpu_chunk_tokens=0)
+    """``set_cpu_chunk_tokens`` only regroups images: outputs and gradients are those of one whole-batch pass."""
+    grouped = tiny_model("nest_tiny_cifar", attn=attn)
+    whole = tiny_model("nest_tiny_cifar", attn=attn)
     whole.load_state_dict(grouped.state_dict())
     x = rand_input(grouped, batch=5)
     assert grouped.levels[0].tokens_per_image == 256 and grouped.levels[1].tokens_per_image == 64
-    torch.testing.assert_close(grouped.eval()(x), whole.eval()(x), atol=1e-5, rtol=1e-5)
-    for m in (grouped, whole):
-        m.train()
-        m(x).square().mean().backward()
+    outs = []
+    for m, tokens in ((grouped, 256), (whole, 0)):  # 256: 1 image per group at level 0; 0: the whole batch
+        with set_cpu_chunk_tokens(tokens):
+            outs.append(m.eval()(x))
+            m.train()(x).square().mean().backward()
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
     for (name, a), b in zip(grouped.named_parameters(), whole.parameters()):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)

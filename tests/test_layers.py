@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nestvit.layers import Attention, DropPath, drop_path_rates
+from nestvit.layers import Attention, DropPath, drop_path_rates, split_qkv
 
 
 def reference_attention(attn: Attention, x: torch.Tensor) -> torch.Tensor:
@@ -32,6 +32,23 @@ def test_attention_matches_reference(heads, mqa, blocks, n, batch, bias):
     attn = Attention(8, num_heads=heads, kv_heads=1 if mqa else None, qkv_bias=bias).eval()
     x = torch.randn(batch, blocks, n, 8)  # (B, T, N, C): blocks folded into the batch inside
     torch.testing.assert_close(attn(x), reference_attention(attn, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kv", [1, 3], ids=["mqa", "mha"])
+def test_split_qkv_is_the_fused_layout_as_head_views(kv):
+    """``[q (H*D) | k (kv*D) | v (kv*D)]``, heads outermost inside each part; views of the projection."""
+    B, N, H, D = 2, 5, 3, 4
+    qkv = torch.randn(B, N, (H + 2 * kv) * D)
+    q, k, v = split_qkv(qkv, H, kv)
+    assert q.shape == (B, H, N, D) and k.shape == v.shape == (B, kv, N, D)
+    assert all(t.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr() for t in (q, k, v))
+    torch.testing.assert_close(q[1, 2, 3], qkv[1, 3, 2 * D:3 * D], rtol=0, atol=0)  # head 2 of token 3
+    torch.testing.assert_close(k[1, kv - 1, 3], qkv[1, 3, (H + kv - 1) * D:(H + kv) * D], rtol=0, atol=0)
+    torch.testing.assert_close(v[0, 0, 4], qkv[0, 4, (H + kv) * D:(H + kv + 1) * D], rtol=0, atol=0)
+    if kv == H:  # the (3, B, H, N, D) view multi-head attention used to take, stride for stride
+        fused = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+        for a, b in zip((q, k, v), fused):
+            assert torch.equal(a, b) and a.stride() == b.stride()
 
 
 def test_mqa_has_one_kv_head():

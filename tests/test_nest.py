@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nestvit
-from nestvit.models.nest import AGGREGATIONS, Nest, blockify, deblockify
+from nestvit.models.nest import AGGREGATIONS, Nest, NestConfig, blockify, deblockify
 
 
 @settings(max_examples=25, deadline=None)
@@ -47,105 +49,6 @@ def test_every_ablation_option_builds_and_runs(levels, patch, agg, plane, attn, 
     assert [m.shape[-1] for m in maps] == [img // patch // 2 ** i for i in range(levels)]
     assert feats.shape == (2, 8, block, block)
     assert model.levels[-1].pos_embed.shape == (1, 1, block * block, 8)
-
-
-def test_conv_stem_option():
-    """``stem_dim``: conv3x3 -> LN -> act before the patch embedding; off by default (timm's key layout)."""
-    plain = nestvit.create_model("nest_tiny_cifar", embed_dims=8, num_heads=1, depths=1)
-    assert not any(k.startswith("patch_embed.stem") for k in plain.state_dict())
-    model = nestvit.create_model("nest_tiny_cifar", in_chans=1, patch_size=2, num_levels=3, embed_dims=(8, 16, 32),
-                                 num_heads=(1, 2, 4), depths=1, stem_dim=6)
-    assert model.patch_embed.stem[0].weight.shape == (6, 1, 3, 3)
-    assert model.patch_embed.proj.weight.shape == (8, 6, 2, 2)
-    x = torch.randn(3, 1, 32, 32)
-    model(x).square().mean().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.patch_embed.parameters())
-    # the stem sees pixels: changing one pixel changes only the patches its 3x3 neighbourhood reaches
-    model.eval()
-    x2 = x.clone()
-    x2[:, :, 0, 0] += 1.0
-    with torch.no_grad():
-        a, b = (model._embed(t) for t in (x, x2))  # (B, 16, 16, 8)
-    changed = (a - b).abs().amax(dim=(0, 3)) > 0
-    assert changed[0, 0] and changed.sum() == 1  # pixel (0, 0) reaches pixels 0-1: patch (0, 0) only
-
-
-def test_patch_overlap():
-    """``patch_overlap``: kernel 2p-1, stride p, padding p-1: same grid, and a pixel on a patch border reaches
-    both neighbouring patches (p=2: pixel 1 sits in patch 0 and under the kernel of patch 1)."""
-    model = nestvit.create_model("nest_tiny_cifar", in_chans=1, patch_size=2, num_levels=3, embed_dims=(8, 16, 32),
-                                 num_heads=(1, 2, 4), depths=1, patch_overlap=True).eval()
-    assert model.patch_embed.proj.weight.shape == (8, 1, 3, 3)
-    x = torch.randn(2, 1, 32, 32)
-    x2 = x.clone()
-    x2[:, :, 1, 1] += 1.0
-    with torch.no_grad():
-        a, b = (model._embed(t) for t in (x, x2))
-    assert a.shape == (2, 16, 16, 8)
-    changed = (a - b).abs().amax(dim=(0, 3)) > 0
-    assert changed[:2, :2].all() and changed.sum() == 4
-    plain = nestvit.create_model("nest_tiny_cifar", patch_size=4, num_levels=2, embed_dims=8, num_heads=1, depths=1)
-    wide = nestvit.create_model("nest_tiny_cifar", patch_size=4, num_levels=2, embed_dims=8, num_heads=1, depths=1,
-                                patch_overlap=True)
-    assert wide.patch_embed.proj.weight.shape[-2:] == (7, 7) and plain.patch_embed.proj.weight.shape[-2:] == (4, 4)
-    assert wide(torch.randn(1, 3, 32, 32)).shape == (1, wide.num_classes)
-
-
-def test_conv_stem_depth():
-    """``stem_depth=2``: two conv3x3 layers, so a pixel reaches two pixels away (5x5 receptive field)."""
-    model = nestvit.create_model("nest_tiny_cifar", in_chans=1, patch_size=2, num_levels=3, embed_dims=(8, 16, 32),
-                                 num_heads=(1, 2, 4), depths=1, stem_dim=6, stem_depth=2).eval()
-    assert [k for k in model.state_dict() if k.startswith("patch_embed.stem") and k.endswith("weight")] == [
-        "patch_embed.stem.0.weight", "patch_embed.stem.1.weight", "patch_embed.stem.3.weight",
-        "patch_embed.stem.4.weight"]  # the first layer keeps the keys of a one-layer stem
-    x = torch.randn(2, 1, 32, 32)
-    x2 = x.clone()
-    x2[:, :, 0, 0] += 1.0
-    with torch.no_grad():
-        a, b = (model._embed(t) for t in (x, x2))
-    changed = (a - b).abs().amax(dim=(0, 3)) > 0
-    assert changed[:2, :2].all() and changed.sum() == 4  # pixels 0-2 reach patches 0-1 along each axis
-
-
-def test_patch_blur():
-    """``patch_blur``: a fixed [1, 2, 1]^2 / 16 filter before the stride-p embedding: no new weights in the
-    state dict, a flat image stays flat inside, and a pixel reaches the patches beside it (anti-aliasing)."""
-    kw = dict(in_chans=1, patch_size=2, num_levels=3, embed_dims=(8, 16, 32), num_heads=(1, 2, 4), depths=1)
-    plain = nestvit.create_model("nest_tiny_cifar", **kw).eval()
-    blur = nestvit.create_model("nest_tiny_cifar", patch_blur=True, **kw).eval()
-    assert blur.state_dict().keys() == plain.state_dict().keys()
-    blur.load_state_dict(plain.state_dict())
-    flat = torch.full((1, 1, 32, 32), 0.7)
-    assert torch.allclose(blur.patch_embed.blur(flat)[..., 1:-1, 1:-1], flat[..., 1:-1, 1:-1])
-    x = torch.randn(2, 1, 32, 32)
-    x2 = x.clone()
-    x2[:, :, 2, 2] += 1.0  # the first pixel of patch (1, 1)
-    with torch.no_grad():
-        for model, reach in ((plain, [(1, 1)]), (blur, [(0, 0), (0, 1), (1, 0), (1, 1)])):
-            changed = ((model._embed(x) - model._embed(x2)).abs().amax(dim=(0, 3)) > 0).nonzero().tolist()
-            assert changed == [list(p) for p in reach]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert blur(x).shape == (2, blur.num_classes)
-
-
-def test_local_conv_crosses_block_borders_within_a_level():
-    """``local_conv``: a depthwise conv3x3 before every layer; a changed token then reaches the neighbouring
-    blocks inside level 0 (and their attention the whole of them), which plain NesT keeps inside its block."""
-    kw = dict(in_chans=1, patch_size=1, num_levels=2, block_size=4, embed_dims=(8, 16), num_heads=(1, 2),
-              depths=(2, 1))  # depth 2: the second conv sees what the first layer's attention spread
-    plain = nestvit.create_model("nest_tiny_cifar", img_size=8, **kw).eval()
-    local = nestvit.create_model("nest_tiny_cifar", img_size=8, local_conv=True, **kw).eval()
-    assert len(local.levels[0].local_convs) == 2 and not plain.levels[0].local_convs
-    assert local.levels[0].local_convs[0].weight.shape == (8, 1, 3, 3)
-    x = torch.randn(2, 8, 8, 8)  # (B, H, W, C) level-0 input: 2x2 blocks of 4x4 tokens
-    x2 = x.clone()
-    x2[:, 3, 3] += torch.randn(8)  # the bottom-right token of block (0, 0)
-    with torch.no_grad():
-        changed = [((m.levels[0](x) - m.levels[0](x2)).abs().amax(dim=(0, 3)) > 0) for m in (plain, local)]
-    assert changed[0][:4, :4].all() and changed[0].sum() == 16  # block (0, 0) only
-    assert changed[1].all()  # all four blocks
-    local(torch.randn(2, 1, 8, 8)).square().mean().backward()
-    assert all(c.weight.grad.abs().sum() > 0 for level in local.levels for c in level.local_convs)
 
 
 def test_top_level_is_one_block_for_square_and_several_for_rectangular_input():
@@ -190,7 +93,33 @@ def test_bad_config_messages():
         Nest(aggregation="bogus")
     with pytest.raises(ValueError, match="multiple of"):
         nestvit.create_model("nest_tiny_cifar", img_size=36)
-    with pytest.raises(ValueError, match="stem_dim must be 0"):
-        Nest(stem_dim=-1)
-    with pytest.raises(ValueError, match="stem_depth must be at least 1"):
-        Nest(stem_dim=8, stem_depth=0)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['stem_dim'\] for NestConfig"):
+        Nest(stem_dim=8)  # not NesT: nestvit.models.nest_variants
+
+
+def test_nest_config_holds_nest_and_its_ablations_only():
+    """The other papers' options and the CPU speed setting are no fields of NesT's config (nor checkpoints')."""
+    names = {f.name for f in dataclasses.fields(NestConfig)}
+    assert not names & {"stem_dim", "stem_depth", "patch_overlap", "patch_blur", "local_conv", "cpu_chunk_tokens"}
+    model = nestvit.create_model("nest_tiny_cifar", embed_dims=8, num_heads=1, depths=1)
+    assert [k for k in model.state_dict() if k.startswith("patch_embed.")] == ["patch_embed.proj.weight",
+                                                                                  "patch_embed.proj.bias"]
+
+
+def test_cpu_chunk_tokens_is_a_runtime_setting():
+    from nestvit.models import nest
+
+    assert nest.CPU_CHUNK_TOKENS == 8192  # the default
+    with nest.set_cpu_chunk_tokens(0):
+        assert nest.CPU_CHUNK_TOKENS == 0
+        with nest.set_cpu_chunk_tokens(256):
+            assert nest.CPU_CHUNK_TOKENS == 256
+        assert nest.CPU_CHUNK_TOKENS == 0
+    assert nest.CPU_CHUNK_TOKENS == 8192
+    nest.set_cpu_chunk_tokens(1024)  # a plain call changes it for the process
+    try:
+        assert nest.CPU_CHUNK_TOKENS == 1024
+    finally:
+        nest.set_cpu_chunk_tokens(8192)
+    with pytest.raises(ValueError, match="cpu chunk tokens"):
+        nest.set_cpu_chunk_tokens(-1)

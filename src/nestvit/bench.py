@@ -504,8 +504,10 @@ def run(args: argparse.Namespace) -> int:
         elif Path(m).exists():
             from .contract import read_contract
 
+            from .models.nest_variants import legacy_nest_kwargs
+
             contract = read_contract(m)
-            specs[m] = (contract.model, dict(contract.kwargs))
+            specs[m] = legacy_nest_kwargs(contract.model, contract.kwargs)  # files of older versions too
         else:
             raise ValueError(f"unknown model {m!r}: neither a registered name (`nestvit models`) nor a run "
                              "directory or weights file")

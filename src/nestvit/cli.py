@@ -11,7 +11,12 @@ import importlib
 import importlib.util
 import sys
 
+from .errors import UserError
 from .system import keep_freed_memory
+
+# A user's mistake (bad input, a missing or unreadable file, a config that does not fit): one line, exit 2.
+# Any other exception is an internal error (a bug): said so, exit 1.
+USER_ERRORS = (UserError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -39,6 +44,13 @@ def _available() -> dict[str, tuple[str, str]]:
     return out
 
 
+def _torch_oom() -> type[BaseException]:
+    """``torch.OutOfMemoryError`` (a device ran out of memory), imported only when an error is being handled."""
+    import torch
+
+    return getattr(torch, "OutOfMemoryError", MemoryError)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -46,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nestvit", description="Nested vision transformers (ViT, TNT, RTNT, NesT): train, compare, explain, "
                                     "generate.")
     parser.add_argument("--version", action="version", version=f"nestvit {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
+    # its own dest: a sub-command's --debug default would otherwise overwrite `nestvit --debug COMMAND`
+    parser.add_argument("--debug", dest="debug_all", action="store_true",
+                        help="show full tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_) in _available().items():
         p = sub.add_parser(name, help=help_, description=help_)
@@ -62,16 +76,31 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     keep_freed_memory()
+    debug = bool(getattr(args, "debug", False) or getattr(args, "debug_all", False))
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
-        if getattr(args, "debug", False):
+    except USER_ERRORS as e:
+        if debug:
             raise
         print(f"nestvit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except (MemoryError, _torch_oom()) as e:  # the machine's limit, not a bug
+        if debug:
+            raise
+        print(f"nestvit {args.command}: error: out of memory ({type(e).__name__}); lower the batch size "
+              "(global_batch / micro_batch, --batch-size, --batch) or the image size", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - anything else is a bug of nestvit, and said to be one
+        if debug:
+            raise
+        print(f"nestvit {args.command}: internal error (a bug in nestvit, not in your input): "
+              f"{type(e).__name__}: {e}", file=sys.stderr)
+        print("please report it with the command line and the output of `nestvit --version`; run it again with "
+              "--debug to see the traceback", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -362,13 +362,14 @@ def resolve_weights(path: str | Path, which: str | None = None) -> Path:
                         "checkpoint?")
 
 
-def _run_config(weights: Path) -> Any:
-    """The config of the run a weights file sits in (``config.yaml`` beside it, or two levels up for GANs)."""
+def _run_config(weights: Path, kind: str) -> Any:
+    """The config of the run a weights file sits in (its folder's ``config.yaml``; for GAN runs before the
+    classifiers' layout, two folders up), read by the config class of the contract's kind."""
     for folder in (weights.parent, weights.parent.parent.parent):
         cfg = folder / "config.yaml"
         if cfg.is_file():
             try:
-                if folder == weights.parent:
+                if kind == "classifier":
                     from .train.config import load_config
 
                     return load_config(cfg)
@@ -421,7 +422,7 @@ def load(path: str | Path, which: str | None = None, *, model: str | None = None
     if transform is None:
         transform = InputTransform.default(_channels(net), getattr(net, "img_size", (32, 32)))
     return Loaded(model=net.eval(), transform=transform, contract=contract, weights=weights,
-                  config=_run_config(weights))
+                  config=_run_config(weights, contract.kind))
 
 
 def _channels(net: nn.Module) -> int:

@@ -218,6 +218,7 @@ def _same_config(run_dir: Path, cfg: Any) -> bool:
     Keys that only change what is shown (``progress``) are not compared, so a run made by ``nestvit train``
     with the same recipe and seed counts too.
     """
+    from .models.nest_variants import legacy_nest_kwargs
     from .train.config import TrainConfig, from_dict, read_recipe, to_dict
 
     def same(planned: Any, saved: Any) -> bool:
@@ -226,7 +227,10 @@ def _same_config(run_dir: Path, cfg: Any) -> bool:
         return planned is None or planned == saved
 
     def compared(c: Any) -> dict[str, Any]:  # every key but the display-only ones
-        return {k: v for k, v in to_dict(c).items() if k != "progress"}
+        d = {k: v for k, v in to_dict(c).items() if k != "progress"}
+        # runs saved before NesT's variant options got their own entries (nest_tiny_cifar + stem_dim ...)
+        name, overrides = legacy_nest_kwargs(d["model"]["name"], d["model"].get("overrides") or {})
+        return {**d, "model": {**d["model"], "name": name, "overrides": overrides}}
 
     try:
         raw, _ = read_recipe(run_dir / "config.yaml")

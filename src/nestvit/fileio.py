@@ -2,17 +2,62 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_write_text", "save_figure"]
+from .errors import UserError
+
+__all__ = ["DiskFullError", "atomic_path", "atomic_write_text", "disk_full_error", "is_disk_full",
+           "remove_stale_temporaries", "save_figure"]
 
 _UMASK = os.umask(0o022)  # read once, at import, where no other thread can create a file in between
 os.umask(_UMASK)
+
+
+class DiskFullError(UserError, OSError):
+    """No space was left on the device while a file was written; the previous version of the file is intact."""
+
+    def __str__(self) -> str:  # the message alone: OSError's would turn into "[Errno 28] None: 'path'"
+        return str(self.args[0]) if self.args else ""
+
+
+_FULL_MARKERS = ("no space left on device", "disk quota exceeded", "os error 28", "storagefull")
+
+
+def is_disk_full(error: BaseException, folder: str | Path | None = None) -> bool:
+    """Whether ``error`` says the disk is full: ``ENOSPC`` / ``EDQUOT``, the words of a library that wraps it
+    (safetensors, torch), or any failure while ``folder``'s file system has less than 1 MiB free."""
+    if isinstance(error, DiskFullError):
+        return True
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if any(m in str(error).lower() for m in _FULL_MARKERS):
+        return True
+    if folder is not None:
+        try:
+            st = os.statvfs(folder)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < (1 << 20)
+    return False
+
+
+def disk_full_error(path: str | Path, *, kept: str | None = None) -> DiskFullError:
+    """The one-line error of a write to ``path`` that ran out of space; ``kept`` says what is intact."""
+    path = Path(path)
+    if kept is None:
+        kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+    err = DiskFullError(f"{path}: the disk is full (no space left on the device holding {path.parent}); {kept}. "
+                        "Free some space, then run the command again (a training run: nestvit train --resume "
+                        "RUN_DIR)")
+    err.errno, err.filename = errno.ENOSPC, str(path)
+    return err
 
 
 @contextmanager
@@ -20,21 +65,47 @@ def atomic_path(path: str | Path, *, fsync: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; when the block ends without error the file is renamed
     over ``path`` (``os.replace``, atomic on POSIX); on error it is removed and ``path`` is untouched.
 
-    ``fsync=True`` flushes the file to disk before the rename (checkpoints)."""
+    ``fsync=True`` flushes the file to disk before the rename (checkpoints). A write that runs out of
+    space raises :class:`DiskFullError` (one line: the disk is full, where, the old file is intact)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600; give it the mode a plain open() would
     try:
-        yield Path(tmp)
-        if fsync:
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            yield Path(tmp)
+            if fsync:
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+            # mkstemp makes the file 0600, and a writer that renames its own temporary over ``tmp``
+            # (safetensors) does too: give it the mode a plain open() would, right before it takes the name
+            os.chmod(tmp, 0o666 & ~_UMASK)
+            os.replace(tmp, path)
+        except Exception as e:
+            if is_disk_full(e, path.parent if os.path.exists(tmp) else None):
+                raise disk_full_error(path) from e
+            raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+# ``.<name>.<8 characters of mkstemp>.tmp``: what atomic_path leaves when its process is killed
+_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the temporary files that killed writers of :func:`atomic_path` left in ``folder`` (not below it).
+
+    Call it where no other process writes into ``folder`` (a run directory when its run starts or resumes)."""
+    folder = Path(folder)
+    removed = []
+    if folder.is_dir():
+        for p in sorted(folder.glob(".*.tmp")):
+            if _TEMPORARY.fullmatch(p.name) and p.is_file() and not p.is_symlink():
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

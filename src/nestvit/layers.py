@@ -100,6 +100,25 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float =
     return o.reshape(*lead, Nq, v.shape[-1])
 
 
+def split_qkv(qkv: torch.Tensor, num_heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused ``qkv`` projection ``(B, N, (H + 2 kv) D)`` as heads: ``q (B, H, N, D)``, ``k, v (B, kv, N, D)``.
+
+    The layout is ``[q (H*D) | k (kv*D) | v (kv*D)]`` with heads outermost inside each part (timm's ViT);
+    ``kv = 1`` is multi-query attention (one K/V head, which broadcasts over the query heads). Views, no copy.
+    """
+    B, N, width = qkv.shape
+    D = width // (num_heads + 2 * kv_heads)
+    q, k, v = qkv.split([num_heads * D, kv_heads * D, kv_heads * D], dim=-1)
+    return (q.reshape(B, N, num_heads, D).transpose(1, 2), k.reshape(B, N, kv_heads, D).transpose(1, 2),
+            v.reshape(B, N, kv_heads, D).transpose(1, 2))
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(D))``, ``q (B, H, Nq, D)``, ``k (B, H or 1, Nk, D)`` -> ``(B, H, Nq, Nk)``, written
+    out for explanations (attention rollout, ViT's attention maps); the forward pass runs ``attend``."""
+    return torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1), dim=-1)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over the last-but-one axis of ``(..., N, C)``.
 
@@ -127,19 +146,15 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         *lead, N, C = x.shape
-        H, D = self.num_heads, self.head_dim
         x = x.reshape(-1, N, C)  # (B', N, C): blocks / patches folded into the batch
-        B = x.shape[0]
-        qkv = self.qkv(x)  # (B', N, C + 2 * kv_heads * D)
+        q, k, v = split_qkv(self.qkv(x), self.num_heads, self.kv_heads)  # q (B', H, N, D); k, v (B', kv, N, D)
         drop = self.attn_drop if self.training else 0.0
         if self.kv_heads == 1:
-            q, k, v = qkv.split([C, D, D], dim=-1)  # q (B', N, C); k, v (B', N, D)
             # every head's query is a row of one single-head attention; stacked token-major (row n*H + h),
             # the output (B', N*H, D) is already (B', N, C) with heads merged h*D + d
-            q = q.reshape(B, 1, N * H, D)  # (B', 1, N*H, D)
-            o = attend(q, k.unsqueeze(1), v.unsqueeze(1), drop)  # (B', 1, N*H, D)
+            q = q.transpose(1, 2).reshape(x.shape[0], 1, N * self.num_heads, self.head_dim)  # (B', 1, N*H, D)
+            o = attend(q, k, v, drop)  # (B', 1, N*H, D)
         else:
-            q, k, v = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)  # 3 x (B', H, N, D)
             o = attend(q, k, v, drop).transpose(1, 2)  # (B', N, H, D)
         o = o.reshape(*lead, N, C)
         return self.proj_drop(self.proj(o))

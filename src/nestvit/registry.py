@@ -15,12 +15,20 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from .errors import UserError
+
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _FAMILY: dict[str, str] = {}
 _KIND: dict[str, str] = {}
-KINDS = ("classifier", "generator", "discriminator", "feature-net")
+# classifier: the papers' families, which the generic test suite runs; baseline: a classifier outside them (the
+# small conv net of distillation); generator / discriminator: the GAN's; feature-net: the FID features
+KINDS = ("classifier", "baseline", "generator", "discriminator", "feature-net")
 
 C = TypeVar("C")
+
+
+class ModelOptionError(UserError, TypeError):
+    """A keyword argument a model's config does not have (a ``TypeError``, as Python's own for unknown arguments)."""
 
 
 def register_model(family: str, *, kind: str = "classifier", name: str | None = None,
@@ -48,7 +56,7 @@ def build_config(cfg: C, overrides: dict[str, Any]) -> C:
     names = [f.name for f in dataclasses.fields(cfg)]  # type: ignore[arg-type]
     bad = sorted(set(overrides) - set(names))
     if bad:
-        raise TypeError(f"unknown option(s) {bad} for {type(cfg).__name__}; valid options: {', '.join(names)}")
+        raise ModelOptionError(f"unknown option(s) {bad} for {type(cfg).__name__}; valid options: {', '.join(names)}")
     return dataclasses.replace(cfg, **overrides)  # type: ignore[type-var]
 
 

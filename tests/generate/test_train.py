@@ -105,24 +105,41 @@ def test_resume_is_exact(tmp_path, gen, disc):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    sa = torch.load(latest_checkpoint(tmp_path / "straight") / "state.pt", weights_only=True)
-    sb = torch.load(latest_checkpoint(tmp_path / "split") / "state.pt", weights_only=True)
-    assert sa["step"] == sb["step"] == 6 and torch.equal(sa["rng"], sb["rng"])
+    sa = torch.load(tmp_path / "straight" / "state.pt", weights_only=True)
+    sb = torch.load(tmp_path / "split" / "state.pt", weights_only=True)
+    assert sa["step"] == sb["step"] == 6
+    assert torch.equal(sa["rng"]["generators"]["data"], sb["rng"]["generators"]["data"])
+    assert torch.equal(sa["rng"]["torch"], sb["rng"]["torch"])
     # the log of the split run has every step once
     assert [r["step"] for r in read_metrics(tmp_path / "split") if r["kind"] == "train"] == list(range(1, 7))
 
 
 def test_checkpoint_contents_and_load_generator(tmp_path):
-    cfg = GanConfig(**{**TINY, "ckpt_every": 2, "keep_checkpoints": 2}, steps=6)
+    """The classifier runs' layout: the three weights files (with their run contracts) and one state.pt."""
+    cfg = GanConfig(**{**TINY, "ckpt_every": 2}, steps=6)
     train_gan(cfg, tmp_path, data=_toy())
-    cks = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
-    assert cks == ["step_000004", "step_000006"]
-    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_000006"
-    assert not list((tmp_path / "checkpoints").glob(".*"))  # no temporary leftovers
-    state = torch.load(tmp_path / "checkpoints" / "step_000006" / "state.pt", weights_only=True)
-    assert set(state) >= {"step", "opt_g", "opt_d", "rng", "torch_rng", "config"}
+    assert latest_checkpoint(tmp_path) == tmp_path
+    assert not list(tmp_path.glob(".*"))  # no temporary leftovers
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert set(state) >= {"kind", "step", "models", "optimizers", "rng", "config"} and state["step"] == 6
+    assert set(state["models"]) == {"generator", "generator_ema", "discriminator"}
     G = load_generator(tmp_path)
     assert G.img_size == 16 and not G.training
+    assert torch.equal(G.state_dict()[next(iter(G.state_dict()))],
+                       state["models"]["generator_ema"][next(iter(G.state_dict()))])
+
+
+def test_legacy_checkpoint_folders_still_sample_but_do_not_resume(tmp_path):
+    cfg = GanConfig(**TINY, steps=1)
+    train_gan(cfg, tmp_path / "new", data=_toy())
+    old = tmp_path / "old" / "checkpoints" / "step_000001"
+    old.mkdir(parents=True)
+    for f in ("generator.safetensors", "generator_ema.safetensors", "discriminator.safetensors"):
+        (old / f).write_bytes((tmp_path / "new" / f).read_bytes())
+    (tmp_path / "old" / "checkpoints" / "latest").write_text("step_000001\n")
+    assert load_generator(tmp_path / "old").img_size == 16
+    with pytest.raises(FileNotFoundError, match="older nestvit"):
+        train_gan(cfg, tmp_path / "old", data=_toy(), resume=True)
 
 
 def test_bf16_option_runs(tmp_path):
@@ -195,4 +212,4 @@ def test_cli_train_on_fashion_mnist(tmp_path, capsys):
     # a second train into the same directory is refused; --resume continues it
     assert main(args) == 2
     assert main(["generate", "train", "--resume", str(run), "--set", "steps=3"]) == 0
-    assert (run / "checkpoints" / "latest").read_text().strip() == "step_000003"
+    assert torch.load(run / "state.pt", weights_only=True)["step"] == 3

@@ -17,6 +17,7 @@ import io
 import math
 import os
 import pickle
+import re
 import tarfile
 import zlib
 from collections.abc import Callable, Iterable, Sequence
@@ -29,6 +30,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
+
+from ..errors import UserError
 
 __all__ = [
     "DATASETS",
@@ -46,8 +49,29 @@ __all__ = [
 ]
 
 
-class DatasetError(Exception):
-    """A dataset file is missing, unreadable, truncated or not in the expected format."""
+class DatasetError(UserError):
+    """A dataset file is missing, unreadable, truncated or not in the expected format.
+
+    Picklable (one string argument). An error of a DataLoader worker process reaches the main process as
+    ``DatasetError("Caught DatasetError in DataLoader worker process 0.\\nOriginal Traceback ...")``;
+    that is cut back to the original one-line message, so the user sees the file and not 18 lines of
+    traceback (the worker's traceback stays attached as a note, which ``--debug`` shows).
+    """
+
+    def __init__(self, *args: object) -> None:
+        worker = len(args) == 1 and isinstance(args[0], str) and args[0].startswith("Caught ")
+        message = _worker_message(args[0]) if worker else None
+        super().__init__(*((message,) if worker else args))
+        if worker and message != args[0] and hasattr(self, "add_note"):  # Python 3.11+
+            self.add_note(args[0])
+
+
+def _worker_message(text: str) -> str:
+    """The message of the exception at the end of a DataLoader worker's traceback (``text`` if none)."""
+    if "\nOriginal Traceback" not in text:
+        return text
+    headers = list(re.finditer(r"^[\w.]*(?:Error|Exception): ", text, re.M))
+    return text[headers[-1].end():].rstrip("\n") if headers else text
 
 
 # --------------------------------------------------------------------------- containers
@@ -386,7 +410,8 @@ def _search_dirs(name: str, root: str | Path | None, extra: Sequence[str] = ()) 
 
 
 def _download_hint(name: str) -> str:
-    hint = "pass download=True (CLI: --download) to fetch the original files"
+    hint = ("set data.download=true (nestvit train ... --set data.download=true; Python: download=True) to "
+            "fetch the original files")
     if name == "fashion_mnist":
         hint += (
             ", or install the Debian package dataset-fashion-mnist (apt install dataset-fashion-mnist), "
@@ -733,12 +758,16 @@ class ImageFolderDataset(Dataset):
             raise DatasetError(f"imagefolder: {self.root} has no class sub-directories")
         exts = {e.lower() for e in extensions}
         self.samples: list[tuple[Path, int]] = []
+        self.counts: list[int] = []  # images of each class (what a caller checks for empty or tiny classes)
         for label, cls in enumerate(self.classes):
             folder = self.root / cls
+            found_files = []
             if folder.is_dir():
-                self.samples += sorted(
+                found_files = sorted(
                     (p, label) for p in folder.rglob("*") if p.suffix.lower() in exts and p.is_file()
                 )
+            self.samples += found_files
+            self.counts.append(len(found_files))
         if not self.samples:
             raise DatasetError(
                 f"imagefolder: no images ({', '.join(sorted(exts))}) under {self.root}/<class>/"
@@ -779,7 +808,9 @@ class ImageFolderDataset(Dataset):
                     img = img.crop((left, top, left + self.size, top + self.size))
                 array = np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-            raise DatasetError(f"{path}: cannot decode image ({e})") from None
+            raise DatasetError(
+                f"{path}: cannot decode image ({e}); replace the file or remove it from the folder"
+            ) from None
         return torch.from_numpy(array)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..layers import attention_probs, split_qkv
 from ._grad import intermediate_gradients
 from .gradcat import _prepare_targets, upsample_map
 
@@ -115,12 +116,8 @@ def grad_cam(model: nn.Module, images: torch.Tensor, target=None, layer: int | N
 
 def _probs_from_qkv(attn: nn.Module, qkv: torch.Tensor) -> torch.Tensor:
     """Softmax attention ``(B, H, N, N)`` from ``layers.Attention``'s fused ``qkv`` output ``(B, N, C + 2 kv D)``."""
-    H, D, Hkv = attn.num_heads, attn.head_dim, attn.kv_heads
-    B, N, _ = qkv.shape
-    q, k, _v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
-    q = q.reshape(B, N, H, D).transpose(1, 2)
-    k = k.reshape(B, N, Hkv, D).transpose(1, 2)  # one K head broadcasts for multi-query attention
-    return torch.softmax((q * D ** -0.5) @ k.transpose(-2, -1), dim=-1)
+    q, k, _v = split_qkv(qkv, attn.num_heads, attn.kv_heads)  # one K head broadcasts for multi-query attention
+    return attention_probs(q, k)
 
 
 def outer_attention_maps(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:

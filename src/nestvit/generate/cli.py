@@ -6,8 +6,7 @@
 ``RECIPE`` is a YAML file or the name of a built-in recipe (``gan_nest_fashion_mnist``,
 ``gan_conv_fashion_mnist``). ``--resume DIR`` continues the run in ``DIR`` from its latest checkpoint
 with the configuration saved there (``--set`` may still change e.g. ``steps``). ``CHECKPOINT`` is a run
-directory, a ``checkpoints/step_*`` directory or a ``generator*.safetensors`` file; the EMA generator is
-used unless ``--raw``.
+directory or a ``generator*.safetensors`` file (``nestvit.load``); the EMA generator is used unless ``--raw``.
 """
 
 from __future__ import annotations
@@ -65,7 +64,7 @@ def _train(args: argparse.Namespace) -> int:
             raise ValueError("give a RECIPE (file or built-in name) or --resume DIR")
         cfg = load_recipe(args.recipe)
         run_dir = Path(args.out or Path("runs") / "generate" / Path(args.recipe).stem)
-        if (run_dir / "checkpoints" / "latest").exists():
+        if (run_dir / "state.pt").exists() or (run_dir / "checkpoints" / "latest").exists():
             raise ValueError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
     cfg = apply_overrides(cfg, args.overrides)
     summary = train_gan(cfg, run_dir, resume=bool(args.resume))

@@ -502,7 +502,9 @@ def _build(table: dict[str, Callable[..., nn.Module]], what: str, name: str, ove
     try:
         return create_model(f"{what}_{name}", **overrides)
     except TypeError as e:
-        raise TypeError(f"{what} {name!r}: {e}") from None
+        from ..registry import ModelOptionError
+
+        raise ModelOptionError(f"{what} {name!r}: {e}") from None
 
 
 def build_generator(name: str, **overrides) -> nn.Module:

@@ -7,23 +7,23 @@ penalty ``gamma/2 * E ||grad_x D(x)||^2`` on real images, applied lazily every `
 both networks; an EMA of the generator (``ema_beta``, ramped up as ``min(beta, (1+t)/(10+t))``) is what
 samples and metrics use.
 
-A run directory holds ``config.yaml``, ``metrics.jsonl`` (one JSON object per line: training logs and
-evaluations), ``samples/step_XXXXXX.png`` (fixed latents, EMA generator) and
-``checkpoints/step_XXXXXX/`` with ``generator.safetensors``, ``generator_ema.safetensors``,
-``discriminator.safetensors`` and ``state.pt`` (step, optimizer states, RNG states; read with
-``torch.load(weights_only=True)``). Each checkpoint directory is written under a temporary name and
-renamed, then ``checkpoints/latest`` (a text file naming it) is replaced atomically. Resuming restores
-everything, so N steps in one go and N/2 + resume + N/2 give bit-identical weights.
+A run directory has the classifier runs' layout (``nestvit.train.checkpoint``): ``config.yaml``,
+``metrics.jsonl`` (one JSON object per line: training logs and evaluations), ``samples/step_XXXXXX.png``
+(fixed latents, EMA generator), the weights ``generator.safetensors``, ``generator_ema.safetensors`` and
+``discriminator.safetensors`` (each with its run contract, for ``nestvit.load`` and ``nestvit generate
+sample``), and ``state.pt``: step, the three networks, both optimizers and every RNG state, written
+atomically and read with ``torch.load(weights_only=True)``. ``state.pt`` is written last, so a run killed
+at any moment resumes from a consistent step; resuming restores everything, so N steps in one go and N/2 +
+resume + N/2 give bit-identical weights. The EMA is the classifiers' ``ModelEMA``, with its warm-up ramp
+and with buffers copied from the raw generator (BatchNorm statistics of the conv baseline; see
+docs/generation.md). Runs written before this layout (``checkpoints/step_*``) still sample.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -38,6 +38,7 @@ from ..contract import InputTransform, RunContract
 from ..fileio import atomic_path, atomic_write_text
 from ..train.metrics import METRICS_FILE, truncate_metrics
 from ..train.metrics import read_metrics as _read_metrics
+from ..train.optim import ModelEMA
 from .models import build_discriminator, build_generator
 
 __all__ = ["GanConfig", "ConfigError", "load_recipe", "apply_overrides", "r1_penalty", "train_gan",
@@ -77,7 +78,6 @@ class GanConfig:
     sample_every: int = 500
     sample_n: int = 64
     ckpt_every: int = 500
-    keep_checkpoints: int = 2
     eval_every: int = 1000  # FID/KID/IS of the EMA generator; 0 = only at the end, -1 = never
     eval_n: int = 2000
     eval_ref_split: str = "test"
@@ -134,6 +134,7 @@ def _coerce(name: str, value: Any) -> Any:
 
 
 def config_from_dict(d: Mapping[str, Any], source: str = "config") -> GanConfig:
+    d = {k: v for k, v in d.items() if k != "keep_checkpoints"}  # runs before one state.pt per run kept several
     _check_keys(d, source)
     return GanConfig(**{k: _coerce(k, v) for k, v in d.items()})
 
@@ -215,14 +216,6 @@ def r1_penalty(discriminator: nn.Module, real: torch.Tensor) -> tuple[torch.Tens
     return logits, grad.float().square().sum(dim=tuple(range(1, grad.ndim))).mean()
 
 
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, beta: float) -> None:
-    for pe, p in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(p, 1 - beta)
-    for be, b in zip(ema.buffers(), model.buffers()):
-        be.copy_(b)
-
-
 def save_grid(images: torch.Tensor, path: str | Path, *, nrow: int | None = None, pad: int = 2) -> Path:
     """Images in ``[-1, 1]`` ``(B, C, H, W)`` -> one PNG grid (grey for C=1), written atomically."""
     from PIL import Image
@@ -269,43 +262,36 @@ def _contract(kind: str, name: str, overrides: Mapping[str, Any], role: str, ste
                        info={"role": role, "step": step, "data": cfg.dataset})
 
 
-def save_checkpoint(run_dir: Path, step: int, *, cfg: GanConfig, G: nn.Module, G_ema: nn.Module, D: nn.Module,
+def save_checkpoint(run_dir: Path, step: int, *, cfg: GanConfig, G: nn.Module, ema: ModelEMA, D: nn.Module,
                     opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, rng: torch.Generator) -> Path:
+    """The three weights files, then ``state.pt`` (the commit point), each written atomically."""
     from ..interop import save_weights
+    from ..train.checkpoint import STATE_FILE, atomic_torch_save, capture_rng
 
-    ckdir = run_dir / "checkpoints"
-    ckdir.mkdir(parents=True, exist_ok=True)
-    final = ckdir / f"step_{step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=ckdir, prefix=f".step_{step:06d}."))
-    try:
-        for net, file, role in ((G, "generator", "generator"), (G_ema, "generator_ema", "generator_ema")):
-            save_weights(net, tmp / f"{file}.safetensors",
-                         contract=_contract("generator", cfg.generator, cfg.generator_overrides, role, step, net, cfg))
-        save_weights(D, tmp / "discriminator.safetensors",
-                     contract=_contract("discriminator", cfg.discriminator, cfg.discriminator_overrides,
-                                        "discriminator", step, D, cfg))
-        state = {"step": step, "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-                 "rng": rng.get_state(), "torch_rng": torch.get_rng_state(), "config": _yaml_dump(cfg)}
-        torch.save(state, tmp / "state.pt")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    atomic_write_text(ckdir / "latest", final.name + "\n")
-    # keep the newest ``keep_checkpoints``
-    olds = sorted(p for p in ckdir.glob("step_*") if p.is_dir())
-    for p in olds[:-max(cfg.keep_checkpoints, 1)]:
-        shutil.rmtree(p, ignore_errors=True)
-    return final
+    for net, file in ((G, "generator"), (ema.module, "generator_ema")):
+        save_weights(net, run_dir / f"{file}.safetensors",
+                     contract=_contract("generator", cfg.generator, cfg.generator_overrides, file, step, net, cfg))
+    save_weights(D, run_dir / "discriminator.safetensors",
+                 contract=_contract("discriminator", cfg.discriminator, cfg.discriminator_overrides, "discriminator",
+                                    step, D, cfg))
+    state = {"kind": "gan", "step": step,
+             "models": {"generator": G.state_dict(), "generator_ema": ema.state_dict(),
+                        "discriminator": D.state_dict()},
+             "optimizers": {"generator": opt_g.state_dict(), "discriminator": opt_d.state_dict()},
+             "rng": capture_rng({"data": rng}), "config": _yaml_dump(cfg)}
+    return atomic_torch_save(state, run_dir / STATE_FILE)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path:
+    """The folder holding a GAN run's newest weights: the run itself, or (runs before the classifiers' layout)
+    its ``checkpoints/<latest>``."""
     run_dir = Path(run_dir)
+    if (run_dir / "generator_ema.safetensors").is_file():
+        return run_dir
     ptr = run_dir / "checkpoints" / "latest"
     if not ptr.is_file():
-        raise FileNotFoundError(f"{run_dir}: no checkpoints/latest; is this a `nestvit generate train` run directory?")
+        raise FileNotFoundError(f"{run_dir}: no generator_ema.safetensors; is this a `nestvit generate train` run "
+                                "directory that reached its first checkpoint?")
     return run_dir / "checkpoints" / ptr.read_text().strip()
 
 
@@ -355,9 +341,10 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
     if G.img_size != size or G.out_chans != images.shape[1]:
         raise ValueError(f"generator {cfg.generator} makes {G.out_chans}x{G.img_size}x{G.img_size} images but the data "
                          f"are {images.shape[1]}x{size}x{size}; pick a matching preset or set generator_overrides")
-    G_ema = build_generator(cfg.generator, **_model_overrides(cfg.generator_overrides))
-    G_ema.load_state_dict(G.state_dict())
-    G_ema.eval().requires_grad_(False)
+    # the EMA generator: samples and metrics use it; the conv baseline's BatchNorm statistics are the raw
+    # generator's (copied, as StyleGAN2-ADA's G_ema does), its weights averaged with a warm-up ramp
+    ema = ModelEMA(G, cfg.ema_beta, warmup=True, copy_buffers=True)
+    G_ema = ema.module
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
     rng = torch.Generator().manual_seed(cfg.seed)
@@ -365,20 +352,25 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
 
     step = 0
     if resume:
-        from ..interop import load_weights
+        from ..train.checkpoint import STATE_FILE, load_state, restore_rng
 
-        ck = latest_checkpoint(out)
-        load_weights(G, ck / "generator.safetensors")
-        load_weights(G_ema, ck / "generator_ema.safetensors")
-        load_weights(D, ck / "discriminator.safetensors")
-        state = torch.load(ck / "state.pt", map_location="cpu", weights_only=True)
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
-        rng.set_state(state["rng"])
-        torch.set_rng_state(state["torch_rng"])
+        if not (out / STATE_FILE).is_file():
+            old = " (written by an older nestvit: it samples but does not resume)" if (out / "checkpoints").is_dir() \
+                else ""
+            raise FileNotFoundError(f"{out}: no {STATE_FILE} to resume from{old}")
+        state = load_state(out / STATE_FILE)
+        if state.get("kind") != "gan":
+            raise ValueError(f"{out / STATE_FILE} is not the state of a GAN run; resume it with `nestvit train "
+                             "--resume`")
+        G.load_state_dict(state["models"]["generator"])
+        ema.load_state_dict(state["models"]["generator_ema"])
+        D.load_state_dict(state["models"]["discriminator"])
+        opt_g.load_state_dict(state["optimizers"]["generator"])
+        opt_d.load_state_dict(state["optimizers"]["discriminator"])
+        restore_rng(state["rng"], {"data": rng})
         step = int(state["step"])
         truncate_metrics(out, step)
-        log(f"resumed {out} at step {step} from {ck.name}")
+        log(f"resumed {out} at step {step}")
     atomic_write_text(out / "config.yaml", _yaml_dump(cfg))
 
     # evaluation set-up (feature network + reference features), only when evaluations are on
@@ -471,7 +463,7 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
         loss_g.backward()
         opt_g.step()
         D.requires_grad_(True)
-        ema_update(G_ema, G, min(cfg.ema_beta, (1 + step) / (10 + step)))
+        ema.update(G, step=step)
         step += 1
         t_train += time.perf_counter() - t0
 
@@ -497,7 +489,7 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
         if cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != last:
             last_eval = evaluate(step)
         if step % cfg.ckpt_every == 0 or step == last:
-            save_checkpoint(out, step, cfg=cfg, G=G, G_ema=G_ema, D=D, opt_g=opt_g, opt_d=opt_d, rng=rng)
+            save_checkpoint(out, step, cfg=cfg, G=G, ema=ema, D=D, opt_g=opt_g, opt_d=opt_d, rng=rng)
     bar.close()
     if step == cfg.steps and cfg.eval_every >= 0:
         last_eval = evaluate(step) or last_eval

@@ -19,31 +19,28 @@ Deviations (all options; the defaults follow the official code):
 - ``act="gelu_tanh"`` is JAX's default GELU (official code); timm's port computes the exact GELU, so
   the 224 entries default to ``"gelu"`` to reproduce timm's published weights exactly.
 - ``pool_pad="same"`` pads the max-pool 0 before / 1 after (TF SAME, official); ``"symmetric"`` pads 1/1.
-- ``stem_dim > 0`` puts ``stem_depth`` x ``conv3x3 -> LayerNorm -> activation`` (``stem_dim`` channels,
-  full resolution) before the patch embedding, an early convolution as in Xiao et al. 2021 ("Early
-  Convolutions Help Transformers See Better"); not in NesT, off by default, used by the Fashion-MNIST
-  results recipe. ``patch_overlap=True`` widens the patch embedding to kernel ``2p-1`` (stride ``p``,
-  padding ``p-1``), PVTv2's overlapping patch embedding (Wang et al. 2022); not in NesT, off by default.
-- ``patch_blur=True`` low-passes the patch embedding's input with a fixed binomial 3x3 filter ([1, 2, 1]^2 / 16,
-  depthwise, zero padding) so that the stride-``p`` embedding subsamples a blurred map, Zhang 2019's
-  anti-aliasing ("Making Convolutional Networks Shift-Invariant Again"); not in NesT, off by default.
-- ``local_conv=True`` adds ``x + dwconv3x3(x)`` on the image plane before every transformer layer, CMT's
-  local perception unit (Guo et al. 2022): locality inside the layers and a path across block borders
-  within a level; not in NesT, off by default.
 - ``aggregation`` and ``aggregation_plane`` implement the paper's Figure 5 / A1 ablations (see
-  ``BlockAggregation``); rectangular images work wherever the block grid divides (the top level then
-  has more than one block).
+  ``BlockAggregation``); ``num_levels``, ``block_size`` and ``patch_size`` its hierarchy and patch-size
+  studies (Figure 6); rectangular images work wherever the block grid divides (the top level then has
+  more than one block).
+
+``NestConfig`` holds NesT and the paper's own ablations only. Options from other papers (an early conv
+stem, overlapping or blurred patch embeddings, local convolutions inside the levels) live in
+``nest_variants.py`` (``NestVariant``, registry entries ``nestv_*``), which uses two hooks of ``Nest``:
+``make_patch_embed`` and ``make_level``. On the CPU a level runs on groups of images for speed
+(``set_cpu_chunk_tokens``, see ``NestLevel``): a runtime setting, not part of the model or its checkpoints.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import ModelBase, TransformerLayer, check_divisible, drop_path_rates, init_weights, make_act, to_2tuple
+from ..layers import ModelBase, TransformerLayer, check_divisible, drop_path_rates, init_weights, to_2tuple
 from ..registry import build_config, register_model
 
 
@@ -53,11 +50,6 @@ class NestConfig:
     in_chans: int = 3
     num_classes: int = 1000
     patch_size: int = 4  # 1 for CIFAR, 4 for ImageNet (the paper's Figure 6 also tries 2)
-    stem_dim: int = 0  # 0: the paper's linear patch embedding; > 0: a conv3x3 stem of this width before it
-    stem_depth: int = 1  # conv3x3 -> LayerNorm -> act layers in that stem
-    patch_overlap: bool = False  # patch embedding conv of kernel 2p-1 (padding p-1) instead of p: patches overlap
-    patch_blur: bool = False  # fixed binomial 3x3 blur before the stride-p patch embedding (anti-aliasing)
-    local_conv: bool = False  # x + depthwise conv3x3(x) on the image plane before every transformer layer (CMT)
     num_levels: int = 3  # hierarchies T_d; level l has 4**(num_levels-1-l) blocks for square input
     block_size: int | None = None  # block edge in patches; None: grid / 2**(num_levels-1) (top = 1 block)
     embed_dims: tuple[int, ...] = (128, 256, 512)
@@ -75,7 +67,6 @@ class NestConfig:
     proj_drop_rate: float = 0.0  # dropout in MLPs and after attention proj
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0  # stochastic depth, linear over all layers
-    cpu_chunk_tokens: int = 8192  # CPU only: a level runs on groups of images of about this many tokens (0: off)
 
     def __post_init__(self) -> None:
         for name in ("embed_dims", "num_heads", "depths"):
@@ -91,10 +82,6 @@ class NestConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
-        if self.stem_dim < 0:
-            raise ValueError(f"stem_dim must be 0 (no stem) or a channel count, got {self.stem_dim}")
-        if self.stem_depth < 1:
-            raise ValueError(f"stem_depth must be at least 1 (stem_dim=0 turns the stem off), got {self.stem_depth}")
         if not 1 <= self.num_levels <= 6:
             raise ValueError(f"num_levels must be between 1 and 6, got {self.num_levels}")
 
@@ -158,20 +145,16 @@ class ChannelNorm(nn.LayerNorm):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
-class BinomialBlur(nn.Module):
-    """Fixed depthwise ``[1, 2, 1]^2 / 16`` filter, ``(B, C, H, W) -> (B, C, H, W)`` (zero padding 1).
+class PatchEmbed(nn.Module):
+    """Linear patch embedding, ``(B, C, H, W) -> (B, H/p, W/p, C')`` channels last: a conv, kernel = stride = p."""
 
-    The filter is a buffer, not a parameter, and is not saved: state dicts are those of the model without it.
-    """
-
-    def __init__(self, channels: int) -> None:
+    def __init__(self, in_chans: int, dim: int, patch_size: int) -> None:
         super().__init__()
-        k = torch.tensor([1.0, 2.0, 1.0])
-        self.register_buffer("kernel", (k[:, None] * k[None, :] / 16).expand(channels, 1, 3, 3).clone(),
-                             persistent=False)
+        self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.kernel, padding=1, groups=x.shape[1])
+        x = self.proj(x.contiguous(memory_format=torch.channels_last))
+        return x.permute(0, 2, 3, 1)  # channels-last memory, so this view is contiguous
 
 
 class BlockAggregation(nn.Module):
@@ -214,10 +197,35 @@ class BlockAggregation(nn.Module):
         return x  # conv_stride2
 
 
+# CPU only: a level runs on groups of whole images of about this many tokens (0: the whole batch at once).
+# A runtime speed setting, not part of the model: change it with ``set_cpu_chunk_tokens``.
+CPU_CHUNK_TOKENS = 8192
+
+
+@contextmanager
+def _restore_cpu_chunk_tokens(previous: int):
+    try:
+        yield
+    finally:
+        set_cpu_chunk_tokens(previous)
+
+
+def set_cpu_chunk_tokens(tokens: int):
+    """Set ``CPU_CHUNK_TOKENS`` (0: no grouping); as a context manager, restore the previous value on exit.
+
+    ``set_cpu_chunk_tokens(0)`` changes it for the process; ``with set_cpu_chunk_tokens(256): ...`` for a block.
+    """
+    global CPU_CHUNK_TOKENS
+    if int(tokens) < 0:
+        raise ValueError(f"cpu chunk tokens must be 0 (off) or a positive token count, got {tokens}")
+    previous, CPU_CHUNK_TOKENS = CPU_CHUNK_TOKENS, int(tokens)
+    return _restore_cpu_chunk_tokens(previous)
+
+
 class NestLevel(nn.Module):
     """Optional block aggregation, then ``depth`` transformer layers local to each block.
 
-    On the CPU a level runs on groups of images (``cpu_chunk_tokens`` of its tokens per group).
+    On the CPU a level runs on groups of images (``CPU_CHUNK_TOKENS`` of its tokens per group).
     Why: at batch 64 on 32x32 input, level 0 holds 65536 tokens, so its MLP activations are 200 MB
     tensors. glibc serves every allocation above 32 MB with fresh ``mmap`` pages (about 50k page
     faults, ~60 ms, per tensor and per step) and such tensors stream through DRAM between operators;
@@ -232,7 +240,6 @@ class NestLevel(nn.Module):
         self.block = cfg.block
         self.grid = cfg.block_grid(level)  # (gh, gw) blocks
         self.plane = cfg.aggregation_plane
-        self.chunk_tokens = cfg.cpu_chunk_tokens
         self.tokens_per_image = self.grid[0] * self.grid[1] * self.block ** 2
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], self.block ** 2, dim))
         self.pool = (BlockAggregation(cfg.embed_dims[level - 1], dim, kind=cfg.aggregation,
@@ -244,8 +251,6 @@ class NestLevel(nn.Module):
                              norm_eps=cfg.norm_eps, drop=cfg.proj_drop_rate, attn_drop=cfg.attn_drop_rate,
                              drop_path=p)
             for p in dpr])
-        self.local_convs = nn.ModuleList([nn.Conv2d(dim, dim, 3, padding=1, groups=dim) for _ in dpr]
-                                         if cfg.local_conv else [])
 
     def aggregate(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, W, C) -> (B, H/2, W/2, C')`` on the image plane, or per block on the block plane."""
@@ -268,21 +273,16 @@ class NestLevel(nn.Module):
         On the CPU, groups of whole images at a time (see the class docstring); stochastic depth stays
         per image because groups only split the image axis.
         """
-        images = max(1, self.chunk_tokens // self.tokens_per_image)  # images per group
-        if x.device.type != "cpu" or self.chunk_tokens <= 0 or x.shape[0] <= images:
+        chunk_tokens = CPU_CHUNK_TOKENS
+        images = max(1, chunk_tokens // self.tokens_per_image)  # images per group
+        if x.device.type != "cpu" or chunk_tokens <= 0 or x.shape[0] <= images:
             return self._forward(x)
         return torch.cat([self._forward(group) for group in x.split(images)])  # (B, H', W', C)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.aggregate(x)
         x = blockify(x, self.block) + self.pos_embed  # (B, T, N, C)
-        if not self.local_convs:
-            return deblockify(self.transformer_encoder(x), self.grid)  # attention folds T into the batch
-        for conv, layer in zip(self.local_convs, self.transformer_encoder):
-            x = deblockify(x, self.grid)  # (B, H', W', C)
-            x = x + conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # channels-last NCHW view of NHWC
-            x = layer(blockify(x, self.block))
-        return deblockify(x, self.grid)  # (B, H', W', C)
+        return deblockify(self.transformer_encoder(x), self.grid)  # attention folds T into the batch
 
 
 class Nest(ModelBase):
@@ -298,18 +298,9 @@ class Nest(ModelBase):
         self.num_features = cfg.embed_dims[-1]
         cfg.block_grid(cfg.num_levels - 1)  # validate the whole hierarchy up front
 
-        self.patch_embed = nn.Module()
-        self.patch_embed.stem = nn.Identity() if not cfg.stem_dim else nn.Sequential(*[
-            layer for i in range(cfg.stem_depth)
-            for layer in (nn.Conv2d(cfg.stem_dim if i else cfg.in_chans, cfg.stem_dim, 3, padding=1),
-                          ChannelNorm(cfg.stem_dim, eps=cfg.norm_eps), make_act(cfg.act))])
-        self.patch_embed.blur = BinomialBlur(cfg.stem_dim or cfg.in_chans) if cfg.patch_blur else nn.Identity()
-        p = cfg.patch_size
-        self.patch_embed.proj = nn.Conv2d(cfg.stem_dim or cfg.in_chans, cfg.embed_dims[0],
-                                          2 * p - 1 if cfg.patch_overlap else p, stride=p,
-                                          padding=p - 1 if cfg.patch_overlap else 0)
+        self.patch_embed = self.make_patch_embed(cfg)
         dprs = drop_path_rates(cfg.drop_path_rate, cfg.depths)
-        self.levels = nn.ModuleList([NestLevel(cfg, i, dprs[i]) for i in range(cfg.num_levels)])
+        self.levels = nn.ModuleList([self.make_level(cfg, i, dprs[i]) for i in range(cfg.num_levels)])
         self.norm = nn.LayerNorm(cfg.embed_dims[-1], eps=cfg.norm_eps)
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
@@ -318,6 +309,14 @@ class Nest(ModelBase):
         init_weights(self)
         for level in self.levels:
             nn.init.trunc_normal_(level.pos_embed, std=0.02, a=-0.04, b=0.04)
+
+    def make_patch_embed(self, cfg: NestConfig) -> nn.Module:
+        """``(B, C_in, H, W) -> (B, H/p, W/p, C)`` channels last (a hook for ``NestVariant``)."""
+        return PatchEmbed(cfg.in_chans, cfg.embed_dims[0], cfg.patch_size)
+
+    def make_level(self, cfg: NestConfig, level: int, dpr: list[float]) -> NestLevel:
+        """Level ``level`` with stochastic-depth rates ``dpr`` (a hook for ``NestVariant``)."""
+        return NestLevel(cfg, level, dpr)
 
     def no_weight_decay(self) -> set[str]:
         """The official NesT excludes only the position embeddings."""
@@ -329,9 +328,7 @@ class Nest(ModelBase):
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        x = self.patch_embed.stem(x.contiguous(memory_format=torch.channels_last))
-        x = self.patch_embed.proj(self.patch_embed.blur(x))
-        return x.permute(0, 2, 3, 1)  # (B, H/p, W/p, C): channels-last memory, so this view is contiguous
+        return self.patch_embed(x)  # (B, H/p, W/p, C)
 
     def forward_intermediates(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``(features (B, C, H, W), [level l output (B, C_l, H_l, W_l) for every level])``.
@@ -363,50 +360,58 @@ class Nest(ModelBase):
 # Registry: the official CIFAR and ImageNet configurations
 # --------------------------------------------------------------------------------------------------
 
-def _cifar(dim: int, heads: int, overrides: dict) -> Nest:
-    cfg = NestConfig(img_size=32, num_classes=10, patch_size=1, num_levels=4, block_size=4, embed_dims=dim,
-                     num_heads=heads, depths=3, attn="mqa", act="gelu_tanh", pool_pad="same")
-    return Nest(cfg, **overrides)
+def _cifar(dim: int, heads: int) -> NestConfig:
+    return NestConfig(img_size=32, num_classes=10, patch_size=1, num_levels=4, block_size=4, embed_dims=dim,
+                      num_heads=heads, depths=3, attn="mqa", act="gelu_tanh", pool_pad="same")
+
+
+def _imagenet(dims: tuple[int, ...], heads: tuple[int, ...], depths: tuple[int, ...]) -> NestConfig:
+    return NestConfig(img_size=224, num_classes=1000, patch_size=4, num_levels=3, block_size=14, embed_dims=dims,
+                      num_heads=heads, depths=depths, attn="mha", act="gelu", pool_pad="same", drop_path_rate=0.0)
+
+
+# every entry's configuration by registry name (``nest_variants.py`` registers a ``nestv_*`` twin of each)
+CONFIGS: dict[str, NestConfig] = {
+    "nest_tiny_cifar": _cifar(192, 3),
+    "nest_small_cifar": _cifar(384, 6),
+    "nest_base_cifar": _cifar(768, 12),
+    "nest_tiny_224": _imagenet((96, 192, 384), (3, 6, 12), (2, 2, 8)),
+    "nest_small_224": _imagenet((96, 192, 384), (3, 6, 12), (2, 2, 20)),
+    "nest_base_224": _imagenet((128, 256, 512), (4, 8, 16), (2, 2, 20)),
+}
 
 
 @register_model("nest")
 def nest_tiny_cifar(**overrides) -> Nest:
     """NesT-T for 32x32 (official CIFAR config): 4 levels x 3 layers, width 192, 3 heads, MQA."""
-    return _cifar(192, 3, overrides)
+    return Nest(CONFIGS["nest_tiny_cifar"], **overrides)
 
 
 @register_model("nest")
 def nest_small_cifar(**overrides) -> Nest:
     """NesT-S for 32x32: width 384, 6 heads."""
-    return _cifar(384, 6, overrides)
+    return Nest(CONFIGS["nest_small_cifar"], **overrides)
 
 
 @register_model("nest")
 def nest_base_cifar(**overrides) -> Nest:
     """NesT-B for 32x32: width 768, 12 heads."""
-    return _cifar(768, 12, overrides)
-
-
-def _imagenet(dims: tuple[int, ...], heads: tuple[int, ...], depths: tuple[int, ...], overrides: dict) -> Nest:
-    cfg = NestConfig(img_size=224, num_classes=1000, patch_size=4, num_levels=3, block_size=14, embed_dims=dims,
-                     num_heads=heads, depths=depths, attn="mha", act="gelu", pool_pad="same",
-                     drop_path_rate=0.0)
-    return Nest(cfg, **overrides)
+    return Nest(CONFIGS["nest_base_cifar"], **overrides)
 
 
 @register_model("nest")
 def nest_tiny_224(**overrides) -> Nest:
     """NesT-T for 224x224 ImageNet (loads timm's ``nest_tiny_jx`` weights)."""
-    return _imagenet((96, 192, 384), (3, 6, 12), (2, 2, 8), overrides)
+    return Nest(CONFIGS["nest_tiny_224"], **overrides)
 
 
 @register_model("nest")
 def nest_small_224(**overrides) -> Nest:
     """NesT-S for 224x224 ImageNet (loads timm's ``nest_small_jx`` weights)."""
-    return _imagenet((96, 192, 384), (3, 6, 12), (2, 2, 20), overrides)
+    return Nest(CONFIGS["nest_small_224"], **overrides)
 
 
 @register_model("nest")
 def nest_base_224(**overrides) -> Nest:
     """NesT-B for 224x224 ImageNet (loads timm's ``nest_base_jx`` weights)."""
-    return _imagenet((128, 256, 512), (4, 8, 16), (2, 2, 20), overrides)
+    return Nest(CONFIGS["nest_base_224"], **overrides)

@@ -38,9 +38,11 @@ from ..layers import (
     Attention,
     ModelBase,
     TransformerLayer,
+    attention_probs,
     check_divisible,
     drop_path_rates,
     init_weights,
+    split_qkv,
     to_2tuple,
 )
 from ..registry import build_config, register_model
@@ -101,16 +103,10 @@ def explicit_attention(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, 
     attention broadcasts its one K/V head.
     """
     *lead, N, C = x.shape
-    x = x.reshape(-1, N, C)
-    B = x.shape[0]
-    H, D, Hkv = attn.num_heads, attn.head_dim, attn.kv_heads
-    q, k, v = attn.qkv(x).split([C, Hkv * D, Hkv * D], dim=-1)
-    q = q.reshape(B, N, H, D).transpose(1, 2)  # (B, H, N, D)
-    k = k.reshape(B, N, Hkv, D).transpose(1, 2)  # (B, Hkv, N, D), Hkv in (1, H)
-    v = v.reshape(B, N, Hkv, D).transpose(1, 2)
-    probs = torch.softmax((q * D ** -0.5) @ k.transpose(-2, -1), dim=-1)  # (B, H, N, N)
+    q, k, v = split_qkv(attn.qkv(x.reshape(-1, N, C)), attn.num_heads, attn.kv_heads)  # k, v: 1 or H heads
+    probs = attention_probs(q, k)  # (B, H, N, N)
     o = (probs @ v).transpose(1, 2).reshape(*lead, N, C)
-    return attn.proj(o), probs.reshape(*lead, H, N, N)
+    return attn.proj(o), probs.reshape(*lead, attn.num_heads, N, N)
 
 
 class ViT(ModelBase):

@@ -22,9 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import UserError
 from ..fileio import atomic_path
 
 STATE_FILE = "state.pt"
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A training state that cannot be read (truncated, damaged, or not a nestvit ``state.pt``)."""
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
@@ -46,7 +51,8 @@ def load_state(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - one clear message for any unreadable file
-        raise RuntimeError(f"{path}: cannot read the training state ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path}: cannot read the training state ({type(e).__name__}: {e}); is the file "
+                              "truncated? Start a new run with another --out") from None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -46,17 +46,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 @contextlib.contextmanager
 def one_line_errors() -> Iterator[None]:
-    """Data-set and file errors become RuntimeErrors, which ``nestvit`` prints as one line."""
-    from ..data.datasets import DatasetError
+    """File-system errors (a run directory that holds a run, a read-only disk, an I/O error) become
+    ``UserError``s, which ``nestvit`` prints as one line; anything else passes through as it is."""
+    from ..errors import UserError
 
     try:
         yield
-    except DatasetError as e:
-        raise RuntimeError(str(e)) from e
+    except UserError:
+        raise
     except OSError as e:
-        if isinstance(e, FileNotFoundError):
-            raise
-        raise RuntimeError(str(e)) from e
+        if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+            raise  # nestvit prints these as one line already
+        raise UserError(str(e)) from e
 
 
 def run(args: argparse.Namespace) -> int:

@@ -23,13 +23,14 @@ from typing import Any
 import yaml
 
 from ..data.augment import TTA_MODES, AugmentConfig
+from ..errors import UserError
 from ..fileio import atomic_write_text
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """An unknown key, a value of the wrong type or an impossible combination in a training config."""
 
 
@@ -145,6 +146,9 @@ class TrainConfig:
             (self.eval_batch >= 1, f"eval_batch must be >= 1, got {self.eval_batch}"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
             (self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every}"),
+            (self.checkpoint_every >= 0,
+             f"checkpoint_every must be >= 0 (0 = at epoch ends only), got {self.checkpoint_every}"),
+            (0 <= self.seed < 2**32, f"seed must be in 0..{2**32 - 1}, got {self.seed}"),
             (self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}"),
             (self.tta in TTA_MODES, f"tta must be one of {', '.join(TTA_MODES)}, got {self.tta!r}"),
             (self.precision in PRECISIONS,
@@ -152,12 +156,42 @@ class TrainConfig:
             (self.optim.no_decay in ("recipe", "pos_embed_only", "1d_and_tokens"),
              f"optim.no_decay must be 'recipe', 'pos_embed_only' or '1d_and_tokens', got {self.optim.no_decay!r}"),
             (self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}"),
+            (self.optim.lr_ref_batch >= 0,
+             f"optim.lr_ref_batch must be >= 0 (0 = lr not scaled), got {self.optim.lr_ref_batch}"),
+            (self.optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.optim.weight_decay}"),
+            (self.optim.eps > 0, f"optim.eps must be > 0, got {self.optim.eps}"),
+            (all(0 <= b < 1 for b in self.optim.betas), f"optim.betas must be in [0, 1), got {self.optim.betas}"),
+            (self.optim.clip_grad >= 0, f"optim.clip_grad must be >= 0 (0 = off), got {self.optim.clip_grad}"),
             (self.optim.sam_rho >= 0, f"optim.sam_rho must be >= 0 (0 = off), got {self.optim.sam_rho}"),
             (self.optim.sam_batch >= 0,
              f"optim.sam_batch must be >= 0 (0 = the first micro-batch), got {self.optim.sam_batch}"),
             (self.schedule.name in ("cosine", "step", "constant"),
              f"schedule.name must be 'cosine', 'step' or 'constant', got {self.schedule.name!r}"),
             (self.schedule.step_every >= 1, f"schedule.step_every must be >= 1, got {self.schedule.step_every}"),
+            (self.schedule.warmup_epochs >= 0,
+             f"schedule.warmup_epochs must be >= 0, got {self.schedule.warmup_epochs}"),
+            (0 <= self.schedule.warmup_start <= 1,
+             f"schedule.warmup_start must be in [0, 1], got {self.schedule.warmup_start}"),
+            (0 <= self.schedule.min_lr_ratio <= 1,
+             f"schedule.min_lr_ratio must be in [0, 1], got {self.schedule.min_lr_ratio}"),
+            (self.schedule.gamma > 0, f"schedule.gamma must be > 0, got {self.schedule.gamma}"),
+            (self.data.limit_train is None or self.data.limit_train >= 1,
+             f"data.limit_train must be >= 1 (images) or null (all), got {self.data.limit_train}"),
+            (self.data.limit_eval is None or self.data.limit_eval >= 1,
+             f"data.limit_eval must be >= 1 (images) or null (all), got {self.data.limit_eval}"),
+            (self.data.img_size >= 1, f"data.img_size must be >= 1 (pixels), got {self.data.img_size}"),
+            (self.data.workers >= 0,
+             f"data.workers must be >= 0 (0 = load in the training process), got {self.data.workers}"),
+            (self.data.pad_to is None or self.data.pad_to >= 1,
+             f"data.pad_to must be a positive image size or null, got {self.data.pad_to}"),
+            (self.aug.crop_padding >= 0, f"aug.crop_padding must be >= 0 (pixels), got {self.aug.crop_padding}"),
+            (self.aug.ra_num_ops >= 0, f"aug.ra_num_ops must be >= 0, got {self.aug.ra_num_ops}"),
+            (self.aug.mixup_alpha >= 0, f"aug.mixup_alpha must be >= 0 (0 = off), got {self.aug.mixup_alpha}"),
+            (self.aug.cutmix_alpha >= 0, f"aug.cutmix_alpha must be >= 0 (0 = off), got {self.aug.cutmix_alpha}"),
+            *((0 <= getattr(self.aug, k) <= 1, f"aug.{k} must be in [0, 1], got {getattr(self.aug, k)}")
+              for k in ("ra_prob", "mix_switch_prob", "mix_prob", "random_erasing")),
+            (0 <= self.aug.label_smoothing < 1,
+             f"aug.label_smoothing must be in [0, 1), got {self.aug.label_smoothing}"),
             (self.data.random_resized_crop is None or 0 < self.data.random_resized_crop <= 1,
              f"data.random_resized_crop must be in (0, 1] (the smallest crop's share of the area; the official "
              f"ImageNet recipes: 0.08) or null, got {self.data.random_resized_crop}"),
@@ -343,7 +377,7 @@ def builtin_recipes() -> dict[str, Path]:
     out = {}
     for path in sorted(RECIPE_DIR.glob("*.yaml")):
         try:
-            raw = yaml.safe_load(path.read_text())
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError:
             continue
         if isinstance(raw, dict) and set(raw) <= fields:
@@ -353,7 +387,7 @@ def builtin_recipes() -> dict[str, Path]:
 
 def recipe_summary(path: Path) -> str:
     """The first comment line of a recipe (what it is for)."""
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         if line.startswith("#"):
             return line.lstrip("# ").strip()
     return ""
@@ -369,9 +403,23 @@ def read_recipe(recipe: str | Path) -> tuple[dict[str, Any], str]:
                               f"{', '.join(recipes)}")
         path = recipes[str(recipe)]
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                          "save the recipe as UTF-8") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{at} ({getattr(e, 'problem', None) or e}); fix the recipe "
+                          "there") from None
+    if raw is None:
+        # An empty recipe (nothing but blanks and comments) would train every default (mnist5k on a NesT)
+        # without a word; it is almost surely a mistake (a wrong or truncated file), so it is refused.
+        # `{}` still says "all defaults" on purpose.
+        raise ConfigError(f"{path}: the recipe is empty; give at least one key (e.g. `epochs: 10`), or write "
+                          "`{}` to train with every default")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of keys to values")
     return raw, path.stem
@@ -387,15 +435,19 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
-            value = text
         keys = valid_keys()
         if key not in keys and not any(k.endswith(".*") and (key + ".").startswith(k[:-1]) for k in keys):
             if key in DERIVED_KEYS:
                 raise ConfigError(f"{key} cannot be set: it is taken from {DERIVED_KEYS[key]}")
             raise ConfigError(f"unknown key {key!r} in --set {item}; valid keys: {', '.join(keys)}")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as e:
+            if not _takes_text(key):  # a list, number or mapping that does not parse: never a silent string
+                raise ConfigError(f"--set {key}: cannot read the value {text.strip()!r} "
+                                  f"({getattr(e, 'problem', None) or 'not valid YAML'}); write a list as [1, 2], a "
+                                  "mapping as {a: 1}, a string in quotes") from None
+            value = text  # a string key (a path, a name): the text as it is
         node = out
         parts = key.split(".")
         for i, part in enumerate(parts[:-1]):
@@ -407,6 +459,19 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = child
         node[parts[-1]] = value
     return out
+
+
+def _takes_text(key: str) -> bool:
+    """Whether the field of dotted ``key`` accepts a string (``str``, ``str | None``); dict entries do not count."""
+    cls: Any = TrainConfig
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return False
+        tp = typing.get_type_hints(cls).get(part)
+        if tp is None:
+            return False
+        cls = tp
+    return cls is str or str in typing.get_args(cls)
 
 
 def load_config(recipe: str | Path | dict[str, Any] | None = None, overrides: list[str] = ()) -> TrainConfig:

@@ -43,7 +43,7 @@ class ConvNetConfig:
     drop_rate: float = 0.0  # dropout before the head
 
 
-@register_model("convnet", name="convnet")
+@register_model("convnet", kind="baseline", name="convnet")
 class SmallConvNet(ModelBase):
     """A few conv layers (conv3x3-BN-ReLU per stage, stride 2 from the second stage), average pool, linear."""
 

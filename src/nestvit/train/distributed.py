@@ -21,6 +21,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..errors import UserError
+
+
+class DeviceError(UserError, RuntimeError):
+    """The device asked for is not there (``--device cuda`` without a visible GPU)."""
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -44,7 +50,7 @@ def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+            raise DeviceError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
         return torch.device("cuda", local_rank if name == "cuda" else torch.device(name).index)
     if name != "cpu":
         raise ValueError(f"unknown device {name!r}; choose cpu or cuda")

@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from ..data.datasets import DATASETS, ImageFolderDataset, load_dataset
+from ..data.datasets import DATASETS, DatasetError, ImageFolderDataset, load_dataset
 from .config import DataSection
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+FEW_IMAGES = 5  # an image-folder class of the training split with fewer images than this is warned about
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Split:
     images: torch.Tensor | None = None  # (N, C, H, W) uint8, on the training device
     folder: ImageFolderDataset | None = None
     unpadded: tuple[int, int] | None = None  # (H, W) of the images before data.pad_to (after data.resize_to)
+    notes: list[str] = field(default_factory=list)  # warnings about the data, printed when the run starts
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -104,11 +106,12 @@ def load_split(cfg: DataSection, split: str, device: torch.device, *, classes: l
             raise ValueError(f"data.root is required for {cfg.name} (root/<split>/<class>/*.jpg)")
         crop = (cfg.random_resized_crop, 1.0) if split == cfg.train_split and cfg.random_resized_crop else None
         folder = ImageFolderDataset(cfg.root, split=split, size=cfg.img_size, classes=classes, crop_scale=crop)
+        notes = _class_notes(folder, training=classes is None)
         if limit is not None:
             folder.samples = folder.samples[:limit]
         labels = torch.tensor([label for _, label in folder.samples], dtype=torch.int64)
         return Split(name=f"{cfg.name}:{split}", labels=labels, classes=list(folder.classes), channels=3,
-                     size=(cfg.img_size, cfg.img_size), folder=folder)
+                     size=(cfg.img_size, cfg.img_size), folder=folder, notes=notes)
     ds = load_dataset(cfg.name, root=cfg.root, split=split, download=cfg.download)
     images, labels = ds.images, ds.labels
     if limit is not None:
@@ -118,6 +121,39 @@ def load_split(cfg: DataSection, split: str, device: torch.device, *, classes: l
     images = _pad(images, cfg.pad_to)
     return Split(name=ds.name, labels=labels, classes=list(ds.classes), channels=images.shape[1],
                  size=tuple(images.shape[-2:]), images=images.to(device), unpadded=unpadded)
+
+
+def _class_notes(folder: ImageFolderDataset, *, training: bool) -> list[str]:
+    """Check an image folder's classes: warnings to print, or a ``DatasetError`` for an empty training class.
+
+    A class directory of the training split without images is an error, not a warning: it would still get
+    an output of the model, a label that no image has, which training only learns to never predict (and the
+    evaluation then counts its images as misses); the fix is to add images or remove the directory. A
+    training class with fewer than ``FEW_IMAGES`` images is a warning, as are the classes of an evaluation
+    split (``training=False``: its classes are the training split's) that differ from the training split's:
+    a training class it has no images of (its accuracy is undefined), a class directory the training split
+    does not have (its images are skipped).
+    """
+    counts = dict(zip(folder.classes, folder.counts))
+    empty = [c for c, n in counts.items() if n == 0]
+    if empty and training:
+        raise DatasetError(f"imagefolder: class director{'ies' if len(empty) > 1 else 'y'} {', '.join(empty)} of "
+                           f"{folder.root} {'have' if len(empty) > 1 else 'has'} no images; a class without "
+                           "images cannot be learnt: add images or remove the directory")
+    notes = []
+    if not training:
+        extra = sorted(p.name for p in folder.root.iterdir() if p.is_dir() and p.name not in counts)
+        differ = ([f"no images of the training class(es) {', '.join(empty)} (their accuracy is n/a)"] if empty
+                  else []) + ([f"class(es) {', '.join(extra)} not in the training split (their images are "
+                               "skipped)"] if extra else [])
+        if differ:
+            notes.append(f"warning: {folder.root}: its classes differ from the training split's: "
+                         f"{'; '.join(differ)}; give both splits the same class directories")
+    few = [f"{c} ({n})" for c, n in counts.items() if 0 < n < FEW_IMAGES]
+    if few and training:
+        notes.append(f"warning: {folder.root}: class(es) with fewer than {FEW_IMAGES} images: {', '.join(few)}; "
+                     "the model will hardly learn them: add images")
+    return notes
 
 
 def normalization(cfg: DataSection, train: Split) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -30,9 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.augment import BatchAugment, eval_transform, shift, tta_views
-from ..fileio import atomic_write_text
 from ..contract import RunContract
+from ..data.augment import BatchAugment, eval_transform, shift, tta_views
+from ..errors import UserError
+from ..fileio import atomic_write_text, remove_stale_temporaries
 from ..interop import save_weights
 from ..system import machine_info, machine_label, resolve_precision, slow_bf16
 from . import config as C
@@ -57,7 +58,7 @@ from .runs import build_model, input_transform, run_contract
 PLOT_EVERY_S = 60.0  # plots are redrawn after an epoch at most this often (and always at the end)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The loss became NaN or infinite; the run stops without writing a checkpoint."""
 
 
@@ -83,10 +84,20 @@ def _fmt_time(seconds: float) -> str:
     return f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
 
 
+def _build(section: C.ModelSection, key: str, **data: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """``build_model``, where a constructor's ``TypeError`` (an option the model does not have, a value of the
+    wrong type: ``registry.build_config`` raises it) is the config's mistake, said in one line naming ``key``."""
+    try:
+        return build_model(section, **data)
+    except TypeError as e:
+        raise C.ConfigError(f"{key} do not fit {section.name}: {e}") from e
+
+
 class Trainer:
     """Holds a run's model, optimizer, data and state; ``fit()`` trains it. Build with ``train()``."""
 
-    def __init__(self, cfg: C.TrainConfig, run_dir: Path, info: DistInfo, *, resume: bool = False) -> None:
+    def __init__(self, cfg: C.TrainConfig, run_dir: Path, info: DistInfo, *, resume: bool = False,
+                 state: dict[str, Any] | None = None) -> None:
         self.info, self.device, self.run_dir = info, info.device, run_dir
         self.main = info.is_main
         self.started = self.plotted = time.perf_counter()
@@ -115,16 +126,16 @@ class Trainer:
         self.num_classes = len(self.classes)
 
         # model, EMA, teacher
-        self.model, self.model_kwargs = build_model(cfg.model, num_classes=self.num_classes,
-                                                    in_chans=self.train_split.channels, img_size=self.train_split.size)
+        self.model, self.model_kwargs = _build(cfg.model, "model.overrides", num_classes=self.num_classes,
+                                               in_chans=self.train_split.channels, img_size=self.train_split.size)
         self.model.to(self.device)
         self.ema = ModelEMA(self.model, cfg.ema.decay) if cfg.ema.decay > 0 else None
         self.teacher = None
         if cfg.distill.teacher:
             section = C.ModelSection(name=cfg.distill.teacher, overrides=cfg.distill.teacher_overrides,
                                      weights=cfg.distill.teacher_weights)
-            self.teacher, _ = build_model(section, num_classes=self.num_classes, in_chans=self.train_split.channels,
-                                          img_size=self.train_split.size)
+            self.teacher, _ = _build(section, "distill.teacher_overrides", num_classes=self.num_classes,
+                                     in_chans=self.train_split.channels, img_size=self.train_split.size)
             self.teacher.to(self.device).eval().requires_grad_(False)
         if info.rank > 0:  # ranks share the initial weights but draw their own dropout / drop-path masks
             torch.manual_seed(cfg.seed + 1000 * info.rank)
@@ -167,14 +178,24 @@ class Trainer:
         self.spent_before = self.eval_s = self.time_frac = 0.0
         self.lr = 0.0  # the learning rate of the last optimizer step (what the records log)
         self.fit_started = time.perf_counter()
+        self.finished = False  # a resumed run whose training is over (its final evaluation is redone)
         if resume:
-            self._load(load_state(run_dir))
+            self._load(state if state is not None else load_state(run_dir))
 
         if self.main:
             run_dir.mkdir(parents=True, exist_ok=True)
+            removed = remove_stale_temporaries(run_dir)  # left by writes of a killed run
+            if removed:
+                self.say(f"note: removed {len(removed)} temporary file(s) a killed run left in {run_dir}")
             C.save_config(cfg, run_dir / "config.yaml")
         barrier(info)
-        self.log = MetricsLog(run_dir, enabled=self.main, truncate_after_step=self.step if resume else None)
+        # a new run drops the records of one killed before its first checkpoint (step 0); a resumed run those
+        # logged after its checkpoint
+        self.log = MetricsLog(run_dir, enabled=self.main, truncate_after_step=self.step)
+        if self.log.dropped:
+            self.say(f"note: dropped {self.log.dropped} record(s) of {self.log.path} logged after the "
+                     + (f"checkpoint at step {self.step}" if resume else "start of a run killed before its first "
+                        "checkpoint"))
 
     # ---------------------------------------------------------------------------------------------
     # printing
@@ -200,6 +221,8 @@ class Trainer:
                  f"{', compiled' if cfg.compile else ''}, world size {i.world_size}")
         if self.precision == "bf16" and (warning := slow_bf16(self.device, "--set precision=auto (fp32 here)")):
             self.say(warning)
+        for note in tr.notes + ev.notes:
+            self.say(note)
         self.say(f"data: {cfg.data.name} {len(tr)} train / {len(ev)} {cfg.data.eval_split} images of "
                  f"{tr.channels}x{tr.size[0]}x{tr.size[1]}, {self.num_classes} classes; normalised with mean "
                  f"{cfg.data.mean} std {cfg.data.std}")
@@ -220,7 +243,7 @@ class Trainer:
         if self.budget_s:
             self.say(f"time budget: {self.cfg.time_budget_min:g} min (training and evaluations); the schedule "
                      f"decays by step or by time, whichever is further along; {cfg.epochs} epochs at most")
-        if self.step:
+        if self.step and not self.finished:
             self.say(f"resuming at epoch {self.epoch + 1}, step {self.step}")
 
     # ---------------------------------------------------------------------------------------------
@@ -266,10 +289,13 @@ class Trainer:
         loss_value = stats[0].item() / self.info.world_size
         self.read_clock()
         if not math.isfinite(loss_value):
+            state = self.run_dir / STATE_FILE
+            last = (f"The last good checkpoint is {state}" if state.is_file()
+                    else "No checkpoint was written yet")
             raise NonFiniteLossError(
                 f"loss is {loss_value} at step {self.step + 1} (epoch {self.epoch + 1}, batch {self.step_in_epoch + 1}"
-                f" of {self.steps_per_epoch}); training stopped. The last good checkpoint is "
-                f"{self.run_dir / STATE_FILE}. Lower optim.lr, set optim.clip_grad, or train in fp32")
+                f" of {self.steps_per_epoch}); training stopped. {last}. Lower optim.lr, set optim.clip_grad, or "
+                "train in fp32")
         if self.cfg.optim.clip_grad > 0:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
@@ -370,6 +396,15 @@ class Trainer:
         self.fit_started = time.perf_counter()
         if self.budget_s:
             self.time_frac = self.spent_before / self.budget_s
+        if self.finished:  # killed after its last checkpoint, before its summary: redo what came after it
+            self.say("the run's training is over but its final evaluation, plots or summary were not written; "
+                     "redoing them")
+            if self.epoch < cfg.epochs:  # it was stopped by its time budget
+                self.time_frac = max(self.time_frac, 1.0)
+            test = self.evaluate(self.model)
+            ema = self.evaluate(self.ema.module) if self.ema is not None else None
+            tta = self.evaluate(self.model, tta=cfg.tta) if cfg.tta != "none" else None
+            self.write_plots(test)
         while self.epoch < cfg.epochs and self.time_frac < 1.0:
             epoch = self.epoch
             stats = self.train_epoch(epoch)
@@ -493,14 +528,20 @@ class Trainer:
             "best_top1": self.best_top1,
             "world_size": self.info.world_size,
             "config": C.to_dict(self.cfg),
+            "time_budget_s": self.budget_s,
+            "budget_spent": self.time_frac >= 1.0,  # with time_budget_s: the run is over (see run_finished)
         }
         atomic_torch_save(state, self.run_dir / STATE_FILE)
 
     def _load(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.model.load_state_dict(state["model"])
+            if self.ema is not None and state.get("ema") is not None:
+                self.ema.load_state_dict(state["ema"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:  # torch's error lists every key: say it in one line
+            raise C.ConfigError(self._misfit(state)) from e
+        self.finished = run_finished(state, self.cfg)
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.step_in_epoch, self.best_top1 = state["step_in_epoch"], state["best_top1"]
@@ -514,6 +555,42 @@ class Trainer:
         changed = _changed_keys(state["config"], C.to_dict(self.cfg))
         if changed:
             self.say(f"note: the config differs from the saved run's in {', '.join(changed)}")
+
+    def _misfit(self, state: dict[str, Any]) -> str:
+        """One line: the checkpoint's model does not fit the config's (names, sizes, differing keys), and what to do."""
+        def size(sd: Any) -> int:
+            return sum(t.numel() for t in sd.values() if isinstance(t, torch.Tensor)) if isinstance(sd, dict) else 0
+
+        saved = state.get("config") if isinstance(state.get("config"), dict) else {}
+        name = (saved.get("model") or {}).get("name", "?")
+        changed = [k for k in _changed_keys(saved, C.to_dict(self.cfg)) if k.split(".")[0] in ("model", "data")]
+        differ = f"; the configs differ in {', '.join(changed[:6])}" if changed and saved else ""
+        return (f"{self.run_dir / STATE_FILE} does not fit the config: it holds a {name} of "
+                f"{size(state.get('model')):,} weights, the config builds a {self.cfg.model.name} of "
+                f"{size(self.model.state_dict()):,}{differ}. Resume with the run's own config.yaml (no --set of "
+                "model or data keys), or start a new run with another --out")
+
+
+def run_finished(state: dict[str, Any], cfg: C.TrainConfig) -> bool:
+    """Whether the run of training ``state`` is over under ``cfg``: all its epochs done, or its time budget
+    spent (the same budget: a larger one, or more epochs, continues it)."""
+    if state["epoch"] >= cfg.epochs:
+        return True
+    budget = cfg.time_budget_min * 60.0
+    return bool(budget) and (state.get("elapsed_s", 0.0) >= budget
+                             or (bool(state.get("budget_spent")) and state.get("time_budget_s") == budget))
+
+
+def finished_summary(run_dir: Path, state: dict[str, Any], cfg: C.TrainConfig) -> dict[str, Any] | None:
+    """The ``summary.json`` of a finished run that wrote it after its last checkpoint, else None (the run has
+    more to train, or was killed before its final evaluation, plots and summary were written)."""
+    if not run_finished(state, cfg):
+        return None
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and summary.get("steps") == state["step"] else None
 
 
 @torch.no_grad()
@@ -573,7 +650,17 @@ def train(cfg: C.TrainConfig, run_dir: str | Path, *, resume: bool = False, devi
     trainer, threads = None, torch.get_num_threads()
     try:
         run_dir = Path(all_gather_objects(str(run_dir), info)[0])  # every rank writes under rank 0's choice
-        trainer = Trainer(cfg, run_dir, info, resume=resume)
+        state = load_state(run_dir) if resume else None
+        done = finished_summary(run_dir, state, cfg) if state is not None else None
+        if done is not None:  # nothing to train, evaluate or write: say so and change nothing
+            if info.is_main:
+                top1 = done.get("test_top1")
+                more = "--epochs N" + (" or a larger time_budget_min" if cfg.time_budget_min else "")
+                print(f"{run_dir} is already finished: {state['epoch']}/{cfg.epochs} epochs, {state['step']} steps"
+                      + (f", test top-1 {top1:.2f}%" if isinstance(top1, (int, float)) else "")
+                      + f" (summary.json); nothing to do, nothing changed. To train on, resume with {more}")
+            return RunResult(run_dir, state["epoch"], state["step"], None, None, state.get("best_top1", -1.0), 0.0)
+        trainer = Trainer(cfg, run_dir, info, resume=resume, state=state)
         return trainer.fit(stop_after_epochs)
     finally:
         del trainer  # model, optimizer and DDP go before the process group (see distributed.shutdown)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, disk_full_error, is_disk_full
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -80,10 +80,11 @@ class MetricsLog:
         self.enabled = enabled
         self.path = run_dir / METRICS_FILE
         self.tb = None
+        self.dropped = 0  # records truncate_after_step dropped
         if not enabled:
             return
         if truncate_after_step is not None:
-            truncate_metrics(self.path, truncate_after_step)
+            self.dropped = truncate_metrics(self.path, truncate_after_step)
         self.file = self.path.open("a")
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -95,8 +96,13 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:
+            if is_disk_full(e):  # a torn last line is skipped by read_metrics and dropped on resume
+                raise disk_full_error(self.path, kept="the records written before are intact") from e
+            raise
         if self.tb is not None:
             kind, step = record.get("kind", "step"), record.get("step", 0)
             for key, value in record.items():
@@ -116,12 +122,17 @@ def _metrics_path(path: str | Path) -> Path:
     return path / METRICS_FILE if path.is_dir() else path
 
 
-def truncate_metrics(path: str | Path, after_step: int) -> None:
-    """On resume: drop what a killed run logged after its last checkpoint (and a torn last line), atomically."""
+def truncate_metrics(path: str | Path, after_step: int) -> int:
+    """On resume: drop what a killed run logged after its last checkpoint (and a torn last line), atomically;
+    ``after_step=0`` (a new run) drops the records of a run killed before its first checkpoint. Returns how
+    many records were dropped (a torn line is not counted)."""
     path = _metrics_path(path)
-    if path.is_file():
-        keep = [r for r in read_metrics(path) if r.get("step", 0) <= after_step]
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+    if not path.is_file():
+        return 0
+    records = read_metrics(path)
+    keep = [r for r in records if r.get("step", 0) <= after_step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+    return len(records) - len(keep)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -134,21 +134,27 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 class ModelEMA:
-    """Exponential moving average of a model's parameters (float buffers averaged too, others copied)."""
+    """Exponential moving average of a model's parameters: the one EMA of classifier and GAN training.
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
+    Float buffers are averaged too and others copied; ``copy_buffers=True`` copies every buffer (the GAN's
+    generator EMA keeps the raw generator's BatchNorm statistics, as StyleGAN2-ADA's). ``warmup=True``
+    ramps the decay as ``min(decay, (1 + step) / (10 + step))`` over the ``step`` passed to ``update``.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, *, warmup: bool = False, copy_buffers: bool = False) -> None:
+        self.decay, self.warmup, self.copy_buffers = decay, warmup, copy_buffers
         self.module = copy.deepcopy(model).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
+        self._buffers = {name for name, _ in self.module.named_buffers()}
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        d = self.decay
+    def update(self, model: nn.Module, step: int | None = None) -> None:
+        d = min(self.decay, (1 + step) / (10 + step)) if self.warmup and step is not None else self.decay
         own = self.module.state_dict()
         for name, value in model.state_dict().items():
             target = own[name]
-            if target.dtype.is_floating_point:
+            if target.dtype.is_floating_point and not (self.copy_buffers and name in self._buffers):
                 target.mul_(d).add_(value.detach(), alpha=1.0 - d)
             else:
                 target.copy_(value)
