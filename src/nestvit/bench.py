@@ -503,7 +503,6 @@ def run(args: argparse.Namespace) -> int:
             specs[m] = (m, {})
         elif Path(m).exists():
             from .contract import read_contract
-
             from .models.nest_variants import legacy_nest_kwargs
 
             contract = read_contract(m)
