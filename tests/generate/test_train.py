@@ -163,7 +163,7 @@ def test_recipes_and_overrides():
     assert cfg.generator_overrides == {"depths": [1, 1, 1]}
     with pytest.raises(ConfigError, match="unknown key.*stepz.*valid keys"):
         apply_overrides(nest, ["stepz=3"])
-    with pytest.raises(ConfigError, match="integer"):
+    with pytest.raises(ConfigError, match="steps: expected int"):
         apply_overrides(nest, ["steps=ten"])
     with pytest.raises(ConfigError, match="key=value"):
         apply_overrides(nest, ["steps"])
@@ -171,9 +171,40 @@ def test_recipes_and_overrides():
 
 def test_recipe_unknown_key(tmp_path):
     p = tmp_path / "r.yaml"
-    p.write_text("steps: 3\nlearning_rate: 0.1\n")
+    p.write_text("kind: gan\nsteps: 3\nlearning_rate: 0.1\n")
     with pytest.raises(ConfigError, match="learning_rate"):
         load_recipe(p)
+
+
+def test_one_config_system_for_both_kinds(tmp_path, capsys):
+    """GAN and classifier recipes: one loader, one --set syntax, one ConfigError, told apart by their kind."""
+    from nestvit import config
+    from nestvit.cli import main
+    from nestvit.train.config import ConfigError as TrainConfigError
+    from nestvit.train.config import load_config
+
+    assert ConfigError is TrainConfigError is config.ConfigError
+    assert set(config.builtin_recipes("gan")) == {"gan_conv_fashion_mnist", "gan_nest_fashion_mnist"}
+    assert "mnist5k_nest" in config.builtin_recipes("classifier")
+    with pytest.raises(ConfigError, match="is a gan recipe.*nestvit generate train"):
+        load_config("gan_nest_fashion_mnist")
+    with pytest.raises(ConfigError, match="is a classifier recipe.*nestvit train"):
+        load_recipe("mnist5k_nest")
+    p = tmp_path / "old.yaml"
+    p.write_text("steps: 3\n")  # a GAN recipe from before kinds: says how to declare it
+    with pytest.raises(ConfigError, match="add the line `kind: gan`"):
+        load_recipe(p)
+    # any depth of dotted keys, values as YAML, the same messages
+    cfg = apply_overrides(load_recipe("gan_nest_fashion_mnist"), ["generator_overrides.depths=[1, 1, 1]"])
+    assert cfg.generator_overrides == {"depths": [1, 1, 1]}
+    with pytest.raises(ConfigError, match="cannot read the value"):
+        apply_overrides(cfg, ["generator_overrides.depths=[[["])
+    assert main(["generate", "train", "--list-keys"]) == 0
+    keys = capsys.readouterr().out.split()
+    assert "steps" in keys and "generator_overrides.*" in keys
+    # a run's config.yaml records its kind and reads back
+    text = config.dump(cfg)
+    assert text.startswith("kind: gan")
 
 
 def test_cli_sample_writes_png(tmp_path):

@@ -71,7 +71,7 @@ def test_errors_are_one_line(tmp_path, recipe, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown key 'optim.lrr'" in err and "valid keys" in err
     assert main(["train", "no_such_recipe"]) == 2
-    assert "built-in recipes" in capsys.readouterr().err
+    assert "built-in classifier recipes" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "missing")]) == 2
     assert "no such run directory" in capsys.readouterr().err
     assert main(["train", str(recipe), "--set", "data.name=cifar10", "--set", "data.root=" + str(tmp_path),

@@ -67,7 +67,7 @@ def test_value_checks():
     with pytest.raises(ConfigError, match="time_budget_min must be >= 0, got -1"):
         load_config(None, ["time_budget_min=-1"])
     assert "time_budget_min" in valid_keys()
-    with pytest.raises(ConfigError, match="tta must be one of none, flip, shift, flip-shift, got 'flips'"):
+    with pytest.raises(ConfigError, match="tta: expected one of 'none', 'flip', 'shift', 'flip-shift', got 'flips'"):
         load_config(None, ["tta=flips"])
     with pytest.raises(ConfigError, match=r"optim.sam_rho must be >= 0 \(0 = off\), got -0.1"):
         load_config(None, ["optim.sam_rho=-0.1"])
@@ -130,3 +130,17 @@ def test_random_resized_crop_is_checked_and_reaches_the_training_split_only(tmp_
     train = load_split(cfg.data, "train", torch.device("cpu"))
     val = load_split(cfg.data, "val", torch.device("cpu"))
     assert train.folder.crop_scale == (0.08, 1.0) and val.folder.crop_scale is None
+
+
+def test_allowed_values_are_declared_once():
+    """Literal types are the allowed values: the config refuses others, and they match what the code knows."""
+    import typing
+
+    from nestvit.data.augment import TTA_MODES
+    from nestvit.train.config import PRECISIONS, TrainConfig, TtaMode
+
+    assert set(typing.get_args(TtaMode)) == set(TTA_MODES)
+    assert PRECISIONS == ("fp32", "bf16", "fp16", "auto")
+    for bad in (dict(precision="fp64"), dict(tta="mirror")):
+        with pytest.raises(ConfigError, match="expected one of"):
+            TrainConfig(**bad)  # built in Python, not only from a recipe

@@ -19,10 +19,13 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="gen_command", metavar="ACTION")
-    t = sub.add_parser("train", help="train a GAN from a recipe")
-    t.add_argument("recipe", nargs="?", help="YAML recipe file or built-in recipe name (omit with --resume)")
+    t = sub.add_parser("train", help="train a GAN from a recipe", epilog=_recipe_list(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("recipe", nargs="?", help="YAML recipe file (kind: gan) or built-in recipe name (omit with "
+                                             "--resume)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (YAML value; dotted keys reach into *_overrides), repeatable")
+    t.add_argument("--list-keys", action="store_true", help="print every key --set accepts and exit")
     t.add_argument("--out", help="run directory (default runs/generate/<recipe name>)")
     t.add_argument("--resume", metavar="DIR", help="resume the run in DIR from its latest checkpoint")
     t.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
@@ -37,6 +40,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(_gen_parser=parser)
 
 
+def _recipe_list() -> str:
+    from ..config import builtin_recipes, recipe_summary
+
+    lines = ["built-in GAN recipes (src/nestvit/recipes/*.yaml with kind: gan):"]
+    lines += [f"  {name:24s} {recipe_summary(path)}" for name, path in builtin_recipes("gan").items()]
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.gen_command == "train":
         return _train(args)
@@ -47,8 +58,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train import apply_overrides, config_from_dict, load_recipe, train_gan
+    from .train import GanConfig, apply_overrides, config_from_dict, load_recipe, train_gan
 
+    if args.list_keys:
+        from ..config import valid_keys
+
+        print("\n".join(valid_keys(GanConfig)))
+        return 0
     if args.resume:
         import yaml
 

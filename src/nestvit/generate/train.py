@@ -21,19 +21,20 @@ docs/generation.md). Runs written before this layout (``checkpoints/step_*``) st
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ConfigError, dump, from_dict, load, to_dict
+from ..config import apply_overrides as _apply
 from ..contract import InputTransform, RunContract
 from ..fileio import atomic_path, atomic_write_text
 from ..train.metrics import METRICS_FILE, truncate_metrics
@@ -45,21 +46,20 @@ __all__ = ["GanConfig", "ConfigError", "load_recipe", "apply_overrides", "r1_pen
            "load_generator", "save_grid", "read_metrics"]
 
 
-class ConfigError(ValueError):
-    """A recipe or ``--set`` override that does not fit :class:`GanConfig`."""
-
-
 @dataclass(frozen=True)
 class GanConfig:
+    """A GAN run; recipes declare ``kind: gan`` and are read by the one config system (``nestvit.config``)."""
+
+    KIND: ClassVar[str] = "gan"
     # data
     dataset: str = "fashion_mnist"  # any in-memory set of nestvit.data.load_dataset
     pad_to: int = 0  # pad images with background (-1) to this size (e.g. 32); 0 keeps the native size
     max_images: int = 0  # use only the first N training images; 0 = all
     # models (presets of nestvit.generate.models, with config-field overrides)
     generator: str = "nest_28"
-    generator_overrides: dict = field(default_factory=dict)
+    generator_overrides: dict[str, Any] = field(default_factory=dict)
     discriminator: str = "resnet_28"
-    discriminator_overrides: dict = field(default_factory=dict)
+    discriminator_overrides: dict[str, Any] = field(default_factory=dict)
     # optimisation
     steps: int = 3000
     batch_size: int = 64
@@ -96,97 +96,28 @@ class GanConfig:
 # Recipes and overrides
 # --------------------------------------------------------------------------------------------------
 
-def _fields() -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(GanConfig)}
-
-
-def _check_keys(d: Mapping[str, Any], source: str) -> None:
-    bad = sorted(set(d) - set(_fields()))
-    if bad:
-        raise ConfigError(f"{source}: unknown key(s) {bad}; valid keys: {', '.join(_fields())}")
-
-
-def _coerce(name: str, value: Any) -> Any:
-    f = _fields()[name]
-    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name} must be true or false, got {value!r}")
-    elif isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name} must be an integer, got {value!r}")
-    elif isinstance(default, float):
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name} must be a number, got {value!r}")
-        value = float(value)
-    elif isinstance(default, str):
-        if not isinstance(value, str):
-            raise ConfigError(f"{name} must be a string, got {value!r}")
-    elif isinstance(default, dict):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{name} must be a mapping, got {value!r}")
-    return value
-
-
 def config_from_dict(d: Mapping[str, Any], source: str = "config") -> GanConfig:
-    d = {k: v for k, v in d.items() if k != "keep_checkpoints"}  # runs before one state.pt per run kept several
-    _check_keys(d, source)
-    return GanConfig(**{k: _coerce(k, v) for k, v in d.items()})
+    """A ``GanConfig`` from a mapping (a run's ``config.yaml``): ``nestvit.config.from_dict``."""
+    # ``keep_checkpoints``: runs before one state.pt per run kept several checkpoint folders
+    d = {k: v for k, v in d.items() if k not in ("kind", "keep_checkpoints")}
+    try:
+        return from_dict(GanConfig, d)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
 
 
 def load_recipe(path: str | Path) -> GanConfig:
-    """A YAML recipe (a mapping of :class:`GanConfig` fields) -> config; unknown keys are an error."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        builtin = Path(__file__).resolve().parent.parent / "recipes" / path.name
-        for cand in (builtin, builtin.with_suffix(".yaml")):
-            if cand.is_file():
-                path = cand
-                break
-        else:
-            raise FileNotFoundError(f"{path}: no such recipe (also looked in {builtin.parent})")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a recipe must be a YAML mapping of config keys")
-    return config_from_dict(data, str(path))
+    """A GAN recipe (a file, or a built-in name of ``kind: gan``) -> config; unknown keys are an error."""
+    return load(GanConfig, path)
 
 
 def apply_overrides(cfg: GanConfig, items: list[str]) -> GanConfig:
     """``["steps=100", "generator_overrides.depths=[1,1,1]", "bf16=true"]`` -> new config (values are YAML)."""
-    import yaml
-
-    d = dataclasses.asdict(cfg)
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: expected key=value")
-        key = key.strip()
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item!r}: cannot parse the value ({e})") from None
-        head, dot, sub = key.partition(".")
-        _check_keys({head: None}, f"--set {key}")
-        if dot:
-            if not isinstance(d[head], dict):
-                raise ConfigError(f"--set {key}: {head} is not a mapping")
-            d[head] = {**d[head], sub: value}
-        else:
-            d[head] = value
-    return config_from_dict(d, "--set")
+    return from_dict(GanConfig, _apply(to_dict(cfg), items, GanConfig))
 
 
 def _yaml_dump(cfg: GanConfig) -> str:
-    import yaml
-
-    return yaml.safe_dump(_plain(dataclasses.asdict(cfg)), sort_keys=False)
+    return dump(cfg)
 
 
 def _plain(x: Any) -> Any:

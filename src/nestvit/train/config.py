@@ -1,10 +1,10 @@
-"""Training configuration: typed frozen dataclasses read from a YAML recipe plus ``--set key=value``.
+"""Training configuration: ``TrainConfig``, typed frozen dataclasses read by the one config system.
 
-A recipe is a small YAML file whose top-level keys are ``TrainConfig`` fields; nested sections
-(``model``, ``data``, ``aug``, ``optim``, ``schedule``, ``ema``, ``distill``) are mappings. Overrides
-use dotted keys (``optim.lr=1e-3``, ``model.overrides.drop_path_rate=0.1``); values are parsed with
-``yaml.safe_load``. Every key is checked against the dataclass fields and every value against the
-field's type, so a typo or a wrong type is one clear ``ConfigError`` that lists the valid keys.
+A recipe (``kind: classifier``) is a small YAML file whose top-level keys are ``TrainConfig`` fields;
+nested sections (``model``, ``data``, ``aug``, ``optim``, ``schedule``, ``ema``, ``distill``) are
+mappings. Reading, ``--set`` overrides (dotted keys: ``optim.lr=1e-3``,
+``model.overrides.drop_path_rate=0.1``), type checks and ``ConfigError`` are ``nestvit.config``'s, shared
+with the GAN's ``GanConfig``; allowed values are ``Literal`` types.
 
 The batch is *global* (all devices and all accumulation steps together); the learning rate is given
 for a reference batch (``optim.lr_ref_batch``, 256 as DeiT and the official NesT code) and scaled
@@ -14,28 +14,22 @@ linearly. Both derivations are printed when a run starts, never silent.
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
-import yaml
+from .. import config as _config
+from ..config import RECIPE_DIR, ConfigError, check_choices, recipe_summary, to_dict  # noqa: F401 (re-exported)
+from ..data.augment import AugmentConfig
 
-from ..data.augment import TTA_MODES, AugmentConfig
-from ..errors import UserError
-from ..fileio import atomic_write_text
-
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
-PRECISIONS = ("fp32", "bf16", "fp16", "auto")
-
-
-class ConfigError(UserError, ValueError):
-    """An unknown key, a value of the wrong type or an impossible combination in a training config."""
-
+Precision = Literal["fp32", "bf16", "fp16", "auto"]
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
+TtaMode = Literal["none", "flip", "shift", "flip-shift"]  # nestvit.data.augment.TTA_MODES
 
 # Keys a recipe cannot set because they are derived: the augmentation normalises with data.mean/std.
-DERIVED_KEYS = {"aug.mean": "data.mean", "aug.std": "data.std"}
+DERIVED_KEYS = {"aug.mean": "data.mean (None: measured on the training images)",
+                "aug.std": "data.std (None: measured on the training images)"}
 
 
 @dataclass(frozen=True)
@@ -72,7 +66,7 @@ class OptimSection:
     weight_decay: float = 0.05  # decoupled (AdamW)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    no_decay: str = "recipe"  # "recipe" | "pos_embed_only" | "1d_and_tokens" (see optim.param_groups)
+    no_decay: Literal["recipe", "pos_embed_only", "1d_and_tokens"] = "recipe"  # see optim.param_groups
     clip_grad: float = 0.0  # max global gradient norm; 0 = no clipping (official NesT: 0)
     # sharpness-aware minimisation (Foret et al. 2021): before every step the weights move by sam_rho along the
     # gradient of the first sam_batch images of each device's batch (0 or more than a micro-batch: its first
@@ -84,7 +78,7 @@ class OptimSection:
 
 @dataclass(frozen=True)
 class ScheduleSection:
-    name: str = "cosine"  # "cosine" (per step) | "step" (lr * gamma ** (step // step_every)) | "constant"
+    name: Literal["cosine", "step", "constant"] = "cosine"  # cosine per step; step: lr * gamma ** (step // step_every)
     warmup_epochs: float = 0.0  # linear warmup from warmup_start * lr to lr
     warmup_start: float = 0.0  # fraction of the peak lr where warmup starts
     min_lr_ratio: float = 0.0  # cosine ends at min_lr_ratio * peak lr
@@ -102,13 +96,15 @@ class DistillSection:
     teacher: str | None = None  # a registered model name or "convnet"; None = no distillation
     teacher_weights: str | None = None  # weights of the trained teacher (required with a teacher)
     teacher_overrides: dict[str, Any] = field(default_factory=dict)  # create_model keywords of the teacher
-    type: str = "hard"  # "hard" (teacher's argmax, DeiT's best) | "soft" (KL at temperature tau)
+    type: Literal["hard", "soft"] = "hard"  # hard: the teacher's argmax (DeiT's best); soft: KL at temperature tau
     alpha: float = 0.5  # weight of the distillation term; the label term gets 1 - alpha
     tau: float = 1.0  # soft distillation temperature
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    KIND: ClassVar[str] = "classifier"  # what a recipe declares as `kind:` (nestvit.config)
+    DERIVED_KEYS: ClassVar[dict[str, str]] = DERIVED_KEYS
     epochs: int = 10
     # Stop once this many minutes of the run (training and its evaluations) have passed; 0 = off. The
     # schedule then decays by the larger of step and time progress, so the LR reaches its floor at the
@@ -118,14 +114,14 @@ class TrainConfig:
     micro_batch: int | None = None  # images per forward pass on one device; None: global_batch / world size
     eval_batch: int = 500  # images per forward pass during evaluation (per device)
     seed: int = 0
-    precision: str = "fp32"  # "fp32" | "bf16" (autocast) | "fp16" (autocast + GradScaler, CUDA only) | "auto":
+    precision: Precision = "fp32"  # bf16: autocast; fp16: autocast + GradScaler, CUDA only; auto:
     # bf16 where the device has fast bf16 kernels, else fp32 (nestvit.system.resolve_precision)
     compile: bool = False  # torch.compile the training forward
     log_every: int = 20  # optimizer steps between metrics.jsonl step records
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     # Test-time views (nestvit.data.augment.TTA_MODES) of the final evaluation, which then reports both the
     # single-view and the multi-view top-1; under a time budget its cost is reserved inside the budget.
-    tta: str = "none"
+    tta: TtaMode = "none"
     checkpoint_every: int = 0  # optimizer steps between mid-epoch checkpoints; 0 = at epoch ends only
     progress: bool = True  # tqdm progress bar (rank 0 only)
     threads: int | None = None  # CPU threads per process (torch.set_num_threads); None: torch's default
@@ -138,6 +134,8 @@ class TrainConfig:
     distill: DistillSection = field(default_factory=DistillSection)
 
     def __post_init__(self) -> None:
+        for name in ("", "model", "data", "aug", "optim", "schedule", "ema", "distill"):  # the Literal fields
+            check_choices(getattr(self, name) if name else self, f"{name}." if name else "")
         checks = [
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.time_budget_min >= 0, f"time_budget_min must be >= 0, got {self.time_budget_min}"),
@@ -150,11 +148,6 @@ class TrainConfig:
              f"checkpoint_every must be >= 0 (0 = at epoch ends only), got {self.checkpoint_every}"),
             (0 <= self.seed < 2**32, f"seed must be in 0..{2**32 - 1}, got {self.seed}"),
             (self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}"),
-            (self.tta in TTA_MODES, f"tta must be one of {', '.join(TTA_MODES)}, got {self.tta!r}"),
-            (self.precision in PRECISIONS,
-             f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
-            (self.optim.no_decay in ("recipe", "pos_embed_only", "1d_and_tokens"),
-             f"optim.no_decay must be 'recipe', 'pos_embed_only' or '1d_and_tokens', got {self.optim.no_decay!r}"),
             (self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}"),
             (self.optim.lr_ref_batch >= 0,
              f"optim.lr_ref_batch must be >= 0 (0 = lr not scaled), got {self.optim.lr_ref_batch}"),
@@ -165,8 +158,6 @@ class TrainConfig:
             (self.optim.sam_rho >= 0, f"optim.sam_rho must be >= 0 (0 = off), got {self.optim.sam_rho}"),
             (self.optim.sam_batch >= 0,
              f"optim.sam_batch must be >= 0 (0 = the first micro-batch), got {self.optim.sam_batch}"),
-            (self.schedule.name in ("cosine", "step", "constant"),
-             f"schedule.name must be 'cosine', 'step' or 'constant', got {self.schedule.name!r}"),
             (self.schedule.step_every >= 1, f"schedule.step_every must be >= 1, got {self.schedule.step_every}"),
             (self.schedule.warmup_epochs >= 0,
              f"schedule.warmup_epochs must be >= 0, got {self.schedule.warmup_epochs}"),
@@ -198,8 +189,6 @@ class TrainConfig:
             (self.data.resize_to is None or self.data.resize_to >= 1,
              f"data.resize_to must be a positive image size or null, got {self.data.resize_to}"),
             (0.0 <= self.ema.decay < 1.0, f"ema.decay must be in [0, 1), got {self.ema.decay}"),
-            (self.distill.type in ("hard", "soft"),
-             f"distill.type must be 'hard' or 'soft', got {self.distill.type!r}"),
             (0.0 <= self.distill.alpha <= 1.0, f"distill.alpha must be in [0, 1], got {self.distill.alpha}"),
             (self.distill.tau > 0, f"distill.tau must be > 0, got {self.distill.tau}"),
             (self.distill.teacher is None or self.distill.teacher_weights is not None,
@@ -232,129 +221,17 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------------------------------
-# dict <-> dataclass, with type checks
+# the config system (nestvit.config) for TrainConfig
 # --------------------------------------------------------------------------------------------------
 
-def valid_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
-    """Every settable dotted key, e.g. ``["epochs", ..., "optim.lr", ...]`` (dict fields end in ``.*``)."""
-    keys = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if prefix + f.name in DERIVED_KEYS:
-            continue
-        if dataclasses.is_dataclass(tp):
-            keys += valid_keys(tp, f"{prefix}{f.name}.")
-        elif typing.get_origin(tp) is dict:
-            keys.append(f"{prefix}{f.name}.*")
-        else:
-            keys.append(f"{prefix}{f.name}")
-    return keys
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """``value`` checked against (and lightly converted to) the type hint ``tp``; ``ConfigError`` if it fails."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if origin is typing.Literal:
-        if value in args:
-            return value
-        raise ConfigError(f"{key}: expected one of {', '.join(map(repr, args))}, got {value!r}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif origin is tuple:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and len(args) == 2 and args[1] is ...:
-            value = [value]  # a scalar for a variable-length tuple, e.g. data.mean: 0.5
-        if isinstance(value, (list, tuple)):
-            if len(args) == 2 and args[1] is ...:
-                return tuple(_coerce(v, args[0], key) for v in value)
-            if len(value) == len(args):
-                return tuple(_coerce(v, a, key) for v, a in zip(value, args))
-    elif origin is dict:
-        if isinstance(value, dict):
-            return dict(value)
-    else:
-        raise ConfigError(f"{key}: unsupported field type {tp}")
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+def valid_keys(cls: type | None = None, prefix: str = "") -> list[str]:
+    """Every key ``--set`` accepts for ``TrainConfig`` (or a section class)."""
+    return _config.valid_keys(cls or TrainConfig, prefix, TrainConfig)
 
 
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "", base: Any = None) -> Any:
-    """Build dataclass ``cls`` from a nested dict, refusing unknown keys and wrong types.
-
-    Keys not given keep the value of ``base`` (default: the class defaults); a nested section starts
-    from its field's default, so ``aug: {hflip: true}`` is the plain pipeline plus flips.
-    """
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'the recipe'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for name in data:
-        if prefix + name in DERIVED_KEYS:
-            raise ConfigError(f"{prefix}{name} cannot be set: it is taken from {DERIVED_KEYS[prefix + name]} "
-                              f"(None: measured on the training images)")
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        bad = ", ".join(prefix + k for k in unknown)
-        raise ConfigError(f"unknown key(s) {bad}; valid keys: {', '.join(valid_keys(cls, prefix))}")
-    kwargs = {}
-    for name, value in data.items():
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            default = getattr(base, name) if base is not None else fields[name].default_factory()
-            kwargs[name] = from_dict(tp, value or {}, f"{prefix}{name}.", default)
-        else:
-            kwargs[name] = _coerce(value, tp, prefix + name)
-    try:
-        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain nested dict of builtins (tuples as lists) that ``from_dict`` reads back."""
-    def plain(v: Any, prefix: str = "") -> Any:
-        if dataclasses.is_dataclass(v):
-            return {f.name: plain(getattr(v, f.name), f"{prefix}{f.name}.") for f in dataclasses.fields(v)
-                    if prefix + f.name not in DERIVED_KEYS}
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-    return plain(cfg)
+    """``nestvit.config.from_dict`` for ``TrainConfig`` (or one of its sections)."""
+    return _config.from_dict(cls, data, prefix, base, TrainConfig)
 
 
 def replace(cfg: TrainConfig, **sections: Any) -> TrainConfig:
@@ -366,124 +243,25 @@ def replace(cfg: TrainConfig, **sections: Any) -> TrainConfig:
     return dataclasses.replace(cfg, **changes)
 
 
-# --------------------------------------------------------------------------------------------------
-# recipes and overrides
-# --------------------------------------------------------------------------------------------------
-
 def builtin_recipes() -> dict[str, Path]:
-    """Built-in training recipe name -> file: the ``src/nestvit/recipes/*.yaml`` whose keys are
-    ``TrainConfig`` fields (the folder also holds other commands' recipes, e.g. ``nestvit generate``'s)."""
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    out = {}
-    for path in sorted(RECIPE_DIR.glob("*.yaml")):
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError:
-            continue
-        if isinstance(raw, dict) and set(raw) <= fields:
-            out[path.stem] = path
-    return out
-
-
-def recipe_summary(path: Path) -> str:
-    """The first comment line of a recipe (what it is for)."""
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.startswith("#"):
-            return line.lstrip("# ").strip()
-    return ""
+    """Built-in training recipe name -> file: the ``src/nestvit/recipes/*.yaml`` of ``kind: classifier``."""
+    return _config.builtin_recipes(TrainConfig.KIND)
 
 
 def read_recipe(recipe: str | Path) -> tuple[dict[str, Any], str]:
-    """``(raw dict, name)`` of a recipe file path or a built-in recipe name."""
-    path = Path(recipe)
-    if not path.is_file():
-        recipes = builtin_recipes()
-        if str(recipe) not in recipes:
-            raise ConfigError(f"recipe {str(recipe)!r} is neither a file nor a built-in recipe; built-in recipes: "
-                              f"{', '.join(recipes)}")
-        path = recipes[str(recipe)]
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not a UTF-8 text file (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
-                          "save the recipe as UTF-8") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{at} ({getattr(e, 'problem', None) or e}); fix the recipe "
-                          "there") from None
-    if raw is None:
-        # An empty recipe (nothing but blanks and comments) would train every default (mnist5k on a NesT)
-        # without a word; it is almost surely a mistake (a wrong or truncated file), so it is refused.
-        # `{}` still says "all defaults" on purpose.
-        raise ConfigError(f"{path}: the recipe is empty; give at least one key (e.g. `epochs: 10`), or write "
-                          "`{}` to train with every default")
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a recipe must be a mapping of keys to values")
-    return raw, path.stem
+    """``(raw dict, name)`` of a training recipe file path or built-in name."""
+    return _config.read_recipe(recipe, TrainConfig.KIND)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``["optim.lr=1e-3", "model.overrides.depths=[1, 1]"]`` to a nested dict (copied)."""
-    import copy
-
-    out = copy.deepcopy(raw)
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        keys = valid_keys()
-        if key not in keys and not any(k.endswith(".*") and (key + ".").startswith(k[:-1]) for k in keys):
-            if key in DERIVED_KEYS:
-                raise ConfigError(f"{key} cannot be set: it is taken from {DERIVED_KEYS[key]}")
-            raise ConfigError(f"unknown key {key!r} in --set {item}; valid keys: {', '.join(keys)}")
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError as e:
-            if not _takes_text(key):  # a list, number or mapping that does not parse: never a silent string
-                raise ConfigError(f"--set {key}: cannot read the value {text.strip()!r} "
-                                  f"({getattr(e, 'problem', None) or 'not valid YAML'}); write a list as [1, 2], a "
-                                  "mapping as {a: 1}, a string in quotes") from None
-            value = text  # a string key (a path, a name): the text as it is
-        node = out
-        parts = key.split(".")
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} is not a mapping in the recipe")
-            node = child
-        node[parts[-1]] = value
-    return out
-
-
-def _takes_text(key: str) -> bool:
-    """Whether the field of dotted ``key`` accepts a string (``str``, ``str | None``); dict entries do not count."""
-    cls: Any = TrainConfig
-    for part in key.split("."):
-        if not dataclasses.is_dataclass(cls):
-            return False
-        tp = typing.get_type_hints(cls).get(part)
-        if tp is None:
-            return False
-        cls = tp
-    return cls is str or str in typing.get_args(cls)
+    return _config.apply_overrides(raw, overrides, TrainConfig)
 
 
 def load_config(recipe: str | Path | dict[str, Any] | None = None, overrides: list[str] = ()) -> TrainConfig:
     """A ``TrainConfig`` from a recipe (path, built-in name, dict or None for defaults) and ``--set`` overrides."""
-    if recipe is None:
-        raw: dict[str, Any] = {}
-    elif isinstance(recipe, dict):
-        raw = recipe
-    else:
-        raw, _ = read_recipe(recipe)
-    return from_dict(TrainConfig, apply_overrides(raw, list(overrides)))
+    return _config.load(TrainConfig, recipe, overrides)
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:
-    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    _config.save(cfg, path)

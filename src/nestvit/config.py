@@ -1,0 +1,326 @@
+"""The one config system: typed frozen dataclasses read from a YAML recipe plus ``--set key=value``.
+
+Every command that takes a recipe (``nestvit train``: ``nestvit.train.config.TrainConfig``; ``nestvit
+generate train``: ``nestvit.generate.train.GanConfig``) goes through these functions:
+
+- a recipe is a YAML mapping whose keys are the config's fields, nested sections are mappings, and its
+  ``kind:`` key declares which command it is for (``classifier`` or ``gan``; the config class's ``KIND``);
+- ``--set`` takes dotted keys of any depth (``optim.lr=1e-3``, ``model.overrides.depths=[1, 1]``,
+  ``generator_overrides.embed_dims=[8, 8, 4]``), each value read as YAML;
+- every key is checked against the dataclass fields and every value against the field's type hint;
+  allowed values are declared once, as ``Literal`` types; every mistake is one :class:`ConfigError` that
+  names the key and lists the valid ones (``valid_keys``: what ``--list-keys`` prints).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+from .fileio import atomic_write_text
+
+RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+KIND_KEY = "kind"
+COMMANDS = {"classifier": "nestvit train", "gan": "nestvit generate train"}
+
+
+class ConfigError(UserError, ValueError):
+    """An unknown key, a value of the wrong type or an impossible combination in a config."""
+
+
+def _derived(cls: type) -> dict[str, str]:
+    """Keys a recipe cannot set because they are derived (``cls.DERIVED_KEYS``: key -> where it comes from)."""
+    return getattr(cls, "DERIVED_KEYS", {})
+
+
+# --------------------------------------------------------------------------------------------------
+# dict <-> dataclass, with type checks
+# --------------------------------------------------------------------------------------------------
+
+def valid_keys(cls: type, prefix: str = "", root: type | None = None) -> list[str]:
+    """Every settable dotted key, e.g. ``["epochs", ..., "optim.lr", ...]`` (dict fields end in ``.*``)."""
+    root = root or cls
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if prefix + f.name in _derived(root):
+            continue
+        if dataclasses.is_dataclass(tp):
+            keys += valid_keys(tp, f"{prefix}{f.name}.", root)
+        elif typing.get_origin(tp) is dict:
+            keys.append(f"{prefix}{f.name}.*")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is typing.Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(tp)))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """``value`` checked against (and lightly converted to) the type hint ``tp``; ``ConfigError`` if it fails."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{key}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin is tuple:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and len(args) == 2 and args[1] is ...:
+            value = [value]  # a scalar for a variable-length tuple, e.g. data.mean: 0.5
+        if isinstance(value, (list, tuple)):
+            if len(args) == 2 and args[1] is ...:
+                return tuple(coerce(v, args[0], key) for v in value)
+            if len(value) == len(args):
+                return tuple(coerce(v, a, key) for v, a in zip(value, args))
+    elif origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    else:
+        raise ConfigError(f"{key}: unsupported field type {tp}")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def check_choices(obj: Any, prefix: str = "") -> None:
+    """Every ``Literal`` field of dataclass ``obj`` holds one of its values (for configs built in Python)."""
+    for name, tp in typing.get_type_hints(type(obj)).items():
+        if typing.get_origin(tp) is typing.Literal and getattr(obj, name) not in typing.get_args(tp):
+            raise ConfigError(f"{prefix}{name}: expected one of {', '.join(map(repr, typing.get_args(tp)))}, "
+                              f"got {getattr(obj, name)!r}")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "", base: Any = None, root: type | None = None) -> Any:
+    """Build dataclass ``cls`` from a nested dict, refusing unknown keys and wrong types.
+
+    Keys not given keep the value of ``base`` (default: the class defaults); a nested section starts
+    from its field's default, so ``aug: {hflip: true}`` is the plain pipeline plus flips.
+    """
+    root = root or cls
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'the recipe'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in data:
+        if prefix + name in _derived(root):
+            raise ConfigError(f"{prefix}{name} cannot be set: it is taken from {_derived(root)[prefix + name]}")
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        bad = ", ".join(prefix + k for k in unknown)
+        raise ConfigError(f"unknown key(s) {bad}; valid keys: {', '.join(valid_keys(cls, prefix, root))}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            default = getattr(base, name) if base is not None else fields[name].default_factory()
+            kwargs[name] = from_dict(tp, value or {}, f"{prefix}{name}.", default, root)
+        else:
+            kwargs[name] = coerce(value, tp, prefix + name)
+    try:
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of builtins (tuples as lists) that ``from_dict`` reads back."""
+    derived = _derived(type(cfg))
+
+    def plain(v: Any, prefix: str = "") -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name), f"{prefix}{f.name}.") for f in dataclasses.fields(v)
+                    if prefix + f.name not in derived}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(cfg)
+
+
+# --------------------------------------------------------------------------------------------------
+# recipes and overrides
+# --------------------------------------------------------------------------------------------------
+
+def recipe_kind(raw: dict[str, Any]) -> str:
+    """The ``kind`` a recipe declares (a recipe that declares none is a classifier recipe, as before kinds)."""
+    kind = raw.get(KIND_KEY, "classifier")
+    if kind not in COMMANDS:
+        raise ConfigError(f"kind: expected one of {', '.join(map(repr, COMMANDS))}, got {kind!r}")
+    return kind
+
+
+def builtin_recipes(kind: str | None = None) -> dict[str, Path]:
+    """Built-in recipe name -> file (``src/nestvit/recipes/*.yaml``), of one declared ``kind`` or all."""
+    out = {}
+    for path in sorted(RECIPE_DIR.glob("*.yaml")):
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError:
+            continue
+        if isinstance(raw, dict) and (kind is None or raw.get(KIND_KEY, "classifier") == kind):
+            out[path.stem] = path
+    return out
+
+
+def recipe_summary(path: Path) -> str:
+    """The first comment line of a recipe (what it is for)."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def read_recipe(recipe: str | Path, kind: str = "classifier") -> tuple[dict[str, Any], str]:
+    """``(raw dict without its kind, name)`` of a recipe file path or a built-in recipe name of ``kind``."""
+    path = Path(recipe)
+    if not path.is_file():
+        recipes = builtin_recipes(kind)
+        name = path.stem if path.suffix in (".yaml", ".yml") and path.parent == Path(".") else str(recipe)
+        if name not in recipes:
+            other = builtin_recipes()
+            if name in other:
+                path = other[name]  # a built-in recipe of another kind: the kind check below says which command
+            else:
+                raise ConfigError(f"recipe {str(recipe)!r} is neither a file nor a built-in recipe; built-in "
+                                  f"{kind} recipes: {', '.join(recipes)}")
+        else:
+            path = recipes[name]
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                          "save the recipe as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the recipe ({e.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{at} ({getattr(e, 'problem', None) or e}); fix the recipe "
+                          "there") from None
+    if raw is None:
+        # An empty recipe (nothing but blanks and comments) would run every default without a word; it is
+        # almost surely a mistake (a wrong or truncated file), so it is refused. `{}` still says "all defaults".
+        raise ConfigError(f"{path}: the recipe is empty; give at least one key (e.g. `epochs: 10`), or write "
+                          "`{}` to run with every default")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of keys to values")
+    declared = recipe_kind(raw)
+    if declared != kind:
+        if KIND_KEY not in raw:
+            raise ConfigError(f"{path} declares no kind, so it is a classifier recipe for `nestvit train`; for "
+                              f"`{COMMANDS[kind]}` add the line `kind: {kind}` to it")
+        raise ConfigError(f"{path} is a {declared} recipe (kind: {declared}); run it with `{COMMANDS[declared]} "
+                          f"{recipe}`")
+    raw = {k: v for k, v in raw.items() if k != KIND_KEY}
+    return raw, path.stem
+
+
+def _takes_text(cls: type, key: str) -> bool:
+    """Whether the field of dotted ``key`` accepts a string (``str``, ``str | None``); dict entries do not count."""
+    tp: Any = cls
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(tp):
+            return False
+        tp = typing.get_type_hints(tp).get(part)
+        if tp is None:
+            return False
+    return tp is str or str in typing.get_args(tp)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], cls: type) -> dict[str, Any]:
+    """Apply ``["optim.lr=1e-3", "model.overrides.depths=[1, 1]"]`` to a nested dict (copied) for config ``cls``."""
+    out = copy.deepcopy(raw)
+    keys = valid_keys(cls)
+    derived = _derived(cls)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        if key not in keys and not any(k.endswith(".*") and (key + ".").startswith(k[:-1]) for k in keys):
+            if key in derived:
+                raise ConfigError(f"{key} cannot be set: it is taken from {derived[key]}")
+            raise ConfigError(f"unknown key {key!r} in --set {item}; valid keys: {', '.join(keys)}")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as e:
+            if not _takes_text(cls, key):  # a list, number or mapping that does not parse: never a silent string
+                raise ConfigError(f"--set {key}: cannot read the value {text.strip()!r} "
+                                  f"({getattr(e, 'problem', None) or 'not valid YAML'}); write a list as [1, 2], a "
+                                  "mapping as {a: 1}, a string in quotes") from None
+            value = text  # a string key (a path, a name): the text as it is
+        node = out
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} is not a mapping in the recipe")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def load(cls: type, recipe: str | Path | dict[str, Any] | None = None, overrides: list[str] = ()) -> Any:
+    """A ``cls`` config from a recipe (path, built-in name, dict or None for defaults) and ``--set`` overrides."""
+    if recipe is None:
+        raw: dict[str, Any] = {}
+    elif isinstance(recipe, dict):
+        raw = {k: v for k, v in recipe.items() if k != KIND_KEY}
+    else:
+        raw, _ = read_recipe(recipe, cls.KIND)
+    return from_dict(cls, apply_overrides(raw, list(overrides), cls))
+
+
+def dump(cfg: Any) -> str:
+    """The YAML of a config, its ``kind`` first: what a run directory's ``config.yaml`` holds."""
+    return yaml.safe_dump({KIND_KEY: type(cfg).KIND, **to_dict(cfg)}, sort_keys=False)
+
+
+def save(cfg: Any, path: Path) -> None:
+    atomic_write_text(path, dump(cfg))
