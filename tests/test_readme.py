@@ -38,6 +38,7 @@ TINY: dict[str, list[str]] = {
     "nestvit train --resume": [],
     "nestvit eval": ["--limit", "64"],
     "nestvit predict": [],
+    "nestvit export": [],
     "nestvit bench": FAST_BENCH,
     "nestvit explain": [],
     "nestvit generate train": SMALL_GAN,

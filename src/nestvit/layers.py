@@ -7,7 +7,8 @@ through ``F.scaled_dot_product_attention`` except for short sequences on the CPU
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +71,21 @@ class DropPath(nn.Module):
 # is at most this large, and the sequence is short or the dtype is reduced (bfloat16 / float16).
 SMALL_SCORES_BYTES = 16 * 2**20
 SHORT_SEQUENCE = 128
+# A runtime setting, not part of any model: "auto" (the rule below), or "sdpa" everywhere, which export
+# uses (the rule depends on the batch size, so it would fix an exported graph's batch).
+_KERNEL = {"mode": "auto"}
+
+
+@contextlib.contextmanager
+def attention_kernel(mode: str) -> Iterator[None]:
+    """``with attention_kernel("sdpa"): ...`` runs every ``attend`` on ``F.scaled_dot_product_attention``."""
+    if mode not in ("auto", "sdpa"):
+        raise ValueError(f"attention kernel must be 'auto' or 'sdpa', got {mode!r}")
+    previous, _KERNEL["mode"] = _KERNEL["mode"], mode
+    try:
+        yield
+    finally:
+        _KERNEL["mode"] = previous
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
@@ -85,9 +101,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float =
     bfloat16 (``docs/benchmarks.md``). For long float32 sequences the fused kernel is as fast or faster
     and never materialises the scores, so it is kept there, and on every GPU. Both agree to rounding.
     """
-    scores_bytes = q.shape[:-1].numel() * k.shape[-2] * q.element_size()  # of the scores (..., Nq, Nk)
-    explicit = (q.device.type == "cpu" and scores_bytes <= SMALL_SCORES_BYTES
-                and (k.shape[-2] <= SHORT_SEQUENCE or q.dtype != torch.float32))
+    explicit = False
+    if _KERNEL["mode"] == "auto" and q.device.type == "cpu":
+        scores_bytes = q.shape[:-1].numel() * k.shape[-2] * q.element_size()  # of the scores (..., Nq, Nk)
+        explicit = scores_bytes <= SMALL_SCORES_BYTES and (k.shape[-2] <= SHORT_SEQUENCE or q.dtype != torch.float32)
     if not explicit:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
     # 3-D batched products (torch.matmul on 4-D inputs with one head trips an Inductor bug in torch 2.13)

@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     parser.add_argument("--epochs", type=int, help="shorthand for --set epochs=N")
     parser.add_argument("--list-keys", action="store_true", help="print every key --set accepts and exit")
+    parser.add_argument("--callback", action="append", default=[], metavar="MODULE:CLASS",
+                        help="your own hook of the training loop (a nestvit.train.Callback subclass, e.g. a "
+                             "logger; see nestvit.train.hooks); repeatable")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 
 
@@ -82,6 +85,9 @@ def run(args: argparse.Namespace) -> int:
         raw, name = read_recipe(args.recipe)
         run_dir = Path(args.out or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     cfg = load_config(raw, overrides)
+    from .hooks import load_callback
+
+    callbacks = [load_callback(spec) for spec in args.callback]
     with one_line_errors():
-        train(cfg, run_dir, resume=bool(args.resume), device=args.device)
+        train(cfg, run_dir, resume=bool(args.resume), device=args.device, callbacks=callbacks)
     return 0

@@ -22,6 +22,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from . import config as C
 from .checkpoint import STATE_FILE, atomic_torch_save, capture_rng, load_state, restore_rng
 from .distill import classification_loss, teacher_targets
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed, shutdown
+from .hooks import Callback, EmaEvaluation, Plots, TtaEvaluation
 from .inputs import Split, TrainBatches, eval_batches, load_split, normalization
 from .metrics import EvalAccumulator, EvalResult, MetricsLog
 from .optim import (
@@ -54,8 +56,6 @@ from .optim import (
 )
 from .plots import plot_confusion, plot_run
 from .runs import build_model, input_transform, run_contract
-
-PLOT_EVERY_S = 60.0  # plots are redrawn after an epoch at most this often (and always at the end)
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -97,10 +97,10 @@ class Trainer:
     """Holds a run's model, optimizer, data and state; ``fit()`` trains it. Build with ``train()``."""
 
     def __init__(self, cfg: C.TrainConfig, run_dir: Path, info: DistInfo, *, resume: bool = False,
-                 state: dict[str, Any] | None = None) -> None:
+                 state: dict[str, Any] | None = None, callbacks: Sequence[Callback] = ()) -> None:
         self.info, self.device, self.run_dir = info, info.device, run_dir
         self.main = info.is_main
-        self.started = self.plotted = time.perf_counter()
+        self.started = time.perf_counter()
         self.precision = resolve_precision(cfg.precision, self.device)
         if self.precision == "fp16" and self.device.type != "cuda":
             raise C.ConfigError("precision fp16 needs CUDA (it trains with a GradScaler); use bf16 on the CPU")
@@ -130,6 +130,11 @@ class Trainer:
                                                in_chans=self.train_split.channels, img_size=self.train_split.size)
         self.model.to(self.device)
         self.ema = ModelEMA(self.model, cfg.ema.decay) if cfg.ema.decay > 0 else None
+        # what the run does besides training: the config's hooks, then the caller's (nestvit.train.hooks)
+        self.hooks: list[Callback] = [*([EmaEvaluation()] if self.ema is not None else []),
+                                      *([TtaEvaluation(cfg.tta)] if cfg.tta != "none" else []), Plots(),
+                                      *callbacks]
+        self.test: EvalResult | None = None  # the model's latest evaluation
         self.teacher = None
         if cfg.distill.teacher:
             section = C.ModelSection(name=cfg.distill.teacher, overrides=cfg.distill.teacher_overrides,
@@ -350,10 +355,10 @@ class Trainer:
                             lr=f"{self.lr:.2e}", img_s=f"{img_s:.0f}",
                             data_img_s=f"{data_img_s:.0f}", refresh=False)
             if self.step % self.cfg.log_every == 0:
-                self.log.write({"kind": "step", "epoch": epoch + 1, "step": self.step,
-                                "loss": window["loss"] / window["steps"],
-                                "acc": 100 * window["correct"] / window["images"],
-                                "lr": self.lr, "img_s": img_s, "data_img_s": data_img_s})
+                self.record({"kind": "step", "epoch": epoch + 1, "step": self.step,
+                             "loss": window["loss"] / window["steps"],
+                             "acc": 100 * window["correct"] / window["images"],
+                             "lr": self.lr, "img_s": img_s, "data_img_s": data_img_s})
                 window = {k: 0.0 if k != "steps" else 0 for k in window}
                 t_window = time.perf_counter()
             if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 \
@@ -387,24 +392,35 @@ class Trainer:
             t = all_reduce_sum(torch.full((), self.elapsed() + ahead, device=self.device), self.info)
             self.time_frac = t.item() / self.info.world_size / self.budget_s
 
+    def call(self, hook: str, *args: Any) -> None:
+        """Call ``hook`` (a :class:`Callback` method name) of every hook, in order."""
+        for h in self.hooks:
+            getattr(h, hook)(self, *args)
+
+    def record(self, record: dict[str, Any]) -> None:
+        """A metrics record: to ``metrics.jsonl`` (rank 0), then to every hook's ``on_record``."""
+        self.log.write(record)
+        self.call("on_record", record)
+
     def fit(self, stop_after_epochs: int | None = None) -> RunResult:
         cfg = self.cfg
         self.describe()
         if self.rng_state is not None:
             restore_rng(self.rng_state, {"augment": self.aug_gen})
-        test = ema = tta = None
         self.fit_started = time.perf_counter()
         if self.budget_s:
             self.time_frac = self.spent_before / self.budget_s
+        self.call("on_fit_start")
         if self.finished:  # killed after its last checkpoint, before its summary: redo what came after it
             self.say("the run's training is over but its final evaluation, plots or summary were not written; "
                      "redoing them")
             if self.epoch < cfg.epochs:  # it was stopped by its time budget
                 self.time_frac = max(self.time_frac, 1.0)
-            test = self.evaluate(self.model)
-            ema = self.evaluate(self.ema.module) if self.ema is not None else None
-            tta = self.evaluate(self.model, tta=cfg.tta) if cfg.tta != "none" else None
-            self.write_plots(test)
+            self.test = self.evaluate(self.model)
+            redone: dict[str, Any] = {}
+            self.call("on_evaluate", redone)
+            self.call("on_final_evaluate", redone)
+            self.write_plots(self.test)
         while self.epoch < cfg.epochs and self.time_frac < 1.0:
             epoch = self.epoch
             stats = self.train_epoch(epoch)
@@ -419,48 +435,47 @@ class Trainer:
             last = out_of_time or self.epoch == cfg.epochs or self.time_frac >= 1.0
             if (epoch + 1) % cfg.eval_every == 0 or last:
                 t = self.elapsed()
-                test = self.evaluate(self.model)
-                record.update(test_loss=test.loss, test_top1=test.top1, test_top5=test.top5)
-                if self.ema is not None:
-                    ema = self.evaluate(self.ema.module)
-                    record.update(ema_top1=ema.top1, ema_top5=ema.top5)
+                self.test = self.evaluate(self.model)
+                record.update(test_loss=self.test.loss, test_top1=self.test.top1, test_top5=self.test.top5)
+                self.call("on_evaluate", record)  # counted in the evaluation time the budget reserves
                 self.eval_s = self.elapsed() - t
                 self.read_clock()
                 last = last or self.time_frac >= 1.0  # the evaluation spent the rest of the budget
-                if last and cfg.tta != "none":
-                    tta = self.evaluate(self.model, tta=cfg.tta)
-                    record.update(test_top1_tta=tta.top1, test_top5_tta=tta.top5)
-            self.log.write(record)
+                if last:
+                    self.call("on_final_evaluate", record)
+            self.record(record)
             self.say(self._epoch_line(record))
-            self.save_weights(test if "test_top1" in record else None)
+            self.save_weights(self.test if "test_top1" in record else None)
             self.save_state()
             stop = stop_after_epochs is not None and self.epoch >= stop_after_epochs
-            if last or stop or time.perf_counter() - self.plotted > PLOT_EVERY_S:
-                self.write_plots(test)
+            self.call("on_epoch_end", record, last or stop)
             if stop or last:
                 break
         if self.time_frac >= 1.0 and self.epoch < cfg.epochs:
             self.say(f"the time budget of {cfg.time_budget_min:g} min is spent: stopped after {self.step} steps")
         wall = time.perf_counter() - self.started
+        test = self.test
+        ema = next((h.result for h in self.hooks if isinstance(h, EmaEvaluation)), None)
         result = RunResult(self.run_dir, self.epoch, self.step, test, ema, self.best_top1, wall)
+        part = self.step_in_epoch / self.steps_per_epoch  # of an epoch a time budget ended early
+        epochs = round(self.epoch + part, 3) if part else self.epoch
+        summary = {"epochs": epochs, "steps": self.step, "wall_s": round(wall, 1),
+                   "test_top1": test.top1 if test else None, "test_top5": test.top5 if test else None,
+                   "best_top1": self.best_top1, "ema_top1": None,
+                   "params": self.model.num_params(), "world_size": self.info.world_size,
+                   "device": str(self.device), "precision": self.precision,
+                   "machine": self.machine}  # which CPU/GPU: VMs of one name differ 2-4x in speed
+        if self.budget_s:
+            summary.update(time_budget_s=self.budget_s, run_s=round(self.elapsed(), 1),
+                           stopped_by_budget=self.time_frac >= 1.0 and self.epoch < cfg.epochs)
+        self.call("on_fit_end", summary)
         if self.main:
-            part = self.step_in_epoch / self.steps_per_epoch  # of an epoch a time budget ended early
-            epochs = round(self.epoch + part, 3) if part else self.epoch
-            summary = {"epochs": epochs, "steps": self.step, "wall_s": round(wall, 1),
-                       "test_top1": test.top1 if test else None, "test_top5": test.top5 if test else None,
-                       "best_top1": self.best_top1, "ema_top1": ema.top1 if ema else None,
-                       **({"tta": cfg.tta, "test_top1_tta": tta.top1} if tta else {}),
-                       "params": self.model.num_params(), "world_size": self.info.world_size,
-                       "device": str(self.device), "precision": self.precision,
-                       "machine": self.machine}  # which CPU/GPU: VMs of one name differ 2-4x in speed
-            if self.budget_s:
-                summary.update(time_budget_s=self.budget_s, run_s=round(self.elapsed(), 1),
-                               stopped_by_budget=self.time_frac >= 1.0 and self.epoch < cfg.epochs)
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
             if test is not None:
+                ema_top1, tta_top1 = summary.get("ema_top1"), summary.get("test_top1_tta")
                 self.say(f"done in {_fmt_time(wall)}: test top-1 {test.top1:.2f}% top-5 {test.top5:.2f}% (best "
-                         f"{self.best_top1:.2f}%)" + (f", EMA top-1 {ema.top1:.2f}%" if ema else "")
-                         + (f", {cfg.tta} TTA top-1 {tta.top1:.2f}%" if tta else "")
+                         f"{self.best_top1:.2f}%)" + (f", EMA top-1 {ema_top1:.2f}%" if ema_top1 is not None else "")
+                         + (f", {cfg.tta} TTA top-1 {tta_top1:.2f}%" if tta_top1 is not None else "")
                          + f"; {self.run_dir}")
         self.log.close()
         return result
@@ -483,7 +498,6 @@ class Trainer:
 
     def write_plots(self, test: EvalResult | None) -> None:
         """Curves from ``metrics.jsonl`` and the last evaluation's confusion matrix (JSON and PNG)."""
-        self.plotted = time.perf_counter()
         if not self.main:
             return
         plot_run(self.run_dir)
@@ -641,10 +655,11 @@ def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") ->
 
 
 def train(cfg: C.TrainConfig, run_dir: str | Path, *, resume: bool = False, device: str | None = None,
-          stop_after_epochs: int | None = None) -> RunResult:
+          stop_after_epochs: int | None = None, callbacks: Sequence[Callback] = ()) -> RunResult:
     """Train ``cfg`` into ``run_dir`` (continuing the run there with ``resume``); joins torchrun's group if any.
 
     ``stop_after_epochs`` returns after that many epochs have completed, as an interrupted run would.
+    ``callbacks``: your own hooks of the loop (``nestvit.train.hooks.Callback``), after the built-in ones.
     """
     info = init_distributed(device)
     trainer, threads = None, torch.get_num_threads()
@@ -660,7 +675,7 @@ def train(cfg: C.TrainConfig, run_dir: str | Path, *, resume: bool = False, devi
                       + (f", test top-1 {top1:.2f}%" if isinstance(top1, (int, float)) else "")
                       + f" (summary.json); nothing to do, nothing changed. To train on, resume with {more}")
             return RunResult(run_dir, state["epoch"], state["step"], None, None, state.get("best_top1", -1.0), 0.0)
-        trainer = Trainer(cfg, run_dir, info, resume=resume, state=state)
+        trainer = Trainer(cfg, run_dir, info, resume=resume, state=state, callbacks=callbacks)
         return trainer.fit(stop_after_epochs)
     finally:
         del trainer  # model, optimizer and DDP go before the process group (see distributed.shutdown)

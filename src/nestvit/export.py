@@ -1,0 +1,147 @@
+"""``nestvit export RUN --format onnx|pt2``: a trained model as an ONNX file or a ``torch.export`` program.
+
+    nestvit export runs/demo --format onnx            # runs/demo/model.onnx, dynamic batch, checked
+    nestvit export runs/demo --format pt2 --out m.pt2 # a torch.export program (torch.export.load)
+
+The model and its input transform come from the run contract (``nestvit.load``). The exported graph
+takes the *normalised* input ``(B, C, H, W)`` float32 (the transform's ``__call__`` does that step) and
+returns the logits; the batch size is dynamic. The contract is stored with it (ONNX ``metadata_props``
+key ``nestvit.contract``; a ``nestvit.contract.json`` extra file in the ``.pt2`` archive). After writing,
+the export is run on a batch of 2 and a batch of 3 random inputs and compared with the PyTorch model:
+with onnxruntime for ONNX (``pip install onnxruntime``), with ``torch.export.load`` for pt2; the
+largest difference is printed, and an export that disagrees beyond ``--atol`` is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from .cli_args import positive_int
+
+FORMATS = {"onnx": ".onnx", "pt2": ".pt2"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a run directory or a weights file written by nestvit")
+    parser.add_argument("--format", choices=list(FORMATS), default="onnx", help="onnx (default) or pt2")
+    parser.add_argument("--out", type=Path, help="output file (default: model.onnx / model.pt2 beside the weights)")
+    parser.add_argument("--weights", default=None, help="which weights of a run directory (best, last, ema)")
+    parser.add_argument("--opset", type=positive_int, default=None, help="ONNX opset (default: the exporter's)")
+    parser.add_argument("--atol", type=float, default=1e-4, help="largest difference allowed in the check (1e-4)")
+    parser.add_argument("--no-check", action="store_true", help="write only, do not run the export to check it")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+
+
+def _inputs(transform, batch: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, transform.channels, *transform.size, generator=g)
+
+
+def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, *, contract_json: str,
+                opset: int | None = None) -> Path:
+    """ONNX with a dynamic batch, the contract in its metadata; written atomically."""
+    import onnx
+
+    from .fileio import atomic_path
+
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    kwargs = {"opset_version": opset} if opset else {}
+    with atomic_path(path) as tmp:
+        program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=({0: batch},),
+                                    input_names=["images"], output_names=["logits"], **kwargs)
+        proto = program.model_proto
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = "nestvit.contract", contract_json
+        onnx.save(proto, str(tmp))
+    return path
+
+
+def check_onnx(path: Path, model: torch.nn.Module, inputs: list[torch.Tensor]) -> float | None:
+    """Largest |onnxruntime - torch| over ``inputs``; None when onnxruntime is not installed."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    worst = 0.0
+    for x in inputs:
+        with torch.no_grad():
+            want = model(x)
+        got = torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+        worst = max(worst, float((got - want).abs().max()))
+    return worst
+
+
+def export_pt2(model: torch.nn.Module, example: torch.Tensor, path: Path, *, contract_json: str) -> Path:
+    """A ``torch.export`` program with a dynamic batch and the contract as an extra file; written atomically."""
+    from .fileio import atomic_path
+
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    with atomic_path(path) as tmp:
+        torch.export.save(program, str(tmp), extra_files={"nestvit.contract.json": contract_json})
+    return path
+
+
+def check_pt2(path: Path, model: torch.nn.Module, inputs: list[torch.Tensor]) -> float:
+    program = torch.export.load(str(path))
+    worst = 0.0
+    for x in inputs:
+        with torch.no_grad():
+            worst = max(worst, float((program.module()(x) - model(x)).abs().max()))
+    return worst
+
+
+def run(args: argparse.Namespace) -> int:
+    from .layers import attention_kernel
+    from .models.nest import set_cpu_chunk_tokens
+
+    # the CPU speed rules of eager runs (NesT's chunking into groups of images, the explicit attention of
+    # short sequences) depend on the batch size and would fix the exported batch: traced without them
+    with set_cpu_chunk_tokens(0), attention_kernel("sdpa"):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .contract import load
+
+    loaded = load(args.checkpoint, args.weights)
+    if loaded.contract.kind != "classifier":
+        raise ValueError(f"{loaded.weights} holds a {loaded.contract.kind}; export takes classifiers")
+    model = loaded.model.eval()
+    out = args.out or loaded.weights.parent / f"model{FORMATS[args.format]}"
+    if out.exists() and out.is_dir():
+        raise ValueError(f"--out {out}: is a folder; give a file name such as {out / ('model' + FORMATS[args.format])}")
+    example = _inputs(loaded.transform, 2, 0)
+    contract_json = loaded.contract.to_json()
+    checks = [_inputs(loaded.transform, 2, 1), _inputs(loaded.transform, 3, 2)]  # two batch sizes: dynamic
+    if args.format == "onnx":
+        try:
+            import onnx  # noqa: F401
+            import onnxscript  # noqa: F401
+        except ImportError:
+            raise ValueError("ONNX export needs the onnx and onnxscript packages: pip install onnx onnxscript "
+                             "onnxruntime") from None
+        export_onnx(model, example, out, contract_json=contract_json, opset=args.opset)
+        worst = None if args.no_check else check_onnx(out, model, checks)
+        how = "onnxruntime"
+        if worst is None and not args.no_check:
+            print("note: onnxruntime is not installed, so the export was not run; pip install onnxruntime",
+                  file=sys.stderr)
+    else:
+        export_pt2(model, example, out, contract_json=contract_json)
+        worst = None if args.no_check else check_pt2(out, model, checks)
+        how = "torch.export.load"
+    if worst is not None and not worst <= args.atol:
+        raise RuntimeError(f"the {args.format} export of {loaded.weights} differs from the PyTorch model by "
+                           f"{worst:.3g} (> --atol {args.atol:g}); please report it as a bug")
+    size = out.stat().st_size / 1e6
+    check = f"; checked with {how} on batches of 2 and 3: max |difference| {worst:.2e}" if worst is not None else ""
+    print(f"wrote {out} ({size:.1f} MB, {args.format}, input (B, {loaded.transform.channels}, "
+          f"{loaded.transform.size[0]}, {loaded.transform.size[1]}) normalised{check})")
+    return 0
