@@ -172,3 +172,34 @@ def test_config_of_a_run_reads_back(tmp_path):
     cfg = load_config(tmp_path / "run" / "config.yaml")
     assert cfg.model.name == "vit_tiny_patch4_32" and cfg.data.name == "mnist5k"
     assert np.isclose(sum(nestvit.load(tmp_path / "run").transform.std), sum(cfg.data.std))
+
+
+def test_finetune_a_run_on_a_folder_at_another_size_channels_and_classes(tmp_path, capsys):
+    """#38's journey: a run trained on grey 32x32 digits (10 classes) -> `nestvit train finetune` on an RGB
+    image folder of 3 classes at 64x64 -> eval, predict and export of the fine-tuned run."""
+    recipe = tiny_run_recipe(tmp_path, *FAMILIES["nest"][:2])
+    pre = tmp_path / "pre"
+    assert main(["train", str(recipe), "--out", str(pre)]) == 0
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("test", 4)):
+        for c in ("cat", "dog", "eel"):
+            folder = tmp_path / "pets" / split / c
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    capsys.readouterr()
+    run = tmp_path / "ft"
+    assert main(["train", "finetune", "--set", f"model.weights={pre}", "--set", f"data.root={tmp_path / 'pets'}",
+                 "--set", "data.img_size=64", "--set", "data.workers=0", "--set", "global_batch=12",
+                 "--set", "epochs=1", "--set", "progress=false", "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "head: re-initialised for 3 classes (the weights had 10)" in out
+    assert "resampled" in out and "from 1 to 3 input channels" in out
+    loaded = nestvit.load(run)
+    assert loaded.contract.model == "nest_tiny_cifar" and loaded.classes == ["cat", "dog", "eel"]
+    assert loaded.transform.size == (64, 64) and loaded.transform.resize == "center-crop"
+    assert loaded.contract.kwargs["embed_dims"] == 8  # the architecture came from the pretrained run
+    img = tmp_path / "pets" / "test" / "dog" / "0.png"
+    assert main(["eval", str(run)]) == 0 and main(["predict", str(run), str(img)]) == 0
+    assert main(["export", str(run), "--format", "pt2"]) == 0
+    assert "max |difference|" in capsys.readouterr().out

@@ -3,6 +3,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from .contract import load  # a saved model and its input transform, from a run directory or a weights file
+from .hub import from_pretrained, save_pretrained  # the Hugging Face Hub / timm layout
 from .registry import create_model, list_models, register_model
 
 try:
@@ -10,4 +11,5 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+local"
 
-__all__ = ["create_model", "list_models", "load", "register_model", "__version__"]
+__all__ = ["create_model", "from_pretrained", "list_models", "load", "register_model", "save_pretrained",
+           "__version__"]

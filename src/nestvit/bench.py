@@ -2,6 +2,7 @@
 
     nestvit bench nest_tiny_cifar tnt_s_patch16_224 [--set attn=mha] [--batch 64] [--dtype fp32,bf16]
                   [--compile both] [--mode both] [--threads 2] [--warmup 3] [--iters 10] [--json out.json]
+                  [--grad-checkpointing]
 
 For every model, dtype (``fp32``, or ``bf16`` autocast) and execution mode (eager, ``torch.compile``):
 
@@ -25,6 +26,8 @@ For every model, dtype (``fp32``, or ``bf16`` autocast) and execution mode (eage
   freed heap pages to the OS with ``malloc_trim(0)``. The CPU number therefore counts everything the
   step touches (activations kept for backward, gradients -- they are freed by ``set_to_none`` -- and
   oneDNN / autograd scratch), not only tensors; per image is that divided by the batch.
+  ``--grad-checkpointing`` measures with ``model.set_grad_checkpointing(True)`` (every transformer layer
+  recomputed in backward), so a run with and one without show the memory it saves and the time it costs.
 - **Data pipeline**: images/s of ``nestvit.data``'s ``BatchAugment`` (crop, flip, RandAugment, erasing,
   mixup/cutmix) on random uint8 images of the model's size, or with ``--data NAME`` on a real data set
   (indexing + collation, or JPEG/PNG decoding for an image folder) -- shown beside the training rate
@@ -86,6 +89,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="matrix edge of the peak-FLOP/s GEMM (halved while one product would take over 5 s)")
     parser.add_argument("--peak-iters", type=int, default=5, help="timed GEMMs for the peak (median)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
+    parser.add_argument("--grad-checkpointing", action="store_true",
+                        help="train with model.set_grad_checkpointing(True): every transformer layer recomputed in "
+                             "backward (less memory, more time)")
     parser.add_argument("--channels-last", action="store_true",
                         help="convert the model's conv weights to channels_last first (default: as built)")
     parser.add_argument("--data", default=None, metavar="NAME",
@@ -300,12 +306,13 @@ def bench_model(name: str, overrides: dict[str, Any] | None = None, *, device: s
                 modes: tuple[str, ...] = ("infer", "train"), warmup: int = 3, iters: int = 10,
                 peak_size: int = 4096, peak_iters: int = 5, memory: bool = True,
                 peak_flops: float | None = None, model: nn.Module | None = None,
-                channels_last: bool = False, profile: int = 0) -> dict[str, Any]:
+                channels_last: bool = False, profile: int = 0, grad_checkpointing: bool = False) -> dict[str, Any]:
     """Measure one model in one dtype and execution mode; returns a flat dict (see the module doc).
 
     ``peak_flops`` (FLOP/s) skips the GEMM measurement; ``model`` benchmarks a ready module instead of
     building ``name`` from the registry; ``profile=N`` adds the top N operators per mode
-    (``infer_profile`` / ``train_profile``).
+    (``infer_profile`` / ``train_profile``); ``grad_checkpointing`` turns the model's on (training recomputes
+    every transformer layer in backward; inference, without autograd, is unchanged).
     """
     from . import create_model
     from .flops import count_flops
@@ -327,6 +334,8 @@ def bench_model(name: str, overrides: dict[str, Any] | None = None, *, device: s
     model = model.to(dev)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)  # conv weights in NHWC; no-op for linear layers
+    if grad_checkpointing:
+        model.set_grad_checkpointing(True)
     h, w = model.img_size
     batch = batch or default_batch((h, w))
     flops = count_flops(model, (1, model.in_chans, h, w))
@@ -345,6 +354,7 @@ def bench_model(name: str, overrides: dict[str, Any] | None = None, *, device: s
                            "compile": bool(compile), "device": str(dev), "params": params,
                            "gflops_per_image": flops / 1e9, "peak_tflops": peak_flops / 1e12,
                            "threads": torch.get_num_threads(), "channels_last": channels_last,
+                           "grad_checkpointing": bool(grad_checkpointing),
                            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
     def measure(mode: str, step: Callable[[], None]) -> None:
@@ -474,6 +484,7 @@ def format_table(rows: list[dict[str, Any]], *, markdown: bool = False) -> str:
     for r in rows:
         label = (f"{r['source']} ({r['model']})" if r.get("source") else
                  r["model"] + "".join(f" {k}={v}" for k, v in r.get("overrides", {}).items() if k != "img_size"))
+        label += " grad-ckpt" if r.get("grad_checkpointing") else ""
         cells.append((label, r["dtype"], "compile" if r["compile"] else "eager", str(r["batch"]),
                       _fmt(r["params"] / 1e6, ".2f"), _fmt(r["gflops_per_image"], ".2f"),
                       _fmt(r.get("infer_images_per_s"), ".1f"), mfu(r, "infer_mfu"),
@@ -542,7 +553,7 @@ def run(args: argparse.Namespace) -> int:
                                   dtype=dtype, compile=use_compile, modes=modes, warmup=args.warmup,
                                   iters=args.iters, peak_size=args.peak_size, peak_iters=args.peak_iters,
                                   memory=not args.no_memory, channels_last=args.channels_last,
-                                  profile=args.profile)
+                                  profile=args.profile, grad_checkpointing=args.grad_checkpointing)
                 if not args.no_data and "train" in modes:
                     key = (tuple(row["img_size"]), row["batch"])
                     if key not in data_rates:

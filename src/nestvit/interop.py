@@ -3,7 +3,8 @@
 ``from_timm("Nest" | "TNT", timm_kwargs, state_dict)`` builds the equivalent nestvit model and loads a
 timm state dict into it; ``load_weights(model, path)`` loads a nestvit safetensors file or a timm
 checkpoint (``.pth``/``.bin`` through ``torch.load(weights_only=True)``, or ``.safetensors``), never
-unpickling arbitrary objects.
+unpickling arbitrary objects. The official JAX/Flax NesT's parameters load through ``from_official`` and
+``read_official_checkpoint`` (``nestvit.official``, re-exported here).
 """
 
 from __future__ import annotations
@@ -208,11 +209,14 @@ def save_weights(model: nn.Module, path: str | Path, *, metadata: Mapping[str, s
     return path
 
 
-def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+def load_weights(model: nn.Module, path: str | Path, *, adapt: bool = False,
+                 notes: list[str] | None = None) -> nn.Module:
     """Load nestvit weights (``save_weights``) or a timm checkpoint into ``model``.
 
     Files written by nestvit carry ``format=nestvit`` metadata and load as they are (their family must
-    match); anything else is taken to be in timm's layout and converted.
+    match); anything else is taken to be in timm's layout and converted. ``adapt=True`` (fine-tuning) lets
+    weights of another class count, image size or channel count fit (``nestvit.adapt``); what it changed
+    is appended to ``notes``.
     """
     sd, meta = read_state_dict(path)
     sd = _strip(sd)
@@ -227,5 +231,14 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
         from .models.tnt import tnt_state_from_timm
 
         sd = tnt_state_from_timm(sd, model)
+    if adapt:
+        from .adapt import adapt_state_dict
+
+        sd, changed = adapt_state_dict(model, sd)
+        if notes is not None:
+            notes.extend(changed)
     load_state_strict(model, sd, source=str(path))
     return model
+
+
+from .official import from_official, read_official_checkpoint  # noqa: E402, F401

@@ -8,10 +8,14 @@ through ``F.scaled_dot_product_attention`` except for short sequences on the CPU
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import operator
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -223,14 +227,142 @@ def init_weights(model: nn.Module, *, std: float = 0.02) -> None:
             nn.init.zeros_(m.bias)
 
 
+# --------------------------------------------------------------------------------------------------
+# Backbone interface (timm's): intermediates, their layouts, gradient checkpointing
+# --------------------------------------------------------------------------------------------------
+
+OUTPUT_FORMATS = ("NCHW", "NLC")
+
+
+def feature_indices(count: int, indices: int | Sequence[int] | None) -> list[int]:
+    """Which of ``count`` intermediates to take, as sorted distinct indices from 0 (timm's meaning).
+
+    ``None``: all; an int ``n``: the last ``n``; a sequence: those (negative from the end). Anything out
+    of range is a ``ValueError`` naming the valid range.
+    """
+    if indices is None:
+        return list(range(count))
+    if not isinstance(indices, Sequence) or isinstance(indices, str):
+        try:
+            if isinstance(indices, bool):
+                raise TypeError
+            n = operator.index(indices)
+        except TypeError:
+            raise ValueError(f"indices must be None, an int (the last n) or a list of indices, got {indices!r}") \
+                from None
+        if not 0 < n <= count:
+            raise ValueError(f"indices={n}: the last n must be between 1 and {count} (the model has "
+                             f"{count} intermediates)")
+        return list(range(count - n, count))
+    out = set()
+    for item in indices:
+        try:
+            i = operator.index(item)  # ints (numpy's too), not floats
+        except TypeError:
+            i = count  # out of range below
+        if not -count <= i < count:
+            raise ValueError(f"intermediate index {item!r} is out of range: the model has {count} intermediates "
+                             f"(0 to {count - 1}, or -{count} to -1 from the end)")
+        out.add(i % count)
+    if not out:
+        raise ValueError("indices is an empty list: name at least one intermediate")
+    return sorted(out)
+
+
+def intermediate_plan(count: int, indices: int | Sequence[int] | None, output_fmt: str, *,
+                      intermediates_only: bool, stop_early: bool) -> tuple[list[int], int]:
+    """``(indices to take, index of the last stage to run)`` for a ``forward_intermediates`` call; checks its
+    arguments."""
+    if output_fmt not in OUTPUT_FORMATS:
+        raise ValueError(f"output_fmt must be one of {OUTPUT_FORMATS}, got {output_fmt!r}")
+    if stop_early and not intermediates_only:
+        raise ValueError("stop_early=True skips the stages after the last intermediate, so the final features "
+                         "do not exist: use it with intermediates_only=True")
+    take = feature_indices(count, indices)
+    return take, (take[-1] if stop_early else count - 1)
+
+
+def nhwc_as(x: torch.Tensor, output_fmt: str) -> torch.Tensor:
+    """A channels-last map ``(B, H, W, C)`` as ``NCHW`` (a view) or ``NLC`` tokens ``(B, H*W, C)``, row-major."""
+    return x.permute(0, 3, 1, 2) if output_fmt == "NCHW" else x.flatten(1, 2)
+
+
+def tokens_as(x: torch.Tensor, grid: tuple[int, int], output_fmt: str) -> torch.Tensor:
+    """Row-major tokens ``(B, gh*gw, C)`` as ``NCHW`` ``(B, C, gh, gw)`` (a view) or unchanged (``NLC``)."""
+    if output_fmt == "NLC":
+        return x
+    return x.transpose(1, 2).reshape(x.shape[0], -1, *grid)
+
+
+class _Recompute(threading.local):
+    active = False
+
+
+_RECOMPUTE = _Recompute()
+
+
+def recomputing() -> bool:
+    """True while ``checkpoint_call`` re-runs a forward pass during backward.
+
+    A module with a side effect besides its output (BatchNorm updating its running statistics) checks it
+    so that the side effect happens once per step, as without checkpointing.
+    """
+    return _RECOMPUTE.active
+
+
+def checkpoint_call(fn: Callable[..., Any], *args: Any, enabled: bool) -> Any:
+    """``fn(*args)``; with ``enabled`` (and autograd recording), through ``torch.utils.checkpoint``
+    (non-reentrant): the activations inside ``fn`` are not kept but recomputed in backward.
+
+    The recomputation replays the same random numbers (dropout, stochastic depth), so outputs and
+    gradients are those without checkpointing; ``recomputing()`` is True during it.
+    """
+    if not (enabled and torch.is_grad_enabled()):
+        return fn(*args)
+    if torch.compiler.is_compiling():  # the compiled graph recomputes by itself; no Python re-run to mark
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    calls = 0
+
+    def run(*inputs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return fn(*inputs)
+        previous, _RECOMPUTE.active = _RECOMPUTE.active, True
+        try:
+            return fn(*inputs)
+        finally:
+            _RECOMPUTE.active = previous
+
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+
+def run_layers(layers: nn.Module, x: torch.Tensor, *, checkpoint: bool) -> torch.Tensor:
+    """``layers(x)``; with ``checkpoint``, every layer of an ``nn.Sequential`` through ``checkpoint_call`` (any
+    other module as one)."""
+    if not checkpoint:
+        return layers(x)
+    for layer in layers if isinstance(layers, nn.Sequential) else [layers]:
+        x = checkpoint_call(layer, x, enabled=True)
+    return x
+
+
 class ModelBase(nn.Module):
     """The contract every nestvit classifier follows (as timm's models do).
 
     Subclasses set ``img_size``, ``in_chans``, ``num_classes``, ``num_features``, ``feature_info``,
     ``family`` and implement ``forward_features``, ``forward_head`` and ``forward_intermediates``.
+
+    Backbone interface (timm's, so detection and segmentation code can take a nestvit model):
+    ``forward_intermediates(x, indices=None, norm=False, output_fmt="NCHW", intermediates_only=False,
+    stop_early=False)`` and ``feature_info``, one dict per intermediate (``num_chs``, ``reduction``: stride
+    relative to the input, ``module``: the module whose output it is); ``nestvit.create_model(name,
+    features_only=True, out_indices=...)`` wraps a model into a list-of-maps backbone
+    (``nestvit.features``); ``set_grad_checkpointing`` recomputes every transformer layer in backward.
     """
 
     family: str = ""
+    grad_checkpointing: bool = False  # a runtime setting (set_grad_checkpointing), never saved
     img_size: tuple[int, int]
     in_chans: int
     num_classes: int
@@ -260,6 +392,17 @@ class ModelBase(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the activations of every transformer layer (block; a stage for the conv net) in backward
+        instead of keeping them (``torch.utils.checkpoint``, non-reentrant): less memory, about one more
+        forward pass of time; outputs and gradients unchanged. Only while autograd records (training,
+        explanations); a runtime setting, not part of the model's arguments or weights. Sets the flag on the
+        model and on every submodule that checkpoints (those with a ``grad_checkpointing`` attribute).
+        """
+        for m in self.modules():
+            if hasattr(m, "grad_checkpointing"):
+                m.grad_checkpointing = bool(enable)
 
 
 def grid_error(what: str, size: int, unit: int, axis: str) -> ValueError:

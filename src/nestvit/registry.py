@@ -84,11 +84,16 @@ def model_kind(name: str) -> str:
     return _KIND[name]
 
 
-def create_model(name: str, *, weights: str | Path | None = None, **overrides: Any) -> nn.Module:
+def create_model(name: str, *, weights: str | Path | None = None, features_only: bool = False,
+                 out_indices: int | list[int] | tuple[int, ...] | None = None, **overrides: Any) -> nn.Module:
     """Build a registered model; ``weights`` loads a nestvit safetensors file or a timm checkpoint.
 
     Any kind builds here: classifiers, GAN generators and discriminators, the FID feature network.
+    ``features_only=True`` returns the model (weights loaded) as a backbone whose forward gives a list of
+    NCHW maps, those of ``out_indices`` (``nestvit.features.FeatureListNet``; default: all).
     """
+    if out_indices is not None and not features_only:
+        raise ModelOptionError("out_indices selects the maps of a backbone: pass features_only=True with it")
     _ensure_loaded()
     if name not in _MODELS:
         close = [n for n in _MODELS if n.split("_")[0] == name.split("_")[0]] or list(_MODELS)
@@ -100,4 +105,8 @@ def create_model(name: str, *, weights: str | Path | None = None, **overrides: A
         from .interop import load_weights
 
         load_weights(model, weights)
+    if features_only:
+        from .features import FeatureListNet
+
+        return FeatureListNet(model, out_indices)
     return model

@@ -668,6 +668,7 @@ def test_registry_and_api_errors(tmp_path):
         "cifar100",
         "stl10",
         "imagefolder",
+        "webdataset",
     }
     assert DATASETS["cifar100"].num_classes == 100 and DATASETS["stl10"].image_size == 96
     assert DATASETS["cifar10"].channels == 3 and DATASETS["mnist"].channels == 1

@@ -1,4 +1,5 @@
-"""Datasets: in-memory small sets, streamed image folders, and checked downloads."""
+"""Datasets: in-memory small sets, your own images (folders, a CSV, tar shards) streamed from disk, and checked
+downloads."""
 
 from .augment import AugmentConfig, BatchAugment, RandAugment, eval_transform, mixup_cutmix, random_erasing
 from .datasets import (
@@ -8,6 +9,8 @@ from .datasets import (
     DatasetError,
     DatasetInfo,
     ImageFolderDataset,
+    ImageListDataset,
+    decode_image,
     default_root,
     load_dataset,
     make_loader,
@@ -26,6 +29,8 @@ from .download import (
     extract_archive,
     sha256_file,
 )
+from .folders import HOLDOUT, find_layout, holdout_mask, load_images
+from .shards import load_shards
 
 __all__ = [
     "AugmentConfig",
@@ -42,14 +47,21 @@ __all__ = [
     "ChecksumError",
     "DatasetError",
     "DatasetInfo",
+    "HOLDOUT",
     "ImageFolderDataset",
+    "ImageListDataset",
     "RemoteFile",
     "dataset_urls",
+    "decode_image",
     "default_root",
     "download_dataset",
     "download_file",
     "extract_archive",
+    "find_layout",
+    "holdout_mask",
     "load_dataset",
+    "load_images",
+    "load_shards",
     "make_loader",
     "mnist5k_split",
     "read_idx",

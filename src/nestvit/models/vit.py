@@ -40,10 +40,14 @@ from ..layers import (
     TransformerLayer,
     attention_probs,
     check_divisible,
+    checkpoint_call,
     drop_path_rates,
     init_weights,
+    intermediate_plan,
+    run_layers,
     split_qkv,
     to_2tuple,
+    tokens_as,
 )
 from ..registry import build_config, register_model
 
@@ -173,26 +177,38 @@ class ViT(ModelBase):
             x = torch.cat([t.expand(x.shape[0], -1, -1) for t in prefix] + [x], dim=1)
         return self.pos_drop(x + self.pos_embed)
 
-    def _to_image(self, x: torch.Tensor) -> torch.Tensor:
-        """Patch tokens of ``(B, prefix + N, C)`` as an image ``(B, C, gh, gw)``."""
-        gh, gw = self.grid
-        return x[:, self.num_prefix_tokens:].transpose(1, 2).reshape(x.shape[0], -1, gh, gw)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C_in, H, W) -> (B, prefix + gh*gw, C)`` normalized tokens (class token first)."""
-        return self.norm(self.blocks(self._embed(x)))
+        return self.norm(run_layers(self.blocks, self._embed(x), checkpoint=self.grad_checkpointing))
 
-    def forward_intermediates(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """``(features (B, prefix + N, C), [block i's patch tokens (B, C, gh, gw) for every block])``.
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False, stop_early: bool = False,
+                              ) -> tuple[torch.Tensor, list[torch.Tensor]] | list[torch.Tensor]:
+        """``(features (B, prefix + N, C), [intermediates])``, or only the list with ``intermediates_only``.
 
-        Block maps are the raw outputs of each block (before the final norm) without the prefix tokens,
-        in image layout.
+        An intermediate is one block's output, its patch tokens without the class / distillation tokens
+        (as timm's ViT), as a map ``(B, C, gh, gw)`` (stride ``patch_size``, ``feature_info[i]``). With every
+        argument at its default: all blocks, raw (before the final norm), as views of the block outputs.
+
+        - ``indices``: ``None`` all blocks; an int ``n`` the last ``n``; a list those (negative from the
+          end). Returned in block order.
+        - ``norm``: apply the final LayerNorm to every intermediate.
+        - ``output_fmt``: ``"NCHW"``, or ``"NLC"``: the patch tokens ``(B, gh*gw, C)``, row-major.
+        - ``stop_early`` (with ``intermediates_only``): skip the blocks after the last one asked for.
         """
+        take, stop = intermediate_plan(len(self.blocks), indices, output_fmt,
+                                       intermediates_only=intermediates_only, stop_early=stop_early)
         x = self._embed(x)
         maps = []
-        for block in self.blocks:
-            x = block(x)
-            maps.append(self._to_image(x))
+        for i, block in enumerate(self.blocks):
+            x = checkpoint_call(block, x, enabled=self.grad_checkpointing)
+            if i in take:
+                y = self.norm(x) if norm else x
+                maps.append(tokens_as(y[:, self.num_prefix_tokens:], self.grid, output_fmt))
+            if i == stop:
+                break
+        if intermediates_only:
+            return maps
         return self.norm(x), maps
 
     def forward_attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:

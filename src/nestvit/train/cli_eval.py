@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a run directory or a .safetensors file written by nestvit train")
     parser.add_argument("--data", help="data set name (default: the one the run trained on)")
     parser.add_argument("--root", help="data directory (default: the run's data.root, else the default root)")
-    parser.add_argument("--split", default=None, help="split to evaluate (default: the run's eval split, else test)")
+    parser.add_argument("--split", default=None, help="split to evaluate (default: the run's eval split, e.g. its "
+                             "holdout; else the data's: test, or val/test/holdout for folders)")
     parser.add_argument("--weights", default=None, choices=["best", "last", "ema"],
                         help="which weights of a run directory (default: best, else last)")
     parser.add_argument("--batch-size", type=positive_int, default=500, help="images per forward pass (default 500)")
@@ -61,9 +62,10 @@ def run(args: argparse.Namespace) -> int:
     name = args.data or (run_data.name if run_data else loaded.contract.info.get("data"))
     if not name:
         raise ValueError(f"{loaded.weights} does not say which data set it was trained on; pass --data NAME")
-    split = args.split or (run_data.eval_split if run_data and name == run_data.name else "test")
-    root = args.root or (run_data.root if run_data and name == run_data.name else None)
-    section = eval_section(name, root, transform)
+    same = run_data if run_data is not None and name == run_data.name else None
+    split = args.split or (same.eval_split if same is not None else None)  # None: the data's evaluation split
+    root = args.root or (same.root if same is not None else None)
+    section = eval_section(name, root, transform, same)
     device = resolve_device(args.device)
     model = loaded.model.to(device)
     precision = resolve_precision(args.precision, device)
@@ -71,8 +73,7 @@ def run(args: argparse.Namespace) -> int:
         print(warning, file=sys.stderr)
     classes = loaded.classes
     with one_line_errors():
-        data = load_split(section, split, device, classes=classes if name == "imagefolder" else None,
-                          limit=args.limit)
+        data = load_split(section, split, device, classes=classes if _streamed(name) else None, limit=args.limit)
     if len(data.classes) != len(classes):
         raise ValueError(f"{name} has {len(data.classes)} classes but the model was trained on {len(classes)}")
     result = evaluate(model, data, mean=transform.mean, std=transform.std, batch=args.batch_size,
@@ -95,14 +96,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def eval_section(name: str, root: str | None, transform: InputTransform) -> DataSection:
+def _streamed(name: str) -> bool:
+    from ..data.datasets import DATASETS
+
+    return name in DATASETS and not DATASETS[name].in_memory
+
+
+def eval_section(name: str, root: str | None, transform: InputTransform, run: DataSection | None = None
+                 ) -> DataSection:
     """The data section that prepares ``name``'s images as the model's transform says: image folders resized
-    and centre-cropped; in-memory sets resized to the transform's content size, then zero-padded."""
+    and centre-cropped; in-memory sets resized to the transform's content size, then zero-padded. ``run``: the
+    run's own data section (the same data set), whose splits, hold-out and class list it keeps, so that the
+    evaluation finds the run's hold-out."""
     from .config import DataSection
 
+    kept = {} if run is None else {"train_split": run.train_split, "eval_split": run.eval_split,
+                                   "holdout": run.holdout, "classes": run.classes}
     size = transform.size[0]
     if transform.resize == "center-crop":
-        return DataSection(name=name, root=root, img_size=size)
+        return DataSection(name=name, root=root, img_size=size, **kept)
     content = (transform.content or transform.size)[0]
     return DataSection(name=name, root=root, resize_to=content, pad_to=size if transform.content else None,
-                       img_size=size)
+                       img_size=size, **kept)

@@ -34,27 +34,43 @@ DERIVED_KEYS = {"aug.mean": "data.mean (None: measured on the training images)",
 
 @dataclass(frozen=True)
 class ModelSection:
-    name: str = "nest_tiny_cifar"  # a registered model (`nestvit models`) or "convnet" (SmallConvNet)
+    # a registered model (`nestvit models`); null: the architecture of model.weights' run contract (fine-tuning)
+    name: str | None = "nest_tiny_cifar"
     overrides: dict[str, Any] = field(default_factory=dict)  # create_model keywords; num_classes, in_chans
     # and img_size default to the data set's
-    weights: str | None = None  # initialise from this weights file (nestvit safetensors or timm checkpoint)
+    # initialise from these weights (a run folder or weights file of nestvit, or a timm checkpoint); weights of
+    # another class count, image size or channel count adapt (nestvit.adapt), and the run header says how
+    weights: str | None = None
+    # recompute each transformer layer's activations in backward (model.set_grad_checkpointing): less memory,
+    # about one more forward pass of time; a runtime setting, not part of the saved model arguments
+    grad_checkpointing: bool = False
 
 
 @dataclass(frozen=True)
 class DataSection:
     name: str = "mnist5k"  # a name of nestvit.data.DATASETS, or "synthetic" (generated; tests and benchmarks)
-    root: str | None = None  # data directory; None: $NESTVIT_DATA_DIR or ~/.cache/nestvit/datasets
+    # data directory; None: $NESTVIT_DATA_DIR or ~/.cache/nestvit/datasets. imagefolder: root/<class>/*,
+    # root/<split>/<class>/* or a CSV file of path,label; webdataset: root/*.tar or root/<split>/*.tar
+    root: str | None = None
     download: bool = False  # fetch missing files (mnist, fashion_mnist, cifar*, stl10)
     train_split: str = "train"
-    eval_split: str = "test"  # the split evaluated after every eval_every epochs ("val" for imagefolder)
+    # the split evaluated after every eval_every epochs; None: "test" for the built-in sets, else the first of
+    # val, test that exists, else "holdout" (the run's config.yaml records the one chosen)
+    eval_split: str | None = None
+    # imagefolder / webdataset: the share of each class of the training split held out as the "holdout" split when
+    # it is evaluated (always with no split folders); fixed by a hash of each file's path, the same in every run
+    holdout: float = 0.1
+    classes: str | None = None  # imagefolder / webdataset: a text file of class names, one a line (fixes the order)
     mean: tuple[float, ...] | None = None  # per-channel normalisation; None: measured on the training images
     std: tuple[float, ...] | None = None
     resize_to: int | None = None  # resize in-memory images to resize_to x resize_to first (bilinear, antialiased)
     pad_to: int | None = None  # zero-pad in-memory images to pad_to x pad_to (e.g. 28 -> 32 for CIFAR models)
     limit_train: int | None = None  # keep only the first N training images (quick runs, tests)
     limit_eval: int | None = None  # keep only the first N evaluation images
-    img_size: int = 224  # imagefolder: images are resized and centre-cropped to this size; synthetic: the size
-    workers: int = 4  # imagefolder only: DataLoader processes
+    # imagefolder / webdataset: images are resized and centre-cropped to this size; synthetic: the size; None: the
+    # model's input size (model.overrides.img_size, else the registered model's)
+    img_size: int | None = None
+    workers: int | None = None  # imagefolder / webdataset: DataLoader processes; None: min(4, cores - 1)
     random_resized_crop: float | None = None  # imagefolder training split: Inception-style crop of this..1 of the
     # area (aspect 3/4..4/3) resized to img_size, instead of the centre crop; the official ImageNet recipes: 0.08
 
@@ -170,9 +186,13 @@ class TrainConfig:
              f"data.limit_train must be >= 1 (images) or null (all), got {self.data.limit_train}"),
             (self.data.limit_eval is None or self.data.limit_eval >= 1,
              f"data.limit_eval must be >= 1 (images) or null (all), got {self.data.limit_eval}"),
-            (self.data.img_size >= 1, f"data.img_size must be >= 1 (pixels), got {self.data.img_size}"),
-            (self.data.workers >= 0,
-             f"data.workers must be >= 0 (0 = load in the training process), got {self.data.workers}"),
+            (self.data.img_size is None or self.data.img_size >= 1,
+             f"data.img_size must be >= 1 (pixels) or null (the model's), got {self.data.img_size}"),
+            (self.data.workers is None or self.data.workers >= 0,
+             f"data.workers must be >= 0 (0 = load in the training process) or null (by the cores), got "
+             f"{self.data.workers}"),
+            (0 <= self.data.holdout < 1,
+             f"data.holdout must be in [0, 1) (the share of each class held out; 0 = none), got {self.data.holdout}"),
             (self.data.pad_to is None or self.data.pad_to >= 1,
              f"data.pad_to must be a positive image size or null, got {self.data.pad_to}"),
             (self.aug.crop_padding >= 0, f"aug.crop_padding must be >= 0 (pixels), got {self.aug.crop_padding}"),

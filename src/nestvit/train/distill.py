@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.augment import soft_target_cross_entropy
-from ..layers import ModelBase, to_2tuple
+from ..layers import ModelBase, checkpoint_call, intermediate_plan, recomputing, run_layers, to_2tuple
 from ..registry import register_model
 
 
@@ -41,6 +41,22 @@ class ConvNetConfig:
     num_classes: int = 10
     widths: tuple[int, ...] = (32, 64, 128)  # channels per stage; every stage after the first halves H, W
     drop_rate: float = 0.0  # dropout before the head
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` whose running statistics are updated once per step under gradient checkpointing.
+
+    When a checkpointed stage is recomputed in backward (``nestvit.layers.recomputing``), it runs the same
+    operation with the batch statistics as in the forward pass, but on throwaway copies of the running
+    statistics (else they would move twice per step; the recomputation must save the same tensors).
+    Same parameters and buffers (state-dict keys) as ``nn.BatchNorm2d``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.track_running_stats and recomputing()):
+            return super().forward(x)
+        return F.batch_norm(x, self.running_mean.clone(), self.running_var.clone(), self.weight, self.bias, True,
+                            0.0, self.eps)
 
 
 @register_model("convnet", kind="baseline", name="convnet")
@@ -60,22 +76,39 @@ class SmallConvNet(ModelBase):
         stages, prev = [], cfg.in_chans
         for i, w in enumerate(cfg.widths):
             stages.append(nn.Sequential(nn.Conv2d(prev, w, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
-                                        nn.BatchNorm2d(w), nn.ReLU(inplace=True)))
+                                        BatchNorm2d(w), nn.ReLU(inplace=True)))
             prev = w
         self.stages = nn.Sequential(*stages)
         self.head_drop = nn.Dropout(cfg.drop_rate)
-        self.head = nn.Linear(self.num_features, cfg.num_classes)
+        self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.feature_info = [dict(num_chs=w, reduction=2 ** i, module=f"stages.{i}")
                              for i, w in enumerate(cfg.widths)]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stages(x)
+        return run_layers(self.stages, x, checkpoint=self.grad_checkpointing)
 
-    def forward_intermediates(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False, stop_early: bool = False,
+                              ) -> tuple[torch.Tensor, list[torch.Tensor]] | list[torch.Tensor]:
+        """``(features (B, C, H', W'), [intermediates])``, or only the list with ``intermediates_only``.
+
+        An intermediate is one stage's output (conv-BN-ReLU), ``(B, widths[i], H/2**i, W/2**i)`` (rounded up;
+        ``feature_info[i]``); the features are the last stage's. ``indices``: ``None`` all stages; an int ``n``
+        the last ``n``; a list those (negative from the end), in stage order. ``norm``: no effect (the net has
+        no final norm). ``output_fmt``: ``"NCHW"``, or ``"NLC"`` (pixels as tokens, row-major).
+        ``stop_early`` (with ``intermediates_only``): skip the stages after the last one asked for.
+        """
+        take, stop = intermediate_plan(len(self.stages), indices, output_fmt,
+                                       intermediates_only=intermediates_only, stop_early=stop_early)
         maps = []
-        for stage in self.stages:
-            x = stage(x)
-            maps.append(x)
+        for i, stage in enumerate(self.stages):
+            x = checkpoint_call(stage, x, enabled=self.grad_checkpointing)
+            if i in take:
+                maps.append(x if output_fmt == "NCHW" else x.flatten(2).transpose(1, 2))
+            if i == stop:
+                break
+        if intermediates_only:
+            return maps
         return x, maps
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -87,7 +120,7 @@ class SmallConvNet(ModelBase):
 
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
 
 def teacher_targets(teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:

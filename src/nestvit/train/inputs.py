@@ -4,7 +4,12 @@ Small data sets (``nestvit.data.load_dataset``) are held whole in memory as uint
 to the training device and batched by indexing with a permutation; augmentation then runs on the
 device (``nestvit.data.augment.BatchAugment``), so no worker processes are needed. ImageNet-style
 folders stream through a ``DataLoader`` (decode + resize + centre crop in ``workers`` processes)
-with the same per-step index lists.
+with the same per-step index lists; tar shards (``webdataset``) stream in the order of
+``nestvit.data.shards`` (split across ranks and workers by shard), with the same number of steps.
+
+Defaults left open in the config are filled by :func:`resolve_data` before anything loads: the image
+size of folders and shards from the model, the evaluation split from what exists (``val``, then ``test``,
+else the hold-out); ``data.workers`` by :func:`default_workers` when the loaders start.
 
 Order: epoch ``e`` uses ``torch.randperm(N)`` from a CPU generator seeded with ``(seed, e)``; global
 step ``s`` of the epoch takes ``perm[s * G:(s + 1) * G]`` (``G`` the global batch; the last partial
@@ -15,15 +20,19 @@ and one process with batch ``G`` sees exactly the images that ``W`` processes se
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from ..data.datasets import DATASETS, DatasetError, ImageFolderDataset, load_dataset
-from .config import DataSection
+from ..data.datasets import DATASETS, DatasetError, ImageListDataset, load_dataset
+from ..data.folders import HOLDOUT, default_eval_split, find_layout, load_images
+from ..data.shards import ShardEpoch, ShardPass, ShardSet, find_shard_layout, load_shards
+from .config import ConfigError, DataSection, ModelSection
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -32,7 +41,7 @@ FEW_IMAGES = 5  # an image-folder class of the training split with fewer images 
 
 @dataclass
 class Split:
-    """One split of a data set: in memory (``images``) or streamed (``folder``)."""
+    """One split of a data set: in memory (``images``) or read from disk (``folder`` or ``stream``)."""
 
     name: str
     labels: torch.Tensor  # (N,) int64 on the CPU
@@ -40,9 +49,11 @@ class Split:
     channels: int
     size: tuple[int, int]  # (H, W) of the images the model sees
     images: torch.Tensor | None = None  # (N, C, H, W) uint8, on the training device
-    folder: ImageFolderDataset | None = None
+    folder: ImageListDataset | None = None  # image files, decoded by DataLoader workers
+    stream: ShardSet | None = None  # tar shards (nestvit.data.shards), streamed
     unpadded: tuple[int, int] | None = None  # (H, W) of the images before data.pad_to (after data.resize_to)
     notes: list[str] = field(default_factory=list)  # warnings about the data, printed when the run starts
+    about: str = ""  # where images read from disk come from: the layout, the hold-out (printed when the run starts)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -83,12 +94,93 @@ def synthetic(split: str, *, size: int, count: int, channels: int = 1, num_class
     return images, labels
 
 
-def load_split(cfg: DataSection, split: str, device: torch.device, *, classes: list[str] | None = None,
-               limit: int | None = None) -> Split:
-    """Load ``split`` of ``cfg.name``; in-memory sets go to ``device`` as uint8.
+def default_workers() -> int:
+    """DataLoader processes when ``data.workers`` is not given: ``min(4, cores - 1)`` (0 on one core).
 
-    ``synthetic`` (not a real data set) makes ``limit`` images (default 512) of ``img_size`` pixels.
+    The cores are those this process may run on (its CPU affinity, which container limits set). Decoding in
+    the training process is single-threaded: while Pillow decodes, the other cores that torch's threads use
+    for the model wait. A worker decodes while the model computes, so on 2 cores one worker keeps both busy;
+    measured on the project's 2-core VM (640 JPEGs of 1280x960 resized to 32x32, ``mnist5k_nest``'s model,
+    one epoch, 4 runs each, alternating, on a machine shared with other work): 17.7-32.8 s with one worker
+    against 19.6-32.2 s without (means 23.6 s and 26.3 s; the input pipeline alone 600-840 against 310-370
+    images/s); starting a worker costs about 0.06 s an epoch. More than 4 rarely pays for small models.
     """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(0, min(4, cores - 1))
+
+
+def model_img_size(model: ModelSection | None) -> int:
+    """The square input size of ``model``, what folders and shards are resized to when ``data.img_size`` is not
+    given: its ``img_size`` override, else that of its ``weights`` (their run contract), else the registered
+    model's default; 224 without a model."""
+    if model is None:
+        return 224
+    size = model.overrides.get("img_size")
+    if size is None and model.weights is not None:
+        from ..contract import read_contract
+
+        try:
+            contract = read_contract(model.weights)
+            size = contract.transform.size if contract.transform is not None else contract.kwargs.get("img_size")
+        except Exception:  # noqa: BLE001 (weights without a contract, e.g. timm's: the model's default below)
+            size = None
+    if size is None:
+        if model.name is None:
+            return 224
+        from ..registry import create_model
+
+        kwargs = {k: v for k, v in model.overrides.items() if k != "num_classes"}
+        try:
+            with torch.device("meta"):  # only its size is needed
+                size = create_model(model.name, **kwargs).img_size
+        except Exception:  # noqa: BLE001 (a model that does not build says why when the run builds it)
+            return 224
+    if isinstance(size, int):
+        return size
+    h, w = size
+    if h != w:
+        raise ConfigError(f"model {model.name} takes {h}x{w} images but folders and shards give square ones; "
+                          "set data.img_size (and model.overrides.img_size to the same square size)")
+    return int(h)
+
+
+def resolve_data(cfg: DataSection, model: ModelSection | None = None) -> DataSection:
+    """``cfg`` with the defaults it leaves open filled: ``img_size`` (folders, shards, synthetic) from ``model``,
+    ``eval_split`` from what the data has (in-memory sets: ``test``). ``workers`` stays as it is
+    (:func:`default_workers` when the loaders start: a resumed run on another machine uses that machine's)."""
+    changes: dict[str, object] = {}
+    streamed = cfg.name in DATASETS and not DATASETS[cfg.name].in_memory
+    if cfg.img_size is None and (streamed or cfg.name == "synthetic"):
+        changes["img_size"] = model_img_size(model)
+    if cfg.eval_split is None:
+        if cfg.name == "imagefolder":
+            changes["eval_split"] = default_eval_split(find_layout(cfg.root, cfg.train_split), cfg.train_split,
+                                                       cfg.holdout)
+        elif cfg.name == "webdataset":
+            changes["eval_split"] = default_eval_split(find_shard_layout(cfg.root)[0], cfg.train_split, cfg.holdout,
+                                                       name="webdataset")
+        else:
+            changes["eval_split"] = "test"
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def load_split(cfg: DataSection, split: str | None, device: torch.device, *, classes: list[str] | None = None,
+               limit: int | None = None) -> Split:
+    """Load ``split`` of ``cfg.name`` (None: the evaluation split); in-memory sets go to ``device`` as uint8.
+
+    ``classes`` (the training split's) numbers an evaluation split's labels as the training split's.
+    ``synthetic`` (not a real data set) makes ``limit`` images (default 512) of ``img_size`` pixels.
+    Defaults ``cfg`` leaves open are filled by :func:`resolve_data` (without a model: 224 pixels).
+    """
+    streamed = cfg.name in DATASETS and not DATASETS[cfg.name].in_memory
+    if streamed and (cfg.resize_to is not None or cfg.pad_to is not None):
+        raise ValueError(f"data.resize_to and data.pad_to apply to in-memory data sets; {cfg.name} images are "
+                         "resized to data.img_size instead: set that")
+    cfg = resolve_data(cfg)
+    split = cfg.eval_split if split is None else split
     if cfg.name == "synthetic":
         images, labels = synthetic(split, size=cfg.img_size, count=limit or 512)
         images = _resize(images, cfg.resize_to)
@@ -98,20 +190,23 @@ def load_split(cfg: DataSection, split: str, device: torch.device, *, classes: l
                      channels=1, size=tuple(images.shape[-2:]), images=images.to(device), unpadded=unpadded)
     if cfg.name not in DATASETS:
         raise ValueError(f"unknown data set {cfg.name!r}; known: {', '.join(DATASETS)}, synthetic")
-    if not DATASETS[cfg.name].in_memory:
-        if cfg.resize_to is not None or cfg.pad_to is not None:
-            raise ValueError(f"data.resize_to and data.pad_to apply to in-memory data sets; {cfg.name} images are "
-                             "resized to data.img_size instead: set that")
-        if cfg.root is None:
-            raise ValueError(f"data.root is required for {cfg.name} (root/<split>/<class>/*.jpg)")
+    if streamed:
         crop = (cfg.random_resized_crop, 1.0) if split == cfg.train_split and cfg.random_resized_crop else None
-        folder = ImageFolderDataset(cfg.root, split=split, size=cfg.img_size, classes=classes, crop_scale=crop)
-        notes = _class_notes(folder, training=classes is None)
-        if limit is not None:
-            folder.samples = folder.samples[:limit]
-        labels = torch.tensor([label for _, label in folder.samples], dtype=torch.int64)
-        return Split(name=f"{cfg.name}:{split}", labels=labels, classes=list(folder.classes), channels=3,
-                     size=(cfg.img_size, cfg.img_size), folder=folder, notes=notes)
+        load = load_images if cfg.name == "imagefolder" else load_shards
+        data = load(cfg.root, split, train_split=cfg.train_split, eval_split=cfg.eval_split, holdout=cfg.holdout,
+                    classes=classes, classes_file=cfg.classes, size=cfg.img_size, crop_scale=crop)
+        notes = _class_notes(data, split, training=classes is None)
+        if limit is not None and limit < len(data):
+            if isinstance(data, ImageListDataset):
+                data.samples = data.samples[:limit]
+            else:
+                data.select([i < limit for i in range(len(data))])
+        labels = torch.tensor([label for _, label in data.samples] if isinstance(data, ImageListDataset)
+                              else data.labels, dtype=torch.int64)
+        folder = data if isinstance(data, ImageListDataset) else None
+        return Split(name=f"{cfg.name}:{split}", labels=labels, classes=list(data.classes), channels=3,
+                     size=(cfg.img_size, cfg.img_size), folder=folder, stream=None if folder else data, notes=notes,
+                     about=data.description)
     ds = load_dataset(cfg.name, root=cfg.root, split=split, download=cfg.download)
     images, labels = ds.images, ds.labels
     if limit is not None:
@@ -123,36 +218,41 @@ def load_split(cfg: DataSection, split: str, device: torch.device, *, classes: l
                  size=tuple(images.shape[-2:]), images=images.to(device), unpadded=unpadded)
 
 
-def _class_notes(folder: ImageFolderDataset, *, training: bool) -> list[str]:
-    """Check an image folder's classes: warnings to print, or a ``DatasetError`` for an empty training class.
+def _class_notes(data: ImageListDataset | ShardSet, split: str, *, training: bool) -> list[str]:
+    """Check the classes of images read from disk: warnings to print, or a ``DatasetError`` for an empty
+    training class.
 
-    A class directory of the training split without images is an error, not a warning: it would still get
-    an output of the model, a label that no image has, which training only learns to never predict (and the
-    evaluation then counts its images as misses); the fix is to add images or remove the directory. A
-    training class with fewer than ``FEW_IMAGES`` images is a warning, as are the classes of an evaluation
-    split (``training=False``: its classes are the training split's) that differ from the training split's:
-    a training class it has no images of (its accuracy is undefined), a class directory the training split
-    does not have (its images are skipped).
+    A class of the training split without images is an error, not a warning: it would still get an output of
+    the model, a label that no image has, which training only learns to never predict (and the evaluation then
+    counts its images as misses); the fix is to add images or remove the class. A training class with fewer
+    than ``FEW_IMAGES`` images is a warning, as are the classes of an evaluation split (``training=False``: its
+    classes are the training split's) that differ from the training split's: a training class it has no images
+    of (its accuracy is undefined), a class the training split does not have (its images are skipped).
     """
-    counts = dict(zip(folder.classes, folder.counts))
+    counts = dict(zip(data.classes, data.counts))
     empty = [c for c, n in counts.items() if n == 0]
+    folders = isinstance(data, ImageListDataset) and data.root.is_dir()
+    what = ("class director" + ("ies" if len(empty) > 1 else "y")) if folders else \
+        ("class" + ("es" if len(empty) > 1 else ""))
     if empty and training:
-        raise DatasetError(f"imagefolder: class director{'ies' if len(empty) > 1 else 'y'} {', '.join(empty)} of "
-                           f"{folder.root} {'have' if len(empty) > 1 else 'has'} no images; a class without "
-                           "images cannot be learnt: add images or remove the directory")
+        raise DatasetError(f"{'imagefolder' if isinstance(data, ImageListDataset) else 'webdataset'}: {what} "
+                           f"{', '.join(empty)} of {data.root} {'have' if len(empty) > 1 else 'has'} no images; a "
+                           "class without images cannot be learnt: add images or remove "
+                           f"{'the directory' if folders else 'it from the class list'}")
     notes = []
     if not training:
-        extra = sorted(p.name for p in folder.root.iterdir() if p.is_dir() and p.name not in counts)
         differ = ([f"no images of the training class(es) {', '.join(empty)} (their accuracy is n/a)"] if empty
-                  else []) + ([f"class(es) {', '.join(extra)} not in the training split (their images are "
-                               "skipped)"] if extra else [])
+                  else []) + ([f"class(es) {', '.join(data.unlisted)} not in the training split (their images are "
+                               "skipped)"] if data.unlisted else [])
+        fix = ("a class needs 2 or more images to have one held out: add images" if split == HOLDOUT else
+               "give both splits the same classes")
         if differ:
-            notes.append(f"warning: {folder.root}: its classes differ from the training split's: "
-                         f"{'; '.join(differ)}; give both splits the same class directories")
+            notes.append(f"warning: the {split} split of {data.root}: its classes differ from the training split's: "
+                         f"{'; '.join(differ)}; {fix}")
     few = [f"{c} ({n})" for c, n in counts.items() if 0 < n < FEW_IMAGES]
     if few and training:
-        notes.append(f"warning: {folder.root}: class(es) with fewer than {FEW_IMAGES} images: {', '.join(few)}; "
-                     "the model will hardly learn them: add images")
+        notes.append(f"warning: {data.root}: class(es) with fewer than {FEW_IMAGES} images: "
+                     f"{', '.join(few)}; the model will hardly learn them: add images")
     return notes
 
 
@@ -181,12 +281,13 @@ class TrainBatches:
     """Per-step uint8 batches of one rank (see the module docstring for the order)."""
 
     def __init__(self, split: Split, *, global_batch: int, rank: int, world_size: int, seed: int,
-                 device: torch.device, workers: int = 0) -> None:
+                 device: torch.device, workers: int | None = 0) -> None:
         if len(split) < global_batch:
             raise ValueError(f"{split.name} has {len(split)} images, fewer than global_batch={global_batch}; "
                              "lower global_batch")
-        self.split, self.device, self.seed, self.workers = split, device, seed, workers
-        self.global_batch, self.rank = global_batch, rank
+        self.split, self.device, self.seed = split, device, seed
+        self.workers = default_workers() if workers is None else workers
+        self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
         self.per_rank = global_batch // world_size
         self.steps_per_epoch = len(split) // global_batch
 
@@ -199,6 +300,15 @@ class TrainBatches:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(images uint8 (b, C, H, W), labels (b,))`` on the device for steps ``start_step..`` of ``epoch``."""
+        if self.split.stream is not None:
+            shards = ShardEpoch(self.split.stream, seed=self.seed, epoch=epoch, rank=self.rank,
+                                world_size=self.world_size, batch=self.per_rank, steps=self.steps_per_epoch,
+                                start_step=start_step)
+            loader = torch.utils.data.DataLoader(shards, batch_size=None, num_workers=self.workers,
+                                                 pin_memory=self.device.type == "cuda")
+            for images, batch_labels in loader:
+                yield images.to(self.device, non_blocking=True), batch_labels.to(self.device, non_blocking=True)
+            return
         indices = self.step_indices(epoch)[start_step:]
         labels = self.split.labels
         if self.split.images is not None:
@@ -213,8 +323,16 @@ class TrainBatches:
 
 
 def eval_batches(split: Split, *, batch: int, rank: int, world_size: int, device: torch.device,
-                 workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Every image of ``split`` exactly once over all ranks (rank ``r`` takes indices ``r, r + W, ...``)."""
+                 workers: int | None = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every image of ``split`` exactly once over all ranks (rank ``r`` takes indices ``r, r + W, ...``; shards:
+    its streams' shards). ``workers`` None: :func:`default_workers`."""
+    workers = default_workers() if workers is None else workers
+    if split.stream is not None:
+        loader = torch.utils.data.DataLoader(ShardPass(split.stream, rank=rank, world_size=world_size, batch=batch),
+                                             batch_size=None, num_workers=workers)
+        for images, labels in loader:
+            yield images.to(device), labels.to(device)
+        return
     idx = torch.arange(rank, len(split), world_size)
     chunks = list(idx.split(batch))
     if split.images is not None:

@@ -42,7 +42,7 @@ from .checkpoint import STATE_FILE, atomic_torch_save, capture_rng, load_state, 
 from .distill import classification_loss, teacher_targets
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed, shutdown
 from .hooks import Callback, EmaEvaluation, Plots, TtaEvaluation
-from .inputs import Split, TrainBatches, eval_batches, load_split, normalization
+from .inputs import Split, TrainBatches, eval_batches, load_split, normalization, resolve_data
 from .metrics import EvalAccumulator, EvalResult, MetricsLog
 from .optim import (
     LRSchedule,
@@ -115,12 +115,12 @@ class Trainer:
         random.seed(cfg.seed)
 
         # data, and the normalisation written back into the config (the run directory records it)
-        d = cfg.data
+        d = resolve_data(cfg.data, cfg.model)  # image size from the model, the eval split from what exists
         self.train_split = load_split(d, d.train_split, self.device, limit=d.limit_train)
         self.eval_split = load_split(d, d.eval_split, self.device, classes=self.train_split.classes,
                                      limit=d.limit_eval)
         mean, std = normalization(d, self.train_split)
-        cfg = C.replace(cfg, data={"mean": mean, "std": std})
+        cfg = C.replace(cfg, data={"mean": mean, "std": std, "img_size": d.img_size, "eval_split": d.eval_split})
         self.cfg = cfg
         self.classes = self.train_split.classes
         self.num_classes = len(self.classes)
@@ -128,6 +128,7 @@ class Trainer:
         # model, EMA, teacher
         self.model, self.model_kwargs = _build(cfg.model, "model.overrides", num_classes=self.num_classes,
                                                in_chans=self.train_split.channels, img_size=self.train_split.size)
+        self.model_name = self.model.registry_spec["model"]  # model.name, or the weights' (fine-tuning)
         self.model.to(self.device)
         self.ema = ModelEMA(self.model, cfg.ema.decay) if cfg.ema.decay > 0 else None
         # what the run does besides training: the config's hooks, then the caller's (nestvit.train.hooks)
@@ -140,7 +141,8 @@ class Trainer:
             section = C.ModelSection(name=cfg.distill.teacher, overrides=cfg.distill.teacher_overrides,
                                      weights=cfg.distill.teacher_weights)
             self.teacher, _ = _build(section, "distill.teacher_overrides", num_classes=self.num_classes,
-                                     in_chans=self.train_split.channels, img_size=self.train_split.size)
+                                     in_chans=self.train_split.channels, img_size=self.train_split.size,
+                                     adapt=False)  # a teacher must fit as it is: a new head would teach noise
             self.teacher.to(self.device).eval().requires_grad_(False)
         if info.rank > 0:  # ranks share the initial weights but draw their own dropout / drop-path masks
             torch.manual_seed(cfg.seed + 1000 * info.rank)
@@ -221,12 +223,14 @@ class Trainer:
         threads = torch.get_num_threads()
         where = (f"cpu ({threads} thread{'s' if threads > 1 else ''}; {machine_label(self.machine)})"
                  if self.device.type == "cpu" else f"{self.device} ({machine_label(self.machine)})")
-        self.say(f"model: {cfg.model.name} ({self.model.num_params():,} parameters) on {where}, "
+        if cfg.model.weights:
+            self.say(f"weights: {cfg.model.weights}" + "".join(f"\n  {note}" for note in self.model.adapt_notes))
+        self.say(f"model: {self.model_name} ({self.model.num_params():,} parameters) on {where}, "
                  f"precision {cfg.precision}{f' -> {self.precision}' if cfg.precision != self.precision else ''}"
                  f"{', compiled' if cfg.compile else ''}, world size {i.world_size}")
         if self.precision == "bf16" and (warning := slow_bf16(self.device, "--set precision=auto (fp32 here)")):
             self.say(warning)
-        for note in tr.notes + ev.notes:
+        for note in ([f"data: {tr.about}"] if tr.about else []) + tr.notes + ev.notes:
             self.say(note)
         self.say(f"data: {cfg.data.name} {len(tr)} train / {len(ev)} {cfg.data.eval_split} images of "
                  f"{tr.channels}x{tr.size[0]}x{tr.size[1]}, {self.num_classes} classes; normalised with mean "
@@ -504,12 +508,12 @@ class Trainer:
         if test is not None:
             atomic_write_text(self.run_dir / "confusion.json", json.dumps(test.to_json(), indent=1) + "\n")
             plot_confusion(test.confusion, test.classes, self.run_dir / "confusion.png",
-                           title=f"{self.cfg.model.name} on {self.eval_split.name}: top-1 {test.top1:.2f}%")
+                           title=f"{self.model_name} on {self.eval_split.name}: top-1 {test.top1:.2f}%")
 
     def _contract(self, top1: float | None = None) -> RunContract:
         transform = input_transform(self.cfg.data, channels=self.train_split.channels, size=self.train_split.size,
                                     unpadded=self.train_split.unpadded)
-        return run_contract(self.cfg.model.name, self.model_kwargs, classes=self.classes, transform=transform,
+        return run_contract(self.model_name, self.model_kwargs, classes=self.classes, transform=transform,
                             data=self.cfg.data.name, epoch=self.epoch, step=self.step, top1=top1)
 
     def save_weights(self, test: EvalResult | None) -> None:

@@ -17,14 +17,38 @@ from .config import DataSection, ModelSection
 
 
 def build_model(section: ModelSection, *, num_classes: int, in_chans: int, img_size: tuple[int, int] | int,
-                ) -> tuple[nn.Module, dict[str, Any]]:
-    """``(model, keyword arguments it was built with)``; ``section.overrides`` win over the data's sizes."""
+                adapt: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """``(model, keyword arguments it was built with)``; ``section.overrides`` win over the data's sizes.
+
+    With ``section.weights`` the model starts from them, adapted (``adapt``) to this data's class count,
+    image size and channel count (``nestvit.adapt``; what changed is in ``model.adapt_notes``); ``section.name`` None
+    takes the architecture from the weights' run contract (fine-tuning a trained run).
+    """
+    from ..contract import ContractError, read_contract, resolve_weights
+    from ..interop import load_weights
     from ..registry import create_model
 
-    kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_chans,
-                              "img_size": list(img_size) if isinstance(img_size, tuple) else img_size,
-                              **section.overrides}
-    return create_model(section.name, weights=section.weights, **kwargs), kwargs
+    data = {"num_classes": num_classes, "in_chans": in_chans,
+            "img_size": list(img_size) if isinstance(img_size, tuple) else img_size}
+    name, recorded = section.name, {}
+    weights = resolve_weights(section.weights) if section.weights is not None else None
+    if name is None:
+        if weights is None:
+            raise ContractError("model.name is null but model.weights is not set: name a model (`nestvit models`), "
+                                "or give model.weights of a trained run to take its architecture")
+        from ..models.nest_variants import legacy_nest_kwargs
+
+        contract = read_contract(weights)
+        name, recorded = legacy_nest_kwargs(contract.model, contract.kwargs)  # files of older versions too
+        recorded = {k: v for k, v in recorded.items() if k not in data}
+    kwargs: dict[str, Any] = {**recorded, **data, **section.overrides}
+    model = create_model(name, **kwargs)
+    model.adapt_notes = []
+    if weights is not None:
+        load_weights(model, weights, adapt=adapt, notes=model.adapt_notes)
+    if section.grad_checkpointing:
+        model.set_grad_checkpointing(True)  # a runtime setting: kwargs (what is saved) stay as they are
+    return model, kwargs
 
 
 def input_transform(data: DataSection, *, channels: int, size: tuple[int, int],

@@ -1,0 +1,286 @@
+"""Your own images as they are: a folder of class folders, a folder of split folders, or a CSV of path,label.
+
+``data.name=imagefolder`` reads ``data.root`` in one of three layouts, found by looking at it:
+
+* ``root/<class>/*`` (class folders): one folder per class, images at any depth inside it;
+* ``root/<split>/<class>/*`` (split folders): recognised by a folder named ``train``, ``val``, ``valid``,
+  ``validation``, ``test`` (or ``data.train_split``) that holds folders and no images; every folder of
+  ``root`` that holds folders is then a split;
+* ``labels.csv`` (a file): rows ``path,label`` (an optional ``path,label`` header; paths relative to the CSV's
+  folder, or absolute; labels are class names).
+
+The splits are the split folders, or ``train`` for the other two layouts; ``holdout`` is a fixed share of the
+training split's images, kept out of training for evaluation. An optional class-list file (``data.classes``:
+one name a line) fixes the classes and their order (the label numbering); by default they are the sorted names.
+
+The hold-out takes ``holdout_count(n, fraction)`` images of every class (``n * fraction`` rounded, at least one
+of a class of two or more, never all): those whose path (relative to the root, ``/``-separated) ranks first by
+SHA-256 of ``HOLDOUT_SALT + path``, ties by path. It depends only on the files' paths, not on the machine,
+the order a folder lists them in, the run's seed or Python's hash seed, so every run, ``nestvit eval`` and
+another machine find the same hold-out; adding images moves few others.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .datasets import IMAGE_EXTENSIONS, DatasetError, ImageFolderDataset, ImageListDataset
+
+__all__ = [
+    "HOLDOUT",
+    "HOLDOUT_SALT",
+    "Layout",
+    "default_eval_split",
+    "find_layout",
+    "holdout_count",
+    "holdout_mask",
+    "load_images",
+    "read_classes_file",
+    "read_labels_csv",
+]
+
+HOLDOUT = "holdout"  # the name of the held-out split
+HOLDOUT_SALT = b"nestvit-holdout-v1:"  # the hold-out's fixed seed: changing it changes every run's hold-out
+SPLIT_NAMES = ("train", "val", "valid", "validation", "test")  # what marks root/<name>/<class>/* as a split folder
+EVAL_SPLITS = ("val", "valid", "validation", "test")  # the evaluation split by default, the first that exists
+LAYOUTS = "root/<class>/*.jpg (a folder per class), root/<split>/<class>/*.jpg or a CSV file of path,label"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What ``data.root`` is: ``kind`` "splits", "classes" or "csv"; ``splits``: the split names it has."""
+
+    root: Path
+    kind: str
+    splits: tuple[str, ...]
+
+    @property
+    def split_folders(self) -> bool:
+        return self.kind in ("splits", "shard-splits")
+
+    def describe(self) -> str:
+        return {"splits": "split folders root/<split>/<class>/*", "classes": "class folders root/<class>/*",
+                "csv": "a CSV of path,label", "shards": "tar shards root/*.tar",
+                "shard-splits": "split folders of tar shards root/<split>/*.tar"}[self.kind]
+
+    def available(self, holdout: float) -> tuple[str, ...]:
+        """The split names ``data.train_split`` / ``data.eval_split`` may take (with the hold-out if any)."""
+        return self.splits + ((HOLDOUT,) if holdout > 0 else ())
+
+
+def _has_images(folder: Path) -> bool:
+    exts = set(IMAGE_EXTENSIONS)
+    return any(p.suffix.lower() in exts and p.is_file() for p in folder.iterdir())
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def find_layout(root: str | Path | None, train_split: str = "train", *, name: str = "imagefolder") -> Layout:
+    """The layout of ``root`` (see the module docstring), or one ``DatasetError`` saying what was expected."""
+    if root is None:
+        raise DatasetError(f"{name}: data.root is required: {LAYOUTS}")
+    path = Path(root).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".csv":
+            raise DatasetError(f"{name}: {path} is a file but not a .csv; data.root must be {LAYOUTS}")
+        return Layout(path, "csv", ("train",))
+    if not path.exists():
+        raise DatasetError(f"{name}: {path} does not exist; data.root must be {LAYOUTS}")
+    if not path.is_dir():
+        raise DatasetError(f"{name}: {path} is neither a folder nor a CSV file; data.root must be {LAYOUTS}")
+    subdirs = _subdirs(path)
+    if not subdirs:
+        loose = " (it holds images directly: put each class's images in a folder of its own)" \
+            if _has_images(path) else ""
+        raise DatasetError(f"{name}: {path} has no class folders{loose}; expected {LAYOUTS}")
+    marked = [d for d in subdirs if d.name in (*SPLIT_NAMES, train_split) and _subdirs(d) and not _has_images(d)]
+    if marked:
+        return Layout(path, "splits", tuple(d.name for d in subdirs if _subdirs(d)))
+    return Layout(path, "classes", ("train",))
+
+
+def default_eval_split(layout: Layout, train_split: str, holdout: float, *, name: str = "imagefolder") -> str:
+    """The split to evaluate on when ``data.eval_split`` is not given: ``val`` (or ``valid``, ``validation``),
+    then ``test``, else the hold-out."""
+    for split in EVAL_SPLITS:
+        if split in layout.splits and split != train_split:
+            return split
+    if holdout > 0:
+        return HOLDOUT
+    raise DatasetError(f"{name}: {layout.root} ({layout.describe()}) has no val or test split to evaluate on, and "
+                       "data.holdout is 0; set data.holdout (e.g. 0.1: a tenth of each class held out for "
+                       "evaluation) or data.eval_split")
+
+
+def check_split(layout: Layout, split: str, holdout: float, *, key: str, name: str = "imagefolder") -> None:
+    """One ``DatasetError`` naming the splits there are, if ``split`` is not one of them."""
+    available = layout.available(holdout)
+    if split not in available:
+        share = ", the hold-out a share of them" if holdout > 0 else ""
+        hint = "" if layout.split_folders else \
+            f" ({layout.describe()} has no split folders: its images are the train split{share})"
+        raise DatasetError(f"{name}: {key}={split!r} does not exist in {layout.root}; it has: "
+                           f"{', '.join(available)}{hint}")
+
+
+def holdout_count(n: int, fraction: float) -> int:
+    """Images of a class of ``n`` that the hold-out takes: ``n * fraction`` rounded (halves up), at least 1 when
+    ``n >= 2``,
+    never all (a class keeps an image to learn from); 0 when ``fraction`` is 0 or ``n < 2``."""
+    if fraction <= 0 or n < 2:
+        return 0
+    return min(n - 1, max(1, int(n * fraction + 0.5)))
+
+
+def holdout_mask(keys: Sequence[str], labels: Sequence[int], fraction: float) -> list[bool]:
+    """Which samples the hold-out takes: per class, the ``holdout_count`` keys ranked first by SHA-256 of
+    ``HOLDOUT_SALT + key`` (ties by key). ``keys`` are the samples' paths relative to the data's root."""
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(label, []).append(i)
+    held = [False] * len(keys)
+    for members in by_class.values():
+        ranked = sorted(members, key=lambda i: (hashlib.sha256(HOLDOUT_SALT + keys[i].encode()).digest(), keys[i]))
+        for i in ranked[:holdout_count(len(members), fraction)]:
+            held[i] = True
+    return held
+
+
+def read_classes_file(path: str | Path) -> list[str]:
+    """Class names, one a line (blank lines skipped): line k names label k."""
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DatasetError(f"data.classes: {path} does not exist; give a text file of class names, one a line") \
+            from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"data.classes: cannot read {path} as UTF-8 text ({e})") from None
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not names:
+        raise DatasetError(f"data.classes: {path} names no classes; write one class name a line")
+    seen: dict[str, int] = {}
+    for n, name in enumerate(names, 1):
+        if name in seen:
+            raise DatasetError(f"data.classes: {path} names {name!r} twice (entries {seen[name]} and {n})")
+        seen[name] = n
+    return names
+
+
+def read_labels_csv(path: str | Path) -> list[tuple[str, Path, str]]:
+    """The rows ``(path as written, file, label)`` of a CSV of ``path,label``; one ``DatasetError`` for an unreadable
+    or empty table, a row without two fields, a file listed twice, or listed files that do not exist."""
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"imagefolder: cannot read {path} as UTF-8 text ({e})") from None
+    try:
+        table = list(csv.reader(text.splitlines()))
+    except csv.Error as e:
+        raise DatasetError(f"imagefolder: {path} is not a valid CSV table ({e})") from None
+    rows, first, missing = [], {}, []
+    for line, row in enumerate(table, 1):
+        row = [field.strip() for field in row]
+        if not any(row):
+            continue
+        if not rows and not first and [f.lower() for f in row] == ["path", "label"]:
+            continue  # the header
+        if len(row) != 2 or not row[0] or not row[1]:
+            raise DatasetError(f"imagefolder: {path}, line {line}: expected two fields path,label, found "
+                               f"{','.join(row)!r}")
+        written, label = row
+        if written in first:
+            raise DatasetError(f"imagefolder: {path}, line {line}: {written} is listed twice (first on line "
+                               f"{first[written]}); give each image one row")
+        first[written] = line
+        file = Path(written).expanduser()
+        file = file if file.is_absolute() else path.parent / file
+        if not file.is_file():
+            missing.append(written)
+        rows.append((written, file, label))
+    if not rows:
+        raise DatasetError(f"imagefolder: {path} has no rows; expected lines of path,label (paths relative to "
+                           f"{path.parent})")
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise DatasetError(f"imagefolder: {path}: {len(missing)} listed file(s) do not exist: {shown} (paths are "
+                           f"relative to the CSV's folder, {path.parent})")
+    return rows
+
+
+def _csv_samples(layout: Layout, names: list[str] | None, fixed: bool) -> tuple[list[tuple[Path, int]], list[str],
+                                                                                  list[str], list[str]]:
+    """``(samples, classes, keys, unlisted)`` of a CSV; ``fixed``: ``names`` came from a class-list file."""
+    rows = read_labels_csv(layout.root)
+    found = sorted({label for _, _, label in rows})
+    classes = names if names is not None else found
+    index = {c: k for k, c in enumerate(classes)}
+    unknown = [(w, label) for w, _, label in rows if label not in index]
+    if unknown and fixed:
+        shown = ", ".join(f"{w} ({label})" for w, label in unknown[:3])
+        raise DatasetError(f"imagefolder: {layout.root}: {len(unknown)} row(s) have a label that is not in the class "
+                           f"list: {shown}; the classes are: {', '.join(classes)}")
+    kept = [(w, f, label) for w, f, label in rows if label in index]
+    samples = [(f, index[label]) for _, f, label in kept]
+    keys = [Path(w).as_posix() for w, _, _ in kept]
+    return samples, classes, keys, sorted({label for _, label in unknown})
+
+
+def load_images(root: str | Path | None, split: str, *, train_split: str = "train", eval_split: str | None = None,
+                holdout: float = 0.1, classes: Sequence[str] | None = None, classes_file: str | Path | None = None,
+                size: int = 224, crop_scale: tuple[float, float] | None = None) -> ImageListDataset:
+    """The images of ``split`` of ``root`` (any layout of the module docstring) as an :class:`ImageListDataset`.
+
+    ``classes``: the training split's classes, to number an evaluation split's labels the same way (a class
+    folder or label outside them is skipped, listed in ``unlisted``); else those of ``classes_file``, else the
+    sorted names found, and a folder or label outside the class file is an error. ``split`` may be
+    ``"holdout"``: the held-out share of ``train_split``; ``train_split`` itself leaves the hold-out out when
+    there is one: always with class folders and a CSV (``holdout > 0``), with split folders only when
+    ``eval_split`` is ``"holdout"``. The result's ``description`` says which images it holds.
+    """
+    layout = find_layout(root, train_split)
+    key = "data.train_split" if classes is None else "data.eval_split"
+    check_split(layout, split, holdout, key=key)
+    fixed = classes is None and classes_file is not None
+    names = list(classes) if classes is not None else read_classes_file(classes_file) if fixed else None
+    base = train_split if split == HOLDOUT else split
+    split_holdout = (holdout > 0 and (split == HOLDOUT or layout.kind != "splits" or eval_split == HOLDOUT)
+                     and base == ("train" if layout.kind != "splits" else train_split))
+    if layout.kind == "csv":
+        samples, found, keys, unlisted = _csv_samples(layout, names, fixed)
+        ds = ImageListDataset(samples, found, root=layout.root, size=size, crop_scale=crop_scale)
+        ds.unlisted = unlisted
+    else:
+        folder = layout.root / base if layout.kind == "splits" else layout.root
+        ds = ImageFolderDataset(layout.root, split=base if layout.kind == "splits" else None, size=size,
+                                classes=names, crop_scale=crop_scale)
+        if fixed and ds.unlisted:
+            raise DatasetError(f"imagefolder: class folder(s) {', '.join(ds.unlisted)} of {folder} are not in the "
+                               f"class list {classes_file}; add them to it or move them out of {folder}")
+        keys = [p.relative_to(folder).as_posix() for p, _ in ds.samples]
+    where = f"{layout.root} ({layout.describe()})"
+    if not split_holdout:
+        ds.description = f"{where}: {split} = {len(ds)} images"
+        return ds
+    held = holdout_mask(keys, [label for _, label in ds.samples], holdout)
+    want = split == HOLDOUT
+    n_held = sum(held)
+    total = len(ds)
+    ds.samples = [s for s, h in zip(ds.samples, held) if h == want]
+    ds.counts = [0] * len(ds.classes)
+    for _, label in ds.samples:
+        ds.counts[label] += 1
+    ds.description = (f"{where}: {total - n_held} {base} / {n_held} {HOLDOUT} images (data.holdout={holdout:g} of "
+                      "each class, chosen by a fixed hash of each file's path: the same in every run)")
+    if not ds.samples:
+        raise DatasetError(f"imagefolder: the {split} split of {where} has no images: with data.holdout={holdout:g} "
+                           "every class keeps its images for training (a class needs 2 or more to give one); add "
+                           "images, or set data.eval_split to a split that exists")
+    return ds

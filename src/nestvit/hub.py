@@ -1,0 +1,153 @@
+"""Share a trained model in the layout the Hugging Face Hub and timm use, and load it back.
+
+    nestvit.save_pretrained("runs/demo", "shared/demo")   # a run folder, a weights file, a Loaded or a model
+    loaded = nestvit.from_pretrained("shared/demo")        # or "hf-hub:org/name" (needs huggingface_hub)
+    nestvit.hub.push_to_hub("runs/demo", "org/name")      # needs huggingface_hub and a token
+
+A shared folder holds
+
+- ``config.json``: the run contract as plain JSON (``architecture``: the registry name, ``kwargs``,
+  ``kind``, ``classes``, ``input``: the input transform), plus ``library_name: nestvit`` and the version;
+- ``model.safetensors``: the weights, with the same contract and a SHA-256 of the tensors in their metadata
+  (so the file alone still loads with ``nestvit.load``);
+- ``README.md``: a model card filled from the run's ``summary.json`` (accuracy, data, epochs, machine).
+
+``from_pretrained`` returns what ``nestvit.load`` returns: the model in eval mode and its input transform.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .contract import ContractError, Loaded, RunContract, contract_of, load
+
+__all__ = ["from_pretrained", "push_to_hub", "save_pretrained"]
+
+HF_PREFIX = "hf-hub:"
+
+
+def _loaded(source: Any) -> Loaded:
+    if isinstance(source, Loaded):
+        return source
+    if isinstance(source, nn.Module):
+        from .contract import InputTransform
+
+        contract = contract_of(source)
+        if contract is None:
+            raise ContractError("the model records no registry name (it was not built by nestvit.create_model); "
+                                "build it with create_model, or pass its run folder")
+        in_chans, size = getattr(source, "in_chans", 3), getattr(source, "img_size", (224, 224))
+        return Loaded(model=source, transform=InputTransform.default(in_chans, size), contract=contract,
+                      weights=Path("(in memory)"))
+    return load(source)
+
+
+def _card(loaded: Loaded, summary: dict[str, Any] | None) -> str:
+    c, t = loaded.contract, loaded.transform
+    lines = ["---", "library_name: nestvit", "tags: [image-classification, nested-vision-transformer]", "---", "",
+             f"# {c.model}", "",
+             f"A `{c.model}` {c.kind} trained with [nestvit](https://pypi.org/project/nestvit/).", ""]
+    facts = [("input", f"{t.channels} x {t.size[0]} x {t.size[1]}, {t.resize}"
+                       + (f" to {t.content[0]} x {t.content[1]} then zero-padded" if t.content else "")
+                       + f", mean {list(t.mean)}, std {list(t.std)}")]
+    if c.classes is not None:
+        shown = ", ".join(c.classes[:20]) + (", ..." if len(c.classes) > 20 else "")
+        facts.append(("classes", f"{len(c.classes)}: {shown}"))
+    for key in ("data", "epoch", "step"):
+        if key in c.info:
+            facts.append((key, str(c.info[key])))
+    if summary:
+        for key, label in (("test_top1", "test top-1 (%)"), ("test_top1_tta", "test top-1 with TTA (%)"),
+                           ("epochs", "epochs"), ("wall_s", "training time (s)"), ("precision", "precision")):
+            if summary.get(key) is not None:
+                facts.append((label, str(summary[key])))
+        machine = summary.get("machine") or {}
+        if isinstance(machine, dict) and machine.get("cpu_model"):
+            facts.append(("trained on", str(machine["cpu_model"])))
+    lines += ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in facts], ""]
+    lines += ["## Use", "", "```python", "import nestvit",
+              'loaded = nestvit.from_pretrained("THIS_FOLDER_OR_hf-hub:ORG/NAME")',
+              'x = loaded.transform(loaded.transform.read_batch(["image.png"]))',
+              "probs = loaded.model(x).softmax(-1)", "```", ""]
+    return "\n".join(lines)
+
+
+def save_pretrained(source: Any, folder: str | Path) -> Path:
+    """Write ``config.json``, ``model.safetensors`` and ``README.md`` of ``source`` into ``folder``.
+
+    ``source``: a run folder or weights file (``nestvit.load``), a ``Loaded``, or a model from ``create_model``.
+    """
+    from . import __version__
+    from .fileio import atomic_write_text
+    from .interop import save_weights
+
+    loaded = _loaded(source)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    contract = loaded.contract
+    if contract.transform is None:
+        from dataclasses import replace
+
+        contract = replace(contract, transform=loaded.transform)
+    save_weights(loaded.model, folder / "model.safetensors", contract=contract)
+    config = {"library_name": "nestvit", "nestvit_version": __version__, "architecture": contract.model,
+              **{k: v for k, v in json.loads(contract.to_json()).items() if k != "model"}}
+    config["input"] = config.pop("transform")
+    atomic_write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
+    summary_file = loaded.weights.parent / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
+    atomic_write_text(folder / "README.md", _card(loaded, summary))
+    return folder
+
+
+def from_pretrained(source: str | Path) -> Loaded:
+    """A model shared by :func:`save_pretrained`: a local folder, or ``"hf-hub:org/name"`` from the Hub."""
+    text = str(source)
+    if text.startswith(HF_PREFIX):
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError:
+            raise ContractError(f"{text}: loading from the Hugging Face Hub needs huggingface_hub: "
+                                "pip install 'nestvit[hub]' (or download the folder and pass its path)") from None
+        folder = Path(snapshot_download(text[len(HF_PREFIX):], allow_patterns=["config.json", "model.safetensors",
+                                                                                 "README.md"]))
+    else:
+        folder = Path(source)
+    weights = folder / "model.safetensors" if folder.is_dir() else folder
+    if not weights.is_file():
+        raise ContractError(f"{folder}: no model.safetensors; is it a folder written by nestvit.save_pretrained?")
+    loaded = load(weights)
+    config_file = weights.parent / "config.json"
+    if config_file.is_file():
+        described = contract_from_config(json.loads(config_file.read_text()))
+        if (described.model, described.kwargs) != (loaded.contract.model, loaded.contract.kwargs):
+            raise ContractError(f"{config_file} describes {described.model!r} {described.kwargs} but "
+                                f"model.safetensors holds {loaded.contract.model!r} {loaded.contract.kwargs}; the "
+                                "folder mixes two models")
+    return loaded
+
+
+def push_to_hub(source: Any, repo_id: str, *, token: str | None = None, private: bool = False) -> str:
+    """``save_pretrained`` into a temporary folder, then upload it to the Hub repo ``repo_id``; returns its URL."""
+    import tempfile
+
+    try:
+        from huggingface_hub import HfApi
+    except ImportError:
+        raise ContractError("push_to_hub needs huggingface_hub: pip install 'nestvit[hub]'") from None
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(source, tmp)
+        api.upload_folder(folder_path=tmp, repo_id=repo_id, commit_message="nestvit.save_pretrained")
+    return f"https://huggingface.co/{repo_id}"
+
+
+def contract_from_config(config: dict[str, Any]) -> RunContract:
+    """The run contract a ``config.json`` describes (its ``architecture`` is the contract's ``model``)."""
+    d = {k: v for k, v in config.items() if k not in ("library_name", "nestvit_version", "architecture", "input")}
+    return RunContract.from_json(json.dumps({**d, "model": config["architecture"], "transform": config.get("input")}))

@@ -1,0 +1,470 @@
+"""Your images as they are: class folders with a fixed hold-out, split folders, a CSV of path,label, a class
+list, tar shards (WebDataset), the defaults the data gives (eval split, image size, workers), one error per bad
+input, and train -> eval -> predict end to end on a folder the test writes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from nestvit.cli import main
+from nestvit.data.datasets import DatasetError
+from nestvit.data.folders import HOLDOUT, find_layout, holdout_count, holdout_mask, load_images, read_labels_csv
+from nestvit.train.config import ConfigError, DataSection, ModelSection, load_config
+from nestvit.train.inputs import TrainBatches, default_workers, eval_batches, load_split, resolve_data
+from tests.train.conftest import TINY_MODEL, tiny_recipe
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def write_image(path: Path, value: int, size: tuple[int, int] = (10, 12)) -> Path:
+    """A flat colour image (``value`` in every pixel, so the decoded image says which file it was)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((*size, 3), value, np.uint8)).save(path)
+    return path
+
+
+def class_folders(root: Path, counts: dict[str, int], start: int = 0) -> Path:
+    """``root/<class>/<i>.png``, ``counts[class]`` images each, every image a different flat grey."""
+    value = start
+    for cls, n in counts.items():
+        for i in range(n):
+            write_image(root / cls / f"{i}.png", value)
+            value += 1
+    return root
+
+
+def section(root: Path, **kw) -> DataSection:
+    return DataSection(name=kw.pop("name", "imagefolder"), root=str(root), img_size=kw.pop("img_size", 8),
+                       workers=0, **kw)
+
+
+def values(split) -> list[int]:
+    """The grey value of each image of a split (which file it is), in order."""
+    return [int(split.folder[i][0][0, 0, 0]) for i in range(len(split))]
+
+
+# ------------------------------------------------------------------------------------------- class folders + hold-out
+
+
+def test_class_folders_get_a_fixed_per_class_holdout(tmp_path):
+    root = class_folders(tmp_path / "pets", {"cat": 10, "dog": 20, "emu": 3})
+    cfg = resolve_data(section(root))
+    assert cfg.eval_split == HOLDOUT  # no val or test: the hold-out
+    train = load_split(cfg, "train", CPU)
+    held = load_split(cfg, HOLDOUT, CPU, classes=train.classes)
+    assert train.classes == held.classes == ["cat", "dog", "emu"]
+    assert held.labels.bincount().tolist() == [1, 2, 1] and len(train) == 33 - 4  # n / 10 rounded, at least one
+    assert not set(values(train)) & set(values(held)) and len(set(values(train) + values(held))) == 33
+    assert "29 train / 4 holdout images" in train.about and "data.holdout=0.1" in train.about
+    assert held.notes == [] and "emu (2)" in train.notes[0]  # a class of 2 training images is warned about
+    # the same files in every run, whatever order the folder lists them in or the files were written
+    again = class_folders(tmp_path / "again", {"emu": 3, "dog": 20, "cat": 10}, start=0)
+    for cls, n in {"cat": 10, "dog": 20, "emu": 3}.items():
+        for i in range(n):
+            (again / cls / f"{i}.png").write_bytes((root / cls / f"{i}.png").read_bytes())
+    held_again = load_split(section(again), HOLDOUT, CPU, classes=train.classes)
+    assert [p.relative_to(again) for p, _ in held_again.folder.samples] == \
+        [p.relative_to(root) for p, _ in held.folder.samples]
+    # a share of 0.25: n / 4 of each class, halves rounded up
+    quarter = load_split(section(root, holdout=0.25), HOLDOUT, CPU, classes=train.classes)
+    assert quarter.labels.bincount().tolist() == [3, 5, 1]
+
+
+def test_holdout_rule():
+    assert [holdout_count(n, 0.1) for n in (0, 1, 2, 5, 10, 14, 15, 100)] == [0, 0, 1, 1, 1, 1, 2, 10]
+    assert holdout_count(3, 0.9) == 2 and holdout_count(50, 0.0) == 0  # never a whole class; 0 = none
+    keys = [f"a/{i}.jpg" for i in range(200)]
+    mask = holdout_mask(keys, [0] * 200, 0.1)
+    assert sum(mask) == 20 and mask == holdout_mask(keys, [0] * 200, 0.1)
+    assert holdout_mask(keys[::-1], [0] * 200, 0.1) == mask[::-1]  # by path, not by position
+    more = holdout_mask([*keys, "a/new.jpg"], [0] * 201, 0.1)  # one image more moves at most one other
+    assert sum(a != b for a, b in zip(mask, more)) <= 1
+
+
+def test_the_hold_out_is_a_share_of_the_train_split_when_there_is_no_val_or_test(tmp_path):
+    root = tmp_path / "data"
+    class_folders(root / "train", {"a": 10, "b": 10})
+    cfg = resolve_data(section(root))
+    assert cfg.eval_split == HOLDOUT
+    train = load_split(cfg, "train", CPU)
+    held = load_split(cfg, HOLDOUT, CPU, classes=train.classes)
+    assert (len(train), len(held)) == (18, 2) and "18 train / 2 holdout" in train.about
+    # with a val split, it is evaluated and the train split keeps all its images
+    class_folders(root / "val", {"a": 2, "b": 2}, start=100)
+    cfg = resolve_data(section(root))
+    assert cfg.eval_split == "val" and len(load_split(cfg, "train", CPU)) == 20
+    assert values(load_split(cfg, HOLDOUT, CPU, classes=["a", "b"])) == values(held)  # asked for: still a share
+    class_folders(root / "test", {"a": 1, "b": 1}, start=200)
+    assert resolve_data(section(root)).eval_split == "val"  # val first, then test
+    (root / "val").rename(root / "later")
+    assert resolve_data(section(root)).eval_split == "test"
+
+
+def test_a_split_that_does_not_exist_is_one_error_listing_those_that_do(tmp_path):
+    root = tmp_path / "data"
+    class_folders(root / "train", {"a": 3, "b": 3})
+    class_folders(root / "val", {"a": 1, "b": 1})
+    with pytest.raises(DatasetError, match=r"data.train_split='training' does not exist in .*; it has: train, val, "
+                                           "holdout$"):
+        load_split(section(root, train_split="training"), "training", CPU)
+    flat = class_folders(tmp_path / "flat", {"a": 3, "b": 3})
+    with pytest.raises(DatasetError, match="it has: train, holdout .class folders root/<class>/. has no split"):
+        load_split(section(flat, eval_split="val"), "val", CPU, classes=["a", "b"])
+    with pytest.raises(DatasetError, match="no val or test split to evaluate on, and data.holdout is 0"):
+        resolve_data(section(flat, holdout=0.0))
+    with pytest.raises(ConfigError, match=r"data.holdout must be in \[0, 1\)"):
+        load_config(None, ["data.holdout=1"])
+
+
+def test_layout_errors_are_one_line_each(tmp_path):
+    cases = {
+        tmp_path / "missing": "does not exist; data.root must be root/<class>/",
+        write_image(tmp_path / "one.png", 1): "is a file but not a .csv",
+        tmp_path / "empty": "has no class folders; expected",
+        tmp_path / "loose": "it holds images directly: put each class's images in a folder of its own",
+    }
+    (tmp_path / "empty").mkdir()
+    write_image(tmp_path / "loose" / "x.png", 1)
+    for root, message in cases.items():
+        with pytest.raises(DatasetError, match=message):
+            find_layout(root)
+    with pytest.raises(DatasetError, match="data.root is required"):
+        find_layout(None)
+    assert find_layout(class_folders(tmp_path / "test_like", {"test": 2, "dog": 2})).kind == "classes"
+
+
+def test_empty_and_tiny_classes(tmp_path):
+    root = class_folders(tmp_path / "pets", {"cat": 6, "dog": 1})
+    (root / "emu").mkdir()
+    with pytest.raises(DatasetError, match="class directory emu of .* has no images"):
+        load_split(section(root), "train", CPU)
+    (root / "emu").rmdir()
+    train = load_split(section(root), "train", CPU)
+    held = load_split(section(root), HOLDOUT, CPU, classes=train.classes)
+    assert "dog (1)" in train.notes[0]  # a single image: too few, and none held out
+    assert len(held.notes) == 1 and "no images of the training class(es) dog" in held.notes[0]
+    assert "a class needs 2 or more images to have one held out" in held.notes[0]
+    (root / ".ipynb_checkpoints").mkdir()  # a hidden folder is not a class
+    assert load_split(section(root), "train", CPU).classes == ["cat", "dog"]
+
+
+# ------------------------------------------------------------------------------------------- CSV and class list
+
+
+def test_a_csv_of_path_and_label(tmp_path):
+    imgs = tmp_path / "imgs"
+    rows = ["path,label"] + [f"imgs/{i}.png,{'cat' if i % 2 else 'dog'}" for i in range(20)]
+    for i in range(20):
+        write_image(imgs / f"{i}.png", 10 * i)
+    elsewhere = write_image(tmp_path / "other" / "abs.png", 250)
+    rows.append(f"{elsewhere},cat")  # an absolute path
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n\n")
+    cfg = resolve_data(section(tmp_path / "labels.csv"))
+    assert cfg.eval_split == HOLDOUT
+    train = load_split(cfg, "train", CPU)
+    held = load_split(cfg, HOLDOUT, CPU, classes=train.classes)
+    assert train.classes == ["cat", "dog"] and (len(train), len(held)) == (19, 2)
+    assert "a CSV of path,label" in train.about and not set(values(train)) & set(values(held))
+    image, label = train.folder[[p for p, _ in train.folder.samples].index(elsewhere)]
+    assert int(image[0, 0, 0]) == 250 and train.classes[label] == "cat"
+    # a class list fixes the order (the label numbering)
+    (tmp_path / "classes.txt").write_text("dog\ncat\n")
+    ordered = load_split(section(tmp_path / "labels.csv", classes=str(tmp_path / "classes.txt")), "train", CPU)
+    assert ordered.classes == ["dog", "cat"] and values(ordered) == values(train)
+    assert (ordered.labels == 1 - train.labels).all()
+    # no header is fine too
+    (tmp_path / "bare.csv").write_text("imgs/0.png,dog\nimgs/1.png,cat\nimgs/2.png,dog\nimgs/3.png,cat\n")
+    assert len(load_split(section(tmp_path / "bare.csv", holdout=0.0, eval_split="train"), "train", CPU)) == 4
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "has no rows; expected lines of path,label"),
+    ("path,label\n", "has no rows"),
+    ("imgs/0.png,dog\nimgs/nope.png,dog\n", r"1 listed file\(s\) do not exist: imgs/nope.png \(paths are relative"),
+    ("imgs/0.png\n", "line 1: expected two fields path,label"),
+    ("imgs/0.png,dog,extra\n", "line 1: expected two fields"),
+    ("imgs/0.png,\n", "line 1: expected two fields"),
+    ("imgs/0.png,dog\n\nimgs/0.png,cat\n", "line 3: imgs/0.png is listed twice .first on line 1."),
+    ("imgs/0.png,dog\nimgs/1.png,emu\n", r"1 row\(s\) have a label that is not in the class list: imgs/1.png \(emu\)"),
+])
+def test_a_bad_csv_is_one_error(tmp_path, text, message):
+    for i in range(2):
+        write_image(tmp_path / "imgs" / f"{i}.png", i)
+    (tmp_path / "labels.csv").write_text(text)
+    (tmp_path / "classes.txt").write_text("cat\ndog\n")
+    with pytest.raises(DatasetError, match=message):
+        load_split(section(tmp_path / "labels.csv", classes=str(tmp_path / "classes.txt")), "train", CPU)
+
+
+def test_a_csv_with_many_missing_files_names_three(tmp_path):
+    (tmp_path / "labels.csv").write_text("".join(f"gone/{i}.png,a\n" for i in range(7)))
+    with pytest.raises(DatasetError, match=r"7 listed file\(s\) do not exist: gone/0.png, gone/1.png, gone/2.png "
+                                           "and 4 more"):
+        read_labels_csv(tmp_path / "labels.csv")
+
+
+def test_class_list_for_folders(tmp_path):
+    root = class_folders(tmp_path / "pets", {"cat": 4, "dog": 4})
+    (tmp_path / "classes.txt").write_text("dog\ncat\n")
+    ds = load_images(root, "train", classes_file=tmp_path / "classes.txt", holdout=0.0, size=8)
+    assert ds.classes == ["dog", "cat"] and ds.counts == [4, 4]
+    (tmp_path / "short.txt").write_text("dog\n")
+    with pytest.raises(DatasetError, match="class folder.s. cat of .* are not in the class list"):
+        load_images(root, "train", classes_file=tmp_path / "short.txt", size=8)
+    (tmp_path / "twice.txt").write_text("dog\ncat\ndog\n")
+    with pytest.raises(DatasetError, match="names 'dog' twice"):
+        load_images(root, "train", classes_file=tmp_path / "twice.txt", size=8)
+    (tmp_path / "blank.txt").write_text("\n\n")
+    with pytest.raises(DatasetError, match="names no classes"):
+        load_images(root, "train", classes_file=tmp_path / "blank.txt", size=8)
+    with pytest.raises(DatasetError, match="data.classes: .*nope.txt does not exist"):
+        load_images(root, "train", classes_file=tmp_path / "nope.txt", size=8)
+
+
+# ------------------------------------------------------------------------------------------- defaults
+
+
+def test_sizes_default_from_the_model_and_workers_from_the_machine(tmp_path, monkeypatch):
+    root = class_folders(tmp_path / "pets", {"a": 2, "b": 2})
+    folder = DataSection(name="imagefolder", root=str(root))
+    assert resolve_data(folder, ModelSection(name="nest_tiny_cifar")).img_size == 32
+    assert resolve_data(folder, ModelSection(name="nest_tiny_224")).img_size == 224
+    assert resolve_data(folder, ModelSection(name="nest_tiny_cifar", overrides={"img_size": 16})).img_size == 16
+    assert resolve_data(DataSection(name="imagefolder", root=str(root), img_size=48),
+                        ModelSection(name="nest_tiny_cifar")).img_size == 48  # given: kept
+    with pytest.raises(ConfigError, match="takes 16x32 images but folders and shards give square ones"):
+        resolve_data(folder, ModelSection(overrides={"img_size": [16, 32]}))
+    mnist = resolve_data(DataSection(), ModelSection())
+    assert mnist.img_size is None and mnist.eval_split == "test"  # in-memory sets: their own size
+    for cores, workers in {1: 0, 2: 1, 3: 2, 4: 3, 8: 4, 64: 4}.items():
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _, n=cores: set(range(n)), raising=False)
+        assert default_workers() == workers
+    cfg = load_config(None, ["data.name=imagefolder"])
+    assert cfg.data.workers is None and cfg.data.img_size is None and cfg.data.eval_split is None
+    with pytest.raises(ConfigError, match="data.workers must be >= 0"):
+        load_config(None, ["data.workers=-1"])
+
+
+# ------------------------------------------------------------------------------------------- WebDataset shards
+
+
+def write_shards(folder: Path, shards: int, per_shard: int, *, labels=lambda n: n % 2, start: int = 0,
+                 extra: dict[str, bytes] | None = None) -> list[int]:
+    """``folder/shard-000000.tar``...: samples ``<n>.png`` (a flat grey ``n``) + ``<n>.cls`` (``labels(n)``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    n = start
+    for s in range(shards):
+        with tarfile.open(folder / f"shard-{s:06d}.tar", "w") as tar:
+            for _ in range(per_shard):
+                buf = io.BytesIO()
+                Image.fromarray(np.full((6, 6, 3), n, np.uint8)).save(buf, format="PNG")
+                members = {f"{n:06d}.png": buf.getvalue(), f"{n:06d}.cls": str(labels(n)).encode(),
+                           **({k.format(n=n): v for k, v in extra.items()} if extra else {})}
+                for name, data in members.items():
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                written.append(n)
+                n += 1
+    return written
+
+
+def shard_section(root: Path, **kw) -> DataSection:
+    return section(root, name="webdataset", **kw)
+
+
+def stream_values(batches) -> list[int]:
+    return [int(v) for images, _ in batches for v in images[:, 0, 0, 0]]
+
+
+def test_webdataset_does_not_need_torchvision():
+    pytest.importorskip("webdataset")
+    import subprocess
+
+    code = "import sys, webdataset; from nestvit.data import shards; print('torchvision' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_shards_split_across_ranks_and_workers(tmp_path):
+    pytest.importorskip("webdataset")
+    written = write_shards(tmp_path / "train", shards=4, per_shard=6)
+    write_shards(tmp_path / "val", shards=1, per_shard=4, start=100)
+    cfg = resolve_data(shard_section(tmp_path))
+    assert cfg.eval_split == "val"
+    train = load_split(cfg, "train", CPU)
+    assert len(train) == 24 and train.classes == ["0", "1"] and train.stream is not None
+    assert train.labels.bincount().tolist() == [12, 12]
+    # two ranks, no workers: 3 steps of 4 each per epoch, their images disjoint, labels right
+    ranks = [TrainBatches(train, global_batch=8, rank=r, world_size=2, seed=0, device=CPU, workers=0)
+             for r in range(2)]
+    epochs = [list(b.epoch(0)) for b in ranks]
+    assert [len(e) for e in epochs] == [3, 3] and all(img.shape == (4, 3, 8, 8) for e in epochs for img, _ in e)
+    seen = [stream_values(e) for e in epochs]
+    assert not set(seen[0]) & set(seen[1]) and set(seen[0]) | set(seen[1]) == set(written)
+    for images, labels in epochs[0]:
+        assert (images[:, 0, 0, 0].long() % 2 == labels).all()
+    assert stream_values(ranks[0].epoch(0)) == seen[0]  # the order is a function of (seed, epoch)
+    assert stream_values(ranks[0].epoch(1)) != seen[0]
+    # with two workers, a run resumed mid-epoch sees the batches the uninterrupted run saw
+    one = TrainBatches(train, global_batch=4, rank=0, world_size=1, seed=0, device=CPU, workers=2)
+    whole = list(one.epoch(0))
+    assert len(whole) == 6 and sorted(stream_values(whole)) == written
+    for start in (1, 2, 5):
+        resumed = list(one.epoch(0, start_step=start))
+        assert stream_values(resumed) == stream_values(whole[start:])
+    # evaluation: every sample once over all ranks and workers
+    val = load_split(cfg, "val", CPU, classes=train.classes)
+    got = [stream_values(eval_batches(val, batch=3, rank=r, world_size=2, device=CPU, workers=2)) for r in range(2)]
+    assert sorted(got[0] + got[1]) == [100, 101, 102, 103]
+
+
+def test_shards_without_split_folders_have_the_holdout(tmp_path):
+    pytest.importorskip("webdataset")
+    write_shards(tmp_path / "shards", shards=3, per_shard=10, labels=lambda n: ["cat", "dog"][n % 2])
+    (tmp_path / "classes.txt").write_text("dog\ncat\n")
+    cfg = resolve_data(shard_section(tmp_path / "shards", classes=str(tmp_path / "classes.txt")))
+    assert cfg.eval_split == HOLDOUT
+    train = load_split(cfg, "train", CPU)
+    held = load_split(cfg, HOLDOUT, CPU, classes=train.classes)
+    assert train.classes == ["dog", "cat"] and (len(train), len(held)) == (26, 4)  # 15 a class: 1.5 -> 2
+    assert "26 train / 4 holdout samples in 3 shard(s)" in train.about
+    seen = stream_values(TrainBatches(train, global_batch=4, rank=0, world_size=1, seed=0, device=CPU).epoch(0))
+    held_values = stream_values(eval_batches(held, batch=8, rank=0, world_size=1, device=CPU))
+    assert len(seen) == 24 and len(held_values) == 4 and not set(seen) & set(held_values)
+    limited = load_split(cfg, "train", CPU, limit=5)
+    assert len(limited) == 5 and len(stream_values(eval_batches(limited, batch=8, rank=0, world_size=1,
+                                                                device=CPU))) == 5
+
+
+def test_bad_shards_are_one_error_each(tmp_path, monkeypatch):
+    pytest.importorskip("webdataset")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.tar").write_bytes(b"not a tar file at all" * 40)
+    write_shards(tmp_path / "nolabel", 1, 2, extra={})
+    with tarfile.open(tmp_path / "nolabel" / "shard-000000.tar", "a") as tar:
+        info = tarfile.TarInfo("lonely.png")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    (tmp_path / "none").mkdir()
+    write_shards(tmp_path / "mixed", 1, 2)
+    write_shards(tmp_path / "mixed" / "train", 1, 2)
+    write_shards(tmp_path / "ints", 1, 4, labels=lambda n: n % 3)
+    (tmp_path / "two.txt").write_text("a\nb\n")
+    cases = [
+        (shard_section(tmp_path / "bad"), "x.tar: not a readable tar shard"),
+        (shard_section(tmp_path / "nolabel"), r"sample 'lonely' has no a label \(.cls\) \(found .png\)"),
+        (shard_section(tmp_path / "none"), r"no tar shards \(.tar, .tar.gz, .tgz\) in"),
+        (shard_section(tmp_path / "mixed"), "holds both shards and split folders of shards"),
+        (shard_section(tmp_path / "ints", classes=str(tmp_path / "two.txt")), "label.s. 2 of the .cls files are not"),
+        (shard_section(tmp_path / "missing"), "does not exist; data.root must be root/.*.tar"),
+    ]
+    for cfg, message in cases:
+        with pytest.raises(DatasetError, match=message):
+            load_split(cfg, "train", CPU)
+    monkeypatch.setitem(sys.modules, "webdataset", None)  # not installed
+    with pytest.raises(DatasetError, match="needs the webdataset package: pip install webdataset"):
+        load_split(shard_section(tmp_path / "ints"), "train", CPU)
+
+
+# ------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    model = {"name": "nest_tiny_cifar", "overrides": {**TINY_MODEL, "img_size": 8}}
+    path.write_text(yaml.safe_dump(tiny_recipe(epochs=2, global_batch=8, model=model,
+                                               data={"name": "imagefolder", "img_size": None, "workers": 0,
+                                                     "limit_train": None, "limit_eval": None})))
+    return path
+
+
+def test_train_eval_predict_on_class_folders(tmp_path, recipe, capsys):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "flowers"
+    for cls, value in (("daisy", 40), ("rose", 210)):
+        for i in range(12):
+            pixels = np.clip(rng.normal(value, 25, (14, 18, 3)), 0, 255).astype(np.uint8)
+            (root / cls).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(root / cls / f"{i:02d}.jpg")
+    run = tmp_path / "run"
+    assert main(["train", str(recipe), "--out", str(run), "--set", f"data.root={root}", "--set", "optim.lr=1e-2"]) == 0
+    out = capsys.readouterr().out
+    assert "22 train / 2 holdout images (data.holdout=0.1 of each class" in out
+    assert "data: imagefolder 22 train / 2 holdout images of 3x8x8, 2 classes" in out
+    saved = yaml.safe_load((run / "config.yaml").read_text())["data"]
+    assert (saved["eval_split"], saved["holdout"], saved["img_size"], saved["workers"]) == (HOLDOUT, 0.1, 8, 0)
+
+    assert main(["eval", str(run), "--out", str(tmp_path / "ev")]) == 0
+    out = capsys.readouterr().out
+    assert "imagefolder:holdout (2 images)" in out and "daisy" in out and "rose" in out
+    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["count"] == 2
+    summary = json.loads((run / "summary.json").read_text())
+    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["top1"] == pytest.approx(summary["test_top1"])
+    assert main(["eval", str(run), "--split", "train"]) == 0
+    assert "imagefolder:train (22 images)" in capsys.readouterr().out
+
+    picture = tmp_path / "img.png"
+    Image.fromarray(np.full((30, 30, 3), 210, np.uint8)).save(picture)
+    assert main(["predict", str(run), str(picture), "--top-k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert str(picture) in out and "rose" in out and out.count("%") == 2
+
+
+def test_train_on_shards_end_to_end(tmp_path, recipe, capsys):
+    pytest.importorskip("webdataset")
+    write_shards(tmp_path / "shards", shards=2, per_shard=12, labels=lambda n: ["dark", "light"][n >= 12])
+    run = tmp_path / "run"
+    assert main(["train", str(recipe), "--out", str(run), "--set", "data.name=webdataset",
+                 "--set", f"data.root={tmp_path / 'shards'}", "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "22 train / 2 holdout samples in 2 shard(s)" in out and "2 steps/epoch" in out
+    assert main(["eval", str(run)]) == 0
+    assert "webdataset:holdout (2 images)" in capsys.readouterr().out
+
+
+def test_a_bad_folder_through_the_command_line_is_one_line(tmp_path, recipe, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["train", str(recipe), "--out", str(tmp_path / "run"), "--set", f"data.root={tmp_path / 'empty'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no class folders" in err
+
+
+def test_two_ranks_stream_their_own_shards(tmp_path):
+    """DDP (two CPU processes, gloo): each rank reads its shards, both take the same steps, and the evaluation
+    counts every held-out sample once."""
+    pytest.importorskip("webdataset")
+    from nestvit.train.distributed import spawn_local
+    from nestvit.train.loop import train
+    from nestvit.train.metrics import read_metrics
+
+    write_shards(tmp_path / "shards", shards=4, per_shard=6)
+    model = {"name": "nest_tiny_cifar", "overrides": {**TINY_MODEL, "img_size": 8}}
+    cfg = load_config(tiny_recipe(epochs=2, global_batch=8, model=model,
+                                  data={"name": "webdataset", "root": str(tmp_path / "shards"), "img_size": None,
+                                        "workers": 0, "limit_train": None, "limit_eval": None}))
+    spawn_local(2, train, cfg, tmp_path / "run")
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records if r["kind"] == "step"] == [1, 2, 3, 4]  # 22 samples // 8 a step
+    assert json.loads((tmp_path / "run" / "confusion.json").read_text())["count"] == 2

@@ -1,0 +1,85 @@
+"""Sharing a trained model: ``save_pretrained`` / ``from_pretrained`` in the Hub layout, offline."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import types
+
+import pytest
+import torch
+import yaml
+
+import nestvit
+from nestvit.cli import main
+from nestvit.contract import ContractError
+from nestvit.hub import push_to_hub
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from tests.train.conftest import tiny_recipe
+
+    folder = tmp_path_factory.mktemp("hub")
+    recipe = folder / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(epochs=1)))
+    assert main(["train", str(recipe), "--out", str(folder / "run")]) == 0
+    return folder / "run"
+
+
+def test_round_trip_gives_identical_logits(run, tmp_path):
+    out = nestvit.save_pretrained(run, tmp_path / "shared")
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == "nest_tiny_cifar" and config["library_name"] == "nestvit"
+    assert config["classes"][:2] == ["class0", "class1"] and config["input"]["size"] == [8, 8]
+    card = (out / "README.md").read_text()
+    assert "test top-1 (%)" in card and "nest_tiny_cifar" in card and "from_pretrained" in card
+    a, b = nestvit.load(run), nestvit.from_pretrained(out)
+    x = torch.randn(3, 1, 8, 8)
+    assert torch.equal(a.model(x), b.model(x)) and a.transform == b.transform and a.classes == b.classes
+
+
+def test_a_model_from_create_model(tmp_path):
+    model = nestvit.create_model("vit_tiny_patch4_32", img_size=16, embed_dim=16, depth=1, num_heads=2)
+    loaded = nestvit.from_pretrained(nestvit.save_pretrained(model, tmp_path / "vit"))
+    x = torch.randn(1, 3, 16, 16)
+    assert torch.equal(loaded.model(x), model.eval()(x))
+
+
+def test_a_folder_that_mixes_two_models_is_refused(run, tmp_path):
+    out = nestvit.save_pretrained(run, tmp_path / "shared")
+    config = json.loads((out / "config.json").read_text())
+    config["kwargs"]["embed_dims"] = 64
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ContractError, match="mixes two models"):
+        nestvit.from_pretrained(out)
+    with pytest.raises(ContractError, match="no model.safetensors"):
+        nestvit.from_pretrained(tmp_path)
+
+
+def test_the_hub_without_and_with_huggingface_hub(run, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
+    with pytest.raises(ContractError, match="pip install 'nestvit\\[hub\\]'"):
+        nestvit.from_pretrained("hf-hub:org/name")
+    # a stand-in for huggingface_hub, backed by a local folder: nothing leaves this machine
+    repo = tmp_path / "remote"
+    calls = {}
+
+    class HfApi:
+        def __init__(self, token=None):
+            calls["token"] = token
+
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            calls["repo"] = repo_id
+
+        def upload_folder(self, folder_path, repo_id, commit_message):
+            shutil.copytree(folder_path, repo)
+
+    fake = types.SimpleNamespace(HfApi=HfApi, snapshot_download=lambda repo_id, allow_patterns: str(repo))
+    monkeypatch.setitem(sys.modules, "huggingface_hub", fake)
+    assert push_to_hub(run, "org/name", token="t") == "https://huggingface.co/org/name"
+    assert calls == {"token": "t", "repo": "org/name"}
+    loaded = nestvit.from_pretrained("hf-hub:org/name")
+    assert loaded.contract.model == "nest_tiny_cifar"
