@@ -149,3 +149,16 @@ def test_bench_takes_a_trained_run(weights, capsys):
             "--no-data", "--mode", "infer"]
     assert main(["bench", str(weights), *fast]) == 0
     assert f"{weights} (nest_tiny_cifar)" in capsys.readouterr().out
+
+
+def test_a_folder_jpeg_reads_as_the_eval_split_decodes_it(tmp_path):
+    """predict / explain prepare a file exactly as an image folder's evaluation does (JPEG draft mode too)."""
+    from nestvit.data.datasets import ImageFolderDataset
+
+    folder = tmp_path / "test" / "a"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (370, 500, 3), dtype=np.uint8)).save(folder / "x.jpg", quality=90)
+    ds = ImageFolderDataset(tmp_path, split="test", size=16)
+    t = InputTransform(channels=3, size=(16, 16), mean=(0.5,) * 3, std=(0.5,) * 3, resize="center-crop")
+    assert torch.equal(ds[0][0], t.read(folder / "x.jpg"))

@@ -107,14 +107,23 @@ class InputTransform:
         if self.channels not in (1, 3):
             raise ContractError(f"the model takes {self.channels}-channel input; image files give 1 (grayscale) "
                                 "or 3 (RGB)")
+        if self.resize == "center-crop":  # the very decoding of image-folder training (JPEG draft mode included)
+            from .data.datasets import DatasetError, decode_image
+
+            open_image(path).close()  # a missing, unreadable or huge file: one clear error
+            try:
+                x = decode_image(Path(path), size=self.size[0], resize_size=round(self.size[0] / self.crop_pct))
+            except DatasetError as e:
+                raise ContractError(str(e)) from None
+            if self.channels == 1:  # ITU-R 601-2 luma, as PIL's convert("L")
+                x = (x.float() * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True)
+                x = x.round().clamp(0, 255).to(torch.uint8)
+            return x.contiguous()
         with open_image(path) as img:
             img = img.convert("L" if self.channels == 1 else "RGB")
-            if self.resize == "center-crop":
-                img = center_crop(img, self.size[0], round(self.size[0] / self.crop_pct))
-            else:
-                h, w = self.content or self.size
-                if (img.height, img.width) != (h, w):
-                    img = img.resize((w, h), Image.Resampling.BILINEAR)
+            h, w = self.content or self.size
+            if (img.height, img.width) != (h, w):
+                img = img.resize((w, h), Image.Resampling.BILINEAR)
             array = np.asarray(img, dtype=np.uint8)
         x = torch.from_numpy(array.copy())
         x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
@@ -153,18 +162,6 @@ def open_image(path: str | Path):
         raise ContractError(f"{path}: the image is too large to open safely ({e}); downscale it first") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise ContractError(f"{path}: cannot read the image ({e})") from None
-
-
-def center_crop(img, size: int, resize_size: int):
-    """Resize the shorter side of a ``PIL.Image`` to ``resize_size`` (bilinear) and crop the centre ``size``."""
-    from PIL import Image
-
-    w, h = img.size
-    scale = resize_size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return img.crop((left, top, left + size, top + size))
 
 
 # --------------------------------------------------------------------------------------------------
