@@ -17,6 +17,15 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 GOLDEN = Path(os.environ.get("NESTVIT_GOLDEN_DIR") or Path(__file__).resolve().parents[1].parent / "shared" / "golden")
 
 
+@pytest.fixture
+def one_thread():
+    """Keep a test on one thread: float sums then do not depend on the machine's load."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def tiny_overrides(name: str) -> dict:
     """Overrides that shrink a registered model to a few thousand parameters, same structure."""
     family = model_family(name)

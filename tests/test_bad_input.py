@@ -34,12 +34,7 @@ from tests.train.conftest import tiny_recipe
 SRC = Path(nestvit.__file__).resolve().parent
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

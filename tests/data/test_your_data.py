@@ -27,12 +27,7 @@ from tests.train.conftest import TINY_MODEL, tiny_recipe
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_image(path: Path, value: int, size: tuple[int, int] = (10, 12)) -> Path:

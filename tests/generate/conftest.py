@@ -7,12 +7,8 @@ one when other processes hold the cores; these tests use small tensors, so one t
 from __future__ import annotations
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every generation test on one thread (tests/conftest.py ``one_thread``)."""

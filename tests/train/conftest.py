@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from nestvit.train.config import load_config
 
@@ -32,12 +31,8 @@ def tiny_config(*overrides: str, **top):
 
 
 @pytest.fixture(autouse=True)
-def _threads():
-    """Keep every test on the same thread count: float sums then do not depend on the machine's load."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def _threads(one_thread):
+    """Every training test on one thread (tests/conftest.py ``one_thread``)."""
 
 
 @pytest.fixture(scope="session")
