@@ -154,13 +154,18 @@ def open_image(path: str | Path):
     path = Path(path)
     if not path.is_file():
         raise ContractError(f"{path}: no such image file")
+    img = None
     try:
         img = Image.open(path)
         img.load()
         return img
     except Image.DecompressionBombError as e:
+        if img is not None:
+            img.close()
         raise ContractError(f"{path}: the image is too large to open safely ({e}); downscale it first") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        if img is not None:
+            img.close()
         raise ContractError(f"{path}: cannot read the image ({e})") from None
 
 
@@ -318,13 +323,14 @@ class Loaded:
 
 
 def _gan_run(path: Path) -> Path | None:
-    """The latest checkpoint directory of a ``nestvit generate train`` run (or the checkpoint itself)."""
+    """The folder of a ``nestvit generate train`` run's weights: the run itself, or the latest
+    ``checkpoints/step_*`` of runs written before the classifiers' layout; None if ``path`` is no GAN run."""
+    if (path / "generator.safetensors").is_file():
+        return path
     if (path / "checkpoints" / "latest").is_file():
         from .generate.train import latest_checkpoint
 
         return latest_checkpoint(path)
-    if (path / "generator.safetensors").is_file():
-        return path
     return None
 
 
