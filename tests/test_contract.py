@@ -162,3 +162,13 @@ def test_a_folder_jpeg_reads_as_the_eval_split_decodes_it(tmp_path):
     ds = ImageFolderDataset(tmp_path, split="test", size=16)
     t = InputTransform(channels=3, size=(16, 16), mean=(0.5,) * 3, std=(0.5,) * 3, resize="center-crop")
     assert torch.equal(ds[0][0], t.read(folder / "x.jpg"))
+
+
+def test_model_overrides_of_set_are_one_syntax_and_one_line_errors(weights, image, tmp_path, capsys):
+    """bench and explain read --set model overrides the same way; a value that does not parse is one line."""
+    from nestvit.cli_args import parse_sets
+
+    assert parse_sets(["embed_dims=[8, 16]", "act=gelu", "qkv_bias=true"]) == {
+        "embed_dims": (8, 16), "act": "gelu", "qkv_bias": True}
+    assert "--set depths: cannot read the value" in one_line_error(
+        capsys, "explain", str(image), "--model", "nest_tiny_cifar", "--set", "depths=[[[", "--out", str(tmp_path))

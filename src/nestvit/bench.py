@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cli_args import parse_sets
 from .fileio import atomic_write_text
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -108,20 +109,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also profile two steps per mode (torch.profiler) and print the top N operators "
                              "by self time")
-
-
-def parse_sets(items: list[str]) -> dict[str, Any]:
-    """``["attn=mha", "depths=[1,1,1,1]"] -> {"attn": "mha", "depths": [1, 1, 1, 1]}`` (values as YAML)."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        value = yaml.safe_load(text) if text.strip() else None
-        out[key.strip()] = tuple(value) if isinstance(value, list) else value
-    return out
 
 
 def parse_img_size(text: str | None) -> tuple[int, int] | None:

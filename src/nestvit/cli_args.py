@@ -1,10 +1,11 @@
-"""Argument types shared by the sub-commands: each refuses a bad value with argparse's one-line usage error."""
+"""What the sub-commands share in their arguments: types that refuse bad values, model overrides of --set."""
 
 from __future__ import annotations
 
 import argparse
 import os
 from pathlib import Path
+from typing import Any
 
 
 def positive_int(text: str) -> int:
@@ -33,3 +34,24 @@ def writable_dir(path: str | Path) -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise ValueError(f"--out {path}: the folder is not writable; choose a writable path")
     return path
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """Model overrides of ``--set``: ``["attn=mha", "depths=[1,1,1,1]"] -> {"attn": "mha", "depths": (1, 1, 1, 1)}``.
+
+    Values are read as YAML (JSON is YAML too); one ``ValueError`` naming the item for anything else.
+    """
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as e:
+            raise ValueError(f"--set {key.strip()}: cannot read the value {text.strip()!r} "
+                             f"({getattr(e, 'problem', None) or 'not valid YAML'}); write a list as [1, 2]") from None
+        out[key.strip()] = tuple(value) if isinstance(value, list) else value
+    return out

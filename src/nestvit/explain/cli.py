@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli_args import positive_int, writable_dir
+from ..cli_args import parse_sets, positive_int, writable_dir
 from ..fileio import atomic_write_text
 
 METHODS = ("gradcat", "cam", "gradcam", "rollout")
@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="registry name (when the checkpoint does not record one, "
                                                  "or alone for random weights)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="model override, VALUE parsed as JSON when it can be (e.g. img_size=64, "
+                   help="model override, VALUE read as YAML (e.g. img_size=64, "
                         "embed_dims=[32,64,128]); repeatable")
     p.add_argument("--sign", type=int, choices=(-1, 1), default=-1,
                    help="GradCAT gradient sign: -1 as the NesT paper (default), +1 activation x gradient")
@@ -67,19 +67,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------------------------
 # Model loading
 # ----------------------------------------------------------------------------------------------
-
-def parse_overrides(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        try:
-            out[k.strip()] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k.strip()] = v
-    return out
-
 
 def load_model(checkpoint: Path | None, model_name: str | None = None, overrides: dict | None = None):
     """``Loaded`` (``nestvit.contract``) from a checkpoint, or a registry name with random weights."""
@@ -129,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         if not p.is_file():
             raise FileNotFoundError(f"{p}: no such image file")
     out_dir = writable_dir(args.out)  # fail now, not after the explanations
-    loaded = load_model(checkpoint, args.model, parse_overrides(args.overrides))
+    loaded = load_model(checkpoint, args.model, parse_sets(args.overrides))
     if loaded.contract.kind != "classifier":
         raise ValueError(f"{loaded.weights} holds a {loaded.contract.kind}, not a classifier; explain needs one")
     model = loaded.model
