@@ -8,7 +8,7 @@ takes the *normalised* input ``(B, C, H, W)`` float32 (the transform's ``__call_
 returns the logits; the batch size is dynamic. The contract is stored with it (ONNX ``metadata_props``
 key ``nestvit.contract``; a ``nestvit.contract.json`` extra file in the ``.pt2`` archive). After writing,
 the export is run on a batch of 2 and a batch of 3 random inputs and compared with the PyTorch model:
-with onnxruntime for ONNX (``pip install onnxruntime``), with ``torch.export.load`` for pt2; the
+with onnxruntime for ONNX (``pip install 'nestvit[export]'``), with ``torch.export.load`` for pt2; the
 largest difference is printed, and an export that disagrees beyond ``--atol`` is an error.
 """
 
@@ -125,13 +125,13 @@ def _run(args: argparse.Namespace) -> int:
             import onnx  # noqa: F401
             import onnxscript  # noqa: F401
         except ImportError:
-            raise ValueError("ONNX export needs the onnx and onnxscript packages: pip install onnx onnxscript "
-                             "onnxruntime") from None
+            raise ValueError("ONNX export needs the onnx and onnxscript packages: pip install 'nestvit[export]'") \
+                from None
         export_onnx(model, example, out, contract_json=contract_json, opset=args.opset)
         worst = None if args.no_check else check_onnx(out, model, checks)
         how = "onnxruntime"
         if worst is None and not args.no_check:
-            print("note: onnxruntime is not installed, so the export was not run; pip install onnxruntime",
+            print("note: onnxruntime is not installed, so the export was not run; pip install 'nestvit[export]'",
                   file=sys.stderr)
     else:
         export_pt2(model, example, out, contract_json=contract_json)

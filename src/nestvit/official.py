@@ -482,7 +482,8 @@ def read_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         import msgpack
     except ImportError:
-        raise _error("reading official Flax checkpoints needs the msgpack package: pip install msgpack") from None
+        raise _error("reading official Flax checkpoints needs the msgpack package: pip install msgpack "
+                     "(the extra nestvit[official])") from None
     file = _checkpoint_file(Path(path))
     try:
         data = file.read_bytes()

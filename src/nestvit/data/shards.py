@@ -55,7 +55,8 @@ def _wds() -> Any:
     try:
         import webdataset
     except ImportError:
-        raise DatasetError("data.name=webdataset needs the webdataset package: pip install webdataset") from None
+        raise DatasetError("data.name=webdataset needs the webdataset package: pip install webdataset "
+                           "(the extra nestvit[shards])") from None
     return webdataset
 
 

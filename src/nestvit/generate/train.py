@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError, dump, from_dict, load, to_dict
+from ..config import ConfigError, dump, from_dict, load, save, to_dict
 from ..config import apply_overrides as _apply
 from ..contract import InputTransform, RunContract
-from ..fileio import atomic_path, atomic_write_text
+from ..fileio import atomic_path
 from ..train.metrics import METRICS_FILE, truncate_metrics
 from ..train.metrics import read_metrics as _read_metrics
 from ..train.optim import ModelEMA
@@ -116,18 +116,6 @@ def apply_overrides(cfg: GanConfig, items: list[str]) -> GanConfig:
     return from_dict(GanConfig, _apply(to_dict(cfg), items, GanConfig))
 
 
-def _yaml_dump(cfg: GanConfig) -> str:
-    return dump(cfg)
-
-
-def _plain(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
-
-
 def _model_overrides(d: Mapping[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
@@ -189,7 +177,7 @@ def _contract(kind: str, name: str, overrides: Mapping[str, Any], role: str, ste
     if kind == "generator":
         size = (model.img_size, model.img_size)
         transform = InputTransform.default(model.out_chans, size)
-    return RunContract(model=f"{kind}_{name}", kwargs=_plain(dict(overrides)), kind=kind, transform=transform,
+    return RunContract(model=f"{kind}_{name}", kwargs=dict(overrides), kind=kind, transform=transform,
                        info={"role": role, "step": step, "data": cfg.dataset})
 
 
@@ -209,7 +197,7 @@ def save_checkpoint(run_dir: Path, step: int, *, cfg: GanConfig, G: nn.Module, e
              "models": {"generator": G.state_dict(), "generator_ema": ema.state_dict(),
                         "discriminator": D.state_dict()},
              "optimizers": {"generator": opt_g.state_dict(), "discriminator": opt_d.state_dict()},
-             "rng": capture_rng({"data": rng}), "config": _yaml_dump(cfg)}
+             "rng": capture_rng({"data": rng}), "config": dump(cfg)}
     return atomic_torch_save(state, run_dir / STATE_FILE)
 
 
@@ -302,7 +290,7 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
         step = int(state["step"])
         truncate_metrics(out, step)
         log(f"resumed {out} at step {step}")
-    atomic_write_text(out / "config.yaml", _yaml_dump(cfg))
+    save(cfg, out / "config.yaml")
 
     # evaluation set-up (feature network + reference features), only when evaluations are on
     extractor = ref_feats = ref_stats = None
