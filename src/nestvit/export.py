@@ -15,7 +15,11 @@ largest difference is printed, and an export that disagrees beyond ``--atol`` is
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -50,14 +54,29 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, *, co
 
     batch = torch.export.Dim("batch", min=1, max=4096)
     kwargs = {"opset_version": opset} if opset else {}
-    with atomic_path(path) as tmp:
-        program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=({0: batch},),
+    with atomic_path(path) as tmp, _quiet_exporter():
+        program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=({0: batch},), verbose=False,
                                     input_names=["images"], output_names=["logits"], **kwargs)
         proto = program.model_proto
         entry = proto.metadata_props.add()
         entry.key, entry.value = "nestvit.contract", contract_json
         onnx.save(proto, str(tmp))
     return path
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Without the exporter's notes that say nothing about this model ("torchvision is not installed. Skipping
+    torchvision::nms", deprecation warnings of its own internals); its errors still show."""
+    log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        log.setLevel(level)
 
 
 def check_onnx(path: Path, model: torch.nn.Module, inputs: list[torch.Tensor]) -> float | None:
