@@ -32,6 +32,7 @@ FAST_BENCH = ["--mode", "infer", "--compile", "off", "--dtype", "fp32", "--batch
 # the start of each README command -> what is appended to keep it small
 TINY: dict[str, list[str]] = {
     "nestvit models": [],
+    "nestvit pretrained": [],
     "nestvit train mnist5k_nest --list-keys": [],
     "nestvit train mnist5k_nest": SMALL_TRAIN + SMALL_NEST,
     "nestvit train fashion_mnist_nest": SMALL_TRAIN + SMALL_NEST,
@@ -99,7 +100,8 @@ def test_readme_commands_run_in_order(tmp_path, monkeypatch, capsys):
             argv = shlex.split(text.split("#")[0])
             recipe = argv[argv.index("train") + 1]
             sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
-            assert load_config(recipe, sets).model.name
+            config = load_config(recipe, sets)
+            assert config.model.name or config.model.weights
         else:
             argv = shlex.split(text)[1:] + TINY[entry(text)]
             code = main(argv)

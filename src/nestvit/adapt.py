@@ -4,7 +4,7 @@ Fine-tuning loads weights trained on other data; ``adapt_state_dict(model, state
 the new model instead of failing, and says what it did:
 
 - **another number of classes**: the classifier head (``head.*``, DeiT's ``head_dist.*``) keeps the new
-  model's fresh initialisation;
+  model's fresh initialisation (``num_classes=0``: the head's weights are dropped);
 - **another image size**: position embeddings are resampled (bicubic) on their image plane:
   NesT's per-level ``(1, blocks, tokens per block, C)`` embeddings as one map of the whole level, resampled
   and cut into the new block grid (so the number of blocks may change); ViT's and TNT/RTNT's outermost
@@ -51,6 +51,11 @@ def adapt_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> tuple[
                 and target.shape[1] == getattr(model, "in_chans", -1):
             out[key] = adapt_input_conv(old, target.shape[1])
             notes.append(f"{key}: adapted from {old.shape[1]} to {target.shape[1]} input channels")
+    dropped = sorted(k for k in out if k.startswith(HEADS) and k not in own)
+    for key in dropped:  # a model without a classifier (num_classes=0): a backbone
+        del out[key]
+    if dropped:
+        notes.append(f"{', '.join(dropped)}: dropped (the model has no classifier head)")
     return out, notes
 
 

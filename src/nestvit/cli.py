@@ -21,6 +21,7 @@ USER_ERRORS = (UserError, ValueError, FileNotFoundError, PermissionError, IsADir
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("nestvit.cli_models", "list registered models: params, GFLOPs, input size, family"),
+    "pretrained": ("nestvit.pretrained", "list (and download) published weights: source, licence, top-1, SHA-256"),
     "train": ("nestvit.train.cli_train", "train a model from a recipe"),
     "eval": ("nestvit.train.cli_eval", "evaluate a checkpoint on a data set"),
     "predict": ("nestvit.train.cli_predict", "classify image files with a checkpoint"),

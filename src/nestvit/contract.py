@@ -297,7 +297,8 @@ def contract_of(model: nn.Module, **fields: Any) -> RunContract | None:
     spec = getattr(model, "registry_spec", None)
     if spec is None:
         return None
-    return RunContract(model=spec["model"], kwargs=dict(spec["kwargs"]), **fields)
+    recorded = {k: spec[k] for k in ("transform", "info") if k in spec}  # pretrained: its input, its tag
+    return RunContract(model=spec["model"], kwargs=dict(spec["kwargs"]), **{**recorded, **fields})
 
 
 # --------------------------------------------------------------------------------------------------

@@ -60,6 +60,14 @@ def build_config(cfg: C, overrides: dict[str, Any]) -> C:
     return dataclasses.replace(cfg, **overrides)  # type: ignore[type-var]
 
 
+def _backbone(model: nn.Module, features_only: bool, out_indices: Any) -> nn.Module:
+    if not features_only:
+        return model
+    from .features import FeatureListNet
+
+    return FeatureListNet(model, out_indices)
+
+
 def _ensure_loaded() -> None:
     from . import models  # noqa: F401  (importing the package registers every family)
     from .generate import metrics as _fid  # noqa: F401  (the FID feature network)
@@ -84,16 +92,34 @@ def model_kind(name: str) -> str:
     return _KIND[name]
 
 
-def create_model(name: str, *, weights: str | Path | None = None, features_only: bool = False,
-                 out_indices: int | list[int] | tuple[int, ...] | None = None, **overrides: Any) -> nn.Module:
+def create_model(name: str, *, pretrained: bool | str | Path = False, weights: str | Path | None = None,
+                 features_only: bool = False, out_indices: int | list[int] | tuple[int, ...] | None = None,
+                 **overrides: Any) -> nn.Module:
     """Build a registered model; ``weights`` loads a nestvit safetensors file or a timm checkpoint.
 
+    ``pretrained`` starts from published weights (``nestvit.pretrained``): True (the tag in ``name``, as
+    ``"nest_tiny_224.jx_in1k"``, else the model's first published file), a tag, or a downloaded file; they
+    are downloaded once into the torch hub cache, checked and converted, and adapt to ``num_classes``,
+    ``img_size`` and ``in_chans`` overrides (``model.adapt_notes`` says what changed).
     Any kind builds here: classifiers, GAN generators and discriminators, the FID feature network.
     ``features_only=True`` returns the model (weights loaded) as a backbone whose forward gives a list of
     NCHW maps, those of ``out_indices`` (``nestvit.features.FeatureListNet``; default: all).
     """
     if out_indices is not None and not features_only:
         raise ModelOptionError("out_indices selects the maps of a backbone: pass features_only=True with it")
+    if pretrained is not False and pretrained is not None:
+        if weights is not None:
+            raise ModelOptionError("pass pretrained= or weights=, not both")
+        from .pretrained import load_pretrained, resolve
+
+        name, published, path = resolve(name, pretrained)
+        if published is not None:
+            overrides = {**published.kwargs, **overrides}
+        model = create_model(name, **overrides)
+        model.adapt_notes = load_pretrained(model, published or path)
+        if published is not None:
+            model.registry_spec.update(transform=published.transform(model), info={"pretrained": published.tag})
+        return _backbone(model, features_only, out_indices)
     _ensure_loaded()
     if name not in _MODELS:
         close = [n for n in _MODELS if n.split("_")[0] == name.split("_")[0]] or list(_MODELS)
@@ -105,8 +131,4 @@ def create_model(name: str, *, weights: str | Path | None = None, features_only:
         from .interop import load_weights
 
         load_weights(model, weights)
-    if features_only:
-        from .features import FeatureListNet
-
-        return FeatureListNet(model, out_indices)
-    return model
+    return _backbone(model, features_only, out_indices)

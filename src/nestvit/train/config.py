@@ -38,7 +38,8 @@ class ModelSection:
     name: str | None = "nest_tiny_cifar"
     overrides: dict[str, Any] = field(default_factory=dict)  # create_model keywords; num_classes, in_chans
     # and img_size default to the data set's
-    # initialise from these weights (a run folder or weights file of nestvit, or a timm checkpoint); weights of
+    # initialise from these weights (a run folder or weights file of nestvit, a timm checkpoint, or a published
+    # tag of `nestvit pretrained`, e.g. nest_tiny_224.jx_in1k); weights of
     # another class count, image size or channel count adapt (nestvit.adapt), and the run header says how
     weights: str | None = None
     # recompute each transformer layer's activations in backward (model.set_grad_checkpointing): less memory,

@@ -149,10 +149,16 @@ def model_img_size(model: ModelSection | None) -> int:
 
 def resolve_data(cfg: DataSection, model: ModelSection | None = None) -> DataSection:
     """``cfg`` with the defaults it leaves open filled: ``img_size`` (folders, shards, synthetic) from ``model``,
-    ``eval_split`` from what the data has (in-memory sets: ``test``). ``workers`` stays as it is
+    ``eval_split`` from what the data has (in-memory sets: ``test``), ``mean``/``std`` from published weights
+    (``model.weights`` a tag of ``nestvit pretrained``). ``workers`` stays as it is
     (:func:`default_workers` when the loaders start: a resumed run on another machine uses that machine's)."""
+    from ..pretrained import PUBLISHED
+
     changes: dict[str, object] = {}
     streamed = cfg.name in DATASETS and not DATASETS[cfg.name].in_memory
+    published = next((p for p in PUBLISHED if model is not None and p.tag == model.weights), None)
+    if published is not None and cfg.mean is None and cfg.std is None:  # the normalisation the weights learnt
+        changes.update(mean=published.mean, std=published.std)
     if cfg.img_size is None and (streamed or cfg.name == "synthetic"):
         changes["img_size"] = model_img_size(model)
     if cfg.eval_split is None:

@@ -22,7 +22,8 @@ def build_model(section: ModelSection, *, num_classes: int, in_chans: int, img_s
 
     With ``section.weights`` the model starts from them, adapted (``adapt``) to this data's class count,
     image size and channel count (``nestvit.adapt``; what changed is in ``model.adapt_notes``); ``section.name`` None
-    takes the architecture from the weights' run contract (fine-tuning a trained run).
+    takes the architecture from the weights' run contract (fine-tuning a trained run). ``section.weights`` may
+    be a published tag (``nest_tiny_224.jx_in1k``, ``nestvit.pretrained``): downloaded once, then adapted.
     """
     from ..contract import ContractError, read_contract, resolve_weights
     from ..interop import load_weights
@@ -30,9 +31,14 @@ def build_model(section: ModelSection, *, num_classes: int, in_chans: int, img_s
 
     data = {"num_classes": num_classes, "in_chans": in_chans,
             "img_size": list(img_size) if isinstance(img_size, tuple) else img_size}
+    from ..pretrained import PUBLISHED, load_pretrained
+
     name, recorded = section.name, {}
-    weights = resolve_weights(section.weights) if section.weights is not None else None
-    if name is None:
+    published = next((p for p in PUBLISHED if p.tag == section.weights), None)  # a tag: `nestvit pretrained`
+    weights = resolve_weights(section.weights) if section.weights is not None and published is None else None
+    if name is None and published is not None:
+        name, recorded = published.model, dict(published.kwargs)
+    elif name is None:
         if weights is None:
             raise ContractError("model.name is null but model.weights is not set: name a model (`nestvit models`), "
                                 "or give model.weights of a trained run to take its architecture")
@@ -44,7 +50,9 @@ def build_model(section: ModelSection, *, num_classes: int, in_chans: int, img_s
     kwargs: dict[str, Any] = {**recorded, **data, **section.overrides}
     model = create_model(name, **kwargs)
     model.adapt_notes = []
-    if weights is not None:
+    if published is not None:
+        model.adapt_notes = load_pretrained(model, published)
+    elif weights is not None:
         load_weights(model, weights, adapt=adapt, notes=model.adapt_notes)
     if section.grad_checkpointing:
         model.set_grad_checkpointing(True)  # a runtime setting: kwargs (what is saved) stay as they are
