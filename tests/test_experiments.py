@@ -143,6 +143,33 @@ def test_a_finished_run_is_reused_only_for_the_same_config(tmp_path):
     assert not changed["read_back"] and any("another config" in m for m in said)
 
 
+def test_an_interrupted_run_resumes_and_ends_as_an_uninterrupted_one(tmp_path):
+    from nestvit.train.config import TrainConfig, from_dict
+    from nestvit.train.loop import train
+
+    args = _args("best_fashion_mnist", tmp_path)
+    arm = E.plan_quick(E.plan_best_fashion_mnist, args).arms[0]
+    arm.recipe.update(epochs=2, threads=1)
+    whole = E.run_arm(arm, 0, tmp_path / "whole", device="cpu", fresh=False, log=lambda m: None)
+    cfg = from_dict(TrainConfig, E._merge(arm.recipe, {"seed": 0, "progress": False}))
+    run_dir = tmp_path / "cut" / "runs" / "nest-best-s0"
+    train(cfg, run_dir, device="cpu", stop_after_epochs=1)
+    (run_dir / "summary.json").unlink()  # as if killed after its first epoch's checkpoint
+    said: list[str] = []
+    resumed = E.run_arm(arm, 0, tmp_path / "cut", device="cpu", fresh=False, log=said.append)
+    assert any("resuming" in m for m in said) and not resumed["read_back"]
+    assert resumed["test_top1"] == whole["test_top1"] and resumed["steps"] == whole["steps"]
+    assert resumed["curve"] == whole["curve"]
+
+
+def test_rtnt_runs_of_the_papers_size_checkpoint_inside_epochs():
+    args = _args("rtnt_vs_tnt", Path("."), "--depth", "12", "--epochs", "5")
+    plan = E.plan_rtnt_vs_tnt(args)
+    assert all(a.recipe["checkpoint_every"] == 200 and a.recipe["model"]["overrides"]["depth"] == 12
+               and a.recipe["compile"] and a.recipe["precision"] == "fp32" for a in plan.arms)
+    assert "the paper's depth" in plan.notes[1]
+
+
 def test_epochs_and_steps_show_a_range_when_a_budget_stopped_seeds_apart():
     assert E._span([22, 22]) == 22 and E._span([22, 20]) == "20-22" and E._span([None, 7]) == 7 and E._span([]) is None
 

@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("nestvit.train.cli_eval", "evaluate a checkpoint on a data set"),
     "predict": ("nestvit.train.cli_predict", "classify image files with a checkpoint"),
     "bench": ("nestvit.bench", "measure throughput, FLOPs, MFU and memory"),
-    "explain": ("nestvit.explain.cli", "GradCAT / CAM / Grad-CAM / rollout explanations as PNG"),
+    "explain": ("nestvit.explain.cli", "GradCAT / CAM / Grad-CAM / rollout / occlusion explanations as PNG"),
     "generate": ("nestvit.generate.cli", "train the NesT generator (GAN) and sample images"),
     "experiment": ("nestvit.experiments", "rerun the papers' experiments and write tables and plots"),
     "export": ("nestvit.export", "export a trained model to ONNX or a torch.export program, checked"),

@@ -1,6 +1,7 @@
-"""``nestvit explain``: GradCAT / CAM / Grad-CAM / attention-rollout figures for image files.
+"""``nestvit explain``: GradCAT / CAM / Grad-CAM / attention-rollout / occlusion figures for image files.
 
-    nestvit explain CHECKPOINT IMAGE... --method gradcat|cam|gradcam|rollout [--class K] [--top-k N] [--out DIR]
+    nestvit explain CHECKPOINT IMAGE... --method gradcat|cam|gradcam|rollout|occlusion [--class K] [--top-k N]
+                    [--out DIR]
     nestvit explain --model NAME [--set k=v ...] IMAGE...        # random weights, for a demo
 
 CHECKPOINT is a run directory or a weights file; ``nestvit.load`` reads the model, its class names and
@@ -25,7 +26,7 @@ import torch
 from ..cli_args import parse_sets, positive_int, writable_dir
 from ..fileio import atomic_write_text
 
-METHODS = ("gradcat", "cam", "gradcam", "rollout")
+METHODS = ("gradcat", "cam", "gradcam", "rollout", "occlusion")
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
@@ -35,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "with --model the checkpoint may be left out (random weights)")
     p.add_argument("--method", choices=METHODS, default="gradcat",
                    help="gradcat (NesT only), cam (NesT: head weights x final map), gradcam (any model), "
-                        "rollout (ViT, TNT, RTNT attention rollout); default gradcat")
+                        "rollout (ViT, TNT, RTNT attention rollout), occlusion (any model: probability drop "
+                        "when a window is hidden); default gradcat")
     p.add_argument("--class", dest="target", type=int, default=None,
                    help="explain this class instead of the prediction")
     p.add_argument("--top-k", type=positive_int, default=1,
@@ -55,6 +57,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Grad-CAM: index into forward_intermediates maps (default: the last one the logits use)")
     p.add_argument("--discard-ratio", type=float, default=0.0, help="rollout: drop this fraction of the weakest "
                                                                     "attention weights per layer (default 0)")
+    p.add_argument("--window", type=positive_int, default=None,
+                   help="occlusion: side of the hidden square in pixels (default: the shorter image side // 8)")
+    p.add_argument("--stride", type=positive_int, default=None,
+                   help="occlusion: step between windows, at most --window (default: --window, no overlap)")
     p.add_argument("--threshold", type=float, default=None,
                    help="also draw the box around the largest region of the normalised map above this value")
     p.add_argument("--mean", type=float, nargs="+", default=None, help="input normalisation mean per channel")
@@ -107,7 +113,7 @@ def _split_inputs(inputs: list[str], model_name: str | None) -> tuple[Path | Non
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import attention_rollout, grad_cam, gradcat, map_to_box, nest_cam, predict
+    from . import attention_rollout, grad_cam, gradcat, map_to_box, nest_cam, occlusion, predict
     from .plot import gradcat_figure, heatmap_figure
 
     torch.set_grad_enabled(True)
@@ -159,12 +165,14 @@ def run(args: argparse.Namespace) -> int:
             heat = nest_cam(model, x, args.target)
         elif args.method == "gradcam":
             heat = grad_cam(model, x, args.target, args.layer)
+        elif args.method == "occlusion":
+            heat = occlusion(model, x, args.target, window=args.window, stride=args.stride)
         else:
             if args.target is not None:
                 print("nestvit explain: attention rollout does not depend on the class; --class is ignored",
                       file=sys.stderr)
             heat = attention_rollout(model, x, args.discard_ratio)
-        titles = {"cam": "CAM", "gradcam": "Grad-CAM", "rollout": "attention rollout"}
+        titles = {"cam": "CAM", "gradcam": "Grad-CAM", "rollout": "attention rollout", "occlusion": "occlusion"}
         for b, p in enumerate(image_paths):
             c = int(top_c[b, 0]) if args.target is None else args.target
             box = map_to_box(heat[b], args.threshold) if args.threshold is not None else None
