@@ -75,16 +75,20 @@ class DropPath(nn.Module):
 # is at most this large, and the sequence is short or the dtype is reduced (bfloat16 / float16).
 SMALL_SCORES_BYTES = 16 * 2**20
 SHORT_SEQUENCE = 128
-# A runtime setting, not part of any model: "auto" (the rule below), or "sdpa" everywhere, which export
-# uses (the rule depends on the batch size, so it would fix an exported graph's batch).
+# A runtime setting, not part of any model: "auto" (the rule below), "sdpa" everywhere, which export
+# uses (the rule depends on the batch size, so it would fix an exported graph's batch), or "explicit"
+# everywhere: the scores materialised as ``softmax(q k^T) v``, as TransGAN's and most research code
+# computes attention (what the NesT paper's generator speed comparison ran against).
+ATTENTION_KERNELS = ("auto", "sdpa", "explicit")
 _KERNEL = {"mode": "auto"}
 
 
 @contextlib.contextmanager
 def attention_kernel(mode: str) -> Iterator[None]:
-    """``with attention_kernel("sdpa"): ...`` runs every ``attend`` on ``F.scaled_dot_product_attention``."""
-    if mode not in ("auto", "sdpa"):
-        raise ValueError(f"attention kernel must be 'auto' or 'sdpa', got {mode!r}")
+    """``with attention_kernel("sdpa"): ...`` runs every ``attend`` on ``F.scaled_dot_product_attention``;
+    ``"explicit"`` on two batched products and a softmax (the scores materialised); ``"auto"`` chooses."""
+    if mode not in ATTENTION_KERNELS:
+        raise ValueError(f"attention kernel must be one of {ATTENTION_KERNELS}, got {mode!r}")
     previous, _KERNEL["mode"] = _KERNEL["mode"], mode
     try:
         yield
@@ -105,7 +109,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float =
     bfloat16 (``docs/benchmarks.md``). For long float32 sequences the fused kernel is as fast or faster
     and never materialises the scores, so it is kept there, and on every GPU. Both agree to rounding.
     """
-    explicit = False
+    explicit = _KERNEL["mode"] == "explicit"
     if _KERNEL["mode"] == "auto" and q.device.type == "cpu":
         scores_bytes = q.shape[:-1].numel() * k.shape[-2] * q.element_size()  # of the scores (..., Nq, Nk)
         explicit = scores_bytes <= SMALL_SCORES_BYTES and (k.shape[-2] <= SHORT_SEQUENCE or q.dtype != torch.float32)

@@ -12,6 +12,7 @@ Each figure is the median over ``repeats`` timed runs after ``warmup`` untimed o
 reported too). FLOPs per image come from :func:`nestvit.flops.count_flops`.
 
     python -m nestvit.generate.bench [--sizes 32 64] [--batch-size 64] [--repeats 3] [--json out.json]
+    python -m nestvit.generate.bench --attention transgan=explicit   # TransGAN's own (explicit) attention
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..fileio import atomic_write_text
+from ..layers import ATTENTION_KERNELS, attention_kernel
 from .models import build_generator
 
 __all__ = ["bench_generators", "format_table"]
@@ -59,8 +61,12 @@ def _interleaved(calls: dict[str, Callable[[], object]], *, rounds: int, warmup:
 def bench_generators(sizes: Sequence[int | str] = (32, 64), kinds: Sequence[str] = KINDS, *, batch_size: int = 64,
                      train_batch_size: int | None = None, repeats: int = 3, train_repeats: int = 2, warmup: int = 1,
                      threads: int | None = None, train: bool = True, seed: int = 0, clock: str = "wall",
-                     log: Callable[[str], None] | None = print) -> list[dict]:
+                     attention: dict[str, str] | None = None, log: Callable[[str], None] | None = print) -> list[dict]:
     """One dict per (size, kind): params, GFLOPs/image, images/s (inference), steps/s (training), ratios.
+
+    ``attention`` maps a kind to its attention kernel (``nestvit.layers.attention_kernel``: ``"auto"``, the
+    default, ``"sdpa"`` fused, or ``"explicit"``, the materialised ``softmax(q k^T) v`` of TransGAN's code),
+    e.g. ``{"transgan": "explicit"}``; rows record it.
 
     ``clock="wall"`` (default) times with ``time.perf_counter``; ``clock="cpu"`` with this process's CPU
     time (use it with ``threads=1`` on a loaded machine; see :func:`_time`). Rows say which clock.
@@ -74,6 +80,18 @@ def bench_generators(sizes: Sequence[int | str] = (32, 64), kinds: Sequence[str]
     if threads:
         torch.set_num_threads(threads)
     train_batch_size = train_batch_size or batch_size
+    kernels = {k: (attention or {}).get(k, "auto") for k in kinds}
+    for k, mode in (attention or {}).items():
+        if k not in kinds or mode not in ATTENTION_KERNELS:
+            raise ValueError(f"attention {k}={mode}: the kind must be one of {list(kinds)} and the kernel one of "
+                             f"{ATTENTION_KERNELS}")
+
+    def kernel(k: str, fn: Callable[[], object]) -> Callable[[], object]:
+        def run() -> object:
+            with attention_kernel(kernels[k]):
+                return fn()
+        return run
+
     rows: list[dict] = []
     for size in sizes:
         torch.manual_seed(seed)
@@ -84,13 +102,13 @@ def bench_generators(sizes: Sequence[int | str] = (32, 64), kinds: Sequence[str]
                        "params": sum(p.numel() for p in g.parameters()),
                        "gflops_per_image": count_flops(g, (1, g.latent_dim)) / 1e9,
                        "batch_size": batch_size, "train_batch_size": train_batch_size,
-                       "threads": torch.get_num_threads(), "clock": clock}
+                       "threads": torch.get_num_threads(), "clock": clock, "attention": kernels[k]}
         # inference, interleaved
         z = {k: torch.randn(batch_size, g.latent_dim) for k, g in models.items()}
         for g in models.values():
             g.eval()
         with torch.no_grad():
-            times = _interleaved({k: lambda g=g, x=z[k]: g(x) for k, g in models.items()}, rounds=repeats,
+            times = _interleaved({k: kernel(k, lambda g=g, x=z[k]: g(x)) for k, g in models.items()}, rounds=repeats,
                                  warmup=warmup, clock=clock, log=log, where=f"{size}x{size}", what="inference run")
         for k in models:
             med = statistics.median(times[k])
@@ -108,7 +126,8 @@ def bench_generators(sizes: Sequence[int | str] = (32, 64), kinds: Sequence[str]
                 g(x).square().mean().backward()
                 opt.step()
 
-            ttimes = _interleaved({k: lambda g=g, o=opts[k], x=zt[k]: step(g, o, x) for k, g in models.items()},
+            ttimes = _interleaved({k: kernel(k, lambda g=g, o=opts[k], x=zt[k]: step(g, o, x))
+                                   for k, g in models.items()},
                                   rounds=train_repeats, warmup=warmup, clock=clock, log=log,
                                   where=f"{size}x{size}", what="train step")
             for k in models:
@@ -131,15 +150,16 @@ def format_table(rows: list[dict]) -> str:
     """A Markdown table of :func:`bench_generators` rows."""
     train = any("train_steps_per_s" in r for r in rows)
     unit = "s" if not rows or rows[0].get("clock", "wall") == "wall" else "CPU-s"
-    head = "| size | generator | params | GFLOPs/img | img/{u} (batch {b}) | NesT speed-up |".format(
+    head = "| size | generator | attention | params | GFLOPs/img | img/{u} (batch {b}) | NesT speed-up |".format(
         u=unit, b=rows[0]["batch_size"] if rows else "?")
-    sep = "|---|---|---:|---:|---:|---:|"
+    sep = "|---|---|---|---:|---:|---:|---:|"
     if train:
         head += " train steps/{u} (batch {b}) | NesT speed-up |".format(u=unit, b=rows[0]["train_batch_size"])
         sep += "---:|---:|"
     lines = [head, sep]
     for r in rows:
-        line = (f"| {r['size']}x{r['size']} | {r['model']} | {r['params'] / 1e6:.1f}M | {r['gflops_per_image']:.2f} | "
+        line = (f"| {r['size']}x{r['size']} | {r['model']} | {r.get('attention', 'auto')} | {r['params'] / 1e6:.1f}M | "
+                f"{r['gflops_per_image']:.2f} | "
                 f"{r['images_per_s']:.1f} | {r.get('ratio_infer_vs_nest', float('nan')):.2f}x |")
         if train:
             line += f" {r['train_steps_per_s']:.3f} | {r.get('ratio_train_vs_nest', float('nan')):.2f}x |"
@@ -164,13 +184,20 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="time by the wall clock or by process CPU time (fair on a shared machine with --threads 1)")
+    p.add_argument("--attention", action="append", default=[], metavar="KIND=KERNEL",
+                   help="attention kernel of one kind: auto (default), sdpa (fused) or explicit (softmax(q k^T) v, "
+                        "as TransGAN's code), e.g. --attention transgan=explicit; repeatable")
     p.add_argument("--json", help="also write the rows as JSON here")
     args = p.parse_args(argv)
+    try:
+        attention = dict(item.split("=", 1) for item in args.attention)
+    except ValueError:
+        p.error(f"--attention takes KIND=KERNEL, got {args.attention}")
     t0 = time.perf_counter()
     rows = bench_generators(args.sizes, args.kinds, batch_size=args.batch_size,
                             train_batch_size=args.train_batch_size, repeats=args.repeats,
                             train_repeats=args.train_repeats, warmup=args.warmup, threads=args.threads,
-                            train=not args.no_train, clock=args.clock)
+                            train=not args.no_train, clock=args.clock, attention=attention)
     wall = time.perf_counter() - t0
     print(format_table(rows))
     print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, "

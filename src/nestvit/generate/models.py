@@ -98,6 +98,9 @@ class NestGeneratorConfig:
     deagg_conv: bool = False  # a 3x3 conv after the upsampling
     output_act: str = "tanh"  # "tanh" | "none"
     attention: str = "local"  # "local" (NesT blocks) | "global" (all tokens: TransGAN-like)
+    # "linear": z -> Linear -> the top level's tokens (TransGAN's stem; the default here); "reshape": the paper's
+    # Table A4, the noise itself reshaped to the top level's 1 x n x d tokens (latent_dim = n * d, no stem weights)
+    noise_input: str = "linear"
 
     def __post_init__(self) -> None:
         for name in ("embed_dims", "num_heads", "depths"):
@@ -108,12 +111,16 @@ class NestGeneratorConfig:
             raise ValueError(f"img_size {self.img_size} must equal block_size * 2**(num_levels-1) = "
                              f"{self.block_size} * {2 ** (self.num_levels - 1)}; e.g. 64 = 8 * 2**3, 28 = 7 * 2**2")
         for name, allowed in (("deaggregation", DEAGGREGATIONS), ("output_act", ("tanh", "none")),
-                              ("attention", ("local", "global"))):
+                              ("attention", ("local", "global")), ("noise_input", ("linear", "reshape"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
         for d, h in zip(self.embed_dims, self.num_heads):
             if d % h:
                 raise ValueError(f"embed dim {d} is not divisible by {h} heads")
+        tokens = self.block_size ** 2 * self.embed_dims[0]
+        if self.noise_input == "reshape" and self.latent_dim != tokens:
+            raise ValueError(f"noise_input='reshape' reshapes the noise to the top level's {self.block_size ** 2} "
+                             f"tokens of width {self.embed_dims[0]}: set latent_dim={tokens}")
 
     def side(self, level: int) -> int:
         """Tokens per image side at ``level``."""
@@ -203,7 +210,8 @@ class NestGenerator(nn.Module):
         self.cfg = cfg
         self.latent_dim, self.img_size, self.out_chans = cfg.latent_dim, cfg.img_size, cfg.out_chans
         s0 = cfg.side(0)
-        self.stem = nn.Linear(cfg.latent_dim, s0 * s0 * cfg.embed_dims[0])
+        self.stem = nn.Linear(cfg.latent_dim, s0 * s0 * cfg.embed_dims[0]) if cfg.noise_input == "linear" \
+            else nn.Identity()
         self.levels = nn.ModuleList()
         self.deaggregations = nn.ModuleList()
         for i in range(cfg.num_levels):

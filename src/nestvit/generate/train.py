@@ -15,7 +15,8 @@ sample``), and ``state.pt``: step, the three networks, both optimizers and every
 atomically and read with ``torch.load(weights_only=True)``. ``state.pt`` is written last, so a run killed
 at any moment resumes from a consistent step; resuming restores everything, so N steps in one go and N/2 +
 resume + N/2 give bit-identical weights. The EMA is the classifiers' ``ModelEMA``, with its warm-up ramp
-and with buffers copied from the raw generator (BatchNorm statistics of the conv baseline; see
+and with buffers copied from the raw generator; the conv baseline's BatchNorm statistics are then measured
+anew for the averaged weights before every evaluation, sample grid and checkpoint (``ema_bn``, see
 docs/generation.md). Runs written before this layout (``checkpoints/step_*``) still sample.
 """
 
@@ -27,7 +28,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +44,7 @@ from ..train.optim import ModelEMA
 from .models import build_discriminator, build_generator
 
 __all__ = ["GanConfig", "ConfigError", "load_recipe", "apply_overrides", "r1_penalty", "train_gan",
-           "load_generator", "save_grid", "read_metrics"]
+           "load_generator", "save_grid", "read_metrics", "recompute_bn_stats"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,10 @@ class GanConfig:
     r1_gamma: float = 1.0
     r1_every: int = 16  # lazy regularisation interval (1 = every step, 0 = off)
     ema_beta: float = 0.999
+    # the EMA generator's BatchNorm statistics (conv baseline): "recompute" them for the averaged weights (16
+    # batches of latents in train mode, before every evaluation, sample grid and checkpoint), or "copy" the raw
+    # generator's (StyleGAN2-ADA's G_ema; what runs before 2026-12-05 did); no effect without BatchNorm
+    ema_bn: Literal["recompute", "copy"] = "recompute"
     bf16: bool = False  # torch.autocast(bfloat16) for the forward passes
     seed: int = 0
     threads: int = 0  # torch.set_num_threads; 0 leaves PyTorch's default
@@ -237,6 +242,32 @@ def load_train_images(cfg: GanConfig) -> torch.Tensor:
     return images[:cfg.max_images] if cfg.max_images else images
 
 
+@torch.no_grad()
+def recompute_bn_stats(model: nn.Module, *, batches: int = 16, batch_size: int = 64, seed: int = 0) -> bool:
+    """Replace ``model``'s BatchNorm running statistics by their average over ``batches`` batches of latents.
+
+    The statistics that go with averaged (EMA) weights are not the raw generator's: they are measured here
+    with the EMA weights, in train mode, with a cumulative average (``momentum=None``); latents come from a
+    generator seeded with ``seed``, so the global random state is untouched. Returns False (and does
+    nothing) for a model without BatchNorm.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return False
+    was_training, momenta = model.training, [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(batches):
+        model(torch.randn(batch_size, model.latent_dim, generator=gen))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+    return True
+
+
 def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data: torch.Tensor | None = None,
               stop_at: int | None = None, log: Callable[[str], None] | None = None) -> dict:
     """Train (or resume) a GAN run in ``out_dir``; returns a summary dict.
@@ -260,10 +291,16 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
     if G.img_size != size or G.out_chans != images.shape[1]:
         raise ValueError(f"generator {cfg.generator} makes {G.out_chans}x{G.img_size}x{G.img_size} images but the data "
                          f"are {images.shape[1]}x{size}x{size}; pick a matching preset or set generator_overrides")
-    # the EMA generator: samples and metrics use it; the conv baseline's BatchNorm statistics are the raw
-    # generator's (copied, as StyleGAN2-ADA's G_ema does), its weights averaged with a warm-up ramp
+    # the EMA generator: samples and metrics use it; its weights are averaged with a warm-up ramp, its buffers
+    # (the conv baseline's BatchNorm statistics) copied from the raw generator at every update, and with
+    # ema_bn="recompute" measured anew for the averaged weights before each use (the next update overwrites
+    # them again, so training and resume do not depend on it)
     ema = ModelEMA(G, cfg.ema_beta, warmup=True, copy_buffers=True)
     G_ema = ema.module
+
+    def ready_ema(at: int) -> None:
+        if cfg.ema_bn == "recompute":
+            recompute_bn_stats(G_ema, batch_size=cfg.batch_size, seed=cfg.seed + at)
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
     rng = torch.Generator().manual_seed(cfg.seed)
@@ -316,6 +353,7 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
             return None
         from .metrics import evaluate_generator
 
+        ready_ema(at)
         res = evaluate_generator(G_ema, extractor, ref_feats, n=cfg.eval_n, ref_stats=ref_stats)
         row = {"step": at, "kind": "eval", **res}
         write(row)
@@ -403,11 +441,13 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
             bar.set_postfix(loss_d=f"{row['loss_d']:.3f}", loss_g=f"{row['loss_g']:.3f}")
             acc, n_acc, t_train = {}, 0, 0.0
         if step % cfg.sample_every == 0 or step == last:
+            ready_ema(step)
             with torch.no_grad():
                 save_grid(G_ema(fixed_z), out / "samples" / f"step_{step:06d}.png")
         if cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != last:
             last_eval = evaluate(step)
         if step % cfg.ckpt_every == 0 or step == last:
+            ready_ema(step)  # generator_ema.safetensors carries the statistics of its own weights
             save_checkpoint(out, step, cfg=cfg, G=G, ema=ema, D=D, opt_g=opt_g, opt_d=opt_d, rng=rng)
     bar.close()
     if step == cfg.steps and cfg.eval_every >= 0:
