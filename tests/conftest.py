@@ -18,6 +18,16 @@ GOLDEN = Path(os.environ.get("NESTVIT_GOLDEN_DIR") or Path(__file__).resolve().p
 
 
 @pytest.fixture
+def model_device() -> torch.device:
+    """Where tests/test_models.py's forward/backward and compile tests run: cpu, or $NESTVIT_TEST_DEVICE
+    (scripts/gpu_check.sh sets cuda)."""
+    device = torch.device(os.environ.get("NESTVIT_TEST_DEVICE") or "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.fail(f"NESTVIT_TEST_DEVICE={device} but torch sees no CUDA device")
+    return device
+
+
+@pytest.fixture
 def one_thread():
     """Keep a test on one thread: float sums then do not depend on the machine's load."""
     old = torch.get_num_threads()

@@ -309,3 +309,37 @@ def test_lever_curves_default_runs_are_all_committed_and_complete():
     script = _lever_curves()
     for log in script.RUNS.values():
         assert script.read_log(script.PILOTS / log)["epoch"] == list(range(1, 21)), log
+
+
+def _script(name: str):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generation_study_compares_at_equal_steps_and_equal_cpu_time(tmp_path):
+    study = _script("generation_study")
+
+    def run(fids, cpu_per_step):
+        return [{"step": s, "cpu": s * cpu_per_step, "fid": f, "kid": f / 100, "is": 1.0}
+                for s, f in zip(range(0, 500 * len(fids), 500), fids)]
+
+    curves = {"fast": {0: run([100, 50, 30, 20, 10], 0.1), 1: run([100, 60, 40, 30, 20], 0.1)},
+              "slow": {0: run([100, 40, 20, 10, 5], 0.4), 1: run([100, 40, 20, 10, 5], 0.4)}}
+    result = study.summarize(curves)
+    assert result["cpu_budget_s"] == pytest.approx(200.0)  # the fast arm's 2,000 steps
+    fast, slow = result["arms"]["fast"], result["arms"]["slow"]
+    assert fast["final"]["fid"]["mean"] == pytest.approx((20 + 30) / 2)  # the mean of each seed's last three
+    assert slow["fid_at_equal_cpu"]["mean"] == pytest.approx(40.0)  # 200 CPU-s = step 500 of the slow arm
+    assert fast["fid_at_equal_cpu"]["mean"] == pytest.approx(15.0)
+    assert fast["fid_by_step"][500]["mean"] == pytest.approx(55.0)
+    md = study.markdown(result, "cmd")
+    assert "| fast | 2 |" in md and "FID at 200 CPU-s" in md
+    study.plot(curves, tmp_path / "g.png")
+    assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+    cfg = study.config("nest-nn-conv", 2, study.parse_args(["--steps", "5000"]), tmp_path / "f.safetensors")
+    assert (cfg.generator_overrides, cfg.seed, cfg.steps) == ({"deaggregation": "nearest", "deagg_conv": True}, 2, 5000)

@@ -18,9 +18,9 @@ def _logits(out):
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_forward_backward_every_parameter_gets_a_gradient(name):
-    model = tiny_model(name).train()
-    x = rand_input(model)
+def test_forward_backward_every_parameter_gets_a_gradient(name, model_device):
+    model = tiny_model(name).train().to(model_device)
+    x = rand_input(model).to(model_device)
     out = _logits(model(x))
     assert out.shape == (2, model.num_classes)
     loss = model(x)
@@ -134,9 +134,9 @@ def test_unknown_override_lists_valid_options():
 
 
 @pytest.mark.parametrize("name", ONE_PER_FAMILY)
-def test_torch_compile_matches_eager(name):
-    model = tiny_model(name).eval()
-    x = rand_input(model)
+def test_torch_compile_matches_eager(name, model_device):
+    model = tiny_model(name).eval().to(model_device)
+    x = rand_input(model).to(model_device)
     compiled = torch.compile(model, dynamic=False)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), atol=1e-4, rtol=1e-4)

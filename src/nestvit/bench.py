@@ -346,8 +346,10 @@ def bench_model(name: str, overrides: dict[str, Any] | None = None, *, device: s
 
     def measure(mode: str, step: Callable[[], None]) -> None:
         """Time ``step`` and add the ``{mode}_*`` columns (first call, median step, MFU, profile, memory)."""
+        _sync(dev)
         t0 = time.perf_counter()
         step()  # first call: compiles when --compile (forward and backward in train); creates AdamW state
+        _sync(dev)  # on CUDA the call returns before its kernels finish
         first = time.perf_counter() - t0
         times = time_steps(step, dev, warmup, iters)
         ips = batch / statistics.median(times)

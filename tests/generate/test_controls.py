@@ -83,3 +83,16 @@ def test_the_ema_generator_of_a_conv_run_carries_its_own_statistics(tmp_path):
     expected = load_generator(tmp_path / "recompute")
     recompute_bn_stats(expected, batch_size=8, seed=0 + 3)
     assert torch.allclose(own.state_dict()[key], expected.state_dict()[key], atol=1e-6)
+
+
+def test_the_cpu_clock_of_a_resumed_run_counts_from_its_start(tmp_path):
+    from nestvit.generate.train import read_metrics
+
+    data = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)
+    cfg = GanConfig(generator="nest_tiny", discriminator="resnet_tiny", batch_size=8, eval_every=-1, progress=False,
+                    log_every=1, sample_every=1000, ckpt_every=1000, sample_n=4, steps=4)
+    train_gan(cfg, tmp_path, data=data, stop_at=2)
+    train_gan(cfg, tmp_path, data=data, resume=True)
+    rows = [r for r in read_metrics(tmp_path) if r["kind"] == "train"]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(a["cpu"] <= b["cpu"] and a["wall"] <= b["wall"] for a, b in zip(rows, rows[1:]))

@@ -383,7 +383,11 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
 
     bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, dynamic_ncols=True, desc="gan",
                mininterval=1.0 if sys.stderr.isatty() else 30.0)
-    t_start, cpu_start = time.perf_counter(), time.process_time()
+    # "wall" / "cpu" in the log count from the run's start, across resumes (an interrupted run's time included)
+    before = next((r for r in reversed(read_metrics(out)) if r.get("kind") == "train" and "cpu" in r), {}) \
+        if resume else {}
+    t_start = time.perf_counter() - float(before.get("wall", 0.0))
+    cpu_start = time.process_time() - float(before.get("cpu", 0.0))
     t_train = 0.0
     acc: dict[str, float] = {}
     n_acc = 0
