@@ -96,3 +96,16 @@ def test_the_cpu_clock_of_a_resumed_run_counts_from_its_start(tmp_path):
     rows = [r for r in read_metrics(tmp_path) if r["kind"] == "train"]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(a["cpu"] <= b["cpu"] and a["wall"] <= b["wall"] for a, b in zip(rows, rows[1:]))
+
+
+def test_the_papers_bare_pixel_shuffle_has_no_projection():
+    g = build_generator("nest_64", deagg_proj=False)
+    ours = build_generator("nest_64")
+    assert all(isinstance(d.proj, torch.nn.Identity) and isinstance(d.norm, torch.nn.Identity)
+               for d in g.deaggregations)
+    extra = sum(p.numel() for d in ours.deaggregations for p in d.parameters())
+    assert g.num_params() == ours.num_params() - extra
+    small = build_generator("nest_tiny", embed_dims=(64, 16, 4), deagg_proj=False)
+    assert small(torch.randn(2, small.latent_dim)).shape == (2, 3, 16, 16)
+    with pytest.raises(ValueError, match="4x narrower"):
+        build_generator("nest_tiny", deagg_proj=False)  # widths 32/16/8 halve

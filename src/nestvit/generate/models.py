@@ -96,6 +96,9 @@ class NestGeneratorConfig:
     norm_eps: float = 1e-6
     deaggregation: str = "pixel_shuffle"  # "pixel_shuffle" | "nearest" (Figure 7 middle)
     deagg_conv: bool = False  # a 3x3 conv after the upsampling
+    # LayerNorm + Linear (channel change) before the upsampling; False: the paper's bare pixel shuffle, whose
+    # x2 upsampling itself takes C to C/4 channels (Table A4's 1024 -> 256 -> 64 -> 16)
+    deagg_proj: bool = True
     output_act: str = "tanh"  # "tanh" | "none"
     attention: str = "local"  # "local" (NesT blocks) | "global" (all tokens: TransGAN-like)
     # "linear": z -> Linear -> the top level's tokens (TransGAN's stem; the default here); "reshape": the paper's
@@ -117,6 +120,12 @@ class NestGeneratorConfig:
         for d, h in zip(self.embed_dims, self.num_heads):
             if d % h:
                 raise ValueError(f"embed dim {d} is not divisible by {h} heads")
+        if not self.deagg_proj:
+            if self.deaggregation != "pixel_shuffle" or any(a != 4 * b for a, b in zip(self.embed_dims,
+                                                                                          self.embed_dims[1:])):
+                raise ValueError("deagg_proj=False (the paper's bare pixel shuffle) needs deaggregation="
+                                 f"'pixel_shuffle' and each level 4x narrower than the one before, got "
+                                 f"{self.deaggregation!r} and embed_dims {self.embed_dims}")
         tokens = self.block_size ** 2 * self.embed_dims[0]
         if self.noise_input == "reshape" and self.latent_dim != tokens:
             raise ValueError(f"noise_input='reshape' reshapes the noise to the top level's {self.block_size ** 2} "
@@ -154,7 +163,8 @@ class GeneratorLevel(nn.Module):
 class BlockDeaggregation(nn.Module):
     """``(B, T, N, C) -> (B, 4T, N, C')``: the inverse of NesT's block aggregation.
 
-    Un-block to the image plane (``deblockify``), LayerNorm, then
+    Un-block to the image plane (``deblockify``), LayerNorm, then (``proj=False``: the paper's bare pixel
+    shuffle, no LayerNorm and no linear map, ``C -> C/4``)
 
     - ``pixel_shuffle``: linear (a 1x1 conv) ``C -> 4 C'`` and ``F.pixel_shuffle(2)``;
     - ``nearest``: linear ``C -> C'`` and nearest-neighbour upsampling x2;
@@ -165,13 +175,13 @@ class BlockDeaggregation(nn.Module):
     """
 
     def __init__(self, dim: int, out_dim: int, *, kind: str = "pixel_shuffle", conv: bool = False,
-                 in_grid: tuple[int, int], out_block: int, norm_eps: float = 1e-6) -> None:
+                 in_grid: tuple[int, int], out_block: int, norm_eps: float = 1e-6, proj: bool = True) -> None:
         super().__init__()
         if kind not in DEAGGREGATIONS:
             raise ValueError(f"deaggregation {kind!r} is not one of {DEAGGREGATIONS}")
         self.kind, self.in_grid, self.out_block = kind, in_grid, out_block
-        self.norm = nn.LayerNorm(dim, eps=norm_eps)
-        self.proj = nn.Linear(dim, out_dim * (4 if kind == "pixel_shuffle" else 1))
+        self.norm = nn.LayerNorm(dim, eps=norm_eps) if proj else nn.Identity()
+        self.proj = nn.Linear(dim, out_dim * (4 if kind == "pixel_shuffle" else 1)) if proj else nn.Identity()
         self.conv = nn.Conv2d(out_dim, out_dim, 3, padding=1) if conv else None
 
     def upsample(self, x: torch.Tensor) -> torch.Tensor:
@@ -222,7 +232,7 @@ class NestGenerator(nn.Module):
             if i + 1 < cfg.num_levels:
                 self.deaggregations.append(BlockDeaggregation(
                     cfg.embed_dims[i], cfg.embed_dims[i + 1], kind=cfg.deaggregation, conv=cfg.deagg_conv,
-                    in_grid=cfg.grid(i), out_block=cfg.block(i + 1), norm_eps=cfg.norm_eps))
+                    in_grid=cfg.grid(i), out_block=cfg.block(i + 1), norm_eps=cfg.norm_eps, proj=cfg.deagg_proj))
         self.norm = nn.LayerNorm(cfg.embed_dims[-1], eps=cfg.norm_eps)
         self.to_pixels = nn.Conv2d(cfg.embed_dims[-1], cfg.out_chans, 1)
         init_weights(self)
