@@ -237,6 +237,11 @@ def test_finetune_from_a_tag_takes_the_architecture_and_adapts(server, monkeypat
     assert any("5 classes" in n for n in model.adapt_notes) and any("input channels" in n for n in model.adapt_notes)
 
 
+def test_a_tag_without_pretrained_builds_the_architecture():
+    model = nestvit.create_model("deit_tiny_patch16_224.fb_in1k", num_classes=3, img_size=32)
+    assert model.registry_spec["model"] == "deit_tiny_patch16_224" and model.num_classes == 3
+
+
 def test_entries_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         pt.PUBLISHED[0].url = "http://elsewhere"

@@ -22,7 +22,8 @@ What the check is depends on what the publisher gives (``list_pretrained`` shows
 - files with no published hash (timm's Hugging Face copies of TNT, the official NesT bucket) are checked
   against the hash the server reports with the file (Hugging Face's ``X-Linked-Etag`` SHA-256, Google Cloud
   Storage's MD5); the SHA-256 of what arrived is written beside the file (``<file>.sha256``) and printed by
-  ``nestvit pretrained --download``, so that it can be pinned.
+  ``nestvit pretrained --download``, so that it can be pinned. A file of such an entry that you put in the
+  cache by hand is taken as it is (its SHA-256 is recorded, not checked).
 
 Weights of another number of classes, image size or channel count adapt (``nestvit.adapt``): a fine-tuning
 model is ``create_model(tag, pretrained=True, num_classes=N, img_size=S)``; ``model.adapt_notes`` lists what

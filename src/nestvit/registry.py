@@ -121,6 +121,8 @@ def create_model(name: str, *, pretrained: bool | str | Path = False, weights: s
             model.registry_spec.update(transform=published.transform(model), info={"pretrained": published.tag})
         return _backbone(model, features_only, out_indices)
     _ensure_loaded()
+    if name not in _MODELS and name.partition(".")[0] in _MODELS:  # a published tag's architecture (timm's way)
+        name = name.partition(".")[0]
     if name not in _MODELS:
         close = [n for n in _MODELS if n.split("_")[0] == name.split("_")[0]] or list(_MODELS)
         raise ValueError(f"unknown model {name!r}; did you mean one of: {', '.join(sorted(close))}?")
