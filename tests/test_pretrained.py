@@ -257,3 +257,29 @@ def test_a_tag_sets_the_normalisation_the_weights_learnt(server, monkeypatch):
     assert (d.mean, d.std) == ((0.1, 0.2, 0.3), (0.2, 0.2, 0.2))
     mine = resolve_data(DataSection(name="mnist5k", mean=(0.5,), std=(0.5,)), model)
     assert (mine.mean, mine.std) == ((0.5,), (0.5,))
+
+
+def test_finetune_from_a_published_tag_on_a_folder(server, monkeypatch, tmp_path, capsys):
+    """The journey from published weights: `nestvit train finetune --set model.weights=TAG` on a folder of class
+    folders, then eval and predict of the fine-tuned run, whose contract keeps the published normalisation."""
+    import numpy as np
+    from PIL import Image
+
+    entry, _ = _publish(server, monkeypatch)
+    rng = np.random.default_rng(0)
+    for c in ("ant", "bee"):
+        (tmp_path / "bugs" / c).mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 255, (36, 40, 3), dtype=np.uint8)).save(tmp_path / "bugs" / c / f"{i}.png")
+    run = tmp_path / "ft"
+    assert main(["train", "finetune", "--set", f"model.weights={entry.tag}", "--set", f"data.root={tmp_path / 'bugs'}",
+                 "--set", "data.img_size=32", "--set", "data.workers=0", "--set", "global_batch=8",
+                 "--set", "epochs=1", "--set", "progress=false", "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"weights: {entry.tag}" in out and "head: re-initialised for 2 classes (the weights had 10)" in out
+    loaded = nestvit.load(run)
+    assert loaded.contract.model == "nest_tiny_cifar" and loaded.contract.kwargs["embed_dims"] == 16
+    assert loaded.transform.mean == (0.1, 0.2, 0.3) and loaded.classes == ["ant", "bee"]
+    assert server.requests == ["w.pth"]  # downloaded once
+    assert main(["eval", str(run)]) == 0
+    assert main(["predict", str(run), str(tmp_path / "bugs" / "bee" / "0.png")]) == 0
