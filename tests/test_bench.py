@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -231,3 +232,20 @@ def test_nest_groups_of_images_match_the_whole_batch(attn):
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
     for (name, a), b in zip(grouped.named_parameters(), whole.parameters()):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_gpu_check_script_without_cuda_says_so_and_lists_its_commands():
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+    env = {"PATH": "/usr/bin:/bin", "NESTVIT_PYTHON": sys.executable}
+    run = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0 and "no CUDA device: nothing to check" in run.stdout
+    assert subprocess.run(["bash", str(script), "--require-gpu"], capture_output=True, env=env,
+                          timeout=120).returncode == 1
+    dry = subprocess.run(["bash", str(script), "--dry-run"], capture_output=True, text=True, env=env, timeout=120)
+    assert dry.returncode == 0
+    for expected in ("NESTVIT_TEST_DEVICE=cuda", "bench nest_tiny_cifar", "--device cuda", "precision=fp16",
+                     "compile=true"):
+        assert expected in dry.stdout, expected
