@@ -167,7 +167,7 @@ def test_rtnt_runs_of_the_papers_size_checkpoint_inside_epochs():
     plan = E.plan_rtnt_vs_tnt(args)
     assert all(a.recipe["checkpoint_every"] == 200 and a.recipe["model"]["overrides"]["depth"] == 12
                and a.recipe["compile"] and a.recipe["precision"] == "fp32" for a in plan.arms)
-    assert "the paper's depth" in plan.notes[1]
+    assert "The paper's depth" in plan.notes[1]
 
 
 def test_epochs_and_steps_show_a_range_when_a_budget_stopped_seeds_apart():

@@ -521,7 +521,7 @@ def plan_rtnt_vs_tnt(a: argparse.Namespace) -> Plan:
             arms.append(Arm(f"{data}-{model}-{'rtnt' if inner else 'tnt'}", recipe,
                             {"data": data, "model": model, "innermost level": "every block" if inner else "none"}))
     paper = {}
-    scale = ("the paper's depth (12 blocks)" if depth == 12 else
+    scale = ("The paper's depth (12 blocks)" if depth == 12 else
              f"Depth {depth} blocks instead of the paper's 12 (rtnt_nano at depth 12 trains at ~60-66 images/s on "
              "this 2-core CPU, docs/benchmarks.md)")
     return Plan("rtnt_vs_tnt", arms, a.seeds, [
