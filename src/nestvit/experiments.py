@@ -512,7 +512,7 @@ def plan_rtnt_vs_tnt(a: argparse.Namespace) -> Plan:
             recipe = _merge(RTNT_RECIPE, {
                 "epochs": epochs,
                 # runs of hours: a checkpoint every 200 steps, so an interrupted run resumes (bit-exactly) there;
-                # float32 compiled (1.4x eager here; bf16 is no faster for RTNT's widths of 6 and 24)
+                # float32 (the paper's), compiled (1.2x eager for rtnt_nano at one thread, docs/results.md)
                 **({"checkpoint_every": 200, "precision": "fp32", "compile": True} if epochs > 1 or depth > 2
                    else {}),
                 "model": {"name": model, "overrides": {"depth": depth, "innermost": inner}},
