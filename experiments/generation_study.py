@@ -160,11 +160,9 @@ def markdown(result: dict, command: str) -> str:
 
 
 def plot(curves: dict[str, dict[int, list[dict]]], path: Path) -> None:
-    import matplotlib
+    from nestvit.experiments import _plt
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _plt()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     for i, (arm, seeds) in enumerate(curves.items()):
         steps = sorted({e["step"] for c in seeds.values() for e in c})

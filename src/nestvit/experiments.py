@@ -503,6 +503,7 @@ def _ev_text(a: argparse.Namespace) -> str:
 
 def plan_rtnt_vs_tnt(a: argparse.Namespace) -> Plan:
     depth, epochs = a.depth or 2, a.epochs or 1
+    long = epochs > 1 or depth > 2  # runs of hours
     datas = a.data or ["fashion_mnist", "mnist5k"]
     models = [("rtnt_nano", True), ("rtnt_nano", False)] + ([("rtnt_tiny", True), ("rtnt_tiny", False)]
                                                              if a.tiny else [])
@@ -513,8 +514,7 @@ def plan_rtnt_vs_tnt(a: argparse.Namespace) -> Plan:
                 "epochs": epochs,
                 # runs of hours: a checkpoint every 200 steps, so an interrupted run resumes (bit-exactly) there;
                 # float32 (the paper's), compiled (1.2x eager for rtnt_nano at one thread, docs/results.md)
-                **({"checkpoint_every": 200, "precision": "fp32", "compile": True} if epochs > 1 or depth > 2
-                   else {}),
+                **({"checkpoint_every": 200, "precision": "fp32", "compile": True} if long else {}),
                 "model": {"name": model, "overrides": {"depth": depth, "innermost": inner}},
                 "data": _data(data, a.train_size, _ev(a)),
             })
@@ -531,7 +531,7 @@ def plan_rtnt_vs_tnt(a: argparse.Namespace) -> Plan:
         f"evaluated on {_ev_text(a)} test images (mnist5k has 4,000/1,000 in all: all of it).",
         f"{scale}; widths, heads and the sentence/word/letter sizes (4/2/1 px) are the paper's."
         + (" Float32, torch.compile'd, a checkpoint every 200 steps (interrupted runs resume bit-exactly)."
-           if epochs > 1 or depth > 2 else ""),
+           if long else ""),
         "Paper (full MNIST, 60,000 images, 5 epochs, depth 12): RTNT 96.20%, innermost level off 96.74%.",
     ], ["data", "model", "innermost level"], rtnt_plot, paper)
 

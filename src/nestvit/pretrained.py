@@ -49,7 +49,8 @@ from torch import nn
 
 from .errors import UserError
 
-__all__ = ["PretrainedFile", "PretrainedError", "download", "list_pretrained", "load_pretrained", "resolve"]
+__all__ = ["PretrainedFile", "PretrainedError", "download", "list_pretrained", "load_pretrained", "published",
+           "resolve"]
 
 log = logging.getLogger("nestvit")
 
@@ -150,6 +151,11 @@ PUBLISHED: tuple[PretrainedFile, ...] = (
 def list_pretrained(pattern: str = "*") -> list[PretrainedFile]:
     """Published weights whose tag (``nest_tiny_224.jx_in1k``) matches a shell pattern, in the listed order."""
     return [p for p in PUBLISHED if fnmatch.fnmatch(p.tag, pattern) or fnmatch.fnmatch(p.model, pattern)]
+
+
+def published(tag: str | None) -> PretrainedFile | None:
+    """The published file of exactly this tag (``nest_tiny_224.jx_in1k``), else None (a path, a run, nothing)."""
+    return next((p for p in PUBLISHED if p.tag == tag), None)
 
 
 def resolve(name: str, pretrained: Any = True) -> tuple[str, PretrainedFile | None, Path | None]:

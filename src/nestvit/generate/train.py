@@ -298,9 +298,12 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
     ema = ModelEMA(G, cfg.ema_beta, warmup=True, copy_buffers=True)
     G_ema = ema.module
 
+    measured_at = [-1]  # the step whose statistics G_ema holds (no update in between: measured once)
+
     def ready_ema(at: int) -> None:
-        if cfg.ema_bn == "recompute":
+        if cfg.ema_bn == "recompute" and measured_at[0] != at:
             recompute_bn_stats(G_ema, batch_size=cfg.batch_size, seed=cfg.seed + at)
+            measured_at[0] = at
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
     rng = torch.Generator().manual_seed(cfg.seed)

@@ -152,11 +152,11 @@ def resolve_data(cfg: DataSection, model: ModelSection | None = None) -> DataSec
     ``eval_split`` from what the data has (in-memory sets: ``test``), ``mean``/``std`` from published weights
     (``model.weights`` a tag of ``nestvit pretrained``). ``workers`` stays as it is
     (:func:`default_workers` when the loaders start: a resumed run on another machine uses that machine's)."""
-    from ..pretrained import PUBLISHED
+    from ..pretrained import published as published_file
 
     changes: dict[str, object] = {}
     streamed = cfg.name in DATASETS and not DATASETS[cfg.name].in_memory
-    published = next((p for p in PUBLISHED if model is not None and p.tag == model.weights), None)
+    published = published_file(model.weights) if model is not None else None
     if published is not None and cfg.mean is None and cfg.std is None:  # the normalisation the weights learnt
         changes.update(mean=published.mean, std=published.std)
     if cfg.img_size is None and (streamed or cfg.name == "synthetic"):

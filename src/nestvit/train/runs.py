@@ -31,10 +31,11 @@ def build_model(section: ModelSection, *, num_classes: int, in_chans: int, img_s
 
     data = {"num_classes": num_classes, "in_chans": in_chans,
             "img_size": list(img_size) if isinstance(img_size, tuple) else img_size}
-    from ..pretrained import PUBLISHED, load_pretrained
+    from ..pretrained import load_pretrained
+    from ..pretrained import published as published_file
 
     name, recorded = section.name, {}
-    published = next((p for p in PUBLISHED if p.tag == section.weights), None)  # a tag: `nestvit pretrained`
+    published = published_file(section.weights)  # a tag of `nestvit pretrained`
     weights = resolve_weights(section.weights) if section.weights is not None and published is None else None
     if name is None and published is not None:
         name, recorded = published.model, dict(published.kwargs)
