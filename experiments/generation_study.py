@@ -67,13 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def feature_net(out: Path, quick: bool) -> Path:
-    """The one feature network every run's FID uses (trained once, then read)."""
+    """The one feature network every run's FID uses: the ``fid_features`` recipe's run, trained once, then read."""
     from nestvit.generate.metrics import train_feature_net
 
-    path = out / "feature_net.safetensors"
-    if not path.is_file():
-        train_feature_net("fashion_mnist", path, epochs=1 if quick else 2, log=print)
-    return path
+    return train_feature_net("fashion_mnist", out / "feature_net", epochs=1 if quick else None, log=print)
 
 
 def config(arm: str, seed: int, args: argparse.Namespace, features: Path) -> GanConfig:

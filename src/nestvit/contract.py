@@ -1,6 +1,6 @@
 """The run contract: what a saved nestvit model is, and how an image becomes its input.
 
-Every weights file that nestvit writes (training runs, distillation, GAN runs, the FID feature network,
+Every weights file that nestvit writes (training runs, distillation, GAN runs,
 ``nestvit.interop.save_weights``) carries in its safetensors metadata
 
 - ``nestvit.contract``: one JSON document, :class:`RunContract` -- the registry name and constructor
@@ -35,7 +35,7 @@ __all__ = ["CONTRACT_KEY", "ContractError", "InputTransform", "Loaded", "RunCont
 
 CONTRACT_KEY = "nestvit.contract"
 CONTRACT_VERSION = 1
-Kind = Literal["classifier", "generator", "discriminator", "feature-net"]
+Kind = Literal["classifier", "generator", "discriminator"]
 Resize = Literal["stretch", "center-crop"]
 
 # which weights of a run directory: classifier runs write best/last/ema, GAN runs a generator, its EMA and a
@@ -252,12 +252,9 @@ class RunContract:
 
 
 def _legacy(meta: Mapping[str, str]) -> RunContract:
-    """Metadata written before the contract: training runs, GAN runs, feature networks, hand-made files."""
+    """Metadata written before the contract: training runs, GAN runs, hand-made files."""
     j = lambda key, default=None: json.loads(meta[key]) if key in meta else default  # noqa: E731
     name = meta["model"]
-    if name == "feature_net":
-        kwargs = {"in_chans": int(meta["in_chans"]), "num_classes": int(meta["num_classes"]), "dim": int(meta["dim"])}
-        return RunContract(model=name, kwargs=kwargs, kind="feature-net", info={"data": meta.get("dataset")})
     role = meta.get("role", "")
     if role:  # nestvit generate train, before the contract
         kind = "discriminator" if role == "discriminator" else "generator"

@@ -21,8 +21,8 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _FAMILY: dict[str, str] = {}
 _KIND: dict[str, str] = {}
 # classifier: the papers' families, which the generic test suite runs; baseline: a classifier outside them (the
-# small conv net of distillation); generator / discriminator: the GAN's; feature-net: the FID features
-KINDS = ("classifier", "baseline", "generator", "discriminator", "feature-net")
+# small conv net of distillation and of the FID features); generator / discriminator: the GAN's
+KINDS = ("classifier", "baseline", "generator", "discriminator")
 
 C = TypeVar("C")
 
@@ -36,7 +36,7 @@ def register_model(family: str, *, kind: str = "classifier", name: str | None = 
     """Decorator: ``@register_model("nest")`` registers the function under its own name (or ``name``).
 
     ``kind`` tells classifiers (the default; ``list_models`` and the generic test suite) from the GAN's
-    generators and discriminators and the FID feature network, which ``create_model`` builds the same way.
+    generators and discriminators, which ``create_model`` builds the same way.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
@@ -70,9 +70,8 @@ def _backbone(model: nn.Module, features_only: bool, out_indices: Any) -> nn.Mod
 
 def _ensure_loaded() -> None:
     from . import models  # noqa: F401  (importing the package registers every family)
-    from .generate import metrics as _fid  # noqa: F401  (the FID feature network)
     from .generate import models as _gan  # noqa: F401  (generators and discriminators)
-    from .train import distill  # noqa: F401  (the small conv net of distillation)
+    from .train import distill  # noqa: F401  (the small conv net of distillation and of the FID features)
 
 
 def list_models(pattern: str = "*", *, family: str | None = None, kind: str | None = "classifier") -> list[str]:
@@ -101,7 +100,7 @@ def create_model(name: str, *, pretrained: bool | str | Path = False, weights: s
     ``"nest_tiny_224.jx_in1k"``, else the model's first published file), a tag, or a downloaded file; they
     are downloaded once into the torch hub cache, checked and converted, and adapt to ``num_classes``,
     ``img_size`` and ``in_chans`` overrides (``model.adapt_notes`` says what changed).
-    Any kind builds here: classifiers, GAN generators and discriminators, the FID feature network.
+    Any kind builds here: classifiers, the conv baseline, GAN generators and discriminators.
     ``features_only=True`` returns the model (weights loaded) as a backbone whose forward gives a list of
     NCHW maps, those of ``out_indices`` (``nestvit.features.FeatureListNet``; default: all).
     """

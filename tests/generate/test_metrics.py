@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from nestvit.contract import InputTransform
 from nestvit.generate.metrics import (
     ClassifierFeatures,
     FeatureExtractor,
-    FeatureNet,
     FeatureNetError,
     evaluate_generator,
     fid_from_features,
@@ -22,6 +22,7 @@ from nestvit.generate.metrics import (
     kid,
     sqrtm_psd,
 )
+from nestvit.train import SmallConvNet
 
 
 def _random_spd(d: int, seed: int) -> torch.Tensor:
@@ -128,7 +129,8 @@ def test_inception_score_bounds():
 
 def test_feature_extractor_protocol_and_evaluate(tmp_path):
     torch.manual_seed(0)
-    fx = ClassifierFeatures(FeatureNet(1, 10), "test_net:00000000")
+    fx = ClassifierFeatures(SmallConvNet(in_chans=1, num_classes=10, widths=(8, 16)),
+                            InputTransform(channels=1, size=(28, 28), mean=(0.5,), std=(0.5,)), "test_net:00000000")
     assert isinstance(fx, FeatureExtractor)
     from nestvit.generate.models import build_generator
 
@@ -142,5 +144,5 @@ def test_feature_extractor_protocol_and_evaluate(tmp_path):
 def test_feature_net_errors_explain(tmp_path):
     with pytest.raises(FeatureNetError, match="pt_inception-2015-12-05"):  # the missing file is named
         get_feature_extractor("inception:/nonexistent.pth")
-    with pytest.raises(FeatureNetError, match="train-features"):
+    with pytest.raises(FeatureNetError, match="nestvit train fid_features"):  # the fix is named
         get_feature_extractor(str(tmp_path / "missing.safetensors"))

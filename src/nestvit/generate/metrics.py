@@ -5,9 +5,10 @@ Every number depends on the feature network, so every result carries its name
 
 Feature networks:
 
-- **Offline (default here)**: :class:`ClassifierFeatures` wraps a small conv classifier
-  (:class:`FeatureNet`) trained by :func:`train_feature_net` on the same data set for about a minute;
-  features are its 128-d penultimate activations (post-ReLU, like Inception's pool3), logits feed the
+- **Offline (default here)**: :class:`ClassifierFeatures` wraps a nestvit classifier run trained on the same
+  data set, by default the ``fid_features`` recipe (``nestvit train fid_features``: the small conv net
+  ``convnet``, a few minutes on a CPU core; :func:`train_feature_net` runs it). Features are its pre-logits
+  (for the conv net the 128-d globally pooled post-ReLU activations, like Inception's pool3), logits feed the
   Inception Score. Numbers are comparable only between runs that use the *same* weights file.
 - **Inception-v3** (``pt_inception-2015-12-05``, what the FID literature uses): the architecture is in
   :mod:`nestvit.generate.inception`; the weights are not bundled and cannot be downloaded here, so the user
@@ -25,7 +26,9 @@ Maths (float64 throughout):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import math
 import time
 from collections.abc import Callable
@@ -37,12 +40,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..registry import register_model
+from ..contract import InputTransform
+from ..errors import UserError
 
 __all__ = [
     "ClassifierFeatures",
     "FeatureExtractor",
-    "FeatureNet",
     "FeatureNetError",
     "GaussianStats",
     "evaluate_generator",
@@ -52,13 +55,14 @@ __all__ = [
     "get_feature_extractor",
     "inception_score",
     "kid",
+    "load_feature_net",
     "load_inception_features",
     "sqrtm_psd",
     "train_feature_net",
 ]
 
 
-class FeatureNetError(RuntimeError):
+class FeatureNetError(UserError, RuntimeError):
     """A feature network cannot be built or loaded (missing weights file, wrong file)."""
 
 
@@ -178,39 +182,10 @@ def inception_score(logits: torch.Tensor, *, splits: int = 10) -> tuple[float, f
 
 
 # --------------------------------------------------------------------------------------------------
-# Offline feature network: a small conv classifier trained on the same data
+# Offline feature network: a nestvit classifier run (by default the ``fid_features`` recipe's conv net)
 # --------------------------------------------------------------------------------------------------
 
-@register_model("feature_net", kind="feature-net", name="feature_net")
-class FeatureNet(nn.Module):
-    """conv32-BN -> pool -> conv64-BN -> pool -> conv128-BN -> global avg -> fc128 (features) -> fc(num_classes).
-
-    Size-agnostic (global pooling); about 15 MFLOPs per 28x28 image, so it trains on Fashion-MNIST in
-    a minute or two on a CPU.
-    """
-
-    family = "feature_net"
-
-    def __init__(self, in_chans: int = 1, num_classes: int = 10, dim: int = 128) -> None:
-        super().__init__()
-        self.in_chans, self.num_classes, self.dim = in_chans, num_classes, dim
-        self.conv1 = nn.Conv2d(in_chans, 32, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(32)
-        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(64)
-        self.conv3 = nn.Conv2d(64, 128, 3, padding=1)
-        self.bn3 = nn.BatchNorm2d(128)
-        self.fc = nn.Linear(128, dim)
-        self.head = nn.Linear(dim, num_classes)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
-        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
-        x = F.relu(self.bn3(self.conv3(x))).mean(dim=(2, 3))
-        return F.relu(self.fc(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
+FEATURES_RECIPE = "fid_features"  # src/nestvit/recipes/fid_features.yaml
 
 
 def _to_unit(images: torch.Tensor, pad_to: int = 0) -> torch.Tensor:
@@ -228,91 +203,98 @@ def sha8(path: Path) -> str:
 
 
 class ClassifierFeatures:
-    """A :class:`FeatureExtractor` over a trained :class:`FeatureNet` (eval mode, no grad, batched)."""
+    """A :class:`FeatureExtractor` over a trained nestvit classifier (eval mode, no grad, batched).
 
-    def __init__(self, net: FeatureNet, name: str, *, batch_size: int = 500) -> None:
-        self.net, self.name, self.batch_size = net.eval(), name, batch_size
+    Images in ``[-1, 1]`` ``(B, C, H, W)`` are mapped to ``[0, 1]`` and normalised with the classifier's own
+    ``transform`` (its run contract), so the network sees what it saw in training. Features are its pre-logits
+    ``forward_head(..., pre_logits=True)`` ``(B, num_features)`` (for the conv net: the globally pooled post-ReLU
+    activations, like Inception's pool3); logits, for the Inception Score, are its head's ``(B, num_classes)``.
+    """
+
+    def __init__(self, net: nn.Module, transform: InputTransform, name: str, *, batch_size: int = 500) -> None:
+        self.net, self.transform, self.name, self.batch_size = net.eval(), transform, name, batch_size
+        self._mean = torch.tensor(transform.mean).view(1, -1, 1, 1)
+        self._std = torch.tensor(transform.std).view(1, -1, 1, 1)
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.transform
+        if x.shape[1] != t.channels or tuple(x.shape[-2:]) != tuple(t.size):
+            raise FeatureNetError(
+                f"feature network {self.name} takes {t.channels}x{t.size[0]}x{t.size[1]} images, got "
+                f"{x.shape[1]}x{x.shape[2]}x{x.shape[3]}; train it on the generator's images (data.pad_to "
+                "matching the GAN's pad_to) or pick a feature network of that size")
+        return ((x.float() + 1) / 2 - self._mean) / self._std
+
+    def _both(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.net.forward_head(self.net.forward_features(self._input(x)), pre_logits=True)
+        return f, self.net.head(f)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.net.forward_features(b.float()) for b in images.split(self.batch_size)])
+        return self.both(images)[0]
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.net(b.float()) for b in images.split(self.batch_size)])
+        return self.both(images)[1]
 
     @torch.no_grad()
     def both(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fs, ls = [], []
-        for b in images.split(self.batch_size):
-            f = self.net.forward_features(b.float())
-            fs.append(f)
-            ls.append(self.net.head(f))
+        fs, ls = zip(*(self._both(b) for b in images.split(self.batch_size)))
         return torch.cat(fs), torch.cat(ls)
 
 
-def train_feature_net(dataset: str = "fashion_mnist", out: str | Path = "feature_net.safetensors", *,
-                      epochs: int = 2, batch_size: int = 128, lr: float = 2e-3, pad_to: int = 0, seed: int = 0,
+def train_feature_net(dataset: str = "fashion_mnist", run_dir: str | Path = "runs/fid_features", *,
+                      epochs: int | None = None, pad_to: int = 0, seed: int = 0, progress: bool = False,
                       log: Callable[[str], None] | None = print) -> Path:
-    """Train :class:`FeatureNet` on ``dataset``'s train split; write safetensors (with test accuracy in metadata)."""
-    from ..data import load_dataset
-    from ..interop import save_weights
+    """Train the ``fid_features`` recipe on ``dataset`` into ``run_dir`` (or finish it there); its weights file.
 
-    train = load_dataset(dataset, split="train")
-    test = load_dataset(dataset, split="test")
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    net = FeatureNet(train.images.shape[1], train.num_classes)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    n = len(train)
-    steps = epochs * (n // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
-    t0 = time.perf_counter()
-    step = 0
-    net.train()
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=g)
-        for i in range(n // batch_size):
-            idx = perm[i * batch_size:(i + 1) * batch_size]
-            x = _to_unit(train.images[idx], pad_to)
-            if torch.rand((), generator=g) < 0.5:  # horizontal flip: the only augmentation
-                x = x.flip(-1)
-            loss = F.cross_entropy(net(x), train.labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            if log and step % 100 == 0:
-                log(f"feature net step {step}/{steps} loss {loss.item():.3f} ({time.perf_counter() - t0:.0f}s)")
-    net.eval()
-    with torch.no_grad():
-        pred = torch.cat([net(_to_unit(b, pad_to)).argmax(1) for b in test.images.split(1000)])
-    acc = float((pred == test.labels).float().mean())
-    if log:
-        log(f"feature net: test accuracy {acc:.4f}, {time.perf_counter() - t0:.0f}s")
-    from ..contract import RunContract
+    The same as ``nestvit train fid_features --out RUN_DIR --set data.name=DATASET`` (plus ``data.pad_to``,
+    ``epochs``, ``seed``): the one training loop, its run directory and run contract. The FID features are its
+    ``last`` weights (not ``best``, which the test split chose).
+    """
+    from ..contract import resolve_weights
+    from ..train import load_config, train
+    from ..train.checkpoint import STATE_FILE
 
-    contract = RunContract(model="feature_net", kwargs={"in_chans": net.in_chans, "num_classes": net.num_classes,
-                                                        "dim": net.dim}, kind="feature-net",
-                           info={"data": dataset, "pad_to": pad_to, "test_accuracy": round(acc, 4)})
-    return save_weights(net, out, contract=contract)
+    run_dir = Path(run_dir)
+    sets = [f"data.name={dataset}", f"seed={seed}", f"progress={str(progress).lower()}",
+            *([f"data.pad_to={pad_to}"] if pad_to else []), *([f"epochs={epochs}"] if epochs else [])]
+    cfg = load_config(FEATURES_RECIPE, sets)
+    if not (run_dir / "summary.json").is_file():
+        if log:
+            log(f"training the FID feature network ({FEATURES_RECIPE}, {cfg.model.name} on {dataset}) -> {run_dir}")
+        with contextlib.redirect_stdout(io.StringIO()) if log is None else contextlib.nullcontext():
+            result = train(cfg, run_dir, resume=(run_dir / STATE_FILE).is_file())
+        if log and result.test is not None:
+            log(f"feature network: test top-1 {result.test.top1:.2f}% after {result.epochs_done} epochs")
+    return resolve_weights(run_dir, "last")
 
 
 def load_feature_net(path: str | Path) -> ClassifierFeatures:
-    from ..contract import load
+    """A classifier run directory or weights file (its ``last`` weights) as a :class:`ClassifierFeatures`."""
+    from ..contract import load, read_contract, resolve_weights
 
     path = Path(path)
-    if not path.is_file():
-        raise FeatureNetError(f"{path}: no feature network weights; train one with "
-                              f"`python -m nestvit.generate.metrics train-features --out {path}`")
-    loaded = load(path)
-    if loaded.contract.kind != "feature-net":
-        raise FeatureNetError(f"{path} is not a nestvit feature network (it holds {loaded.contract.model!r})")
-    net = loaded.model
-    data = loaded.contract.info.get("data", "")
-    tag = {"fashion_mnist": "fmnist", "mnist5k": "mnist5k"}.get(data, data or "?")
-    return ClassifierFeatures(net, f"{tag}_convnet:{sha8(path)}")
+    if not path.exists():
+        raise FeatureNetError(f"{path}: no feature network there; train one with "
+                              f"`nestvit train {FEATURES_RECIPE} --out {path}` (or name any classifier run)")
+    try:
+        weights = resolve_weights(path, "last") if path.is_dir() else path
+        contract = read_contract(weights)
+    except UserError as e:  # not a run, unreadable, damaged
+        raise FeatureNetError(f"{path} is not a nestvit classifier run or weights file ({e})") from None
+    if contract.model == "feature_net":
+        raise FeatureNetError(
+            f"{path} holds the FeatureNet of nestvit before 2026-12-05, which is retired: FID features are now a "
+            f"classifier run (`nestvit train {FEATURES_RECIPE} --out DIR`, then feature_net=DIR). FIDs measured "
+            "with the two networks are not comparable")
+    if contract.kind != "classifier" or contract.transform is None:
+        raise FeatureNetError(f"{path} is not a classifier (it holds a {contract.kind}, {contract.model!r}); "
+                              "FID features come from a classifier trained on the same data")
+    loaded = load(weights)
+    data = str(contract.info.get("data") or "")
+    tag = {"fashion_mnist": "fmnist", "mnist5k": "mnist5k"}.get(data, data or "data")
+    return ClassifierFeatures(loaded.model, loaded.transform, f"{tag}_{contract.model}:{sha8(weights)}")
 
 
 def load_inception_features(path: str | Path | None = None) -> FeatureExtractor:
@@ -326,16 +308,18 @@ def load_inception_features(path: str | Path | None = None) -> FeatureExtractor:
 
 def get_feature_extractor(spec: str, *, cache: str | Path | None = None, dataset: str = "fashion_mnist",
                           pad_to: int = 0, log: Callable[[str], None] | None = print) -> FeatureExtractor:
-    """``"auto"``: load ``cache`` or train a :class:`FeatureNet` there; ``"inception[:PATH]"``; or a weights path."""
+    """The feature network ``spec`` names.
+
+    ``"auto"``: the ``fid_features`` run in the directory ``cache``, trained there first if it is not finished;
+    ``"inception:PATH"``: Inception-v3 from the user's pytorch-fid weights; anything else: a classifier run
+    directory or weights file.
+    """
     if spec.startswith("inception"):
         return load_inception_features(spec.partition(":")[2] or None)
     if spec == "auto":
         if cache is None:
             raise FeatureNetError("feature_net='auto' needs a cache path")
-        cache = Path(cache)
-        if not cache.is_file():
-            train_feature_net(dataset, cache, pad_to=pad_to, log=log)
-        return load_feature_net(cache)
+        return load_feature_net(train_feature_net(dataset, cache, pad_to=pad_to, log=log))
     return load_feature_net(spec)
 
 
@@ -380,25 +364,3 @@ def evaluate_generator(generator: nn.Module, extractor: FeatureExtractor, ref_fe
     return {"fid": frechet_distance(gen.mu, gen.sigma, ref.mu, ref.sigma), "kid": kid_mean, "kid_std": kid_std,
             "is": is_mean, "is_std": is_std, "n": n, "feature_net": extractor.name,
             "eval_seconds": round(time.perf_counter() - t0, 2)}
-
-
-def _main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m nestvit.generate.metrics",
-                                description="train the offline FID feature network")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train-features", help="train a FeatureNet classifier and write safetensors")
-    t.add_argument("--dataset", default="fashion_mnist")
-    t.add_argument("--out", required=True)
-    t.add_argument("--epochs", type=int, default=2)
-    t.add_argument("--pad-to", type=int, default=0)
-    t.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    path = train_feature_net(args.dataset, args.out, epochs=args.epochs, pad_to=args.pad_to, seed=args.seed)
-    print(f"wrote {path} ({load_feature_net(path).name})")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main())

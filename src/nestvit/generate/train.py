@@ -86,7 +86,7 @@ class GanConfig:
     eval_every: int = 1000  # FID/KID/IS of the EMA generator; 0 = only at the end, -1 = never
     eval_n: int = 2000
     eval_ref_split: str = "test"
-    feature_net: str = "auto"  # "auto" (train/cache <out>/feature_net.safetensors) | path | "inception:PATH"
+    feature_net: str = "auto"  # "auto" (fid_features run in <out>/feature_net) | classifier run | "inception:PATH"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -337,8 +337,16 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
     if cfg.eval_every >= 0 and data is None:
         from .metrics import extract, gaussian_stats, get_feature_extractor
 
-        extractor = get_feature_extractor(cfg.feature_net, cache=out / "feature_net.safetensors",
-                                          dataset=cfg.dataset, pad_to=cfg.pad_to, log=log)
+        extractor = get_feature_extractor(cfg.feature_net, cache=out / "feature_net", dataset=cfg.dataset,
+                                          pad_to=cfg.pad_to, log=log)
+        measured = {r["feature_net"] for r in read_metrics(out) if "feature_net" in r} if resume else set()
+        if measured - {extractor.name}:
+            from .metrics import FeatureNetError
+
+            raise FeatureNetError(
+                f"{out}: its metrics so far were measured with the feature network {', '.join(sorted(measured))}, "
+                f"not {extractor.name} ({cfg.feature_net}); FIDs of different feature networks are not comparable. "
+                "Resume with --set feature_net=<that network>, or train the run afresh")
         from ..data import load_dataset
 
         ref = _to_unit(load_dataset(cfg.dataset, split=cfg.eval_ref_split).images, cfg.pad_to)
@@ -451,7 +459,7 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
             ready_ema(step)
             with torch.no_grad():
                 save_grid(G_ema(fixed_z), out / "samples" / f"step_{step:06d}.png")
-        if cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != last:
+        if cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != cfg.steps:  # the last step: below
             last_eval = evaluate(step)
         if step % cfg.ckpt_every == 0 or step == last:
             ready_ema(step)  # generator_ema.safetensors carries the statistics of its own weights
