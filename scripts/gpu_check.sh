@@ -3,7 +3,7 @@
 #
 #   bash scripts/gpu_check.sh [--require-gpu] [--dry-run]
 #
-# Estimated 8-10 minutes on one H100, most of it torch.compile; no GPU has run it yet.
+# Estimated 9-12 minutes on one H100, most of it torch.compile; no GPU has run it yet.
 #
 # 1. the device: nvidia-smi -L, torch.cuda.get_device_name, torch and CUDA versions       -> device.txt
 # 2. the generic model tests on the GPU (NESTVIT_TEST_DEVICE=cuda): forward + backward of every registered
@@ -17,6 +17,8 @@
 # 5. timm's NesT-T beside nestvit's at the same batch, if timm imports (skipped otherwise) -> timm.json/.md
 # 6. a short training of mnist5k_nest: fp16 + torch.compile under torchrun with 1 process, and with one
 #    process per GPU (DDP over NCCL) when there are several                               -> train_*/, train_*.log
+# 7. a short GAN on the GPU: the FID feature network (`nestvit train fid_features`, 1 epoch) and 200 steps of
+#    gan_nest_fashion_mnist with FID/KID/IS at steps 0, 100 and 200                       -> gan/, gan.log
 # and summary.md: the steps with their status and time, the tables, the training results.
 #
 # OUT (default runs/gpu_check) is where it writes; BATCH_32 (default 256), BATCH_224 (64), ITERS (20) and
@@ -263,6 +265,17 @@ if [ "$NGPU" -gt 1 ]; then
     step "train fp16+compile, torchrun $NGPU processes (DDP)" "$OUT/train_${NGPU}gpu.log" required train_run "$NGPU"
 fi
 
+# 7. a short GAN on the GPU (the feature network, then the NesT generator recipe with two evaluations)
+gan_run() {
+    [ "$dry_run" = 1 ] || rm -rf "$OUT/gan" "$OUT/fid_features"
+    x "$PY" -m nestvit.cli train fid_features --device cuda --set epochs=1 --set progress=false \
+        --out "$OUT/fid_features"
+    x "$PY" -m nestvit.cli generate train gan_nest_fashion_mnist --device cuda --out "$OUT/gan" --set steps=200 \
+        --set eval_every=100 --set eval_n=1000 --set sample_every=100 --set ckpt_every=100 --set progress=false \
+        --set threads=0 --set "feature_net=$OUT/fid_features"
+}
+step "GAN on cuda (feature net + 200 steps)" "$OUT/gan.log" required gan_run
+
 [ "$dry_run" = 1 ] && exit 0
 
 # summary.md: what ran, the tables, the training results
@@ -318,6 +331,16 @@ if runs:
                      f"{s.get('wall_s', '-')} |")
     lines += ["", "With one process torchrun sets WORLD_SIZE=1, so nestvit trains without DDP or NCCL; DDP runs only "
               "where there are several GPUs (one process per GPU)."]
+gan = out / "gan" / "metrics.jsonl"
+if gan.is_file():
+    recs = [json.loads(r) for r in gan.read_text().splitlines() if r.strip()]
+    lines += ["", "## GAN (`nestvit generate train gan_nest_fashion_mnist --device cuda`, 200 steps)", "",
+              "| step | FID | KID | IS | features |", "|---:|---:|---:|---:|---|"]
+    lines += [f"| {r['step']} | {r['fid']:.2f} | {r['kid']:.4f} | {r['is']:.2f} | {r['feature_net']} |"
+              for r in recs if r.get("kind") == "eval"]
+    train_rows = [r for r in recs if r.get("kind") == "train"]
+    if train_rows:
+        lines += ["", f"{train_rows[-1]['sec_per_step'] * 1e3:.1f} ms per step at the last log line."]
 (out / "summary.md").write_text("\n".join(lines) + "\n")
 print(f"wrote {out / 'summary.md'}")
 PY

@@ -247,5 +247,5 @@ def test_gpu_check_script_without_cuda_says_so_and_lists_its_commands():
     dry = subprocess.run(["bash", str(script), "--dry-run"], capture_output=True, text=True, env=env, timeout=120)
     assert dry.returncode == 0
     for expected in ("NESTVIT_TEST_DEVICE=cuda", "bench nest_tiny_cifar", "--device cuda", "precision=fp16",
-                     "compile=true"):
+                     "compile=true", "train fid_features --device cuda", "generate train gan_nest_fashion_mnist"):
         assert expected in dry.stdout, expected

@@ -244,3 +244,14 @@ def test_cli_train_on_fashion_mnist(tmp_path, capsys):
     assert main(args) == 2
     assert main(["generate", "train", "--resume", str(run), "--set", "steps=3"]) == 0
     assert torch.load(run / "state.pt", weights_only=True)["step"] == 3
+
+
+def test_device_is_chosen_and_an_absent_gpu_is_named(tmp_path):
+    from nestvit.errors import UserError
+
+    cfg = GanConfig(**{**TINY, "steps": 1})
+    s = train_gan(cfg, tmp_path / "cpu", data=_toy(), device="cpu")
+    assert s["device"] == "cpu" and s["step"] == 1
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA device; use --device cpu"):
+            train_gan(cfg, tmp_path / "gpu", data=_toy(), device="cuda")

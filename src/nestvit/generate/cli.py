@@ -1,6 +1,6 @@
 """``nestvit generate``: train a GAN from a recipe, or sample a grid from a checkpoint.
 
-    nestvit generate train RECIPE [--set key=value ...] [--out DIR] [--resume DIR]
+    nestvit generate train RECIPE [--set key=value ...] [--out DIR] [--resume DIR] [--device cpu|cuda]
     nestvit generate sample CHECKPOINT -n N [--out grid.png] [--seed S] [--raw]
 
 ``RECIPE`` is a YAML file or the name of a built-in recipe (``gan_nest_fashion_mnist``,
@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--list-keys", action="store_true", help="print every key --set accepts and exit")
     t.add_argument("--out", help="run directory (default runs/generate/<recipe name>)")
     t.add_argument("--resume", metavar="DIR", help="resume the run in DIR from its latest checkpoint")
+    t.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     t.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     s = sub.add_parser("sample", help="sample an image grid from a trained generator")
     s.add_argument("checkpoint", help="run dir, checkpoint dir or generator safetensors file")
@@ -83,9 +84,9 @@ def _train(args: argparse.Namespace) -> int:
         if (run_dir / "state.pt").exists() or (run_dir / "checkpoints" / "latest").exists():
             raise ValueError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
     cfg = apply_overrides(cfg, args.overrides)
-    summary = train_gan(cfg, run_dir, resume=bool(args.resume))
+    summary = train_gan(cfg, run_dir, resume=bool(args.resume), device=args.device)
     ev = summary.get("eval")
-    line = (f"done: {summary['step']} steps in {summary['wall_seconds']:.0f}s wall "
+    line = (f"done: {summary['step']} steps on {summary['device']} in {summary['wall_seconds']:.0f}s wall "
             f"({summary['cpu_seconds']:.0f}s CPU) -> {run_dir}")
     if ev:
         line += (f"; FID {ev['fid']:.2f}, KID {ev['kid']:.4f}, IS {ev['is']:.2f} "

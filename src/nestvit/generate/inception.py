@@ -215,13 +215,19 @@ class InceptionFeatures:
     def __init__(self, net: FIDInceptionV3, name: str, *, batch_size: int = 50) -> None:
         self.net, self.name, self.batch_size = net.eval(), name, batch_size
 
+    def to(self, device: torch.device | str) -> InceptionFeatures:
+        self.net.to(device)
+        return self
+
     @torch.no_grad()
     def both(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(features (B, 2048), logits (B, 1008))`` on the CPU, computed on the network's device."""
+        device = next(self.net.parameters()).device
         fs, ls = [], []
         for b in images.split(self.batch_size):
-            f = self.net.forward_features(b)
-            fs.append(f)
-            ls.append(self.net.fc(f))
+            f = self.net.forward_features(b.to(device))
+            fs.append(f.float().cpu())
+            ls.append(self.net.fc(f).float().cpu())
         return torch.cat(fs), torch.cat(ls)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:

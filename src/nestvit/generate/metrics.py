@@ -71,7 +71,8 @@ class FeatureExtractor(Protocol):
     """What the metrics need from a feature network.
 
     ``name`` identifies network *and* weights; ``features`` maps images in ``[-1, 1]``, ``(B, C, H, W)``,
-    to ``(B, D)``; ``logits`` (for IS) to ``(B, K)`` class logits.
+    on any device, to ``(B, D)`` on the CPU; ``logits`` (for IS) to ``(B, K)`` class logits; ``to`` moves the
+    network to the device it computes on.
     """
 
     name: str
@@ -79,6 +80,8 @@ class FeatureExtractor(Protocol):
     def features(self, images: torch.Tensor) -> torch.Tensor: ...
 
     def logits(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    def to(self, device: torch.device | str) -> FeatureExtractor: ...
 
 
 # --------------------------------------------------------------------------------------------------
@@ -216,6 +219,10 @@ class ClassifierFeatures:
         self._mean = torch.tensor(transform.mean).view(1, -1, 1, 1)
         self._std = torch.tensor(transform.std).view(1, -1, 1, 1)
 
+    def to(self, device: torch.device | str) -> ClassifierFeatures:
+        self.net.to(device)
+        return self
+
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         t = self.transform
         if x.shape[1] != t.channels or tuple(x.shape[-2:]) != tuple(t.size):
@@ -223,11 +230,12 @@ class ClassifierFeatures:
                 f"feature network {self.name} takes {t.channels}x{t.size[0]}x{t.size[1]} images, got "
                 f"{x.shape[1]}x{x.shape[2]}x{x.shape[3]}; train it on the generator's images (data.pad_to "
                 "matching the GAN's pad_to) or pick a feature network of that size")
-        return ((x.float() + 1) / 2 - self._mean) / self._std
+        x = x.to(next(self.net.parameters()).device).float()
+        return ((x + 1) / 2 - self._mean.to(x.device)) / self._std.to(x.device)
 
     def _both(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.net.forward_head(self.net.forward_features(self._input(x)), pre_logits=True)
-        return f, self.net.head(f)
+        return f.float().cpu(), self.net.head(f).float().cpu()
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -330,14 +338,15 @@ def get_feature_extractor(spec: str, *, cache: str | Path | None = None, dataset
 @torch.no_grad()
 def generate(generator: nn.Module, n: int, *, batch_size: int = 250, seed: int = 0) -> torch.Tensor:
     """``n`` images in ``[-1, 1]`` from ``generator`` (eval mode) with latents from ``seed``."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # on the CPU: the same latents on every device
+    device = next(generator.parameters()).device
     was = generator.training
     generator.eval()
     out = []
     try:
         for i in range(0, n, batch_size):
             z = torch.randn(min(batch_size, n - i), generator.latent_dim, generator=g)
-            out.append(generator(z).float().clamp(-1, 1))
+            out.append(generator(z.to(device)).float().clamp(-1, 1).cpu())
     finally:
         generator.train(was)
     return torch.cat(out)

@@ -144,7 +144,7 @@ def save_grid(images: torch.Tensor, path: str | Path, *, nrow: int | None = None
     """Images in ``[-1, 1]`` ``(B, C, H, W)`` -> one PNG grid (grey for C=1), written atomically."""
     from PIL import Image
 
-    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     B, C, H, W = x.shape
     nrow = nrow or max(1, int(round(B ** 0.5)))
     rows = -(-B // nrow)
@@ -259,9 +259,10 @@ def recompute_bn_stats(model: nn.Module, *, batches: int = 16, batch_size: int =
         m.reset_running_stats()
         m.momentum = None
     model.train()
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # on the CPU: the same latents on every device
+    device = next(model.parameters()).device
     for _ in range(batches):
-        model(torch.randn(batch_size, model.latent_dim, generator=gen))
+        model(torch.randn(batch_size, model.latent_dim, generator=gen).to(device))
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     model.train(was_training)
@@ -269,12 +270,17 @@ def recompute_bn_stats(model: nn.Module, *, batches: int = 16, batch_size: int =
 
 
 def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data: torch.Tensor | None = None,
-              stop_at: int | None = None, log: Callable[[str], None] | None = None) -> dict:
+              stop_at: int | None = None, log: Callable[[str], None] | None = None, device: str | None = None) -> dict:
     """Train (or resume) a GAN run in ``out_dir``; returns a summary dict.
 
     ``data``: uint8 ``(N, C, H, W)`` images instead of ``cfg.dataset`` (tests). ``stop_at``: end (with a
     checkpoint) after this many steps although the run is configured for ``cfg.steps`` (tests of resume).
+    ``device``: ``"cpu"``, ``"cuda"`` or None (CUDA when available). The networks and the feature network live
+    there; the data, the latents and every random draw stay on the CPU (one generator, the same draws on any
+    device), a batch at a time moved over.
     """
+    from ..train.distributed import resolve_device
+
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -284,9 +290,10 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise ValueError(f"training images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
 
+    dev = resolve_device(device)
     torch.manual_seed(cfg.seed)
-    G = build_generator(cfg.generator, **_model_overrides(cfg.generator_overrides))
-    D = build_discriminator(cfg.discriminator, **_model_overrides(cfg.discriminator_overrides))
+    G = build_generator(cfg.generator, **_model_overrides(cfg.generator_overrides)).to(dev)
+    D = build_discriminator(cfg.discriminator, **_model_overrides(cfg.discriminator_overrides)).to(dev)
     size = cfg.pad_to or images.shape[-1]
     if G.img_size != size or G.out_chans != images.shape[1]:
         raise ValueError(f"generator {cfg.generator} makes {G.out_chans}x{G.img_size}x{G.img_size} images but the data "
@@ -307,7 +314,7 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
     rng = torch.Generator().manual_seed(cfg.seed)
-    fixed_z = torch.randn(cfg.sample_n, G.latent_dim, generator=torch.Generator().manual_seed(cfg.seed + 1))
+    fixed_z = torch.randn(cfg.sample_n, G.latent_dim, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(dev)
 
     step = 0
     if resume:
@@ -349,6 +356,7 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
                 "Resume with --set feature_net=<that network>, or train the run afresh")
         from ..data import load_dataset
 
+        extractor.to(dev)
         ref = _to_unit(load_dataset(cfg.dataset, split=cfg.eval_ref_split).images, cfg.pad_to)
         ref_feats, _ = extract(extractor, ref)
         ref_stats = gaussian_stats(ref_feats)
@@ -386,7 +394,7 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
     if step == 0 and cfg.eval_every > 0:
         evaluate(0)  # the untrained generator: where the FID curve starts
 
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     last = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
     G.train()
     D.train()
@@ -406,9 +414,9 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
     while step < last:
         t0 = time.perf_counter()
         idx = torch.randint(len(images), (cfg.batch_size,), generator=rng)
-        real = _to_unit(images[idx], cfg.pad_to)
-        z = torch.randn(cfg.batch_size, G.latent_dim, generator=rng)
-        z2 = torch.randn(cfg.batch_size, G.latent_dim, generator=rng)
+        real = _to_unit(images[idx], cfg.pad_to).to(dev, non_blocking=True)
+        z = torch.randn(cfg.batch_size, G.latent_dim, generator=rng).to(dev, non_blocking=True)
+        z2 = torch.randn(cfg.batch_size, G.latent_dim, generator=rng).to(dev, non_blocking=True)
         do_r1 = cfg.r1_gamma > 0 and cfg.r1_every > 0 and step % cfg.r1_every == 0
 
         # discriminator step
@@ -471,4 +479,4 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
     return {"step": step, "run_dir": str(out), "wall_seconds": round(time.perf_counter() - t_start, 1),
             "cpu_seconds": round(time.process_time() - cpu_start, 1),
             "eval": last_eval, "generator_params": sum(p.numel() for p in G.parameters()),
-            "discriminator_params": sum(p.numel() for p in D.parameters())}
+            "discriminator_params": sum(p.numel() for p in D.parameters()), "device": str(dev)}
