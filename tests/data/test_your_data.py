@@ -191,13 +191,39 @@ def test_a_csv_of_path_and_label(tmp_path):
     assert len(load_split(section(tmp_path / "bare.csv", holdout=0.0, eval_split="train"), "train", CPU)) == 4
 
 
+def test_a_csv_with_a_split_column(tmp_path):
+    rows = ["path,label,split"]
+    for i in range(12):
+        write_image(tmp_path / "imgs" / f"{i}.png", 10 * i)
+        rows.append(f"imgs/{i}.png,{'cat' if i % 2 else 'dog'},{['train', 'train', 'val', 'test'][i % 4]}")
+    write_image(tmp_path / "imgs" / "emu.png", 200)
+    rows.append("imgs/emu.png,emu,val")  # a class the training split does not have: skipped, listed
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    layout = find_layout(tmp_path / "labels.csv")
+    assert (layout.kind, layout.splits, layout.split_folders) == ("csv-splits", ("test", "train", "val"), True)
+    cfg = resolve_data(section(tmp_path / "labels.csv"))
+    assert cfg.eval_split == "val"  # as with split folders: val, then test; no hold-out taken from train
+    train = load_split(cfg, "train", CPU)
+    val = load_split(cfg, "val", CPU, classes=train.classes)
+    test = load_split(cfg, "test", CPU, classes=train.classes)
+    assert train.classes == ["cat", "dog"] and (len(train), len(val), len(test)) == (6, 3, 3)
+    assert values(train) == [0, 10, 40, 50, 80, 90] and values(val) == [20, 60, 100] and values(test) == [30, 70, 110]
+    assert val.folder.unlisted == ["emu"] and "a CSV of path,label,split" in train.about
+    # the hold-out of a split CSV is taken from its train split only when asked for
+    held = load_split(section(tmp_path / "labels.csv", eval_split=HOLDOUT, holdout=0.5), HOLDOUT, CPU,
+                      classes=train.classes)
+    assert len(held) == 4 and set(values(held)) <= set(values(train))  # 2 of each class of 3
+
+
 @pytest.mark.parametrize("text, message", [
     ("", "has no rows; expected lines of path,label"),
     ("path,label\n", "has no rows"),
     ("imgs/0.png,dog\nimgs/nope.png,dog\n", r"1 listed file\(s\) do not exist: imgs/nope.png \(paths are relative"),
-    ("imgs/0.png\n", "line 1: expected two fields path,label"),
-    ("imgs/0.png,dog,extra\n", "line 1: expected two fields"),
-    ("imgs/0.png,\n", "line 1: expected two fields"),
+    ("imgs/0.png\n", "line 1: expected 2 fields path,label"),
+    ("imgs/0.png,dog,extra\n", r"data.train_split='train' does not exist in .*labels.csv; it has: extra"),
+    ("imgs/0.png,\n", "line 1: expected 2 fields path,label"),
+    ("imgs/0.png,dog\nimgs/1.png,cat,val\n", r"line 2: expected 2 fields path,label \(every row the same\)"),
+    ("path,label,split\nimgs/0.png,dog\n", "line 2: expected 3 fields path,label,split"),
     ("imgs/0.png,dog\n\nimgs/0.png,cat\n", "line 3: imgs/0.png is listed twice .first on line 1."),
     ("imgs/0.png,dog\nimgs/1.png,emu\n", r"1 row\(s\) have a label that is not in the class list: imgs/1.png \(emu\)"),
 ])

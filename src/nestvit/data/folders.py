@@ -1,4 +1,4 @@
-"""Your own images as they are: a folder of class folders, a folder of split folders, or a CSV of path,label.
+"""Your own images as they are: a folder of class folders, a folder of split folders, or a CSV of path,label[,split].
 
 ``data.name=imagefolder`` reads ``data.root`` in one of three layouts, found by looking at it:
 
@@ -6,10 +6,11 @@
 * ``root/<split>/<class>/*`` (split folders): recognised by a folder named ``train``, ``val``, ``valid``,
   ``validation``, ``test`` (or ``data.train_split``) that holds folders and no images; every folder of
   ``root`` that holds folders is then a split;
-* ``labels.csv`` (a file): rows ``path,label`` (an optional ``path,label`` header; paths relative to the CSV's
-  folder, or absolute; labels are class names).
+* ``labels.csv`` (a file): rows ``path,label`` or ``path,label,split`` (an optional header of those names; paths
+  relative to the CSV's folder, or absolute; labels are class names; every row has the same number of fields).
 
-The splits are the split folders, or ``train`` for the other two layouts; ``holdout`` is a fixed share of the
+The splits are the split folders, the CSV's split column (``train``, ``val``, ``test``, ... as written), or
+``train`` for class folders and a CSV without a split column; ``holdout`` is a fixed share of the
 training split's images, kept out of training for evaluation. An optional class-list file (``data.classes``:
 one name a line) fixes the classes and their order (the label numbering); by default they are the sorted names.
 
@@ -47,12 +48,14 @@ HOLDOUT = "holdout"  # the name of the held-out split
 HOLDOUT_SALT = b"nestvit-holdout-v1:"  # the hold-out's fixed seed: changing it changes every run's hold-out
 SPLIT_NAMES = ("train", "val", "valid", "validation", "test")  # what marks root/<name>/<class>/* as a split folder
 EVAL_SPLITS = ("val", "valid", "validation", "test")  # the evaluation split by default, the first that exists
-LAYOUTS = "root/<class>/*.jpg (a folder per class), root/<split>/<class>/*.jpg or a CSV file of path,label"
+LAYOUTS = ("root/<class>/*.jpg (a folder per class), root/<split>/<class>/*.jpg or a CSV file of path,label "
+           "(or path,label,split)")
 
 
 @dataclass(frozen=True)
 class Layout:
-    """What ``data.root`` is: ``kind`` "splits", "classes" or "csv"; ``splits``: the split names it has."""
+    """What ``data.root`` is: ``kind`` "splits", "classes", "csv" or "csv-splits" (a CSV with a split column), or a
+    shard layout (``nestvit.data.shards``); ``splits``: the split names it has."""
 
     root: Path
     kind: str
@@ -60,11 +63,12 @@ class Layout:
 
     @property
     def split_folders(self) -> bool:
-        return self.kind in ("splits", "shard-splits")
+        return self.kind in ("splits", "shard-splits", "csv-splits")
 
     def describe(self) -> str:
         return {"splits": "split folders root/<split>/<class>/*", "classes": "class folders root/<class>/*",
-                "csv": "a CSV of path,label", "shards": "tar shards root/*.tar",
+                "csv": "a CSV of path,label", "csv-splits": "a CSV of path,label,split",
+                "shards": "tar shards root/*.tar",
                 "shard-splits": "split folders of tar shards root/<split>/*.tar"}[self.kind]
 
     def available(self, holdout: float) -> tuple[str, ...]:
@@ -89,7 +93,8 @@ def find_layout(root: str | Path | None, train_split: str = "train", *, name: st
     if path.is_file():
         if path.suffix.lower() != ".csv":
             raise DatasetError(f"{name}: {path} is a file but not a .csv; data.root must be {LAYOUTS}")
-        return Layout(path, "csv", ("train",))
+        splits = sorted({row[2] for _, row in _labels_table(path) if len(row) == 3})
+        return Layout(path, "csv-splits", tuple(splits)) if splits else Layout(path, "csv", ("train",))
     if not path.exists():
         raise DatasetError(f"{name}: {path} does not exist; data.root must be {LAYOUTS}")
     if not path.is_dir():
@@ -173,10 +178,9 @@ def read_classes_file(path: str | Path) -> list[str]:
     return names
 
 
-def read_labels_csv(path: str | Path) -> list[tuple[str, Path, str]]:
-    """The rows ``(path as written, file, label)`` of a CSV of ``path,label``; one ``DatasetError`` for an unreadable
-    or empty table, a row without two fields, a file listed twice, or listed files that do not exist."""
-    path = Path(path).expanduser()
+def _labels_table(path: Path) -> list[tuple[int, list[str]]]:
+    """The non-empty rows ``(line, fields)`` of a CSV of ``path,label[,split]`` without its header; one
+    ``DatasetError`` for an unreadable table, rows of two or three fields mixed, or an empty field."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
@@ -185,17 +189,32 @@ def read_labels_csv(path: str | Path) -> list[tuple[str, Path, str]]:
         table = list(csv.reader(text.splitlines()))
     except csv.Error as e:
         raise DatasetError(f"imagefolder: {path} is not a valid CSV table ({e})") from None
-    rows, first, missing = [], {}, []
+    rows: list[tuple[int, list[str]]] = []
+    width = None
     for line, row in enumerate(table, 1):
         row = [field.strip() for field in row]
         if not any(row):
             continue
-        if not rows and not first and [f.lower() for f in row] == ["path", "label"]:
+        if not rows and [f.lower() for f in row] in (["path", "label"], ["path", "label", "split"]):
+            width = len(row)
             continue  # the header
-        if len(row) != 2 or not row[0] or not row[1]:
-            raise DatasetError(f"imagefolder: {path}, line {line}: expected two fields path,label, found "
-                               f"{','.join(row)!r}")
-        written, label = row
+        width = width or len(row)
+        if len(row) != width or width not in (2, 3) or not all(row):
+            fields = "path,label,split" if width == 3 else "path,label"
+            raise DatasetError(f"imagefolder: {path}, line {line}: expected {width if width in (2, 3) else 2} "
+                               f"fields {fields} (every row the same), found {','.join(row)!r}")
+        rows.append((line, row))
+    return rows
+
+
+def read_labels_csv(path: str | Path) -> list[tuple[str, Path, str, str | None]]:
+    """The rows ``(path as written, file, label, split or None)`` of a CSV of ``path,label[,split]``; one
+    ``DatasetError`` for an unreadable or empty table, a malformed row, a file listed twice, or listed files that
+    do not exist."""
+    path = Path(path).expanduser()
+    rows, first, missing = [], {}, []
+    for line, row in _labels_table(path):
+        written, label, split = row[0], row[1], (row[2] if len(row) == 3 else None)
         if written in first:
             raise DatasetError(f"imagefolder: {path}, line {line}: {written} is listed twice (first on line "
                                f"{first[written]}); give each image one row")
@@ -204,10 +223,10 @@ def read_labels_csv(path: str | Path) -> list[tuple[str, Path, str]]:
         file = file if file.is_absolute() else path.parent / file
         if not file.is_file():
             missing.append(written)
-        rows.append((written, file, label))
+        rows.append((written, file, label, split))
     if not rows:
-        raise DatasetError(f"imagefolder: {path} has no rows; expected lines of path,label (paths relative to "
-                           f"{path.parent})")
+        raise DatasetError(f"imagefolder: {path} has no rows; expected lines of path,label or path,label,split "
+                           f"(paths relative to {path.parent})")
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise DatasetError(f"imagefolder: {path}: {len(missing)} listed file(s) do not exist: {shown} (paths are "
@@ -215,10 +234,11 @@ def read_labels_csv(path: str | Path) -> list[tuple[str, Path, str]]:
     return rows
 
 
-def _csv_samples(layout: Layout, names: list[str] | None, fixed: bool) -> tuple[list[tuple[Path, int]], list[str],
-                                                                                  list[str], list[str]]:
-    """``(samples, classes, keys, unlisted)`` of a CSV; ``fixed``: ``names`` came from a class-list file."""
-    rows = read_labels_csv(layout.root)
+def _csv_samples(layout: Layout, split: str, names: list[str] | None, fixed: bool
+                 ) -> tuple[list[tuple[Path, int]], list[str], list[str], list[str]]:
+    """``(samples, classes, keys, unlisted)`` of a CSV's ``split`` (all rows without a split column); ``fixed``:
+    ``names`` came from a class-list file."""
+    rows = [(w, f, label) for w, f, label, s in read_labels_csv(layout.root) if s is None or s == split]
     found = sorted({label for _, _, label in rows})
     classes = names if names is not None else found
     index = {c: k for k, c in enumerate(classes)}
@@ -251,10 +271,10 @@ def load_images(root: str | Path | None, split: str, *, train_split: str = "trai
     fixed = classes is None and classes_file is not None
     names = list(classes) if classes is not None else read_classes_file(classes_file) if fixed else None
     base = train_split if split == HOLDOUT else split
-    split_holdout = (holdout > 0 and (split == HOLDOUT or layout.kind != "splits" or eval_split == HOLDOUT)
-                     and base == ("train" if layout.kind != "splits" else train_split))
-    if layout.kind == "csv":
-        samples, found, keys, unlisted = _csv_samples(layout, names, fixed)
+    split_holdout = (holdout > 0 and (split == HOLDOUT or not layout.split_folders or eval_split == HOLDOUT)
+                     and base == (train_split if layout.split_folders else "train"))
+    if layout.kind in ("csv", "csv-splits"):
+        samples, found, keys, unlisted = _csv_samples(layout, base, names, fixed)
         ds = ImageListDataset(samples, found, root=layout.root, size=size, crop_scale=crop_scale)
         ds.unlisted = unlisted
     else:
