@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ import nestvit
 from nestvit.registry import model_family
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# nestvit's caches (the shard index) in a folder of the test session, not the user's ~/.cache
+os.environ["NESTVIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="nestvit-test-cache-")
 
 # timm's conformance files: ../shared/golden beside the project root (as in CI), or $NESTVIT_GOLDEN_DIR
 GOLDEN = Path(os.environ.get("NESTVIT_GOLDEN_DIR") or Path(__file__).resolve().parents[1].parent / "shared" / "golden")

@@ -378,6 +378,32 @@ def test_shards_without_split_folders_have_the_holdout(tmp_path):
                                                                 device=CPU))) == 5
 
 
+def test_a_shards_scan_is_indexed_once_and_redone_when_it_changes(tmp_path, monkeypatch):
+    pytest.importorskip("webdataset")
+    import nestvit.data.shards as shards
+
+    monkeypatch.setenv("NESTVIT_CACHE_DIR", str(tmp_path / "cache"))
+    written = write_shards(tmp_path / "s", shards=2, per_shard=3)
+    cfg = resolve_data(shard_section(tmp_path / "s", holdout=0.0, eval_split="train"))
+    scanned = []
+    real = shards.scan_shard
+    monkeypatch.setattr(shards, "scan_shard", lambda path: scanned.append(path.name) or real(path))
+    first = load_split(cfg, "train", CPU)
+    assert sorted(scanned) == ["shard-000000.tar", "shard-000001.tar"] and len(first) == 6
+    assert len(list((tmp_path / "cache" / "shard_index").glob("*.json"))) == 2
+    scanned.clear()
+    again = load_split(cfg, "train", CPU)  # read from the index: no shard opened for the scan
+    assert scanned == [] and again.labels.tolist() == first.labels.tolist()
+    assert sorted(stream_values(eval_batches(again, batch=4, rank=0, world_size=1, device=CPU))) == written
+    write_shards(tmp_path / "s", shards=1, per_shard=5, start=50)  # shard 0 rewritten in place: scanned again
+    assert len(load_split(cfg, "train", CPU)) == 8 and scanned == ["shard-000000.tar"]
+    # an index that cannot be written (a file where its folder should be): every run scans, nothing fails
+    monkeypatch.setenv("NESTVIT_CACHE_DIR", str(tmp_path / "blocked"))
+    (tmp_path / "blocked").write_text("a file")
+    scanned.clear()
+    assert len(load_split(cfg, "train", CPU)) == 8 and len(scanned) == 2
+
+
 def test_bad_shards_are_one_error_each(tmp_path, monkeypatch):
     pytest.importorskip("webdataset")
     (tmp_path / "bad").mkdir()

@@ -9,10 +9,13 @@ Tar parsing and grouping (``tar_file_expander``, ``group_by_keys``) and the shuf
 ``webdataset`` package's (imported here only; it needs neither torchvision nor another torch: ``pip install
 webdataset``); which shards each rank and worker reads, the epoch length and the order are nestvit's.
 
-When a split is opened its shards' headers are scanned once (the image bytes are skipped, only the tiny
-``.cls`` files are read): the scan counts the samples (the epoch's length: every rank takes the same
-number of steps, as DDP needs), gives the labels (class checks, the per-class hold-out of
-``nestvit.data.folders``) and names a shard that is not a tar file or a sample without an image or label.
+When a split is opened its shards' headers are scanned (the image bytes are skipped, only the tiny ``.cls``
+files are read): the scan counts the samples (the epoch's length: every rank takes the same number of steps,
+as DDP needs), gives the labels (class checks, the per-class hold-out of ``nestvit.data.folders``) and names
+a shard that is not a tar file or a sample without an image or label. A shard's scan is kept in an index
+(``$NESTVIT_CACHE_DIR`` or ``~/.cache/nestvit``, ``shard_index/``, keyed by the shard's path, size and
+modification time), so later runs, evaluations and ranks read it instead of the shard; a shard rewritten in
+place is scanned again. Where the index cannot be written, every run scans.
 
 Order of a training epoch (``ShardEpoch``): the shards are shuffled by ``(seed, epoch)``; with ``W`` ranks and
 ``K`` workers each, stream ``v`` of rank ``r`` reads shards ``r * K + v``, ``+ W * K``, ... (with fewer shards than
@@ -26,8 +29,11 @@ size and workers). Evaluation (``ShardPass``) reads every sample once over all r
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
+import json
+import os
 import random
 import re
 import tarfile
@@ -42,7 +48,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .datasets import IMAGE_EXTENSIONS, DatasetError, decode_image, random_crop_box
 from .folders import HOLDOUT, Layout, check_split, holdout_mask, read_classes_file
 
-__all__ = ["SHUFFLE_BUFFER", "ShardEpoch", "ShardPass", "ShardSet", "find_shard_layout", "load_shards", "scan_shard"]
+__all__ = ["SHUFFLE_BUFFER", "ShardEpoch", "ShardPass", "ShardSet", "find_shard_layout", "load_shards", "scan_shard",
+           "scan_shard_indexed", "shard_index_dir"]
 
 SHUFFLE_BUFFER = 1000  # samples (encoded) each stream holds to shuffle across shard boundaries
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -144,6 +151,34 @@ def scan_shard(path: Path) -> list[tuple[str, str]]:
             finish()
     except (tarfile.TarError, OSError, EOFError) as e:
         raise DatasetError(f"webdataset: {path}: not a readable tar shard ({e}); rewrite it") from None
+    return samples
+
+
+def shard_index_dir() -> Path:
+    """Where shard scans are kept: ``$NESTVIT_CACHE_DIR/shard_index`` (default ``~/.cache/nestvit/shard_index``)."""
+    root = os.environ.get("NESTVIT_CACHE_DIR")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "nestvit") / "shard_index"
+
+
+def scan_shard_indexed(path: Path) -> list[tuple[str, str]]:
+    """:func:`scan_shard`, read from the index when this shard (same path, size and mtime) was scanned before."""
+    from ..fileio import atomic_write_text
+
+    st = path.stat()
+    ident = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    entry = shard_index_dir() / (hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32] + ".json")
+    try:
+        saved = json.loads(entry.read_text())
+        if saved.get("shard") == ident:
+            return [(str(k), str(v)) for k, v in saved["samples"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not indexed yet, or an unreadable entry: scan
+    samples = scan_shard(path)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(entry, json.dumps({"shard": ident, "samples": samples}))
+    except OSError:
+        pass  # a read-only home: scan every time
     return samples
 
 
@@ -325,7 +360,7 @@ def load_shards(root: str | Path | None, split: str, *, train_split: str = "trai
     rels = [p.relative_to(folder).as_posix() for p in shards]
     ids, raws = [], []
     for path, rel in zip(shards, rels):
-        for key, raw in scan_shard(path):
+        for key, raw in scan_shard_indexed(path):
             ids.append(f"{rel}/{key}")
             raws.append(raw)
     where = f"{layout.root} ({layout.describe()})"
