@@ -152,12 +152,18 @@ class ModelEMA:
     def update(self, model: nn.Module, step: int | None = None) -> None:
         d = min(self.decay, (1 + step) / (10 + step)) if self.warmup and step is not None else self.decay
         own = self.module.state_dict()
+        averaged: list[torch.Tensor] = []
+        sources: list[torch.Tensor] = []
         for name, value in model.state_dict().items():
             target = own[name]
             if target.dtype.is_floating_point and not (self.copy_buffers and name in self._buffers):
-                target.mul_(d).add_(value.detach(), alpha=1.0 - d)
+                averaged.append(target)
+                sources.append(value.detach())
             else:
                 target.copy_(value)
+        if averaged:  # target = d * target + (1 - d) * source, all tensors at once (foreach: a few kernels)
+            torch._foreach_mul_(averaged, d)
+            torch._foreach_add_(averaged, sources, alpha=1.0 - d)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
