@@ -46,6 +46,18 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
+def use_tf32(device: object, enabled: bool) -> None:
+    """On a CUDA ``device``: float32 matrix products and convolutions on TF32 tensor cores (Ampere and newer; 10-bit
+    mantissa inputs, float32 accumulation), as timm's training script sets, or full float32 with ``enabled=False``.
+    Nothing on a CPU. A process-wide switch of PyTorch's (``torch.backends.cuda.matmul`` / ``cudnn``)."""
+    if str(device).split(":")[0] != "cuda":
+        return
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
 def cpu_has_fast_bf16() -> bool:
     """Whether oneDNN runs bf16 matrix products and convolutions on this CPU (AVX-512 or newer, or Arm bf16)."""
     import torch

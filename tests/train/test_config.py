@@ -144,3 +144,21 @@ def test_allowed_values_are_declared_once():
     for bad in (dict(precision="fp64"), dict(tta="mirror")):
         with pytest.raises(ConfigError, match="expected one of"):
             TrainConfig(**bad)  # built in Python, not only from a recipe
+
+
+def test_tf32_is_a_cuda_switch_and_leaves_the_cpu_alone(monkeypatch):
+    import torch
+
+    from nestvit.system import use_tf32
+
+    assert load_config(None).tf32 is True and load_config(None, ["tf32=false"]).tf32 is False
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    use_tf32("cpu", True)
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    try:  # the switch itself (it needs no GPU to be set)
+        use_tf32("cuda:0", False)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        use_tf32("cuda", True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

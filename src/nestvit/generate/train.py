@@ -76,6 +76,7 @@ class GanConfig:
     # generator's (StyleGAN2-ADA's G_ema; what runs before 2026-12-05 did); no effect without BatchNorm
     ema_bn: Literal["recompute", "copy"] = "recompute"
     bf16: bool = False  # torch.autocast(bfloat16) for the forward passes
+    tf32: bool = True  # CUDA: fp32 matrix products and convolutions on TF32 tensor cores (as timm); false: full fp32
     seed: int = 0
     threads: int = 0  # torch.set_num_threads; 0 leaves PyTorch's default
     # logging / evaluation
@@ -279,6 +280,7 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
     there; the data, the latents and every random draw stay on the CPU (one generator, the same draws on any
     device), a batch at a time moved over.
     """
+    from ..system import use_tf32
     from ..train.distributed import resolve_device
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
@@ -291,6 +293,7 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
         raise ValueError(f"training images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
 
     dev = resolve_device(device)
+    use_tf32(dev, cfg.tf32)
     torch.manual_seed(cfg.seed)
     G = build_generator(cfg.generator, **_model_overrides(cfg.generator_overrides)).to(dev)
     D = build_discriminator(cfg.discriminator, **_model_overrides(cfg.discriminator_overrides)).to(dev)

@@ -134,6 +134,7 @@ class TrainConfig:
     precision: Precision = "fp32"  # bf16: autocast; fp16: autocast + GradScaler, CUDA only; auto:
     # bf16 where the device has fast bf16 kernels, else fp32 (nestvit.system.resolve_precision)
     compile: bool = False  # torch.compile the training forward
+    tf32: bool = True  # CUDA: fp32 matrix products and convolutions on TF32 tensor cores (as timm); false: full fp32
     log_every: int = 20  # optimizer steps between metrics.jsonl step records
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     # Test-time views (nestvit.data.augment.TTA_MODES) of the final evaluation, which then reports both the

@@ -36,7 +36,7 @@ from ..data.augment import BatchAugment, eval_transform, shift, tta_views
 from ..errors import UserError
 from ..fileio import atomic_write_text, remove_stale_temporaries
 from ..interop import save_weights
-from ..system import machine_info, machine_label, resolve_precision, slow_bf16
+from ..system import machine_info, machine_label, resolve_precision, slow_bf16, use_tf32
 from . import config as C
 from .checkpoint import STATE_FILE, atomic_torch_save, capture_rng, load_state, restore_rng
 from .distill import classification_loss, teacher_targets
@@ -102,6 +102,7 @@ class Trainer:
         self.main = info.is_main
         self.started = time.perf_counter()
         self.precision = resolve_precision(cfg.precision, self.device)
+        use_tf32(self.device, cfg.tf32)
         if self.precision == "fp16" and self.device.type != "cuda":
             raise C.ConfigError("precision fp16 needs CUDA (it trains with a GradScaler); use bf16 on the CPU")
         if not resume and (run_dir / STATE_FILE).exists():  # every rank checks, so none waits for a failed one
@@ -227,6 +228,7 @@ class Trainer:
             self.say(f"weights: {cfg.model.weights}" + "".join(f"\n  {note}" for note in self.model.adapt_notes))
         self.say(f"model: {self.model_name} ({self.model.num_params():,} parameters) on {where}, "
                  f"precision {cfg.precision}{f' -> {self.precision}' if cfg.precision != self.precision else ''}"
+                 f"{' (TF32 matrix products)' if self.device.type == 'cuda' and cfg.tf32 else ''}"
                  f"{', compiled' if cfg.compile else ''}, world size {i.world_size}")
         if self.precision == "bf16" and (warning := slow_bf16(self.device, "--set precision=auto (fp32 here)")):
             self.say(warning)
