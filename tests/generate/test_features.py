@@ -72,12 +72,12 @@ def test_feature_net_refuses_what_is_not_a_classifier(tmp_path):
         load_feature_net(tmp_path / "junk.safetensors")
 
 
-def _feature_net(path, seed):
+def _feature_net(path, seed, data="fashion_mnist"):
     torch.manual_seed(seed)
     net = SmallConvNet(img_size=28, in_chans=1, num_classes=10, widths=(4, 8))
     contract = RunContract(model="convnet", kwargs={"img_size": 28, "in_chans": 1, "num_classes": 10, "widths": [4, 8]},
                            transform=InputTransform(channels=1, size=(28, 28), mean=(0.5,), std=(0.5,)),
-                           info={"data": "fashion_mnist"})
+                           info={"data": data})
     return save_weights(net, path, contract=contract)
 
 
@@ -94,7 +94,9 @@ def test_gan_resume_refuses_another_feature_network(tmp_path):
                     batch_size=4, max_images=32, steps=2, eval_every=1, eval_n=16, sample_every=1, ckpt_every=1,
                     progress=False, feature_net=str(a))
     run = tmp_path / "run"
-    train_gan(cfg, run, stop_at=1, log=lambda s: None)
+    said: list[str] = []
+    train_gan(cfg, run, stop_at=1, log=said.append)
+    assert not [line for line in said if "was trained on" in line]  # the same data: no note
     names = {r["feature_net"] for r in read_metrics(run) if "feature_net" in r}
     assert names == {load_feature_net(a).name}
     other = GanConfig(**{**cfg.__dict__, "feature_net": str(b)})
@@ -102,3 +104,8 @@ def test_gan_resume_refuses_another_feature_network(tmp_path):
         train_gan(other, run, resume=True, log=lambda s: None)
     train_gan(cfg, run, resume=True, log=lambda s: None)  # the same network: resumes
     assert [r["step"] for r in read_metrics(run) if r.get("kind") == "eval"] == [0, 1, 2]
+    other_data = _feature_net(tmp_path / "m.safetensors", 2, data="mnist5k")
+    said.clear()
+    train_gan(GanConfig(**{**cfg.__dict__, "feature_net": str(other_data), "steps": 1}), tmp_path / "run2",
+              log=said.append)
+    assert any("was trained on mnist5k, this run's data is fashion_mnist" in line for line in said)

@@ -214,8 +214,10 @@ class ClassifierFeatures:
     activations, like Inception's pool3); logits, for the Inception Score, are its head's ``(B, num_classes)``.
     """
 
-    def __init__(self, net: nn.Module, transform: InputTransform, name: str, *, batch_size: int = 500) -> None:
+    def __init__(self, net: nn.Module, transform: InputTransform, name: str, *, batch_size: int = 500,
+                 data: str | None = None) -> None:
         self.net, self.transform, self.name, self.batch_size = net.eval(), transform, name, batch_size
+        self.data = data  # the data set it was trained on, where its run recorded it
         self._mean = torch.tensor(transform.mean).view(1, -1, 1, 1)
         self._std = torch.tensor(transform.std).view(1, -1, 1, 1)
 
@@ -302,7 +304,8 @@ def load_feature_net(path: str | Path) -> ClassifierFeatures:
     loaded = load(weights)
     data = str(contract.info.get("data") or "")
     tag = {"fashion_mnist": "fmnist", "mnist5k": "mnist5k"}.get(data, data or "data")
-    return ClassifierFeatures(loaded.model, loaded.transform, f"{tag}_{contract.model}:{sha8(weights)}")
+    return ClassifierFeatures(loaded.model, loaded.transform, f"{tag}_{contract.model}:{sha8(weights)}",
+                              data=data or None)
 
 
 def load_inception_features(path: str | Path | None = None) -> FeatureExtractor:

@@ -360,6 +360,10 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
         from ..data import load_dataset
 
         extractor.to(dev)
+        trained_on = getattr(extractor, "data", None)
+        if trained_on and trained_on != cfg.dataset:
+            log(f"note: the feature network {extractor.name} was trained on {trained_on}, this run's data is "
+                f"{cfg.dataset}: its features may not describe these images")
         ref = _to_unit(load_dataset(cfg.dataset, split=cfg.eval_ref_split).images, cfg.pad_to)
         ref_feats, _ = extract(extractor, ref)
         ref_stats = gaussian_stats(ref_feats)
