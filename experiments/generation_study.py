@@ -157,28 +157,36 @@ def markdown(result: dict, command: str) -> str:
 
 
 def plot(curves: dict[str, dict[int, list[dict]]], path: Path) -> None:
+    """FID, KID and IS against steps (mean, band: min-max over seeds) and FID against CPU time (a line per seed)."""
     from nestvit.experiments import _plt
 
     plt = _plt()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    by_step = {"fid": axes[0][0], "kid": axes[0][1], "is": axes[1][0]}
+    a_cpu = axes[1][1]
     for i, (arm, seeds) in enumerate(curves.items()):
         steps = sorted({e["step"] for c in seeds.values() for e in c})
-        fids = [[e["fid"] for c in seeds.values() for e in c if e["step"] == s] for s in steps]
-        a1.plot(steps, [statistics.fmean(f) for f in fids], color=f"C{i}", label=arm)
-        a1.fill_between(steps, [min(f) for f in fids], [max(f) for f in fids], color=f"C{i}", alpha=0.15)
+        for key, ax in by_step.items():
+            vals = [[e[key] for c in seeds.values() for e in c if e["step"] == s] for s in steps]
+            ax.plot(steps, [statistics.fmean(v) for v in vals], color=f"C{i}", label=arm)
+            ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=f"C{i}", alpha=0.15)
         for c in seeds.values():
             pts = [(e["cpu"], e["fid"]) for e in c if e["cpu"] is not None]
-            a2.plot([p[0] for p in pts], [p[1] for p in pts], color=f"C{i}", alpha=0.7,
-                    label=arm if c is next(iter(seeds.values())) else None)
-    a1.set_xlabel("step")
-    a1.set_title("FID vs steps (mean, band: min-max over seeds)", fontsize=10)
-    a2.set_xlabel("CPU seconds (one thread)")
-    a2.set_title("FID vs CPU time (one line per seed)", fontsize=10)
-    for a in (a1, a2):
-        a.set_ylabel("FID (EMA generator, 2,000 samples)")
-        a.set_yscale("log")
-        a.grid(alpha=0.3)
-        a.legend(fontsize=8)
+            a_cpu.plot([p[0] for p in pts], [p[1] for p in pts], color=f"C{i}", alpha=0.7,
+                       label=arm if c is next(iter(seeds.values())) else None)
+    titles = {"fid": "FID vs steps", "kid": "KID vs steps", "is": "Inception Score vs steps"}
+    for key, ax in by_step.items():
+        ax.set_xlabel("step")
+        ax.set_title(f"{titles[key]} (mean, band: min-max over seeds)", fontsize=10)
+        ax.set_ylabel(f"{key.upper() if key != 'is' else 'IS'} (EMA generator, 2,000 samples)")
+    a_cpu.set_xlabel("CPU seconds (one thread)")
+    a_cpu.set_title("FID vs CPU time (one line per seed)", fontsize=10)
+    a_cpu.set_ylabel("FID (EMA generator, 2,000 samples)")
+    for ax in (by_step["fid"], by_step["kid"], a_cpu):
+        ax.set_yscale("log")
+    for ax in (*by_step.values(), a_cpu):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
     plt.close(fig)
