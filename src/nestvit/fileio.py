@@ -108,6 +108,12 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     return removed
 
 
+def cache_home() -> Path:
+    """nestvit's own cache folder: ``$NESTVIT_CACHE_DIR``, else ``~/.cache/nestvit`` (data sets, the shard index)."""
+    env = os.environ.get("NESTVIT_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "nestvit"
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` through :func:`atomic_path`: the old file or the whole new one, never a torn one."""
     path = Path(path)

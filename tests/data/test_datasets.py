@@ -233,6 +233,11 @@ def test_default_root_from_env(tmp_path, idx_data, monkeypatch):
     monkeypatch.setenv("NESTVIT_DATA_DIR", str(tmp_path))
     write_idx_set(tmp_path / "mnist", "test", *idx_data["test"], gz=True)
     assert load_dataset("mnist", split="test").labels.tolist() == [8, 9, 0]
+    # without it, datasets/ of nestvit's cache folder ($NESTVIT_CACHE_DIR, else ~/.cache/nestvit)
+    monkeypatch.delenv("NESTVIT_DATA_DIR")
+    monkeypatch.setenv("NESTVIT_CACHE_DIR", str(tmp_path / "cache"))
+    write_idx_set(tmp_path / "cache" / "datasets" / "mnist", "test", *idx_data["test"], gz=True)
+    assert load_dataset("mnist", split="test").labels.tolist() == [8, 9, 0]
 
 
 def test_missing_files_say_where_and_how(tmp_path, monkeypatch):

@@ -196,9 +196,12 @@ FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 def default_root() -> Path:
-    """Default data directory: ``$NESTVIT_DATA_DIR`` or ``~/.cache/nestvit/datasets``."""
+    """Default data directory: ``$NESTVIT_DATA_DIR``, else ``datasets/`` of nestvit's cache (``~/.cache/nestvit``
+    or ``$NESTVIT_CACHE_DIR``, ``nestvit.fileio.cache_home``)."""
+    from ..fileio import cache_home
+
     env = os.environ.get("NESTVIT_DATA_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "nestvit" / "datasets"
+    return Path(env).expanduser() if env else cache_home() / "datasets"
 
 
 # --------------------------------------------------------------------------- low-level readers

@@ -33,7 +33,6 @@ import hashlib
 import io
 import itertools
 import json
-import os
 import random
 import re
 import tarfile
@@ -45,6 +44,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ..fileio import atomic_write_text, cache_home
 from .datasets import IMAGE_EXTENSIONS, DatasetError, decode_image, random_crop_box
 from .folders import HOLDOUT, Layout, check_split, holdout_mask, read_classes_file
 
@@ -155,15 +155,13 @@ def scan_shard(path: Path) -> list[tuple[str, str]]:
 
 
 def shard_index_dir() -> Path:
-    """Where shard scans are kept: ``$NESTVIT_CACHE_DIR/shard_index`` (default ``~/.cache/nestvit/shard_index``)."""
-    root = os.environ.get("NESTVIT_CACHE_DIR")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "nestvit") / "shard_index"
+    """Where shard scans are kept: ``shard_index/`` of nestvit's cache (``~/.cache/nestvit`` or
+    ``$NESTVIT_CACHE_DIR``)."""
+    return cache_home() / "shard_index"
 
 
 def scan_shard_indexed(path: Path) -> list[tuple[str, str]]:
     """:func:`scan_shard`, read from the index when this shard (same path, size and mtime) was scanned before."""
-    from ..fileio import atomic_write_text
-
     st = path.stat()
     ident = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     entry = shard_index_dir() / (hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32] + ".json")

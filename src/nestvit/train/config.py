@@ -50,8 +50,9 @@ class ModelSection:
 @dataclass(frozen=True)
 class DataSection:
     name: str = "mnist5k"  # a name of nestvit.data.DATASETS, or "synthetic" (generated; tests and benchmarks)
-    # data directory; None: $NESTVIT_DATA_DIR or ~/.cache/nestvit/datasets. imagefolder: root/<class>/*,
-    # root/<split>/<class>/* or a CSV file of path,label; webdataset: root/*.tar or root/<split>/*.tar
+    # data directory; None: $NESTVIT_DATA_DIR, else ~/.cache/nestvit/datasets ($NESTVIT_CACHE_DIR for ~/.cache/
+    # nestvit). imagefolder: root/<class>/*, root/<split>/<class>/* or a CSV file of path,label[,split];
+    # webdataset: root/*.tar or root/<split>/*.tar
     root: str | None = None
     download: bool = False  # fetch missing files (mnist, fashion_mnist, cifar*, stl10)
     train_split: str = "train"
