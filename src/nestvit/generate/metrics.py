@@ -218,8 +218,6 @@ class ClassifierFeatures:
                  data: str | None = None) -> None:
         self.net, self.transform, self.name, self.batch_size = net.eval(), transform, name, batch_size
         self.data = data  # the data set it was trained on, where its run recorded it
-        self._mean = torch.tensor(transform.mean).view(1, -1, 1, 1)
-        self._std = torch.tensor(transform.std).view(1, -1, 1, 1)
 
     def to(self, device: torch.device | str) -> ClassifierFeatures:
         self.net.to(device)
@@ -233,7 +231,7 @@ class ClassifierFeatures:
                 f"{x.shape[1]}x{x.shape[2]}x{x.shape[3]}; train it on the generator's images (data.pad_to "
                 "matching the GAN's pad_to) or pick a feature network of that size")
         x = x.to(next(self.net.parameters()).device).float()
-        return ((x + 1) / 2 - self._mean.to(x.device)) / self._std.to(x.device)
+        return t((x + 1) / 2)  # [0, 1], normalised as the run's contract says (the one eval transform)
 
     def _both(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.net.forward_head(self.net.forward_features(self._input(x)), pre_logits=True)
