@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cli_args import parse_sets
+from .cli_args import nonnegative_int, parse_sets, positive_int
 from .fileio import atomic_write_text
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -74,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="model config override, e.g. --set attn=mha (repeatable; values parsed as YAML)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--batch", type=int, default=None,
+    parser.add_argument("--batch", type=positive_int, default=None,
                         help="images per step (default: 64 up to 64x64 pixels, else 8)")
     parser.add_argument("--img-size", default=None, metavar="H[,W]", help="input size (default: the model's)")
     parser.add_argument("--dtype", default="fp32", metavar="fp32|bf16[,...]",
@@ -83,12 +83,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch.compile the model: --compile (only compiled), --compile both (eager and "
                              "compiled); default eager only")
     parser.add_argument("--mode", default="both", choices=("infer", "train", "both"))
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: PyTorch's)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing (default 3)")
-    parser.add_argument("--iters", type=int, default=10, help="timed steps; the median is reported (default 10)")
-    parser.add_argument("--peak-size", type=int, default=4096,
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch.set_num_threads (default: PyTorch's)")
+    parser.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed steps before timing (default 3)")
+    parser.add_argument("--iters", type=positive_int, default=10,
+                        help="timed steps; the median is reported (default 10)")
+    parser.add_argument("--peak-size", type=positive_int, default=4096,
                         help="matrix edge of the peak-FLOP/s GEMM (halved while one product would take over 5 s)")
-    parser.add_argument("--peak-iters", type=int, default=5, help="timed GEMMs for the peak (median)")
+    parser.add_argument("--peak-iters", type=positive_int, default=5, help="timed GEMMs for the peak (median)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
     parser.add_argument("--grad-checkpointing", action="store_true",
                         help="train with model.set_grad_checkpointing(True): every transformer layer recomputed in "
@@ -106,7 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--generators: output sizes, among 28 32 64 (default 32 64)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write every result and setting as JSON")
     parser.add_argument("--markdown", action="store_true", help="print the table as GitHub markdown")
-    parser.add_argument("--profile", type=int, default=0, metavar="N",
+    parser.add_argument("--profile", type=nonnegative_int, default=0, metavar="N",
                         help="also profile two steps per mode (torch.profiler) and print the top N operators "
                              "by self time")
 
@@ -115,7 +117,10 @@ def parse_img_size(text: str | None) -> tuple[int, int] | None:
     """``"224" -> (224, 224)``, ``"32,64" -> (32, 64)``."""
     if text is None:
         return None
-    parts = [int(p) for p in str(text).replace("x", ",").split(",") if p.strip()]
+    try:
+        parts = [int(p) for p in str(text).replace("x", ",").split(",") if p.strip()]
+    except ValueError:
+        parts = []
     if len(parts) not in (1, 2) or min(parts) <= 0:
         raise ValueError(f"--img-size expects H or H,W (positive), got {text!r}")
     return (parts[0], parts[-1])
@@ -424,6 +429,9 @@ def bench_data_pipeline(img_size: tuple[int, int], in_chans: int, num_classes: i
         else:
             dataset = load_dataset(data, split="train")
             source = f"{data} train split (in memory: index + collate, 0 workers)"
+        if len(dataset) < batch:
+            raise ValueError(f"--data {data}: {len(dataset)} training images, fewer than one batch of {batch}; "
+                             f"give --batch {len(dataset)} or less, or more images")
         loader = make_loader(dataset, batch_size=batch, shuffle=True, drop_last=True, seed=0)
         batches = iter(loader)
 

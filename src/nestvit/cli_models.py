@@ -1,4 +1,4 @@
-"""``nestvit models [PATTERN] [--family F] [--json]``: every registered model with its size and cost.
+"""``nestvit models [PATTERN] [--family F] [--json]``: every registered classifier with its size and cost.
 
 Models are built on the ``meta`` device (no memory, no init cost) and FLOPs are counted there with
 ``nestvit.flops`` (forward, per image, multiply-add = 2, at the model's default input size); a model
@@ -56,10 +56,12 @@ def _table(rows: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    families = sorted({model_family(n) for n in list_models()})
+    # the classifiers, the conv baseline among them (the GAN's networks: nestvit.generate, docs/generation.md)
+    kinds = ("classifier", "baseline")
+    families = sorted({model_family(n) for kind in kinds for n in list_models(kind=kind)})
     if args.family is not None and args.family not in families:
         raise ValueError(f"unknown family {args.family!r}; choose one of: {', '.join(families)}")
-    names = list_models(args.pattern, family=args.family)
+    names = sorted(n for kind in kinds for n in list_models(args.pattern, family=args.family, kind=kind))
     if not names:
         where = f" in family {args.family!r}" if args.family else ""
         raise ValueError(f"no registered model matches {args.pattern!r}{where}; "

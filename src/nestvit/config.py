@@ -212,21 +212,8 @@ def recipe_summary(path: Path) -> str:
     return ""
 
 
-def read_recipe(recipe: str | Path, kind: str = "classifier") -> tuple[dict[str, Any], str]:
-    """``(raw dict without its kind, name)`` of a recipe file path or a built-in recipe name of ``kind``."""
-    path = Path(recipe)
-    if not path.is_file():
-        recipes = builtin_recipes(kind)
-        name = path.stem if path.suffix in (".yaml", ".yml") and path.parent == Path(".") else str(recipe)
-        if name not in recipes:
-            other = builtin_recipes()
-            if name in other:
-                path = other[name]  # a built-in recipe of another kind: the kind check below says which command
-            else:
-                raise ConfigError(f"recipe {str(recipe)!r} is neither a file nor a built-in recipe; built-in "
-                                  f"{kind} recipes: {', '.join(recipes)}")
-        else:
-            path = recipes[name]
+def _read_mapping(path: Path) -> dict[str, Any]:
+    """A recipe or run config file as a dict: UTF-8 YAML, not empty, a mapping (one ``ConfigError`` otherwise)."""
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
@@ -248,6 +235,25 @@ def read_recipe(recipe: str | Path, kind: str = "classifier") -> tuple[dict[str,
                           "`{}` to run with every default")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of keys to values")
+    return raw
+
+
+def read_recipe(recipe: str | Path, kind: str = "classifier") -> tuple[dict[str, Any], str]:
+    """``(raw dict without its kind, name)`` of a recipe file path or a built-in recipe name of ``kind``."""
+    path = Path(recipe)
+    if not path.is_file():
+        recipes = builtin_recipes(kind)
+        name = path.stem if path.suffix in (".yaml", ".yml") and path.parent == Path(".") else str(recipe)
+        if name not in recipes:
+            other = builtin_recipes()
+            if name in other:
+                path = other[name]  # a built-in recipe of another kind: the kind check below says which command
+            else:
+                raise ConfigError(f"recipe {str(recipe)!r} is neither a file nor a built-in recipe; built-in "
+                                  f"{kind} recipes: {', '.join(recipes)}")
+        else:
+            path = recipes[name]
+    raw = _read_mapping(path)
     declared = recipe_kind(raw)
     if declared != kind:
         if KIND_KEY not in raw:
@@ -257,6 +263,24 @@ def read_recipe(recipe: str | Path, kind: str = "classifier") -> tuple[dict[str,
                           f"{recipe}`")
     raw = {k: v for k, v in raw.items() if k != KIND_KEY}
     return raw, path.stem
+
+
+def read_run_config(run_dir: str | Path, kind: str) -> dict[str, Any]:
+    """The ``config.yaml`` of a run folder that ``--resume`` continues, without its kind.
+
+    The errors speak of run folders: a folder with no config says what a run folder is, and a run of the
+    other kind names the command that resumes it (not the one that would start a new run from its config)."""
+    run_dir = Path(run_dir)
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: no config.yaml; is it a `{COMMANDS[kind]}` run folder?")
+    raw = _read_mapping(path)
+    # runs written before kinds existed name none: a GAN run's config has a generator
+    declared = recipe_kind(raw) if KIND_KEY in raw else "gan" if "generator" in raw else "classifier"
+    if declared != kind:
+        raise ConfigError(f"{run_dir} is a {declared} run (its config.yaml says kind: {declared}); resume it with "
+                          f"`{COMMANDS[declared]} --resume {run_dir}`")
+    return {k: v for k, v in raw.items() if k != KIND_KEY}
 
 
 def _takes_text(cls: type, key: str) -> bool:

@@ -320,7 +320,7 @@ class Loaded:
         return [f"class{k}" for k in range(int(getattr(self.model, "num_classes", 0)))]
 
 
-def _gan_run(path: Path) -> Path | None:
+def gan_run_folder(path: Path) -> Path | None:
     """The folder of a ``nestvit generate train`` run's weights: the run itself, or the latest
     ``checkpoints/step_*`` of runs written before the classifiers' layout; None if ``path`` is no GAN run."""
     if (path / "generator.safetensors").is_file():
@@ -344,7 +344,7 @@ def resolve_weights(path: str | Path, which: str | None = None) -> Path:
         return path
     if not path.is_dir():
         raise ContractError(f"{path}: no such run directory or weights file")
-    ck = _gan_run(path)
+    ck = gan_run_folder(path)
     if ck is not None:
         which = which or "ema"
         if which not in GAN_WEIGHTS:
@@ -374,11 +374,10 @@ def _run_config(weights: Path, kind: str) -> Any:
                     from .train.config import load_config
 
                     return load_config(cfg)
-                import yaml
-
+                from .config import read_run_config
                 from .generate.train import config_from_dict
 
-                return config_from_dict(yaml.safe_load(cfg.read_text()), str(cfg))
+                return config_from_dict(read_run_config(folder, "gan"), str(cfg))
             except Exception as e:  # noqa: BLE001 - the weights stand alone; a stale config is only a warning
                 warnings.warn(f"{cfg}: not read ({e}); the weights load without it", stacklevel=3)
                 return None
@@ -412,8 +411,10 @@ def load(path: str | Path, which: str | None = None, *, model: str | None = None
     if contract is None or (model is not None and model != contract.model):
         if model is None:
             raise ContractError(f"{weights}: records no model (it was not written by nestvit); name its "
-                                "architecture: nestvit.load(path, model=NAME, overrides={...}), or on the command "
-                                "line --model NAME --set KEY=VALUE")
+                                "architecture: nestvit.load(path, model=NAME, overrides={...}) (`nestvit explain`: "
+                                "--model NAME --set KEY=VALUE), or save it once with a contract that every command "
+                                "reads: nestvit.interop.save_weights(nestvit.create_model(NAME, weights=PATH), "
+                                "'model.safetensors')")
         contract = RunContract(model=model)
     if overrides:
         contract = replace(contract, kwargs={**contract.kwargs, **overrides})

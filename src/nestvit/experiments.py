@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .cli_args import nonnegative_int, positive_int, writable_dir
 from .fileio import atomic_path, atomic_write_text, save_figure
 from .system import machine_label
 
@@ -739,7 +740,7 @@ def run_experiment(a: argparse.Namespace, log: Callable[[str], None] = _print) -
         for arm in plan.arms:
             arm.recipe["threads"] = a.threads
     out = Path(a.out or Path("runs") / "experiments" / (a.name + ("-quick" if a.quick else "")))
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_dir(out)
     started = time.perf_counter()
     stats = {}
     for arm in plan.arms:
@@ -779,19 +780,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = __doc__.split("Experiments:", 1)[1].join(["experiments:", ""])
     parser.add_argument("name", choices=list(EXPERIMENTS), help="the experiment")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds (default: 0 1)")
-    parser.add_argument("--train-size", type=int, help="first N training images (default: per experiment)")
-    parser.add_argument("--train-sizes", type=int, nargs="+",
+    parser.add_argument("--train-size", type=positive_int, help="first N training images (default: per experiment)")
+    parser.add_argument("--train-sizes", type=positive_int, nargs="+",
                         help="data_efficiency: training-set sizes (default 1000 6000 60000)")
-    parser.add_argument("--steps", type=int, help="data_efficiency: optimizer steps of 64 images per run "
+    parser.add_argument("--steps", type=positive_int, help="data_efficiency: optimizer steps of 64 images per run "
                         f"(default {DATA_EFFICIENCY_STEPS}: one epoch of 60,000)")
-    parser.add_argument("--eval-size", type=int, help="first N test images (default 1000; 0 = all)")
-    parser.add_argument("--epochs", type=int, help="epochs per run (default: per experiment)")
-    parser.add_argument("--depth", type=int, help="rtnt_vs_tnt: blocks of rtnt_nano/tiny (default 4; paper 12)")
+    parser.add_argument("--eval-size", type=nonnegative_int,
+                        help="first N test images (0 = all; default 1000, best_fashion_mnist: all)")
+    parser.add_argument("--epochs", type=positive_int, help="epochs per run (default: per experiment)")
+    parser.add_argument("--depth", type=positive_int,
+                        help="rtnt_vs_tnt: blocks of rtnt_nano/tiny (default 2; paper 12)")
     parser.add_argument("--tiny", action="store_true", help="rtnt_vs_tnt: also rtnt_tiny")
     parser.add_argument("--all-variants", action="store_true",
                         help="aggregation: also conv_avgpool, conv_stride2, patch_merge (both planes); hierarchy: "
                              "also L4, L3-p4 and L3-p1 (patch 1 is expensive)")
-    parser.add_argument("--models", nargs="+",
+    parser.add_argument("--models", nargs="+", choices=["nest", "vit", "tnt", "rtnt"],
                         help="data_efficiency: models among nest vit tnt rtnt (default: all four)")
     parser.add_argument("--budget-min", type=float, default=None,
                         help="best_fashion_mnist: minutes per run (default: the recipe's time_budget_min); the "
@@ -803,7 +806,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a recipe override applied to every run (as nestvit train --set); repeatable")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    parser.add_argument("--threads", type=int, help="CPU threads per run")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads per run")
     parser.add_argument("--out", help="output folder (default runs/experiments/NAME)")
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke test on synthetic images")
     parser.add_argument("--fresh", action="store_true", help="retrain runs that are already done in --out")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .cli_args import positive_int
+from .cli_args import nonnegative_float, positive_int
 
 FORMATS = {"onnx": ".onnx", "pt2": ".pt2"}
 
@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="output file (default: model.onnx / model.pt2 beside the weights)")
     parser.add_argument("--weights", default=None, help="which weights of a run directory (best, last, ema)")
     parser.add_argument("--opset", type=positive_int, default=None, help="ONNX opset (default: the exporter's)")
-    parser.add_argument("--atol", type=float, default=1e-4, help="largest difference allowed in the check (1e-4)")
+    parser.add_argument("--atol", type=nonnegative_float, default=1e-4,
+                        help="largest difference allowed in the check (1e-4)")
     parser.add_argument("--no-check", action="store_true", help="write only, do not run the export to check it")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 
@@ -146,19 +147,27 @@ def _run(args: argparse.Namespace) -> int:
         except ImportError:
             raise ValueError("ONNX export needs the onnx and onnxscript packages: pip install 'nestvit[export]'") \
                 from None
-        export_onnx(model, example, out, contract_json=contract_json, opset=args.opset)
-        worst = None if args.no_check else check_onnx(out, model, checks)
-        how = "onnxruntime"
-        if worst is None and not args.no_check:
-            print("note: onnxruntime is not installed, so the export was not run; pip install 'nestvit[export]'",
-                  file=sys.stderr)
-    else:
-        export_pt2(model, example, out, contract_json=contract_json)
-        worst = None if args.no_check else check_pt2(out, model, checks)
-        how = "torch.export.load"
-    if worst is not None and not worst <= args.atol:
-        raise RuntimeError(f"the {args.format} export of {loaded.weights} differs from the PyTorch model by "
-                           f"{worst:.3g} (> --atol {args.atol:g}); please report it as a bug")
+    # written under a temporary name and checked there: only an export that passed its check takes the name
+    unchecked = out.with_name(f".{out.name}.unchecked{out.suffix}")
+    try:
+        if args.format == "onnx":
+            export_onnx(model, example, unchecked, contract_json=contract_json, opset=args.opset)
+            worst = None if args.no_check else check_onnx(unchecked, model, checks)
+            how = "onnxruntime"
+            if worst is None and not args.no_check:
+                print("note: onnxruntime is not installed, so the export was not run; pip install 'nestvit[export]'",
+                      file=sys.stderr)
+        else:
+            export_pt2(model, example, unchecked, contract_json=contract_json)
+            worst = None if args.no_check else check_pt2(unchecked, model, checks)
+            how = "torch.export.load"
+        if worst is not None and not worst <= args.atol:
+            raise RuntimeError(f"the {args.format} export of {loaded.weights} differs from the PyTorch model by "
+                               f"{worst:.3g} (> --atol {args.atol:g}); nothing was written to {out}. Please report "
+                               "it as a bug")
+        unchecked.replace(out)
+    finally:
+        unchecked.unlink(missing_ok=True)
     size = out.stat().st_size / 1e6
     check = f"; checked with {how} on batches of 2 and 3: max |difference| {worst:.2e}" if worst is not None else ""
     print(f"wrote {out} ({size:.1f} MB, {args.format}, input (B, {loaded.transform.channels}, "

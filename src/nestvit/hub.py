@@ -18,6 +18,7 @@ A shared folder holds
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,11 @@ def save_pretrained(source: Any, folder: str | Path) -> Path:
     config["input"] = config.pop("transform")
     atomic_write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
     summary_file = loaded.weights.parent / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
+    try:
+        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:  # the card is written without its results
+        warnings.warn(f"{summary_file}: not read ({e}); the model card lists no results", stacklevel=2)
+        summary = None
     atomic_write_text(folder / "README.md", _card(loaded, summary))
     return folder
 
@@ -123,7 +128,11 @@ def from_pretrained(source: str | Path) -> Loaded:
     loaded = load(weights)
     config_file = weights.parent / "config.json"
     if config_file.is_file():
-        described = contract_from_config(json.loads(config_file.read_text()))
+        try:
+            described = contract_from_config(json.loads(config_file.read_text()))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ContractError(f"{config_file}: not a config.json written by nestvit.save_pretrained "
+                                f"({type(e).__name__}: {e}); download or save the folder again") from None
         if (described.model, described.kwargs) != (loaded.contract.model, loaded.contract.kwargs):
             raise ContractError(f"{config_file} describes {described.model!r} {described.kwargs} but "
                                 f"model.safetensors holds {loaded.contract.model!r} {loaded.contract.kwargs}; the "

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli_args import parse_sets, positive_int, writable_dir
+from ..cli_args import parse_sets, positive_int, unit_float, writable_dir
 from ..fileio import atomic_write_text
 
 METHODS = ("gradcat", "cam", "gradcam", "rollout", "occlusion")
@@ -61,8 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="occlusion: side of the hidden square in pixels (default: the shorter image side // 8)")
     p.add_argument("--stride", type=positive_int, default=None,
                    help="occlusion: step between windows, at most --window (default: --window, no overlap)")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="also draw the box around the largest region of the normalised map above this value")
+    p.add_argument("--threshold", type=unit_float, default=None,
+                   help="also draw the box around the largest region of the map (scaled to [0, 1]) at or above "
+                        "this value, in [0, 1]")
     p.add_argument("--mean", type=float, nargs="+", default=None, help="input normalisation mean per channel")
     p.add_argument("--std", type=float, nargs="+", default=None, help="input normalisation std per channel")
     p.add_argument("--classes", type=Path, default=None, help="text file with one class name per line")
@@ -131,7 +132,12 @@ def run(args: argparse.Namespace) -> int:
     transform = replace(loaded.transform, mean=_stats(args.mean, loaded.transform.mean, "mean"),
                         std=_stats(args.std, loaded.transform.std, "std"))
     if args.classes is not None:
-        names = [line.strip() for line in args.classes.read_text().splitlines() if line.strip()]
+        try:
+            text = args.classes.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"--classes {args.classes}: not a UTF-8 text file; save it as UTF-8, one class name "
+                             "per line") from None
+        names = [line.strip() for line in text.splitlines() if line.strip()]
     else:
         names = list(loaded.contract.classes) if loaded.contract.classes is not None else None
     if args.target is not None and not 0 <= args.target < model.num_classes:

@@ -73,6 +73,8 @@ def map_to_box(cam, threshold: float, connectivity: int = 8) -> tuple[int, int, 
     m = np.asarray(cam.detach().cpu() if hasattr(cam, "detach") else cam, dtype=np.float64)
     if m.ndim != 2:
         raise ValueError(f"expected a 2-D map, got shape {m.shape}")
+    if not 0 <= threshold <= 1:
+        raise ValueError(f"threshold must be in [0, 1] (the map is scaled to [0, 1]), got {threshold}")
     H, W = m.shape
     lo, hi = m.min(), m.max()
     if not np.isfinite(lo) or not np.isfinite(hi) or hi - lo <= 1e-12:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..cli_args import positive_int
+
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="gen_command", metavar="ACTION")
     t = sub.add_parser("train", help="train a GAN from a recipe", epilog=_recipe_list(),
@@ -32,10 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     s = sub.add_parser("sample", help="sample an image grid from a trained generator")
     s.add_argument("checkpoint", help="run dir, checkpoint dir or generator safetensors file")
-    s.add_argument("-n", type=int, default=64, help="number of images (default 64)")
+    s.add_argument("-n", type=positive_int, default=64, help="number of images (default 64)")
     s.add_argument("--out", default="samples.png", help="PNG path (default samples.png)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--nrow", type=int, default=None, help="images per row (default sqrt(n))")
+    s.add_argument("--nrow", type=positive_int, default=None, help="images per row (default sqrt(n))")
     s.add_argument("--raw", action="store_true", help="use the raw generator instead of its EMA")
     s.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     parser.set_defaults(_gen_parser=parser)
@@ -67,13 +69,11 @@ def _train(args: argparse.Namespace) -> int:
         print("\n".join(valid_keys(GanConfig)))
         return 0
     if args.resume:
-        import yaml
+        from ..config import read_run_config
 
         run_dir = Path(args.resume)
         cfg_file = run_dir / "config.yaml"
-        if not cfg_file.is_file():
-            raise FileNotFoundError(f"{run_dir}: no config.yaml; is this a `nestvit generate train` run directory?")
-        cfg = config_from_dict(yaml.safe_load(cfg_file.read_text()), str(cfg_file))
+        cfg = config_from_dict(read_run_config(run_dir, "gan"), str(cfg_file))
         if args.recipe:
             print(f"note: --resume uses {cfg_file}; recipe {args.recipe} is ignored", file=sys.stderr)
     else:
@@ -100,8 +100,6 @@ def _sample(args: argparse.Namespace) -> int:
 
     from .train import load_generator, save_grid
 
-    if args.n < 1:
-        raise ValueError("-n must be >= 1")
     G = load_generator(args.checkpoint, ema=not args.raw)
     z = torch.randn(args.n, G.latent_dim, generator=torch.Generator().manual_seed(args.seed))
     with torch.no_grad():

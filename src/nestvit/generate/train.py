@@ -91,11 +91,25 @@ class GanConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise ConfigError("steps and batch_size must be >= 1")
-        for name in ("log_every", "sample_every", "ckpt_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1")
+        checks = [
+            *((getattr(self, k) >= 1, f"{k} must be >= 1, got {getattr(self, k)}")
+              for k in ("steps", "batch_size", "log_every", "sample_every", "ckpt_every", "sample_n")),
+            (self.pad_to >= 0, f"pad_to must be >= 0 (0 = the images' own size), got {self.pad_to}"),
+            (self.max_images >= 0, f"max_images must be >= 0 (0 = all), got {self.max_images}"),
+            *((getattr(self, k) > 0, f"{k} must be > 0, got {getattr(self, k)}") for k in ("lr_g", "lr_d")),
+            *((0 <= getattr(self, k) < 1, f"{k} must be in [0, 1), got {getattr(self, k)}")
+              for k in ("beta1", "beta2", "ema_beta")),
+            (self.r1_gamma >= 0, f"r1_gamma must be >= 0 (0 = no R1), got {self.r1_gamma}"),
+            (self.r1_every >= 0, f"r1_every must be >= 0 (0 = no R1), got {self.r1_every}"),
+            (0 <= self.seed < 2**32, f"seed must be in 0..{2**32 - 1}, got {self.seed}"),
+            (self.threads >= 0, f"threads must be >= 0 (0 = PyTorch's default), got {self.threads}"),
+            (self.eval_every >= -1, f"eval_every must be >= 1, 0 (only at the end) or -1 (never), got "
+                                    f"{self.eval_every}"),
+            (self.eval_n >= 2, f"eval_n must be >= 2 (FID needs a covariance), got {self.eval_n}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -223,8 +237,14 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
 def load_generator(path: str | Path, *, ema: bool = True) -> nn.Module:
     """A generator from a run directory, a checkpoint directory or a ``generator*.safetensors`` file
     (``nestvit.load`` with ``which="ema"`` or ``"raw"``)."""
-    from ..contract import load
+    from ..contract import ContractError, gan_run_folder, load
 
+    folder = Path(path)
+    if folder.is_dir() and gan_run_folder(folder) is None:
+        what = "a classifier run" if any((folder / f"{n}.safetensors").is_file() for n in ("best", "last")) else \
+            "not a GAN run"
+        raise ContractError(f"{folder} is {what} (no generator.safetensors); give the folder of a `nestvit generate "
+                            "train` run or a generator*.safetensors file")
     loaded = load(path, "ema" if ema else "raw")
     if loaded.contract.kind != "generator":
         raise ValueError(f"{loaded.weights} holds a {loaded.contract.kind} ({loaded.contract.model}), not a generator "
@@ -280,12 +300,12 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
     there; the data, the latents and every random draw stay on the CPU (one generator, the same draws on any
     device), a batch at a time moved over.
     """
+    from ..cli_args import writable_dir
     from ..system import use_tf32
     from ..train.distributed import resolve_device
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_dir(out_dir)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     images = data if data is not None else load_train_images(cfg)

@@ -64,6 +64,7 @@ def one_line_errors() -> Iterator[None]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..config import read_run_config
     from .config import load_config, read_recipe, valid_keys
     from .loop import train
 
@@ -76,9 +77,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("give either a RECIPE or --resume RUN_DIR (a resumed run keeps its own config.yaml; "
                              "change it with --set)")
         run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise FileNotFoundError(f"{run_dir}: no config.yaml; is it a nestvit run directory?")
-        raw, _ = read_recipe(run_dir / "config.yaml")
+        raw = read_run_config(run_dir, "classifier")
     else:
         if not args.recipe:
             raise ValueError("a RECIPE is required (a YAML file or a built-in name; see nestvit train --help)")

@@ -126,7 +126,11 @@ def load_callback(spec: str) -> Callback:
     except (ImportError, AttributeError, ValueError) as e:
         raise ConfigError(f"--callback {spec}: cannot import it ({e}); give MODULE:CLASS of a module on the "
                           "Python path") from None
-    hook = cls()
-    if not isinstance(hook, Callback):
+    if not (isinstance(cls, type) and issubclass(cls, Callback)):
         raise ConfigError(f"--callback {spec}: {name} is not a nestvit.train.Callback subclass")
+    try:
+        hook = cls()
+    except Exception as e:  # noqa: BLE001 - the user's class: its failure is named, not called a bug of nestvit
+        raise ConfigError(f"--callback {spec}: {name}() failed ({type(e).__name__}: {e}); a callback is built "
+                          "with no arguments") from None
     return hook

@@ -1,0 +1,230 @@
+"""Arguments and files that a user gets wrong, across the commands: one line naming the problem and the fix.
+
+Each case was found by reading the command for input that still ended as a raw traceback, as "a bug in
+nestvit", or with advice that does not work. Every case here fails before any training or timing.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+import nestvit
+from nestvit.cli import main
+from nestvit.config import ConfigError
+from nestvit.contract import ContractError, InputTransform, RunContract
+from nestvit.explain.localization import map_to_box
+from nestvit.generate.train import GanConfig
+from nestvit.interop import save_weights
+from nestvit.train.hooks import Callback, load_callback
+
+TINY = dict(img_size=16, in_chans=1, num_classes=3, patch_size=2, num_levels=2, block_size=4, embed_dims=8,
+            num_heads=2, depths=1)
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error:" in err and "Traceback" not in err and "internal error" not in err, err
+    return err
+
+
+def argparse_error(argv: list[str], capsys) -> str:
+    """An argument refused by the parser: exit status 2, a usage line and the error naming the flag."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.fixture
+def weights(tmp_path):
+    torch.manual_seed(0)
+    model = nestvit.create_model("nest_tiny_cifar", **TINY)
+    contract = RunContract(model="nest_tiny_cifar", kwargs=TINY, classes=("a", "b", "c"),
+                           transform=InputTransform(channels=1, size=(16, 16), mean=(0.5,), std=(0.25,)))
+    return save_weights(model, tmp_path / "run" / "best.safetensors", contract=contract)
+
+
+# ------------------------------------------------------------------------------------------------ argument types
+
+@pytest.mark.parametrize("argv, flag", [
+    (["experiment", "data_efficiency", "--train-sizes", "0"], "--train-sizes"),
+    (["experiment", "data_efficiency", "--models", "vits"], "--models"),
+    (["experiment", "rtnt_vs_tnt", "--depth", "0"], "--depth"),
+    (["experiment", "rtnt_vs_tnt", "--eval-size", "-1"], "--eval-size"),
+    (["generate", "sample", "RUN", "--nrow", "-1"], "--nrow"),
+    (["generate", "sample", "RUN", "-n", "0"], "-n"),
+    (["export", "RUN", "--atol", "-1"], "--atol"),
+    (["export", "RUN", "--atol", "nan"], "--atol"),
+    (["bench", "nest_tiny_cifar", "--batch", "-4"], "--batch"),
+    (["bench", "nest_tiny_cifar", "--peak-size", "0"], "--peak-size"),
+    (["explain", "RUN", "x.png", "--threshold", "1.5"], "--threshold"),
+])
+def test_out_of_range_arguments_are_refused_by_the_parser(argv, flag, capsys):
+    err = argparse_error(argv, capsys)
+    assert f"argument {flag}" in err and "Traceback" not in err
+
+
+def test_an_unreadable_image_size_names_the_flag(capsys):
+    assert main(["bench", "nest_tiny_cifar", "--img-size", "abc"]) == 2
+    assert "--img-size expects H or H,W" in one_line_error(capsys)
+
+
+def test_the_explain_threshold_is_checked_by_the_library_too():
+    with pytest.raises(ValueError, match=r"threshold must be in \[0, 1\]"):
+        map_to_box(torch.rand(4, 4), 1.5)
+    assert map_to_box(torch.arange(16.0).reshape(4, 4), 1.0) == (3, 3, 4, 4)  # 1.0 keeps the maximum
+
+
+# ------------------------------------------------------------------------------------------------ --out a file
+
+@pytest.mark.parametrize("argv", [
+    ["experiment", "hierarchy", "--quick"],
+    ["generate", "train", "gan_nest_fashion_mnist"],
+])
+def test_an_out_that_is_a_file_is_one_line(argv, tmp_path, capsys):
+    file = tmp_path / "taken"
+    file.write_text("mine")
+    assert main([*argv, "--out", str(file)]) == 2
+    assert "exists and is not a folder" in one_line_error(capsys)
+    assert file.read_text() == "mine"
+
+
+# ------------------------------------------------------------------------------------------------ GAN config ranges
+
+@pytest.mark.parametrize("key, value, says", [
+    ("threads", -1, "threads must be >= 0"),
+    ("sample_n", -1, "sample_n must be >= 1"),
+    ("max_images", -100, "max_images must be >= 0"),
+    ("pad_to", -2, "pad_to must be >= 0"),
+    ("lr_g", 0.0, "lr_g must be > 0"),
+    ("beta2", 1.0, r"beta2 must be in \[0, 1\)"),
+    ("ema_beta", -0.1, r"ema_beta must be in \[0, 1\)"),
+    ("r1_gamma", -1.0, "r1_gamma must be >= 0"),
+    ("eval_every", -2, "eval_every must be >= 1, 0"),
+    ("eval_n", 1, "eval_n must be >= 2"),
+    ("seed", -1, "seed must be in"),
+])
+def test_gan_config_values_out_of_range_name_the_range(key, value, says):
+    with pytest.raises(ConfigError, match=says):
+        GanConfig(**{key: value})
+
+
+def test_a_gan_set_out_of_range_is_one_line_before_the_run_folder_exists(tmp_path, capsys):
+    out = tmp_path / "gan"
+    assert main(["generate", "train", "gan_nest_fashion_mnist", "--set", "threads=-1", "--out", str(out)]) == 2
+    assert "threads must be >= 0" in one_line_error(capsys)
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------ runs of the other kind
+
+def fake_run(folder, config: dict, weights: str | None = None):
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    if weights:
+        (folder / weights).write_bytes(b"")
+    return folder
+
+
+def test_resuming_a_run_with_the_other_kind_of_command_names_the_right_command(tmp_path, capsys):
+    gan = fake_run(tmp_path / "gan", {"kind": "gan", "steps": 10})
+    clf = fake_run(tmp_path / "clf", {"kind": "classifier", "epochs": 1})
+    assert main(["train", "--resume", str(gan)]) == 2
+    assert f"resume it with `nestvit generate train --resume {gan}`" in one_line_error(capsys)
+    assert main(["generate", "train", "--resume", str(clf)]) == 2
+    err = one_line_error(capsys)
+    assert f"resume it with `nestvit train --resume {clf}`" in err and "unknown key" not in err
+    # a GAN run written before kinds existed: told by its generator key
+    old = fake_run(tmp_path / "old", {"generator": "nest_28", "steps": 10})
+    assert main(["train", "--resume", str(old)]) == 2
+    assert "nestvit generate train --resume" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("text, says", [("", "is empty"), ("steps: [1\n", "not valid YAML")])
+def test_resuming_a_gan_run_with_a_damaged_config_is_one_line(tmp_path, capsys, text, says):
+    run = tmp_path / "gan"
+    run.mkdir()
+    (run / "config.yaml").write_text(text)
+    assert main(["generate", "train", "--resume", str(run)]) == 2
+    assert says in one_line_error(capsys)
+
+
+def test_sampling_from_a_classifier_run_says_it_is_one(tmp_path, capsys):
+    clf = fake_run(tmp_path / "clf", {"kind": "classifier"}, weights="best.safetensors")
+    for extra in ([], ["--raw"]):
+        assert main(["generate", "sample", str(clf), *extra, "--out", str(tmp_path / "g.png")]) == 2
+        assert "is a classifier run (no generator.safetensors)" in one_line_error(capsys)
+    assert not (tmp_path / "g.png").exists()
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+def test_an_export_that_fails_its_check_leaves_no_file(weights, tmp_path, monkeypatch, capsys):
+    from nestvit import export
+
+    monkeypatch.setattr(export, "check_pt2", lambda *a: 1.0)
+    out = tmp_path / "m.pt2"
+    assert main(["export", str(weights), "--format", "pt2", "--out", str(out)]) == 1  # a bug, and said to be one
+    assert "nothing was written" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # neither the file nor its temporary
+
+
+def test_plain_weights_name_a_fix_that_every_command_takes(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    model = nestvit.create_model("nest_tiny_cifar", **TINY)
+    plain = tmp_path / "plain.safetensors"
+    save_file(model.state_dict(), str(plain))
+    assert main(["export", str(plain)]) == 2
+    err = one_line_error(capsys)
+    assert "records no model" in err and "nestvit.interop.save_weights(nestvit.create_model(NAME, weights=PATH)" in err
+    # the fix it names works: the saved file exports, evaluates and predicts like any run's
+    fixed = save_weights(nestvit.create_model("nest_tiny_cifar", weights=plain, **TINY), tmp_path / "model.safetensors")
+    assert nestvit.load(fixed).contract.model == "nest_tiny_cifar"
+
+
+# ------------------------------------------------------------------------------------------------ callbacks, data, hub
+
+class NeedsArgs(Callback):
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+
+def test_a_callback_that_cannot_be_built_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"--callback json:dumps: dumps is not a nestvit.train.Callback subclass"):
+        load_callback("json:dumps")
+    with pytest.raises(ConfigError, match=r"NeedsArgs\(\) failed \(TypeError.*built with no arguments"):
+        load_callback(f"{__name__}:NeedsArgs")
+
+
+def test_bench_data_with_fewer_images_than_a_batch_says_so(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from nestvit.bench import bench_data_pipeline
+
+    for c in ("a", "b"):
+        (tmp_path / "train" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / "train" / c / f"{i}.png")
+    with pytest.raises(ValueError, match=r"4 training images, fewer than one batch of 8; give --batch 4 or less"):
+        bench_data_pipeline((8, 8), 3, 2, batch=8, iters=1, warmup=0, data=str(tmp_path))
+
+
+def test_a_damaged_hub_config_is_a_contract_error(weights, tmp_path):
+    out = nestvit.save_pretrained(weights, tmp_path / "shared")
+    for text in ("{not json", json.dumps({"kwargs": {}})):
+        (out / "config.json").write_text(text)
+        with pytest.raises(ContractError, match="not a config.json written by nestvit.save_pretrained"):
+            nestvit.from_pretrained(out)
+
+
+def test_a_damaged_run_summary_still_saves_a_card(weights, tmp_path):
+    (weights.parent / "summary.json").write_text("{truncated")
+    with pytest.warns(UserWarning, match="summary.json: not read"):
+        out = nestvit.save_pretrained(weights, tmp_path / "shared")
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
