@@ -48,7 +48,7 @@ def weights(tmp_path):
     return save_weights(model, tmp_path / "run" / "best.safetensors", contract=contract)
 
 
-# ------------------------------------------------------------------------------------------------ argument types
+# ---------------------------------------------------------------------------------- argument types
 
 @pytest.mark.parametrize("argv, flag", [
     (["experiment", "data_efficiency", "--train-sizes", "0"], "--train-sizes"),
@@ -79,7 +79,7 @@ def test_the_explain_threshold_is_checked_by_the_library_too():
     assert map_to_box(torch.arange(16.0).reshape(4, 4), 1.0) == (3, 3, 4, 4)  # 1.0 keeps the maximum
 
 
-# ------------------------------------------------------------------------------------------------ --out a file
+# ---------------------------------------------------------------------------------- --out a file
 
 @pytest.mark.parametrize("argv", [
     ["experiment", "hierarchy", "--quick"],
@@ -93,7 +93,7 @@ def test_an_out_that_is_a_file_is_one_line(argv, tmp_path, capsys):
     assert file.read_text() == "mine"
 
 
-# ------------------------------------------------------------------------------------------------ GAN config ranges
+# ---------------------------------------------------------------------------------- GAN config ranges
 
 @pytest.mark.parametrize("key, value, says", [
     ("threads", -1, "threads must be >= 0"),
@@ -120,7 +120,7 @@ def test_a_gan_set_out_of_range_is_one_line_before_the_run_folder_exists(tmp_pat
     assert not out.exists()
 
 
-# ------------------------------------------------------------------------------------------------ runs of the other kind
+# ---------------------------------------------------------------------------------- runs of the other kind
 
 def fake_run(folder, config: dict, weights: str | None = None):
     folder.mkdir(parents=True)
@@ -161,7 +161,7 @@ def test_sampling_from_a_classifier_run_says_it_is_one(tmp_path, capsys):
     assert not (tmp_path / "g.png").exists()
 
 
-# ------------------------------------------------------------------------------------------------ export
+# ---------------------------------------------------------------------------------- export
 
 def test_an_export_that_fails_its_check_leaves_no_file(weights, tmp_path, monkeypatch, capsys):
     from nestvit import export
@@ -187,7 +187,7 @@ def test_plain_weights_name_a_fix_that_every_command_takes(tmp_path, capsys):
     assert nestvit.load(fixed).contract.model == "nest_tiny_cifar"
 
 
-# ------------------------------------------------------------------------------------------------ callbacks, data, hub
+# ---------------------------------------------------------------------------------- callbacks, data, hub
 
 class NeedsArgs(Callback):
     def __init__(self, path: str) -> None:
@@ -228,3 +228,16 @@ def test_a_damaged_run_summary_still_saves_a_card(weights, tmp_path):
     with pytest.warns(UserWarning, match="summary.json: not read"):
         out = nestvit.save_pretrained(weights, tmp_path / "shared")
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+
+def test_explain_classes_not_utf8_names_the_file(weights, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(image)
+    names = tmp_path / "names.txt"
+    names.write_bytes("caf\xe9\nb\nc\n".encode("latin-1"))
+    assert main(["explain", str(weights), str(image), "--method", "cam", "--classes", str(names),
+                 "--out", str(tmp_path / "ex")]) == 2
+    assert f"--classes {names}: not a UTF-8 text file" in one_line_error(capsys)
