@@ -471,6 +471,20 @@ def test_train_eval_predict_on_class_folders(tmp_path, recipe, capsys):
     assert json.loads((tmp_path / "ev" / "eval.json").read_text())["top1"] == pytest.approx(summary["test_top1"])
     assert main(["eval", str(run), "--split", "train"]) == 0
     assert "imagefolder:train (22 images)" in capsys.readouterr().out
+    # the folder itself as --data: the same folder is the run's data (its hold-out) ...
+    assert main(["eval", str(run), "--data", str(root)]) == 0
+    assert "imagefolder:holdout (2 images)" in capsys.readouterr().out
+    # ... another folder is data of its own: its own evaluation split (all of a new test folder here)
+    other = tmp_path / "new_photos"
+    for split in ("train", "test"):
+        for cls in ("daisy", "rose"):
+            (other / split / cls).mkdir(parents=True)
+            Image.fromarray(np.full((10, 10, 3), 40 if cls == "daisy" else 210, np.uint8)).save(other / split / cls /
+                                                                                                 "a.png")
+    assert main(["eval", str(run), "--data", str(other)]) == 0
+    assert "imagefolder:test (2 images)" in capsys.readouterr().out
+    assert main(["eval", str(run), "--data", str(other), "--root", str(root)]) == 2
+    assert "give one of them" in capsys.readouterr().err
 
     picture = tmp_path / "img.png"
     Image.fromarray(np.full((30, 30, 3), 210, np.uint8)).save(picture)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from ..cli_args import positive_int, writable_dir
 from ..contract import InputTransform
@@ -23,7 +24,8 @@ from .config import PRECISIONS, DataSection
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a run directory or a .safetensors file written by nestvit train")
-    parser.add_argument("--data", help="data set name (default: the one the run trained on)")
+    parser.add_argument("--data", help="data set name, or a folder or CSV file of your images (as --data imagefolder "
+                                       "--root PATH); default: the one the run trained on")
     parser.add_argument("--root", help="data directory (default: the run's data.root, else the default root)")
     parser.add_argument("--split", default=None, help="split to evaluate (default: the run's eval split, e.g. its "
                              "holdout; else the data's: test, or val/test/holdout for folders)")
@@ -59,12 +61,16 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{loaded.weights} holds a {loaded.contract.kind}, not a classifier; eval needs one")
     transform = loaded.transform
     run_data = loaded.config.data if loaded.config is not None and hasattr(loaded.config, "data") else None
-    name = args.data or (run_data.name if run_data else loaded.contract.info.get("data"))
+    name, root = data_and_root(args.data, args.root)
+    name = name or (run_data.name if run_data else loaded.contract.info.get("data"))
     if not name:
-        raise ValueError(f"{loaded.weights} does not say which data set it was trained on; pass --data NAME")
-    same = run_data if run_data is not None and name == run_data.name else None
+        raise ValueError(f"{loaded.weights} does not say which data set it was trained on; pass --data NAME (or a "
+                         "folder of your images)")
+    # the run's own data (its splits, hold-out and class order) when this is the same data set in the same place
+    same = run_data if run_data is not None and name == run_data.name and (
+        root is None or run_data.root is None or Path(root).resolve() == Path(run_data.root).resolve()) else None
     split = args.split or (same.eval_split if same is not None else None)  # None: the data's evaluation split
-    root = args.root or (same.root if same is not None else None)
+    root = root or (same.root if same is not None else None)
     section = eval_section(name, root, transform, same)
     device = resolve_device(args.device)
     model = loaded.model.to(device)
@@ -94,6 +100,18 @@ def run(args: argparse.Namespace) -> int:
                        title=f"{data.name}: top-1 {result.top1:.2f}%")
         print(f"wrote {out / 'eval.json'} and {out / 'confusion.png'}")
     return 0
+
+
+def data_and_root(data: str | None, root: str | None) -> tuple[str | None, str | None]:
+    """``--data`` / ``--root`` as a data set name and its root: a folder or CSV file given as ``--data`` is
+    ``imagefolder`` with that root (a built-in data set's name wins over a folder of the same name)."""
+    from ..data.datasets import DATASETS
+
+    if data is None or data in DATASETS or data == "synthetic" or not Path(data).exists():
+        return data, root
+    if root is not None and Path(root).resolve() != Path(data).resolve():
+        raise ValueError(f"--data {data} is a folder of images and --root {root} another; give one of them")
+    return "imagefolder", data
 
 
 def _streamed(name: str) -> bool:

@@ -195,7 +195,8 @@ def load_split(cfg: DataSection, split: str | None, device: torch.device, *, cla
         return Split(name=f"synthetic:{split}", labels=labels, classes=[f"class{k}" for k in range(10)],
                      channels=1, size=tuple(images.shape[-2:]), images=images.to(device), unpadded=unpadded)
     if cfg.name not in DATASETS:
-        raise ValueError(f"unknown data set {cfg.name!r}; known: {', '.join(DATASETS)}, synthetic")
+        raise ValueError(f"unknown data set {cfg.name!r}; known: {', '.join(DATASETS)}, synthetic; your own images: "
+                         "imagefolder with data.root=FOLDER (nestvit eval: --data FOLDER)")
     if streamed:
         crop = (cfg.random_resized_crop, 1.0) if split == cfg.train_split and cfg.random_resized_crop else None
         load = load_images if cfg.name == "imagefolder" else load_shards

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import random
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -332,7 +333,8 @@ class Trainer:
 
         self.model.train()
         bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
-                   disable=not (self.main and self.cfg.progress), dynamic_ncols=True, leave=False)
+                   disable=not (self.main and self.cfg.progress), dynamic_ncols=True, leave=False,
+                   mininterval=1.0 if sys.stderr.isatty() else 30.0)  # a log file: a status every 30 s
         window = {"loss": 0.0, "correct": 0.0, "images": 0.0, "data_s": 0.0, "steps": 0}
         total = dict(window)
         t_epoch = t_window = time.perf_counter()
