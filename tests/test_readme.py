@@ -110,6 +110,7 @@ def test_readme_commands_run_in_order(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "runs" / "demo" / "best.safetensors").is_file()
     assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
     assert any((tmp_path / "explain").glob("*_gradcat.png"))
+    assert len((tmp_path / "predictions.csv").read_text().splitlines()) == 1 + 8  # a header and the 8 digits
 
 
 @pytest.mark.parametrize("command", ["nestvit --help", "nestvit --version"])

@@ -4,6 +4,7 @@ input, and train -> eval -> predict end to end on a folder the test writes."""
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -17,6 +18,7 @@ import torch
 import yaml
 from PIL import Image
 
+import nestvit
 from nestvit.cli import main
 from nestvit.data.datasets import DatasetError
 from nestvit.data.folders import HOLDOUT, find_layout, holdout_count, holdout_mask, load_images, read_labels_csv
@@ -491,6 +493,28 @@ def test_train_eval_predict_on_class_folders(tmp_path, recipe, capsys):
     assert main(["predict", str(run), str(picture), "--top-k", "2"]) == 0
     out = capsys.readouterr().out
     assert str(picture) in out and "rose" in out and out.count("%") == 2
+
+    # a folder of images, in batches, to a CSV file and a JSON Lines file: the same numbers as one at a time
+    table = tmp_path / "preds" / "flowers.csv"
+    assert main(["predict", str(run), str(root), "--batch-size", "5", "--out", str(table)]) == 0
+    assert f"wrote {table} (24 images, top 2 of 2 classes)" in capsys.readouterr().out
+    rows = list(csv.DictReader(table.open()))
+    assert [r["path"] for r in rows] == [str(p) for p in sorted(root.rglob("*.jpg"))]
+    assert list(rows[0]) == ["path", "class_1", "prob_1", "class_2", "prob_2"]
+    loaded = nestvit.load(run)
+    with torch.no_grad():
+        one = loaded.model(loaded.transform(loaded.transform.read_batch([rows[7]["path"]]))).softmax(-1)[0]
+    assert float(rows[7]["prob_1"]) == pytest.approx(float(one.max()), abs=1e-6)
+    assert rows[7]["class_1"] == loaded.classes[int(one.argmax())]
+    lines = tmp_path / "preds.jsonl"
+    assert main(["predict", str(run), str(picture), str(root / "rose"), "--top-k", "1", "--out", str(lines)]) == 0
+    records = [json.loads(line) for line in lines.read_text().splitlines()]
+    assert len(records) == 13 and records[0]["path"] == str(picture) and records[0]["top"][0]["class"] == "rose"
+    assert main(["predict", str(run), str(picture), "--out", str(tmp_path / "preds.txt")]) == 2
+    assert "write a .csv or a .jsonl file" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", str(run), str(tmp_path / "empty")]) == 2
+    assert "no image files" in capsys.readouterr().err
 
 
 def test_train_on_shards_end_to_end(tmp_path, recipe, capsys):

@@ -1,50 +1,108 @@
-"""``nestvit predict CHECKPOINT IMAGE... [--top-k 5]``: class probabilities of image files.
+"""``nestvit predict CHECKPOINT IMAGE|FOLDER... [--top-k 5] [--out predictions.csv]``: class probabilities.
 
 CHECKPOINT is a run directory or a weights file; ``nestvit.load`` reads the model and its input
 transform from it (``nestvit.contract``): each image is decoded to the model's channels, resized (and
-zero-padded, or centre-cropped) as the training images were, normalised as in training and classified.
+zero-padded, or centre-cropped) as the training images were, normalised as in training and classified,
+``--batch-size`` images at a time. A folder stands for every image file below it (sorted). Without
+``--out`` the top classes are printed per image; with it they are written to a CSV file (``path, class_1,
+prob_1, ..., class_k, prob_k``) or a JSON Lines file (one ``{"path", "top": [{"class", "prob"}, ...]}`` per
+image), chosen by the file's suffix, written atomically.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
+import json
+from pathlib import Path
 
 import torch
 
 from ..cli_args import positive_int
 
+OUT_FORMATS = (".csv", ".jsonl")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a run directory or a .safetensors file written by nestvit")
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
-    parser.add_argument("--top-k", type=positive_int, default=5, help="classes to print per image (default 5)")
+    parser.add_argument("images", nargs="+", metavar="IMAGE",
+                        help="image files (PNG, JPEG, ...) or folders (every image file below them)")
+    parser.add_argument("--top-k", type=positive_int, default=5, help="classes per image (default 5)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (default 64)")
+    parser.add_argument("--out", type=Path, default=None, metavar="FILE",
+                        help="write the predictions to FILE (.csv or .jsonl) instead of printing them")
     parser.add_argument("--weights", default=None, choices=["best", "last", "ema"],
                         help="which weights of a run directory (default: best, else last)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 
 
+def image_paths(items: list[str]) -> list[Path]:
+    """The files of ``items``, a folder standing for every image file below it (sorted), in the order given."""
+    from ..data.datasets import IMAGE_EXTENSIONS, class_images
+
+    paths: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = class_images(path)
+            if not found:
+                raise ValueError(f"{path}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in the folder or below it")
+            paths += found
+        else:
+            paths.append(path)  # a missing or unreadable file is named when it is read
+    return paths
+
+
 def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from ..contract import load
+    from ..fileio import atomic_write_text
     from .distributed import resolve_device
 
+    if args.out is not None and args.out.suffix.lower() not in OUT_FORMATS:
+        raise ValueError(f"--out {args.out}: write a .csv or a .jsonl file")
+    if args.out is not None and args.out.is_dir():
+        raise ValueError(f"--out {args.out}: is a folder; give a file name such as {args.out / 'predictions.csv'}")
     loaded = load(args.checkpoint, args.weights)
     if loaded.contract.kind != "classifier":
         raise ValueError(f"{loaded.weights} holds a {loaded.contract.kind}, not a classifier; predict needs one")
+    paths = image_paths(args.images)
     device = resolve_device(args.device)
     model = loaded.model.to(device)
-    batch = loaded.transform.read_batch(args.images)
-    with torch.no_grad():
-        out = model(loaded.transform(batch.to(device)))
-        if isinstance(out, tuple):
-            out = (out[0] + out[1]) / 2
-        probs = out.float().softmax(dim=1).cpu()
-    k = min(args.top_k, probs.shape[1])
     classes = loaded.classes
-    width = max(len(c) for c in classes)
-    for path, p in zip(args.images, probs):
-        top = p.topk(k)
-        print(f"{path}:")
-        for value, index in zip(top.values.tolist(), top.indices.tolist()):
-            print(f"  {classes[index]:>{width}s}  {100 * value:6.2f}%")
+    k = min(args.top_k, len(classes))
+    rows: list[tuple[Path, list[tuple[str, float]]]] = []
+    starts = range(0, len(paths), args.batch_size)
+    for start in tqdm(starts, desc="predict", unit="batch", disable=len(starts) < 2 or None, leave=False):
+        chunk = paths[start:start + args.batch_size]
+        batch = loaded.transform.read_batch(chunk)
+        with torch.no_grad():
+            out = model(loaded.transform(batch.to(device)))
+            if isinstance(out, tuple):  # a distilled model: class and distillation heads, averaged
+                out = (out[0] + out[1]) / 2
+            probs = out.float().softmax(dim=1).cpu()
+        for path, p in zip(chunk, probs):
+            top = p.topk(k)
+            rows.append((path, [(classes[i], v) for v, i in zip(top.values.tolist(), top.indices.tolist())]))
+    if args.out is None:
+        width = max(len(c) for c in classes)
+        for path, top in rows:
+            print(f"{path}:")
+            for name, value in top:
+                print(f"  {name:>{width}s}  {100 * value:6.2f}%")
+        return 0
+    if args.out.suffix.lower() == ".csv":
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(["path", *[f"{what}_{j}" for j in range(1, k + 1) for what in ("class", "prob")]])
+        for path, top in rows:
+            writer.writerow([str(path), *[x for name, value in top for x in (name, f"{value:.6f}")]])
+        atomic_write_text(args.out, text.getvalue())
+    else:
+        atomic_write_text(args.out, "".join(json.dumps({"path": str(path), "top": [
+            {"class": name, "prob": round(value, 6)} for name, value in top]}) + "\n" for path, top in rows))
+    print(f"wrote {args.out} ({len(rows)} images, top {k} of {len(classes)} classes)")
     return 0
