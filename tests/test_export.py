@@ -71,3 +71,48 @@ def test_every_family_exports_with_a_dynamic_batch(name, tmp_path, capsys):
     weights = save_weights(model, tmp_path / "w.safetensors")  # the contract create_model recorded
     assert main(["export", str(weights), "--format", "pt2"]) == 0
     assert "batches of 2 and 3" in capsys.readouterr().out
+
+
+def test_predict_and_eval_read_the_onnx_export(weights, tmp_path, capsys):
+    """What is shipped is checked with the same commands as the run: the same predictions and accuracy."""
+    pytest.importorskip("onnxruntime", reason="install the test extras: pip install -e '.[test]'")
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "photos"
+    for c in "abc":
+        (folder / "test" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (20, 24), dtype=np.uint8)).save(folder / "test" / c / f"{i}.png")
+    assert main(["export", str(weights), "--out", str(tmp_path / "m.onnx")]) == 0
+    capsys.readouterr()
+    for source in (weights, tmp_path / "m.onnx"):
+        out = tmp_path / f"ev_{source.suffix[1:]}"
+        assert main(["eval", str(source), "--data", str(folder), "--out", str(out)]) == 0
+        assert main(["predict", str(source), str(folder), "--out", str(out / "p.jsonl")]) == 0
+    capsys.readouterr()
+    run, shipped = (json.loads((tmp_path / f"ev_{s}" / "eval.json").read_text()) for s in ("safetensors", "onnx"))
+    assert run["count"] == shipped["count"] == 9 and run["top1"] == shipped["top1"]
+    assert shipped["loss"] == pytest.approx(run["loss"], abs=1e-5)
+    a, b = ([json.loads(x) for x in (tmp_path / f"ev_{s}" / "p.jsonl").read_text().splitlines()]
+            for s in ("safetensors", "onnx"))
+    assert [r["top"][0]["class"] for r in a] == [r["top"][0]["class"] for r in b]
+    assert max(abs(x["prob"] - y["prob"]) for r, s in zip(a, b) for x, y in zip(r["top"], s["top"])) < 1e-5
+
+
+def test_exports_that_predict_does_not_read_are_one_line(weights, tmp_path, capsys):
+    image = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("L", (16, 16)).save(image)
+    (tmp_path / "junk.onnx").write_text("junk")
+    assert main(["predict", str(tmp_path / "junk.onnx"), str(image)]) == 2
+    assert "not an ONNX model" in capsys.readouterr().err
+    assert main(["export", str(weights), "--format", "pt2", "--out", str(tmp_path / "m.pt2")]) == 0
+    assert main(["predict", str(tmp_path / "m.pt2"), str(image)]) == 2
+    assert "may unpickle" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "m.pt2"), "--weights", "last", "--data", "x"]) == 2
+    assert "exported model, with one set of weights" in capsys.readouterr().err

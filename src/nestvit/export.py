@@ -20,11 +20,13 @@ import logging
 import sys
 import warnings
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from .cli_args import nonnegative_float, positive_int
+from .contract import CONTRACT_KEY  # the ONNX metadata key of the contract; ".json" added: the .pt2 file
 
 FORMATS = {"onnx": ".onnx", "pt2": ".pt2"}
 
@@ -60,7 +62,7 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, *, co
                                     input_names=["images"], output_names=["logits"], **kwargs)
         proto = program.model_proto
         entry = proto.metadata_props.add()
-        entry.key, entry.value = "nestvit.contract", contract_json
+        entry.key, entry.value = CONTRACT_KEY, contract_json
         onnx.save(proto, str(tmp))
     return path
 
@@ -104,7 +106,7 @@ def export_pt2(model: torch.nn.Module, example: torch.Tensor, path: Path, *, con
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     with atomic_path(path) as tmp:
-        torch.export.save(program, str(tmp), extra_files={"nestvit.contract.json": contract_json})
+        torch.export.save(program, str(tmp), extra_files={f"{CONTRACT_KEY}.json": contract_json})
     return path
 
 
@@ -115,6 +117,55 @@ def check_pt2(path: Path, model: torch.nn.Module, inputs: list[torch.Tensor]) ->
         with torch.no_grad():
             worst = max(worst, float((program.module()(x) - model(x)).abs().max()))
     return worst
+
+
+class OnnxModel(torch.nn.Module):
+    """An exported ONNX file as a module: normalised ``(B, C, H, W)`` float32 -> logits ``(B, classes)``, run by
+    onnxruntime on the CPU (the output goes back to the input's device)."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__()
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {self.input_name: x.detach().float().cpu().numpy()})[0]
+        return torch.from_numpy(out).to(x.device)
+
+
+def load_exported(path: str | Path):
+    """An ONNX file written by ``nestvit export`` as a :class:`nestvit.contract.Loaded` (its model an
+    :class:`OnnxModel`, its transform and classes from the contract in the file), for ``predict`` and ``eval``:
+    what is shipped is checked with the same commands as the run. A ``.pt2`` program is refused: reading one
+    (``torch.export.load``) may unpickle, so it is for files you trust, in Python."""
+    from .contract import ContractError, Loaded, RunContract
+
+    path = Path(path)
+    if path.suffix == FORMATS["pt2"]:
+        raise ContractError(f"{path}: a torch.export program is read by torch.export.load, which may unpickle; "
+                            "load it yourself if you trust it, or give the run folder or an .onnx export")
+    if not path.is_file():
+        raise ContractError(f"{path}: no such ONNX file")
+    try:
+        import onnx
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise ContractError(f"{path}: running an ONNX file needs onnx and onnxruntime: pip install "
+                            "'nestvit[export]'") from None
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - onnx raises DecodeError and others for a file that is not a model
+        raise ContractError(f"{path}: not an ONNX model ({type(e).__name__}); export it again with nestvit "
+                            "export") from None
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if CONTRACT_KEY not in meta:
+        raise ContractError(f"{path}: records no nestvit run contract (it was not written by nestvit export)")
+    contract = RunContract.from_json(meta[CONTRACT_KEY], source=str(path))
+    if contract.kind != "classifier" or contract.transform is None:
+        raise ContractError(f"{path}: its contract has no classifier input transform; export the run again")
+    return Loaded(model=OnnxModel(path), transform=contract.transform, contract=contract, weights=path)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -138,7 +189,7 @@ def _run(args: argparse.Namespace) -> int:
     if out.exists() and out.is_dir():
         raise ValueError(f"--out {out}: is a folder; give a file name such as {out / ('model' + FORMATS[args.format])}")
     example = _inputs(loaded.transform, 2, 0)
-    contract_json = loaded.contract.to_json()
+    contract_json = replace(loaded.contract, transform=loaded.transform).to_json()  # the transform it was checked with
     checks = [_inputs(loaded.transform, 2, 1), _inputs(loaded.transform, 3, 2)]  # two batch sizes: dynamic
     if args.format == "onnx":
         try:

@@ -809,6 +809,9 @@ class ImageListDataset(Dataset):
         self.crop_scale = crop_scale
         self.resize_size = resize_size or round(size / 0.875)
         self.transform = transform
+        # another decoding of a file, replacing the one above: e.g. a saved model's own (its run contract's
+        # InputTransform.read, which `nestvit eval` uses on image folders, as `nestvit predict` does)
+        self.reader: Callable[[Path], torch.Tensor] | None = None
         # images of each class (what a caller checks for empty or tiny classes)
         self.counts: list[int] = np.bincount([label for _, label in self.samples],
                                              minlength=len(self.classes)).tolist()
@@ -824,6 +827,8 @@ class ImageListDataset(Dataset):
 
     def load_image(self, path: Path) -> torch.Tensor:
         """Decode one file to a uint8 ``3 x size x size`` tensor (centre crop, or a random-resized crop)."""
+        if self.reader is not None:
+            return self.reader(path)
         return decode_image(path, size=self.size, resize_size=self.resize_size,
                             crop_box=self.random_box if self.crop_scale else None)
 

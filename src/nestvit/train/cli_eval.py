@@ -10,6 +10,7 @@ image and/or its one-pixel shifts (test-time augmentation; ``--flip-tta`` is ``-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -23,7 +24,8 @@ from .config import PRECISIONS, DataSection
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a run directory or a .safetensors file written by nestvit train")
+    parser.add_argument("checkpoint", help="a run directory or a .safetensors file written by nestvit train, or an "
+                                           ".onnx file of nestvit export (run by onnxruntime)")
     parser.add_argument("--data", help="data set name, or a folder or CSV file of your images (as --data imagefolder "
                                        "--root PATH); default: the one the run trained on")
     parser.add_argument("--root", help="data directory (default: the run's data.root, else the default root)")
@@ -48,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..contract import load
+    from .cli_predict import load_checkpoint
     from .cli_train import one_line_errors
     from .distributed import DistInfo, resolve_device
     from .inputs import load_split
@@ -56,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from .plots import plot_confusion
 
     out = writable_dir(args.out) if args.out else None  # fail now, not after the evaluation
-    loaded = load(args.checkpoint, args.weights)
+    loaded = load_checkpoint(args.checkpoint, args.weights)
     if loaded.contract.kind != "classifier":
         raise ValueError(f"{loaded.weights} holds a {loaded.contract.kind}, not a classifier; eval needs one")
     transform = loaded.transform
@@ -71,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
         root is None or run_data.root is None or Path(root).resolve() == Path(run_data.root).resolve()) else None
     split = args.split or (same.eval_split if same is not None else None)  # None: the data's evaluation split
     root = root or (same.root if same is not None else None)
+    if name in ("imagefolder", "webdataset") and root is None:
+        raise ValueError(f"{loaded.weights}: which {name} to evaluate on? pass --data FOLDER (or --data {name} "
+                         "--root PATH)")
     section = eval_section(name, root, transform, same)
     device = resolve_device(args.device)
     model = loaded.model.to(device)
@@ -80,6 +85,9 @@ def run(args: argparse.Namespace) -> int:
     classes = loaded.classes
     with one_line_errors():
         data = load_split(section, split, device, classes=classes if _streamed(name) else None, limit=args.limit)
+    if data.folder is not None:  # image files: decoded as the model's contract says, as `nestvit predict` does
+        data.folder.reader = transform.read
+        data = dataclasses.replace(data, channels=transform.channels, size=transform.size)
     if len(data.classes) != len(classes):
         raise ValueError(f"{name} has {len(data.classes)} classes but the model was trained on {len(classes)}")
     result = evaluate(model, data, mean=transform.mean, std=transform.std, batch=args.batch_size,
@@ -122,8 +130,9 @@ def _streamed(name: str) -> bool:
 
 def eval_section(name: str, root: str | None, transform: InputTransform, run: DataSection | None = None
                  ) -> DataSection:
-    """The data section that prepares ``name``'s images as the model's transform says: image folders resized
-    and centre-cropped; in-memory sets resized to the transform's content size, then zero-padded. ``run``: the
+    """The data section that prepares ``name``'s images as the model's transform says: image folders at the
+    transform's size (each file then decoded by the transform itself, see ``run``); shards resized and
+    centre-cropped; in-memory sets resized to the transform's content size, then zero-padded. ``run``: the
     run's own data section (the same data set), whose splits, hold-out and class list it keeps, so that the
     evaluation finds the run's hold-out."""
     from .config import DataSection
@@ -131,7 +140,7 @@ def eval_section(name: str, root: str | None, transform: InputTransform, run: Da
     kept = {} if run is None else {"train_split": run.train_split, "eval_split": run.eval_split,
                                    "holdout": run.holdout, "classes": run.classes}
     size = transform.size[0]
-    if transform.resize == "center-crop":
+    if transform.resize == "center-crop" or name == "imagefolder":  # image files: read by the transform itself
         return DataSection(name=name, root=root, img_size=size, **kept)
     content = (transform.content or transform.size)[0]
     return DataSection(name=name, root=root, resize_to=content, pad_to=size if transform.content else None,

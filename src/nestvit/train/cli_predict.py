@@ -1,7 +1,8 @@
 """``nestvit predict CHECKPOINT IMAGE|FOLDER... [--top-k 5] [--out predictions.csv]``: class probabilities.
 
 CHECKPOINT is a run directory or a weights file; ``nestvit.load`` reads the model and its input
-transform from it (``nestvit.contract``): each image is decoded to the model's channels, resized (and
+transform from it (``nestvit.contract``); an ``.onnx`` file of ``nestvit export`` runs in onnxruntime with
+the contract stored in it: each image is decoded to the model's channels, resized (and
 zero-padded, or centre-cropped) as the training images were, normalised as in training and classified,
 ``--batch-size`` images at a time. A folder stands for every image file below it (sorted). Without
 ``--out`` the top classes are printed per image; with it they are written to a CSV file (``path, class_1,
@@ -25,7 +26,8 @@ OUT_FORMATS = (".csv", ".jsonl")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a run directory or a .safetensors file written by nestvit")
+    parser.add_argument("checkpoint", help="a run directory or a .safetensors file written by nestvit, or an .onnx "
+                                           "file of nestvit export")
     parser.add_argument("images", nargs="+", metavar="IMAGE",
                         help="image files (PNG, JPEG, ...) or folders (every image file below them)")
     parser.add_argument("--top-k", type=positive_int, default=5, help="classes per image (default 5)")
@@ -36,6 +38,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which weights of a run directory (default: best, else last)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+
+
+def load_checkpoint(checkpoint: str, which: str | None):
+    """``nestvit.load`` of a run folder or weights file, or an ONNX file of ``nestvit export`` (run by onnxruntime)."""
+    from ..contract import load
+    from ..export import load_exported
+
+    if Path(checkpoint).suffix in (".onnx", ".pt2"):
+        if which is not None:
+            raise ValueError(f"--weights {which}: {checkpoint} is an exported model, with one set of weights")
+        return load_exported(checkpoint)
+    return load(checkpoint, which)
 
 
 def image_paths(items: list[str]) -> list[Path]:
@@ -58,7 +72,6 @@ def image_paths(items: list[str]) -> list[Path]:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..contract import load
     from ..fileio import atomic_write_text
     from .distributed import resolve_device
 
@@ -66,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out}: write a .csv or a .jsonl file")
     if args.out is not None and args.out.is_dir():
         raise ValueError(f"--out {args.out}: is a folder; give a file name such as {args.out / 'predictions.csv'}")
-    loaded = load(args.checkpoint, args.weights)
+    loaded = load_checkpoint(args.checkpoint, args.weights)
     if loaded.contract.kind != "classifier":
         raise ValueError(f"{loaded.weights} holds a {loaded.contract.kind}, not a classifier; predict needs one")
     paths = image_paths(args.images)
