@@ -241,3 +241,15 @@ def test_explain_classes_not_utf8_names_the_file(weights, tmp_path, capsys):
     assert main(["explain", str(weights), str(image), "--method", "cam", "--classes", str(names),
                  "--out", str(tmp_path / "ex")]) == 2
     assert f"--classes {names}: not a UTF-8 text file" in one_line_error(capsys)
+
+
+def test_finetuning_plain_weights_names_model_name(tmp_path, capsys):
+    tiny = dict(embed_dims=16, num_heads=1, depths=1)
+    torch.save(nestvit.create_model("nest_tiny_cifar", **tiny).state_dict(), tmp_path / "plain.pth")
+    argv = ["train", "finetune", "--set", f"model.weights={tmp_path / 'plain.pth'}", "--set", "data.name=synthetic",
+            "--set", "data.img_size=32", "--set", "data.limit_train=32", "--set", "data.limit_eval=16", "--epochs", "1",
+            "--set", "progress=false"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 2
+    assert "for training --set model.name=NAME" in one_line_error(capsys)
+    named = [*argv, "--set", "model.name=nest_tiny_cifar", *[f"--set=model.overrides.{k}={v}" for k, v in tiny.items()]]
+    assert main([*named, "--out", str(tmp_path / "b")]) == 0

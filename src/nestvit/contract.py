@@ -391,7 +391,10 @@ def read_contract(path: str | Path, which: str | None = None) -> RunContract:
     weights = resolve_weights(path, which)
     contract = RunContract.from_metadata(read_state_dict(weights, tensors=False)[1], source=str(weights))
     if contract is None:
-        raise ContractError(f"{weights}: records no model (it was not written by nestvit)")
+        raise ContractError(f"{weights}: records no model (a timm or torch.save file, not written by nestvit); name "
+                            "its architecture: for training --set model.name=NAME (`nestvit models`; "
+                            "model.overrides.KEY=VALUE where it is not that model's default size), in Python "
+                            "nestvit.load(path, model=NAME)")
     return contract
 
 
