@@ -1,7 +1,7 @@
 """Arguments and files that a user gets wrong, across the commands: one line naming the problem and the fix.
 
 Each case was found by reading the command for input that still ended as a raw traceback, as "a bug in
-nestvit", or with advice that does not work. Every case here fails before any training or timing.
+nestvit", or with advice that does not work; where the message names a fix, the test also follows it.
 """
 
 from __future__ import annotations
@@ -144,13 +144,15 @@ def test_resuming_a_run_with_the_other_kind_of_command_names_the_right_command(t
     assert "nestvit generate train --resume" in one_line_error(capsys)
 
 
-@pytest.mark.parametrize("text, says", [("", "is empty"), ("steps: [1\n", "not valid YAML")])
+@pytest.mark.parametrize("text, says", [
+    ("", "is empty"), ("steps: [1\n", "cannot be read"), ("[1, 2]\n", "not a mapping")])
 def test_resuming_a_gan_run_with_a_damaged_config_is_one_line(tmp_path, capsys, text, says):
     run = tmp_path / "gan"
     run.mkdir()
     (run / "config.yaml").write_text(text)
     assert main(["generate", "train", "--resume", str(run)]) == 2
-    assert says in one_line_error(capsys)
+    err = one_line_error(capsys)
+    assert says in err and "the run's config is damaged; restore it" in err and "{}" not in err
 
 
 def test_sampling_from_a_classifier_run_says_it_is_one(tmp_path, capsys):
@@ -181,10 +183,11 @@ def test_plain_weights_name_a_fix_that_every_command_takes(tmp_path, capsys):
     save_file(model.state_dict(), str(plain))
     assert main(["export", str(plain)]) == 2
     err = one_line_error(capsys)
-    assert "records no model" in err and "nestvit.interop.save_weights(nestvit.create_model(NAME, weights=PATH)" in err
-    # the fix it names works: the saved file exports, evaluates and predicts like any run's
+    assert "records no model" in err and "save_weights(nestvit.create_model(NAME, weights=PATH, **OVERRIDES)" in err
+    # the fix it names works: the saved file exports like any run's
     fixed = save_weights(nestvit.create_model("nest_tiny_cifar", weights=plain, **TINY), tmp_path / "model.safetensors")
     assert nestvit.load(fixed).contract.model == "nest_tiny_cifar"
+    assert main(["export", str(fixed), "--format", "pt2", "--out", str(tmp_path / "m.pt2")]) == 0
 
 
 # ---------------------------------------------------------------------------------- callbacks, data, hub

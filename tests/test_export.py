@@ -9,7 +9,7 @@ import torch
 
 import nestvit
 from nestvit.cli import main
-from nestvit.contract import InputTransform, RunContract
+from nestvit.contract import ContractError, InputTransform, RunContract
 from nestvit.interop import save_weights
 
 TINY = dict(img_size=16, in_chans=1, num_classes=3, patch_size=2, num_levels=2, block_size=4, embed_dims=8,
@@ -115,4 +115,25 @@ def test_exports_that_predict_does_not_read_are_one_line(weights, tmp_path, caps
     assert main(["predict", str(tmp_path / "m.pt2"), str(image)]) == 2
     assert "may unpickle" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "m.pt2"), "--weights", "last", "--data", "x"]) == 2
-    assert "exported model, with one set of weights" in capsys.readouterr().err
+    assert "is an exported model: its weights and architecture are fixed" in capsys.readouterr().err
+    assert main(["explain", str(tmp_path / "m.pt2"), str(image), "--out", str(tmp_path / "ex")]) == 2
+    assert "explanations need the PyTorch model" in capsys.readouterr().err
+
+
+def test_an_onnx_export_without_class_names_predicts_and_loads_in_python(tmp_path, capsys):
+    pytest.importorskip("onnxruntime", reason="install the test extras: pip install -e '.[test]'")
+    from PIL import Image
+
+    model = nestvit.create_model("nest_tiny_cifar", **TINY)  # create_model's contract: no classes, no transform
+    weights = save_weights(model, tmp_path / "w.safetensors")
+    assert main(["export", str(weights), "--out", str(tmp_path / "m.onnx")]) == 0
+    Image.new("L", (16, 16)).save(tmp_path / "x.png")
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "m.onnx"), str(tmp_path / "x.png"), "--top-k", "2"]) == 0
+    assert capsys.readouterr().out.count("%") == 2
+    loaded = nestvit.load(tmp_path / "m.onnx")  # the one loader reads exports too
+    assert loaded.classes == ["class0", "class1", "class2"]
+    x = torch.randn(2, 1, 16, 16)
+    assert torch.allclose(loaded.model(x), nestvit.load(weights).model(x), atol=1e-4)
+    with pytest.raises(ContractError, match="exported model"):
+        nestvit.load(tmp_path / "m.onnx", "last")

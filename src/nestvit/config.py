@@ -212,8 +212,24 @@ def recipe_summary(path: Path) -> str:
     return ""
 
 
-def _read_mapping(path: Path) -> dict[str, Any]:
-    """A recipe or run config file as a dict: UTF-8 YAML, not empty, a mapping (one ``ConfigError`` otherwise)."""
+def _read_mapping(path: Path, run: bool = False) -> dict[str, Any]:
+    """A recipe (or with ``run`` a run folder's config) as a dict: UTF-8 YAML, not empty, a mapping (one
+    ``ConfigError`` otherwise, whose fix suits a recipe one writes or a run's file one restores)."""
+    if run:
+        try:
+            raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raw = e
+        if not isinstance(raw, dict):
+            if raw is None:
+                why = "is empty"
+            elif isinstance(raw, Exception):
+                why = f"cannot be read ({type(raw).__name__})"
+            else:
+                why = "is not a mapping of keys to values"
+            raise ConfigError(f"{path} {why}: the run's config is damaged; restore it from a copy (it is what "
+                              "the run was started with), or start a new run")
+        return raw
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
@@ -274,11 +290,13 @@ def read_run_config(run_dir: str | Path, kind: str) -> dict[str, Any]:
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{run_dir}: no config.yaml; is it a `{COMMANDS[kind]}` run folder?")
-    raw = _read_mapping(path)
+    raw = _read_mapping(path, run=True)
     # runs written before kinds existed name none: a GAN run's config has a generator
     declared = recipe_kind(raw) if KIND_KEY in raw else "gan" if "generator" in raw else "classifier"
     if declared != kind:
-        raise ConfigError(f"{run_dir} is a {declared} run (its config.yaml says kind: {declared}); resume it with "
+        said = f"says kind: {declared}" if KIND_KEY in raw else "has a generator" if declared == "gan" else \
+            "has no generator"
+        raise ConfigError(f"{run_dir} is a {declared} run (its config.yaml {said}); resume it with "
                           f"`{COMMANDS[declared]} --resume {run_dir}`")
     return {k: v for k, v in raw.items() if k != KIND_KEY}
 

@@ -34,6 +34,7 @@ __all__ = ["CONTRACT_KEY", "ContractError", "InputTransform", "Loaded", "RunCont
            "open_image", "read_contract", "resolve_weights"]
 
 CONTRACT_KEY = "nestvit.contract"
+EXPORTED_SUFFIXES = (".onnx", ".pt2")  # files of `nestvit export` (nestvit.export.load_exported)
 CONTRACT_VERSION = 1
 Kind = Literal["classifier", "generator", "discriminator"]
 Resize = Literal["stretch", "center-crop"]
@@ -110,8 +111,9 @@ class InputTransform:
         if self.resize == "center-crop":  # the very decoding of image-folder training (JPEG draft mode included)
             from .data.datasets import DatasetError, decode_image
 
-            open_image(path).close()  # a missing, unreadable or huge file: one clear error
-            try:
+            if not Path(path).is_file():
+                raise ContractError(f"{path}: no such image file")
+            try:  # an unreadable or huge file: one clear error
                 x = decode_image(Path(path), size=self.size[0], resize_size=round(self.size[0] / self.crop_pct))
             except DatasetError as e:
                 raise ContractError(str(e)) from None
@@ -408,6 +410,13 @@ def load(path: str | Path, which: str | None = None, *, model: str | None = None
     """
     from .interop import load_weights, read_state_dict
 
+    if Path(path).suffix in EXPORTED_SUFFIXES:  # a file of `nestvit export`: one set of weights, its own runtime
+        if which is not None or model is not None or overrides:
+            raise ContractError(f"{path} is an exported model: its weights and architecture are fixed; give the run "
+                                "folder to choose weights or change the model")
+        from .export import load_exported
+
+        return load_exported(path)
     weights = resolve_weights(path, which)
     _, meta = read_state_dict(weights, tensors=False)
     contract = RunContract.from_metadata(meta, source=str(weights))
@@ -416,8 +425,8 @@ def load(path: str | Path, which: str | None = None, *, model: str | None = None
             raise ContractError(f"{weights}: records no model (it was not written by nestvit); name its "
                                 "architecture: nestvit.load(path, model=NAME, overrides={...}) (`nestvit explain`: "
                                 "--model NAME --set KEY=VALUE), or save it once with a contract that every command "
-                                "reads: nestvit.interop.save_weights(nestvit.create_model(NAME, weights=PATH), "
-                                "'model.safetensors')")
+                                "reads: nestvit.interop.save_weights(nestvit.create_model(NAME, weights=PATH, "
+                                "**OVERRIDES), 'model.safetensors')")
         contract = RunContract(model=model)
     if overrides:
         contract = replace(contract, kwargs={**contract.kwargs, **overrides})

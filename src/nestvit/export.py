@@ -129,6 +129,7 @@ class OnnxModel(torch.nn.Module):
 
         self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
+        self.num_classes = int(self.session.get_outputs()[0].shape[-1])  # the logits' width (fixed; batch is not)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.session.run(None, {self.input_name: x.detach().float().cpu().numpy()})[0]
@@ -140,7 +141,7 @@ def load_exported(path: str | Path):
     :class:`OnnxModel`, its transform and classes from the contract in the file), for ``predict`` and ``eval``:
     what is shipped is checked with the same commands as the run. A ``.pt2`` program is refused: reading one
     (``torch.export.load``) may unpickle, so it is for files you trust, in Python."""
-    from .contract import ContractError, Loaded, RunContract
+    from .contract import ContractError, Loaded, RunContract, _run_config
 
     path = Path(path)
     if path.suffix == FORMATS["pt2"]:
@@ -165,7 +166,9 @@ def load_exported(path: str | Path):
     contract = RunContract.from_json(meta[CONTRACT_KEY], source=str(path))
     if contract.kind != "classifier" or contract.transform is None:
         raise ContractError(f"{path}: its contract has no classifier input transform; export the run again")
-    return Loaded(model=OnnxModel(path), transform=contract.transform, contract=contract, weights=path)
+    # beside its run's config.yaml (the default --out), eval finds the run's data as for the run's weights
+    return Loaded(model=OnnxModel(path), transform=contract.transform, contract=contract, weights=path,
+                  config=_run_config(path, "classifier"))
 
 
 def run(args: argparse.Namespace) -> int:

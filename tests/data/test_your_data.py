@@ -485,6 +485,19 @@ def test_train_eval_predict_on_class_folders(tmp_path, recipe, capsys):
                                                                                                  "a.png")
     assert main(["eval", str(run), "--data", str(other)]) == 0
     assert "imagefolder:test (2 images)" in capsys.readouterr().out
+    flat = tmp_path / "more_photos"  # class folders only: all of it, not a hold-out
+    for cls in ("daisy", "rose"):
+        (flat / cls / ".ipynb_checkpoints").mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((10, 10, 3), 40 if cls == "daisy" else 210, np.uint8)).save(flat / cls / f"{i}.png")
+        Image.new("RGB", (10, 10)).save(flat / cls / ".ipynb_checkpoints" / "0-checkpoint.png")  # hidden: left out
+    assert main(["eval", str(run), "--data", str(flat)]) == 0
+    assert "imagefolder:train (6 images)" in capsys.readouterr().out
+    assert main(["eval", str(run), "--data", str(tmp_path / "photoz")]) == 2
+    assert "neither a data set" in capsys.readouterr().err
+    # the ONNX export beside the run reads the run's data as the run does
+    assert main(["export", str(run)]) == 0 and main(["eval", str(run / "model.onnx")]) == 0
+    assert "imagefolder:holdout (2 images)" in capsys.readouterr().out
     assert main(["eval", str(run), "--data", str(other), "--root", str(root)]) == 2
     assert "give one of them" in capsys.readouterr().err
 

@@ -881,11 +881,14 @@ class ImageFolderDataset(ImageListDataset):
 
 
 def class_images(folder: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Path]:
-    """The image files under ``folder`` (any depth), sorted; none if it is not a directory."""
+    """The image files under ``folder`` (any depth), sorted; none if it is not a directory. Hidden files and
+    folders (a name starting with ".", e.g. Jupyter's ``.ipynb_checkpoints`` copies) are left out, as hidden class
+    folders are."""
     if not folder.is_dir():
         return []
     exts = {e.lower() for e in extensions}
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in exts and p.is_file())
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in exts and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 def make_loader(

@@ -102,7 +102,12 @@ def _stats(values: list[float] | None, recorded: tuple[float, ...], name: str) -
 # ----------------------------------------------------------------------------------------------
 
 def _split_inputs(inputs: list[str], model_name: str | None) -> tuple[Path | None, list[Path]]:
+    from ..contract import EXPORTED_SUFFIXES
+
     first = Path(inputs[0])
+    if first.suffix in EXPORTED_SUFFIXES:
+        raise ValueError(f"{first} is an exported model; explanations need the PyTorch model (its gradients, "
+                         "attention and feature maps): give the run folder or its weights file")
     if first.is_dir() or first.suffix in WEIGHT_SUFFIXES:
         if len(inputs) < 2:
             raise ValueError("no images given after the checkpoint")

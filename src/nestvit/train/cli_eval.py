@@ -1,7 +1,10 @@
-"""``nestvit eval CHECKPOINT [--data NAME] [--root PATH] [--split test]``: accuracy of a trained model.
+"""``nestvit eval CHECKPOINT [--data NAME|FOLDER] [--root PATH] [--split test]``: accuracy of a trained model.
 
-CHECKPOINT is a run directory (its ``best.safetensors`` by default, see ``--weights``) or a
-weights file; ``nestvit.load`` reads the model and its input transform from it (``nestvit.contract``).
+CHECKPOINT is a run directory (its ``best.safetensors`` by default, see ``--weights``), a weights file or
+an ONNX file of ``nestvit export``; ``nestvit.load`` reads the model and its input transform from it
+(``nestvit.contract``). ``--data`` names a data set, or a folder or CSV file of images: the run's own folder
+is evaluated as in training (its hold-out), another folder whole (or its val or test split); image files are
+decoded by the model's input transform, as ``nestvit predict`` decodes them.
 Prints loss, top-1, top-5 and per-class accuracy; ``--out DIR`` also writes the confusion matrix as
 JSON and PNG. ``--tta flip|shift|flip-shift`` averages each image's softmax output over its mirror
 image and/or its one-pixel shifts (test-time augmentation; ``--flip-tta`` is ``--tta flip``).
@@ -50,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli_predict import load_checkpoint
+    from ..contract import load
+    from ..export import OnnxModel
     from .cli_train import one_line_errors
     from .distributed import DistInfo, resolve_device
     from .inputs import load_split
@@ -58,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from .plots import plot_confusion
 
     out = writable_dir(args.out) if args.out else None  # fail now, not after the evaluation
-    loaded = load_checkpoint(args.checkpoint, args.weights)
+    loaded = load(args.checkpoint, args.weights)
     if loaded.contract.kind != "classifier":
         raise ValueError(f"{loaded.weights} holds a {loaded.contract.kind}, not a classifier; eval needs one")
     transform = loaded.transform
@@ -77,6 +81,17 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{loaded.weights}: which {name} to evaluate on? pass --data FOLDER (or --data {name} "
                          "--root PATH)")
     section = eval_section(name, root, transform, same)
+    if same is None and name == "imagefolder":
+        # another folder of images than the run's: all of it is evaluation data (its val or test split if it has one)
+        from ..data.folders import EVAL_SPLITS, find_layout
+
+        if split is None:
+            layout = find_layout(root, "train")
+            split = next((s for s in EVAL_SPLITS if s in layout.splits), "train")
+        section = dataclasses.replace(section, holdout=0.0, eval_split=split)
+    if isinstance(loaded.model, OnnxModel) and args.precision != "fp32":
+        raise ValueError(f"--precision {args.precision}: {loaded.weights} is an ONNX file; onnxruntime runs it in "
+                         "float32 as exported")
     device = resolve_device(args.device)
     model = loaded.model.to(device)
     precision = resolve_precision(args.precision, device)
@@ -115,8 +130,11 @@ def data_and_root(data: str | None, root: str | None) -> tuple[str | None, str |
     ``imagefolder`` with that root (a built-in data set's name wins over a folder of the same name)."""
     from ..data.datasets import DATASETS
 
-    if data is None or data in DATASETS or data == "synthetic" or not Path(data).exists():
+    if data is None or data in DATASETS or data == "synthetic":
         return data, root
+    if not Path(data).exists():
+        raise ValueError(f"--data {data}: neither a data set ({', '.join(DATASETS)}, synthetic) nor a folder or CSV "
+                         "file of images")
     if root is not None and Path(root).resolve() != Path(data).resolve():
         raise ValueError(f"--data {data} is a folder of images and --root {root} another; give one of them")
     return "imagefolder", data

@@ -40,18 +40,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 
 
-def load_checkpoint(checkpoint: str, which: str | None):
-    """``nestvit.load`` of a run folder or weights file, or an ONNX file of ``nestvit export`` (run by onnxruntime)."""
-    from ..contract import load
-    from ..export import load_exported
-
-    if Path(checkpoint).suffix in (".onnx", ".pt2"):
-        if which is not None:
-            raise ValueError(f"--weights {which}: {checkpoint} is an exported model, with one set of weights")
-        return load_exported(checkpoint)
-    return load(checkpoint, which)
-
-
 def image_paths(items: list[str]) -> list[Path]:
     """The files of ``items``, a folder standing for every image file below it (sorted), in the order given."""
     from ..data.datasets import IMAGE_EXTENSIONS, class_images
@@ -64,14 +52,18 @@ def image_paths(items: list[str]) -> list[Path]:
             if not found:
                 raise ValueError(f"{path}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in the folder or below it")
             paths += found
+        elif path.is_file():
+            paths.append(path)  # an unreadable file is named when it is read
         else:
-            paths.append(path)  # a missing or unreadable file is named when it is read
+            raise ValueError(f"{path}: no such image file or folder")
     return paths
 
 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from ..cli_args import writable_dir
+    from ..contract import load
     from ..fileio import atomic_write_text
     from .distributed import resolve_device
 
@@ -79,7 +71,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out}: write a .csv or a .jsonl file")
     if args.out is not None and args.out.is_dir():
         raise ValueError(f"--out {args.out}: is a folder; give a file name such as {args.out / 'predictions.csv'}")
-    loaded = load_checkpoint(args.checkpoint, args.weights)
+    if args.out is not None:
+        writable_dir(args.out.parent)  # fail now, not after every image has been classified
+    loaded = load(args.checkpoint, args.weights)
     if loaded.contract.kind != "classifier":
         raise ValueError(f"{loaded.weights} holds a {loaded.contract.kind}, not a classifier; predict needs one")
     paths = image_paths(args.images)
