@@ -126,6 +126,7 @@ class Trainer:
         self.cfg = cfg
         self.classes = self.train_split.classes
         self.num_classes = len(self.classes)
+        self.top_k = min(5, self.num_classes)  # "top-5" of fewer classes is top-k of all of them (always 100 %)
 
         # model, EMA, teacher
         self.model, self.model_kwargs = _build(cfg.model, "model.overrides", num_classes=self.num_classes,
@@ -481,8 +482,9 @@ class Trainer:
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
             if test is not None:
                 ema_top1, tta_top1 = summary.get("ema_top1"), summary.get("test_top1_tta")
-                self.say(f"done in {_fmt_time(wall)}: test top-1 {test.top1:.2f}% top-5 {test.top5:.2f}% (best "
-                         f"{self.best_top1:.2f}%)" + (f", EMA top-1 {ema_top1:.2f}%" if ema_top1 is not None else "")
+                self.say(f"done in {_fmt_time(wall)}: test top-1 {test.top1:.2f}% top-{self.top_k} {test.top5:.2f}% "
+                         f"(best {self.best_top1:.2f}%)"
+                         + (f", EMA top-1 {ema_top1:.2f}%" if ema_top1 is not None else "")
                          + (f", {cfg.tta} TTA top-1 {tta_top1:.2f}%" if tta_top1 is not None else "")
                          + f"; {self.run_dir}")
         self.log.close()
@@ -493,7 +495,7 @@ class Trainer:
                 f" | {r['img_s']:.0f} img/s (input pipeline alone {r['data_img_s']:.0f} img/s)"
                 f" | {_fmt_time(r['time_s'])}")
         if "test_top1" in r:
-            line += f" | test top-1 {r['test_top1']:.2f}% top-5 {r['test_top5']:.2f}%"
+            line += f" | test top-1 {r['test_top1']:.2f}% top-{self.top_k} {r['test_top5']:.2f}%"
         if "ema_top1" in r:
             line += f" | EMA top-1 {r['ema_top1']:.2f}%"
         if "test_top1_tta" in r:
