@@ -20,11 +20,11 @@ USER_ERRORS = (UserError, ValueError, FileNotFoundError, PermissionError, IsADir
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "models": ("nestvit.cli_models", "list registered models: params, GFLOPs, input size, family"),
+    "models": ("nestvit.cli_models", "list the registered classifiers: params, GFLOPs, input size, family"),
     "pretrained": ("nestvit.pretrained", "list (and download) published weights: source, licence, top-1, SHA-256"),
     "train": ("nestvit.train.cli_train", "train a model from a recipe"),
-    "eval": ("nestvit.train.cli_eval", "evaluate a checkpoint on a data set"),
-    "predict": ("nestvit.train.cli_predict", "classify image files with a checkpoint"),
+    "eval": ("nestvit.train.cli_eval", "evaluate a checkpoint (or its ONNX export) on a data set or image folder"),
+    "predict": ("nestvit.train.cli_predict", "classify image files or folders with a checkpoint (to CSV/JSONL)"),
     "bench": ("nestvit.bench", "measure throughput, FLOPs, MFU and memory"),
     "explain": ("nestvit.explain.cli", "GradCAT / CAM / Grad-CAM / rollout / occlusion explanations as PNG"),
     "generate": ("nestvit.generate.cli", "train the NesT generator (GAN) and sample images"),
