@@ -69,6 +69,25 @@ def rand_input(model, batch: int = 2, size: tuple[int, int] | None = None) -> to
     return torch.randn(batch, model.in_chans, h, w, generator=torch.Generator().manual_seed(1))
 
 
+# a saved classifier for the commands' tests: NesT, 1x16x16 input, 3 named classes
+TINY_CLASSIFIER = dict(img_size=16, in_chans=1, num_classes=3, patch_size=2, num_levels=2, block_size=4, embed_dims=8,
+                       num_heads=2, depths=1)
+
+
+@pytest.fixture
+def weights(tmp_path) -> Path:
+    """``tmp_path/run/best.safetensors``: a :data:`TINY_CLASSIFIER` NesT with its contract (classes a, b, c; mean 0.5,
+    std 0.25), as a run folder's weights without the run."""
+    from nestvit.contract import InputTransform, RunContract
+    from nestvit.interop import save_weights
+
+    torch.manual_seed(0)
+    model = nestvit.create_model("nest_tiny_cifar", **TINY_CLASSIFIER)
+    contract = RunContract(model="nest_tiny_cifar", kwargs=TINY_CLASSIFIER, classes=("a", "b", "c"),
+                           transform=InputTransform(channels=1, size=(16, 16), mean=(0.5,), std=(0.25,)))
+    return save_weights(model, tmp_path / "run" / "best.safetensors", contract=contract)
+
+
 @pytest.fixture
 def golden_dir() -> Path:
     if not GOLDEN.is_dir():

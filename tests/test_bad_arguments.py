@@ -15,14 +15,12 @@ import yaml
 import nestvit
 from nestvit.cli import main
 from nestvit.config import ConfigError
-from nestvit.contract import ContractError, InputTransform, RunContract
+from nestvit.contract import ContractError
 from nestvit.explain.localization import map_to_box
 from nestvit.generate.train import GanConfig
 from nestvit.interop import save_weights
 from nestvit.train.hooks import Callback, load_callback
-
-TINY = dict(img_size=16, in_chans=1, num_classes=3, patch_size=2, num_levels=2, block_size=4, embed_dims=8,
-            num_heads=2, depths=1)
+from tests.conftest import TINY_CLASSIFIER as TINY
 
 
 def one_line_error(capsys) -> str:
@@ -37,15 +35,6 @@ def argparse_error(argv: list[str], capsys) -> str:
         main(argv)
     assert exc.value.code == 2
     return capsys.readouterr().err
-
-
-@pytest.fixture
-def weights(tmp_path):
-    torch.manual_seed(0)
-    model = nestvit.create_model("nest_tiny_cifar", **TINY)
-    contract = RunContract(model="nest_tiny_cifar", kwargs=TINY, classes=("a", "b", "c"),
-                           transform=InputTransform(channels=1, size=(16, 16), mean=(0.5,), std=(0.25,)))
-    return save_weights(model, tmp_path / "run" / "best.safetensors", contract=contract)
 
 
 # ---------------------------------------------------------------------------------- argument types

@@ -9,20 +9,9 @@ import torch
 
 import nestvit
 from nestvit.cli import main
-from nestvit.contract import ContractError, InputTransform, RunContract
+from nestvit.contract import ContractError, RunContract
 from nestvit.interop import save_weights
-
-TINY = dict(img_size=16, in_chans=1, num_classes=3, patch_size=2, num_levels=2, block_size=4, embed_dims=8,
-            num_heads=2, depths=1)
-
-
-@pytest.fixture
-def weights(tmp_path):
-    torch.manual_seed(0)
-    model = nestvit.create_model("nest_tiny_cifar", **TINY)
-    contract = RunContract(model="nest_tiny_cifar", kwargs=TINY, classes=("a", "b", "c"),
-                           transform=InputTransform(channels=1, size=(16, 16), mean=(0.5,), std=(0.25,)))
-    return save_weights(model, tmp_path / "run" / "best.safetensors", contract=contract)
+from tests.conftest import TINY_CLASSIFIER as TINY
 
 
 def test_onnx_with_dynamic_batch_checked_by_onnxruntime(weights, capsys):

@@ -8,26 +8,24 @@ from pathlib import Path
 from typing import Any
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1 (batch sizes, counts, top-k)."""
+def _int(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (batch sizes, counts, top-k)."""
+    return _int(text, 1)
 
 
 def nonnegative_int(text: str) -> int:
     """An integer >= 0 (sizes where 0 means "all")."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+    return _int(text, 0)
 
 
 def _float(text: str) -> float:
