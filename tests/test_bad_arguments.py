@@ -242,6 +242,6 @@ def test_finetuning_plain_weights_names_model_name(tmp_path, capsys):
             "--set", "data.img_size=32", "--set", "data.limit_train=32", "--set", "data.limit_eval=16", "--epochs", "1",
             "--set", "progress=false"]
     assert main([*argv, "--out", str(tmp_path / "a")]) == 2
-    assert "for training --set model.name=NAME" in one_line_error(capsys)
+    assert "training --set model.name=NAME --set model.overrides.KEY=VALUE" in one_line_error(capsys)
     named = [*argv, "--set", "model.name=nest_tiny_cifar", *[f"--set=model.overrides.{k}={v}" for k, v in tiny.items()]]
     assert main([*named, "--out", str(tmp_path / "b")]) == 0

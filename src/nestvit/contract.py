@@ -393,11 +393,18 @@ def read_contract(path: str | Path, which: str | None = None) -> RunContract:
     weights = resolve_weights(path, which)
     contract = RunContract.from_metadata(read_state_dict(weights, tensors=False)[1], source=str(weights))
     if contract is None:
-        raise ContractError(f"{weights}: records no model (a timm or torch.save file, not written by nestvit); name "
-                            "its architecture: for training --set model.name=NAME (`nestvit models`; "
-                            "model.overrides.KEY=VALUE where it is not that model's default size), in Python "
-                            "nestvit.load(path, model=NAME)")
+        raise no_model_error(weights)
     return contract
+
+
+def no_model_error(weights: Path) -> ContractError:
+    """The error for weights that record no model (a timm or ``torch.save`` file), with every way to name it."""
+    return ContractError(f"{weights}: records no model (a timm or torch.save file, not written by nestvit); name its "
+                         "architecture (`nestvit models`; its size options where they are not the default): training "
+                         "--set model.name=NAME --set model.overrides.KEY=VALUE, explain --model NAME --set "
+                         "KEY=VALUE, Python nestvit.load(path, model=NAME, overrides={...}); or save it once with a "
+                         "contract that every command reads: nestvit.interop.save_weights(nestvit.create_model(NAME, "
+                         "weights=PATH, **OVERRIDES), 'model.safetensors')")
 
 
 def load(path: str | Path, which: str | None = None, *, model: str | None = None,
@@ -422,11 +429,7 @@ def load(path: str | Path, which: str | None = None, *, model: str | None = None
     contract = RunContract.from_metadata(meta, source=str(weights))
     if contract is None or (model is not None and model != contract.model):
         if model is None:
-            raise ContractError(f"{weights}: records no model (it was not written by nestvit); name its "
-                                "architecture: nestvit.load(path, model=NAME, overrides={...}) (`nestvit explain`: "
-                                "--model NAME --set KEY=VALUE), or save it once with a contract that every command "
-                                "reads: nestvit.interop.save_weights(nestvit.create_model(NAME, weights=PATH, "
-                                "**OVERRIDES), 'model.safetensors')")
+            raise no_model_error(weights)
         contract = RunContract(model=model)
     if overrides:
         contract = replace(contract, kwargs={**contract.kwargs, **overrides})
