@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                        "--root PATH); default: the one the run trained on")
     parser.add_argument("--root", help="data directory (default: the run's data.root, else the default root)")
     parser.add_argument("--split", default=None, help="split to evaluate (default: the run's eval split, e.g. its "
-                             "holdout; else the data's: test, or val/test/holdout for folders)")
+                             "holdout; else the data's test split; another image folder's val or test split, else "
+                             "all of it)")
     parser.add_argument("--weights", default=None, choices=["best", "last", "ema"],
                         help="which weights of a run directory (default: best, else last)")
     parser.add_argument("--batch-size", type=positive_int, default=500, help="images per forward pass (default 500)")
