@@ -9,7 +9,7 @@ import torch
 
 import nestvit
 from nestvit.cli import main
-from nestvit.contract import ContractError, RunContract
+from nestvit.contract import ContractError, RunContract, read_contract
 from nestvit.interop import save_weights
 from tests.conftest import TINY_CLASSIFIER as TINY
 
@@ -120,6 +120,7 @@ def test_an_onnx_export_without_class_names_predicts_and_loads_in_python(tmp_pat
     capsys.readouterr()
     assert main(["predict", str(tmp_path / "m.onnx"), str(tmp_path / "x.png"), "--top-k", "2"]) == 0
     assert capsys.readouterr().out.count("%") == 2
+    assert read_contract(tmp_path / "m.onnx").model == "nest_tiny_cifar"  # what bench reads of a file
     loaded = nestvit.load(tmp_path / "m.onnx")  # the one loader reads exports too
     assert loaded.classes == ["class0", "class1", "class2"]
     x = torch.randn(2, 1, 16, 16)

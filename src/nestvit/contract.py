@@ -390,6 +390,10 @@ def read_contract(path: str | Path, which: str | None = None) -> RunContract:
     """The contract of a run directory or weights file, from its metadata alone (no tensors are read)."""
     from .interop import read_state_dict
 
+    if Path(path).suffix in EXPORTED_SUFFIXES:
+        from .export import exported_contract
+
+        return exported_contract(path)
     weights = resolve_weights(path, which)
     contract = RunContract.from_metadata(read_state_dict(weights, tensors=False)[1], source=str(weights))
     if contract is None:

@@ -136,12 +136,11 @@ class OnnxModel(torch.nn.Module):
         return torch.from_numpy(out).to(x.device)
 
 
-def load_exported(path: str | Path):
-    """An ONNX file written by ``nestvit export`` as a :class:`nestvit.contract.Loaded` (its model an
-    :class:`OnnxModel`, its transform and classes from the contract in the file), for ``predict`` and ``eval``:
-    what is shipped is checked with the same commands as the run. A ``.pt2`` program is refused: reading one
-    (``torch.export.load``) may unpickle, so it is for files you trust, in Python."""
-    from .contract import ContractError, Loaded, RunContract, _run_config
+def exported_contract(path: str | Path):
+    """The run contract stored in an ONNX file of ``nestvit export`` (its metadata alone is read). A ``.pt2``
+    program is refused: reading one (``torch.export.load``) may unpickle, so it is for files you trust, in
+    Python."""
+    from .contract import ContractError, RunContract
 
     path = Path(path)
     if path.suffix == FORMATS["pt2"]:
@@ -151,10 +150,8 @@ def load_exported(path: str | Path):
         raise ContractError(f"{path}: no such ONNX file")
     try:
         import onnx
-        import onnxruntime  # noqa: F401
     except ImportError:
-        raise ContractError(f"{path}: running an ONNX file needs onnx and onnxruntime: pip install "
-                            "'nestvit[export]'") from None
+        raise ContractError(f"{path}: reading an ONNX file needs onnx: pip install 'nestvit[export]'") from None
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001 - onnx raises DecodeError and others for a file that is not a model
@@ -163,9 +160,24 @@ def load_exported(path: str | Path):
     meta = {p.key: p.value for p in proto.metadata_props}
     if CONTRACT_KEY not in meta:
         raise ContractError(f"{path}: records no nestvit run contract (it was not written by nestvit export)")
-    contract = RunContract.from_json(meta[CONTRACT_KEY], source=str(path))
+    return RunContract.from_json(meta[CONTRACT_KEY], source=str(path))
+
+
+def load_exported(path: str | Path):
+    """An ONNX file written by ``nestvit export`` as a :class:`nestvit.contract.Loaded` (its model an
+    :class:`OnnxModel`, its transform and classes from the contract in the file), for ``predict`` and ``eval``:
+    what is shipped is checked with the same commands as the run."""
+    from .contract import ContractError, Loaded, _run_config
+
+    path = Path(path)
+    contract = exported_contract(path)
     if contract.kind != "classifier" or contract.transform is None:
         raise ContractError(f"{path}: its contract has no classifier input transform; export the run again")
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise ContractError(f"{path}: running an ONNX file needs onnxruntime: pip install 'nestvit[export]'") \
+            from None
     # beside its run's config.yaml (the default --out), eval finds the run's data as for the run's weights
     return Loaded(model=OnnxModel(path), transform=contract.transform, contract=contract, weights=path,
                   config=_run_config(path, "classifier"))
