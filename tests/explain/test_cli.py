@@ -81,6 +81,17 @@ def test_nest_methods_write_pngs(tmp_path, images, method, capsys):
     assert "->" in capsys.readouterr().out
 
 
+def test_images_of_the_same_name_get_a_png_each(tmp_path, images):
+    ckpt = save(tmp_path, NEST, "nest.safetensors")
+    same = []
+    for folder in ("cats", "dogs"):
+        (tmp_path / folder).mkdir()
+        same.append(tmp_path / folder / "0.png")
+        same[-1].write_bytes(images[0].read_bytes())
+    assert main(["explain", str(ckpt), *map(str, same), "--method", "cam", "--out", str(tmp_path / "out")]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cats_0_cam.png", "dogs_0_cam.png"]
+
+
 def test_vit_gradcam_and_rollout_from_a_run_directory(tmp_path, images):
     run = tmp_path / "run"
     run.mkdir()

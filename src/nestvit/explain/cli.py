@@ -10,7 +10,8 @@ predict`` and training prepare it. For a file that records no model (a timm or `
 dict) ``--model NAME`` / ``--set KEY=VALUE`` name the architecture; ``--set`` also replaces recorded
 constructor arguments, and ``--mean`` / ``--std`` the recorded normalisation.
 
-For every image, one PNG ``<out>/<image stem>_<method>.png`` is written; ``--json`` adds the numbers.
+For every image, one PNG ``<out>/<image stem>_<method>.png`` is written (images of the same name get their
+folders' names in front: ``cats_0_gradcat.png``); ``--json`` adds the numbers.
 """
 
 from __future__ import annotations
@@ -118,6 +119,17 @@ def _split_inputs(inputs: list[str], model_name: str | None) -> tuple[Path | Non
     return None, [Path(p) for p in inputs]
 
 
+def output_stems(paths: list[Path]) -> list[str]:
+    """A distinct name per image for its PNG: the file's stem, with as many of its folders as it takes to tell
+    images of the same name apart (``cats/0.png``, ``dogs/0.png`` -> ``cats_0``, ``dogs_0``)."""
+    parts = [p.with_suffix("").parts for p in paths]
+    for k in range(1, max(len(x) for x in parts) + 1):
+        stems = ["_".join(x[-k:]) for x in parts]
+        if len(set(stems)) == len(stems):
+            return stems
+    return [f"{i}_{stem}" for i, stem in enumerate(stems)]  # the same file given twice
+
+
 def run(args: argparse.Namespace) -> int:
     from . import attention_rollout, grad_cam, gradcat, map_to_box, nest_cam, occlusion, predict
     from .plot import gradcat_figure, heatmap_figure
@@ -149,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--class must lie in 0..{model.num_classes - 1}")
 
     raw = transform.read_batch(image_paths)
+    stems = output_stems(image_paths)
     x = transform(raw)
     n_bars = min(max(args.top_k, 5), model.num_classes)
     top_c, top_p = predict(model, x, n_bars)
@@ -158,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
         target = None if args.target is None else torch.full((len(x), 1), args.target, dtype=torch.long)
         res = gradcat(model, x, target=target, top_k=args.top_k, sign=args.sign, top=args.top_map)
         for b, p in enumerate(image_paths):
-            out = gradcat_figure(out_dir / f"{p.stem}_gradcat.png", raw[b], res, b, top_classes=top_c[b],
+            out = gradcat_figure(out_dir / f"{stems[b]}_gradcat.png", raw[b], res, b, top_classes=top_c[b],
                                  top_probs=top_p[b], class_names=names)
             entry = {"image": str(p), "png": str(out), "explained": []}
             for k in range(res.classes.shape[1]):
@@ -188,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
             c = int(top_c[b, 0]) if args.target is None else args.target
             box = map_to_box(heat[b], args.threshold) if args.threshold is not None else None
             explained = "" if args.method == "rollout" else label(c)
-            out = heatmap_figure(out_dir / f"{p.stem}_{args.method}.png", raw[b], heat[b],
+            out = heatmap_figure(out_dir / f"{stems[b]}_{args.method}.png", raw[b], heat[b],
                                  method=titles[args.method], explained=explained, top_classes=top_c[b],
                                  top_probs=top_p[b], class_names=names, box=box)
             entry = {"image": str(p), "png": str(out), "class": None if args.method == "rollout" else c,
