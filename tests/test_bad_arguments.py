@@ -60,6 +60,8 @@ def test_out_of_range_arguments_are_refused_by_the_parser(argv, flag, capsys):
 def test_an_unreadable_image_size_names_the_flag(capsys):
     assert main(["bench", "nest_tiny_cifar", "--img-size", "abc"]) == 2
     assert "--img-size expects H or H,W" in one_line_error(capsys)
+    assert main(["bench", "nest_tiny_cifar", "--data", "nope"]) == 2  # before any model is timed
+    assert "--data nope: neither a data set" in one_line_error(capsys)
 
 
 def test_the_explain_threshold_is_checked_by_the_library_too():

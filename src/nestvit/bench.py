@@ -528,6 +528,11 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ValueError("--threads must be >= 1")
         torch.set_num_threads(args.threads)
+    if args.data is not None and not args.no_data and not Path(args.data).is_dir():
+        from .data.datasets import DATASETS
+
+        if args.data not in DATASETS:  # checked now, not after the models were timed
+            raise ValueError(f"--data {args.data}: neither a data set ({', '.join(DATASETS)}) nor an image folder")
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     modes = ("infer", "train") if args.mode == "both" else (args.mode,)
     overrides = parse_sets(args.set)
