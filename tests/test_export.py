@@ -127,3 +127,22 @@ def test_an_onnx_export_without_class_names_predicts_and_loads_in_python(tmp_pat
     assert torch.allclose(loaded.model(x), nestvit.load(weights).model(x), atol=1e-4)
     with pytest.raises(ContractError, match="exported model"):
         nestvit.load(tmp_path / "m.onnx", "last")
+
+
+def test_predict_with_tta_averages_the_views_softmax(weights, tmp_path):
+    """``predict --tta`` scores as ``eval --tta`` does: the mean of the views' softmax outputs."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    image = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16), dtype=np.uint8)).save(image)
+    out = tmp_path / "p.jsonl"
+    assert main(["predict", str(weights), str(image), "--tta", "flip", "--top-k", "3", "--out", str(out)]) == 0
+    got = {t["class"]: t["prob"] for t in json.loads(out.read_text())["top"]}
+    loaded = nestvit.load(weights)
+    x = loaded.transform.read_batch([image])
+    with torch.no_grad():
+        want = sum(loaded.model(loaded.transform(v)).softmax(-1)[0] for v in (x, x.flip(-1))) / 2
+    assert got == pytest.approx({c: float(p) for c, p in zip(loaded.classes, want)}, abs=1e-6)

@@ -16,11 +16,13 @@ import argparse
 import csv
 import io
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 from ..cli_args import positive_int
+from ..data.augment import TTA_MODES
 
 OUT_FORMATS = (".csv", ".jsonl")
 
@@ -32,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="image files (PNG, JPEG, ...) or folders (every image file below them)")
     parser.add_argument("--top-k", type=positive_int, default=5, help="classes per image (default 5)")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (default 64)")
+    parser.add_argument("--tta", default="none", choices=TTA_MODES,
+                        help="test-time augmentation, as nestvit eval --tta: the mean of the softmax outputs of "
+                             "each image's views (flip 2, shift 9, flip-shift 18); default none")
     parser.add_argument("--out", type=Path, default=None, metavar="FILE",
                         help="write the predictions to FILE (.csv or .jsonl) instead of printing them")
     parser.add_argument("--weights", default=None, choices=["best", "last", "ema"],
@@ -66,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from ..contract import load
     from ..fileio import atomic_write_text
     from .distributed import resolve_device
+    from .loop import view_logits
 
     if args.out is not None and args.out.suffix.lower() not in OUT_FORMATS:
         raise ValueError(f"--out {args.out}: write a .csv or a .jsonl file")
@@ -76,6 +82,10 @@ def run(args: argparse.Namespace) -> int:
     loaded = load(args.checkpoint, args.weights)
     if loaded.contract.kind != "classifier":
         raise ValueError(f"{loaded.weights} holds a {loaded.contract.kind}, not a classifier; predict needs one")
+    run_tta = getattr(loaded.config, "tta", "none") or "none"
+    if run_tta != "none" and args.tta == "none":
+        print(f"note: this run's results include {run_tta} test-time augmentation (summary.json test_top1_tta); "
+              f"--tta {run_tta} predicts that way", file=sys.stderr)
     paths = image_paths(args.images)
     device = resolve_device(args.device)
     model = loaded.model.to(device)
@@ -87,9 +97,7 @@ def run(args: argparse.Namespace) -> int:
         chunk = paths[start:start + args.batch_size]
         batch = loaded.transform.read_batch(chunk)
         with torch.no_grad():
-            out = model(loaded.transform(batch.to(device)))
-            if isinstance(out, tuple):  # a distilled model: class and distillation heads, averaged
-                out = (out[0] + out[1]) / 2
+            out = view_logits(model, batch.to(device), loaded.transform.mean, loaded.transform.std, args.tta)
             probs = out.float().softmax(dim=1).cpu()
         for path, p in zip(chunk, probs):
             top = p.topk(k)

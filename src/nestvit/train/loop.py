@@ -627,7 +627,6 @@ def evaluate(model: nn.Module, split: Split, *, mean: tuple[float, ...], std: tu
     augmentation, see :func:`tta_views`) the model also sees every image mirrored and/or moved, and the
     prediction is the mean of the views' softmax outputs (its log, for the loss).
     """
-    views = tta_views(tta)
     info = info or DistInfo(device=next(model.parameters()).device)
     was_training = model.training
     model.eval()
@@ -635,17 +634,26 @@ def evaluate(model: nn.Module, split: Split, *, mean: tuple[float, ...], std: tu
     for images, labels in eval_batches(split, batch=batch, rank=info.rank, world_size=info.world_size,
                                        device=info.device, workers=workers):
         with autocast(info.device, precision):
-            if len(views) == 1:
-                out = _logits(model(eval_transform(images, mean, std)))
-            else:  # log of the mean of the views' softmax outputs: still logits
-                out = torch.stack([
-                    _logits(model(eval_transform(shift(images.flip(-1) if m else images, dy, dx), mean, std)))
-                    .float().log_softmax(-1) for m, dy, dx in views]).logsumexp(0) - math.log(len(views))
+            out = view_logits(model, images, mean, std, tta)
         acc.add(out, labels)
     all_reduce_sum(acc.sums, info)
     all_reduce_sum(acc.confusion, info)
     model.train(was_training)
     return acc.result(split.classes)
+
+
+def view_logits(model: nn.Module, images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
+                tta: str = "none") -> torch.Tensor:
+    """Logits ``(B, classes)`` of uint8 images ``(B, C, H, W)``, normalised with ``mean`` / ``std`` as in training.
+
+    With ``tta`` (:func:`tta_views`), the log of the mean of the views' softmax outputs (still logits); a
+    distilled model's pair of heads is averaged. What ``evaluate`` and ``nestvit predict`` score."""
+    views = tta_views(tta)
+    if len(views) == 1:
+        return _logits(model(eval_transform(images, mean, std)))
+    return torch.stack([
+        _logits(model(eval_transform(shift(images.flip(-1) if m else images, dy, dx), mean, std)))
+        .float().log_softmax(-1) for m, dy, dx in views]).logsumexp(0) - math.log(len(views))
 
 
 def _logits(out: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
