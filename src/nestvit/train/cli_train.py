@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,5 +89,9 @@ def run(args: argparse.Namespace) -> int:
 
     callbacks = [load_callback(spec) for spec in args.callback]
     with one_line_errors():
-        train(cfg, run_dir, resume=bool(args.resume), device=args.device, callbacks=callbacks)
+        result = train(cfg, run_dir, resume=bool(args.resume), device=args.device, callbacks=callbacks)
+    if os.environ.get("RANK", "0") == "0" and result.test is not None:  # what the run folder is for, once
+        run = result.run_dir
+        print(f"next: nestvit eval {run} | nestvit predict {run} IMAGE_OR_FOLDER | nestvit explain {run} IMAGE "
+              f"--method occlusion | nestvit export {run}")
     return 0
