@@ -238,7 +238,8 @@ def test_cli_train_on_fashion_mnist(tmp_path, capsys):
             "--set", "generator_overrides.embed_dims=[8,8,4]", "--set", "generator_overrides.num_heads=2",
             "--set", "threads=0"]
     assert main(args) == 0
-    assert "done: 2 steps" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "done: 2 steps" in out and "next: nestvit generate sample" in out
     assert (run / "samples" / "step_000002.png").is_file()
     # a second train into the same directory is refused; --resume continues it
     assert main(args) == 2

@@ -92,6 +92,8 @@ def _train(args: argparse.Namespace) -> int:
         line += (f"; FID {ev['fid']:.2f}, KID {ev['kid']:.4f}, IS {ev['is']:.2f} "
                  f"(features {ev['feature_net']}, n={ev['n']})")
     print(line)
+    print(f"next: nestvit generate sample {run_dir} -n 64 --out grid.png"
+          + (f" | python -m nestvit.generate.report {run_dir} --out fid.png" if ev else ""))
     return 0
 
 
