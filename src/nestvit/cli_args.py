@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,25 @@ def writable_dir(path: str | Path) -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise ValueError(f"--out {path}: the folder is not writable; choose a writable path")
     return path
+
+
+def image_files(items: Sequence[str | Path]) -> list[Path]:
+    """The files of ``items``, a folder standing for every image file below it (sorted), in the order given."""
+    from .data.datasets import IMAGE_EXTENSIONS, class_images
+
+    paths: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = class_images(path)
+            if not found:
+                raise ValueError(f"{path}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in the folder or below it")
+            paths += found
+        elif path.is_file():
+            paths.append(path)  # an unreadable file is named when it is read
+        else:
+            raise ValueError(f"{path}: no such image file or folder")
+    return paths
 
 
 def parse_sets(items: list[str]) -> dict[str, Any]:

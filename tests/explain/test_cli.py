@@ -81,15 +81,19 @@ def test_nest_methods_write_pngs(tmp_path, images, method, capsys):
     assert "->" in capsys.readouterr().out
 
 
-def test_images_of_the_same_name_get_a_png_each(tmp_path, images):
+@pytest.mark.parametrize("method", ["cam", "gradcat"])
+def test_a_folder_a_batch_at_a_time_with_a_png_per_image_of_the_same_name(tmp_path, images, method):
     ckpt = save(tmp_path, NEST, "nest.safetensors")
-    same = []
     for folder in ("cats", "dogs"):
-        (tmp_path / folder).mkdir()
-        same.append(tmp_path / folder / "0.png")
-        same[-1].write_bytes(images[0].read_bytes())
-    assert main(["explain", str(ckpt), *map(str, same), "--method", "cam", "--out", str(tmp_path / "out")]) == 0
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cats_0_cam.png", "dogs_0_cam.png"]
+        (tmp_path / "pets" / folder).mkdir(parents=True)
+        (tmp_path / "pets" / folder / "0.png").write_bytes(images[0].read_bytes())
+    out = tmp_path / "out"
+    assert main(["explain", str(ckpt), str(tmp_path / "pets"), str(images[1]), "--method", method, "--batch-size", "2",
+                 "--out", str(out), "--json"]) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == [f"{s}_{method}.png" for s in ("cats_0", "dog", "dogs_0")]
+    report = json.loads((out / "explain.json").read_text())["images"]
+    assert [r["image"] for r in report] == [str(tmp_path / "pets" / c / "0.png") for c in ("cats", "dogs")] + \
+        [str(images[1])]
 
 
 def test_vit_gradcam_and_rollout_from_a_run_directory(tmp_path, images):

@@ -1,7 +1,7 @@
 """``nestvit explain``: GradCAT / CAM / Grad-CAM / attention-rollout / occlusion figures for image files.
 
-    nestvit explain CHECKPOINT IMAGE... --method gradcat|cam|gradcam|rollout|occlusion [--class K] [--top-k N]
-                    [--out DIR]
+    nestvit explain CHECKPOINT IMAGE|FOLDER... --method gradcat|cam|gradcam|rollout|occlusion [--class K]
+                    [--top-k N] [--batch-size 16] [--out DIR]
     nestvit explain --model NAME [--set k=v ...] IMAGE...        # random weights, for a demo
 
 CHECKPOINT is a run directory or a weights file; ``nestvit.load`` reads the model, its class names and
@@ -10,6 +10,7 @@ predict`` and training prepare it. For a file that records no model (a timm or `
 dict) ``--model NAME`` / ``--set KEY=VALUE`` name the architecture; ``--set`` also replaces recorded
 constructor arguments, and ``--mean`` / ``--std`` the recorded normalisation.
 
+A folder stands for every image file below it; images are explained ``--batch-size`` at a time.
 For every image, one PNG ``<out>/<image stem>_<method>.png`` is written (images of the same name get their
 folders' names in front: ``cats_0_gradcat.png``); ``--json`` adds the numbers.
 """
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli_args import parse_sets, positive_int, unit_float, writable_dir
+from ..cli_args import image_files, parse_sets, positive_int, unit_float, writable_dir
 from ..fileio import atomic_write_text
 
 METHODS = ("gradcat", "cam", "gradcam", "rollout", "occlusion")
@@ -33,7 +34,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="CHECKPOINT IMAGE",
-                   help="a .safetensors checkpoint (or a training run directory) followed by image files; "
+                   help="a .safetensors checkpoint (or a training run directory) followed by image files or folders; "
                         "with --model the checkpoint may be left out (random weights)")
     p.add_argument("--method", choices=METHODS, default="gradcat",
                    help="gradcat (NesT only), cam (NesT: head weights x final map), gradcam (any model), "
@@ -68,6 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mean", type=float, nargs="+", default=None, help="input normalisation mean per channel")
     p.add_argument("--std", type=float, nargs="+", default=None, help="input normalisation std per channel")
     p.add_argument("--classes", type=Path, default=None, help="text file with one class name per line")
+    p.add_argument("--batch-size", type=positive_int, default=16,
+                   help="images explained at once (default 16; the maps need gradients, so memory grows with it)")
     p.add_argument("--json", action="store_true", help="also write explain.json with the numbers")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -123,11 +126,15 @@ def output_stems(paths: list[Path]) -> list[str]:
     """A distinct name per image for its PNG: the file's stem, with as many of its folders as it takes to tell
     images of the same name apart (``cats/0.png``, ``dogs/0.png`` -> ``cats_0``, ``dogs_0``)."""
     parts = [p.with_suffix("").parts for p in paths]
-    for k in range(1, max(len(x) for x in parts) + 1):
-        stems = ["_".join(x[-k:]) for x in parts]
-        if len(set(stems)) == len(stems):
-            return stems
-    return [f"{i}_{stem}" for i, stem in enumerate(stems)]  # the same file given twice
+    depth = [1] * len(paths)  # how many trailing parts of each path its name takes
+    while True:
+        stems = ["_".join(x[-k:]) for x, k in zip(parts, depth)]
+        taken = {s for s in stems if stems.count(s) > 1}
+        grow = [i for i, s in enumerate(stems) if s in taken and depth[i] < len(parts[i])]
+        if not grow:  # all distinct, or the same file given twice: numbered
+            return [f"{i}_{s}" if s in taken else s for i, s in enumerate(stems)]
+        for i in grow:
+            depth[i] += 1
 
 
 def run(args: argparse.Namespace) -> int:
@@ -135,10 +142,8 @@ def run(args: argparse.Namespace) -> int:
     from .plot import gradcat_figure, heatmap_figure
 
     torch.set_grad_enabled(True)
-    checkpoint, image_paths = _split_inputs(args.inputs, args.model)
-    for p in image_paths:
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: no such image file")
+    checkpoint, inputs = _split_inputs(args.inputs, args.model)
+    image_paths = image_files(inputs)
     out_dir = writable_dir(args.out)  # fail now, not after the explanations
     loaded = load_model(checkpoint, args.model, parse_sets(args.overrides))
     if loaded.contract.kind != "classifier":
@@ -160,31 +165,36 @@ def run(args: argparse.Namespace) -> int:
     if args.target is not None and not 0 <= args.target < model.num_classes:
         raise ValueError(f"--class must lie in 0..{model.num_classes - 1}")
 
-    raw = transform.read_batch(image_paths)
     stems = output_stems(image_paths)
-    x = transform(raw)
     n_bars = min(max(args.top_k, 5), model.num_classes)
-    top_c, top_p = predict(model, x, n_bars)
     label = lambda c: names[c] if names and c < len(names) else str(c)
+    titles = {"cam": "CAM", "gradcam": "Grad-CAM", "rollout": "attention rollout", "occlusion": "occlusion"}
+    if args.method == "rollout" and args.target is not None:
+        print("nestvit explain: attention rollout does not depend on the class; --class is ignored", file=sys.stderr)
     report = []
-    if args.method == "gradcat":
-        target = None if args.target is None else torch.full((len(x), 1), args.target, dtype=torch.long)
-        res = gradcat(model, x, target=target, top_k=args.top_k, sign=args.sign, top=args.top_map)
-        for b, p in enumerate(image_paths):
-            out = gradcat_figure(out_dir / f"{stems[b]}_gradcat.png", raw[b], res, b, top_classes=top_c[b],
-                                 top_probs=top_p[b], class_names=names)
-            entry = {"image": str(p), "png": str(out), "explained": []}
-            for k in range(res.classes.shape[1]):
-                entry["explained"].append({
-                    "class": int(res.classes[b, k]), "name": label(int(res.classes[b, k])),
-                    "prob": float(res.probs[b, k]), "path": res.path[b, k].tolist(),
-                    "levels": list(res.levels), "boxes": res.boxes[b, k].tolist(),
-                    "scores": res.scores[b, k].tolist()})
-                leaf = res.leaf_boxes[b, k].tolist()
-                print(f"{p}: {label(int(res.classes[b, k]))} p={float(res.probs[b, k]):.3f} path "
-                      f"{res.path[b, k].tolist()} leaf box {leaf} -> {out}")
-            report.append(entry)
-    else:
+    for first in range(0, len(image_paths), args.batch_size):  # a batch at a time: the maps need gradients
+        paths = image_paths[first:first + args.batch_size]
+        raw = transform.read_batch(paths)
+        x = transform(raw)
+        top_c, top_p = predict(model, x, n_bars)
+        if args.method == "gradcat":
+            target = None if args.target is None else torch.full((len(x), 1), args.target, dtype=torch.long)
+            res = gradcat(model, x, target=target, top_k=args.top_k, sign=args.sign, top=args.top_map)
+            for b, p in enumerate(paths):
+                out = gradcat_figure(out_dir / f"{stems[first + b]}_gradcat.png", raw[b], res, b,
+                                     top_classes=top_c[b], top_probs=top_p[b], class_names=names)
+                entry = {"image": str(p), "png": str(out), "explained": []}
+                for k in range(res.classes.shape[1]):
+                    entry["explained"].append({
+                        "class": int(res.classes[b, k]), "name": label(int(res.classes[b, k])),
+                        "prob": float(res.probs[b, k]), "path": res.path[b, k].tolist(),
+                        "levels": list(res.levels), "boxes": res.boxes[b, k].tolist(),
+                        "scores": res.scores[b, k].tolist()})
+                    leaf = res.leaf_boxes[b, k].tolist()
+                    print(f"{p}: {label(int(res.classes[b, k]))} p={float(res.probs[b, k]):.3f} path "
+                          f"{res.path[b, k].tolist()} leaf box {leaf} -> {out}")
+                report.append(entry)
+            continue
         if args.method == "cam":
             heat = nest_cam(model, x, args.target)
         elif args.method == "gradcam":
@@ -192,16 +202,12 @@ def run(args: argparse.Namespace) -> int:
         elif args.method == "occlusion":
             heat = occlusion(model, x, args.target, window=args.window, stride=args.stride)
         else:
-            if args.target is not None:
-                print("nestvit explain: attention rollout does not depend on the class; --class is ignored",
-                      file=sys.stderr)
             heat = attention_rollout(model, x, args.discard_ratio)
-        titles = {"cam": "CAM", "gradcam": "Grad-CAM", "rollout": "attention rollout", "occlusion": "occlusion"}
-        for b, p in enumerate(image_paths):
+        for b, p in enumerate(paths):
             c = int(top_c[b, 0]) if args.target is None else args.target
             box = map_to_box(heat[b], args.threshold) if args.threshold is not None else None
             explained = "" if args.method == "rollout" else label(c)
-            out = heatmap_figure(out_dir / f"{stems[b]}_{args.method}.png", raw[b], heat[b],
+            out = heatmap_figure(out_dir / f"{stems[first + b]}_{args.method}.png", raw[b], heat[b],
                                  method=titles[args.method], explained=explained, top_classes=top_c[b],
                                  top_probs=top_p[b], class_names=names, box=box)
             entry = {"image": str(p), "png": str(out), "class": None if args.method == "rollout" else c,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli_args import positive_int
+from ..cli_args import image_files, positive_int
 from ..data.augment import TTA_MODES
 
 OUT_FORMATS = (".csv", ".jsonl")
@@ -43,25 +43,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which weights of a run directory (default: best, else last)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-
-
-def image_paths(items: list[str]) -> list[Path]:
-    """The files of ``items``, a folder standing for every image file below it (sorted), in the order given."""
-    from ..data.datasets import IMAGE_EXTENSIONS, class_images
-
-    paths: list[Path] = []
-    for item in items:
-        path = Path(item)
-        if path.is_dir():
-            found = class_images(path)
-            if not found:
-                raise ValueError(f"{path}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in the folder or below it")
-            paths += found
-        elif path.is_file():
-            paths.append(path)  # an unreadable file is named when it is read
-        else:
-            raise ValueError(f"{path}: no such image file or folder")
-    return paths
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     if run_tta != "none" and args.tta == "none":
         print(f"note: this run's results include {run_tta} test-time augmentation (summary.json test_top1_tta); "
               f"--tta {run_tta} predicts that way", file=sys.stderr)
-    paths = image_paths(args.images)
+    paths = image_files(args.images)
     device = resolve_device(args.device)
     model = loaded.model.to(device)
     classes = loaded.classes
