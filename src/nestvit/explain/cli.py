@@ -33,9 +33,9 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="+", metavar="CHECKPOINT IMAGE",
-                   help="a .safetensors checkpoint (or a training run directory) followed by image files or folders; "
-                        "with --model the checkpoint may be left out (random weights)")
+    p.add_argument("inputs", nargs="+", metavar="CHECKPOINT|IMAGE",
+                   help="a checkpoint (a run folder, or a .safetensors/.pth/.pt/.bin file), then image files or "
+                        "folders; with --model the checkpoint may be left out (random weights)")
     p.add_argument("--method", choices=METHODS, default="gradcat",
                    help="gradcat (NesT only), cam (NesT: head weights x final map), gradcam (any model), "
                         "rollout (ViT, TNT, RTNT attention rollout), occlusion (any model: probability drop "
