@@ -136,7 +136,7 @@ def test_resuming_a_run_with_the_other_kind_of_command_names_the_right_command(t
 
 
 @pytest.mark.parametrize("text, says", [
-    ("", "is empty"), ("steps: [1\n", "cannot be read"), ("[1, 2]\n", "not a mapping")])
+    ("", "is empty"), ("steps: [1\n", "not valid YAML at line 2"), ("[1, 2]\n", "must be a mapping")])
 def test_resuming_a_gan_run_with_a_damaged_config_is_one_line(tmp_path, capsys, text, says):
     run = tmp_path / "gan"
     run.mkdir()

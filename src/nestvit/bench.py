@@ -522,11 +522,7 @@ def run(args: argparse.Namespace) -> int:
     bad = [d for d in dtypes if d not in DTYPES]
     if bad or not dtypes:
         raise ValueError(f"--dtype takes fp32 and/or bf16 (comma separated), got {args.dtype!r}")
-    if args.warmup < 0 or args.iters < 1:
-        raise ValueError("--warmup must be >= 0 and --iters >= 1")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError("--threads must be >= 1")
+    if args.threads is not None:  # --warmup, --iters and --threads: ranges checked by their parser types
         torch.set_num_threads(args.threads)
     if args.data is not None and not args.no_data and not Path(args.data).is_dir():
         from .data.datasets import DATASETS

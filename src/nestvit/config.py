@@ -212,45 +212,37 @@ def recipe_summary(path: Path) -> str:
     return ""
 
 
+RUN_CONFIG_FIX = ("the run's config is damaged; restore it from a copy (it is what the run was started with), or "
+                  "start a new run")
+
+
 def _read_mapping(path: Path, run: bool = False) -> dict[str, Any]:
-    """A recipe (or with ``run`` a run folder's config) as a dict: UTF-8 YAML, not empty, a mapping (one
-    ``ConfigError`` otherwise, whose fix suits a recipe one writes or a run's file one restores)."""
-    if run:
-        try:
-            raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-            raw = e
-        if not isinstance(raw, dict):
-            if raw is None:
-                why = "is empty"
-            elif isinstance(raw, Exception):
-                why = f"cannot be read ({type(raw).__name__})"
-            else:
-                why = "is not a mapping of keys to values"
-            raise ConfigError(f"{path} {why}: the run's config is damaged; restore it from a copy (it is what "
-                              "the run was started with), or start a new run")
-        return raw
+    """A recipe (or with ``run`` a run folder's config) as a dict: UTF-8 YAML, not empty, a mapping. One
+    ``ConfigError`` otherwise, naming the problem and a fix that suits a recipe one writes, or with ``run`` a
+    run's file one restores (never "write `{}`", which would resume the run with every default)."""
+    what = "run config" if run else "recipe"
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not a UTF-8 text file (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
-                          "save the recipe as UTF-8") from None
+                          + (RUN_CONFIG_FIX if run else "save the recipe as UTF-8")) from None
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read the recipe ({e.strerror})") from None
+        raise ConfigError(f"{path}: cannot read the {what} ({e.strerror})") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{at} ({getattr(e, 'problem', None) or e}); fix the recipe "
-                          "there") from None
+        raise ConfigError(f"{path}: not valid YAML{at} ({getattr(e, 'problem', None) or e}); "
+                          + (RUN_CONFIG_FIX if run else "fix the recipe there")) from None
     if raw is None:
         # An empty recipe (nothing but blanks and comments) would run every default without a word; it is
         # almost surely a mistake (a wrong or truncated file), so it is refused. `{}` still says "all defaults".
-        raise ConfigError(f"{path}: the recipe is empty; give at least one key (e.g. `epochs: 10`), or write "
-                          "`{}` to run with every default")
+        raise ConfigError(f"{path}: the {what} is empty; " + (RUN_CONFIG_FIX if run else
+                          "give at least one key (e.g. `epochs: 10`), or write `{}` to run with every default"))
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a recipe must be a mapping of keys to values")
+        raise ConfigError(f"{path}: a {what} must be a mapping of keys to values"
+                          + (f"; {RUN_CONFIG_FIX}" if run else ""))
     return raw
 
 
