@@ -497,6 +497,12 @@ def test_train_eval_predict_on_class_folders(tmp_path, recipe, capsys):
     assert "imagefolder:train (6 images)" in capsys.readouterr().out
     assert main(["eval", str(run), "--data", str(tmp_path / "photoz")]) == 2
     assert "neither a data set" in capsys.readouterr().err
+    strangers = tmp_path / "strangers"  # class folders that are none of the run's classes
+    (strangers / "tulip").mkdir(parents=True)
+    Image.new("RGB", (10, 10)).save(strangers / "tulip" / "0.png")
+    assert main(["eval", str(run), "--data", str(strangers)]) == 2
+    err = capsys.readouterr().err
+    assert "none of the class folders" in err and "(tulip)" in err and "model's classes (daisy, rose)" in err
     # the ONNX export beside the run reads the run's data as the run does
     assert main(["export", str(run)]) == 0 and main(["eval", str(run / "model.onnx")]) == 0
     assert "imagefolder:holdout (2 images)" in capsys.readouterr().out

@@ -873,6 +873,11 @@ class ImageFolderDataset(ImageListDataset):
         for label, cls in enumerate(names):
             samples += [(p, label) for p in class_images(folder / cls, extensions)]
         if not samples:
+            if classes is not None and found and not set(found) & set(names):  # another model's classes
+                raise DatasetError(f"imagefolder: none of the class folders of {folder} ({', '.join(found[:5])}"
+                                   f"{', ...' if len(found) > 5 else ''}) is one of the model's classes "
+                                   f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); name the folders "
+                                   "after the classes it was trained on")
             exts = sorted({e.lower() for e in extensions})
             raise DatasetError(f"imagefolder: no images ({', '.join(exts)}) under {folder}/<class>/")
         super().__init__(samples, names, root=folder, size=size, resize_size=resize_size, transform=transform,
