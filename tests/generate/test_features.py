@@ -109,3 +109,48 @@ def test_gan_resume_refuses_another_feature_network(tmp_path):
     train_gan(GanConfig(**{**cfg.__dict__, "feature_net": str(other_data), "steps": 1}), tmp_path / "run2",
               log=said.append)
     assert any("was trained on mnist5k, this run's data is fashion_mnist" in line for line in said)
+
+
+def test_generate_eval_repeats_the_runs_last_evaluation(tmp_path, monkeypatch, capsys):
+    """`nestvit generate eval RUN` with the run's eval_n and seed gives the run's last FID / KID / IS again."""
+    import json
+
+    from nestvit.cli import main
+    from nestvit.data import DatasetError, load_dataset
+    from nestvit.generate.train import GanConfig, read_metrics, train_gan
+
+    try:
+        load_dataset("fashion_mnist", split="test")
+    except DatasetError:
+        pytest.skip("Fashion-MNIST not available")
+    monkeypatch.chdir(tmp_path)
+    a, b = _feature_net(tmp_path / "a.safetensors", 0), _feature_net(tmp_path / "b.safetensors", 1)
+    cfg = GanConfig(generator="nest_28", generator_overrides={"embed_dims": [8, 8, 4], "num_heads": 2},
+                    batch_size=4, max_images=32, steps=2, eval_every=1, eval_n=16, sample_every=1, ckpt_every=1,
+                    progress=False, feature_net="a.safetensors")  # relative, as a user writes it
+    run = tmp_path / "run"
+    train_gan(cfg, run, log=lambda s: None)
+    last = [r for r in read_metrics(run) if r.get("kind") == "eval"][-1]
+    assert main(["generate", "eval", str(run), "-n", "16", "--out", "ev.json", "--device", "cpu"]) == 0
+    got = json.loads((tmp_path / "ev.json").read_text())
+    assert got["step"] == 2 and got["generator"] == "ema" and got["n"] == 16 and got["split"] == "test"
+    for key in ("fid", "kid", "is"):
+        assert got[key] == pytest.approx(last[key], rel=1e-6, abs=1e-9), key
+    assert got["feature_net"] == last["feature_net"]
+    assert "FID" in capsys.readouterr().out
+    # another network, the raw generator, another sample count: other numbers, named as such
+    assert main(["generate", "eval", str(run), "-n", "24", "--raw", "--feature-net", str(b), "--out", "b.json"]) == 0
+    other = json.loads((tmp_path / "b.json").read_text())
+    assert other["generator"] == "raw" and other["n"] == 24 and other["feature_net"] == load_feature_net(b).name
+    assert other["feature_net"] != got["feature_net"]
+    # from another folder the run's relative feature_net is not found: said so, with the fix
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    assert main(["generate", "eval", str(run), "-n", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "a.safetensors, a path relative to where the run was trained" in err and "--feature-net" in err
+    assert main(["generate", "eval", str(run), "-n", "16", "--feature-net", str(a)]) == 0
+    with pytest.raises(SystemExit):
+        main(["generate", "eval", str(run), "-n", "1"])
+    assert "at least 2 samples" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -222,6 +223,14 @@ def test_cli_sample_writes_png(tmp_path):
     out2 = tmp_path / "grid2.png"
     main(["generate", "sample", str(tmp_path / "run"), "-n", "6", "--out", str(out2), "--seed", "3"])
     assert out.read_bytes() == out2.read_bytes()
+    # a folder: one PNG per image, the same images as the grid's cells
+    assert main(["generate", "sample", str(tmp_path / "run"), "-n", "6", "--out", str(tmp_path / "imgs"),
+                 "--seed", "3"]) == 0
+    files = sorted((tmp_path / "imgs").iterdir())
+    assert [f.name for f in files] == [f"{i:06d}.png" for i in range(6)]
+    grid, first = np.array(Image.open(out)), np.array(Image.open(files[0]))
+    assert first.shape == (16, 16, 3) and np.array_equal(first, grid[2:18, 2:18])
+    assert main(["generate", "sample", str(tmp_path / "run"), "--out", str(tmp_path / "x.jpg")]) == 2
 
 
 def test_cli_train_on_fashion_mnist(tmp_path, capsys):

@@ -1,12 +1,15 @@
-"""``nestvit generate``: train a GAN from a recipe, or sample a grid from a checkpoint.
+"""``nestvit generate``: train a GAN from a recipe, sample from it, measure it.
 
     nestvit generate train RECIPE [--set key=value ...] [--out DIR] [--resume DIR] [--device cpu|cuda]
-    nestvit generate sample CHECKPOINT -n N [--out grid.png] [--seed S] [--raw]
+    nestvit generate sample CHECKPOINT -n N [--out grid.png | --out FOLDER] [--seed S] [--raw]
+    nestvit generate eval RUN [-n 10000] [--feature-net SPEC] [--raw] [--out metrics.json]
 
 ``RECIPE`` is a YAML file or the name of a built-in recipe (``gan_nest_fashion_mnist``,
 ``gan_conv_fashion_mnist``). ``--resume DIR`` continues the run in ``DIR`` from its latest checkpoint
 with the configuration saved there (``--set`` may still change e.g. ``steps``). ``CHECKPOINT`` is a run
 directory or a ``generator*.safetensors`` file (``nestvit.load``); the EMA generator is used unless ``--raw``.
+``sample --out FOLDER`` (a name without ``.png``) writes one PNG per image instead of a grid. ``eval`` measures
+FID / KID / IS of ``-n`` samples against the run's reference split, with the run's feature network.
 """
 
 from __future__ import annotations
@@ -32,15 +35,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--resume", metavar="DIR", help="resume the run in DIR from its latest checkpoint")
     t.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     t.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
-    s = sub.add_parser("sample", help="sample an image grid from a trained generator")
+    s = sub.add_parser("sample", help="sample an image grid (or a folder of images) from a trained generator")
     s.add_argument("checkpoint", help="run dir, checkpoint dir or generator safetensors file")
     s.add_argument("-n", type=positive_int, default=64, help="number of images (default 64)")
-    s.add_argument("--out", default="samples.png", help="PNG path (default samples.png)")
+    s.add_argument("--out", default="samples.png",
+                   help="a .png path: one grid (default samples.png); a folder: one PNG per image, 000000.png ...")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--nrow", type=positive_int, default=None, help="images per row (default sqrt(n))")
     s.add_argument("--raw", action="store_true", help="use the raw generator instead of its EMA")
     s.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    e = sub.add_parser("eval", help="FID / KID / IS of a trained generator")
+    e.add_argument("run", help="a `nestvit generate train` run folder (or a generator*.safetensors file in it)")
+    e.add_argument("-n", type=_at_least_2, default=10_000, help="samples (default 10000; the run's own "
+                                                                "evaluations used its eval_n, 2000 in the recipes)")
+    e.add_argument("--feature-net", metavar="SPEC", help="classifier run or weights file, or inception:PATH "
+                                                         "(default: the run's own, so numbers match its curve)")
+    e.add_argument("--seed", type=int, default=None, help="latents' seed (default: the one training evaluates with)")
+    e.add_argument("--raw", action="store_true", help="measure the raw generator instead of its EMA")
+    e.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    e.add_argument("--out", metavar="FILE.json", help="also write the result as JSON")
+    e.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     parser.set_defaults(_gen_parser=parser)
+
+
+def _at_least_2(text: str) -> int:
+    from ..cli_args import positive_int
+
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError("FID needs at least 2 samples (a covariance), got 1")
+    return value
 
 
 def _recipe_list() -> str:
@@ -56,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
         return _train(args)
     if args.gen_command == "sample":
         return _sample(args)
+    if args.gen_command == "eval":
+        return _eval(args)
     args._gen_parser.print_help()
     return 2
 
@@ -93,19 +119,42 @@ def _train(args: argparse.Namespace) -> int:
                  f"(features {ev['feature_net']}, n={ev['n']})")
     print(line)
     print(f"next: nestvit generate sample {run_dir} -n 64 --out grid.png"
-          + (f" | python -m nestvit.generate.report {run_dir} --out fid.png" if ev else ""))
+          + (f" | nestvit generate eval {run_dir} -n 10000 | python -m nestvit.generate.report {run_dir} "
+             "--out fid.png" if ev else ""))
     return 0
 
 
 def _sample(args: argparse.Namespace) -> int:
-    import torch
+    from .metrics import generate
+    from .train import load_generator, save_grid, save_images
 
-    from .train import load_generator, save_grid
-
+    out = Path(args.out)
+    if out.suffix and out.suffix.lower() != ".png" and not out.is_dir():
+        raise ValueError(f"--out {out}: give a .png file (one grid) or a folder (one PNG per image)")
     G = load_generator(args.checkpoint, ema=not args.raw)
-    z = torch.randn(args.n, G.latent_dim, generator=torch.Generator().manual_seed(args.seed))
-    with torch.no_grad():
-        images = torch.cat([G(b) for b in z.split(256)])
-    path = save_grid(images, args.out, nrow=args.nrow)
-    print(f"wrote {path} ({args.n} images, {G.img_size}x{G.img_size})")
+    images = generate(G, args.n, seed=args.seed)
+    if out.suffix.lower() == ".png" and not out.is_dir():
+        save_grid(images, out, nrow=args.nrow)
+        print(f"wrote {out} ({args.n} images, {G.img_size}x{G.img_size})")
+    else:
+        save_images(images, out)
+        print(f"wrote {args.n} images ({G.img_size}x{G.img_size}) to {out}/000000.png ...")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from ..fileio import atomic_write_text
+    from .metrics import EVAL_SEED
+    from .train import evaluate_run
+
+    res = evaluate_run(args.run, n=args.n, ema=not args.raw, feature_net=args.feature_net,
+                       seed=EVAL_SEED if args.seed is None else args.seed, device=args.device)
+    print(f"{res['run']} ({res['generator']} generator, step {res['step']}): FID {res['fid']:.3f}  "
+          f"KID {res['kid']:.5f} ± {res['kid_std']:.5f}  IS {res['is']:.3f} ± {res['is_std']:.3f}  "
+          f"[{res['n']} samples vs {res['data']} {res['split']}, features {res['feature_net']}]")
+    if args.out:
+        atomic_write_text(Path(args.out), json.dumps(res, indent=2) + "\n")
+        print(f"wrote {args.out}")
     return 0

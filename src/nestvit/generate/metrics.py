@@ -284,8 +284,9 @@ def load_feature_net(path: str | Path) -> ClassifierFeatures:
 
     path = Path(path)
     if not path.exists():
+        run = path.parent if path.suffix == ".safetensors" else path
         raise FeatureNetError(f"{path}: no feature network there; train one with "
-                              f"`nestvit train {FEATURES_RECIPE} --out {path}` (or name any classifier run)")
+                              f"`nestvit train {FEATURES_RECIPE} --out {run}` (or name any classifier run)")
     try:
         weights = resolve_weights(path, "last") if path.is_dir() else path
         contract = read_contract(weights)
@@ -336,6 +337,9 @@ def get_feature_extractor(spec: str, *, cache: str | Path | None = None, dataset
 # Evaluating a generator
 # --------------------------------------------------------------------------------------------------
 
+EVAL_SEED = 12345  # the latents' seed of every evaluation (training's and `nestvit generate eval`'s)
+
+
 @torch.no_grad()
 def generate(generator: nn.Module, n: int, *, batch_size: int = 250, seed: int = 0) -> torch.Tensor:
     """``n`` images in ``[-1, 1]`` from ``generator`` (eval mode) with latents from ``seed``."""
@@ -361,7 +365,7 @@ def extract(extractor: FeatureExtractor, images: torch.Tensor) -> tuple[torch.Te
 
 
 def evaluate_generator(generator: nn.Module, extractor: FeatureExtractor, ref_features: torch.Tensor, *,
-                       n: int = 2000, seed: int = 12345, kid_subset: int = 1000, kid_subsets: int = 50,
+                       n: int = 2000, seed: int = EVAL_SEED, kid_subset: int = 1000, kid_subsets: int = 50,
                        ref_stats: GaussianStats | None = None) -> dict:
     """FID / KID / IS of ``n`` samples against reference features; the dict names the feature network."""
     t0 = time.perf_counter()

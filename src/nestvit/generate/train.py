@@ -41,6 +41,7 @@ from ..fileio import atomic_path
 from ..train.metrics import METRICS_FILE, truncate_metrics
 from ..train.metrics import read_metrics as _read_metrics
 from ..train.optim import ModelEMA
+from .metrics import EVAL_SEED
 from .models import build_discriminator, build_generator
 
 __all__ = ["GanConfig", "ConfigError", "load_recipe", "apply_overrides", "r1_penalty", "train_gan",
@@ -155,11 +156,33 @@ def r1_penalty(discriminator: nn.Module, real: torch.Tensor) -> tuple[torch.Tens
     return logits, grad.float().square().sum(dim=tuple(range(1, grad.ndim))).mean()
 
 
-def save_grid(images: torch.Tensor, path: str | Path, *, nrow: int | None = None, pad: int = 2) -> Path:
-    """Images in ``[-1, 1]`` ``(B, C, H, W)`` -> one PNG grid (grey for C=1), written atomically."""
+def _to_uint8(images: torch.Tensor) -> torch.Tensor:
+    return ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def _write_png(arr: Any, path: Path) -> None:
     from PIL import Image
 
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG")
+
+
+def save_images(images: torch.Tensor, folder: str | Path, *, start: int = 0) -> list[Path]:
+    """Images in ``[-1, 1]`` ``(B, C, H, W)`` -> one PNG each (``000000.png``, ...), for FID tools that read
+    folders; each written atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    x = _to_uint8(images)
+    paths = []
+    for i, img in enumerate(x, start):
+        paths.append(folder / f"{i:06d}.png")
+        _write_png(img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy(), paths[-1])
+    return paths
+
+
+def save_grid(images: torch.Tensor, path: str | Path, *, nrow: int | None = None, pad: int = 2) -> Path:
+    """Images in ``[-1, 1]`` ``(B, C, H, W)`` -> one PNG grid (grey for C=1), written atomically."""
+    x = _to_uint8(images)
     B, C, H, W = x.shape
     nrow = nrow or max(1, int(round(B ** 0.5)))
     rows = -(-B // nrow)
@@ -167,10 +190,8 @@ def save_grid(images: torch.Tensor, path: str | Path, *, nrow: int | None = None
     for i in range(B):
         r, c = divmod(i, nrow)
         grid[:, pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = x[i]
-    arr = grid[0].numpy() if C == 1 else grid.permute(1, 2, 0).numpy()
     path = Path(path)
-    with atomic_path(path) as tmp:
-        Image.fromarray(arr).save(tmp, format="PNG")
+    _write_png(grid[0].numpy() if C == 1 else grid.permute(1, 2, 0).numpy(), path)
     return path
 
 
@@ -250,6 +271,72 @@ def load_generator(path: str | Path, *, ema: bool = True) -> nn.Module:
         raise ValueError(f"{loaded.weights} holds a {loaded.contract.kind} ({loaded.contract.model}), not a generator "
                          "written by `nestvit generate train`")
     return loaded.model
+
+
+def eval_reference(cfg: GanConfig, cache: Path, device: torch.device | str,
+                   log: Callable[[str], None]) -> tuple[Any, torch.Tensor, Any]:
+    """What a run's FID / KID / IS are measured against: ``(feature network, reference features, their
+    Gaussian statistics)`` for ``cfg.feature_net`` (``"auto"``: the ``fid_features`` run in ``cache``) and the
+    ``cfg.eval_ref_split`` images of ``cfg.dataset``. Training and ``nestvit generate eval`` both use it."""
+    from ..data import load_dataset
+    from .metrics import extract, gaussian_stats, get_feature_extractor
+
+    extractor = get_feature_extractor(cfg.feature_net, cache=cache, dataset=cfg.dataset, pad_to=cfg.pad_to, log=log)
+    extractor.to(device)
+    trained_on = getattr(extractor, "data", None)
+    if trained_on and trained_on != cfg.dataset:
+        log(f"note: the feature network {extractor.name} was trained on {trained_on}, this run's data is "
+            f"{cfg.dataset}: its features may not describe these images")
+    ref = _to_unit(load_dataset(cfg.dataset, split=cfg.eval_ref_split).images, cfg.pad_to)
+    ref_feats, _ = extract(extractor, ref)
+    return extractor, ref_feats, gaussian_stats(ref_feats)
+
+
+def _is_path(spec: str) -> bool:
+    return spec != "auto" and not spec.startswith("inception")
+
+
+def evaluate_run(path: str | Path, *, n: int = 10_000, ema: bool = True, feature_net: str | None = None,
+                 seed: int = EVAL_SEED, device: str | None = None,
+                 log: Callable[[str], None] | None = None) -> dict:
+    """FID / KID / IS of a trained generator: ``n`` samples against the run's own reference set.
+
+    ``path``: a ``nestvit generate train`` run folder (or a weights file in it); its ``config.yaml`` names the
+    data, the reference split and the feature network (``feature_net`` replaces the latter). With the run's
+    ``eval_n`` and the default ``seed`` this repeats the run's last evaluation of the EMA generator.
+    """
+    from ..config import read_run_config
+    from ..contract import read_contract, resolve_weights
+    from ..train.distributed import resolve_device
+    from .metrics import evaluate_generator
+
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    path = Path(path)
+    run_dir = path if path.is_dir() else path.parent
+    if not (run_dir / "config.yaml").is_file() and (run_dir.parent.parent / "config.yaml").is_file():
+        run_dir = run_dir.parent.parent  # checkpoints/step_* of runs before the classifiers' layout
+    generator = load_generator(path, ema=ema)
+    try:
+        raw = read_run_config(run_dir, "gan")
+    except ConfigError as e:
+        raise ConfigError(f"{e}; `nestvit generate eval` reads the data and the feature network from the run "
+                          "folder's config.yaml") from None
+    cfg = config_from_dict(raw, str(run_dir / "config.yaml"))
+    if feature_net:
+        cfg = apply_overrides(cfg, [f"feature_net={feature_net}"])
+    elif _is_path(cfg.feature_net) and not Path(cfg.feature_net).is_absolute() and not Path(cfg.feature_net).exists():
+        from .metrics import FeatureNetError
+
+        raise FeatureNetError(f"{run_dir}/config.yaml names the feature network {cfg.feature_net}, a path relative to "
+                              f"where the run was trained and not found from here ({Path.cwd()}); run the command "
+                              "from there, or give --feature-net PATH (the same network, for comparable numbers)")
+    dev = resolve_device(device)
+    extractor, ref_feats, ref_stats = eval_reference(cfg, run_dir / "feature_net", dev, log)
+    result = evaluate_generator(generator.to(dev), extractor, ref_feats, n=n, seed=seed, ref_stats=ref_stats)
+    weights = resolve_weights(path, "ema" if ema else "raw")
+    return {"run": str(run_dir), "weights": str(weights), "step": read_contract(weights).info.get("step"),
+            "generator": "ema" if ema else "raw", "data": cfg.dataset, "split": cfg.eval_ref_split,
+            "seed": seed, "device": str(dev), **result}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -365,10 +452,7 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
     # evaluation set-up (feature network + reference features), only when evaluations are on
     extractor = ref_feats = ref_stats = None
     if cfg.eval_every >= 0 and data is None:
-        from .metrics import extract, gaussian_stats, get_feature_extractor
-
-        extractor = get_feature_extractor(cfg.feature_net, cache=out / "feature_net", dataset=cfg.dataset,
-                                          pad_to=cfg.pad_to, log=log)
+        extractor, ref_feats, ref_stats = eval_reference(cfg, out / "feature_net", dev, log)
         measured = {r["feature_net"] for r in read_metrics(out) if "feature_net" in r} if resume else set()
         if measured - {extractor.name}:
             from .metrics import FeatureNetError
@@ -377,16 +461,6 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
                 f"{out}: its metrics so far were measured with the feature network {', '.join(sorted(measured))}, "
                 f"not {extractor.name} ({cfg.feature_net}); FIDs of different feature networks are not comparable. "
                 "Resume with --set feature_net=<that network>, or train the run afresh")
-        from ..data import load_dataset
-
-        extractor.to(dev)
-        trained_on = getattr(extractor, "data", None)
-        if trained_on and trained_on != cfg.dataset:
-            log(f"note: the feature network {extractor.name} was trained on {trained_on}, this run's data is "
-                f"{cfg.dataset}: its features may not describe these images")
-        ref = _to_unit(load_dataset(cfg.dataset, split=cfg.eval_ref_split).images, cfg.pad_to)
-        ref_feats, _ = extract(extractor, ref)
-        ref_stats = gaussian_stats(ref_feats)
 
     metrics_f = open(out / METRICS_FILE, "a")
 
