@@ -46,6 +46,7 @@ def argparse_error(argv: list[str], capsys) -> str:
     (["experiment", "rtnt_vs_tnt", "--eval-size", "-1"], "--eval-size"),
     (["generate", "sample", "RUN", "--nrow", "-1"], "--nrow"),
     (["generate", "sample", "RUN", "-n", "0"], "-n"),
+    (["generate", "eval", "RUN", "-n", "1"], "-n"),
     (["export", "RUN", "--atol", "-1"], "--atol"),
     (["export", "RUN", "--atol", "nan"], "--atol"),
     (["bench", "nest_tiny_cifar", "--batch", "-4"], "--batch"),
@@ -151,7 +152,9 @@ def test_sampling_from_a_classifier_run_says_it_is_one(tmp_path, capsys):
     for extra in ([], ["--raw"]):
         assert main(["generate", "sample", str(clf), *extra, "--out", str(tmp_path / "g.png")]) == 2
         assert "is a classifier run (no generator.safetensors)" in one_line_error(capsys)
-    assert not (tmp_path / "g.png").exists()
+        assert main(["generate", "eval", str(clf), *extra, "--out", str(tmp_path / "m.json")]) == 2
+        assert "is a classifier run (no generator.safetensors)" in one_line_error(capsys)
+    assert not (tmp_path / "g.png").exists() and not (tmp_path / "m.json").exists()
 
 
 # ---------------------------------------------------------------------------------- export
