@@ -93,8 +93,7 @@ def run(arm: str, seed: int, args: argparse.Namespace, features: Path) -> list[d
     else:
         resume = (run_dir / "state.pt").is_file()
         print(f"[{arm} seed {seed}] {'resuming' if resume else 'training'} -> {run_dir}", flush=True)
-        summary = train_gan(cfg, run_dir, resume=resume)
-        atomic_write_text(done, json.dumps(summary, indent=2, default=str) + "\n")
+        train_gan(cfg, run_dir, resume=resume)  # writes summary.json when the run is finished
     return read_metrics(run_dir)
 
 

@@ -250,3 +250,79 @@ def test_finetuning_plain_weights_names_model_name(tmp_path, capsys):
     assert "training --set model.name=NAME --set model.overrides.KEY=VALUE" in one_line_error(capsys)
     named = [*argv, "--set", "model.name=nest_tiny_cifar", *[f"--set=model.overrides.{k}={v}" for k, v in tiny.items()]]
     assert main([*named, "--out", str(tmp_path / "b")]) == 0
+
+
+# ---------------------------------------------------------------------------------- the GAN journey
+
+@pytest.fixture
+def gan_run(tmp_path):
+    """A finished 2-step GAN run on 32 Fashion-MNIST images, a narrow ``nest_28`` generator, no evaluations."""
+    from nestvit.data import DatasetError, load_dataset
+    from nestvit.generate.train import train_gan
+
+    try:
+        load_dataset("fashion_mnist", split="test")
+    except DatasetError:
+        pytest.skip("Fashion-MNIST not available")
+    cfg = GanConfig(generator_overrides={"embed_dims": [8, 8, 4], "num_heads": 2, "depths": [1, 1, 1]},
+                    batch_size=4, max_images=32, steps=2, eval_every=-1, progress=False, sample_n=4)
+    train_gan(cfg, tmp_path / "gan", log=lambda s: None)
+    return tmp_path / "gan"
+
+
+def test_a_refused_gan_resume_leaves_the_runs_config_as_it_was(gan_run, capsys):
+    before = (gan_run / "config.yaml").read_text()
+    assert main(["generate", "train", "--resume", str(gan_run), "--set", "generator_overrides.depths=[2,2,2]"]) == 2
+    err = one_line_error(capsys)
+    assert "does not fit the config's networks (the configs differ in generator_overrides.depths)" in err
+    assert main(["generate", "train", "--resume", str(gan_run), "--set", "feature_net=nope", "--set",
+                 "eval_every=0"]) == 2
+    assert "nope: no feature network there" in capsys.readouterr().err.splitlines()[-1]  # after "resumed ..."
+    assert (gan_run / "config.yaml").read_text() == before
+    assert (gan_run / "summary.json").is_file()  # a finished run has its summary, as a classifier run
+
+
+def test_gan_outputs_that_cannot_be_written_or_read_are_one_line(gan_run, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("mine")
+    for out in (taken, taken / "grid.png"):
+        assert main(["generate", "sample", str(gan_run), "-n", "2", "--out", str(out)]) == 2
+        assert "exists and is not a folder" in one_line_error(capsys)
+    assert main(["generate", "sample", str(gan_run / "generator_ema.safetensors"), "--raw"]) == 2
+    assert "is the EMA generator; --raw picks the raw one of a run folder" in one_line_error(capsys)
+    lone = tmp_path / "lone.safetensors"
+    lone.write_bytes((gan_run / "generator_ema.safetensors").read_bytes())
+    assert main(["generate", "eval", str(lone)]) == 2
+    assert "needs the run folder the generator was trained in" in one_line_error(capsys)
+    # the report: runs without evaluations, missing runs, labels that do not match
+    assert main(["generate", "report", str(gan_run)]) == 2
+    assert f"`nestvit generate eval {gan_run}` measures" in one_line_error(capsys)
+    assert main(["generate", "report", str(tmp_path / "nope")]) == 2
+    assert "no such run folder" in one_line_error(capsys)
+    assert main(["generate", "report", str(gan_run), "--labels", "a", "b"]) == 2
+    assert "2 label(s) for 1 run(s)" in one_line_error(capsys)
+    # fine-tuning from a generator
+    assert main(["train", "finetune", "--set", f"model.weights={gan_run}", "--set", "data.name=mnist5k"]) == 2
+    assert "holds a generator (generator_nest_28), not a classifier" in one_line_error(capsys)
+
+
+def test_a_save_pretrained_folder_is_read_by_the_commands(gan_run, weights, tmp_path, capsys):
+    shared = nestvit.save_pretrained(weights, tmp_path / "shared_clf")
+    assert nestvit.load(shared).weights.name == "model.safetensors"
+    img = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("L", (16, 16), 128).save(img)
+    assert main(["predict", str(shared), str(img)]) == 0
+    shared_g = nestvit.save_pretrained(gan_run, tmp_path / "shared_gan")
+    card = (shared_g / "README.md").read_text()
+    assert "unconditional-image-generation" in card and "softmax" not in card and "G.latent_dim" in card
+    assert main(["generate", "sample", str(shared_g), "-n", "2", "--out", str(tmp_path / "g.png")]) == 0
+    capsys.readouterr()
+
+
+def test_export_of_an_absent_ema_says_the_run_had_none(weights, capsys):
+    (weights.parent / "last.safetensors").write_bytes(weights.read_bytes())
+    assert main(["export", str(weights.parent), "--weights", "ema"]) == 2
+    err = one_line_error(capsys)
+    assert "has no ema.safetensors (the run was trained without an EMA: ema.decay 0); it has best, last" in err

@@ -43,6 +43,7 @@ Resize = Literal["stretch", "center-crop"]
 # discriminator per checkpoint
 CLASSIFIER_WEIGHTS = ("best", "last", "ema")
 GAN_WEIGHTS = {"ema": "generator_ema", "raw": "generator", "discriminator": "discriminator"}
+PRETRAINED_FILE = "model.safetensors"  # the one weights file of a save_pretrained / Hugging Face Hub folder
 
 
 class ContractError(UserError, ValueError):
@@ -355,12 +356,18 @@ def resolve_weights(path: str | Path, which: str | None = None) -> Path:
         if not found.is_file():
             raise ContractError(f"{ck}: no {found.name}; the checkpoint is incomplete")
         return found
+    has = [n for n in CLASSIFIER_WEIGHTS if (path / f"{n}.safetensors").is_file()]
+    if not has and (path / PRETRAINED_FILE).is_file() and which in (None, "best", "ema"):
+        return path / PRETRAINED_FILE  # a save_pretrained / Hub folder: its one model
     which = which or "best"
     if which not in CLASSIFIER_WEIGHTS:
         raise ContractError(f"unknown weights {which!r} for a training run; choose {', '.join(CLASSIFIER_WEIGHTS)}")
     for name in [which, "last"] if which == "best" else [which]:
-        if (path / f"{name}.safetensors").is_file():
+        if name in has:
             return path / f"{name}.safetensors"
+    if has:
+        why = " (the run was trained without an EMA: ema.decay 0)" if which == "ema" else ""
+        raise ContractError(f"{path} has no {which}.safetensors{why}; it has {', '.join(has)}")
     raise ContractError(f"{path}: no {which}.safetensors; is it a nestvit run directory that reached its first "
                         "checkpoint?")
 

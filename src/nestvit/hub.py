@@ -24,7 +24,7 @@ from typing import Any
 
 from torch import nn
 
-from .contract import ContractError, Loaded, RunContract, contract_of, load
+from .contract import PRETRAINED_FILE, ContractError, Loaded, RunContract, contract_of, load
 
 __all__ = ["from_pretrained", "push_to_hub", "save_pretrained"]
 
@@ -47,7 +47,29 @@ def _loaded(source: Any) -> Loaded:
     return load(source)
 
 
+def _generator_card(loaded: Loaded, summary: dict[str, Any] | None) -> str:
+    c, g = loaded.contract, loaded.model
+    lines = ["---", "library_name: nestvit", "tags: [unconditional-image-generation, gan, nested-vision-transformer]",
+             "---", "", f"# {c.model}", "",
+             f"A `{c.model}` GAN generator trained with [nestvit](https://pypi.org/project/nestvit/).", ""]
+    facts = [("input", f"noise z of shape (B, {g.latent_dim}), standard normal"),
+             ("output", f"(B, {g.out_chans}, {g.img_size}, {g.img_size}) images in [-1, 1]")]
+    facts += [(key, str(c.info[key])) for key in ("role", "data", "step") if key in c.info]
+    ev = (summary or {}).get("eval")
+    if isinstance(ev, dict) and "fid" in ev:
+        facts.append(("FID / KID / IS", f"{ev['fid']:.2f} / {ev['kid']:.4f} / {ev['is']:.2f} "
+                                         f"({ev.get('n')} samples, features {ev.get('feature_net')})"))
+    lines += ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in facts], ""]
+    lines += ["## Use", "", "```python", "import torch, nestvit",
+              'G = nestvit.from_pretrained("THIS_FOLDER_OR_hf-hub:ORG/NAME").model',
+              "images = G(torch.randn(16, G.latent_dim))  # in [-1, 1]", "```", "",
+              "or `nestvit generate sample THIS_FOLDER -n 64 --out grid.png`.", ""]
+    return "\n".join(lines)
+
+
 def _card(loaded: Loaded, summary: dict[str, Any] | None) -> str:
+    if loaded.contract.kind == "generator":
+        return _generator_card(loaded, summary)
     c, t = loaded.contract, loaded.transform
     lines = ["---", "library_name: nestvit", "tags: [image-classification, nested-vision-transformer]", "---", "",
              f"# {c.model}", "",
@@ -94,7 +116,7 @@ def save_pretrained(source: Any, folder: str | Path) -> Path:
         from dataclasses import replace
 
         contract = replace(contract, transform=loaded.transform)
-    save_weights(loaded.model, folder / "model.safetensors", contract=contract)
+    save_weights(loaded.model, folder / PRETRAINED_FILE, contract=contract)
     config = {"library_name": "nestvit", "nestvit_version": __version__, "architecture": contract.model,
               **{k: v for k, v in json.loads(contract.to_json()).items() if k != "model"}}
     config["input"] = config.pop("transform")
@@ -118,11 +140,11 @@ def from_pretrained(source: str | Path) -> Loaded:
         except ImportError:
             raise ContractError(f"{text}: loading from the Hugging Face Hub needs huggingface_hub: "
                                 "pip install 'nestvit[hub]' (or download the folder and pass its path)") from None
-        folder = Path(snapshot_download(text[len(HF_PREFIX):], allow_patterns=["config.json", "model.safetensors",
+        folder = Path(snapshot_download(text[len(HF_PREFIX):], allow_patterns=["config.json", PRETRAINED_FILE,
                                                                                  "README.md"]))
     else:
         folder = Path(source)
-    weights = folder / "model.safetensors" if folder.is_dir() else folder
+    weights = folder / PRETRAINED_FILE if folder.is_dir() else folder
     if not weights.is_file():
         raise ContractError(f"{folder}: no model.safetensors; is it a folder written by nestvit.save_pretrained?")
     loaded = load(weights)

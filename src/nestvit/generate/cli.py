@@ -3,13 +3,15 @@
     nestvit generate train RECIPE [--set key=value ...] [--out DIR] [--resume DIR] [--device cpu|cuda]
     nestvit generate sample CHECKPOINT -n N [--out grid.png | --out FOLDER] [--seed S] [--raw]
     nestvit generate eval RUN [-n 10000] [--feature-net SPEC] [--raw] [--out metrics.json]
+    nestvit generate report RUN [RUN ...] [--labels A B ...] [--out fid.png]
 
 ``RECIPE`` is a YAML file or the name of a built-in recipe (``gan_nest_fashion_mnist``,
 ``gan_conv_fashion_mnist``). ``--resume DIR`` continues the run in ``DIR`` from its latest checkpoint
 with the configuration saved there (``--set`` may still change e.g. ``steps``). ``CHECKPOINT`` is a run
 directory or a ``generator*.safetensors`` file (``nestvit.load``); the EMA generator is used unless ``--raw``.
-``sample --out FOLDER`` (a name without ``.png``) writes one PNG per image instead of a grid. ``eval`` measures
-FID / KID / IS of ``-n`` samples against the run's reference split, with the run's feature network.
+``sample --out FOLDER`` (a name without a suffix, or an existing folder) writes one PNG per image instead of a
+grid. ``eval`` measures FID / KID / IS of ``-n`` samples against the run's reference split, with the run's
+feature network; ``report`` tabulates and plots the evaluations of runs against steps.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("checkpoint", help="run dir, checkpoint dir or generator safetensors file")
     s.add_argument("-n", type=positive_int, default=64, help="number of images (default 64)")
     s.add_argument("--out", default="samples.png",
-                   help="a .png path: one grid (default samples.png); a folder: one PNG per image, 000000.png ...")
+                   help="a .png path: one grid (default samples.png); a folder (a name without a suffix, or an "
+                        "existing folder): one PNG per image, 000000.png ...")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--nrow", type=positive_int, default=None, help="images per row (default sqrt(n))")
     s.add_argument("--raw", action="store_true", help="use the raw generator instead of its EMA")
@@ -49,12 +52,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("-n", type=_at_least_2, default=10_000, help="samples (default 10000; the run's own "
                                                                 "evaluations used its eval_n, 2000 in the recipes)")
     e.add_argument("--feature-net", metavar="SPEC", help="classifier run or weights file, or inception:PATH "
-                                                         "(default: the run's own, so numbers match its curve)")
+                                                         "(default: the run's own, so numbers match its curve; "
+                                                         "a run with feature_net auto and none trained yet "
+                                                         "trains it first into RUN/feature_net, ~3 CPU-min)")
     e.add_argument("--seed", type=int, default=None, help="latents' seed (default: the one training evaluates with)")
     e.add_argument("--raw", action="store_true", help="measure the raw generator instead of its EMA")
     e.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     e.add_argument("--out", metavar="FILE.json", help="also write the result as JSON")
     e.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    r = sub.add_parser("report", help="FID / KID table and plot of GAN runs against steps")
+    from .report import add_arguments as report_arguments
+
+    report_arguments(r)
+    r.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     parser.set_defaults(_gen_parser=parser)
 
 
@@ -82,6 +92,10 @@ def run(args: argparse.Namespace) -> int:
         return _sample(args)
     if args.gen_command == "eval":
         return _eval(args)
+    if args.gen_command == "report":
+        from .report import run as report
+
+        return report(args)
     args._gen_parser.print_help()
     return 2
 
@@ -102,6 +116,8 @@ def _train(args: argparse.Namespace) -> int:
         cfg = config_from_dict(read_run_config(run_dir, "gan"), str(cfg_file))
         if args.recipe:
             print(f"note: --resume uses {cfg_file}; recipe {args.recipe} is ignored", file=sys.stderr)
+        if args.out and Path(args.out) != run_dir:
+            print(f"note: --resume continues the run in {run_dir}; --out {args.out} is ignored", file=sys.stderr)
     else:
         if not args.recipe:
             raise ValueError("give a RECIPE (file or built-in name) or --resume DIR")
@@ -119,21 +135,24 @@ def _train(args: argparse.Namespace) -> int:
                  f"(features {ev['feature_net']}, n={ev['n']})")
     print(line)
     print(f"next: nestvit generate sample {run_dir} -n 64 --out grid.png"
-          + (f" | nestvit generate eval {run_dir} -n 10000 | python -m nestvit.generate.report {run_dir} "
-             "--out fid.png" if ev else ""))
+          + (f" | nestvit generate eval {run_dir} -n 10000 | nestvit generate report {run_dir} --out fid.png"
+             if ev else ""))
     return 0
 
 
 def _sample(args: argparse.Namespace) -> int:
+    from ..cli_args import writable_dir
     from .metrics import generate
     from .train import load_generator, save_grid, save_images
 
     out = Path(args.out)
-    if out.suffix and out.suffix.lower() != ".png" and not out.is_dir():
+    grid = out.suffix.lower() == ".png" and not out.is_dir()
+    if out.suffix and not grid and not out.is_dir():
         raise ValueError(f"--out {out}: give a .png file (one grid) or a folder (one PNG per image)")
+    writable_dir(out.parent if grid else out)  # before any work
     G = load_generator(args.checkpoint, ema=not args.raw)
     images = generate(G, args.n, seed=args.seed)
-    if out.suffix.lower() == ".png" and not out.is_dir():
+    if grid:
         save_grid(images, out, nrow=args.nrow)
         print(f"wrote {out} ({args.n} images, {G.img_size}x{G.img_size})")
     else:
@@ -149,6 +168,10 @@ def _eval(args: argparse.Namespace) -> int:
     from .metrics import EVAL_SEED
     from .train import evaluate_run
 
+    if args.out:
+        from ..cli_args import writable_dir
+
+        writable_dir(Path(args.out).parent)  # before the evaluation
     res = evaluate_run(args.run, n=args.n, ema=not args.raw, feature_net=args.feature_net,
                        seed=EVAL_SEED if args.seed is None else args.seed, device=args.device)
     print(f"{res['run']} ({res['generator']} generator, step {res['step']}): FID {res['fid']:.3f}  "

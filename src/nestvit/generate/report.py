@@ -1,6 +1,7 @@
 """Plots and tables from GAN run directories (``metrics.jsonl``).
 
-    python -m nestvit.generate.report RUN_DIR [RUN_DIR ...] --out fid.png
+    nestvit generate report RUN_DIR [RUN_DIR ...] [--labels A B ...] --out fid.png
+    python -m nestvit.generate.report RUN_DIR ...     # the same
 """
 
 from __future__ import annotations
@@ -18,6 +19,24 @@ def eval_rows(run_dir: str | Path) -> list[dict]:
     return [r for r in read_metrics(run_dir) if r.get("kind") == "eval"]
 
 
+def check_runs(run_dirs: Sequence[str | Path], labels: Sequence[str] | None) -> list[str]:
+    """The labels of ``run_dirs`` (their folder names by default), after checking that each is a GAN run
+    with evaluations and that there is one label per run; a ``ValueError`` names what is wrong."""
+    from ..contract import gan_run_folder
+
+    if labels is not None and len(labels) != len(run_dirs):
+        raise ValueError(f"--labels: {len(labels)} label(s) for {len(run_dirs)} run(s); give one per run")
+    for d in map(Path, run_dirs):
+        if not d.is_dir():
+            raise ValueError(f"{d}: no such run folder")
+        if gan_run_folder(d) is None and not (d / "metrics.jsonl").is_file():
+            raise ValueError(f"{d} is not a `nestvit generate train` run folder")
+        if not eval_rows(d):
+            raise ValueError(f"{d}: no FID evaluations in its metrics.jsonl (trained with eval_every -1?); "
+                             f"`nestvit generate eval {d}` measures the generator once")
+    return list(labels or [Path(d).name for d in run_dirs])
+
+
 def plot_fid(run_dirs: Sequence[str | Path], out: str | Path, *, labels: Sequence[str] | None = None) -> Path:
     """FID (and KID) of the EMA generator against training steps, one line per run; writes a PNG."""
     import matplotlib
@@ -25,7 +44,7 @@ def plot_fid(run_dirs: Sequence[str | Path], out: str | Path, *, labels: Sequenc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = list(labels or [Path(d).name for d in run_dirs])
+    labels = check_runs(run_dirs, labels)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     names = set()
     for d, label in zip(run_dirs, labels):
@@ -53,7 +72,7 @@ def plot_fid(run_dirs: Sequence[str | Path], out: str | Path, *, labels: Sequenc
 
 def fid_table(run_dirs: Sequence[str | Path], *, labels: Sequence[str] | None = None) -> str:
     """Markdown table: step | FID/KID/IS per run."""
-    labels = list(labels or [Path(d).name for d in run_dirs])
+    labels = check_runs(run_dirs, labels)
     per = [{r["step"]: r for r in eval_rows(d)} for d in run_dirs]
     steps = sorted(set().union(*[p.keys() for p in per]))
     head = "| step | " + " | ".join(f"{lab} FID / KID / IS" for lab in labels) + " |"
@@ -67,17 +86,26 @@ def fid_table(run_dirs: Sequence[str | Path], *, labels: Sequence[str] | None = 
     return "\n".join(lines)
 
 
-def _main(argv: list[str] | None = None) -> int:
-    import argparse
+def add_arguments(p) -> None:
+    p.add_argument("runs", nargs="+", metavar="RUN", help="`nestvit generate train` run folders")
+    p.add_argument("--labels", nargs="+", help="one legend label per run (default: the folder names)")
+    p.add_argument("--out", default="fid.png", help="PNG of FID and KID against steps (default fid.png)")
 
-    p = argparse.ArgumentParser(prog="python -m nestvit.generate.report")
-    p.add_argument("runs", nargs="+")
-    p.add_argument("--labels", nargs="+")
-    p.add_argument("--out", default="fid.png")
-    a = p.parse_args(argv)
-    print(fid_table(a.runs, labels=a.labels))
-    print(f"wrote {plot_fid(a.runs, a.out, labels=a.labels)}")
+
+def run(args) -> int:
+    from ..cli_args import writable_dir
+
+    check_runs(args.runs, args.labels)
+    writable_dir(Path(args.out).parent)
+    print(fid_table(args.runs, labels=args.labels))
+    print(f"wrote {plot_fid(args.runs, args.out, labels=args.labels)}")
     return 0
+
+
+def _main(argv: list[str] | None = None) -> int:
+    from ..cli import main
+
+    return main(["generate", "report", *(argv if argv is not None else __import__("sys").argv[1:])])
 
 
 if __name__ == "__main__":

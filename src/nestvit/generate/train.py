@@ -37,7 +37,7 @@ from torch import nn
 from ..config import ConfigError, dump, from_dict, load, save, to_dict
 from ..config import apply_overrides as _apply
 from ..contract import InputTransform, RunContract
-from ..fileio import atomic_path
+from ..fileio import atomic_path, atomic_write_text
 from ..train.metrics import METRICS_FILE, truncate_metrics
 from ..train.metrics import read_metrics as _read_metrics
 from ..train.optim import ModelEMA
@@ -258,15 +258,18 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
 def load_generator(path: str | Path, *, ema: bool = True) -> nn.Module:
     """A generator from a run directory, a checkpoint directory or a ``generator*.safetensors`` file
     (``nestvit.load`` with ``which="ema"`` or ``"raw"``)."""
-    from ..contract import ContractError, gan_run_folder, load
+    from ..contract import PRETRAINED_FILE, ContractError, gan_run_folder, load
 
     folder = Path(path)
-    if folder.is_dir() and gan_run_folder(folder) is None:
+    if folder.is_dir() and gan_run_folder(folder) is None and not (folder / PRETRAINED_FILE).is_file():
         what = "a classifier run" if any((folder / f"{n}.safetensors").is_file() for n in ("best", "last")) else \
             "not a GAN run"
         raise ContractError(f"{folder} is {what} (no generator.safetensors); give the folder of a `nestvit generate "
                             "train` run or a generator*.safetensors file")
     loaded = load(path, "ema" if ema else "raw")
+    if not ema and folder.is_file() and loaded.contract.info.get("role") == "generator_ema":
+        raise ContractError(f"{folder} is the EMA generator; --raw picks the raw one of a run folder: give the run "
+                            "folder or its generator.safetensors")
     if loaded.contract.kind != "generator":
         raise ValueError(f"{loaded.weights} holds a {loaded.contract.kind} ({loaded.contract.model}), not a generator "
                          "written by `nestvit generate train`")
@@ -316,6 +319,10 @@ def evaluate_run(path: str | Path, *, n: int = 10_000, ema: bool = True, feature
     if not (run_dir / "config.yaml").is_file() and (run_dir.parent.parent / "config.yaml").is_file():
         run_dir = run_dir.parent.parent  # checkpoints/step_* of runs before the classifiers' layout
     generator = load_generator(path, ema=ema)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{path}: `nestvit generate eval` needs the run folder the generator was trained in (its "
+                          "config.yaml names the data, the reference split and the feature network); none found "
+                          "beside it")
     try:
         raw = read_run_config(run_dir, "gan")
     except ConfigError as e:
@@ -375,6 +382,24 @@ def recompute_bn_stats(model: nn.Module, *, batches: int = 16, batch_size: int =
         m.momentum = momentum
     model.train(was_training)
     return True
+
+
+def _misfit(path: Path, state: dict, cfg: GanConfig) -> str:
+    """One line: a GAN state that does not fit the config's networks, the keys that differ, and what to do."""
+    import yaml
+
+    from ..train.loop import _changed_keys
+
+    try:
+        saved = yaml.safe_load(state["config"]) if isinstance(state.get("config"), str) else {}
+    except yaml.YAMLError:
+        saved = {}
+    saved = saved if isinstance(saved, dict) else {}
+    nets = ("generator", "generator_overrides", "discriminator", "discriminator_overrides")
+    changed = [k for k in _changed_keys(saved, to_dict(cfg)) if k.split(".")[0] in nets] if saved else []
+    differ = f" (the configs differ in {', '.join(changed[:6])})" if changed else ""
+    return (f"{path} does not fit the config's networks{differ}. Resume with the run's own config.yaml (no --set of "
+            "generator or discriminator keys), or start a new run with another --out")
 
 
 def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data: torch.Tensor | None = None,
@@ -438,16 +463,18 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
         if state.get("kind") != "gan":
             raise ValueError(f"{out / STATE_FILE} is not the state of a GAN run; resume it with `nestvit train "
                              "--resume`")
-        G.load_state_dict(state["models"]["generator"])
-        ema.load_state_dict(state["models"]["generator_ema"])
-        D.load_state_dict(state["models"]["discriminator"])
-        opt_g.load_state_dict(state["optimizers"]["generator"])
-        opt_d.load_state_dict(state["optimizers"]["discriminator"])
+        try:
+            G.load_state_dict(state["models"]["generator"])
+            ema.load_state_dict(state["models"]["generator_ema"])
+            D.load_state_dict(state["models"]["discriminator"])
+            opt_g.load_state_dict(state["optimizers"]["generator"])
+            opt_d.load_state_dict(state["optimizers"]["discriminator"])
+        except (RuntimeError, ValueError, KeyError) as e:  # torch's error lists every key: say it in one line
+            raise ConfigError(_misfit(out / STATE_FILE, state, cfg)) from e
         restore_rng(state["rng"], {"data": rng})
         step = int(state["step"])
         truncate_metrics(out, step)
         log(f"resumed {out} at step {step}")
-    save(cfg, out / "config.yaml")
 
     # evaluation set-up (feature network + reference features), only when evaluations are on
     extractor = ref_feats = ref_stats = None
@@ -461,6 +488,7 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
                 f"{out}: its metrics so far were measured with the feature network {', '.join(sorted(measured))}, "
                 f"not {extractor.name} ({cfg.feature_net}); FIDs of different feature networks are not comparable. "
                 "Resume with --set feature_net=<that network>, or train the run afresh")
+    save(cfg, out / "config.yaml")  # after every check: a refused resume leaves the run's config as it was
 
     metrics_f = open(out / METRICS_FILE, "a")
 
@@ -575,9 +603,13 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
             save_checkpoint(out, step, cfg=cfg, G=G, ema=ema, D=D, opt_g=opt_g, opt_d=opt_d, rng=rng)
     bar.close()
     if step == cfg.steps and cfg.eval_every >= 0:
-        last_eval = evaluate(step) or last_eval
+        done = [r for r in read_metrics(out) if r.get("kind") == "eval" and r.get("step") == step]
+        last_eval = done[-1] if done else evaluate(step) or last_eval  # a finished run resumed: not twice
     metrics_f.close()
-    return {"step": step, "run_dir": str(out), "wall_seconds": round(time.perf_counter() - t_start, 1),
-            "cpu_seconds": round(time.process_time() - cpu_start, 1),
-            "eval": last_eval, "generator_params": sum(p.numel() for p in G.parameters()),
-            "discriminator_params": sum(p.numel() for p in D.parameters()), "device": str(dev)}
+    summary = {"step": step, "run_dir": str(out), "wall_seconds": round(time.perf_counter() - t_start, 1),
+               "cpu_seconds": round(time.process_time() - cpu_start, 1),
+               "eval": last_eval, "generator_params": sum(p.numel() for p in G.parameters()),
+               "discriminator_params": sum(p.numel() for p in D.parameters()), "device": str(dev)}
+    if step == cfg.steps:  # a finished run, as the classifiers' runs: its summary beside its weights
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    return summary

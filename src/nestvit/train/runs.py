@@ -46,6 +46,9 @@ def build_model(section: ModelSection, *, num_classes: int, in_chans: int, img_s
         from ..models.nest_variants import legacy_nest_kwargs
 
         contract = read_contract(weights)
+        if contract.kind != "classifier":
+            raise ContractError(f"model.weights {weights} holds a {contract.kind} ({contract.model}), not a "
+                                "classifier; fine-tuning starts from a classifier's weights")
         name, recorded = legacy_nest_kwargs(contract.model, contract.kwargs)  # files of older versions too
         recorded = {k: v for k, v in recorded.items() if k not in data}
     kwargs: dict[str, Any] = {**recorded, **data, **section.overrides}
