@@ -203,3 +203,40 @@ def test_finetune_a_run_on_a_folder_at_another_size_channels_and_classes(tmp_pat
     assert main(["eval", str(run)]) == 0 and main(["predict", str(run), str(img)]) == 0
     assert main(["export", str(run), "--format", "pt2"]) == 0
     assert "max |difference|" in capsys.readouterr().out
+
+
+def test_grey_image_folders_train_a_grey_model_and_finetune_keeps_its_normalisation(tmp_path, capsys):
+    """Greyscale files make a 1-channel run (not RGB copies); fine-tuning a grey run on grey files adapts no
+    channels and keeps the normalisation its weights learnt; RGB files still make a 3-channel run."""
+    recipe = tiny_run_recipe(tmp_path, *FAMILIES["nest"][:2])
+    pre = tmp_path / "pre"
+    assert main(["train", str(recipe), "--out", str(pre)]) == 0  # grey digits, in memory, mean/std measured
+    rng = np.random.default_rng(0)
+    for mode, shape in (("L", (40, 48)), ("RGB", (40, 48, 3))):
+        for c in ("a", "b"):
+            folder = tmp_path / mode / c
+            folder.mkdir(parents=True)
+            for i in range(8):
+                Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(folder / f"{i}.png")
+    common = ["--set", "data.img_size=32", "--set", "data.workers=0", "--set", "global_batch=8", "--set", "epochs=1",
+              "--set", "progress=false"]
+    capsys.readouterr()
+    assert main(["train", "finetune", "--set", f"model.weights={pre}", "--set", f"data.root={tmp_path / 'L'}",
+                 *common, "--out", str(tmp_path / "ft_grey")]) == 0
+    out = capsys.readouterr().out
+    assert "input channels" not in out  # nothing adapted: 1 channel to 1 channel
+    grey = nestvit.load(tmp_path / "ft_grey")
+    assert grey.transform.channels == 1 and grey.transform.mean == nestvit.load(pre).transform.mean
+    assert load_config(tmp_path / "ft_grey" / "config.yaml").data.channels == 1  # recorded for eval and resume
+    assert main(["eval", str(tmp_path / "ft_grey")]) == 0
+    # from scratch on grey files: 1 channel, ImageNet's channel mean; RGB files: 3 channels
+    for mode, channels, mean in (("L", 1, (0.449,)), ("RGB", 3, (0.485, 0.456, 0.406))):
+        assert main(["train", str(recipe), "--set", "data.name=imagefolder", "--set", f"data.root={tmp_path / mode}",
+                     "--set", "data.pad_to=null", *common,
+                     "--out", str(tmp_path / f"scratch_{mode}")]) == 0
+        t = nestvit.load(tmp_path / f"scratch_{mode}").transform
+        assert t.channels == channels and t.mean == mean
+    assert main(["train", str(recipe), "--set", "data.name=imagefolder", "--set", f"data.root={tmp_path / 'L'}",
+                 "--set", "data.pad_to=null", "--set", "data.channels=3", *common,
+                 "--out", str(tmp_path / "forced")]) == 0
+    assert nestvit.load(tmp_path / "forced").transform.channels == 3

@@ -574,3 +574,35 @@ def test_two_ranks_stream_their_own_shards(tmp_path):
     records = read_metrics(tmp_path / "run")
     assert [r["step"] for r in records if r["kind"] == "step"] == [1, 2, 3, 4]  # 22 samples // 8 a step
     assert json.loads((tmp_path / "run" / "confusion.json").read_text())["count"] == 2
+
+
+def test_greyscale_files_are_found_and_decoded_to_one_channel(tmp_path):
+    from nestvit.data.datasets import decode_image, image_channels
+
+    grey = tmp_path / "g.png"
+    Image.fromarray(np.arange(120, dtype=np.uint8).reshape(10, 12)).save(grey)
+    rgb = write_image(tmp_path / "c.png", 7)
+    palette = tmp_path / "p.png"
+    Image.new("P", (4, 4)).save(palette)
+    assert image_channels([grey, grey]) == 1
+    assert image_channels([grey, rgb]) == 3 and image_channels([palette]) == 3 and image_channels([]) == 3
+    one = decode_image(grey, size=8, channels=1)
+    three = decode_image(grey, size=8)
+    assert one.shape == (1, 8, 8) and three.shape == (3, 8, 8)
+    assert torch.equal(one[0], three[0]) and torch.equal(three[0], three[2])  # the grey values, once
+
+
+def test_data_channels_default_follows_the_training_files(tmp_path):
+    from nestvit.train.inputs import resolve_data
+
+    class_folders(tmp_path / "rgb", {"a": 3, "b": 3})
+    for cls in ("a", "b"):
+        for i in range(3):
+            path = tmp_path / "grey" / cls / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((10, 12), 40 * i, np.uint8)).save(path)
+    assert resolve_data(section(tmp_path / "grey")).channels == 1
+    assert resolve_data(section(tmp_path / "rgb")).channels == 3
+    assert resolve_data(section(tmp_path / "grey", channels=3)).channels == 3  # said: kept
+    split = load_split(resolve_data(section(tmp_path / "grey")), "train", torch.device("cpu"))
+    assert split.channels == 1 and split.folder[0][0].shape == (1, 8, 8)

@@ -746,8 +746,9 @@ def random_crop_box(w: int, h: int, crop_scale: tuple[float, float]) -> tuple[in
 
 def decode_image(source: str | Path | io.BytesIO, *, size: int, resize_size: int | None = None,
                  crop_box: Callable[[int, int], tuple[int, int, int, int] | None] | None = None,
-                 name: str | Path | None = None) -> torch.Tensor:
-    """Decode one image (a path or bytes in a file object) to a uint8 RGB ``3 x size x size`` tensor.
+                 name: str | Path | None = None, channels: int = 3) -> torch.Tensor:
+    """Decode one image (a path or bytes in a file object) to a uint8 ``channels x size x size`` tensor
+    (``channels`` 3: RGB; 1: greyscale, Pillow's ``L``).
 
     The shorter side is resized to ``resize_size`` (default ``round(size / 0.875)``) and the centre cropped;
     with ``crop_box`` (``(w, h) -> (left, top, right, bottom)`` or None for the centre crop) that box of the
@@ -757,9 +758,10 @@ def decode_image(source: str | Path | io.BytesIO, *, size: int, resize_size: int
     resize_size = resize_size or round(size / 0.875)
     try:
         with Image.open(source) as img:
+            mode = "L" if channels == 1 else "RGB"
             if crop_box is None:  # small random crops need the full resolution
-                img.draft("RGB", (resize_size, resize_size))  # fast JPEG downscale on decode
-            img = img.convert("RGB")
+                img.draft(mode, (resize_size, resize_size))  # fast JPEG downscale on decode
+            img = img.convert(mode)
             w, h = img.size
             box = crop_box(w, h) if crop_box is not None else None
             if box is not None:
@@ -770,7 +772,8 @@ def decode_image(source: str | Path | io.BytesIO, *, size: int, resize_size: int
                 img = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
                 left, top = (new_w - size) // 2, (new_h - size) // 2
                 img = img.crop((left, top, left + size, top + size))
-            array = np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+            array = np.asarray(img, dtype=np.uint8)
+            array = array[None].copy() if array.ndim == 2 else np.ascontiguousarray(array.transpose(2, 0, 1))
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise DatasetError(
             f"{name or source}: cannot decode image ({e}); replace the file or remove it from the data set"
@@ -781,12 +784,13 @@ def decode_image(source: str | Path | io.BytesIO, *, size: int, resize_size: int
 class ImageListDataset(Dataset):
     """Labelled image files (``samples``: ``(path, label)`` pairs; ``classes``: the label names), decoded lazily.
 
-    Each item is ``(image, label)``: a uint8 RGB ``3 x size x size`` tensor, obtained by resizing the shorter
-    side to ``resize_size`` (default ``round(size / 0.875)``) and cropping the centre, then ``transform`` if
-    given. With ``crop_scale=(lo, hi)`` (training) it instead takes an Inception-style random-resized crop: a
-    box covering ``lo..hi`` of the image's area with an aspect ratio log-uniform in ``3/4..4/3`` (10 tries,
-    then the centre crop), resized to ``size x size``; the draws use torch's RNG, which DataLoader seeds per
-    worker. ``root`` is where the files were found (a folder or a CSV file; it names the data in messages).
+    Each item is ``(image, label)``: a uint8 ``channels x size x size`` tensor (3: RGB, 1: greyscale), obtained
+    by resizing the shorter side to ``resize_size`` (default ``round(size / 0.875)``) and cropping the centre,
+    then ``transform`` if given. With ``crop_scale=(lo, hi)`` (training) it instead takes an Inception-style
+    random-resized crop: a box covering ``lo..hi`` of the image's area with an aspect ratio log-uniform in
+    ``3/4..4/3`` (10 tries, then the centre crop), resized to ``size x size``; the draws use torch's RNG, which
+    DataLoader seeds per worker. ``root`` is where the files were found (a folder or a CSV file; it names the
+    data in messages).
     """
 
     def __init__(
@@ -799,6 +803,7 @@ class ImageListDataset(Dataset):
         resize_size: int | None = None,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         crop_scale: tuple[float, float] | None = None,
+        channels: int = 3,
     ):
         if crop_scale is not None and not 0 < crop_scale[0] <= crop_scale[1] <= 1:
             raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {crop_scale}")
@@ -807,6 +812,7 @@ class ImageListDataset(Dataset):
         self.classes = list(classes)
         self.size = size
         self.crop_scale = crop_scale
+        self.channels = channels
         self.resize_size = resize_size or round(size / 0.875)
         self.transform = transform
         # another decoding of a file, replacing the one above: e.g. a saved model's own (its run contract's
@@ -826,11 +832,11 @@ class ImageListDataset(Dataset):
         return random_crop_box(w, h, self.crop_scale)
 
     def load_image(self, path: Path) -> torch.Tensor:
-        """Decode one file to a uint8 ``3 x size x size`` tensor (centre crop, or a random-resized crop)."""
+        """Decode one file to a uint8 ``channels x size x size`` tensor (centre crop, or a random-resized crop)."""
         if self.reader is not None:
             return self.reader(path)
         return decode_image(path, size=self.size, resize_size=self.resize_size,
-                            crop_box=self.random_box if self.crop_scale else None)
+                            crop_box=self.random_box if self.crop_scale else None, channels=self.channels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
@@ -859,6 +865,7 @@ class ImageFolderDataset(ImageListDataset):
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
         crop_scale: tuple[float, float] | None = None,
+        channels: int = 3,
     ):
         folder = Path(root).expanduser() / split if split else Path(root).expanduser()
         if not folder.is_dir():
@@ -881,8 +888,29 @@ class ImageFolderDataset(ImageListDataset):
             exts = sorted({e.lower() for e in extensions})
             raise DatasetError(f"imagefolder: no images ({', '.join(exts)}) under {folder}/<class>/")
         super().__init__(samples, names, root=folder, size=size, resize_size=resize_size, transform=transform,
-                         crop_scale=crop_scale)
+                         crop_scale=crop_scale, channels=channels)
         self.unlisted = sorted(set(found) - set(names))
+
+
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")  # Pillow modes of single-channel images
+
+
+def image_channels(paths: Sequence[Path], *, most: int = 64) -> int:
+    """1 if every one of up to ``most`` files spread evenly over ``paths`` is a greyscale image, else 3 (RGB).
+
+    Only the files' headers are read. A palette image counts as colour; a file that cannot be opened is left to
+    the decoding, which names it."""
+    if not paths:
+        return 3
+    step = max(1, len(paths) // most)
+    for path in list(paths)[::step][:most]:
+        try:
+            with Image.open(path) as img:
+                if img.mode not in GREY_MODES:
+                    return 3
+        except (UnidentifiedImageError, OSError, ValueError):
+            continue
+    return 1
 
 
 def class_images(folder: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Path]:

@@ -255,7 +255,8 @@ def _csv_samples(layout: Layout, split: str, names: list[str] | None, fixed: boo
 
 def load_images(root: str | Path | None, split: str, *, train_split: str = "train", eval_split: str | None = None,
                 holdout: float = 0.1, classes: Sequence[str] | None = None, classes_file: str | Path | None = None,
-                size: int = 224, crop_scale: tuple[float, float] | None = None) -> ImageListDataset:
+                size: int = 224, crop_scale: tuple[float, float] | None = None, channels: int = 3
+                ) -> ImageListDataset:
     """The images of ``split`` of ``root`` (any layout of the module docstring) as an :class:`ImageListDataset`.
 
     ``classes``: the training split's classes, to number an evaluation split's labels the same way (a class
@@ -275,12 +276,12 @@ def load_images(root: str | Path | None, split: str, *, train_split: str = "trai
                      and base == (train_split if layout.split_folders else "train"))
     if layout.kind in ("csv", "csv-splits"):
         samples, found, keys, unlisted = _csv_samples(layout, base, names, fixed)
-        ds = ImageListDataset(samples, found, root=layout.root, size=size, crop_scale=crop_scale)
+        ds = ImageListDataset(samples, found, root=layout.root, size=size, crop_scale=crop_scale, channels=channels)
         ds.unlisted = unlisted
     else:
         folder = layout.root / base if layout.kind == "splits" else layout.root
         ds = ImageFolderDataset(layout.root, split=base if layout.kind == "splits" else None, size=size,
-                                classes=names, crop_scale=crop_scale)
+                                classes=names, crop_scale=crop_scale, channels=channels)
         if fixed and ds.unlisted:
             raise DatasetError(f"imagefolder: class folder(s) {', '.join(ds.unlisted)} of {folder} are not in the "
                                f"class list {classes_file}; add them to it or move them out of {folder}")

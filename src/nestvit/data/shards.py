@@ -216,8 +216,10 @@ class ShardSet:
     """
 
     def __init__(self, root: Path, shards: list[Path], rels: list[str], ids: list[str], labels: list[int],
-                 classes: list[str], mapping: dict[str, int], *, size: int, crop_scale: tuple[float, float] | None):
+                 classes: list[str], mapping: dict[str, int], *, size: int, crop_scale: tuple[float, float] | None,
+                 channels: int = 3):
         self.root, self.shards, self.classes, self.mapping = root, shards, classes, mapping
+        self.channels = channels
         self.rel = {str(p): r for p, r in zip(shards, rels)}
         self.ids, self.labels = ids, labels
         self.keep: frozenset[str] | None = None
@@ -287,13 +289,13 @@ class ShardSet:
                                    "data.workers or more shards")
 
     def decode(self, sample: dict[str, Any]) -> tuple[torch.Tensor, int]:
-        """``(uint8 3 x size x size image, label)`` of a streamed sample."""
+        """``(uint8 channels x size x size image, label)`` of a streamed sample."""
         where = f"{sample['__url__']}:{sample['__key__']}"
         suffix = next(s for s in IMAGE_KEYS if s in sample)
         label = self.mapping[sample["cls"].decode("utf-8").strip()]
         box = (lambda w, h: random_crop_box(w, h, self.crop_scale)) if self.crop_scale else None
         return decode_image(io.BytesIO(sample[suffix]), size=self.size, resize_size=self.resize_size, crop_box=box,
-                            name=f"{where}.{suffix}"), label
+                            name=f"{where}.{suffix}", channels=self.channels), label
 
     def collate(self, samples: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
         decoded = [self.decode(s) for s in samples]
@@ -343,7 +345,7 @@ class ShardPass(IterableDataset):
 
 def load_shards(root: str | Path | None, split: str, *, train_split: str = "train", eval_split: str | None = None,
                 holdout: float = 0.1, classes: Sequence[str] | None = None, classes_file: str | Path | None = None,
-                size: int = 224, crop_scale: tuple[float, float] | None = None) -> ShardSet:
+                size: int = 224, crop_scale: tuple[float, float] | None = None, channels: int = 3) -> ShardSet:
     """The samples of ``split`` of the shards in ``root``; arguments as :func:`nestvit.data.folders.load_images`
     (``holdout``: the same per-class rule over the samples' ids)."""
     _wds()
@@ -371,7 +373,7 @@ def load_shards(root: str | Path | None, split: str, *, train_split: str = "trai
         raise DatasetError(f"webdataset: {where}: label(s) {', '.join(unknown[:5])} of the .cls files are not in the "
                            f"class list {classes_file} ({len(found)} classes; an integer label indexes it)")
     data = ShardSet(layout.root, shards, rels, ids, [mapping.get(r, -1) for r in raws], found, mapping, size=size,
-                    crop_scale=crop_scale)
+                    crop_scale=crop_scale, channels=channels)
     if unknown:
         data.unlisted = unknown
         data.select([label >= 0 for label in data.labels])

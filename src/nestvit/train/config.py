@@ -73,6 +73,9 @@ class DataSection:
     # model's input size (model.overrides.img_size, else the registered model's)
     img_size: int | None = None
     workers: int | None = None  # imagefolder / webdataset: DataLoader processes; None: min(4, cores - 1)
+    # imagefolder / webdataset: decode images to 1 (greyscale) or 3 (RGB) channels; None: imagefolder 1 when its
+    # training images are greyscale files (up to 64 files' headers read), else 3 (the run's config.yaml records it)
+    channels: int | None = None
     random_resized_crop: float | None = None  # imagefolder training split: Inception-style crop of this..1 of the
     # area (aspect 3/4..4/3) resized to img_size, instead of the centre crop; the official ImageNet recipes: 0.08
 
@@ -194,6 +197,8 @@ class TrainConfig:
             (self.data.workers is None or self.data.workers >= 0,
              f"data.workers must be >= 0 (0 = load in the training process) or null (by the cores), got "
              f"{self.data.workers}"),
+            (self.data.channels in (None, 1, 3),
+             f"data.channels must be 1 (greyscale), 3 (RGB) or null (by the images), got {self.data.channels}"),
             (0 <= self.data.holdout < 1,
              f"data.holdout must be in [0, 1) (the share of each class held out; 0 = none), got {self.data.holdout}"),
             (self.data.pad_to is None or self.data.pad_to >= 1,

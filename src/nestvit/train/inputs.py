@@ -9,7 +9,9 @@ with the same per-step index lists; tar shards (``webdataset``) stream in the or
 
 Defaults left open in the config are filled by :func:`resolve_data` before anything loads: the image
 size of folders and shards from the model, the evaluation split from what exists (``val``, then ``test``,
-else the hold-out); ``data.workers`` by :func:`default_workers` when the loaders start.
+else the hold-out), the channels of folders from their images (greyscale files: 1) and, when fine-tuning a
+run on images of its channel count, the normalisation from its run contract; ``data.workers`` by
+:func:`default_workers` when the loaders start.
 
 Order: epoch ``e`` uses ``torch.randperm(N)`` from a CPU generator seeded with ``(seed, e)``; global
 step ``s`` of the epoch takes ``perm[s * G:(s + 1) * G]`` (``G`` the global batch; the last partial
@@ -149,18 +151,27 @@ def model_img_size(model: ModelSection | None) -> int:
 
 def resolve_data(cfg: DataSection, model: ModelSection | None = None) -> DataSection:
     """``cfg`` with the defaults it leaves open filled: ``img_size`` (folders, shards, synthetic) from ``model``,
-    ``eval_split`` from what the data has (in-memory sets: ``test``), ``mean``/``std`` from published weights
-    (``model.weights`` a tag of ``nestvit pretrained``). ``workers`` stays as it is
+    ``eval_split`` from what the data has (in-memory sets: ``test``), ``channels`` (folders: 1 for greyscale
+    files, else 3; shards: 3), ``mean``/``std`` from published weights (``model.weights`` a tag of ``nestvit
+    pretrained``) or, for folders and shards, from the run contract of ``model.weights`` when its channel count
+    is the data's (the normalisation the weights learnt). ``workers`` stays as it is
     (:func:`default_workers` when the loaders start: a resumed run on another machine uses that machine's)."""
     from ..pretrained import published as published_file
 
     changes: dict[str, object] = {}
     streamed = cfg.name in DATASETS and not DATASETS[cfg.name].in_memory
     published = published_file(model.weights) if model is not None else None
-    if published is not None and cfg.mean is None and cfg.std is None:  # the normalisation the weights learnt
-        changes.update(mean=published.mean, std=published.std)
     if cfg.img_size is None and (streamed or cfg.name == "synthetic"):
         changes["img_size"] = model_img_size(model)
+    if cfg.channels is None and streamed:
+        changes["channels"] = folder_channels(cfg) if cfg.name == "imagefolder" else 3
+    if cfg.mean is None and cfg.std is None:  # the normalisation the weights learnt, for the same channel count
+        learnt = ((published.mean, published.std) if published is not None
+                  else _learnt_normalization(model.weights) if streamed and model is not None and model.weights
+                  else None)
+        channels = changes.get("channels", cfg.channels)
+        if learnt is not None and (channels is None or len(learnt[0]) == channels):
+            changes.update(mean=tuple(learnt[0]), std=tuple(learnt[1]))
     if cfg.eval_split is None:
         if cfg.name == "imagefolder":
             changes["eval_split"] = default_eval_split(find_layout(cfg.root, cfg.train_split), cfg.train_split,
@@ -171,6 +182,26 @@ def resolve_data(cfg: DataSection, model: ModelSection | None = None) -> DataSec
         else:
             changes["eval_split"] = "test"
     return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def folder_channels(cfg: DataSection) -> int:
+    """1 when the image folder's training images are greyscale files, else 3 (:func:`image_channels`)."""
+    from ..data.datasets import image_channels
+
+    files = load_images(cfg.root, cfg.train_split, holdout=cfg.holdout, classes_file=cfg.classes).samples
+    return image_channels([path for path, _ in files])
+
+
+def _learnt_normalization(weights: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The ``(mean, std)`` of a nestvit run's contract (the normalisation its weights learnt); None for weights
+    without one (timm's or ``torch.save`` files: the data's defaults then)."""
+    from ..contract import read_contract
+
+    try:
+        t = read_contract(weights).transform
+    except Exception:  # noqa: BLE001 (no contract: the data's defaults)
+        return None
+    return None if t is None else (tuple(t.mean), tuple(t.std))
 
 
 def load_split(cfg: DataSection, split: str | None, device: torch.device, *, classes: list[str] | None = None,
@@ -201,7 +232,8 @@ def load_split(cfg: DataSection, split: str | None, device: torch.device, *, cla
         crop = (cfg.random_resized_crop, 1.0) if split == cfg.train_split and cfg.random_resized_crop else None
         load = load_images if cfg.name == "imagefolder" else load_shards
         data = load(cfg.root, split, train_split=cfg.train_split, eval_split=cfg.eval_split, holdout=cfg.holdout,
-                    classes=classes, classes_file=cfg.classes, size=cfg.img_size, crop_scale=crop)
+                    classes=classes, classes_file=cfg.classes, size=cfg.img_size, crop_scale=crop,
+                    channels=cfg.channels)
         notes = _class_notes(data, split, training=classes is None)
         if limit is not None and limit < len(data):
             if isinstance(data, ImageListDataset):
@@ -211,7 +243,7 @@ def load_split(cfg: DataSection, split: str | None, device: torch.device, *, cla
         labels = torch.tensor([label for _, label in data.samples] if isinstance(data, ImageListDataset)
                               else data.labels, dtype=torch.int64)
         folder = data if isinstance(data, ImageListDataset) else None
-        return Split(name=f"{cfg.name}:{split}", labels=labels, classes=list(data.classes), channels=3,
+        return Split(name=f"{cfg.name}:{split}", labels=labels, classes=list(data.classes), channels=cfg.channels,
                      size=(cfg.img_size, cfg.img_size), folder=folder, stream=None if folder else data, notes=notes,
                      about=data.description)
     ds = load_dataset(cfg.name, root=cfg.root, split=split, download=cfg.download)
@@ -267,8 +299,11 @@ def normalization(cfg: DataSection, train: Split) -> tuple[tuple[float, ...], tu
     """``(mean, std)`` per channel: the config's, else measured on the training images (ImageNet's for folders)."""
     if cfg.mean is not None and cfg.std is not None:
         return cfg.mean, cfg.std
-    if train.images is None:
-        return cfg.mean or IMAGENET_MEAN, cfg.std or IMAGENET_STD
+    if train.images is None:  # folders and shards: ImageNet's (its channel mean for greyscale, as timm)
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        if train.channels == 1:
+            mean, std = (round(sum(mean) / 3, 4),), (round(sum(std) / 3, 4),)
+        return cfg.mean or mean, cfg.std or std
     c = train.channels
     s1 = torch.zeros(c, dtype=torch.float64, device=train.images.device)
     s2 = torch.zeros_like(s1)

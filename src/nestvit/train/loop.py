@@ -122,7 +122,8 @@ class Trainer:
         self.eval_split = load_split(d, d.eval_split, self.device, classes=self.train_split.classes,
                                      limit=d.limit_eval)
         mean, std = normalization(d, self.train_split)
-        cfg = C.replace(cfg, data={"mean": mean, "std": std, "img_size": d.img_size, "eval_split": d.eval_split})
+        cfg = C.replace(cfg, data={"mean": mean, "std": std, "img_size": d.img_size, "eval_split": d.eval_split,
+                                   "channels": d.channels})
         self.cfg = cfg
         self.classes = self.train_split.classes
         self.num_classes = len(self.classes)
