@@ -130,6 +130,8 @@ def test_a_split_that_does_not_exist_is_one_error_listing_those_that_do(tmp_path
         resolve_data(section(flat, holdout=0.0))
     with pytest.raises(ConfigError, match=r"data.holdout must be in \[0, 1\)"):
         load_config(None, ["data.holdout=1"])
+    with pytest.raises(ConfigError, match=r"data.channels must be 1 \(greyscale\), 3 \(RGB\) or null"):
+        load_config(None, ["data.channels=2"])
 
 
 def test_layout_errors_are_one_line_each(tmp_path):
