@@ -146,3 +146,32 @@ def test_predict_with_tta_averages_the_views_softmax(weights, tmp_path):
     with torch.no_grad():
         want = sum(loaded.model(loaded.transform(v)).softmax(-1)[0] for v in (x, x.flip(-1))) / 2
     assert got == pytest.approx({c: float(p) for c, p in zip(loaded.classes, want)}, abs=1e-6)
+
+
+@pytest.mark.parametrize("generator", ["nest_tiny", "conv_tiny"])
+def test_a_generator_exports_noise_to_images(generator, tmp_path, capsys):
+    """A GAN run's EMA generator as ONNX (z -> images, dynamic batch, checked) and as a pt2 program; commands
+    that read classifier exports say what the file is."""
+    ort = pytest.importorskip("onnxruntime", reason="install the test extras: pip install -e '.[test]'")
+    from nestvit.generate.train import GanConfig, load_generator, train_gan
+
+    run = tmp_path / "gan"
+    cfg = GanConfig(generator=generator, discriminator="resnet_tiny", batch_size=8, steps=1, eval_every=-1,
+                    progress=False, sample_n=4)
+    train_gan(cfg, run, data=torch.full((16, 3, 16, 16), 200, dtype=torch.uint8), log=lambda s: None)
+    assert main(["export", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "input z (B, " in out and "images in [-1, 1]" in out and "max |difference|" in out
+    onnx_file = run / "generator.onnx"
+    G = load_generator(run)
+    z = torch.randn(5, G.latent_dim)
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["z"] and session.get_outputs()[0].name == "images"
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(session.run(None, {"z": z.numpy()})[0]), G(z), atol=1e-4, rtol=0)
+    assert read_contract(onnx_file).kind == "generator"
+    assert main(["predict", str(onnx_file), str(onnx_file)]) == 2
+    assert "holds a generator" in capsys.readouterr().err
+    assert main(["export", str(run), "--format", "pt2"]) == 0
+    assert (run / "generator.pt2").is_file() and not list(run.glob(".*unchecked*"))
+    assert "Expect archive file" not in capsys.readouterr().err

@@ -229,6 +229,10 @@ def test_grey_image_folders_train_a_grey_model_and_finetune_keeps_its_normalisat
     assert grey.transform.channels == 1 and grey.transform.mean == nestvit.load(pre).transform.mean
     assert load_config(tmp_path / "ft_grey" / "config.yaml").data.channels == 1  # recorded for eval and resume
     assert main(["eval", str(tmp_path / "ft_grey")]) == 0
+    from nestvit.data.datasets import decode_image
+
+    file = tmp_path / "L" / "a" / "0.png"  # predict and eval decode a file as training did: one decoding
+    assert torch.equal(grey.transform.read(file), decode_image(file, size=32, channels=1))
     # from scratch on grey files: 1 channel, ImageNet's channel mean; RGB files: 3 channels
     for mode, channels, mean in (("L", 1, (0.449,)), ("RGB", 3, (0.485, 0.456, 0.406))):
         assert main(["train", str(recipe), "--set", "data.name=imagefolder", "--set", f"data.root={tmp_path / mode}",

@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "explain": ("nestvit.explain.cli", "GradCAT / CAM / Grad-CAM / rollout / occlusion explanations as PNG"),
     "generate": ("nestvit.generate.cli", "train the NesT generator (GAN) and sample images"),
     "experiment": ("nestvit.experiments", "rerun the papers' experiments and write tables and plots"),
-    "export": ("nestvit.export", "export a trained model to ONNX or a torch.export program, checked"),
+    "export": ("nestvit.export", "export a trained classifier or generator to ONNX or a torch.export program, checked"),
 }
 
 

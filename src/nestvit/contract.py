@@ -115,12 +115,10 @@ class InputTransform:
             if not Path(path).is_file():
                 raise ContractError(f"{path}: no such image file")
             try:  # an unreadable or huge file: one clear error
-                x = decode_image(Path(path), size=self.size[0], resize_size=round(self.size[0] / self.crop_pct))
+                x = decode_image(Path(path), size=self.size[0], resize_size=round(self.size[0] / self.crop_pct),
+                                 channels=self.channels)
             except DatasetError as e:
                 raise ContractError(str(e)) from None
-            if self.channels == 1:  # ITU-R 601-2 luma, as PIL's convert("L")
-                x = (x.float() * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True)
-                x = x.round().clamp(0, 255).to(torch.uint8)
             return x.contiguous()
         with open_image(path) as img:
             img = img.convert("L" if self.channels == 1 else "RGB")

@@ -2,6 +2,7 @@
 
     nestvit export runs/demo --format onnx            # runs/demo/model.onnx, dynamic batch, checked
     nestvit export runs/demo --format pt2 --out m.pt2 # a torch.export program (torch.export.load)
+    nestvit export runs/gan                           # a GAN run: runs/gan/generator.onnx, z -> images
 
 The model and its input transform come from the run contract (``nestvit.load``). The exported graph
 takes the *normalised* input ``(B, C, H, W)`` float32 (the transform's ``__call__`` does that step) and
@@ -9,7 +10,8 @@ returns the logits; the batch size is dynamic. The contract is stored with it (O
 key ``nestvit.contract``; a ``nestvit.contract.json`` extra file in the ``.pt2`` archive). After writing,
 the export is run on a batch of 2 and a batch of 3 random inputs and compared with the PyTorch model:
 with onnxruntime for ONNX (``pip install 'nestvit[export]'``), with ``torch.export.load`` for pt2; the
-largest difference is printed, and an export that disagrees beyond ``--atol`` is an error.
+largest difference is printed, and an export that disagrees beyond ``--atol`` is an error. A GAN run exports
+its EMA generator the same way: input ``z`` ``(B, latent_dim)``, output ``images`` ``(B, C, H, W)`` in [-1, 1].
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ FORMATS = {"onnx": ".onnx", "pt2": ".pt2"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a run directory or a weights file written by nestvit")
+    parser.add_argument("checkpoint", help="a run directory (classifier or GAN) or a weights file written by nestvit")
     parser.add_argument("--format", choices=list(FORMATS), default="onnx", help="onnx (default) or pt2")
     parser.add_argument("--out", type=Path, help="output file (default: model.onnx / model.pt2 beside the weights)")
-    parser.add_argument("--weights", default=None, help="which weights of a run directory (best, last, ema)")
+    parser.add_argument("--weights", default=None, help="which weights of a run directory (best, last, ema; a GAN run: "
+                                                          "ema, raw)")
     parser.add_argument("--opset", type=positive_int, default=None, help="ONNX opset (default: the exporter's)")
     parser.add_argument("--atol", type=nonnegative_float, default=1e-4,
                         help="largest difference allowed in the check (1e-4)")
@@ -49,8 +52,9 @@ def _inputs(transform, batch: int, seed: int) -> torch.Tensor:
 
 
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, *, contract_json: str,
-                opset: int | None = None) -> Path:
-    """ONNX with a dynamic batch, the contract in its metadata; written atomically."""
+                opset: int | None = None, names: tuple[str, str] = ("images", "logits")) -> Path:
+    """ONNX with a dynamic batch, the contract in its metadata, ``names`` its input and output; written
+    atomically."""
     import onnx
 
     from .fileio import atomic_path
@@ -59,7 +63,7 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, *, co
     kwargs = {"opset_version": opset} if opset else {}
     with atomic_path(path) as tmp, _quiet_exporter():
         program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=({0: batch},), verbose=False,
-                                    input_names=["images"], output_names=["logits"], **kwargs)
+                                    input_names=[names[0]], output_names=[names[1]], **kwargs)
         proto = program.model_proto
         entry = proto.metadata_props.add()
         entry.key, entry.value = CONTRACT_KEY, contract_json
@@ -100,13 +104,12 @@ def check_onnx(path: Path, model: torch.nn.Module, inputs: list[torch.Tensor]) -
 
 
 def export_pt2(model: torch.nn.Module, example: torch.Tensor, path: Path, *, contract_json: str) -> Path:
-    """A ``torch.export`` program with a dynamic batch and the contract as an extra file; written atomically."""
-    from .fileio import atomic_path
-
+    """A ``torch.export`` program with a dynamic batch and the contract as an extra file, written to ``path``
+    itself (``nestvit export`` gives a temporary ``.pt2`` name, renamed after the check: torch warns about
+    names that do not end in ``.pt2``)."""
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
-    with atomic_path(path) as tmp:
-        torch.export.save(program, str(tmp), extra_files={f"{CONTRACT_KEY}.json": contract_json})
+    torch.export.save(program, str(path), extra_files={f"{CONTRACT_KEY}.json": contract_json})
     return path
 
 
@@ -171,6 +174,10 @@ def load_exported(path: str | Path):
 
     path = Path(path)
     contract = exported_contract(path)
+    if contract.kind == "generator":
+        raise ContractError(f"{path} holds a generator ({contract.model}): run it with onnxruntime, input 'z' "
+                            "(B, latent_dim) standard normal noise, output 'images' in [-1, 1]; the commands that "
+                            "sample and measure generators read its run folder")
     if contract.kind != "classifier" or contract.transform is None:
         raise ContractError(f"{path}: its contract has no classifier input transform; export the run again")
     try:
@@ -197,15 +204,32 @@ def _run(args: argparse.Namespace) -> int:
     from .contract import load
 
     loaded = load(args.checkpoint, args.weights)
-    if loaded.contract.kind != "classifier":
-        raise ValueError(f"{loaded.weights} holds a {loaded.contract.kind}; export takes classifiers")
+    kind = loaded.contract.kind
+    if kind not in ("classifier", "generator"):
+        raise ValueError(f"{loaded.weights} holds a {kind}; export takes classifiers and generators")
     model = loaded.model.eval()
-    out = args.out or loaded.weights.parent / f"model{FORMATS[args.format]}"
+    stem = "generator" if kind == "generator" else "model"
+    out = args.out or loaded.weights.parent / f"{stem}{FORMATS[args.format]}"
     if out.exists() and out.is_dir():
-        raise ValueError(f"--out {out}: is a folder; give a file name such as {out / ('model' + FORMATS[args.format])}")
-    example = _inputs(loaded.transform, 2, 0)
-    contract_json = replace(loaded.contract, transform=loaded.transform).to_json()  # the transform it was checked with
-    checks = [_inputs(loaded.transform, 2, 1), _inputs(loaded.transform, 3, 2)]  # two batch sizes: dynamic
+        raise ValueError(f"--out {out}: is a folder; give a file name such as {out / (stem + FORMATS[args.format])}")
+    if kind == "generator":  # noise z (B, latent_dim) -> images (B, C, H, W) in [-1, 1]
+        def inputs(batch: int, seed: int) -> torch.Tensor:
+            return torch.randn(batch, model.latent_dim, generator=torch.Generator().manual_seed(seed))
+
+        names = ("z", "images")
+        contract_json = loaded.contract.to_json()
+        shapes = (f"input z (B, {model.latent_dim}) standard normal, output (B, {model.out_chans}, {model.img_size}, "
+                  f"{model.img_size}) images in [-1, 1]")
+    else:  # normalised images -> logits
+        def inputs(batch: int, seed: int) -> torch.Tensor:
+            return _inputs(loaded.transform, batch, seed)
+
+        names = ("images", "logits")
+        contract_json = replace(loaded.contract, transform=loaded.transform).to_json()  # the transform checked with
+        shapes = (f"input (B, {loaded.transform.channels}, {loaded.transform.size[0]}, {loaded.transform.size[1]}) "
+                  "normalised")
+    example = inputs(2, 0)
+    checks = [inputs(2, 1), inputs(3, 2)]  # two batch sizes: the batch is dynamic
     if args.format == "onnx":
         try:
             import onnx  # noqa: F401
@@ -217,7 +241,7 @@ def _run(args: argparse.Namespace) -> int:
     unchecked = out.with_name(f".{out.name}.unchecked{out.suffix}")
     try:
         if args.format == "onnx":
-            export_onnx(model, example, unchecked, contract_json=contract_json, opset=args.opset)
+            export_onnx(model, example, unchecked, contract_json=contract_json, opset=args.opset, names=names)
             worst = None if args.no_check else check_onnx(unchecked, model, checks)
             how = "onnxruntime"
             if worst is None and not args.no_check:
@@ -236,6 +260,5 @@ def _run(args: argparse.Namespace) -> int:
         unchecked.unlink(missing_ok=True)
     size = out.stat().st_size / 1e6
     check = f"; checked with {how} on batches of 2 and 3: max |difference| {worst:.2e}" if worst is not None else ""
-    print(f"wrote {out} ({size:.1f} MB, {args.format}, input (B, {loaded.transform.channels}, "
-          f"{loaded.transform.size[0]}, {loaded.transform.size[1]}) normalised{check})")
+    print(f"wrote {out} ({size:.1f} MB, {args.format}, {shapes}{check})")
     return 0

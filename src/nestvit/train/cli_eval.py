@@ -99,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
     if precision == "bf16" and (warning := slow_bf16(device, "--precision auto (fp32 here)")):
         print(warning, file=sys.stderr)
     classes = loaded.classes
+    if _streamed(name):  # files are decoded to the model's channels (below), not to what the folder's look like
+        section = dataclasses.replace(section, channels=transform.channels)
     with one_line_errors():
         data = load_split(section, split, device, classes=classes if _streamed(name) else None, limit=args.limit)
     if data.folder is not None:  # image files: decoded as the model's contract says, as `nestvit predict` does
