@@ -36,7 +36,8 @@ FORMATS = {"onnx": ".onnx", "pt2": ".pt2"}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a run directory (classifier or GAN) or a weights file written by nestvit")
     parser.add_argument("--format", choices=list(FORMATS), default="onnx", help="onnx (default) or pt2")
-    parser.add_argument("--out", type=Path, help="output file (default: model.onnx / model.pt2 beside the weights)")
+    parser.add_argument("--out", type=Path, help="output file (default: model.onnx / model.pt2, a GAN run: "
+                                                 "generator.onnx / .pt2, beside the weights)")
     parser.add_argument("--weights", default=None, help="which weights of a run directory (best, last, ema; a GAN run: "
                                                           "ema, raw)")
     parser.add_argument("--opset", type=positive_int, default=None, help="ONNX opset (default: the exporter's)")
