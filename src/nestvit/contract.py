@@ -355,8 +355,11 @@ def resolve_weights(path: str | Path, which: str | None = None) -> Path:
             raise ContractError(f"{ck}: no {found.name}; the checkpoint is incomplete")
         return found
     has = [n for n in CLASSIFIER_WEIGHTS if (path / f"{n}.safetensors").is_file()]
-    if not has and (path / PRETRAINED_FILE).is_file() and which in (None, "best", "ema"):
-        return path / PRETRAINED_FILE  # a save_pretrained / Hub folder: its one model
+    if not has and (path / PRETRAINED_FILE).is_file():  # a save_pretrained / Hub folder: its one model
+        if which not in (None, "best", "ema"):
+            raise ContractError(f"{path} is a save_pretrained folder: it holds one model ({PRETRAINED_FILE}), no "
+                                f"{which!r} weights")
+        return path / PRETRAINED_FILE
     which = which or "best"
     if which not in CLASSIFIER_WEIGHTS:
         raise ContractError(f"unknown weights {which!r} for a training run; choose {', '.join(CLASSIFIER_WEIGHTS)}")

@@ -588,6 +588,10 @@ def test_greyscale_files_are_found_and_decoded_to_one_channel(tmp_path):
     Image.new("P", (4, 4)).save(palette)
     assert image_channels([grey, grey]) == 1
     assert image_channels([grey, rgb]) == 3 and image_channels([palette]) == 3 and image_channels([]) == 3
+    assert image_channels([grey] * 100 + [rgb] * 27) == 3  # the last files are among those read
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image")
+    assert image_channels([junk, junk]) == 3  # none read: RGB, and the decoding names the file
     one = decode_image(grey, size=8, channels=1)
     three = decode_image(grey, size=8)
     assert one.shape == (1, 8, 8) and three.shape == (3, 8, 8)
@@ -606,5 +610,12 @@ def test_data_channels_default_follows_the_training_files(tmp_path):
     assert resolve_data(section(tmp_path / "grey")).channels == 1
     assert resolve_data(section(tmp_path / "rgb")).channels == 3
     assert resolve_data(section(tmp_path / "grey", channels=3)).channels == 3  # said: kept
+    rgb_norm = resolve_data(section(tmp_path / "grey", mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2)))
+    assert rgb_norm.channels == 3  # a recipe's own 3-channel normalisation fixes the count
+    for name in ("mine", "held"):  # split folders of other names
+        class_folders(tmp_path / "named" / name, {"a": 2, "b": 2})
+    assert resolve_data(section(tmp_path / "named", train_split="mine", eval_split="held")).channels == 3
+    with pytest.raises(ValueError, match="data.channels applies to image folders and shards"):
+        load_split(DataSection(name="mnist5k", channels=1), "test", CPU)
     split = load_split(resolve_data(section(tmp_path / "grey")), "train", torch.device("cpu"))
     assert split.channels == 1 and split.folder[0][0].shape == (1, 8, 8)

@@ -104,6 +104,10 @@ def test_gan_resume_refuses_another_feature_network(tmp_path):
         train_gan(other, run, resume=True, log=lambda s: None)
     train_gan(cfg, run, resume=True, log=lambda s: None)  # the same network: resumes
     assert [r["step"] for r in read_metrics(run) if r.get("kind") == "eval"] == [0, 1, 2]
+    train_gan(cfg, run, resume=True, log=lambda s: None)  # a finished run resumed: its last evaluation stands
+    assert [r["step"] for r in read_metrics(run) if r.get("kind") == "eval"] == [0, 1, 2]
+    train_gan(GanConfig(**{**cfg.__dict__, "eval_n": 24}), run, resume=True, log=lambda s: None)  # another n
+    assert [(r["step"], r["n"]) for r in read_metrics(run) if r.get("kind") == "eval"][-1] == (2, 24)
     other_data = _feature_net(tmp_path / "m.safetensors", 2, data="mnist5k")
     said.clear()
     train_gan(GanConfig(**{**cfg.__dict__, "feature_net": str(other_data), "steps": 1}), tmp_path / "run2",
@@ -143,6 +147,9 @@ def test_generate_eval_repeats_the_runs_last_evaluation(tmp_path, monkeypatch, c
     other = json.loads((tmp_path / "b.json").read_text())
     assert other["generator"] == "raw" and other["n"] == 24 and other["feature_net"] == load_feature_net(b).name
     assert other["feature_net"] != got["feature_net"]
+    assert "not on the run's curve" in capsys.readouterr().err
+    assert main(["generate", "eval", str(run / "generator.safetensors"), "-n", "16", "--out", "r.json"]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["generator"] == "raw"  # named by the file's own role
     # from another folder the run's relative feature_net is not found: said so, with the fix
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")

@@ -231,6 +231,8 @@ def test_cli_sample_writes_png(tmp_path):
     grid, first = np.array(Image.open(out)), np.array(Image.open(files[0]))
     assert first.shape == (16, 16, 3) and np.array_equal(first, grid[2:18, 2:18])
     assert main(["generate", "sample", str(tmp_path / "run"), "--out", str(tmp_path / "x.jpg")]) == 2
+    assert main(["generate", "sample", str(tmp_path / "run"), "-n", "2", "--out", str(tmp_path / "imgs")]) == 2
+    assert len(list((tmp_path / "imgs").iterdir())) == 6  # samples of another run are not mixed in
 
 
 def test_cli_train_on_fashion_mnist(tmp_path, capsys):

@@ -896,21 +896,22 @@ GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")  # Pillow mode
 
 
 def image_channels(paths: Sequence[Path], *, most: int = 64) -> int:
-    """1 if every one of up to ``most`` files spread evenly over ``paths`` is a greyscale image, else 3 (RGB).
+    """1 if the files among up to ``most`` spread evenly over ``paths`` (the first and the last included) are
+    greyscale images, at least one of them read, else 3 (RGB).
 
     Only the files' headers are read. A palette image counts as colour; a file that cannot be opened is left to
     the decoding, which names it."""
-    if not paths:
-        return 3
-    step = max(1, len(paths) // most)
-    for path in list(paths)[::step][:most]:
+    picked = sorted({round(i * (len(paths) - 1) / max(1, most - 1)) for i in range(most)}) if paths else []
+    grey = 0
+    for i in picked:
         try:
-            with Image.open(path) as img:
+            with Image.open(paths[i]) as img:
                 if img.mode not in GREY_MODES:
                     return 3
+                grey += 1
         except (UnidentifiedImageError, OSError, ValueError):
             continue
-    return 1
+    return 1 if grey else 3
 
 
 def class_images(folder: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Path]:

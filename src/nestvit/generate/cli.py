@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     t.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     s = sub.add_parser("sample", help="sample an image grid (or a folder of images) from a trained generator")
-    s.add_argument("checkpoint", help="run dir, checkpoint dir or generator safetensors file")
+    s.add_argument("checkpoint", help="GAN run folder, save_pretrained folder or generator*.safetensors file")
     s.add_argument("-n", type=positive_int, default=64, help="number of images (default 64)")
     s.add_argument("--out", default="samples.png",
                    help="a .png path: one grid (default samples.png); a folder (a name without a suffix, or an "
@@ -150,6 +150,9 @@ def _sample(args: argparse.Namespace) -> int:
     if out.suffix and not grid and not out.is_dir():
         raise ValueError(f"--out {out}: give a .png file (one grid) or a folder (one PNG per image)")
     writable_dir(out.parent if grid else out)  # before any work
+    if not grid and any(out.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png")):
+        raise ValueError(f"--out {out} already holds sampled images (000000.png ...); give an empty or new folder, "
+                         "so that FID tools read only these samples")
     G = load_generator(args.checkpoint, ema=not args.raw)
     images = generate(G, args.n, seed=args.seed)
     if grid:

@@ -339,11 +339,16 @@ def evaluate_run(path: str | Path, *, n: int = 10_000, ema: bool = True, feature
                               "from there, or give --feature-net PATH (the same network, for comparable numbers)")
     dev = resolve_device(device)
     extractor, ref_feats, ref_stats = eval_reference(cfg, run_dir / "feature_net", dev, log)
+    measured = {r["feature_net"] for r in read_metrics(run_dir) if "feature_net" in r}
+    if measured and extractor.name not in measured:
+        log(f"note: the run's own evaluations used the feature network {', '.join(sorted(measured))}, this one is "
+            f"{extractor.name}: its FIDs are not on the run's curve")
     result = evaluate_generator(generator.to(dev), extractor, ref_feats, n=n, seed=seed, ref_stats=ref_stats)
     weights = resolve_weights(path, "ema" if ema else "raw")
-    return {"run": str(run_dir), "weights": str(weights), "step": read_contract(weights).info.get("step"),
-            "generator": "ema" if ema else "raw", "data": cfg.dataset, "split": cfg.eval_ref_split,
-            "seed": seed, "device": str(dev), **result}
+    info = read_contract(weights).info
+    role = {"generator_ema": "ema", "generator": "raw"}.get(info.get("role"), "ema" if ema else "raw")
+    return {"run": str(run_dir), "weights": str(weights), "step": info.get("step"), "generator": role,
+            "data": cfg.dataset, "split": cfg.eval_ref_split, "seed": seed, "device": str(dev), **result}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -603,7 +608,8 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
             save_checkpoint(out, step, cfg=cfg, G=G, ema=ema, D=D, opt_g=opt_g, opt_d=opt_d, rng=rng)
     bar.close()
     if step == cfg.steps and cfg.eval_every >= 0:
-        done = [r for r in read_metrics(out) if r.get("kind") == "eval" and r.get("step") == step]
+        done = [r for r in read_metrics(out) if r.get("kind") == "eval" and r.get("step") == step
+                and r.get("n") == cfg.eval_n and extractor is not None and r.get("feature_net") == extractor.name]
         last_eval = done[-1] if done else evaluate(step) or last_eval  # a finished run resumed: not twice
     metrics_f.close()
     summary = {"step": step, "run_dir": str(out), "wall_seconds": round(time.perf_counter() - t_start, 1),

@@ -163,15 +163,6 @@ def resolve_data(cfg: DataSection, model: ModelSection | None = None) -> DataSec
     published = published_file(model.weights) if model is not None else None
     if cfg.img_size is None and (streamed or cfg.name == "synthetic"):
         changes["img_size"] = model_img_size(model)
-    if cfg.channels is None and streamed:
-        changes["channels"] = folder_channels(cfg) if cfg.name == "imagefolder" else 3
-    if cfg.mean is None and cfg.std is None:  # the normalisation the weights learnt, for the same channel count
-        learnt = ((published.mean, published.std) if published is not None
-                  else _learnt_normalization(model.weights) if streamed and model is not None and model.weights
-                  else None)
-        channels = changes.get("channels", cfg.channels)
-        if learnt is not None and (channels is None or len(learnt[0]) == channels):
-            changes.update(mean=tuple(learnt[0]), std=tuple(learnt[1]))
     if cfg.eval_split is None:
         if cfg.name == "imagefolder":
             changes["eval_split"] = default_eval_split(find_layout(cfg.root, cfg.train_split), cfg.train_split,
@@ -181,6 +172,17 @@ def resolve_data(cfg: DataSection, model: ModelSection | None = None) -> DataSec
                                                        name="webdataset")
         else:
             changes["eval_split"] = "test"
+    if cfg.channels is None and streamed:  # a normalisation of the recipe's own fixes them; else the files do
+        changes["channels"] = (len(cfg.mean) if cfg.mean is not None else
+                               folder_channels(dataclasses.replace(cfg, **changes)) if cfg.name == "imagefolder"
+                               else 3)
+    if cfg.mean is None and cfg.std is None:  # the normalisation the weights learnt, for the same channel count
+        learnt = ((published.mean, published.std) if published is not None
+                  else _learnt_normalization(model.weights) if streamed and model is not None and model.weights
+                  else None)
+        channels = changes.get("channels", cfg.channels)
+        if learnt is not None and (channels is None or len(learnt[0]) == channels):
+            changes.update(mean=tuple(learnt[0]), std=tuple(learnt[1]))
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
@@ -188,7 +190,8 @@ def folder_channels(cfg: DataSection) -> int:
     """1 when the image folder's training images are greyscale files, else 3 (:func:`image_channels`)."""
     from ..data.datasets import image_channels
 
-    files = load_images(cfg.root, cfg.train_split, holdout=cfg.holdout, classes_file=cfg.classes).samples
+    files = load_images(cfg.root, cfg.train_split, train_split=cfg.train_split, eval_split=cfg.eval_split,
+                        holdout=cfg.holdout, classes_file=cfg.classes).samples
     return image_channels([path for path, _ in files])
 
 
@@ -216,6 +219,9 @@ def load_split(cfg: DataSection, split: str | None, device: torch.device, *, cla
     if streamed and (cfg.resize_to is not None or cfg.pad_to is not None):
         raise ValueError(f"data.resize_to and data.pad_to apply to in-memory data sets; {cfg.name} images are "
                          "resized to data.img_size instead: set that")
+    if not streamed and cfg.channels is not None and cfg.name != "synthetic":
+        raise ValueError(f"data.channels applies to image folders and shards; {cfg.name} images have their own "
+                         "channel count: leave data.channels unset")
     cfg = resolve_data(cfg)
     split = cfg.eval_split if split is None else split
     if cfg.name == "synthetic":

@@ -237,8 +237,10 @@ class Trainer:
             self.say(warning)
         for note in ([f"data: {tr.about}"] if tr.about else []) + tr.notes + ev.notes:
             self.say(note)
+        grey = " (greyscale files: one channel; data.channels=3 for RGB)" if tr.folder is not None and \
+            tr.channels == 1 else ""
         self.say(f"data: {cfg.data.name} {len(tr)} train / {len(ev)} {cfg.data.eval_split} images of "
-                 f"{tr.channels}x{tr.size[0]}x{tr.size[1]}, {self.num_classes} classes; normalised with mean "
+                 f"{tr.channels}x{tr.size[0]}x{tr.size[1]}{grey}, {self.num_classes} classes; normalised with mean "
                  f"{cfg.data.mean} std {cfg.data.std}")
         self.say(f"batch: global {cfg.global_batch} = {i.world_size} device(s) x {self.per_device} per device; per "
                  f"device {self.micro} per forward x {self.accum} accumulation step(s); {self.steps_per_epoch} "
