@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("nestvit.train.cli_predict", "classify image files or folders with a checkpoint (to CSV/JSONL)"),
     "bench": ("nestvit.bench", "measure throughput, FLOPs, MFU and memory"),
     "explain": ("nestvit.explain.cli", "GradCAT / CAM / Grad-CAM / rollout / occlusion explanations as PNG"),
-    "generate": ("nestvit.generate.cli", "train the NesT generator (GAN) and sample images"),
+    "generate": ("nestvit.generate.cli", "train the NesT generator (GAN), sample, measure FID/KID/IS, report"),
     "experiment": ("nestvit.experiments", "rerun the papers' experiments and write tables and plots"),
     "export": ("nestvit.export", "export a trained classifier or generator to ONNX or a torch.export program, checked"),
 }
