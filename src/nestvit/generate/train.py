@@ -167,14 +167,14 @@ def _write_png(arr: Any, path: Path) -> None:
         Image.fromarray(arr).save(tmp, format="PNG")
 
 
-def save_images(images: torch.Tensor, folder: str | Path, *, start: int = 0) -> list[Path]:
+def save_images(images: torch.Tensor, folder: str | Path) -> list[Path]:
     """Images in ``[-1, 1]`` ``(B, C, H, W)`` -> one PNG each (``000000.png``, ...), for FID tools that read
     folders; each written atomically."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     x = _to_uint8(images)
     paths = []
-    for i, img in enumerate(x, start):
+    for i, img in enumerate(x):
         paths.append(folder / f"{i:06d}.png")
         _write_png(img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy(), paths[-1])
     return paths
