@@ -619,3 +619,29 @@ def test_data_channels_default_follows_the_training_files(tmp_path):
         load_split(DataSection(name="mnist5k", channels=1), "test", CPU)
     split = load_split(resolve_data(section(tmp_path / "grey")), "train", torch.device("cpu"))
     assert split.channels == 1 and split.folder[0][0].shape == (1, 8, 8)
+
+
+def test_a_folder_run_from_before_data_channels_resumes_as_rgb(tmp_path, recipe, capsys):
+    """Runs written before ``data.channels`` decoded every file to RGB: resumed, they still do (greyscale files
+    included), with no "the config differs" note for the key they lack."""
+    import torch as _torch
+
+    root = tmp_path / "grey"
+    for cls in ("a", "b"):
+        for i in range(8):
+            (root / cls).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((10, 10), 30 * i, np.uint8)).save(root / cls / f"{i}.png")
+    run = tmp_path / "run"
+    assert main(["train", str(recipe), "--out", str(run), "--set", f"data.root={root}", "--set", "data.channels=3",
+                 "--epochs", "1"]) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    del saved["data"]["channels"]  # as an older nestvit wrote it
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    state = _torch.load(run / "state.pt", weights_only=True)
+    del state["config"]["data"]["channels"]
+    _torch.save(state, run / "state.pt")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "3x8x8" in out and "differs from the saved run's in epochs\n" in out  # epochs only: no data.channels
+    assert nestvit.load(run).transform.channels == 3

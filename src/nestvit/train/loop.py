@@ -579,7 +579,8 @@ class Trainer:
         else:
             self.say(f"note: the run was saved with {len(rngs)} process(es), now {self.info.world_size}; random "
                      "streams restart from the seed (the data order is unchanged)")
-        changed = _changed_keys(state["config"], C.to_dict(self.cfg))
+        # keys the saved config lacks are newer than the run (their values keep its behaviour): no note
+        changed = [k for k in _changed_keys(state["config"], C.to_dict(self.cfg)) if _has_key(state["config"], k)]
         if changed:
             self.say(f"note: the config differs from the saved run's in {', '.join(changed)}")
 
@@ -662,6 +663,14 @@ def view_logits(model: nn.Module, images: torch.Tensor, mean: tuple[float, ...],
 def _logits(out: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """A distilled model's (class, distillation) pair averaged; any other output as it is."""
     return (out[0] + out[1]) / 2 if isinstance(out, tuple) else out
+
+
+def _has_key(config: dict[str, Any], dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(config, dict) or part not in config:
+            return False
+        config = config[part]
+    return True
 
 
 def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
