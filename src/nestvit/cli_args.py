@@ -110,3 +110,9 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
                              f"({getattr(e, 'problem', None) or 'not valid YAML'}); write a list as [1, 2]") from None
         out[key.strip()] = tuple(value) if isinstance(value, list) else value
     return out
+
+
+def next_commands(*commands: str) -> str:
+    """The commands that read what a command just wrote, one a line under ``next:`` (no ``|`` between them,
+    which a shell would read as a pipe)."""
+    return "next: " + "\n      ".join(commands)

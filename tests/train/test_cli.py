@@ -26,7 +26,7 @@ def test_train_eval_predict(tmp_path, recipe, capsys, monkeypatch):
     assert main(["train", str(recipe), "--out", str(run), "--set", "optim.lr=1e-2", "--epochs", "2"]) == 0
     out = capsys.readouterr().out
     assert "lr: 0.01 x 32/256 = 0.00125" in out and "global 32 = 1 device(s) x 32 per device" in out
-    assert f"next: nestvit eval {run} | nestvit predict {run} IMAGE_OR_FOLDER" in out  # what the folder is for
+    assert f"next: nestvit eval {run}\n      nestvit predict {run} IMAGE_OR_FOLDER" in out  # what the folder is for
     assert json.loads((run / "summary.json").read_text())["epochs"] == 2
 
     assert main(["eval", str(run)]) == 0

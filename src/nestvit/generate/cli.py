@@ -134,9 +134,11 @@ def _train(args: argparse.Namespace) -> int:
         line += (f"; FID {ev['fid']:.2f}, KID {ev['kid']:.4f}, IS {ev['is']:.2f} "
                  f"(features {ev['feature_net']}, n={ev['n']})")
     print(line)
-    print(f"next: nestvit generate sample {run_dir} -n 64 --out grid.png"
-          + (f" | nestvit generate eval {run_dir} -n 10000 | nestvit generate report {run_dir} --out fid.png"
-             if ev else ""))
+    from ..cli_args import next_commands
+
+    measured = [f"nestvit generate eval {run_dir} -n 10000", f"nestvit generate report {run_dir} --out fid.png"]
+    print(next_commands(f"nestvit generate sample {run_dir} -n 64 --out grid.png", *(measured if ev else []),
+                        f"nestvit export {run_dir}"))
     return 0
 
 

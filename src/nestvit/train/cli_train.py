@@ -95,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         result = train(cfg, run_dir, resume=bool(args.resume), device=args.device, callbacks=callbacks)
     if os.environ.get("RANK", "0") == "0" and result.test is not None:  # what the run folder is for, once
         run = result.run_dir
-        print(f"next: nestvit eval {run} | nestvit predict {run} IMAGE_OR_FOLDER | nestvit explain {run} IMAGE "
-              f"--method occlusion | nestvit export {run}")
+        from ..cli_args import next_commands
+
+        print(next_commands(f"nestvit eval {run}", f"nestvit predict {run} IMAGE_OR_FOLDER",
+                            f"nestvit explain {run} IMAGE --method occlusion", f"nestvit export {run}"))
     return 0
