@@ -83,3 +83,20 @@ def test_the_hub_without_and_with_huggingface_hub(run, tmp_path, monkeypatch):
     assert calls == {"token": "t", "repo": "org/name"}
     loaded = nestvit.from_pretrained("hf-hub:org/name")
     assert loaded.contract.model == "nest_tiny_cifar"
+    # every command that reads a model takes the Hub id, as timm's create_model does
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    Image.new("L", (8, 8), 100).save(tmp_path / "x.png")
+    assert nestvit.load("hf-hub:org/name").weights == repo / "model.safetensors"
+    assert main(["predict", "hf-hub:org/name", str(tmp_path / "x.png")]) == 0
+    assert main(["explain", "hf-hub:org/name", str(tmp_path / "x.png"), "--method", "cam",
+                 "--out", str(tmp_path / "ex")]) == 0
+    assert main(["export", "hf-hub:org/name", "--format", "pt2"]) == 0
+    assert (tmp_path / "model.pt2").is_file() and not (repo / "model.pt2").exists()  # here, not in the cache
+    from nestvit.train.config import ModelSection
+    from nestvit.train.runs import build_model
+
+    model, kwargs = build_model(ModelSection(name=None, weights="hf-hub:org/name"), num_classes=3, in_chans=1,
+                                img_size=8)  # fine-tuning from the Hub: the architecture and weights come from it
+    assert kwargs["num_classes"] == 3 and type(model).__name__ == type(loaded.model).__name__

@@ -501,6 +501,7 @@ def format_table(rows: list[dict[str, Any]], *, markdown: bool = False) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .contract import HUB_PREFIX
     from .registry import list_models
     from .system import machine_info, machine_label, slow_bf16
 
@@ -509,7 +510,7 @@ def run(args: argparse.Namespace) -> int:
     for m in args.models:
         if m in known:
             specs[m] = (m, {})
-        elif Path(m).exists():
+        elif Path(m).exists() or m.startswith(HUB_PREFIX):
             from .contract import read_contract
             from .models.nest_variants import legacy_nest_kwargs
 

@@ -44,6 +44,7 @@ Resize = Literal["stretch", "center-crop"]
 CLASSIFIER_WEIGHTS = ("best", "last", "ema")
 GAN_WEIGHTS = {"ema": "generator_ema", "raw": "generator", "discriminator": "discriminator"}
 PRETRAINED_FILE = "model.safetensors"  # the one weights file of a save_pretrained / Hugging Face Hub folder
+HUB_PREFIX = "hf-hub:"  # "hf-hub:org/name": such a folder on the Hugging Face Hub (as timm names them)
 
 
 class ContractError(UserError, ValueError):
@@ -340,6 +341,10 @@ def resolve_weights(path: str | Path, which: str | None = None) -> Path:
     checkpoint, or a ``checkpoints/step_*`` directory): ``ema`` (default, the EMA generator), ``raw``,
     ``discriminator``.
     """
+    if str(path).startswith(HUB_PREFIX):  # a save_pretrained folder on the Hugging Face Hub: its local copy
+        from .hub import hub_folder
+
+        path = hub_folder(str(path))
     path = Path(path)
     if path.is_file():
         return path

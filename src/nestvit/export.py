@@ -210,7 +210,10 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"{loaded.weights} holds a {kind}; export takes classifiers and generators")
     model = loaded.model.eval()
     stem = "generator" if kind == "generator" else "model"
-    out = args.out or loaded.weights.parent / f"{stem}{FORMATS[args.format]}"
+    from .contract import HUB_PREFIX
+
+    beside = Path.cwd() if str(args.checkpoint).startswith(HUB_PREFIX) else loaded.weights.parent  # not in a cache
+    out = args.out or beside / f"{stem}{FORMATS[args.format]}"
     if out.exists() and out.is_dir():
         raise ValueError(f"--out {out}: is a folder; give a file name such as {out / (stem + FORMATS[args.format])}")
     if kind == "generator":  # noise z (B, latent_dim) -> images (B, C, H, W) in [-1, 1]

@@ -24,11 +24,10 @@ from typing import Any
 
 from torch import nn
 
-from .contract import PRETRAINED_FILE, ContractError, Loaded, RunContract, contract_of, load
+from .contract import HUB_PREFIX, PRETRAINED_FILE, ContractError, Loaded, RunContract, contract_of, load
 
 __all__ = ["from_pretrained", "push_to_hub", "save_pretrained"]
 
-HF_PREFIX = "hf-hub:"
 
 
 def _loaded(source: Any) -> Loaded:
@@ -131,19 +130,23 @@ def save_pretrained(source: Any, folder: str | Path) -> Path:
     return folder
 
 
+def hub_folder(text: str) -> Path:
+    """The local copy of ``"hf-hub:org/name"`` (downloaded into Hugging Face's cache, or found there): the
+    folder :func:`save_pretrained` wrote. Every command that reads a model takes such an id through
+    :func:`nestvit.contract.resolve_weights`."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ContractError(f"{text}: loading from the Hugging Face Hub needs huggingface_hub: "
+                            "pip install 'nestvit[hub]' (or download the folder and pass its path)") from None
+    return Path(snapshot_download(text[len(HUB_PREFIX):], allow_patterns=["config.json", PRETRAINED_FILE,
+                                                                          "README.md"]))
+
+
 def from_pretrained(source: str | Path) -> Loaded:
     """A model shared by :func:`save_pretrained`: a local folder, or ``"hf-hub:org/name"`` from the Hub."""
     text = str(source)
-    if text.startswith(HF_PREFIX):
-        try:
-            from huggingface_hub import snapshot_download
-        except ImportError:
-            raise ContractError(f"{text}: loading from the Hugging Face Hub needs huggingface_hub: "
-                                "pip install 'nestvit[hub]' (or download the folder and pass its path)") from None
-        folder = Path(snapshot_download(text[len(HF_PREFIX):], allow_patterns=["config.json", PRETRAINED_FILE,
-                                                                                 "README.md"]))
-    else:
-        folder = Path(source)
+    folder = hub_folder(text) if text.startswith(HUB_PREFIX) else Path(source)
     weights = folder / PRETRAINED_FILE if folder.is_dir() else folder
     if not weights.is_file():
         raise ContractError(f"{folder}: no model.safetensors; is it a folder written by nestvit.save_pretrained?")

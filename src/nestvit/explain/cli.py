@@ -106,8 +106,12 @@ def _stats(values: list[float] | None, recorded: tuple[float, ...], name: str) -
 # ----------------------------------------------------------------------------------------------
 
 def _split_inputs(inputs: list[str], model_name: str | None) -> tuple[Path | None, list[Path]]:
-    from ..contract import EXPORTED_SUFFIXES
+    from ..contract import EXPORTED_SUFFIXES, HUB_PREFIX
 
+    if inputs[0].startswith(HUB_PREFIX):  # a model on the Hugging Face Hub
+        if len(inputs) < 2:
+            raise ValueError("no images given after the checkpoint")
+        return Path(inputs[0]), [Path(p) for p in inputs[1:]]
     first = Path(inputs[0])
     if first.suffix in EXPORTED_SUFFIXES:
         raise ValueError(f"{first} is an exported model; explanations need the PyTorch model (its gradients, "
