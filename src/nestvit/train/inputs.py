@@ -173,7 +173,7 @@ def resolve_data(cfg: DataSection, model: ModelSection | None = None) -> DataSec
         else:
             changes["eval_split"] = "test"
     if cfg.channels is None and streamed:  # a normalisation of the recipe's own fixes them; else the files do
-        changes["channels"] = (len(cfg.mean) if cfg.mean is not None else
+        changes["channels"] = (len(cfg.mean) if cfg.mean is not None and len(cfg.mean) in (1, 3) else
                                folder_channels(dataclasses.replace(cfg, **changes)) if cfg.name == "imagefolder"
                                else 3)
     if cfg.mean is None and cfg.std is None:  # the normalisation the weights learnt, for the same channel count
