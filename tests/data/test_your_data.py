@@ -645,3 +645,22 @@ def test_a_folder_run_from_before_data_channels_resumes_as_rgb(tmp_path, recipe,
     out = capsys.readouterr().out
     assert "3x8x8" in out and "differs from the saved run's in epochs\n" in out  # epochs only: no data.channels
     assert nestvit.load(run).transform.channels == 3
+
+
+def test_an_in_memory_run_from_before_data_channels_resumes(tmp_path, capsys):
+    """In-memory sets have no data.channels: a run saved without the key resumes as before (the RTNT study's)."""
+    import torch as _torch
+
+    recipe = tmp_path / "mem.yaml"
+    model = {"name": "nest_tiny_cifar", "overrides": {**TINY_MODEL, "img_size": 32, "in_chans": 1}}
+    recipe.write_text(yaml.safe_dump(tiny_recipe(epochs=1, global_batch=32, model=model,
+                                                 data={"name": "mnist5k", "img_size": None, "pad_to": 32,
+                                                       "limit_train": 64, "limit_eval": 32})))
+    run = tmp_path / "run"
+    assert main(["train", str(recipe), "--out", str(run)]) == 0
+    state = _torch.load(run / "state.pt", weights_only=True)
+    del state["config"]["data"]["channels"]
+    _torch.save(state, run / "state.pt")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0
+    assert "1x32x32" in capsys.readouterr().out

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from ..export import OnnxModel
     from .cli_train import one_line_errors
     from .distributed import DistInfo, resolve_device
-    from .inputs import load_split
+    from .inputs import is_streamed, load_split
     from .loop import evaluate
     from .plots import plot_confusion
 
@@ -99,10 +99,10 @@ def run(args: argparse.Namespace) -> int:
     if precision == "bf16" and (warning := slow_bf16(device, "--precision auto (fp32 here)")):
         print(warning, file=sys.stderr)
     classes = loaded.classes
-    if _streamed(name):  # files are decoded to the model's channels (below), not to what the folder's look like
+    if is_streamed(name):  # files are decoded to the model's channels (below), not to what the folder's look like
         section = dataclasses.replace(section, channels=transform.channels)
     with one_line_errors():
-        data = load_split(section, split, device, classes=classes if _streamed(name) else None, limit=args.limit)
+        data = load_split(section, split, device, classes=classes if is_streamed(name) else None, limit=args.limit)
     if data.folder is not None:  # image files: decoded as the model's contract says, as `nestvit predict` does
         data.folder.reader = transform.read
         data = dataclasses.replace(data, channels=transform.channels, size=transform.size)
@@ -141,12 +141,6 @@ def data_and_root(data: str | None, root: str | None) -> tuple[str | None, str |
     if root is not None and Path(root).resolve() != Path(data).resolve():
         raise ValueError(f"--data {data} is a folder of images and --root {root} another; give one of them")
     return "imagefolder", data
-
-
-def _streamed(name: str) -> bool:
-    from ..data.datasets import DATASETS
-
-    return name in DATASETS and not DATASETS[name].in_memory
 
 
 def eval_section(name: str, root: str | None, transform: InputTransform, run: DataSection | None = None

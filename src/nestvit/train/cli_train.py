@@ -79,9 +79,6 @@ def run(args: argparse.Namespace) -> int:
                              "change it with --set)")
         run_dir = Path(args.resume)
         raw = read_run_config(run_dir, "classifier")
-        data = raw.get("data")
-        if isinstance(data, dict) and data.get("name") in ("imagefolder", "webdataset") and "channels" not in data:
-            raw = {**raw, "data": {**data, "channels": 3}}  # runs before data.channels decoded every file to RGB
     else:
         if not args.recipe:
             raise ValueError("a RECIPE is required (a YAML file or a built-in name; see nestvit train --help)")

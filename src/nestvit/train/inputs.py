@@ -149,6 +149,12 @@ def model_img_size(model: ModelSection | None) -> int:
     return int(h)
 
 
+def is_streamed(name: str) -> bool:
+    """Whether data set ``name`` is read from image files as it trains (``imagefolder``, ``webdataset``), not held
+    in memory."""
+    return name in DATASETS and not DATASETS[name].in_memory
+
+
 def resolve_data(cfg: DataSection, model: ModelSection | None = None) -> DataSection:
     """``cfg`` with the defaults it leaves open filled: ``img_size`` (folders, shards, synthetic) from ``model``,
     ``eval_split`` from what the data has (in-memory sets: ``test``), ``channels`` (folders: 1 for greyscale
@@ -159,7 +165,7 @@ def resolve_data(cfg: DataSection, model: ModelSection | None = None) -> DataSec
     from ..pretrained import published as published_file
 
     changes: dict[str, object] = {}
-    streamed = cfg.name in DATASETS and not DATASETS[cfg.name].in_memory
+    streamed = is_streamed(cfg.name)
     published = published_file(model.weights) if model is not None else None
     if cfg.img_size is None and (streamed or cfg.name == "synthetic"):
         changes["img_size"] = model_img_size(model)
@@ -215,7 +221,7 @@ def load_split(cfg: DataSection, split: str | None, device: torch.device, *, cla
     ``synthetic`` (not a real data set) makes ``limit`` images (default 512) of ``img_size`` pixels.
     Defaults ``cfg`` leaves open are filled by :func:`resolve_data` (without a model: 224 pixels).
     """
-    streamed = cfg.name in DATASETS and not DATASETS[cfg.name].in_memory
+    streamed = is_streamed(cfg.name)
     if streamed and (cfg.resize_to is not None or cfg.pad_to is not None):
         raise ValueError(f"data.resize_to and data.pad_to apply to in-memory data sets; {cfg.name} images are "
                          "resized to data.img_size instead: set that")

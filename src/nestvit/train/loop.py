@@ -43,7 +43,7 @@ from .checkpoint import STATE_FILE, atomic_torch_save, capture_rng, load_state, 
 from .distill import classification_loss, teacher_targets
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed, shutdown
 from .hooks import Callback, EmaEvaluation, Plots, TtaEvaluation
-from .inputs import Split, TrainBatches, eval_batches, load_split, normalization, resolve_data
+from .inputs import Split, TrainBatches, eval_batches, is_streamed, load_split, normalization, resolve_data
 from .metrics import EvalAccumulator, EvalResult, MetricsLog
 from .optim import (
     LRSchedule,
@@ -117,6 +117,10 @@ class Trainer:
         random.seed(cfg.seed)
 
         # data, and the normalisation written back into the config (the run directory records it)
+        saved_data = (state or {}).get("config", {}).get("data", {})
+        if state is not None and "channels" not in saved_data and cfg.data.channels is None and \
+                is_streamed(cfg.data.name):
+            cfg = C.replace(cfg, data={"channels": 3})  # runs before data.channels decoded every file to RGB
         d = resolve_data(cfg.data, cfg.model)  # image size from the model, the eval split from what exists
         self.train_split = load_split(d, d.train_split, self.device, limit=d.limit_train)
         self.eval_split = load_split(d, d.eval_split, self.device, classes=self.train_split.classes,
