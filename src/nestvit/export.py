@@ -202,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .contract import load
+    from .contract import HUB_PREFIX, load
 
     loaded = load(args.checkpoint, args.weights)
     kind = loaded.contract.kind
@@ -210,8 +210,6 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"{loaded.weights} holds a {kind}; export takes classifiers and generators")
     model = loaded.model.eval()
     stem = "generator" if kind == "generator" else "model"
-    from .contract import HUB_PREFIX
-
     beside = Path.cwd() if str(args.checkpoint).startswith(HUB_PREFIX) else loaded.weights.parent  # not in a cache
     out = args.out or beside / f"{stem}{FORMATS[args.format]}"
     if out.exists() and out.is_dir():

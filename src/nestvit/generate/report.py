@@ -103,9 +103,11 @@ def run(args) -> int:
 
 
 def _main(argv: list[str] | None = None) -> int:
+    import sys
+
     from ..cli import main
 
-    return main(["generate", "report", *(argv if argv is not None else __import__("sys").argv[1:])])
+    return main(["generate", "report", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
