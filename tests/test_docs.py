@@ -64,6 +64,7 @@ def doc_mentions() -> list[tuple[str, list[str]]]:
             if (argv := _command(span)) is not None]
 
 
+PARSER = build_parser()  # argparse parsers are not changed by parsing: one serves every case
 COMMANDS = doc_commands()
 MENTIONS = doc_mentions()
 
@@ -82,7 +83,7 @@ def _placeholder(value: str) -> bool:
 @pytest.mark.parametrize("where,argv", COMMANDS, ids=[w[:80] for w, _ in COMMANDS])
 def test_doc_command_is_accepted(where, argv, capsys):
     try:
-        args = build_parser().parse_args(argv)
+        args = PARSER.parse_args(argv)
     except SystemExit:
         pytest.fail(f"{where}\nthe nestvit parser refuses it: {capsys.readouterr().err.strip()}")
     sets = [s for s in (getattr(args, "overrides", None) or []) if not _placeholder(s.split("=", 1)[-1])]
@@ -103,7 +104,7 @@ def test_doc_command_is_accepted(where, argv, capsys):
 
 def _subparser(argv: list[str]) -> argparse.ArgumentParser:
     """The parser of the (sub-)command that ``argv`` names: ``nestvit generate train`` -> its own parser."""
-    parser = build_parser()
+    parser = PARSER
     for word in argv:
         subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
         if not subs or word not in subs[0].choices:
