@@ -105,7 +105,6 @@ class InputTransform:
     def read(self, path: str | Path) -> torch.Tensor:
         """uint8 ``(channels, H, W)`` of an image file, resized (cropped, padded) as the model expects."""
         import numpy as np
-        from PIL import Image
 
         if self.channels not in (1, 3):
             raise ContractError(f"the model takes {self.channels}-channel input; image files give 1 (grayscale) "
@@ -121,14 +120,13 @@ class InputTransform:
             except DatasetError as e:
                 raise ContractError(str(e)) from None
             return x.contiguous()
+        from .data.datasets import resize_images
+
         with open_image(path) as img:
-            img = img.convert("L" if self.channels == 1 else "RGB")
-            h, w = self.content or self.size
-            if (img.height, img.width) != (h, w):
-                img = img.resize((w, h), Image.Resampling.BILINEAR)
-            array = np.asarray(img, dtype=np.uint8)
+            array = np.asarray(img.convert("L" if self.channels == 1 else "RGB"), dtype=np.uint8)
         x = torch.from_numpy(array.copy())
         x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
+        x = resize_images(x[None], self.content or self.size)[0]  # the resize of training's data.resize_to
         H, W = self.size
         h, w = x.shape[-2:]
         if (h, w) != (H, W):

@@ -104,6 +104,12 @@ def test_resize_to_is_applied_in_training_eval_and_predict(tmp_path, recipe, cap
     Image.fromarray(images[0, 0].numpy()).save(tmp_path / "img.png")
     assert main(["predict", str(run), str(tmp_path / "img.png")]) == 0
     capsys.readouterr()
+    # an image file is resized for the model as training resized the set: the same pixels, not PIL's
+    from nestvit.contract import read_contract
+    from nestvit.data.datasets import resize_images
+
+    read = read_contract(run / "last.safetensors").transform.read(tmp_path / "img.png")
+    assert torch.equal(read, resize_images(images[:1], 8)[0])
     # a real in-memory set stored at 28x28 (IDX files): eval of the bare weights fails unless it resizes too
     from tests.data.test_datasets import write_idx_set
 
@@ -122,7 +128,7 @@ def test_resize_to_is_applied_in_training_eval_and_predict(tmp_path, recipe, cap
 
 
 def test_resize_keeps_flat_images_flat_and_is_a_no_op_at_the_same_size():
-    from nestvit.train.inputs import _resize
+    from nestvit.data.datasets import resize_images as _resize
 
     flat = torch.full((3, 1, 28, 28), 77, dtype=torch.uint8)
     assert torch.equal(_resize(flat, 24), torch.full((3, 1, 24, 24), 77, dtype=torch.uint8))

@@ -744,6 +744,21 @@ def random_crop_box(w: int, h: int, crop_scale: tuple[float, float]) -> tuple[in
     return None
 
 
+def resize_images(images: torch.Tensor, size: int | tuple[int, int] | None) -> torch.Tensor:
+    """uint8 ``(N, C, H, W)`` resized to ``size`` (``(h, w)``, or an int for a square; None: as they are) with
+    antialiased bilinear filtering, rounded back to uint8, in chunks: the one resize of in-memory data
+    (``data.resize_to``) and of image files read for such a model (``InputTransform.read``)."""
+    if size is None:
+        return images
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    if tuple(images.shape[-2:]) == hw:
+        return images
+    out = [torch.nn.functional.interpolate(chunk.float(), size=hw, mode="bilinear", antialias=True,
+                                           align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
+           for chunk in images.split(4096)]
+    return torch.cat(out)
+
+
 def decode_image(source: str | Path | io.BytesIO, *, size: int, resize_size: int | None = None,
                  crop_box: Callable[[int, int], tuple[int, int, int, int] | None] | None = None,
                  name: str | Path | None = None, channels: int = 3) -> torch.Tensor:

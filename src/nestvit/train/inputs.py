@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..data.datasets import DATASETS, DatasetError, ImageListDataset, load_dataset
+from ..data.datasets import DATASETS, DatasetError, ImageListDataset, load_dataset, resize_images
 from ..data.folders import HOLDOUT, default_eval_split, find_layout, load_images
 from ..data.shards import ShardEpoch, ShardPass, ShardSet, find_shard_layout, load_shards
 from .config import ConfigError, DataSection, ModelSection
@@ -59,15 +59,6 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-
-def _resize(images: torch.Tensor, size: int | None) -> torch.Tensor:
-    """``(N, C, H, W)`` uint8 resized to ``size`` x ``size`` (bilinear, antialiased, like PIL's), in chunks."""
-    if size is None or tuple(images.shape[-2:]) == (size, size):
-        return images
-    out = [F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-           .round_().clamp_(0, 255).to(torch.uint8) for chunk in images.split(4096)]
-    return torch.cat(out)
 
 
 def _pad(images: torch.Tensor, pad_to: int | None) -> torch.Tensor:
@@ -232,7 +223,7 @@ def load_split(cfg: DataSection, split: str | None, device: torch.device, *, cla
     split = cfg.eval_split if split is None else split
     if cfg.name == "synthetic":
         images, labels = synthetic(split, size=cfg.img_size, count=limit or 512)
-        images = _resize(images, cfg.resize_to)
+        images = resize_images(images, cfg.resize_to)
         unpadded = tuple(images.shape[-2:])
         images = _pad(images, cfg.pad_to)
         return Split(name=f"synthetic:{split}", labels=labels, classes=[f"class{k}" for k in range(10)],
@@ -262,7 +253,7 @@ def load_split(cfg: DataSection, split: str | None, device: torch.device, *, cla
     images, labels = ds.images, ds.labels
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
-    images = _resize(images, cfg.resize_to)
+    images = resize_images(images, cfg.resize_to)
     unpadded = tuple(images.shape[-2:])
     images = _pad(images, cfg.pad_to)
     return Split(name=ds.name, labels=labels, classes=list(ds.classes), channels=images.shape[1],
