@@ -115,6 +115,28 @@ def test_resume_is_exact(tmp_path, gen, disc):
     assert [r["step"] for r in read_metrics(tmp_path / "split") if r["kind"] == "train"] == list(range(1, 7))
 
 
+def test_a_used_folder_is_refused_and_a_killed_start_is_cleaned(tmp_path):
+    """train_gan itself (not only the CLI) keeps a run from being overwritten; a new run in a folder whose run was
+    killed before its first checkpoint starts a clean log, without the old temporaries; threads come back."""
+    cfg = GanConfig(**{**TINY, "threads": 1}, steps=2)
+    train_gan(cfg, tmp_path / "run", data=_toy())
+    with pytest.raises(ValueError, match="already holds a run; resume it"):
+        train_gan(cfg, tmp_path / "run", data=_toy())
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "metrics.jsonl").write_text('{"step": 0, "kind": "eval", "fid": 9.0}\n{"step": 1, "kind": "train"}\n')
+    (killed / ".state.pt.1a2b3c4d.tmp").write_bytes(b"half")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        train_gan(cfg, killed, data=_toy())
+        assert torch.get_num_threads() == 2  # cfg.threads=1 held for the run only
+    finally:
+        torch.set_num_threads(threads)
+    assert [(r["kind"], r["step"]) for r in read_metrics(killed)] == [("train", 1), ("train", 2)]
+    assert not list(killed.glob(".*.tmp"))
+
+
 def test_checkpoint_contents_and_load_generator(tmp_path):
     """The classifier runs' layout: the three weights files (with their run contracts) and one state.pt."""
     cfg = GanConfig(**{**TINY, "ckpt_every": 2}, steps=6)

@@ -122,9 +122,7 @@ def _train(args: argparse.Namespace) -> int:
         if not args.recipe:
             raise ValueError("give a RECIPE (file or built-in name) or --resume DIR")
         cfg = load_recipe(args.recipe)
-        run_dir = Path(args.out or Path("runs") / "generate" / Path(args.recipe).stem)
-        if (run_dir / "state.pt").exists() or (run_dir / "checkpoints" / "latest").exists():
-            raise ValueError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
+        run_dir = Path(args.out or Path("runs") / "generate" / Path(args.recipe).stem)  # train_gan refuses a used one
     cfg = apply_overrides(cfg, args.overrides)
     summary = train_gan(cfg, run_dir, resume=bool(args.resume), device=args.device)
     ev = summary.get("eval")

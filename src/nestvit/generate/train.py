@@ -38,7 +38,8 @@ from ..config import ConfigError, dump, from_dict, load, save, to_dict
 from ..config import apply_overrides as _apply
 from ..contract import InputTransform, RunContract
 from ..fileio import atomic_path, atomic_write_text
-from ..train.metrics import METRICS_FILE, truncate_metrics
+from ..train.checkpoint import STATE_FILE
+from ..train.metrics import METRICS_FILE
 from ..train.metrics import read_metrics as _read_metrics
 from ..train.optim import ModelEMA
 from .metrics import EVAL_SEED
@@ -418,11 +419,26 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
     device), a batch at a time moved over.
     """
     from ..cli_args import writable_dir
-    from ..system import use_tf32
-    from ..train.distributed import resolve_device
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     out = writable_dir(out_dir)
+    if not resume and ((out / STATE_FILE).exists() or (out / "checkpoints" / "latest").exists()):
+        raise ValueError(f"{out} already holds a run; resume it (nestvit generate train --resume {out}) or pick "
+                         "another --out")
+    threads = torch.get_num_threads()
+    try:
+        return _train_gan(cfg, out, resume=resume, data=data, stop_at=stop_at, log=log, device=device)
+    finally:
+        torch.set_num_threads(threads)  # cfg.threads applies to this run only
+
+
+def _train_gan(cfg: GanConfig, out: Path, *, resume: bool, data: torch.Tensor | None, stop_at: int | None,
+               log: Callable[[str], None], device: str | None) -> dict:
+    from ..fileio import remove_stale_temporaries
+    from ..system import use_tf32
+    from ..train.distributed import resolve_device
+    from ..train.metrics import MetricsLog
+
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     images = data if data is not None else load_train_images(cfg)
@@ -458,7 +474,7 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
 
     step = 0
     if resume:
-        from ..train.checkpoint import STATE_FILE, load_state, restore_rng
+        from ..train.checkpoint import load_state, restore_rng
 
         if not (out / STATE_FILE).is_file():
             old = " (written by an older nestvit: it samples but does not resume)" if (out / "checkpoints").is_dir() \
@@ -478,8 +494,10 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
             raise ConfigError(_misfit(out / STATE_FILE, state, cfg)) from e
         restore_rng(state["rng"], {"data": rng})
         step = int(state["step"])
-        truncate_metrics(out, step)
         log(f"resumed {out} at step {step}")
+    removed = remove_stale_temporaries(out)  # left by writes of a killed run
+    if removed:
+        log(f"note: removed {len(removed)} temporary file(s) a killed run left in {out}")
 
     # evaluation set-up (feature network + reference features), only when evaluations are on
     extractor = ref_feats = ref_stats = None
@@ -495,11 +513,13 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
                 "Resume with --set feature_net=<that network>, or train the run afresh")
     save(cfg, out / "config.yaml")  # after every check: a refused resume leaves the run's config as it was
 
-    metrics_f = open(out / METRICS_FILE, "a")
-
-    def write(row: dict) -> None:
-        metrics_f.write(json.dumps(row) + "\n")
-        metrics_f.flush()
+    # a new run drops every record of one killed before its first checkpoint (its step-0 evaluations included:
+    # they are measured again); a resumed run drops what was logged after its checkpoint
+    metrics = MetricsLog(out, truncate_after_step=step if resume else -1)
+    if metrics.dropped:
+        log(f"note: dropped {metrics.dropped} record(s) of {metrics.path} logged after "
+            + (f"the checkpoint at step {step}" if resume else "the start of a run killed before its first checkpoint"))
+    write = metrics.write
 
     def evaluate(at: int) -> dict | None:
         if extractor is None:
@@ -611,7 +631,7 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
         done = [r for r in read_metrics(out) if r.get("kind") == "eval" and r.get("step") == step
                 and r.get("n") == cfg.eval_n and extractor is not None and r.get("feature_net") == extractor.name]
         last_eval = done[-1] if done else evaluate(step) or last_eval  # a finished run resumed: not twice
-    metrics_f.close()
+    metrics.close()
     summary = {"step": step, "run_dir": str(out), "wall_seconds": round(time.perf_counter() - t_start, 1),
                "cpu_seconds": round(time.process_time() - cpu_start, 1),
                "eval": last_eval, "generator_params": sum(p.numel() for p in G.parameters()),
