@@ -116,13 +116,27 @@ def test_the_hold_out_is_a_share_of_the_train_split_when_there_is_no_val_or_test
     assert resolve_data(section(root)).eval_split == "test"
 
 
+@pytest.mark.parametrize("train,val", [("Train", "Val"), ("training", "testing"), ("TRAIN", "validation")])
+def test_split_folders_are_found_in_any_case_and_by_their_usual_names(tmp_path, train, val):
+    # before, Train/ and Val/ were two "classes": a model that learnt which folder an image came from
+    root = tmp_path / "data"
+    class_folders(root / train, {"a": 3, "b": 3})
+    class_folders(root / val, {"a": 1, "b": 1}, start=100)
+    assert find_layout(root).kind == "splits"
+    cfg = resolve_data(section(root))
+    assert cfg.eval_split == val
+    train_split = load_split(cfg, "train", CPU)
+    assert train_split.classes == ["a", "b"] and len(train_split) == 6
+    assert values(load_split(cfg, None, CPU, classes=train_split.classes)) == [100, 101]
+
+
 def test_a_split_that_does_not_exist_is_one_error_listing_those_that_do(tmp_path):
     root = tmp_path / "data"
     class_folders(root / "train", {"a": 3, "b": 3})
     class_folders(root / "val", {"a": 1, "b": 1})
-    with pytest.raises(DatasetError, match=r"data.train_split='training' does not exist in .*; it has: train, val, "
+    with pytest.raises(DatasetError, match=r"data.train_split='fit' does not exist in .*; it has: train, val, "
                                            "holdout$"):
-        load_split(section(root, train_split="training"), "training", CPU)
+        load_split(section(root, train_split="fit"), "fit", CPU)
     flat = class_folders(tmp_path / "flat", {"a": 3, "b": 3})
     with pytest.raises(DatasetError, match="it has: train, holdout .class folders root/<class>/. has no split"):
         load_split(section(flat, eval_split="val"), "val", CPU, classes=["a", "b"])

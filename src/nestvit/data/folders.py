@@ -3,9 +3,10 @@
 ``data.name=imagefolder`` reads ``data.root`` in one of three layouts, found by looking at it:
 
 * ``root/<class>/*`` (class folders): one folder per class, images at any depth inside it;
-* ``root/<split>/<class>/*`` (split folders): recognised by a folder named ``train``, ``val``, ``valid``,
-  ``validation``, ``test`` (or ``data.train_split``) that holds folders and no images; every folder of
-  ``root`` that holds folders is then a split;
+* ``root/<split>/<class>/*`` (split folders): recognised by a folder named ``train``, ``training``, ``val``,
+  ``valid``, ``validation``, ``dev``, ``test``, ``testing`` in any case (or ``data.train_split``) that holds
+  folders and no images; every folder of ``root`` that holds folders is then a split, and a split asked for by
+  one of those names is the one folder of its group (``data.train_split=train`` reads ``Training/``);
 * ``labels.csv`` (a file): rows ``path,label`` or ``path,label,split`` (an optional header of those names; paths
   relative to the CSV's folder, or absolute; labels are class names; every row has the same number of fields).
 
@@ -36,18 +37,23 @@ __all__ = [
     "HOLDOUT_SALT",
     "Layout",
     "default_eval_split",
+    "eval_split_of",
     "find_layout",
     "holdout_count",
     "holdout_mask",
     "load_images",
     "read_classes_file",
     "read_labels_csv",
+    "split_folder",
 ]
 
 HOLDOUT = "holdout"  # the name of the held-out split
 HOLDOUT_SALT = b"nestvit-holdout-v1:"  # the hold-out's fixed seed: changing it changes every run's hold-out
-SPLIT_NAMES = ("train", "val", "valid", "validation", "test")  # what marks root/<name>/<class>/* as a split folder
-EVAL_SPLITS = ("val", "valid", "validation", "test")  # the evaluation split by default, the first that exists
+# what marks root/<name>/<class>/* as a split folder, in any case ("Train", "VAL"); a split asked for by one name of a
+# group (data.train_split=train) is the folder of that group when there is exactly one (Training/, train/, TRAIN/)
+SPLIT_GROUPS = (("train", "training"), ("val", "valid", "validation", "dev"), ("test", "testing"))
+SPLIT_NAMES = tuple(name for group in SPLIT_GROUPS for name in group)
+EVAL_SPLITS = ("val", "test")  # the evaluation split by default, the first that exists (any name of its group)
 LAYOUTS = ("root/<class>/*.jpg (a folder per class), root/<split>/<class>/*.jpg or a CSV file of path,label "
            "(or path,label,split)")
 
@@ -104,18 +110,37 @@ def find_layout(root: str | Path | None, train_split: str = "train", *, name: st
         loose = " (it holds images directly: put each class's images in a folder of its own)" \
             if _has_images(path) else ""
         raise DatasetError(f"{name}: {path} has no class folders{loose}; expected {LAYOUTS}")
-    marked = [d for d in subdirs if d.name in (*SPLIT_NAMES, train_split) and _subdirs(d) and not _has_images(d)]
+    marked = [d for d in subdirs if d.name.lower() in (*SPLIT_NAMES, train_split.lower()) and _subdirs(d)
+              and not _has_images(d)]
     if marked:
         return Layout(path, "splits", tuple(d.name for d in subdirs if _subdirs(d)))
     return Layout(path, "classes", ("train",))
 
 
+def split_folder(layout: Layout, split: str) -> str:
+    """The name in ``layout.splits`` that ``split`` asks for: itself when there, else the one split of the same
+    name in another case or of the same group (``train`` -> ``Training``); ``split`` unchanged when none or
+    several match (the error then lists what there is)."""
+    if split in layout.splits or split == HOLDOUT:
+        return split
+    group = next((g for g in SPLIT_GROUPS if split.lower() in g), (split.lower(),))
+    found = [s for s in layout.splits if s.lower() in group]
+    return found[0] if len(found) == 1 else split
+
+
+def eval_split_of(layout: Layout, train_split: str) -> str | None:
+    """The split folder to evaluate on by default: a ``val`` one (``valid``, ``validation``, any case), then a
+    ``test`` one; None when there is neither."""
+    train = split_folder(layout, train_split)
+    return next((s for s in map(lambda e: split_folder(layout, e), EVAL_SPLITS)
+                 if s in layout.splits and s != train), None)
+
+
 def default_eval_split(layout: Layout, train_split: str, holdout: float, *, name: str = "imagefolder") -> str:
-    """The split to evaluate on when ``data.eval_split`` is not given: ``val`` (or ``valid``, ``validation``),
-    then ``test``, else the hold-out."""
-    for split in EVAL_SPLITS:
-        if split in layout.splits and split != train_split:
-            return split
+    """The split to evaluate on when ``data.eval_split`` is not given: :func:`eval_split_of`, else the hold-out."""
+    split = eval_split_of(layout, train_split)
+    if split is not None:
+        return split
     if holdout > 0:
         return HOLDOUT
     raise DatasetError(f"{name}: {layout.root} ({layout.describe()}) has no val or test split to evaluate on, and "
@@ -267,6 +292,8 @@ def load_images(root: str | Path | None, split: str, *, train_split: str = "trai
     ``eval_split`` is ``"holdout"``. The result's ``description`` says which images it holds.
     """
     layout = find_layout(root, train_split)
+    split, train_split = split_folder(layout, split), split_folder(layout, train_split)
+    eval_split = eval_split if eval_split is None else split_folder(layout, eval_split)
     key = "data.train_split" if classes is None else "data.eval_split"
     check_split(layout, split, holdout, key=key)
     fixed = classes is None and classes_file is not None

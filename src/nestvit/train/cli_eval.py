@@ -84,11 +84,11 @@ def run(args: argparse.Namespace) -> int:
     section = eval_section(name, root, transform, same)
     if same is None and name == "imagefolder":
         # another folder of images than the run's: all of it is evaluation data (its val or test split if it has one)
-        from ..data.folders import EVAL_SPLITS, find_layout
+        from ..data.folders import eval_split_of, find_layout, split_folder
 
         if split is None:
             layout = find_layout(root, "train")
-            split = next((s for s in EVAL_SPLITS if s in layout.splits), "train")
+            split = eval_split_of(layout, "train") or split_folder(layout, "train")
         section = dataclasses.replace(section, holdout=0.0, eval_split=split)
     if isinstance(loaded.model, OnnxModel) and args.precision != "fp32":
         raise ValueError(f"--precision {args.precision}: {loaded.weights} is an ONNX file; onnxruntime runs it in "
