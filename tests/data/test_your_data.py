@@ -467,6 +467,24 @@ def recipe(tmp_path):
     return path
 
 
+def test_a_relative_data_root_is_recorded_absolute(tmp_path, recipe, capsys, monkeypatch):
+    # trained from one folder with data.root relative to it, the run is evaluated and resumed from another
+    class_folders(tmp_path / "work" / "photos", {"a": 6, "b": 6})
+    monkeypatch.chdir(tmp_path / "work")
+    assert main(["train", str(recipe), "--out", "run", "--set", "data.root=photos"]) == 0
+    saved = yaml.safe_load((tmp_path / "work" / "run" / "config.yaml").read_text())["data"]
+    assert saved["root"] == str(tmp_path / "work" / "photos")
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["eval", "work/run"]) == 0
+    assert "imagefolder:holdout (2 images)" in capsys.readouterr().out
+    assert main(["eval", "work/run", "--data", "work/photos"]) == 0  # the run's own folder: its hold-out again
+    assert "imagefolder:holdout (2 images)" in capsys.readouterr().out
+    assert main(["train", "--resume", "work/run", "--epochs", "2"]) == 0
+    with pytest.raises(DatasetError, match=r"photos does not exist \(a relative path, read from the current folder"):
+        find_layout("photos")
+
+
 def test_train_eval_predict_on_class_folders(tmp_path, recipe, capsys):
     rng = np.random.default_rng(0)
     root = tmp_path / "flowers"

@@ -102,7 +102,8 @@ def find_layout(root: str | Path | None, train_split: str = "train", *, name: st
         splits = sorted({row[2] for _, row in _labels_table(path) if len(row) == 3})
         return Layout(path, "csv-splits", tuple(splits)) if splits else Layout(path, "csv", ("train",))
     if not path.exists():
-        raise DatasetError(f"{name}: {path} does not exist; data.root must be {LAYOUTS}")
+        where = "" if path.is_absolute() else f" (a relative path, read from the current folder {Path.cwd()})"
+        raise DatasetError(f"{name}: {path} does not exist{where}; data.root must be {LAYOUTS}")
     if not path.is_dir():
         raise DatasetError(f"{name}: {path} is neither a folder nor a CSV file; data.root must be {LAYOUTS}")
     subdirs = _subdirs(path)

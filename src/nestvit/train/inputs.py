@@ -27,6 +27,7 @@ import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -147,16 +148,22 @@ def is_streamed(name: str) -> bool:
 
 
 def resolve_data(cfg: DataSection, model: ModelSection | None = None) -> DataSection:
-    """``cfg`` with the defaults it leaves open filled: ``img_size`` (folders, shards, synthetic) from ``model``,
-    ``eval_split`` from what the data has (in-memory sets: ``test``), ``channels`` (folders: 1 for greyscale
-    files, else 3; shards: 3), ``mean``/``std`` from published weights (``model.weights`` a tag of ``nestvit
-    pretrained``) or, for folders and shards, from the run contract of ``model.weights`` when its channel count
-    is the data's (the normalisation the weights learnt). ``workers`` stays as it is
-    (:func:`default_workers` when the loaders start: a resumed run on another machine uses that machine's)."""
+    """``cfg`` with ``root`` made absolute and the defaults it leaves open filled: ``img_size`` (folders, shards,
+    synthetic) from ``model``, ``eval_split`` from what the data has (in-memory sets: ``test``), ``channels``
+    (folders: 1 for greyscale files, else 3; shards: 3), ``mean``/``std`` from published weights
+    (``model.weights`` a tag of ``nestvit pretrained``) or, for folders and shards, from the run contract of
+    ``model.weights`` when its channel count is the data's (the normalisation the weights learnt). ``workers``
+    stays as it is (:func:`default_workers` when the loaders start: a resumed run on another machine uses that
+    machine's)."""
     from ..pretrained import published as published_file
 
     changes: dict[str, object] = {}
     streamed = is_streamed(cfg.name)
+    if cfg.root is not None and cfg.name != "synthetic":  # recorded absolute: eval and resume work from any folder
+        root = str(Path(cfg.root).expanduser().absolute())
+        if root != cfg.root:
+            cfg = dataclasses.replace(cfg, root=root)
+            changes["root"] = root
     published = published_file(model.weights) if model is not None else None
     if cfg.img_size is None and (streamed or cfg.name == "synthetic"):
         changes["img_size"] = model_img_size(model)

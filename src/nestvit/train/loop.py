@@ -127,7 +127,7 @@ class Trainer:
                                      limit=d.limit_eval)
         mean, std = normalization(d, self.train_split)
         cfg = C.replace(cfg, data={"mean": mean, "std": std, "img_size": d.img_size, "eval_split": d.eval_split,
-                                   "channels": d.channels})
+                                   "channels": d.channels, "root": d.root})
         self.cfg = cfg
         self.classes = self.train_split.classes
         self.num_classes = len(self.classes)
