@@ -467,6 +467,20 @@ def recipe(tmp_path):
     return path
 
 
+def test_one_class_and_a_folder_given_to_a_built_in_set_are_refused(tmp_path):
+    one = class_folders(tmp_path / "one", {"red": 4})
+    with pytest.raises(DatasetError, match=r"one class, 'red', in the training split; a classifier needs two or more "
+                                           r"classes to tell apart \(if the class folders are inside .*red, set "
+                                           "data.root to it"):
+        load_split(section(one), "train", CPU)
+    # before, data.root was silently ignored and the built-in digits trained instead
+    with pytest.raises(ValueError, match=r"holds image files in folders, but data.name=mnist5k is a built-in data "
+                                         r"set .* set data.name=imagefolder \(and data.pad_to=null\)"):
+        load_split(DataSection(name="mnist5k", root=str(one), pad_to=32), "train", CPU)
+    (tmp_path / "idx").mkdir()
+    load_split(DataSection(name="mnist5k", root=str(tmp_path / "idx")), "test", CPU, limit=4)  # no images there: fine
+
+
 def test_a_relative_data_root_is_recorded_absolute(tmp_path, recipe, capsys, monkeypatch):
     # trained from one folder with data.root relative to it, the run is evaluated and resumed from another
     class_folders(tmp_path / "work" / "photos", {"a": 6, "b": 6})

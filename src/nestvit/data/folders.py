@@ -41,6 +41,7 @@ __all__ = [
     "find_layout",
     "holdout_count",
     "holdout_mask",
+    "holds_image_folders",
     "load_images",
     "read_classes_file",
     "read_labels_csv",
@@ -85,6 +86,16 @@ class Layout:
 def _has_images(folder: Path) -> bool:
     exts = set(IMAGE_EXTENSIONS)
     return any(p.suffix.lower() in exts and p.is_file() for p in folder.iterdir())
+
+
+def holds_image_folders(root: str | Path) -> bool:
+    """Whether ``root`` looks like a folder of your own images (a folder with image files in a folder of it, or
+    a CSV file): what an in-memory data set's ``data.root`` (IDX files, pickles) never is."""
+    path = Path(root).expanduser()
+    if path.is_file():
+        return path.suffix.lower() == ".csv"
+    return path.is_dir() and any(_has_images(d) or any(_has_images(e) for e in _subdirs(d)[:3])
+                                 for d in _subdirs(path)[:3])
 
 
 def _subdirs(folder: Path) -> list[Path]:

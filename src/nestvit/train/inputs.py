@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.datasets import DATASETS, DatasetError, ImageListDataset, load_dataset, resize_images
-from ..data.folders import HOLDOUT, default_eval_split, find_layout, load_images
+from ..data.folders import HOLDOUT, default_eval_split, find_layout, holds_image_folders, load_images
 from ..data.shards import ShardEpoch, ShardPass, ShardSet, find_shard_layout, load_shards
 from .config import ConfigError, DataSection, ModelSection
 
@@ -223,6 +223,10 @@ def load_split(cfg: DataSection, split: str | None, device: torch.device, *, cla
     if streamed and (cfg.resize_to is not None or cfg.pad_to is not None):
         raise ValueError(f"data.resize_to and data.pad_to apply to in-memory data sets; {cfg.name} images are "
                          "resized to data.img_size instead: set that")
+    if not streamed and cfg.root is not None and cfg.name != "synthetic" and holds_image_folders(cfg.root):
+        raise ValueError(f"data.root={cfg.root} holds image files in folders, but data.name={cfg.name} is a built-in "
+                         f"data set that does not read them; for your own images set data.name=imagefolder"
+                         + (" (and data.pad_to=null)" if cfg.pad_to is not None else ""))
     if not streamed and cfg.channels is not None and cfg.name != "synthetic":
         raise ValueError(f"data.channels applies to image folders and shards; {cfg.name} images have their own "
                          "channel count: leave data.channels unset")
@@ -281,6 +285,12 @@ def _class_notes(data: ImageListDataset | ShardSet, split: str, *, training: boo
     counts = dict(zip(data.classes, data.counts))
     empty = [c for c, n in counts.items() if n == 0]
     folders = isinstance(data, ImageListDataset) and data.root.is_dir()
+    if training and len(data.classes) < 2:
+        found = f"one class, {data.classes[0]!r}," if data.classes else "no class"
+        inside = (f" (if the class folders are inside {data.root / data.classes[0]}, set data.root to it)"
+                  if folders and data.classes and (data.root / data.classes[0]).is_dir() else "")
+        raise DatasetError(f"{data.root}: {found} in the training split; a classifier needs two or more classes to "
+                           f"tell apart{inside}")
     what = ("class director" + ("ies" if len(empty) > 1 else "y")) if folders else \
         ("class" + ("es" if len(empty) > 1 else ""))
     if empty and training:
