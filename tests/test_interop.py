@@ -140,6 +140,12 @@ def test_unreadable_weights_file_is_a_clear_error(tmp_path):
         load_weights(tiny_model("nest_tiny_cifar"), bad)
     with pytest.raises(WeightsError, match="no such weights file"):
         load_weights(tiny_model("nest_tiny_cifar"), tmp_path / "missing.safetensors")
+    export = tmp_path / "run" / "model.onnx"  # before: torch's unpickling advice
+    export.parent.mkdir()
+    export.write_bytes(b"\x08\x07onnx")
+    with pytest.raises(WeightsError, match=r"model.onnx is an export .* not a weights file; use the run folder it was "
+                                           r"exported from \(.*run\)"):
+        load_weights(tiny_model("nest_tiny_cifar"), export)
 
 
 def test_torch_save_checkpoint_is_loaded_without_pickle(tmp_path):

@@ -148,6 +148,9 @@ def read_state_dict(path: str | Path, *, tensors: bool = True) -> tuple[dict[str
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file")
+    if path.suffix.lower() in (".onnx", ".pt2"):  # an export: a program to run, not weights to load or train on
+        raise WeightsError(f"{path} is an export (a program for onnxruntime or torch.export), not a weights file; "
+                           f"use the run folder it was exported from ({path.parent}) or its .safetensors weights")
     meta: dict[str, str] = {}
     try:
         if path.suffix == ".safetensors" or _is_safetensors(path):
