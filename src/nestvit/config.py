@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from .errors import UserError
+from .errors import UserError, did_you_mean
 from .fileio import atomic_write_text
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
@@ -146,7 +146,8 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "", base: Any = Non
     unknown = sorted(set(data) - set(fields))
     if unknown:
         bad = ", ".join(prefix + k for k in unknown)
-        raise ConfigError(f"unknown key(s) {bad}; valid keys: {', '.join(valid_keys(cls, prefix, root))}")
+        near = "".join(did_you_mean(prefix + k, valid_keys(cls, prefix, root)) for k in unknown)
+        raise ConfigError(f"unknown key(s) {bad}{near}; valid keys: {', '.join(valid_keys(cls, prefix, root))}")
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]
@@ -318,7 +319,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], cls: type) -> dic
         if key not in keys and not any(k.endswith(".*") and (key + ".").startswith(k[:-1]) for k in keys):
             if key in derived:
                 raise ConfigError(f"{key} cannot be set: it is taken from {derived[key]}")
-            raise ConfigError(f"unknown key {key!r} in --set {item}; valid keys: {', '.join(keys)}")
+            near = did_you_mean(key, keys)
+            raise ConfigError(f"unknown key {key!r} in --set {item}{near}; "
+                              + ("--list-keys prints them all" if near else f"valid keys: {', '.join(keys)}"))
         try:
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError as e:

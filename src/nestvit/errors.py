@@ -7,8 +7,17 @@ says so, asks for a report and shows the traceback with ``--debug``.
 
 from __future__ import annotations
 
-__all__ = ["UserError"]
+import difflib
+from collections.abc import Iterable
+
+__all__ = ["UserError", "did_you_mean"]
 
 
 class UserError(Exception):
     """A user's mistake: bad input, a missing or damaged file, a config key or value that does not fit."""
+
+
+def did_you_mean(word: str, options: Iterable[str]) -> str:
+    """``" (did you mean X?)"`` naming the options closest to a mistyped ``word``, or ``""`` when none is close."""
+    close = difflib.get_close_matches(word, list(options), n=2, cutoff=0.75)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, did_you_mean
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _FAMILY: dict[str, str] = {}
@@ -56,7 +56,9 @@ def build_config(cfg: C, overrides: dict[str, Any]) -> C:
     names = [f.name for f in dataclasses.fields(cfg)]  # type: ignore[arg-type]
     bad = sorted(set(overrides) - set(names))
     if bad:
-        raise ModelOptionError(f"unknown option(s) {bad} for {type(cfg).__name__}; valid options: {', '.join(names)}")
+        near = "".join(did_you_mean(k, names) for k in bad)
+        raise ModelOptionError(f"unknown option(s) {bad}{near} for {type(cfg).__name__}; valid options: "
+                               f"{', '.join(names)}")
     return dataclasses.replace(cfg, **overrides)  # type: ignore[type-var]
 
 

@@ -184,7 +184,7 @@ def test_recipes_and_overrides():
     cfg = apply_overrides(nest, ["steps=10", "bf16=true", "lr_g=3e-4", "generator_overrides.depths=[1,1,1]"])
     assert cfg.steps == 10 and cfg.bf16 is True and cfg.lr_g == 3e-4
     assert cfg.generator_overrides == {"depths": [1, 1, 1]}
-    with pytest.raises(ConfigError, match="unknown key.*stepz.*valid keys"):
+    with pytest.raises(ConfigError, match="unknown key.*stepz.*did you mean steps"):
         apply_overrides(nest, ["stepz=3"])
     with pytest.raises(ConfigError, match="steps: expected int"):
         apply_overrides(nest, ["steps=ten"])
