@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import sys
 import tarfile
 from pathlib import Path
@@ -543,6 +544,14 @@ def test_train_eval_predict_on_class_folders(tmp_path, recipe, capsys):
         Image.new("RGB", (10, 10)).save(flat / cls / ".ipynb_checkpoints" / "0-checkpoint.png")  # hidden: left out
     assert main(["eval", str(run), "--data", str(flat)]) == 0
     assert "imagefolder:train (6 images)" in capsys.readouterr().out
+    # a class the model does not know is said to be skipped; a class without images is n/a, null in the JSON
+    shutil.rmtree(flat / "rose")
+    Image.new("RGB", (10, 10)).save((flat / "tulip").mkdir() or flat / "tulip" / "0.png")
+    assert main(["eval", str(run), "--data", str(flat), "--out", str(tmp_path / "ev2")]) == 0
+    out, err = capsys.readouterr()
+    assert "class(es) tulip not in the training split (their images are skipped)" in err
+    assert "no images of the training class(es) rose" in err and "n/a  (no images)" in out
+    assert json.loads((tmp_path / "ev2" / "eval.json").read_text())["per_class_accuracy"]["rose"] is None
     assert main(["eval", str(run), "--data", str(tmp_path / "photoz")]) == 2
     assert "neither a data set" in capsys.readouterr().err
     strangers = tmp_path / "strangers"  # class folders that are none of the run's classes

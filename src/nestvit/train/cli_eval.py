@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -103,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
         section = dataclasses.replace(section, channels=transform.channels)
     with one_line_errors():
         data = load_split(section, split, device, classes=classes if is_streamed(name) else None, limit=args.limit)
+    for note in data.notes:  # classes of the data the model does not have, or the reverse
+        print(note, file=sys.stderr)
     if data.folder is not None:  # image files: decoded as the model's contract says, as `nestvit predict` does
         data.folder.reader = transform.read
         data = dataclasses.replace(data, channels=transform.channels, size=transform.size)
@@ -117,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     print("per-class accuracy:")
     width = max(len(c) for c in data.classes)
     for cls, acc in result.per_class.items():
-        print(f"  {cls:>{width}s}  {acc:6.2f}%")
+        print(f"  {cls:>{width}s}  " + ("   n/a  (no images)" if math.isnan(acc) else f"{acc:6.2f}%"))
     if out is not None:
         record = {"weights": str(loaded.weights), "data": data.name, "tta": args.tta, "precision": precision,
                   **result.to_json()}

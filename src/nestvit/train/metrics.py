@@ -42,8 +42,10 @@ class EvalResult:
         return out
 
     def to_json(self) -> dict[str, Any]:
+        """The result as strict JSON: a class without images has accuracy null (not NaN)."""
+        per_class = {c: None if math.isnan(a) else a for c, a in self.per_class.items()}
         return {"loss": self.loss, "top1": self.top1, "top5": self.top5, "count": self.count,
-                "classes": self.classes, "per_class_accuracy": self.per_class, "confusion": self.confusion}
+                "classes": self.classes, "per_class_accuracy": per_class, "confusion": self.confusion}
 
 
 class EvalAccumulator:
