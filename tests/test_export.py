@@ -49,6 +49,19 @@ def test_export_bad_input_is_one_line(weights, tmp_path, capsys):
     assert "no such run directory" in capsys.readouterr().err
     assert main(["export", str(weights), "--out", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+    notes = tmp_path / "notes.txt"  # before: ONNX bytes written over it, exit 0
+    notes.write_text("mine")
+    assert main(["export", str(weights), "--out", str(notes)]) == 2
+    assert "onnx exports are .onnx files; name it notes.onnx" in capsys.readouterr().err
+    assert main(["export", str(weights), "--format", "onnx", "--out", str(tmp_path / "m.pt2")]) == 2
+    assert notes.read_text() == "mine" and not (tmp_path / "m.pt2").exists()
+
+
+def test_export_format_follows_out_and_a_replaced_file_is_said(weights, tmp_path, capsys):
+    assert main(["export", str(weights), "--out", str(tmp_path / "m.pt2")]) == 0
+    assert "wrote " + str(tmp_path / "m.pt2") + " (" in capsys.readouterr().out  # pt2 from the suffix
+    assert main(["export", str(weights), "--out", str(tmp_path / "m.pt2")]) == 0
+    assert "m.pt2 (replacing the file there)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name", ["tnt_tiny_patch4_32", "rtnt_nano", "vit_tiny_patch4_32", "convnet"])

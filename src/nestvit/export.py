@@ -35,7 +35,8 @@ FORMATS = {"onnx": ".onnx", "pt2": ".pt2"}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a run directory (classifier or GAN) or a weights file written by nestvit")
-    parser.add_argument("--format", choices=list(FORMATS), default="onnx", help="onnx (default) or pt2")
+    parser.add_argument("--format", choices=list(FORMATS), default=None,
+                        help="onnx or pt2 (default: the --out file's suffix, else onnx)")
     parser.add_argument("--out", type=Path, help="output file (default: model.onnx / model.pt2, a GAN run: "
                                                  "generator.onnx / .pt2, beside the weights)")
     parser.add_argument("--weights", default=None, help="which weights of a run directory (best, last, ema; a GAN run: "
@@ -211,9 +212,15 @@ def _run(args: argparse.Namespace) -> int:
     model = loaded.model.eval()
     stem = "generator" if kind == "generator" else "model"
     beside = Path.cwd() if str(args.checkpoint).startswith(HUB_PREFIX) else loaded.weights.parent  # not in a cache
+    suffix = args.out.suffix.lower() if args.out is not None else ""
+    args.format = args.format or next((f for f, s in FORMATS.items() if s == suffix), "onnx")
     out = args.out or beside / f"{stem}{FORMATS[args.format]}"
     if out.exists() and out.is_dir():
         raise ValueError(f"--out {out}: is a folder; give a file name such as {out / (stem + FORMATS[args.format])}")
+    if out.suffix.lower() != FORMATS[args.format]:  # a .txt (or .pt2) written over with ONNX bytes: refused
+        raise ValueError(f"--out {out}: {args.format} exports are {FORMATS[args.format]} files; name it "
+                         f"{out.with_suffix(FORMATS[args.format]).name}")
+    replaced = out.exists()
     if kind == "generator":  # noise z (B, latent_dim) -> images (B, C, H, W) in [-1, 1]
         def inputs(batch: int, seed: int) -> torch.Tensor:
             return torch.randn(batch, model.latent_dim, generator=torch.Generator().manual_seed(seed))
@@ -262,5 +269,6 @@ def _run(args: argparse.Namespace) -> int:
         unchecked.unlink(missing_ok=True)
     size = out.stat().st_size / 1e6
     check = f"; checked with {how} on batches of 2 and 3: max |difference| {worst:.2e}" if worst is not None else ""
-    print(f"wrote {out} ({size:.1f} MB, {args.format}, {shapes}{check})")
+    print(f"wrote {out}{' (replacing the file there)' if replaced else ''} ({size:.1f} MB, {args.format}, "
+          f"{shapes}{check})")
     return 0
