@@ -7,6 +7,7 @@ fix, exit status 2, and nothing written.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,6 +116,25 @@ def test_not_an_image_is_one_line(weights, tmp_path, capsys):
     (tmp_path / "notes.png").write_text("not a picture")
     assert "cannot read the image" in one_line_error(capsys, "predict", str(weights), str(tmp_path / "notes.png"))
     assert "no such image file" in one_line_error(capsys, "predict", str(weights), str(tmp_path / "missing.png"))
+
+
+def test_predict_skips_an_unreadable_file_and_keeps_the_others(weights, image, tmp_path, capsys):
+    # before: one broken file in a folder of photos aborted the whole batch and wrote no CSV
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a.png", "b.png"):
+        (photos / name).write_bytes(Path(image).read_bytes())
+    (photos / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(weights), str(photos), "--out", str(out), "--batch-size", "2"]) == 0
+    std = capsys.readouterr()
+    assert "warning: skipped 1 unreadable file(s): " in std.err and "broken.png: cannot read the image" in std.err
+    assert "(2 images, top" in std.out and "1 unreadable skipped" in std.out
+    assert [row.split(",")[0] for row in out.read_text().splitlines()[1:]] == [str(photos / "a.png"),
+                                                                               str(photos / "b.png")]
+    (photos / "a.png").write_bytes(b"x")
+    (photos / "b.png").write_bytes(b"y")
+    assert "none of the 3 files is a readable image" in one_line_error(capsys, "predict", str(weights), str(photos))
 
 
 def test_unwritable_out_fails_before_the_work(weights, image, tmp_path, capsys):

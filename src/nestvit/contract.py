@@ -30,8 +30,8 @@ from torch import nn
 
 from .errors import UserError
 
-__all__ = ["CONTRACT_KEY", "ContractError", "InputTransform", "Loaded", "RunContract", "contract_of", "load",
-           "open_image", "read_contract", "resolve_weights"]
+__all__ = ["CONTRACT_KEY", "ContractError", "InputTransform", "Loaded", "RunContract", "UnreadableImageError",
+           "contract_of", "load", "open_image", "read_contract", "resolve_weights"]
 
 CONTRACT_KEY = "nestvit.contract"
 EXPORTED_SUFFIXES = (".onnx", ".pt2")  # files of `nestvit export` (nestvit.export.load_exported)
@@ -49,6 +49,10 @@ HUB_PREFIX = "hf-hub:"  # "hf-hub:org/name": such a folder on the Hugging Face H
 
 class ContractError(UserError, ValueError):
     """A path that is not a nestvit run or weights file, or metadata that does not describe a model."""
+
+
+class UnreadableImageError(ContractError):
+    """One image file that is missing, not an image, damaged or too large: a command over many files skips it."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,12 +117,12 @@ class InputTransform:
             from .data.datasets import DatasetError, decode_image
 
             if not Path(path).is_file():
-                raise ContractError(f"{path}: no such image file")
+                raise UnreadableImageError(f"{path}: no such image file")
             try:  # an unreadable or huge file: one clear error
                 x = decode_image(Path(path), size=self.size[0], resize_size=round(self.size[0] / self.crop_pct),
                                  channels=self.channels)
             except DatasetError as e:
-                raise ContractError(str(e)) from None
+                raise UnreadableImageError(str(e)) from None
             return x.contiguous()
         from .data.datasets import resize_images
 
@@ -153,7 +157,7 @@ def open_image(path: str | Path):
 
     path = Path(path)
     if not path.is_file():
-        raise ContractError(f"{path}: no such image file")
+        raise UnreadableImageError(f"{path}: no such image file")
     img = None
     try:
         img = Image.open(path)
@@ -162,11 +166,12 @@ def open_image(path: str | Path):
     except Image.DecompressionBombError as e:
         if img is not None:
             img.close()
-        raise ContractError(f"{path}: the image is too large to open safely ({e}); downscale it first") from None
+        raise UnreadableImageError(f"{path}: the image is too large to open safely ({e}); downscale it first") \
+            from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         if img is not None:
             img.close()
-        raise ContractError(f"{path}: cannot read the image ({e})") from None
+        raise UnreadableImageError(f"{path}: cannot read the image ({e})") from None
 
 
 # --------------------------------------------------------------------------------------------------
