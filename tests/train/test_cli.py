@@ -142,5 +142,6 @@ def test_resize_and_pad_are_refused_for_image_folders(tmp_path):
     from nestvit.train.config import DataSection
     from nestvit.train.inputs import load_split
 
-    with pytest.raises(ValueError, match="data.img_size instead"):
+    with pytest.raises(ValueError, match=r"data.resize_to=24 .* applies to in-memory data sets; imagefolder images are "
+                                         r"resized to data.img_size instead: add --set data.resize_to=null"):
         load_split(DataSection(name="imagefolder", root=str(tmp_path), resize_to=24), "train", torch.device("cpu"))

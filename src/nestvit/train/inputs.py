@@ -221,8 +221,12 @@ def load_split(cfg: DataSection, split: str | None, device: torch.device, *, cla
     """
     streamed = is_streamed(cfg.name)
     if streamed and (cfg.resize_to is not None or cfg.pad_to is not None):
-        raise ValueError(f"data.resize_to and data.pad_to apply to in-memory data sets; {cfg.name} images are "
-                         "resized to data.img_size instead: set that")
+        keys = [f"data.{k}={v}" for k, v in (("resize_to", cfg.resize_to), ("pad_to", cfg.pad_to)) if v is not None]
+        unset = " ".join(f"--set {k.split('=')[0]}=null" for k in keys)
+        raise ValueError(f"{' and '.join(keys)} (a recipe's sizing of its built-in data set) "
+                         f"{'applies' if len(keys) == 1 else 'apply'} to in-memory data sets; {cfg.name} images are "
+                         f"resized to data.img_size instead: add {unset} (and set data.img_size for another size than "
+                         "the model's)")
     if not streamed and cfg.root is not None and cfg.name != "synthetic" and holds_image_folders(cfg.root):
         raise ValueError(f"data.root={cfg.root} holds image files in folders, but data.name={cfg.name} is a built-in "
                          f"data set that does not read them; for your own images set data.name=imagefolder"
