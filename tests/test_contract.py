@@ -192,3 +192,15 @@ def test_model_overrides_of_set_are_one_syntax_and_one_line_errors(weights, imag
         "embed_dims": (8, 16), "act": "gelu", "qkv_bias": True}
     assert "--set depths: cannot read the value" in one_line_error(
         capsys, "explain", str(image), "--model", "nest_tiny_cifar", "--set", "depths=[[[", "--out", str(tmp_path))
+
+
+def test_create_model_takes_a_run_folder_or_a_save_pretrained_folder_as_weights(weights, tmp_path):
+    # as model.weights and nestvit.load do (before: "no such weights file" for a folder)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.safetensors").write_bytes(weights.read_bytes())
+    shared = nestvit.save_pretrained(run, tmp_path / "shared")
+    want = nestvit.load(weights).model.state_dict()
+    for source in (run, shared):
+        got = nestvit.create_model("nest_tiny_cifar", weights=source, **TINY).state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want)

@@ -96,7 +96,8 @@ def model_kind(name: str) -> str:
 def create_model(name: str, *, pretrained: bool | str | Path = False, weights: str | Path | None = None,
                  features_only: bool = False, out_indices: int | list[int] | tuple[int, ...] | None = None,
                  **overrides: Any) -> nn.Module:
-    """Build a registered model; ``weights`` loads a nestvit safetensors file or a timm checkpoint.
+    """Build a registered model; ``weights`` loads a nestvit safetensors file, a run folder's best weights, a
+    ``save_pretrained`` folder (local or ``hf-hub:org/name``) or a timm checkpoint.
 
     ``pretrained`` starts from published weights (``nestvit.pretrained``): True (the tag in ``name``, as
     ``"nest_tiny_224.jx_in1k"``, else the model's first published file), a tag, or a downloaded file; they
@@ -131,7 +132,10 @@ def create_model(name: str, *, pretrained: bool | str | Path = False, weights: s
     # what built it: nestvit.interop.save_weights writes this into the file's run contract
     model.registry_spec = {"model": name, "kwargs": dict(overrides)}
     if weights is not None:
+        from .contract import HUB_PREFIX, resolve_weights
         from .interop import load_weights
 
+        if str(weights).startswith(HUB_PREFIX) or Path(weights).is_dir():  # a run or save_pretrained folder
+            weights = resolve_weights(weights)
         load_weights(model, weights)
     return _backbone(model, features_only, out_indices)
