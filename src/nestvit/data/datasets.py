@@ -128,24 +128,7 @@ class ArrayDataset(Dataset):
 
     @cached_property
     def _moments(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        # Exact per-channel moments from a 256-bin histogram (no float copy of the data).
-        values = torch.arange(256, dtype=torch.float64) / 255.0
-        means, stds = [], []
-        for c in range(self.images.shape[1]):
-            counts = torch.zeros(256, dtype=torch.int64)
-            for start in range(0, len(self.images), 8192):
-                counts += torch.bincount(self.images[start : start + 8192, c].reshape(-1), minlength=256)
-            total = int(counts.sum())
-            if total == 0:
-                means.append(math.nan)
-                stds.append(math.nan)
-                continue
-            p = counts.to(torch.float64) / total
-            mean = float((p * values).sum())
-            var = float((p * values.square()).sum()) - mean * mean
-            means.append(mean)
-            stds.append(math.sqrt(max(var, 0.0)))
-        return tuple(means), tuple(stds)
+        return pixel_moments(self.images)
 
     @property
     def mean(self) -> tuple[float, ...]:
@@ -742,6 +725,29 @@ def random_crop_box(w: int, h: int, crop_scale: tuple[float, float]) -> tuple[in
             top = int(torch.randint(0, h - ch + 1, ()))
             return left, top, left + cw, top + ch
     return None
+
+
+def pixel_moments(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel ``(mean, std)`` (population) of uint8 ``(N, C, H, W)`` pixels in [0, 1] units, exact, from a
+    256-bin histogram a chunk at a time (no float copy of the data); NaN for no pixels. What ``ArrayDataset.mean``
+    gives and what training measures its normalisation with (``nestvit.train.inputs.normalization``)."""
+    values = torch.arange(256, dtype=torch.float64) / 255.0
+    means, stds = [], []
+    for c in range(images.shape[1]):
+        counts = torch.zeros(256, dtype=torch.int64, device=images.device)
+        for start in range(0, len(images), 8192):
+            counts += torch.bincount(images[start : start + 8192, c].reshape(-1), minlength=256)
+        total = int(counts.sum())
+        if total == 0:
+            means.append(math.nan)
+            stds.append(math.nan)
+            continue
+        p = counts.cpu().to(torch.float64) / total
+        mean = float((p * values).sum())
+        var = float((p * values.square()).sum()) - mean * mean
+        means.append(mean)
+        stds.append(math.sqrt(max(var, 0.0)))
+    return tuple(means), tuple(stds)
 
 
 def resize_images(images: torch.Tensor, size: int | tuple[int, int] | None) -> torch.Tensor:

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..data.datasets import DATASETS, DatasetError, ImageListDataset, load_dataset, resize_images
+from ..data.datasets import DATASETS, DatasetError, ImageListDataset, load_dataset, pixel_moments, resize_images
 from ..data.folders import HOLDOUT, default_eval_split, find_layout, holds_image_folders, load_images
 from ..data.shards import ShardEpoch, ShardPass, ShardSet, find_shard_layout, load_shards
 from .config import ConfigError, DataSection, ModelSection
@@ -328,18 +328,7 @@ def normalization(cfg: DataSection, train: Split) -> tuple[tuple[float, ...], tu
         if train.channels == 1:
             mean, std = (round(sum(mean) / 3, 4),), (round(sum(std) / 3, 4),)
         return cfg.mean or mean, cfg.std or std
-    c = train.channels
-    s1 = torch.zeros(c, dtype=torch.float64, device=train.images.device)
-    s2 = torch.zeros_like(s1)
-    for chunk in train.images.split(4096):  # float64 sums a chunk at a time: no float copy of the whole set
-        x = chunk.double().div_(255.0)
-        s1 += x.sum(dim=(0, 2, 3))
-        s2 += x.square().sum(dim=(0, 2, 3))
-    n = train.images.numel() // c
-    mean_t = s1 / n
-    std_t = (s2 / n - mean_t.square()).clamp_min(0).sqrt()
-    mean = tuple(round(v, 4) for v in mean_t.tolist())
-    std = tuple(round(v, 4) for v in std_t.tolist())
+    mean, std = (tuple(round(v, 4) for v in m) for m in pixel_moments(train.images))  # as padded for the model
     return cfg.mean or mean, cfg.std or std
 
 
