@@ -10,6 +10,7 @@ unpickling arbitrary objects. The official JAX/Flax NesT's parameters load throu
 from __future__ import annotations
 
 import hashlib
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -169,8 +170,11 @@ def read_state_dict(path: str | Path, *, tensors: bool = True) -> tuple[dict[str
     except WeightsError:
         raise
     except Exception as e:  # noqa: BLE001 - one clear message for any unreadable file
-        raise WeightsError(f"{path}: cannot read weights ({type(e).__name__}: {e}). Expected a .safetensors "
-                           "file or a PyTorch state dict saved with torch.save; is the file truncated?") from None
+        # torch's own text for a refused unpickling advises weights_only=False: never shown (nor followed) here
+        why = "it holds objects other than tensors, or is no PyTorch file" if isinstance(e, pickle.UnpicklingError) \
+            else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise WeightsError(f"{path}: cannot read weights ({why}). Expected a .safetensors file or a PyTorch state "
+                           "dict of tensors saved with torch.save; is the file truncated?") from None
     for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

@@ -62,7 +62,7 @@ def test_bad_files_are_named(tmp_path, net):
         get_feature_extractor("inception")
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(FeatureNetError, match="not a readable"):
+    with pytest.raises(FeatureNetError, match="junk.pth: cannot read weights .*; expected pt_inception"):
         get_feature_extractor(f"inception:{junk}")
     partial = {k: v for k, v in net.state_dict().items() if not k.startswith("Mixed_7c.")}
     partial["extra.weight"] = torch.zeros(1)

@@ -172,15 +172,17 @@ def _main(argv: list[str] | None = None) -> int:
     import json
     import platform
 
+    from ..cli_args import nonnegative_int, positive_int
+
     p = argparse.ArgumentParser(prog="python -m nestvit.generate.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[32, 64])
+    p.add_argument("--sizes", type=positive_int, nargs="+", default=[32, 64])
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--train-batch-size", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--train-repeats", type=int, default=2)
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs per generator before timing")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--train-batch-size", type=positive_int, default=None)
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--train-repeats", type=positive_int, default=2)
+    p.add_argument("--warmup", type=nonnegative_int, default=1, help="untimed runs per generator before timing")
+    p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="time by the wall clock or by process CPU time (fair on a shared machine with --threads 1)")

@@ -252,13 +252,12 @@ def load_fid_inception(path: str | Path, *, batch_size: int = 50) -> InceptionFe
             f"{path}: no such file. Inception-v3 FID features need pytorch-fid's {WEIGHTS_FILE} (~92 MB, from "
             "github.com/mseitzer/pytorch-fid releases); download it on a machine with internet and pass its path "
             "as inception:PATH")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any read/unpickling failure is the same problem for the user
-        raise FeatureNetError(f"{path}: not a readable PyTorch state dict ({type(e).__name__}: {e}); expected "
-                              f"{WEIGHTS_FILE}") from None
-    if not isinstance(sd, dict):
-        raise FeatureNetError(f"{path}: holds a {type(sd).__name__}, not a state dict; expected {WEIGHTS_FILE}")
+    from ..interop import WeightsError, read_state_dict
+
+    try:  # the one weights reader: torch.save (weights_only) or safetensors, a nested "state_dict" unwrapped
+        sd = read_state_dict(path)[0]
+    except WeightsError as e:
+        raise FeatureNetError(f"{e}; expected {WEIGHTS_FILE}") from None
     sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked") and not k.startswith("AuxLogits.")}
     net = FIDInceptionV3()
     want = {k: v.shape for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
