@@ -33,6 +33,10 @@ def test_onnx_with_dynamic_batch_checked_by_onnxruntime(weights, capsys):
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     want = nestvit.load(weights).model(x).detach().numpy()
     assert np.abs(got - want).max() < 1e-4
+    # bench reads the export's architecture and says that it times PyTorch, not onnxruntime
+    assert main(["bench", str(path), "--mode", "infer", "--compile", "off", "--dtype", "fp32", "--batch", "1",
+                 "--warmup", "0", "--iters", "1", "--no-memory", "--no-data"]) == 0
+    assert "is an export: bench times its architecture (nest_tiny_cifar) in PyTorch" in capsys.readouterr().err
 
 
 def test_pt2_program(weights, tmp_path, capsys):

@@ -516,6 +516,9 @@ def run(args: argparse.Namespace) -> int:
 
             contract = read_contract(m)
             specs[m] = legacy_nest_kwargs(contract.model, contract.kwargs)  # files of older versions too
+            if Path(m).suffix.lower() in (".onnx", ".pt2"):
+                print(f"note: {m} is an export: bench times its architecture ({contract.model}) in PyTorch, not the "
+                      "export in onnxruntime or torch.export", file=sys.stderr)
         else:
             raise ValueError(f"unknown model {m!r}: neither a registered name (`nestvit models`) nor a run "
                              "directory or weights file")
