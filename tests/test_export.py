@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -123,7 +124,7 @@ def test_exports_that_predict_does_not_read_are_one_line(weights, tmp_path, caps
     assert main(["eval", str(tmp_path / "m.pt2"), "--weights", "last", "--data", "x"]) == 2
     assert "is an exported model: its weights and architecture are fixed" in capsys.readouterr().err
     assert main(["explain", str(tmp_path / "m.pt2"), str(image), "--out", str(tmp_path / "ex")]) == 2
-    assert "explanations need the PyTorch model" in capsys.readouterr().err
+    assert "gradcat needs the PyTorch model" in capsys.readouterr().err
 
 
 def test_an_onnx_export_without_class_names_predicts_and_loads_in_python(tmp_path, capsys):
@@ -144,6 +145,18 @@ def test_an_onnx_export_without_class_names_predicts_and_loads_in_python(tmp_pat
     assert torch.allclose(loaded.model(x), nestvit.load(weights).model(x), atol=1e-4)
     with pytest.raises(ContractError, match="exported model"):
         nestvit.load(tmp_path / "m.onnx", "last")
+    # occlusion needs forward passes only: it explains what you ship, and as the PyTorch model does
+    reports = []
+    for source in (tmp_path / "m.onnx", weights):
+        out = tmp_path / f"ex_{source.suffix[1:]}"
+        assert main(["explain", str(source), str(tmp_path / "x.png"), "--method", "occlusion", "--threshold", "0.5",
+                     "--json", "--out", str(out)]) == 0
+        reports.append(json.loads((out / "explain.json").read_text())["images"][0])
+        assert (out / "x_occlusion.png").is_file()
+    assert reports[0]["class"] == reports[1]["class"] and reports[0]["box"] == reports[1]["box"]
+    capsys.readouterr()
+    assert main(["explain", str(tmp_path / "m.onnx"), str(tmp_path / "x.png"), "--method", "cam"]) == 2
+    assert "cam needs the PyTorch model" in (err := capsys.readouterr().err) and "--method occlusion" in err
 
 
 def test_predict_with_tta_averages_the_views_softmax(weights, tmp_path):

@@ -105,7 +105,8 @@ def _stats(values: list[float] | None, recorded: tuple[float, ...], name: str) -
 # run
 # ----------------------------------------------------------------------------------------------
 
-def _split_inputs(inputs: list[str], model_name: str | None) -> tuple[Path | None, list[Path]]:
+def _split_inputs(inputs: list[str], model_name: str | None, method: str = "gradcat"
+                  ) -> tuple[Path | None, list[Path]]:
     from ..contract import EXPORTED_SUFFIXES, HUB_PREFIX
 
     if inputs[0].startswith(HUB_PREFIX):  # a model on the Hugging Face Hub
@@ -113,10 +114,11 @@ def _split_inputs(inputs: list[str], model_name: str | None) -> tuple[Path | Non
             raise ValueError("no images given after the checkpoint")
         return Path(inputs[0]), [Path(p) for p in inputs[1:]]
     first = Path(inputs[0])
-    if first.suffix in EXPORTED_SUFFIXES:
-        raise ValueError(f"{first} is an exported model; explanations need the PyTorch model (its gradients, "
-                         "attention and feature maps): give the run folder or its weights file")
-    if first.is_dir() or first.suffix in WEIGHT_SUFFIXES:
+    if first.suffix in EXPORTED_SUFFIXES and not (first.suffix == ".onnx" and method == "occlusion"):
+        raise ValueError(f"{first} is an exported model; {method} needs the PyTorch model (its gradients, attention "
+                         "and feature maps): give the run folder or its weights file, or explain the .onnx export "
+                         "with --method occlusion (forward passes only)")
+    if first.is_dir() or first.suffix in WEIGHT_SUFFIXES or first.suffix == ".onnx":
         if len(inputs) < 2:
             raise ValueError("no images given after the checkpoint")
         return first, [Path(p) for p in inputs[1:]]
@@ -146,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     from .plot import gradcat_figure, heatmap_figure
 
     torch.set_grad_enabled(True)
-    checkpoint, inputs = _split_inputs(args.inputs, args.model)
+    checkpoint, inputs = _split_inputs(args.inputs, args.model, args.method)
     image_paths = image_files(inputs)
     out_dir = writable_dir(args.out)  # fail now, not after the explanations
     loaded = load_model(checkpoint, args.model, parse_sets(args.overrides))
