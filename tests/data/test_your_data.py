@@ -512,7 +512,7 @@ def test_train_eval_predict_on_class_folders(tmp_path, recipe, capsys):
     assert main(["train", str(recipe), "--out", str(run), "--set", f"data.root={root}", "--set", "optim.lr=1e-2"]) == 0
     out = capsys.readouterr().out
     assert "22 train / 2 holdout images (data.holdout=0.1 of each class" in out
-    assert "data: imagefolder 22 train / 2 holdout images of 3x8x8, 2 classes" in out
+    assert "data: imagefolder 22 train / 2 holdout images of 3x8x8, 2 classes (daisy, rose); normalised" in out
     saved = yaml.safe_load((run / "config.yaml").read_text())["data"]
     assert (saved["eval_split"], saved["holdout"], saved["img_size"], saved["workers"]) == (HOLDOUT, 0.1, 8, 0)
 
