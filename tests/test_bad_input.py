@@ -177,6 +177,22 @@ def test_the_warnings_are_printed_when_the_run_starts(recipe, tmp_path, capsys):
     assert "fewer than 5 images: dog (2)" in out and "fox not in the training split" in out
 
 
+def test_a_bad_file_of_the_evaluation_split_keeps_the_trained_epoch(recipe, tmp_path, capsys):
+    # before: found after the first epoch, it cost that epoch (no checkpoint to resume from)
+    data = image_folder(tmp_path / "data", {"train": {"cat": 6, "dog": 6}, "val": {"cat": 2, "dog": 2}}, size=64)
+    bad = data / "val" / "dog" / "1.jpg"
+    good = bad.read_bytes()
+    bad.write_bytes(good[:300])
+    run = tmp_path / "run"
+    assert main(["train", str(recipe), "--out", str(run), *folder_args(data)]) == 2
+    err = one_line_error(capsys)
+    assert f"{bad}: cannot decode image" in err and "1 epoch(s) trained are saved" in err
+    assert f"nestvit train --resume {run}" in err and (run / "state.pt").exists()
+    bad.write_bytes(good)
+    assert main(["train", "--resume", str(run)]) == 0
+    assert "test top-1" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_truncated_jpeg_is_one_line_naming_the_file(recipe, tmp_path, capsys, workers):
     data = image_folder(tmp_path / "data", {"train": {"cat": 6, "dog": 6}, "val": {"cat": 2, "dog": 2}}, size=64)

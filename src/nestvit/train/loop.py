@@ -34,6 +34,7 @@ from torch import nn
 
 from ..contract import RunContract
 from ..data.augment import BatchAugment, eval_transform, shift, tta_views
+from ..data.datasets import DatasetError
 from ..errors import UserError
 from ..fileio import atomic_write_text, remove_stale_temporaries
 from ..interop import save_weights
@@ -451,7 +452,14 @@ class Trainer:
             last = out_of_time or self.epoch == cfg.epochs or self.time_frac >= 1.0
             if (epoch + 1) % cfg.eval_every == 0 or last:
                 t = self.elapsed()
-                self.test = self.evaluate(self.model)
+                try:
+                    self.test = self.evaluate(self.model)
+                except DatasetError as e:  # a bad file of the evaluation split: the epoch's training is kept
+                    if self.info.enabled:  # saving is collective: one rank cannot do it alone
+                        raise
+                    self.save_state()
+                    raise DatasetError(f"{e}. The {self.epoch} epoch(s) trained are saved: fix the file, then "
+                                       f"continue with nestvit train --resume {self.run_dir}") from None
                 record.update(test_loss=self.test.loss, test_top1=self.test.top1, test_top5=self.test.top5)
                 self.call("on_evaluate", record)  # counted in the evaluation time the budget reserves
                 self.eval_s = self.elapsed() - t
