@@ -181,6 +181,24 @@ def test_data_pipeline_rate_or_note():
         assert rate["images_per_s"] > 0 and "random uint8" in rate["source"]
 
 
+def test_data_pipeline_reads_what_train_reads(tmp_path, capsys):
+    # class folders without split folders, as `nestvit train` takes them (before: "flat/train is not a directory")
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (tmp_path / "flat" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (20, 20), (40 * i, 0, 0)).save(tmp_path / "flat" / cls / f"{i}.png")
+    rate = bench.bench_data_pipeline((16, 16), 3, 2, batch=4, iters=1, warmup=0, data=str(tmp_path / "flat"))
+    assert rate["images_per_s"] > 0 and "image folder" in rate["source"]
+    (tmp_path / "loose").mkdir()
+    Image.new("RGB", (20, 20)).save(tmp_path / "loose" / "0.png")
+    assert main(["bench", *TINY_NEST, *FAST, "--mode", "train", "--data", str(tmp_path / "loose")]) == 2
+    assert "has no class folders" in capsys.readouterr().err  # before the models are timed
+    assert main(["bench", *TINY_NEST, *FAST, "--mode", "infer", "--no-memory", "--data", str(tmp_path / "flat")]) == 0
+    assert "--mode infer times the model alone" in capsys.readouterr().err
+
+
 def test_generators_side_by_side_through_bench(capsys):
     args = types.SimpleNamespace(threads=None, warmup=0, iters=1, gen_sizes=[28])
     out = bench.run_generators(args)

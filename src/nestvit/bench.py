@@ -421,10 +421,11 @@ def bench_data_pipeline(img_size: tuple[int, int], in_chans: int, num_classes: i
             count += 1
             return pool[count % len(pool)]
     else:
-        from .data import ImageFolderDataset, load_dataset, make_loader
+        from .data import load_dataset, make_loader
+        from .data.folders import load_images
 
-        if Path(data).is_dir():
-            dataset = ImageFolderDataset(data, split="train", size=h)
+        if Path(data).exists():  # any layout `nestvit train` reads: class folders, split folders, a CSV
+            dataset = load_images(data, "train", holdout=0.0, size=h, channels=in_chans if in_chans == 1 else 3)
             source = f"image folder {data} (Pillow decode + resize + centre crop, 0 workers)"
         else:
             dataset = load_dataset(data, split="train")
@@ -528,11 +529,17 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--dtype takes fp32 and/or bf16 (comma separated), got {args.dtype!r}")
     if args.threads is not None:  # --warmup, --iters and --threads: ranges checked by their parser types
         torch.set_num_threads(args.threads)
-    if args.data is not None and not args.no_data and not Path(args.data).is_dir():
+    if args.data is not None and not args.no_data:  # checked now, not after the models were timed
         from .data.datasets import DATASETS
+        from .data.folders import find_layout
 
-        if args.data not in DATASETS:  # checked now, not after the models were timed
+        if Path(args.data).exists():
+            find_layout(args.data)
+        elif args.data not in DATASETS:
             raise ValueError(f"--data {args.data}: neither a data set ({', '.join(DATASETS)}) nor an image folder")
+        if args.mode == "infer":
+            print("note: --data is read by the training input pipeline's benchmark (--mode train or both); "
+                  "--mode infer times the model alone", file=sys.stderr)
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     modes = ("infer", "train") if args.mode == "both" else (args.mode,)
     overrides = parse_sets(args.set)
