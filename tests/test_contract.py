@@ -204,3 +204,18 @@ def test_create_model_takes_a_run_folder_or_a_save_pretrained_folder_as_weights(
     for source in (run, shared):
         got = nestvit.create_model("nest_tiny_cifar", weights=source, **TINY).state_dict()
         assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("command", ["eval", "predict", "explain"])
+def test_threads_hold_for_the_command_only(command, monkeypatch):
+    # a shared machine: eval, predict and explain take --threads as bench does, and put the count back after
+    import importlib
+
+    from nestvit.cli import COMMANDS
+
+    seen = []
+    module = importlib.import_module(COMMANDS[command][0])
+    monkeypatch.setattr(module, "run", lambda args: seen.append(torch.get_num_threads()) or 0)
+    before = torch.get_num_threads()
+    assert main([command, "x", "y", "--threads", "1"]) == 0
+    assert seen == [1] and torch.get_num_threads() == before

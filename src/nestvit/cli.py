@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     keep_freed_memory()
     debug = bool(getattr(args, "debug", False) or getattr(args, "debug_all", False))
+    threads = _set_threads(getattr(args, "threads", None))
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except KeyboardInterrupt:
@@ -103,6 +104,20 @@ def main(argv: list[str] | None = None) -> int:
         print("please report it with the command line and the output of `nestvit --version`; run it again with "
               "--debug to see the traceback", file=sys.stderr)
         return 1
+    finally:
+        _set_threads(threads)
+
+
+def _set_threads(n: int | None) -> int | None:
+    """A command's ``--threads`` (eval, predict, explain, bench, experiment: every run), for the command only;
+    returns the count it replaced, for ``main`` to put back (None: nothing changed)."""
+    if n is None:
+        return None
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    return before
 
 
 if __name__ == "__main__":

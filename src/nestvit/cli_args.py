@@ -19,6 +19,12 @@ def _int(text: str, least: int) -> int:
     return value
 
 
+def add_threads(parser: argparse.ArgumentParser) -> None:
+    """``--threads N``: the CPU threads the command uses (``nestvit.cli.main`` applies it before the command runs)."""
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="CPU threads (torch.set_num_threads; default: PyTorch's, every core)")
+
+
 def positive_int(text: str) -> int:
     """An integer >= 1 (batch sizes, counts, top-k)."""
     return _int(text, 1)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli_args import image_files, parse_sets, positive_int, unit_float, writable_dir
+from ..cli_args import add_threads, image_files, parse_sets, positive_int, unit_float, writable_dir
 from ..fileio import atomic_write_text
 
 METHODS = ("gradcat", "cam", "gradcam", "rollout", "occlusion")
@@ -36,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="CHECKPOINT|IMAGE",
                    help="a checkpoint (a run folder, or a .safetensors/.pth/.pt/.bin file), then image files or "
                         "folders; with --model the checkpoint may be left out (random weights)")
+    add_threads(p)
     p.add_argument("--method", choices=METHODS, default="gradcat",
                    help="gradcat (NesT only), cam (NesT: head weights x final map), gradcam (any model), "
                         "rollout (ViT, TNT, RTNT attention rollout), occlusion (any model: probability drop "

@@ -19,7 +19,7 @@ import math
 import sys
 from pathlib import Path
 
-from ..cli_args import positive_int, writable_dir
+from ..cli_args import add_threads, positive_int, writable_dir
 from ..contract import InputTransform
 from ..data.augment import TTA_MODES, tta_views
 from ..fileio import atomic_write_text
@@ -50,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "where the device has fast bf16 kernels, else fp32; default fp32")
     parser.add_argument("--limit", type=positive_int, help="evaluate only the first N images")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    add_threads(parser)
     parser.add_argument("--out", metavar="DIR", help="write eval.json and confusion.png here")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli_args import image_files, positive_int
+from ..cli_args import add_threads, image_files, positive_int
 from ..data.augment import TTA_MODES
 
 OUT_FORMATS = (".csv", ".jsonl")
@@ -42,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", default=None, choices=["best", "last", "ema"],
                         help="which weights of a run directory (default: best, else last)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    add_threads(parser)
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 
 
