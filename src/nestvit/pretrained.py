@@ -193,8 +193,9 @@ def resolve(name: str, pretrained: Any = True) -> tuple[str, PretrainedFile | No
 
 def _fail(entry: PretrainedFile, url: str, reason: str) -> PretrainedError:
     return PretrainedError(f"cannot download {entry.tag} from {url} ({reason}). Fetch it with a browser or "
-                           f"curl and save it as {entry.cache_path()}, or pass the file: "
-                           f"create_model({entry.model!r}, pretrained='path/to/{entry.filename}')")
+                           f"curl and save it as {entry.cache_path()}: the tag then loads from there, as "
+                           f"--set model.weights={entry.tag} and in Python (or pass the file in Python: "
+                           f"create_model({entry.model!r}, pretrained='path/to/{entry.filename}'))")
 
 
 def _open(entry: PretrainedFile, url: str):
