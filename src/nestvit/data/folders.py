@@ -144,8 +144,8 @@ def eval_split_of(layout: Layout, train_split: str) -> str | None:
     """The split folder to evaluate on by default: a ``val`` one (``valid``, ``validation``, any case), then a
     ``test`` one; None when there is neither."""
     train = split_folder(layout, train_split)
-    return next((s for s in map(lambda e: split_folder(layout, e), EVAL_SPLITS)
-                 if s in layout.splits and s != train), None)
+    candidates = (split_folder(layout, e) for e in EVAL_SPLITS)
+    return next((s for s in candidates if s in layout.splits and s != train), None)
 
 
 def default_eval_split(layout: Layout, train_split: str, holdout: float, *, name: str = "imagefolder") -> str:
