@@ -62,6 +62,31 @@ def valid_keys(cls: type, prefix: str = "", root: type | None = None) -> list[st
     return keys
 
 
+def key_table(cfg: Any) -> str:
+    """Every key ``--set`` accepts with its value in ``cfg`` and its type, one a line, aligned:
+    ``optim.lr  0.002  (float)``; what ``--list-keys`` prints for a recipe."""
+    hints: dict[str, Any] = {}
+
+    def walk(cls: type, prefix: str) -> None:
+        for name, tp in typing.get_type_hints(cls).items():
+            hints[prefix + name] = tp
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{prefix}{name}.")
+
+    walk(type(cfg), "")
+    rows = []
+    for key in valid_keys(type(cfg)):
+        dotted = key.removesuffix(".*")
+        value = cfg
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        shown = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...").strip()
+        rows.append((key, shown, _type_name(hints[dotted])))
+    width = max(len(k) for k, _, _ in rows)
+    vwidth = min(max(len(v) for _, v, _ in rows), 24)
+    return "\n".join(f"{k:<{width}}  {v:<{vwidth}}  ({t})" for k, v, t in rows)
+
+
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is typing.Literal:
         return "one of " + ", ".join(map(repr, typing.get_args(tp)))

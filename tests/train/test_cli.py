@@ -87,6 +87,24 @@ def test_help_lists_recipes(capsys):
     assert "built-in recipes" in out and "mnist5k_nest" in out
     assert main(["train", "--list-keys"]) == 0
     assert "model.overrides.*" in capsys.readouterr().out
+    assert main(["train", "mnist5k_nest", "--list-keys"]) == 0  # each key with the recipe's value and its type
+    lines = {line.split()[0]: line.split(None, 1)[1] for line in capsys.readouterr().out.splitlines()}
+    assert lines["optim.lr"].split() == ["0.002", "(float)"] and lines["data.pad_to"].split() == ["32", "(int", "|",
+                                                                                                 "None)"]
+    assert lines["data.name"].startswith("mnist5k ") and "'cosine'" in lines["schedule.name"]
+
+
+def test_a_closed_pipe_is_quiet(tmp_path):
+    # `nestvit models | head -1`: the reader left early; before, an "internal error (a bug in nestvit)"
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "nestvit"
+    p = subprocess.Popen([str(exe), "train", "--list-keys"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and err == ""
 
 
 def test_resize_to_is_applied_in_training_eval_and_predict(tmp_path, recipe, capsys):

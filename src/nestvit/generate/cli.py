@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                              "--resume)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (YAML value; dotted keys reach into *_overrides), repeatable")
-    t.add_argument("--list-keys", action="store_true", help="print every key --set accepts and exit")
+    t.add_argument("--list-keys", action="store_true",
+                   help="print every key --set accepts, with its value in RECIPE and its type, and exit")
     t.add_argument("--out", help="run directory (default runs/generate/<recipe name>)")
     t.add_argument("--resume", metavar="DIR", help="resume the run in DIR from its latest checkpoint")
     t.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
@@ -103,10 +104,10 @@ def run(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from .train import GanConfig, apply_overrides, config_from_dict, load_recipe, train_gan
 
-    if args.list_keys:
-        from ..config import valid_keys
+    if args.list_keys:  # each key with its value in the recipe (the defaults without one) and its type
+        from ..config import key_table
 
-        print("\n".join(valid_keys(GanConfig)))
+        print(key_table(load_recipe(args.recipe) if args.recipe else GanConfig()))
         return 0
     if args.resume:
         from ..config import read_run_config

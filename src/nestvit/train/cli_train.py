@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue the run in RUN_DIR from its last checkpoint, with its own config")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     parser.add_argument("--epochs", type=int, help="shorthand for --set epochs=N")
-    parser.add_argument("--list-keys", action="store_true", help="print every key --set accepts and exit")
+    parser.add_argument("--list-keys", action="store_true",
+                        help="print every key --set accepts, with its value in RECIPE and its type, and exit")
     parser.add_argument("--callback", action="append", default=[], metavar="MODULE:CLASS",
                         help="your own hook of the training loop (a nestvit.train.Callback subclass, e.g. a "
                              "logger; see nestvit.train.hooks); repeatable")
@@ -66,11 +67,13 @@ def one_line_errors() -> Iterator[None]:
 
 def run(args: argparse.Namespace) -> int:
     from ..config import read_run_config
-    from .config import load_config, read_recipe, valid_keys
+    from .config import load_config, read_recipe
     from .loop import train
 
-    if args.list_keys:
-        print("\n".join(valid_keys()))
+    if args.list_keys:  # each key with its value in the recipe (the defaults without one) and its type
+        from ..config import key_table
+
+        print(key_table(load_config(read_recipe(args.recipe)[0] if args.recipe else None)))
         return 0
     overrides = list(args.overrides) + ([f"epochs={args.epochs}"] if args.epochs is not None else [])
     if args.resume:
