@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from nestvit.system import cpu_has_fast_bf16, machine_info, machine_label
 from nestvit.train import checkpoint as ckpt
 from nestvit.train import loop
 from nestvit.train.checkpoint import load_state
+from nestvit.train.config import ConfigError
 from nestvit.train.inputs import Split, TrainBatches
 from nestvit.train.loop import NonFiniteLossError, train
 from nestvit.train.metrics import read_metrics
@@ -63,6 +65,19 @@ def test_resume_is_bit_exact(tmp_path, make_config):
     la, lb = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
     steps = lambda log: [(r["step"], r["loss"]) for r in log if r["kind"] == "step"]  # noqa: E731
     assert steps(la) == steps(lb)
+
+
+def test_a_resume_keeps_the_data_and_model_it_was_trained_with(tmp_path, make_config):
+    # before: --set data.name=... on --resume trained on another data set with the first one's normalisation
+    train(make_config("epochs=1"), tmp_path / "run")
+    for change, what in (("data.pad_to=10", "data.pad_to None -> 10"), ("data.mean=[0.3]", "data.mean"),
+                         ("model.name=vit_tiny_patch4_32", "model.name 'nest_tiny_cifar' -> 'vit_tiny_patch4_32'")):
+        with pytest.raises(ConfigError, match=rf"trained with other data or another model: {re.escape(what)}.*"
+                                              "fine-tune this one: nestvit train finetune"):
+            train(make_config("epochs=2", change), tmp_path / "run", resume=True)
+    assert load_state(tmp_path / "run")["epoch"] == 1  # nothing trained
+    # keys left open (filled from the run) and keys that do not change what the model sees are fine
+    assert train(make_config("epochs=2", "data.limit_eval=32"), tmp_path / "run", resume=True).epochs_done == 2
 
 
 def test_resume_mid_epoch_after_a_kill(tmp_path, make_config, monkeypatch):

@@ -690,6 +690,29 @@ def _has_key(config: dict[str, Any], dotted: str) -> bool:
     return True
 
 
+# what a run's model was trained to see and to be: a resume keeps them (a new run, or fine-tuning, changes them)
+FIXED_ON_RESUME = ("model.name", "model.overrides", "data.name", "data.classes", "data.train_split", "data.img_size",
+                   "data.resize_to", "data.pad_to", "data.channels", "data.mean", "data.std")
+
+
+def check_resumable(saved: dict[str, Any], cfg: C.TrainConfig, run_dir: Path) -> None:
+    """Refuse a resume whose config changes a key of :data:`FIXED_ON_RESUME` (a key left open, None, is filled
+    from the run as it was and is no change); one line naming the keys, their values and what to do instead."""
+    new = C.to_dict(cfg)
+    changed = []
+    for key in FIXED_ON_RESUME:
+        if not _has_key(saved, key):
+            continue
+        section, name = key.split(".")
+        a, b = saved[section][name], new[section][name]
+        if b is not None and a != b and not (isinstance(a, list | tuple) and list(a) == list(b or [])):
+            changed.append(f"{key} {a!r} -> {b!r}")
+    if changed:
+        raise C.ConfigError(f"{run_dir} was trained with other data or another model: {'; '.join(changed)}. A "
+                            "resume continues the same training; train a new run (another --out) to change them, "
+                            f"or fine-tune this one: nestvit train finetune --set model.weights={run_dir}")
+
+
 def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
     out = []
     for key in sorted(set(old) | set(new)):
@@ -713,6 +736,8 @@ def train(cfg: C.TrainConfig, run_dir: str | Path, *, resume: bool = False, devi
     try:
         run_dir = Path(all_gather_objects(str(run_dir), info)[0])  # every rank writes under rank 0's choice
         state = load_state(run_dir) if resume else None
+        if state is not None and isinstance(state.get("config"), dict):
+            check_resumable(state["config"], cfg, run_dir)
         done = finished_summary(run_dir, state, cfg) if state is not None else None
         if done is not None:  # nothing to train, evaluate or write: say so and change nothing
             if info.is_main:
