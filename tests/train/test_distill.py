@@ -81,3 +81,25 @@ def test_teacher_weights_must_fit(tmp_path, make_config, teacher):
     cfg = make_config("distill.teacher=convnet", f"distill.teacher_weights={teacher}")
     with pytest.raises(ValueError, match="does not fit"):  # default widths (32, 64, 128) != the file's
         train(cfg, tmp_path / "s")
+
+
+def test_the_teacher_comes_from_its_weights_and_is_checked_against_the_data(tmp_path, make_config, teacher, capsys):
+    # before: teacher_weights without distill.teacher silently trained without a teacher
+    result = train(make_config("epochs=1", f"distill.teacher_weights={teacher.parent}"), tmp_path / "s")
+    assert result.steps == 4 and "distilling from convnet (hard, alpha 0.5)" in capsys.readouterr().out
+    # another input size than the teacher was trained on: said, not silent
+    train(make_config("epochs=1", f"distill.teacher_weights={teacher}", "data.pad_to=16"), tmp_path / "s2")
+    assert "warning: the teacher was trained on 8x8 images" in capsys.readouterr().out
+    # another class count: one line naming both
+    from nestvit.contract import RunContract, read_contract
+    from nestvit.interop import save_weights
+    from nestvit.registry import create_model
+
+    c = read_contract(teacher)
+    kwargs = {**c.kwargs, "num_classes": 5}
+    weights = save_weights(create_model("convnet", **kwargs), tmp_path / "five" / "best.safetensors",
+                           contract=RunContract(model="convnet", kwargs=kwargs, classes=tuple("abcde"),
+                                                transform=c.transform))
+    with pytest.raises(ValueError, match=r"distill.teacher_weights .* has 5 classes \(a, b, c, d, e\); the student's "
+                                         r"data has 10"):
+        train(make_config("epochs=1", f"distill.teacher_weights={weights}"), tmp_path / "s3")

@@ -114,8 +114,8 @@ class EmaSection:
 
 @dataclass(frozen=True)
 class DistillSection:
-    teacher: str | None = None  # a registered model name or "convnet"; None = no distillation
-    teacher_weights: str | None = None  # weights of the trained teacher (required with a teacher)
+    teacher: str | None = None  # a registered model name or "convnet"; None: the model teacher_weights records
+    teacher_weights: str | None = None  # the trained teacher (a run folder or weights file); None = no distillation
     teacher_overrides: dict[str, Any] = field(default_factory=dict)  # create_model keywords of the teacher
     type: Literal["hard", "soft"] = "hard"  # hard: the teacher's argmax (DeiT's best); soft: KL at temperature tau
     alpha: float = 0.5  # weight of the distillation term; the label term gets 1 - alpha

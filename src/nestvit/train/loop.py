@@ -145,8 +145,9 @@ class Trainer:
                                       *([TtaEvaluation(cfg.tta)] if cfg.tta != "none" else []), Plots(),
                                       *callbacks]
         self.test: EvalResult | None = None  # the model's latest evaluation
-        self.teacher = None
-        if cfg.distill.teacher:
+        self.teacher, self.teacher_notes = None, []
+        if cfg.distill.teacher_weights:  # distill.teacher names its model, else its weights' contract does
+            self.teacher_notes = self._check_teacher(cfg.distill.teacher_weights)
             section = C.ModelSection(name=cfg.distill.teacher, overrides=cfg.distill.teacher_overrides,
                                      weights=cfg.distill.teacher_weights)
             self.teacher, _ = _build(section, "distill.teacher_overrides", num_classes=self.num_classes,
@@ -259,8 +260,10 @@ class Trainer:
                  f"{cfg.ema.decay if self.ema else 'off'}"
                  + (f", SAM rho {cfg.optim.sam_rho:g} on {self.sam_images} images a step"
                     if cfg.optim.sam_rho > 0 else "")
-                 + (f"; distilling from {cfg.distill.teacher} ({cfg.distill.type}, alpha {cfg.distill.alpha:g})"
-                    if self.teacher is not None else ""))
+                 + (f"; distilling from {self.teacher.registry_spec['model']} ({cfg.distill.type}, alpha "
+                    f"{cfg.distill.alpha:g})" if self.teacher is not None else ""))
+        for note in self.teacher_notes:
+            self.say(note)
         if self.budget_s:
             self.say(f"time budget: {self.cfg.time_budget_min:g} min (training and evaluations); the schedule "
                      f"decays by step or by time, whichever is further along; {cfg.epochs} epochs at most")
@@ -595,6 +598,34 @@ class Trainer:
         changed = [k for k in _changed_keys(state["config"], C.to_dict(self.cfg)) if _has_key(state["config"], k)]
         if changed:
             self.say(f"note: the config differs from the saved run's in {', '.join(changed)}")
+
+    def _check_teacher(self, weights: str) -> list[str]:
+        """The teacher's weights against the student's data: another class count is an error; other class names,
+        another input size or normalisation are warnings (it sees the student's images, prepared for the student)."""
+        from ..contract import read_contract, resolve_weights
+
+        try:
+            contract = read_contract(resolve_weights(weights))
+        except Exception:  # noqa: BLE001 - weights without a run contract (timm's, torch.save): nothing to compare
+            return []
+        classes = list(contract.classes or [])
+        if classes and len(classes) != self.num_classes:
+            raise C.ConfigError(f"distill.teacher_weights {weights} has {len(classes)} classes "
+                                f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}); the student's data "
+                                f"has {self.num_classes}: a teacher is trained on the student's classes")
+        notes = []
+        if classes and classes != list(self.classes):
+            notes.append(f"warning: the teacher's classes ({', '.join(classes[:5])}, ...) are not the data's "
+                         f"({', '.join(self.classes[:5])}, ...): its targets are numbered by its own names")
+        t, cfg = contract.transform, self.cfg.data
+        if t is not None and (tuple(t.size) != tuple(self.train_split.size)
+                              or (cfg.mean is not None and tuple(t.mean) != tuple(cfg.mean))
+                              or (cfg.std is not None and tuple(t.std) != tuple(cfg.std))):
+            notes.append(f"warning: the teacher was trained on {t.size[0]}x{t.size[1]} images normalised with mean "
+                         f"{tuple(t.mean)} std {tuple(t.std)}; it sees the student's, {self.train_split.size[0]}x"
+                         f"{self.train_split.size[1]} with mean {cfg.mean} std {cfg.std}, so its targets may be "
+                         "poorer than its own accuracy")
+        return notes
 
     def _misfit(self, state: dict[str, Any]) -> str:
         """One line: the checkpoint's model does not fit the config's (names, sizes, differing keys), and what to do."""
