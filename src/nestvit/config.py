@@ -242,6 +242,22 @@ RUN_CONFIG_FIX = ("the run's config is damaged; restore it from a copy (it is wh
                   "start a new run")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader refusing a key given twice in one mapping (YAML would keep the last without a word:
+    a second ``optim:`` section would drop every key of the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice (first at line {seen[key].line + 1}); merge the two",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_mapping(path: Path, run: bool = False) -> dict[str, Any]:
     """A recipe (or with ``run`` a run folder's config) as a dict: UTF-8 YAML, not empty, a mapping. One
     ``ConfigError`` otherwise, naming the problem and a fix that suits a recipe one writes, or with ``run`` a
@@ -255,7 +271,7 @@ def _read_mapping(path: Path, run: bool = False) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the {what} ({e.strerror})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""

@@ -166,3 +166,16 @@ def test_tf32_is_a_cuda_switch_and_leaves_the_cpu_alone(monkeypatch):
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_a_key_given_twice_in_a_recipe_is_refused(tmp_path):
+    # YAML keeps the last of two `optim:` sections without a word: the first one's keys were silently dropped
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("epochs: 1\noptim:\n  lr: 1.0e-3\n  no_decay: 1d_and_tokens\ndata:\n  name: mnist5k\n"
+                      "optim:\n  lr: 2.0e-3\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML at line 7, column 1 \(the key 'optim' is given twice "
+                                          r"\(first at line 2\); merge the two\)"):
+        load_config(recipe)
+    recipe.write_text("optim:\n  lr: 1.0e-3\n  lr: 2.0e-3\n")  # nested too
+    with pytest.raises(ConfigError, match="the key 'lr' is given twice"):
+        load_config(recipe)
