@@ -163,3 +163,18 @@ def test_resize_and_pad_are_refused_for_image_folders(tmp_path):
     with pytest.raises(ValueError, match=r"data.resize_to=24 .* applies to in-memory data sets; imagefolder images are "
                                          r"resized to data.img_size instead: add --set data.resize_to=null"):
         load_split(DataSection(name="imagefolder", root=str(tmp_path), resize_to=24), "train", torch.device("cpu"))
+
+
+def test_eval_says_when_the_run_evaluated_fewer_images(tmp_path, recipe, capsys):
+    # a run with data.limit_eval scored its first 64 images; eval scores the whole split, and says so
+    run = tmp_path / "run"
+    assert main(["train", str(recipe), "--out", str(run)]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["test_images"] == 64 and summary["test_split"] == "synthetic:test"
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 0
+    assert "note: the run was evaluated on the first 64 images of synthetic:test (data.limit_eval)" in \
+        capsys.readouterr().err
+    assert main(["eval", str(run), "--limit", "64"]) == 0
+    out, err = capsys.readouterr()
+    assert "(64 images)" in out and "limit_eval" not in err

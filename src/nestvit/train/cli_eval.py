@@ -107,6 +107,10 @@ def run(args: argparse.Namespace) -> int:
         data = load_split(section, split, device, classes=classes if is_streamed(name) else None, limit=args.limit)
     for note in data.notes:  # classes of the data the model does not have, or the reverse
         print(note, file=sys.stderr)
+    if same is not None and same.limit_eval is not None and args.limit is None and len(data) > same.limit_eval:
+        print(f"note: the run was evaluated on the first {same.limit_eval} images of {data.name} (data.limit_eval); "
+              f"this is all {len(data)} of them, so its numbers differ; --limit {same.limit_eval} repeats the run's",
+              file=sys.stderr)
     if data.folder is not None:  # image files: decoded as the model's contract says, as `nestvit predict` does
         data.folder.reader = transform.read
         data = dataclasses.replace(data, channels=transform.channels, size=transform.size)

@@ -488,6 +488,7 @@ class Trainer:
         epochs = round(self.epoch + part, 3) if part else self.epoch
         summary = {"epochs": epochs, "steps": self.step, "wall_s": round(wall, 1),
                    "test_top1": test.top1 if test else None, "test_top5": test.top5 if test else None,
+                   "test_images": test.count if test else None, "test_split": self.eval_split.name,
                    "best_top1": self.best_top1, "ema_top1": None,
                    "params": self.model.num_params(), "world_size": self.info.world_size,
                    "device": str(self.device), "precision": self.precision,
