@@ -299,7 +299,7 @@ def test_an_unknown_tta_mode_is_named():
         tta_views("rotate")
 
 
-def test_a_time_budget_stops_inside_an_epoch_and_logs_the_lr_it_used(tmp_path, make_config):
+def test_a_time_budget_stops_inside_an_epoch_and_logs_the_lr_it_used(tmp_path, make_config, capsys):
     cfg = make_config("epochs=3", "time_budget_min=1e-6", "schedule.warmup_epochs=0")  # spent by step 1
     res = train(cfg, tmp_path / "run")
     assert res.steps == 1 and res.epochs_done == 0 and res.test is not None
@@ -312,6 +312,12 @@ def test_a_time_budget_stops_inside_an_epoch_and_logs_the_lr_it_used(tmp_path, m
     assert load_state(tmp_path / "run")["elapsed_s"] > 0
     again = train(cfg, tmp_path / "run", resume=True)  # the budget counts the earlier pieces: nothing to do
     assert again.steps == 1
+    capsys.readouterr()
+    assert train(make_config("epochs=6", "time_budget_min=1e-6", "schedule.warmup_epochs=0"), tmp_path / "run",
+                 resume=True).steps == 1  # more epochs do not help a run its budget stopped: said so
+    out = capsys.readouterr().out
+    assert "already finished (stopped by its time budget, time_budget_min=1e-06): 0.25/6 epochs" in out
+    assert "resume with a larger --set time_budget_min" in out
 
 
 def fake_clock(monkeypatch, *, step_s: float, eval_s: float) -> tuple[dict[str, float], list[str]]:
