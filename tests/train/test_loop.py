@@ -67,7 +67,7 @@ def test_resume_is_bit_exact(tmp_path, make_config):
     assert steps(la) == steps(lb)
 
 
-def test_a_resume_keeps_the_data_and_model_it_was_trained_with(tmp_path, make_config):
+def test_a_resume_keeps_the_data_and_model_it_was_trained_with(tmp_path, make_config, capsys):
     # before: --set data.name=... on --resume trained on another data set with the first one's normalisation
     train(make_config("epochs=1"), tmp_path / "run")
     for change, what in (("data.pad_to=10", "data.pad_to None -> 10"), ("data.mean=[0.3]", "data.mean"),
@@ -77,7 +77,10 @@ def test_a_resume_keeps_the_data_and_model_it_was_trained_with(tmp_path, make_co
             train(make_config("epochs=2", change), tmp_path / "run", resume=True)
     assert load_state(tmp_path / "run")["epoch"] == 1  # nothing trained
     # keys left open (filled from the run) and keys that do not change what the model sees are fine
+    capsys.readouterr()
     assert train(make_config("epochs=2", "data.limit_eval=32"), tmp_path / "run", resume=True).epochs_done == 2
+    # more epochs stretch the cosine schedule: the learning rate jumps back up, and the run says so
+    assert "note: the cosine schedule now spans 8 steps, so the learning rate goes on from" in capsys.readouterr().out
 
 
 def test_resume_mid_epoch_after_a_kill(tmp_path, make_config, monkeypatch):

@@ -599,6 +599,14 @@ class Trainer:
         changed = [k for k in _changed_keys(state["config"], C.to_dict(self.cfg)) if _has_key(state["config"], k)]
         if changed:
             self.say(f"note: the config differs from the saved run's in {', '.join(changed)}")
+        if {"epochs", "time_budget_min"} & set(changed) and self.cfg.schedule.name != "constant" \
+                and not self.cfg.time_budget_min:  # (a budget's schedule follows the time: read_clock sets it)
+            before = state["optimizer"]["param_groups"][0]["lr"]
+            now = self.schedule(self.step, self.time_frac)
+            if not math.isclose(before, now, rel_tol=1e-3):
+                self.say(f"note: the {self.cfg.schedule.name} schedule now spans {self.schedule.total_steps} steps, "
+                         f"so the learning rate goes on from {now:.3g}, not from the {before:.3g} the run reached "
+                         "(a longer run than planned: fine-tuning it, nestvit train finetune, starts a schedule anew)")
 
     def _check_teacher(self, weights: str) -> list[str]:
         """The teacher's weights against the student's data: another class count is an error; other class names,
