@@ -91,6 +91,7 @@ def test_quick_mode_writes_json_markdown_png(name, tmp_path):
         assert row["params"] > 0 and row["flops"] > 0
     md = (out / "results.md").read_text()
     assert md.startswith(f"### `{name}`") and "mean ± std" in md
+    assert "**Quick smoke test, not a result**" in md  # before: the notes of the full study only
     assert f"; machine: {machine_label(machine_info())}." in md  # every run recorded the same machine
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert result["meta"]["wall_s"] >= 0

@@ -704,7 +704,13 @@ def plan_quick(plan_fn: Callable[[argparse.Namespace], Plan], a: argparse.Namesp
             ov["depths"] = [1] * int(ov.get("num_levels", 3))
         else:
             ov.update(embed_dim=16, depth=1, num_heads=1)
+    dropped = [arm.name for arm in plan.arms[3:]]
     plan.arms = arms
+    # the notes describe the full study: a quick run says first what it is instead
+    plan.notes = [f"**Quick smoke test, not a result**: {len(arms)} arm(s) on 64 synthetic 28x28 images, one epoch "
+                  "of tiny models; the numbers only show that the pipeline runs"
+                  + (f" (arms left out: {', '.join(dropped)})" if dropped else "")
+                  + ". The notes below describe the full experiment.", *plan.notes]
     return plan
 
 
