@@ -745,7 +745,10 @@ def check_resumable(saved: dict[str, Any], cfg: C.TrainConfig, run_dir: Path) ->
             continue
         section, name = key.split(".")
         a, b = saved[section][name], new[section][name]
-        if b is not None and a != b and not (isinstance(a, list | tuple) and list(a) == list(b or [])):
+        if isinstance(a, dict) and isinstance(b, dict):  # model.overrides: the entries that differ
+            changed += [f"{key}.{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                        if a.get(k) != b.get(k)]
+        elif b is not None and a != b and not (isinstance(a, list | tuple) and list(a) == list(b or [])):
             changed.append(f"{key} {a!r} -> {b!r}")
     if changed:
         raise C.ConfigError(f"{run_dir} was trained with other data or another model: {'; '.join(changed)}. A "
