@@ -178,3 +178,19 @@ def test_eval_says_when_the_run_evaluated_fewer_images(tmp_path, recipe, capsys)
     assert main(["eval", str(run), "--limit", "64"]) == 0
     out, err = capsys.readouterr()
     assert "(64 images)" in out and "limit_eval" not in err
+
+
+def test_eval_compares_several_checkpoints(tmp_path, recipe, capsys):
+    # `nestvit eval runs/a runs/b`: each evaluated as alone, then one table; --out a folder each and the table
+    for name, lr in (("a", "1e-3"), ("b", "4e-3")):
+        assert main(["train", str(recipe), "--out", str(tmp_path / name), "--set", f"optim.lr={lr}"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "a"), str(tmp_path / "b"), "--limit", "64",
+                 "--out", str(tmp_path / "cmp")]) == 0
+    out, err = capsys.readouterr()
+    table = out[out.index("checkpoint  "):].splitlines()
+    assert len(table) == 4 and table[1].startswith(str(tmp_path / "a")) and "synthetic:test" in table[2]
+    assert "different data" not in err
+    rows = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    each = [json.loads((tmp_path / "cmp" / n / "eval.json").read_text()) for n in ("a", "b")]
+    assert [r["top1"] for r in rows] == [e["top1"] for e in each] and rows[0]["count"] == 64

@@ -28,8 +28,9 @@ from .config import PRECISIONS, DataSection
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a run directory or a .safetensors file written by nestvit train, or an "
-                                           ".onnx file of nestvit export (run by onnxruntime)")
+    parser.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                        help="a run directory or a .safetensors file written by nestvit train, or an .onnx file of "
+                             "nestvit export (run by onnxruntime); several: each evaluated, then a table of all")
     parser.add_argument("--data", help="data set name, or a folder or CSV file of your images (as --data imagefolder "
                                        "--root PATH); default: the one the run trained on")
     parser.add_argument("--root", help="data directory (default: the run's data.root, else the default root)")
@@ -51,11 +52,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=positive_int, help="evaluate only the first N images")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     add_threads(parser)
-    parser.add_argument("--out", metavar="DIR", help="write eval.json and confusion.png here")
+    parser.add_argument("--out", metavar="DIR", help="write eval.json and confusion.png here (several checkpoints: "
+                                                     "in a folder each, and comparison.json)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 
 
 def run(args: argparse.Namespace) -> int:
+    out = writable_dir(args.out) if args.out else None  # fail now, not after the evaluation
+    if len(args.checkpoints) == 1:
+        evaluate_one(args, args.checkpoints[0], out)
+        return 0
+    from ..explain.cli import output_stems
+
+    names = output_stems([Path(c) for c in args.checkpoints])
+    rows = []
+    for checkpoint, name in zip(args.checkpoints, names):
+        rows.append(evaluate_one(args, checkpoint, out / name if out is not None else None))
+        print()
+    width = max(len(c) for c in [*args.checkpoints, "checkpoint"])
+    print(f"{'checkpoint':<{width}}  {'data':<24}  {'images':>6}  {'top-1':>7}  {'top-5':>7}  {'loss':>7}")
+    for c, r in zip(args.checkpoints, rows):
+        print(f"{c:<{width}}  {r['data']:<24}  {r['count']:>6}  {r['top1']:>6.2f}%  {r['top5']:>6.2f}%  "
+              f"{r['loss']:>7.4f}")
+    if len({(r["data"], r["count"], tuple(r["classes"])) for r in rows}) > 1:
+        print("note: the checkpoints were evaluated on different data (each on its own run's; --data and --split "
+              "put them on the same images)", file=sys.stderr)
+    if out is not None:
+        table = [{"checkpoint": c, **{k: r[k] for k in ("weights", "data", "count", "top1", "top5", "loss")}}
+                 for c, r in zip(args.checkpoints, rows)]
+        atomic_write_text(out / "comparison.json", json.dumps(table, indent=1) + "\n")
+        print(f"wrote {out / 'comparison.json'}")
+    return 0
+
+
+def evaluate_one(args: argparse.Namespace, checkpoint: str, out: Path | None) -> dict:
+    """Evaluate one checkpoint as ``args`` say, print its numbers (and write them to ``out``); its record."""
     from ..contract import load
     from ..export import OnnxModel
     from .cli_train import one_line_errors
@@ -64,8 +95,9 @@ def run(args: argparse.Namespace) -> int:
     from .loop import evaluate
     from .plots import plot_confusion
 
-    out = writable_dir(args.out) if args.out else None  # fail now, not after the evaluation
-    loaded = load(args.checkpoint, args.weights)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    loaded = load(checkpoint, args.weights)
     if loaded.contract.kind != "classifier":
         raise ValueError(f"{loaded.weights} holds a {loaded.contract.kind}, not a classifier; eval needs one")
     transform = loaded.transform
@@ -126,14 +158,14 @@ def run(args: argparse.Namespace) -> int:
     width = max(len(c) for c in data.classes)
     for cls, acc in result.per_class.items():
         print(f"  {cls:>{width}s}  " + ("   n/a  (no images)" if math.isnan(acc) else f"{acc:6.2f}%"))
+    record = {"weights": str(loaded.weights), "data": data.name, "tta": args.tta, "precision": precision,
+              **result.to_json()}
     if out is not None:
-        record = {"weights": str(loaded.weights), "data": data.name, "tta": args.tta, "precision": precision,
-                  **result.to_json()}
         atomic_write_text(out / "eval.json", json.dumps(record, indent=1) + "\n")
         plot_confusion(result.confusion, result.classes, out / "confusion.png",
                        title=f"{data.name}: top-1 {result.top1:.2f}%")
         print(f"wrote {out / 'eval.json'} and {out / 'confusion.png'}")
-    return 0
+    return record
 
 
 def data_and_root(data: str | None, root: str | None) -> tuple[str | None, str | None]:
