@@ -34,6 +34,14 @@ def test_plot_run_writes_pngs(tmp_path):
     assert all(is_png(p) for p in paths)
 
 
+def test_a_run_shorter_than_log_every_still_plots_its_loss(tmp_path):
+    # no step records (fewer steps than log_every): loss and lr come from the epochs' records
+    records = [{"kind": "epoch", "epoch": e, "step": 3 * e, "train_loss": 2.0 / e, "train_acc": 50 + e,
+                "test_top1": 40 + e, "lr": 1e-3 / e} for e in (1, 2)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert sorted(p.name for p in plot_run(tmp_path)) == ["accuracy.png", "loss.png", "lr.png"]
+
+
 def test_confusion_png(tmp_path):
     path = plot_confusion([[5, 1], [0, 4]], ["cat", "dog"], tmp_path / "c.png")
     assert is_png(path)

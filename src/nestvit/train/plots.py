@@ -105,8 +105,10 @@ def plot_run(run_dir: str | Path, *, weight: float = 0.6) -> list[Path]:
     """Write ``loss.png``, ``accuracy.png`` and ``lr.png`` from a run directory's ``metrics.jsonl``."""
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
-    steps = [r for r in records if r.get("kind") == "step"]
     epochs = [r for r in records if r.get("kind") == "epoch"]
+    # the step records (every log_every steps), else, for a run shorter than that, its epochs' means
+    steps = [r for r in records if r.get("kind") == "step"] or [
+        {"step": r["step"], "loss": r["train_loss"], "lr": r["lr"]} for r in epochs if "train_loss" in r and "lr" in r]
     out = []
     if steps:
         x = [r["step"] for r in steps]
