@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         if debug:
             raise
+        _close_progress_bars()
         print(f"nestvit {args.command}: error: {e}", file=sys.stderr)
         return 2
     except (MemoryError, _torch_oom()) as e:  # the machine's limit, not a bug
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - anything else is a bug of nestvit, and said to be one
         if debug:
             raise
+        _close_progress_bars()
         print(f"nestvit {args.command}: internal error (a bug in nestvit, not in your input): "
               f"{type(e).__name__}: {e}", file=sys.stderr)
         print("please report it with the command line and the output of `nestvit --version`; run it again with "
@@ -110,6 +112,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         _set_threads(threads)
+
+
+def _close_progress_bars() -> None:
+    """End the progress bars a failing command left open, so that its error starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        bar.close()
 
 
 def _set_threads(n: int | None) -> int | None:
