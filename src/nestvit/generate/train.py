@@ -22,6 +22,7 @@ docs/generation.md). Runs written before this layout (``checkpoints/step_*``) st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -427,13 +428,15 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
                          "another --out")
     threads = torch.get_num_threads()
     try:
-        return _train_gan(cfg, out, resume=resume, data=data, stop_at=stop_at, log=log, device=device)
+        with contextlib.ExitStack() as closing:  # the metrics log, closed however the run ends
+            return _train_gan(cfg, out, resume=resume, data=data, stop_at=stop_at, log=log, device=device,
+                              closing=closing)
     finally:
         torch.set_num_threads(threads)  # cfg.threads applies to this run only
 
 
 def _train_gan(cfg: GanConfig, out: Path, *, resume: bool, data: torch.Tensor | None, stop_at: int | None,
-               log: Callable[[str], None], device: str | None) -> dict:
+               log: Callable[[str], None], device: str | None, closing: contextlib.ExitStack) -> dict:
     from ..fileio import remove_stale_temporaries
     from ..system import use_tf32
     from ..train.distributed import resolve_device
@@ -516,6 +519,7 @@ def _train_gan(cfg: GanConfig, out: Path, *, resume: bool, data: torch.Tensor | 
     # a new run drops every record of one killed before its first checkpoint (its step-0 evaluations included:
     # they are measured again); a resumed run drops what was logged after its checkpoint
     metrics = MetricsLog(out, truncate_after_step=step if resume else -1)
+    closing.callback(metrics.close)
     if metrics.dropped:
         log(f"note: dropped {metrics.dropped} record(s) of {metrics.path} logged after "
             + (f"the checkpoint at step {step}" if resume else "the start of a run killed before its first checkpoint"))
@@ -631,7 +635,6 @@ def _train_gan(cfg: GanConfig, out: Path, *, resume: bool, data: torch.Tensor | 
         done = [r for r in read_metrics(out) if r.get("kind") == "eval" and r.get("step") == step
                 and r.get("n") == cfg.eval_n and extractor is not None and r.get("feature_net") == extractor.name]
         last_eval = done[-1] if done else evaluate(step) or last_eval  # a finished run resumed: not twice
-    metrics.close()
     summary = {"step": step, "run_dir": str(out), "wall_seconds": round(time.perf_counter() - t_start, 1),
                "cpu_seconds": round(time.process_time() - cpu_start, 1),
                "eval": last_eval, "generator_params": sum(p.numel() for p in G.parameters()),
