@@ -86,9 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # the reader went away (`nestvit models | head`): not an error of anyone's, be quiet
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
-        return 141
+    except BrokenPipeError as e:
+        if _stdout_reader_gone():  # `nestvit models | head`: the reader has what it wanted; be quiet
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+            return 141
+        if debug:  # another pipe broke (a worker, a subprocess): a bug, reported as one
+            raise
+        return _internal_error(args.command, e)
     except USER_ERRORS as e:
         if debug:
             raise
@@ -104,14 +108,31 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - anything else is a bug of nestvit, and said to be one
         if debug:
             raise
-        _close_progress_bars()
-        print(f"nestvit {args.command}: internal error (a bug in nestvit, not in your input): "
-              f"{type(e).__name__}: {e}", file=sys.stderr)
-        print("please report it with the command line and the output of `nestvit --version`; run it again with "
-              "--debug to see the traceback", file=sys.stderr)
-        return 1
+        return _internal_error(args.command, e)
     finally:
         _set_threads(threads)
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end was closed (poll reports an error on the writing end)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), no file descriptor (a test's capture)
+        return False
+
+
+def _internal_error(command: str, e: BaseException) -> int:
+    """Say that ``e`` is a bug of nestvit (not the user's input) and how to report it; exit status 1."""
+    _close_progress_bars()
+    print(f"nestvit {command}: internal error (a bug in nestvit, not in your input): {type(e).__name__}: {e}",
+          file=sys.stderr)
+    print("please report it with the command line and the output of `nestvit --version`; run it again with "
+          "--debug to see the traceback", file=sys.stderr)
+    return 1
 
 
 def _close_progress_bars() -> None:

@@ -117,12 +117,15 @@ def test_the_hold_out_is_a_share_of_the_train_split_when_there_is_no_val_or_test
     assert resolve_data(section(root)).eval_split == "test"
 
 
-@pytest.mark.parametrize("train,val", [("Train", "Val"), ("training", "testing"), ("TRAIN", "validation")])
+@pytest.mark.parametrize("train,val", [("Train", "Val"), ("training", "testing"), ("TRAIN", "validation"),
+                                       ("train", "valid")])
 def test_split_folders_are_found_in_any_case_and_by_their_usual_names(tmp_path, train, val):
     # before, Train/ and Val/ were two "classes": a model that learnt which folder an image came from
     root = tmp_path / "data"
     class_folders(root / train, {"a": 3, "b": 3})
     class_folders(root / val, {"a": 1, "b": 1}, start=100)
+    if val == "valid":  # two of the val group: the first in its order (valid, then dev)
+        class_folders(root / "dev", {"a": 1, "b": 1}, start=200)
     assert find_layout(root).kind == "splits"
     cfg = resolve_data(section(root))
     assert cfg.eval_split == val
@@ -480,6 +483,8 @@ def test_one_class_and_a_folder_given_to_a_built_in_set_are_refused(tmp_path):
         load_split(DataSection(name="mnist5k", root=str(one), pad_to=32), "train", CPU)
     (tmp_path / "idx").mkdir()
     load_split(DataSection(name="mnist5k", root=str(tmp_path / "idx")), "test", CPU, limit=4)  # no images there: fine
+    (tmp_path / "mnist5k").mkdir()  # one data folder for several sets: the set's own folder is there, so it is read
+    load_split(DataSection(name="mnist5k", root=str(tmp_path)), "test", CPU, limit=4)
 
 
 def test_a_relative_data_root_is_recorded_absolute(tmp_path, recipe, capsys, monkeypatch):

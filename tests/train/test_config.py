@@ -179,3 +179,6 @@ def test_a_key_given_twice_in_a_recipe_is_refused(tmp_path):
     recipe.write_text("optim:\n  lr: 1.0e-3\n  lr: 2.0e-3\n")  # nested too
     with pytest.raises(ConfigError, match="the key 'lr' is given twice"):
         load_config(recipe)
+    recipe.write_text("optim:\n  <<: {lr: 1.0e-3, weight_decay: 0.1}\n  lr: 3.0e-3\n")  # YAML merge keys still work
+    cfg = load_config(recipe)
+    assert (cfg.optim.lr, cfg.optim.weight_decay) == (3.0e-3, 0.1)

@@ -13,6 +13,7 @@ from nestvit.cli import main as cli_main
 from nestvit.data.augment import tta_views
 from nestvit.system import cpu_has_fast_bf16, machine_info, machine_label
 from nestvit.train import checkpoint as ckpt
+from nestvit.train import config as C
 from nestvit.train import loop
 from nestvit.train.checkpoint import load_state
 from nestvit.train.config import ConfigError
@@ -429,3 +430,14 @@ def test_sam_ascent_takes_at_most_one_micro_batch(tmp_path, make_config, monkeyp
     train(make_config("epochs=1", "micro_batch=16", "optim.sam_rho=0.05", "optim.sam_batch=1000"), tmp_path / "sam")
     assert [n for n, _ in seen] == [16, 16, 16] * 4  # ascent, then the two accumulated micro-batches
     assert "SAM rho 0.05 on 16 images a step" in capsys.readouterr().out
+
+
+def test_a_run_of_an_older_version_still_resumes(tmp_path, make_config):
+    # its saved options are read as today's (a retired NesT option dropped), as the weights are: no "change"
+    cfg = make_config("epochs=1")
+    saved = C.to_dict(cfg)
+    saved["model"]["overrides"] = {**saved["model"]["overrides"], "cpu_chunk_tokens": 4096}
+    loop.check_resumable(saved, cfg, tmp_path)
+    saved["model"]["overrides"]["depths"] = 2
+    with pytest.raises(ConfigError, match="model.overrides.depths 2 -> 1"):
+        loop.check_resumable(saved, cfg, tmp_path)

@@ -113,7 +113,8 @@ def find_layout(root: str | Path | None, train_split: str = "train", *, name: st
         splits = sorted({row[2] for _, row in _labels_table(path) if len(row) == 3})
         return Layout(path, "csv-splits", tuple(splits)) if splits else Layout(path, "csv", ("train",))
     if not path.exists():
-        where = "" if path.is_absolute() else f" (a relative path, read from the current folder {Path.cwd()})"
+        where = (f" (a relative path, read from the current folder {Path.cwd()})" if not path.is_absolute() else
+                 " (moved? a run reads its data from where it was: --set data.root=NEW_PATH)")
         raise DatasetError(f"{name}: {path} does not exist{where}; data.root must be {LAYOUTS}")
     if not path.is_dir():
         raise DatasetError(f"{name}: {path} is neither a folder nor a CSV file; data.root must be {LAYOUTS}")
@@ -130,14 +131,14 @@ def find_layout(root: str | Path | None, train_split: str = "train", *, name: st
 
 
 def split_folder(layout: Layout, split: str) -> str:
-    """The name in ``layout.splits`` that ``split`` asks for: itself when there, else the one split of the same
-    name in another case or of the same group (``train`` -> ``Training``); ``split`` unchanged when none or
-    several match (the error then lists what there is)."""
+    """The name in ``layout.splits`` that ``split`` asks for: itself when there, else the split of the same name
+    in another case or of the same group (``train`` -> ``Training``; of several, the first in the group's order:
+    ``valid`` before ``dev``); ``split`` unchanged when none matches (the error then lists what there is)."""
     if split in layout.splits or split == HOLDOUT:
         return split
     group = next((g for g in SPLIT_GROUPS if split.lower() in g), (split.lower(),))
-    found = [s for s in layout.splits if s.lower() in group]
-    return found[0] if len(found) == 1 else split
+    found = sorted((s for s in layout.splits if s.lower() in group), key=lambda s: group.index(s.lower()))
+    return found[0] if found else split
 
 
 def eval_split_of(layout: Layout, train_split: str) -> str | None:

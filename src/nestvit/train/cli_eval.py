@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from ..explain.cli import output_stems
 
-    names = output_stems([Path(c) for c in args.checkpoints])
+    names = output_stems([Path(c).resolve() for c in args.checkpoints])
     rows = []
     for checkpoint, name in zip(args.checkpoints, names):
         rows.append(evaluate_one(args, checkpoint, out / name if out is not None else None))

@@ -227,7 +227,8 @@ def load_split(cfg: DataSection, split: str | None, device: torch.device, *, cla
                          f"{'applies' if len(keys) == 1 else 'apply'} to in-memory data sets; {cfg.name} images are "
                          f"resized to data.img_size instead: add {unset} (and set data.img_size for another size than "
                          "the model's)")
-    if not streamed and cfg.root is not None and cfg.name != "synthetic" and holds_image_folders(cfg.root):
+    if not streamed and cfg.root is not None and cfg.name != "synthetic" \
+            and not (Path(cfg.root).expanduser() / cfg.name).exists() and holds_image_folders(cfg.root):
         raise ValueError(f"data.root={cfg.root} holds image files in folders, but data.name={cfg.name} is a built-in "
                          f"data set that does not read them; for your own images set data.name=imagefolder"
                          + (" (and data.pad_to=null)" if cfg.pad_to is not None else ""))

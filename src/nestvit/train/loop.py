@@ -738,7 +738,13 @@ FIXED_ON_RESUME = ("model.name", "model.overrides", "data.name", "data.classes",
 def check_resumable(saved: dict[str, Any], cfg: C.TrainConfig, run_dir: Path) -> None:
     """Refuse a resume whose config changes a key of :data:`FIXED_ON_RESUME` (a key left open, None, is filled
     from the run as it was and is no change); one line naming the keys, their values and what to do instead."""
+    from ..models.nest_variants import legacy_nest_kwargs
+
     new = C.to_dict(cfg)
+    saved = {**saved, "model": dict(saved.get("model") or {})}
+    for side in (saved["model"], new["model"]):  # files of older versions: the names and options they build today
+        if side.get("name"):
+            side["name"], side["overrides"] = legacy_nest_kwargs(side["name"], side.get("overrides") or {})
     changed = []
     for key in FIXED_ON_RESUME:
         if not _has_key(saved, key):
