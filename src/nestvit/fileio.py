@@ -6,15 +6,16 @@ import errno
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
 
-__all__ = ["DiskFullError", "atomic_path", "atomic_write_text", "disk_full_error", "is_disk_full",
-           "remove_stale_temporaries", "save_figure"]
+__all__ = ["DiskFullError", "FetchError", "Fetched", "atomic_path", "atomic_write_text", "disk_full_error",
+           "fetch_url", "is_disk_full", "remove_stale_temporaries", "save_figure"]
 
 _UMASK = os.umask(0o022)  # read once, at import, where no other thread can create a file in between
 os.umask(_UMASK)
@@ -129,3 +130,77 @@ def save_figure(fig: Any, path: str | Path, **savefig_kwargs) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, **savefig_kwargs)
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Downloads: the one way a URL becomes a file (data sets, published weights)
+# --------------------------------------------------------------------------------------------------
+
+class FetchError(Exception):
+    """A download that did not arrive whole (HTTP error, no connection, a broken or short transfer); ``reason``
+    says which, for the caller's own message. Nothing was written."""
+
+    def __init__(self, reason: str, *, unreachable: bool = False) -> None:
+        super().__init__(reason)
+        self.reason, self.unreachable = reason, unreachable
+
+
+@dataclass
+class Fetched:
+    """What arrived: its SHA-256 and MD5 (hex), its size, and the server's headers (names in lower case)."""
+
+    sha256: str
+    md5: str
+    received: int
+    headers: dict[str, str]
+
+
+def fetch_url(url: str, dest: str | Path, *, check: Callable[[Fetched], None] | None = None, progress: bool = True,
+              timeout: float = 60.0, expect_length: int | None = None, user_agent: str = "nestvit") -> Fetched:
+    """Stream ``url`` into a temporary file beside ``dest``, flushed to disk, run ``check`` on what arrived (it
+    raises to refuse it), then rename it over ``dest``; on any failure ``dest`` is untouched and nothing is left.
+
+    Raises :class:`FetchError` for an HTTP error, no connection, a broken transfer, fewer bytes than the server
+    announced or a ``Content-Length`` other than ``expect_length``; :class:`DiskFullError` for a full disk.
+    """
+    import hashlib
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    from tqdm.auto import tqdm
+
+    dest = Path(dest)
+    sha, md5, received = hashlib.sha256(), hashlib.md5(), 0
+    with atomic_path(dest, fsync=True) as tmp:
+        try:
+            request = urllib.request.Request(url, headers={"User-Agent": user_agent})
+            with urllib.request.urlopen(request, timeout=timeout) as response, open(tmp, "wb") as out:
+                header = response.headers.get("Content-Length") or ""
+                length = int(header) if header.isdigit() else None
+                if expect_length is not None and length is not None and length != expect_length:
+                    raise FetchError(f"the server sends {length} bytes, expected {expect_length}: wrong file or "
+                                     "mirror")
+                headers = {k.lower(): v for k, v in response.headers.items()}  # HTTP's names are case-blind
+                with tqdm(total=length or expect_length, unit="B", unit_scale=True, unit_divisor=1024,
+                          desc=dest.name, disable=not progress, leave=False) as bar:
+                    while chunk := response.read(1 << 20):
+                        out.write(chunk)
+                        sha.update(chunk)
+                        md5.update(chunk)
+                        received += len(chunk)
+                        bar.update(len(chunk))
+        except urllib.error.HTTPError as e:
+            raise FetchError(f"HTTP {e.code} {e.reason}") from None
+        except urllib.error.URLError as e:
+            raise FetchError(f"no connection: {e.reason}", unreachable=True) from None
+        except (OSError, ValueError, http.client.HTTPException) as e:  # timeouts, resets, bad replies
+            if is_disk_full(e, dest.parent):
+                raise
+            raise FetchError(f"the transfer broke after {received} bytes: {e}") from None
+        if length is not None and received != length:
+            raise FetchError(f"incomplete: got {received} of {length} bytes")
+        fetched = Fetched(sha.hexdigest(), md5.hexdigest(), received, headers)
+        if check is not None:
+            check(fetched)
+    return fetched

@@ -40,6 +40,7 @@ import logging
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -228,9 +229,10 @@ def _newest_checkpoint(entry: PretrainedFile) -> tuple[str, str | None]:
     return str(item["mediaLink"]), item.get("md5Hash")
 
 
-def _server_hash(headers: Any) -> str | None:
-    """The SHA-256 Hugging Face reports for a large file (``X-Linked-Etag``), if there is one."""
-    tag = (headers.get("X-Linked-Etag") or headers.get("ETag") or "").strip('"').removeprefix("W/").strip('"')
+def _server_hash(headers: Mapping[str, str]) -> str | None:
+    """The SHA-256 Hugging Face reports for a large file (``X-Linked-Etag``), if there is one (``headers``: names
+    in lower case, as ``fileio.Fetched`` has them)."""
+    tag = (headers.get("x-linked-etag") or headers.get("etag") or "").strip('"').removeprefix("W/").strip('"')
     return tag.lower() if len(tag) == 64 and all(c in "0123456789abcdefABCDEF" for c in tag) else None
 
 
@@ -263,7 +265,7 @@ def download(entry: PretrainedFile, *, progress: bool = True) -> Path:
     """
     import base64
 
-    from .fileio import atomic_path, atomic_write_text
+    from .fileio import Fetched, FetchError, atomic_write_text, fetch_url
 
     path = entry.cache_path()
     stamp = path.with_name(path.name + ".sha256")
@@ -274,30 +276,16 @@ def download(entry: PretrainedFile, *, progress: bool = True) -> Path:
             atomic_write_text(stamp, digest + "\n")
         return path
     url, md5_expected = _newest_checkpoint(entry) if entry.listing else (entry.url, None)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sha, md5 = hashlib.sha256(), hashlib.md5()
-    with _open(entry, url) as r, atomic_path(path) as tmp:
-        total = int(r.headers.get("Content-Length") or 0) or None
-        server_sha256 = _server_hash(r.headers)
-        from tqdm import tqdm
 
-        with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                                         desc=entry.filename, disable=not progress) as bar:
-            got = 0
-            try:
-                for chunk in iter(lambda: r.read(1 << 20), b""):
-                    f.write(chunk)
-                    sha.update(chunk)
-                    md5.update(chunk)
-                    bar.update(len(chunk))
-                    got += len(chunk)
-            except OSError as e:
-                raise _fail(entry, url, f"the connection broke: {e}") from None
-        if total is not None and got != total:
-            raise _fail(entry, url, f"got {got} of {total} bytes")
-        digest = sha.hexdigest()
-        _check(entry, digest, server_sha256=server_sha256, where=url,
-               md5=None if md5_expected is None else (base64.b64encode(md5.digest()).decode(), md5_expected))
+    def check(fetched: Fetched) -> None:  # before the file takes its name in the cache
+        md5 = base64.b64encode(bytes.fromhex(fetched.md5)).decode()
+        _check(entry, fetched.sha256, server_sha256=_server_hash(fetched.headers), where=url,
+               md5=None if md5_expected is None else (md5, md5_expected))
+
+    try:
+        digest = fetch_url(url, path, check=check, progress=progress, user_agent="nestvit").sha256
+    except FetchError as e:
+        raise _fail(entry, url, e.reason) from None
     atomic_write_text(stamp, digest + "\n")
     return path
 

@@ -138,7 +138,7 @@ def test_dest_never_half_written(server, tmp_path):
     worker.start()
     assert handler.half_sent.wait(10)
     assert not dest.exists()  # half the data has arrived: only a temporary file exists
-    assert any(p.suffix == ".part" for p in tmp_path.iterdir())
+    assert any(p.suffix == ".tmp" for p in tmp_path.iterdir())
     handler.resume.set()
     worker.join(10)
     assert errors == [] and dest.read_bytes() == PAYLOAD and leftovers(tmp_path) == []
@@ -154,7 +154,7 @@ def _run(errors, url, dest, digest):
 @pytest.mark.parametrize(
     "path, pattern",
     [
-        ("/truncated", "incomplete download .* got 524288 of 1048576 bytes"),
+        ("/truncated", "failed: incomplete: got 524288 of 1048576 bytes"),
         ("/missing.bin", "HTTP 404"),
     ],
 )
@@ -177,7 +177,7 @@ def test_unreachable_and_wrong_size(server, tmp_path):
     with pytest.raises(DatasetError, match="cannot reach"):
         download_file(f"http://127.0.0.1:{port}/x", tmp_path / "x", sha(b""), progress=False, timeout=5)
     (served / "blob.bin").write_bytes(PAYLOAD)
-    with pytest.raises(DatasetError, match="serves 1048576 bytes, expected 1000"):
+    with pytest.raises(DatasetError, match="sends 1048576 bytes, expected 1000"):
         download_file(f"{url}/blob.bin", tmp_path / "x", sha(PAYLOAD), progress=False, size=1000)
     with pytest.raises(ValueError, match="64 hex digits"):
         download_file(f"{url}/blob.bin", tmp_path / "x", "abc", progress=False)

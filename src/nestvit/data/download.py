@@ -15,15 +15,11 @@ then :data:`MIRRORS`.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import os
 import re
-import secrets
 import shutil
 import tarfile
 import tempfile
-import urllib.error
-import urllib.request
 import zlib
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -174,72 +170,30 @@ def download_file(
     ``dest`` is left untouched and :class:`DatasetError` (:class:`ChecksumError` for a hash
     mismatch) is raised. ``size`` (optional) is the expected length in bytes.
     """
+    from ..fileio import FetchError, fetch_url
+
     dest = Path(dest)
     expected = sha256.lower()
     if not _HEX64.fullmatch(expected):
         raise ValueError(f"sha256 must be 64 hex digits, got {sha256!r}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # like mkstemp, but with the usual umask-derived permissions for the final file
-    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(6)}.part")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            digest, received, length = _stream(url, out, dest, progress=progress, timeout=timeout, size=size)
-            out.flush()
-            os.fsync(out.fileno())
-        if length is not None and received != length:
-            raise DatasetError(
-                f"{dest}: incomplete download from {url}: got {received} of {length} bytes. Try again."
-            )
-        actual = digest.hexdigest()
-        if actual != expected:
+
+    def check(fetched) -> None:
+        if fetched.sha256 != expected:
             raise ChecksumError(
                 f"{dest}: SHA-256 mismatch for the download from {url}: expected {expected}, "
-                f"got {actual} ({received} bytes). The download was deleted; try again or use "
+                f"got {fetched.sha256} ({fetched.received} bytes). The download was deleted; try again or use "
                 f"another mirror (${MIRROR_ENV})."
             )
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return dest
 
-
-def _stream(url: str, out, dest: Path, *, progress: bool, timeout: float, size: int | None):
-    request = urllib.request.Request(url, headers={"User-Agent": "nestvit-data/1"})
-    digest, received = hashlib.sha256(), 0
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            header = response.headers.get("Content-Length")
-            length = int(header) if header and header.isdigit() else None
-            if size is not None and length is not None and length != size:
-                raise DatasetError(
-                    f"{dest}: {url} serves {length} bytes, expected {size}; wrong file or mirror"
-                )
-            with tqdm(
-                total=length or size,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc=dest.name,
-                disable=not progress,
-                leave=False,
-            ) as bar:
-                while chunk := response.read(_CHUNK):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    received += len(chunk)
-                    bar.update(len(chunk))
-    except urllib.error.HTTPError as e:
-        raise DatasetError(f"{dest}: download from {url} failed: HTTP {e.code} {e.reason}") from None
-    except urllib.error.URLError as e:
-        raise DatasetError(
-            f"{dest}: cannot reach {url} ({e.reason}); check the network, or fetch "
-            f"{dest.name} by hand into {dest.parent}"
-        ) from None
-    except (OSError, ValueError, http.client.HTTPException) as e:  # timeouts, resets, bad replies
-        raise DatasetError(f"{dest}: download from {url} failed after {received} bytes: {e}") from None
-    return digest, received, length
+        fetch_url(url, dest, check=check, progress=progress, timeout=timeout, expect_length=size,
+                  user_agent="nestvit-data/1")
+    except FetchError as e:
+        if e.unreachable:
+            raise DatasetError(f"{dest}: cannot reach {url} ({e.reason}); check the network, or fetch "
+                               f"{dest.name} by hand into {dest.parent}") from None
+        raise DatasetError(f"{dest}: download from {url} failed: {e.reason}. Try again.") from None
+    return dest
 
 
 def dataset_urls(name: str, *, base_url: str | None = None) -> list[tuple[RemoteFile, str]]:
