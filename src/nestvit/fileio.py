@@ -1,4 +1,5 @@
-"""Atomic file writes: no reader ever sees a half-written checkpoint, weights file, record or plot."""
+"""Atomic file writes, downloads included: no reader ever sees a half-written checkpoint, weights file, record, plot
+or download."""
 
 from __future__ import annotations
 
