@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from nestvit.interop import WeightsError, from_timm, load_weights, save_weights
 from nestvit.models.nest import Nest
 from nestvit.models.tnt import tnt_config
-from tests.conftest import tiny_model
+from tests.conftest import rand_input, tiny_model
 
 
 def nest_state_to_timm(model: Nest) -> dict[str, torch.Tensor]:
@@ -157,3 +157,19 @@ def test_torch_save_checkpoint_is_loaded_without_pickle(tmp_path):
     load_weights(other, path)
     for (k, a), b in zip(model.state_dict().items(), other.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_a_torch_save_of_nestvits_own_nest_loads_unchanged(tmp_path):
+    # its state dict has timm's keys but not timm's attn.proj column order (2 heads): before, it was "converted"
+    model = tiny_model("nest_tiny_cifar").eval()
+    wrapper = torch.nn.Module()
+    wrapper.module = model  # as DDP holds it: keys under "module.", the version under "module"
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    torch.save(wrapper.state_dict(), tmp_path / "ddp.pt")
+    x = rand_input(model)
+    for name in ("sd.pt", "ddp.pt"):
+        assert torch.equal(load_weights(tiny_model("nest_tiny_cifar", embed_dims=16), tmp_path / name).eval()(x),
+                           model(x)), name
+    # a state dict that does not say (a plain dict, as timm's files are) is still read in timm's layout
+    torch.save(dict(model.state_dict()), tmp_path / "plain.pt")
+    assert not torch.equal(load_weights(tiny_model("nest_tiny_cifar"), tmp_path / "plain.pt").eval()(x), model(x))

@@ -216,23 +216,35 @@ def save_weights(model: nn.Module, path: str | Path, *, metadata: Mapping[str, s
     return path
 
 
+def _root_version(sd: Mapping[str, torch.Tensor]) -> int | None:
+    """The ``_version`` of the module a state dict was taken from (``torch.save(model.state_dict())`` keeps it in
+    ``_metadata``, also under a ``module.`` / ``_orig_mod.`` wrapper); None when the file does not say."""
+    meta = getattr(sd, "_metadata", None) or {}
+    for prefix in ("module._orig_mod", "module", "_orig_mod", ""):  # the wrapped model first, then the root
+        if isinstance(meta.get(prefix), dict) and "version" in meta[prefix]:
+            return meta[prefix]["version"]
+    return None
+
+
 def load_weights(model: nn.Module, path: str | Path, *, adapt: bool = False,
                  notes: list[str] | None = None) -> nn.Module:
     """Load nestvit weights (``save_weights``) or a timm checkpoint into ``model``.
 
     Files written by nestvit carry ``format=nestvit`` metadata and load as they are (their family must
-    match); anything else is taken to be in timm's layout and converted. ``adapt=True`` (fine-tuning) lets
+    match), as does a ``torch.save`` of a nestvit NesT's ``state_dict()`` (its ``_version``, 2, says so);
+    anything else is taken to be in timm's layout and converted. ``adapt=True`` (fine-tuning) lets
     weights of another class count, image size or channel count fit (``nestvit.adapt``); what it changed
     is appended to ``notes``.
     """
     sd, meta = read_state_dict(path)
+    own_nest = _root_version(sd) == getattr(model, "_version", 1) > 1  # a torch.save of nestvit's own NesT
     sd = _strip(sd)
     family = getattr(model, "family", "")
     if meta.get("format") == "nestvit":
         if meta.get("family") and family and meta["family"] != family:
             raise WeightsError(f"{path} holds a {meta['family']} model ({meta.get('model', '?')}), "
                                f"not a {family} model; create the model it was saved from")
-    elif family == "nest":
+    elif family == "nest" and not own_nest:
         sd = nest_state_from_timm(sd, model.cfg.num_heads)
     elif family == "tnt":
         from .models.tnt import tnt_state_from_timm

@@ -302,6 +302,9 @@ class Nest(ModelBase):
     """NesT classifier. ``forward_features`` returns the normalized final map ``(B, C, H, W)``."""
 
     family = "nest"
+    # recorded in every state dict (``state_dict()._metadata``, kept by torch.save): nestvit's attn.proj column
+    # order, which timm's NesT (version 1) does not share; nestvit.interop.load_weights reads it
+    _version = 2
 
     def __init__(self, cfg: NestConfig | None = None, **overrides) -> None:
         super().__init__()
