@@ -219,3 +219,16 @@ def test_threads_hold_for_the_command_only(command, monkeypatch):
     before = torch.get_num_threads()
     assert main([command, "x", *(["y"] if command != "eval" else []), "--threads", "1"]) == 0
     assert seen == [1] and torch.get_num_threads() == before
+
+
+def test_the_transform_refuses_images_it_would_normalise_wrongly():
+    # before: 0..255 floats (or normalised ones) went through as if in [0, 1], without a word
+    t = InputTransform(channels=1, size=(4, 4), mean=(0.5,), std=(0.25,))
+    x = torch.full((1, 1, 4, 4), 255, dtype=torch.uint8)
+    assert torch.equal(t(x), t(x.float() / 255))  # uint8 and [0, 1] floats: the same
+    with pytest.raises(ValueError, match=r"float images must lie in \[0, 1\]; these span 255..255"):
+        t(x.float())
+    with pytest.raises(TypeError, match="not torch.int64"):
+        t(x.long())
+    with pytest.raises(TypeError, match="must be a torch tensor .* not a ndarray"):
+        t(np.zeros((1, 1, 4, 4), np.uint8))

@@ -792,8 +792,24 @@ def _to_unit_float(x: Tensor) -> Tensor:
 
 
 def eval_transform(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """Evaluation preprocessing: ``uint8 (B, C, H, W)`` (or float in [0, 1]) -> normalised float32."""
+    """Evaluation preprocessing: ``uint8 (B, C, H, W)`` (or float in [0, 1]) -> normalised float32.
+
+    Anything else is refused rather than normalised wrongly: another type (a numpy array, a PIL image),
+    another integer dtype, or float values outside [0, 1] (images in 0..255, or normalised already).
+    """
+    if not isinstance(images, Tensor):
+        raise TypeError(f"images must be a torch tensor (uint8 0..255 or float 0..1, (B, C, H, W)), not a "
+                        f"{type(images).__name__}; image files: InputTransform.read_batch(paths); arrays: "
+                        "torch.from_numpy(array).permute(0, 3, 1, 2)")
     _check_images(images)
+    if images.dtype != torch.uint8 and not images.is_floating_point():
+        raise TypeError(f"images must be uint8 (0..255) or float (0..1), not {images.dtype}; convert with "
+                        ".to(torch.uint8)")
+    if images.is_floating_point() and images.numel():
+        lo, hi = images.aminmax()
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            raise ValueError(f"float images must lie in [0, 1]; these span {float(lo):.3g}..{float(hi):.3g} (0..255 "
+                             "values: pass them as uint8; normalised already: give them to the model as they are)")
     return normalize(_to_unit_float(images), mean, std)
 
 
