@@ -232,3 +232,13 @@ def test_the_transform_refuses_images_it_would_normalise_wrongly():
         t(x.long())
     with pytest.raises(TypeError, match="must be a torch tensor .* not a ndarray"):
         t(np.zeros((1, 1, 4, 4), np.uint8))
+
+
+@pytest.mark.parametrize("classes", [3, 0])
+def test_save_weights_records_the_head_a_model_has_now(classes, tmp_path):
+    # before: the file recorded the class count the model was built with, and did not load after reset_classifier
+    model = nestvit.create_model("nest_tiny_cifar", **{**TINY, "num_classes": 10}).eval()
+    model.reset_classifier(classes)
+    path = save_weights(model, tmp_path / "w.safetensors")
+    x = torch.randn(2, 1, 16, 16)
+    assert torch.equal(load(path).model(x), model(x))

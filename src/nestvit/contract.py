@@ -300,7 +300,11 @@ def contract_of(model: nn.Module, **fields: Any) -> RunContract | None:
     if spec is None:
         return None
     recorded = {k: spec[k] for k in ("transform", "info") if k in spec}  # pretrained: its input, its tag
-    return RunContract(model=spec["model"], kwargs=dict(spec["kwargs"]), **{**recorded, **fields})
+    kwargs = dict(spec["kwargs"])
+    built = getattr(getattr(model, "cfg", None), "num_classes", None)
+    if built is not None and getattr(model, "num_classes", built) != built:  # reset_classifier since it was built
+        kwargs["num_classes"] = model.num_classes
+    return RunContract(model=spec["model"], kwargs=kwargs, **{**recorded, **fields})
 
 
 # --------------------------------------------------------------------------------------------------
