@@ -242,3 +242,11 @@ def test_save_weights_records_the_head_a_model_has_now(classes, tmp_path):
     path = save_weights(model, tmp_path / "w.safetensors")
     x = torch.randn(2, 1, 16, 16)
     assert torch.equal(load(path).model(x), model(x))
+
+
+def test_save_weights_takes_the_transform_and_classes_of_your_own_training(tmp_path):
+    # a model trained in your own loop: its normalisation and class names travel with it (before: the 0.5 default)
+    model = nestvit.create_model("nest_tiny_cifar", **TINY)
+    transform = InputTransform(channels=1, size=(16, 16), mean=(0.13,), std=(0.31,))
+    loaded = load(save_weights(model, tmp_path / "w.safetensors", transform=transform, classes=["x", "y", "z"]))
+    assert loaded.transform == transform and loaded.classes == ["x", "y", "z"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -192,12 +192,14 @@ def _is_safetensors(path: Path) -> bool:
 
 
 def save_weights(model: nn.Module, path: str | Path, *, metadata: Mapping[str, str] | None = None,
-                 contract: Any = None) -> Path:
+                 contract: Any = None, transform: Any = None, classes: Sequence[str] | None = None) -> Path:
     """Write ``model``'s weights as safetensors, atomically (temporary file, then rename).
 
     The metadata holds the run contract (``contract``, else -- unless ``metadata`` names a ``model`` itself --
-    the one ``create_model`` recorded on the model; see ``nestvit.contract``) and a SHA-256 of the tensors
-    that every load checks.
+    the one ``create_model`` recorded on the model, with ``transform``, a ``nestvit.contract.InputTransform``:
+    how its inputs were prepared, and ``classes``, its class names; see ``nestvit.contract``) and a SHA-256 of
+    the tensors that every load checks. A file without a transform is read as if its images were scaled to
+    [-1, 1] (mean = std = 0.5).
     """
     from safetensors.torch import save_file
 
@@ -207,7 +209,9 @@ def save_weights(model: nn.Module, path: str | Path, *, metadata: Mapping[str, s
     path = Path(path)
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if contract is None and "model" not in (metadata or {}):  # hand-written model metadata: read as it is
-        contract = contract_of(model)
+        given = {k: v for k, v in (("transform", transform), ("classes", tuple(classes) if classes else None))
+                 if v is not None}
+        contract = contract_of(model, **given)
     meta = {"format": "nestvit", "family": getattr(model, "family", ""),
             **(contract.to_metadata() if contract is not None else {}), **(metadata or {}),
             CHECKSUM_KEY: tensors_sha256(sd)}
