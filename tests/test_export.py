@@ -205,3 +205,15 @@ def test_a_generator_exports_noise_to_images(generator, tmp_path, capsys):
     assert main(["export", str(run), "--format", "pt2"]) == 0
     assert (run / "generator.pt2").is_file() and not list(run.glob(".*unchecked*"))
     assert "Expect archive file" not in capsys.readouterr().err
+
+
+def test_for_export_gives_python_users_a_dynamic_batch():
+    # what `nestvit export` does, from Python: without it the batch is fixed in the graph
+    model = nestvit.create_model("nest_tiny_cifar", **TINY).eval()
+    x = torch.randn(2, 1, 16, 16)
+    from nestvit.export import for_export
+
+    with for_export():
+        program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    y = torch.randn(5, 1, 16, 16)
+    assert torch.allclose(program.module()(y), model(y), atol=1e-5)

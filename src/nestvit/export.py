@@ -192,13 +192,24 @@ def load_exported(path: str | Path):
                   config=_run_config(path, "classifier"))
 
 
-def run(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def for_export() -> Iterator[None]:
+    """The models as ``torch.export`` / ONNX should trace them, with a dynamic batch: the CPU speed rules of eager
+    runs (NesT's chunking into groups of images, the explicit attention of short sequences) depend on the
+    batch size and would fix it in the graph, so they are off inside (the same function, other kernels)::
+
+        with for_export():  # from nestvit.export import for_export
+            program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    """
     from .layers import attention_kernel
     from .models.nest import set_cpu_chunk_tokens
 
-    # the CPU speed rules of eager runs (NesT's chunking into groups of images, the explicit attention of
-    # short sequences) depend on the batch size and would fix the exported batch: traced without them
     with set_cpu_chunk_tokens(0), attention_kernel("sdpa"):
+        yield
+
+
+def run(args: argparse.Namespace) -> int:
+    with for_export():
         return _run(args)
 
 
