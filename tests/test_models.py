@@ -156,3 +156,13 @@ def test_onnx_export(name, tmp_path):
 def test_tiny_overrides_cover_every_family():
     for name in ALL:
         assert tiny_overrides(name), f"add a small configuration for {name}'s family to tests/conftest.py"
+
+
+def test_input_of_another_type_is_one_clear_error():
+    import numpy as np
+
+    model = tiny_model("nest_tiny_cifar")
+    with pytest.raises(TypeError, match="takes a torch tensor .* not a ndarray"):
+        model(np.zeros((1, 3, 16, 16), np.float32))
+    with pytest.raises(TypeError, match="takes normalised float images, not torch.uint8"):
+        model(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))

@@ -374,7 +374,13 @@ class ModelBase(nn.Module):
     feature_info: list[dict]
 
     def check_input(self, x: torch.Tensor) -> None:
-        """Raise one clear ``ValueError`` for a wrong rank, channel count or image size."""
+        """Raise one clear error for input that is not a float tensor, or of a wrong rank, channel count or size."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{type(self).__name__} takes a torch tensor (B, C, H, W), not a {type(x).__name__}; "
+                            "image files: nestvit.load(RUN).transform.read_batch(paths), then .transform(batch)")
+        if not x.is_floating_point():
+            raise TypeError(f"{type(self).__name__} takes normalised float images, not {x.dtype}; uint8 images: "
+                            "normalise them first (nestvit.load(RUN).transform(images) does it as in training)")
         if x.ndim != 4:
             raise ValueError(f"{type(self).__name__} expects images (B, C, H, W), got shape {tuple(x.shape)}")
         _, c, h, w = x.shape
