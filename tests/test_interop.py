@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import nestvit
 from nestvit.interop import WeightsError, from_timm, load_weights, save_weights
 from nestvit.models.nest import Nest
 from nestvit.models.tnt import tnt_config
@@ -129,7 +130,8 @@ def test_save_and_load_roundtrip_and_family_check(tmp_path):
     torch.testing.assert_close(other.eval()(x), model(x))
     with pytest.raises(WeightsError, match="not a rtnt model"):
         load_weights(tiny_model("rtnt_nano"), path)
-    with pytest.raises(WeightsError, match="does not fit"):
+    with pytest.raises(WeightsError, match=r"does not fit.*The file records nest_tiny_cifar: "
+                                           r"nestvit.load\(.*\).model builds it as saved"):
         load_weights(tiny_model("nest_tiny_cifar", embed_dims=24), path)
 
 
@@ -173,3 +175,9 @@ def test_a_torch_save_of_nestvits_own_nest_loads_unchanged(tmp_path):
     # a state dict that does not say (a plain dict, as timm's files are) is still read in timm's layout
     torch.save(dict(model.state_dict()), tmp_path / "plain.pt")
     assert not torch.equal(load_weights(tiny_model("nest_tiny_cifar"), tmp_path / "plain.pt").eval()(x), model(x))
+
+
+def test_a_misfit_names_the_model_the_file_records(tmp_path):
+    path = save_weights(tiny_model("nest_tiny_cifar"), tmp_path / "w.safetensors")
+    with pytest.raises(WeightsError, match=r"The file records nest_tiny_cifar with \{.*'embed_dims': 16.*\}: "):
+        nestvit.create_model("nest_tiny_cifar", weights=path)  # the default widths: not the file's

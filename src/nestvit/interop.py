@@ -241,6 +241,24 @@ def load_weights(model: nn.Module, path: str | Path, *, adapt: bool = False,
     is appended to ``notes``.
     """
     sd, meta = read_state_dict(path)
+    try:
+        return _load_weights(model, path, sd, meta, adapt=adapt, notes=notes)
+    except WeightsError as e:  # a file that records what it is: say what builds it
+        if meta.get("format") != "nestvit" or not meta.get("model") or "does not fit" not in str(e):
+            raise
+        recorded = meta["model"]
+        try:
+            from .contract import CONTRACT_KEY, RunContract
+
+            recorded += f" with {RunContract.from_json(meta[CONTRACT_KEY]).kwargs}"
+        except Exception:  # noqa: BLE001 - an older file: its model name alone
+            pass
+        raise WeightsError(f"{e} The file records {recorded}: nestvit.load({str(path)!r}).model builds it as "
+                           "saved") from None
+
+
+def _load_weights(model: nn.Module, path: str | Path, sd: dict[str, torch.Tensor], meta: dict[str, str], *,
+                  adapt: bool, notes: list[str] | None) -> nn.Module:
     own_nest = _root_version(sd) == getattr(model, "_version", 1) > 1  # a torch.save of nestvit's own NesT
     sd = _strip(sd)
     family = getattr(model, "family", "")
