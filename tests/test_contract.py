@@ -250,3 +250,8 @@ def test_save_weights_takes_the_transform_and_classes_of_your_own_training(tmp_p
     transform = InputTransform(channels=1, size=(16, 16), mean=(0.13,), std=(0.31,))
     loaded = load(save_weights(model, tmp_path / "w.safetensors", transform=transform, classes=["x", "y", "z"]))
     assert loaded.transform == transform and loaded.classes == ["x", "y", "z"]
+
+
+def test_read_batch_of_one_path_is_a_batch_of_one(image):
+    t = InputTransform(channels=1, size=(16, 16), mean=(0.5,), std=(0.25,))
+    assert torch.equal(t.read_batch(str(image)), t.read_batch([image]))  # before: "i: no such image file"

@@ -140,8 +140,10 @@ class InputTransform:
             x = torch.nn.functional.pad(x, (left, W - w - left, top, H - h - top))
         return x.contiguous()
 
-    def read_batch(self, paths: Sequence[str | Path]) -> torch.Tensor:
-        """uint8 ``(B, channels, H, W)`` of image files."""
+    def read_batch(self, paths: Sequence[str | Path] | str | Path) -> torch.Tensor:
+        """uint8 ``(B, channels, H, W)`` of image files (one path: a batch of one)."""
+        if isinstance(paths, (str, Path)):  # not its characters, one by one
+            paths = [paths]
         return torch.stack([self.read(p) for p in paths])
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
