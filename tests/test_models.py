@@ -166,3 +166,16 @@ def test_input_of_another_type_is_one_clear_error():
         model(np.zeros((1, 3, 16, 16), np.float32))
     with pytest.raises(TypeError, match="takes normalised float images, not torch.uint8"):
         model(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("name", ["nest_tiny_cifar", "vit_tiny_patch4_32", "rtnt_nano", "tnt_tiny_patch4_32"])
+def test_timms_classifier_calls(name):
+    # detection and fine-tuning code calls these as timm defines them
+    model = tiny_model(name)
+    pool = getattr(model.cfg, "global_pool", None) or "avg"
+    model.reset_classifier(4, pool)
+    assert model.get_classifier() is model.head and model(rand_input(model)).shape == (2, 4)
+    model.reset_classifier(0)
+    assert model(rand_input(model)).shape == (2, model.num_features)
+    with pytest.raises(ValueError, match="pools by"):
+        model.reset_classifier(4, "max")

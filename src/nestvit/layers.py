@@ -395,6 +395,20 @@ class ModelBase(nn.Module):
         """``(B, C, H, W) -> (B, num_classes)``."""
         return self.forward_head(self.forward_features(x))
 
+    def get_classifier(self) -> nn.Module:
+        """The classification head (timm's name)."""
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new head for ``num_classes`` (0: none, ``forward`` gives the pooled features). ``global_pool`` (timm's
+        argument) may only name the pooling the model was built with: it is a model option here."""
+        pool = getattr(getattr(self, "cfg", None), "global_pool", None) or "avg"
+        if global_pool not in (None, pool):
+            raise ValueError(f"{type(self).__name__} pools by {pool!r}; another pooling is a model option "
+                             f"(create_model(..., global_pool={global_pool!r}) where the model has it)")
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
     def no_weight_decay(self) -> set[str]:
         """Names of parameters that get no weight decay by default (position embeddings and tokens)."""
         keys = ("pos_embed", "cls_token", "dist_token", "patch_pos", "pixel_pos", "pos.")

@@ -338,10 +338,6 @@ class Nest(ModelBase):
         """The official NesT excludes only the position embeddings."""
         return {f"levels.{i}.pos_embed" for i in range(len(self.levels))}
 
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         return self.patch_embed(x)  # (B, H/p, W/p, C)

@@ -194,10 +194,6 @@ class RTNT(ModelBase):
         for p in [self.cls_token, *self.pos_embed]:
             nn.init.trunc_normal_(p, std=0.02, a=-0.04, b=0.04)
 
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def _pixels_to_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W) -> (B * n_0 * ... * n_{L-2}, n_{L-1}, D_{L-1})`` innermost tokens, nested row-major."""
         cfg, B = self.cfg, x.shape[0]

@@ -161,12 +161,10 @@ class ViT(ModelBase):
         names = {n for n, _ in self.named_parameters()}
         return {n for n in ("pos_embed", "cls_token", "dist_token") if n in names}
 
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        make = lambda: nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.head = make()
-        if self.head_dist is not None:
-            self.head_dist = make()
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        super().reset_classifier(num_classes, global_pool)
+        if self.head_dist is not None:  # the distillation head too
+            self.head_dist = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C_in, H, W) -> (B, prefix + gh*gw, C)`` tokens with position embedding, row-major patches."""

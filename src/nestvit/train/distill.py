@@ -118,10 +118,6 @@ class SmallConvNet(ModelBase):
     def no_weight_decay(self) -> set[str]:
         return set()
 
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
 
 def teacher_targets(teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Teacher logits for ``images`` (no gradient; the teacher stays in eval mode)."""
