@@ -122,3 +122,19 @@ def next_commands(*commands: str) -> str:
     """The commands that read what a command just wrote, one a line under ``next:`` (no ``|`` between them,
     which a shell would read as a pipe)."""
     return "next: " + "\n      ".join(commands)
+
+
+def output_stems(paths: list[Path]) -> list[str]:
+    """A distinct name per path for its output (an image's PNG, a run's folder of ``eval``): the file's stem,
+    with as many of its folders as it takes to tell paths of the same name apart (``cats/0.png``,
+    ``dogs/0.png`` -> ``cats_0``, ``dogs_0``)."""
+    parts = [p.with_suffix("").parts for p in paths]
+    depth = [1] * len(paths)  # how many trailing parts of each path its name takes
+    while True:
+        stems = ["_".join(x[-k:]) for x, k in zip(parts, depth)]
+        taken = {s for s in stems if stems.count(s) > 1}
+        grow = [i for i, s in enumerate(stems) if s in taken and depth[i] < len(parts[i])]
+        if not grow:  # all distinct, or the same file given twice: numbered
+            return [f"{i}_{s}" if s in taken else s for i, s in enumerate(stems)]
+        for i in grow:
+            depth[i] += 1

@@ -34,7 +34,6 @@ saved from it carry both.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import logging
 import os
@@ -249,14 +248,6 @@ def _check(entry: PretrainedFile, digest: str, *, server_sha256: str | None = No
                               "is damaged (retry)")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def download(entry: PretrainedFile, *, progress: bool = True) -> Path:
     """The published file in the cache: downloaded (progress bar, temporary file, then rename) and checked.
 
@@ -265,13 +256,14 @@ def download(entry: PretrainedFile, *, progress: bool = True) -> Path:
     """
     import base64
 
+    from .data.download import sha256_file
     from .fileio import Fetched, FetchError, atomic_write_text, fetch_url
 
     path = entry.cache_path()
     stamp = path.with_name(path.name + ".sha256")
     if path.is_file():
         if not stamp.is_file():
-            digest = _sha256(path)
+            digest = sha256_file(path)
             _check(entry, digest, where=str(path))
             atomic_write_text(stamp, digest + "\n")
         return path

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli_args import add_threads, image_files, parse_sets, positive_int, unit_float, writable_dir
+from ..cli_args import add_threads, image_files, output_stems, parse_sets, positive_int, unit_float, writable_dir
 from ..fileio import atomic_write_text
 
 METHODS = ("gradcat", "cam", "gradcam", "rollout", "occlusion")
@@ -127,21 +127,6 @@ def _split_inputs(inputs: list[str], model_name: str | None, method: str = "grad
         raise ValueError(f"{first} is not a checkpoint (.safetensors / run directory); give one first, or pass "
                          f"--model NAME to explain with random weights")
     return None, [Path(p) for p in inputs]
-
-
-def output_stems(paths: list[Path]) -> list[str]:
-    """A distinct name per image for its PNG: the file's stem, with as many of its folders as it takes to tell
-    images of the same name apart (``cats/0.png``, ``dogs/0.png`` -> ``cats_0``, ``dogs_0``)."""
-    parts = [p.with_suffix("").parts for p in paths]
-    depth = [1] * len(paths)  # how many trailing parts of each path its name takes
-    while True:
-        stems = ["_".join(x[-k:]) for x, k in zip(parts, depth)]
-        taken = {s for s in stems if stems.count(s) > 1}
-        grow = [i for i, s in enumerate(stems) if s in taken and depth[i] < len(parts[i])]
-        if not grow:  # all distinct, or the same file given twice: numbered
-            return [f"{i}_{s}" if s in taken else s for i, s in enumerate(stems)]
-        for i in grow:
-            depth[i] += 1
 
 
 def run(args: argparse.Namespace) -> int:

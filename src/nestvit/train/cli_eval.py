@@ -19,7 +19,7 @@ import math
 import sys
 from pathlib import Path
 
-from ..cli_args import add_threads, positive_int, writable_dir
+from ..cli_args import add_threads, output_stems, positive_int, writable_dir
 from ..contract import InputTransform
 from ..data.augment import TTA_MODES, tta_views
 from ..fileio import atomic_write_text
@@ -62,8 +62,6 @@ def run(args: argparse.Namespace) -> int:
     if len(args.checkpoints) == 1:
         evaluate_one(args, args.checkpoints[0], out)
         return 0
-    from ..explain.cli import output_stems
-
     names = output_stems([Path(c).resolve() for c in args.checkpoints])
     rows = []
     for checkpoint, name in zip(args.checkpoints, names):
