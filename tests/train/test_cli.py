@@ -190,6 +190,7 @@ def test_eval_compares_several_checkpoints(tmp_path, recipe, capsys):
     out, err = capsys.readouterr()
     table = out[out.index("checkpoint  "):].splitlines()
     assert len(table) == 4 and table[1].startswith(str(tmp_path / "a")) and "synthetic:test" in table[2]
+    assert table[0].split()[4] == "top-5"  # the runs' k (10 classes here; top-2 for two)
     assert "different data" not in err
     rows = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     each = [json.loads((tmp_path / "cmp" / n / "eval.json").read_text()) for n in ("a", "b")]

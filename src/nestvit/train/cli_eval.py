@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         rows.append(evaluate_one(args, checkpoint, out / name if out is not None else None))
         print()
     width = max(len(c) for c in [*args.checkpoints, "checkpoint"])
-    print(f"{'checkpoint':<{width}}  {'data':<24}  {'images':>6}  {'top-1':>7}  {'top-5':>7}  {'loss':>7}")
+    top_k = f"top-{min(5, *(len(r['classes']) for r in rows))}"  # top-5 of fewer classes: top-k of all of them
+    print(f"{'checkpoint':<{width}}  {'data':<24}  {'images':>6}  {'top-1':>7}  {top_k:>7}  {'loss':>7}")
     for c, r in zip(args.checkpoints, rows):
         print(f"{c:<{width}}  {r['data']:<24}  {r['count']:>6}  {r['top1']:>6.2f}%  {r['top5']:>6.2f}%  "
               f"{r['loss']:>7.4f}")
