@@ -499,3 +499,6 @@ def test_an_unknown_model_option_is_one_line_for_every_command(tmp_path, capsys)
     assert cli.main(["bench", "nest_tiny_cifar", "--set", "no_such_option=1", "--no-data", "--no-memory"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("#")]  # bench's header
     assert len(errors) == 1 and "unknown option(s) ['no_such_option']" in errors[0]
+    assert cli.main(["train", "mnist5k_nest", "--set", "model.overrides.depths=abc", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "depths: expected int or a list of int, got 'abc'" in err

@@ -95,6 +95,12 @@ def test_bad_config_messages():
         nestvit.create_model("nest_tiny_cifar", img_size=36)
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['stem_dim'\] for NestConfig"):
         Nest(stem_dim=8)  # not NesT: nestvit.models.nest_variants
+    with pytest.raises(TypeError, match=r"depths: expected int or a list of int, got '2'"):
+        nestvit.create_model("nest_tiny_cifar", depths="2")  # a string would have made a 1-level depth tuple
+    with pytest.raises(TypeError, match="drop_path_rate: expected float, got 'a'"):
+        Nest(drop_path_rate="a")
+    assert Nest(num_levels=2, img_size=8, patch_size=1, embed_dims=[8, 16], num_heads=1, depths=1).cfg.embed_dims \
+        == (8, 16)  # a list (YAML's) for a tuple field, an int for every level
 
 
 def test_nest_config_holds_nest_and_its_ablations_only():

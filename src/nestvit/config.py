@@ -90,6 +90,11 @@ def key_table(cfg: Any) -> str:
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is typing.Literal:
         return "one of " + ", ".join(map(repr, typing.get_args(tp)))
+    if typing.get_origin(tp) is tuple:  # a list in YAML or on the command line
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is ...:
+            return f"a list of {_type_name(args[0])}"
+        return f"a list [{', '.join(_type_name(a) for a in args)}]"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -52,13 +53,21 @@ def register_model(family: str, *, kind: str = "classifier", name: str | None = 
 
 
 def build_config(cfg: C, overrides: dict[str, Any]) -> C:
-    """``dataclasses.replace(cfg, **overrides)`` with a clear error for keys the config does not have."""
+    """``dataclasses.replace(cfg, **overrides)``, each value checked against its field's type (a list for a
+    tuple is converted), with a clear error for keys the config does not have and values of the wrong type."""
+    from .config import ConfigError, coerce
+
     names = [f.name for f in dataclasses.fields(cfg)]  # type: ignore[arg-type]
     bad = sorted(set(overrides) - set(names))
     if bad:
         near = "".join(did_you_mean(k, names) for k in bad)
         raise ModelOptionError(f"unknown option(s) {bad}{near} for {type(cfg).__name__}; valid options: "
                                f"{', '.join(names)}")
+    hints = typing.get_type_hints(type(cfg))
+    try:
+        overrides = {k: coerce(v, hints[k], k) for k, v in overrides.items()}
+    except ConfigError as e:
+        raise ModelOptionError(f"model option {e} (for {type(cfg).__name__})") from None
     return dataclasses.replace(cfg, **overrides)  # type: ignore[type-var]
 
 

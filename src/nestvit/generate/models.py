@@ -45,7 +45,7 @@ from torch import nn
 
 from ..layers import TransformerLayer, init_weights
 from ..models.nest import Nest, NestConfig, blockify, deblockify
-from ..registry import register_model
+from ..registry import build_config, register_model
 
 __all__ = [
     "DEAGGREGATIONS",
@@ -87,9 +87,9 @@ class NestGeneratorConfig:
     latent_dim: int = 128
     block_size: int = 8  # block edge in tokens, the same at every level (the top level is one block)
     num_levels: int = 4
-    embed_dims: tuple[int, ...] = (1024, 256, 64, 16)
+    embed_dims: int | tuple[int, ...] = (1024, 256, 64, 16)
     num_heads: int | tuple[int, ...] = 4
-    depths: tuple[int, ...] = (5, 3, 3, 2)
+    depths: int | tuple[int, ...] = (5, 3, 3, 2)
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     act: str = "gelu"
@@ -216,7 +216,7 @@ class NestGenerator(nn.Module):
 
     def __init__(self, cfg: NestGeneratorConfig | None = None, **overrides) -> None:
         super().__init__()
-        cfg = replace(cfg or NestGeneratorConfig(), **overrides)
+        cfg = build_config(cfg or NestGeneratorConfig(), overrides)
         self.cfg = cfg
         self.latent_dim, self.img_size, self.out_chans = cfg.latent_dim, cfg.img_size, cfg.out_chans
         s0 = cfg.side(0)
@@ -271,7 +271,7 @@ class TransGanGenerator(NestGenerator):
     family = "transgan_generator"
 
     def __init__(self, cfg: NestGeneratorConfig | None = None, **overrides) -> None:
-        cfg = replace(cfg or NestGeneratorConfig(), **overrides)
+        cfg = build_config(cfg or NestGeneratorConfig(), overrides)
         super().__init__(replace(cfg, attention="global"))
 
 
@@ -303,7 +303,7 @@ class ConvGenerator(nn.Module):
 
     def __init__(self, cfg: ConvGeneratorConfig | None = None, **overrides) -> None:
         super().__init__()
-        cfg = replace(cfg or ConvGeneratorConfig(), **overrides)
+        cfg = build_config(cfg or ConvGeneratorConfig(), overrides)
         self.cfg = cfg
         self.latent_dim, self.img_size, self.out_chans = cfg.latent_dim, cfg.img_size, cfg.out_chans
         c0, s = cfg.channels[0], cfg.base_size
@@ -391,7 +391,7 @@ class ResNetDiscriminator(nn.Module):
 
     def __init__(self, cfg: ConvDiscriminatorConfig | None = None, **overrides) -> None:
         super().__init__()
-        cfg = replace(cfg or ConvDiscriminatorConfig(), **overrides)
+        cfg = build_config(cfg or ConvDiscriminatorConfig(), overrides)
         self.cfg = cfg
         self.img_size, self.in_chans = cfg.img_size, cfg.in_chans
         ch = cfg.channels
@@ -421,9 +421,9 @@ class NestDiscriminatorConfig:
     patch_size: int = 2
     num_levels: int = 3
     block_size: int | None = None
-    embed_dims: tuple[int, ...] = (64, 128, 256)
+    embed_dims: int | tuple[int, ...] = (64, 128, 256)
     num_heads: int | tuple[int, ...] = 4
-    depths: tuple[int, ...] = (1, 1, 2)
+    depths: int | tuple[int, ...] = (1, 1, 2)
 
 
 class NestDiscriminator(nn.Module):
@@ -437,7 +437,7 @@ class NestDiscriminator(nn.Module):
 
     def __init__(self, cfg: NestDiscriminatorConfig | None = None, **overrides) -> None:
         super().__init__()
-        cfg = replace(cfg or NestDiscriminatorConfig(), **overrides)
+        cfg = build_config(cfg or NestDiscriminatorConfig(), overrides)
         self.cfg = cfg
         self.img_size, self.in_chans = cfg.img_size, cfg.in_chans
         self.net = Nest(NestConfig(img_size=cfg.img_size, in_chans=cfg.in_chans, num_classes=1,

@@ -62,9 +62,9 @@ class NestConfig:
     patch_size: int = 4  # 1 for CIFAR, 4 for ImageNet (the paper's Figure 6 also tries 2)
     num_levels: int = 3  # hierarchies T_d; level l has 4**(num_levels-1-l) blocks for square input
     block_size: int | None = None  # block edge in patches; None: grid / 2**(num_levels-1) (top = 1 block)
-    embed_dims: tuple[int, ...] = (128, 256, 512)
-    num_heads: tuple[int, ...] = (4, 8, 16)
-    depths: tuple[int, ...] = (2, 2, 20)
+    embed_dims: int | tuple[int, ...] = (128, 256, 512)
+    num_heads: int | tuple[int, ...] = (4, 8, 16)
+    depths: int | tuple[int, ...] = (2, 2, 20)
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     attn: str = "mha"  # "mha" | "mqa" (one shared K/V head)
