@@ -7,6 +7,7 @@ fix, exit status 2, and nothing written.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -255,3 +256,15 @@ def test_save_weights_takes_the_transform_and_classes_of_your_own_training(tmp_p
 def test_read_batch_of_one_path_is_a_batch_of_one(image):
     t = InputTransform(channels=1, size=(16, 16), mean=(0.5,), std=(0.25,))
     assert torch.equal(t.read_batch(str(image)), t.read_batch([image]))  # before: "i: no such image file"
+
+
+def test_a_file_without_an_input_transform_says_what_is_assumed(tmp_path, weights):
+    model = nestvit.create_model("nest_tiny_cifar", **TINY)
+    torch.save(model.state_dict(), tmp_path / "plain.pth")
+    with pytest.warns(UserWarning, match=r"records no input transform: images are stretched to 16x16 and scaled "
+                                         r"to \[-1, 1\]"):
+        loaded = nestvit.load(tmp_path / "plain.pth", model="nest_tiny_cifar", overrides=TINY)
+    assert loaded.transform.mean == (0.5,) * loaded.transform.channels
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nestvit.load(weights)  # a run's file records its transform: nothing to say

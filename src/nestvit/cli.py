@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import warnings
 
 from .errors import UserError
 from .system import keep_freed_memory
@@ -82,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = bool(getattr(args, "debug", False) or getattr(args, "debug_all", False))
     threads = _set_threads(getattr(args, "threads", None))
     try:
-        return int(importlib.import_module(args._module).run(args) or 0)
+        with warnings.catch_warnings():  # nestvit's own warnings as one line each, as its notes (restored after)
+            warnings.showwarning = _show_warning
+            return int(importlib.import_module(args._module).run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -111,6 +114,21 @@ def main(argv: list[str] | None = None) -> int:
         return _internal_error(args.command, e)
     finally:
         _set_threads(threads)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if not filename.startswith(_PACKAGE_DIR):  # torch's and others': their own format, with the place
+        _default_show_warning(message, category, filename, lineno, file, line)
+        return
+    tqdm = sys.modules.get("tqdm")
+    if tqdm is not None and getattr(tqdm.tqdm, "_instances", None):  # above an open progress bar, not inside it
+        tqdm.tqdm.write(f"warning: {message}", file=sys.stderr)
+    else:
+        print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+
+_default_show_warning = warnings.showwarning
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def _stdout_reader_gone() -> bool:

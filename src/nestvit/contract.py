@@ -464,6 +464,11 @@ def load(path: str | Path, which: str | None = None, *, model: str | None = None
     transform = contract.transform
     if transform is None:
         transform = InputTransform.default(_channels(net), getattr(net, "img_size", (32, 32)))
+        if contract.kind == "classifier":
+            h, w = transform.size
+            warnings.warn(f"{weights} records no input transform: images are stretched to {h}x{w} and scaled to "
+                          "[-1, 1] (mean = std = 0.5); if the model was trained otherwise, save it with "
+                          "nestvit.interop.save_weights(model, path, transform=InputTransform(...))", stacklevel=2)
     return Loaded(model=net.eval(), transform=transform, contract=contract, weights=weights,
                   config=_run_config(weights, contract.kind))
 
