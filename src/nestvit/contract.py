@@ -124,10 +124,10 @@ class InputTransform:
             except DatasetError as e:
                 raise UnreadableImageError(str(e)) from None
             return x.contiguous()
-        from .data.datasets import resize_images
+        from .data.datasets import convert_image, resize_images
 
         with open_image(path) as img:
-            array = np.asarray(img.convert("L" if self.channels == 1 else "RGB"), dtype=np.uint8)
+            array = np.asarray(convert_image(img, "L" if self.channels == 1 else "RGB"), dtype=np.uint8)
         x = torch.from_numpy(array.copy())
         x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
         x = resize_images(x[None], self.content or self.size)[0]  # the resize of training's data.resize_to

@@ -659,6 +659,24 @@ def test_greyscale_files_are_found_and_decoded_to_one_channel(tmp_path):
     assert torch.equal(one[0], three[0]) and torch.equal(three[0], three[2])  # the grey values, once
 
 
+def test_16_bit_and_float_greyscale_keep_their_grey_levels(tmp_path):
+    """Pillow's convert("L") clips I;16 / I / F to 0..255: a 16-bit PNG at 46 % grey came out white."""
+    from nestvit.contract import InputTransform
+    from nestvit.data.datasets import decode_image
+
+    deep = tmp_path / "deep.png"
+    Image.fromarray(np.full((10, 12), 30000, dtype=np.uint16)).save(deep)
+    assert Image.open(deep).mode in ("I;16", "I")
+    flt = tmp_path / "f.tiff"
+    Image.fromarray(np.full((10, 12), 0.25, dtype=np.float32)).save(flt)
+    for path, grey in ((deep, 117), (flt, 64)):  # 30000 * 255 / 65535 = 116.7; 0.25 * 255 = 63.75
+        assert decode_image(path, size=8, channels=1).unique().tolist() == [grey]
+        assert decode_image(path, size=8, channels=3).unique().tolist() == [grey]
+        for resize in ("stretch", "center-crop"):  # predict / explain / nestvit.load read it the same way
+            t = InputTransform(channels=1, size=(8, 8), mean=(0.5,), std=(0.5,), resize=resize)
+            assert t.read_batch([path]).unique().tolist() == [grey]
+
+
 def test_data_channels_default_follows_the_training_files(tmp_path):
     from nestvit.train.inputs import resolve_data
 

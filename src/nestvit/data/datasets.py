@@ -765,6 +765,23 @@ def resize_images(images: torch.Tensor, size: int | tuple[int, int] | None) -> t
     return torch.cat(out)
 
 
+def convert_image(img: Image.Image, mode: str) -> Image.Image:
+    """``img.convert(mode)`` (``"L"`` or ``"RGB"``) that keeps the grey levels of high-bit-depth images.
+
+    Pillow's own conversion clips 16-bit (``I;16``, ``I``) and float (``F``) greyscale to 0..255, which makes a
+    16-bit PNG almost white; here 16-bit values are scaled by 255/65535 (``I`` as 16-bit when a value exceeds
+    255) and floats in [0, 1] by 255 (others clipped to 0..255).
+    """
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16") or (img.mode == "I" and a.size and a.max() > 255):
+            a = a * (255 / 65535)
+        elif img.mode == "F" and a.size and a.min() >= 0 and a.max() <= 1:
+            a = a * 255
+        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+    return img.convert(mode)
+
+
 def decode_image(source: str | Path | io.BytesIO, *, size: int, resize_size: int | None = None,
                  crop_box: Callable[[int, int], tuple[int, int, int, int] | None] | None = None,
                  name: str | Path | None = None, channels: int = 3) -> torch.Tensor:
@@ -782,7 +799,7 @@ def decode_image(source: str | Path | io.BytesIO, *, size: int, resize_size: int
             mode = "L" if channels == 1 else "RGB"
             if crop_box is None:  # small random crops need the full resolution
                 img.draft(mode, (resize_size, resize_size))  # fast JPEG downscale on decode
-            img = img.convert(mode)
+            img = convert_image(img, mode)
             w, h = img.size
             box = crop_box(w, h) if crop_box is not None else None
             if box is not None:
