@@ -60,6 +60,8 @@ def test_export_bad_input_is_one_line(weights, tmp_path, capsys):
     assert "onnx exports are .onnx files; name it notes.onnx" in capsys.readouterr().err
     assert main(["export", str(weights), "--format", "onnx", "--out", str(tmp_path / "m.pt2")]) == 2
     assert notes.read_text() == "mine" and not (tmp_path / "m.pt2").exists()
+    assert main(["export", str(weights), "--out", str(notes / "m.onnx")]) == 2  # a file where a folder goes
+    assert "--out " + str(notes) + ": exists and is not a folder" in capsys.readouterr().err
 
 
 def test_export_format_follows_out_and_a_replaced_file_is_said(weights, tmp_path, capsys):
@@ -96,6 +98,11 @@ def test_predict_and_eval_read_the_onnx_export(weights, tmp_path, capsys):
             Image.fromarray(rng.integers(0, 255, (20, 24), dtype=np.uint8)).save(folder / "test" / c / f"{i}.png")
     assert main(["export", str(weights), "--out", str(tmp_path / "m.onnx")]) == 0
     capsys.readouterr()
+    assert main(["export", str(tmp_path / "m.onnx")]) == 2  # was an internal error of torch.export
+    assert "is an export already; export the run folder or weights file" in capsys.readouterr().err
+    with pytest.raises(ContractError, match="is an export"):  # was an empty model.safetensors
+        nestvit.save_pretrained(tmp_path / "m.onnx", tmp_path / "shared")
+    assert not (tmp_path / "shared").exists()
     for source in (weights, tmp_path / "m.onnx"):
         out = tmp_path / f"ev_{source.suffix[1:]}"
         assert main(["eval", str(source), "--data", str(folder), "--out", str(out)]) == 0

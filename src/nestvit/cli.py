@@ -148,8 +148,8 @@ def _internal_error(command: str, e: BaseException) -> int:
     _close_progress_bars()
     print(f"nestvit {command}: internal error (a bug in nestvit, not in your input): {type(e).__name__}: {e}",
           file=sys.stderr)
-    print("please report it with the command line and the output of `nestvit --version`; run it again with "
-          "--debug to see the traceback", file=sys.stderr)
+    print("please report it with the command line and the output of `nestvit --version`; run it again as "
+          f"`nestvit --debug {command} ...` to see the traceback", file=sys.stderr)
     return 1
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -73,8 +75,12 @@ def writable_dir(path: str | Path) -> Path:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"--out {path}: cannot create the folder ({e.strerror}); choose a writable path") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {path}: the folder is not writable; choose a writable path")
+    try:  # a real write: os.access says yes to root in read-only places such as /proc
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        why = f" ({e.strerror.lower()})" if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else ""
+        raise ValueError(f"--out {path}: the folder is not writable{why}; choose a writable path") from None
     return path
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .cli_args import nonnegative_float, positive_int
+from .cli_args import add_threads, nonnegative_float, positive_int, writable_dir
 from .contract import CONTRACT_KEY  # the ONNX metadata key of the contract; ".json" added: the .pt2 file
 
 FORMATS = {"onnx": ".onnx", "pt2": ".pt2"}
@@ -45,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--atol", type=nonnegative_float, default=1e-4,
                         help="largest difference allowed in the check (1e-4)")
     parser.add_argument("--no-check", action="store_true", help="write only, do not run the export to check it")
+    add_threads(parser)
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 
 
@@ -214,8 +215,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .contract import HUB_PREFIX, load
+    from .contract import EXPORTED_SUFFIXES, HUB_PREFIX, load
 
+    if Path(args.checkpoint).suffix.lower() in EXPORTED_SUFFIXES:
+        raise ValueError(f"{args.checkpoint} is an export already; export the run folder or weights file it was "
+                         "made from")
     loaded = load(args.checkpoint, args.weights)
     kind = loaded.contract.kind
     if kind not in ("classifier", "generator"):
@@ -232,6 +236,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out}: {args.format} exports are {FORMATS[args.format]} files; name it "
                          f"{out.with_suffix(FORMATS[args.format]).name}")
     replaced = out.exists()
+    writable_dir(out.parent)  # before the export and its check
     if kind == "generator":  # noise z (B, latent_dim) -> images (B, C, H, W) in [-1, 1]
         def inputs(batch: int, seed: int) -> torch.Tensor:
             return torch.randn(batch, model.latent_dim, generator=torch.Generator().manual_seed(seed))

@@ -62,6 +62,30 @@ def disk_full_error(path: str | Path, *, kept: str | None = None) -> DiskFullErr
     return err
 
 
+class UnwritableError(UserError, OSError):
+    """The folder of a file to write cannot be made or written to (a read-only place, a file in the way)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def _temporary_beside(path: Path) -> str:
+    """A new empty temporary file in ``path``'s folder (made if missing); :class:`UnwritableError` naming ``path``
+    (not the temporary) where the folder cannot be made or written to."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:  # the temporary's own name would only confuse: say which file and why
+        if is_disk_full(e):
+            raise disk_full_error(path) from e
+        why = "a file is in the way of its folder" if isinstance(e, (FileExistsError, NotADirectoryError)) \
+            else (e.strerror or str(e)).lower()
+        raise UnwritableError(f"{path}: cannot be written ({why}); choose a path in a folder you can write to") \
+            from None
+    os.close(fd)
+    return tmp
+
+
 @contextmanager
 def atomic_path(path: str | Path, *, fsync: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; when the block ends without error the file is renamed
@@ -70,9 +94,7 @@ def atomic_path(path: str | Path, *, fsync: bool = False) -> Iterator[Path]:
     ``fsync=True`` flushes the file to disk before the rename (checkpoints). A write that runs out of
     space raises :class:`DiskFullError` (one line: the disk is full, where, the old file is intact)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _temporary_beside(path)
     try:
         try:
             yield Path(tmp)

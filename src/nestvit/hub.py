@@ -107,8 +107,17 @@ def save_pretrained(source: Any, folder: str | Path) -> Path:
     from .fileio import atomic_write_text
     from .interop import save_weights
 
-    loaded = _loaded(source)
+    from .contract import EXPORTED_SUFFIXES
+
     folder = Path(folder)
+    if isinstance(source, (str, Path)) and Path(source).suffix.lower() in EXPORTED_SUFFIXES:
+        raise ContractError(f"{source} is an export (its weights are the runtime's, not PyTorch's); give the run "
+                            "folder or weights file it was made from")
+    if folder.exists() and not folder.is_dir():
+        raise ContractError(f"{folder} is a file; save_pretrained writes a folder: give a folder's path")
+    loaded = _loaded(source)
+    if loaded.weights.suffix.lower() in EXPORTED_SUFFIXES:
+        raise ContractError(f"{loaded.weights} is an export; give the run folder or weights file it was made from")
     folder.mkdir(parents=True, exist_ok=True)
     contract = loaded.contract
     if contract.transform is None:
