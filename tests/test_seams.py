@@ -174,7 +174,7 @@ def test_config_of_a_run_reads_back(tmp_path):
     assert np.isclose(sum(nestvit.load(tmp_path / "run").transform.std), sum(cfg.data.std))
 
 
-def test_finetune_a_run_on_a_folder_at_another_size_channels_and_classes(tmp_path, capsys):
+def test_finetune_a_run_on_a_folder_at_another_size_channels_and_classes(tmp_path, capsys, monkeypatch):
     """#38's journey: a run trained on grey 32x32 digits (10 classes) -> `nestvit train finetune` on an RGB
     image folder of 3 classes at 64x64 -> eval, predict and export of the fine-tuned run."""
     recipe = tiny_run_recipe(tmp_path, *FAMILIES["nest"][:2])
@@ -189,7 +189,8 @@ def test_finetune_a_run_on_a_folder_at_another_size_channels_and_classes(tmp_pat
                 Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     capsys.readouterr()
     run = tmp_path / "ft"
-    assert main(["train", "finetune", "--set", f"model.weights={pre}", "--set", f"data.root={tmp_path / 'pets'}",
+    monkeypatch.chdir(tmp_path)  # model.weights relative, as typed
+    assert main(["train", "finetune", "--set", "model.weights=pre", "--set", f"data.root={tmp_path / 'pets'}",
                  "--set", "data.img_size=64", "--set", "data.workers=0", "--set", "global_batch=12",
                  "--set", "epochs=1", "--set", "progress=false", "--out", str(run)]) == 0
     out = capsys.readouterr().out
@@ -203,6 +204,9 @@ def test_finetune_a_run_on_a_folder_at_another_size_channels_and_classes(tmp_pat
     assert main(["eval", str(run)]) == 0 and main(["predict", str(run), str(img)]) == 0
     assert main(["export", str(run), "--format", "pt2"]) == 0
     assert "max |difference|" in capsys.readouterr().out
+    assert load_config(run / "config.yaml").model.weights == str(pre)  # recorded absolute: resume from anywhere
+    monkeypatch.chdir(tmp_path / "pets")
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0
 
 
 def test_grey_image_folders_train_a_grey_model_and_finetune_keeps_its_normalisation(tmp_path, capsys):
@@ -244,3 +248,17 @@ def test_grey_image_folders_train_a_grey_model_and_finetune_keeps_its_normalisat
                  "--set", "data.pad_to=null", "--set", "data.channels=3", *common,
                  "--out", str(tmp_path / "forced")]) == 0
     assert nestvit.load(tmp_path / "forced").transform.channels == 3
+
+
+def test_a_relative_weights_path_of_an_older_run_names_the_fix_on_resume(tmp_path, monkeypatch):
+    from nestvit.train.config import ConfigError, TrainConfig, replace
+    from nestvit.train.loop import absolute_weights
+
+    monkeypatch.chdir(tmp_path)
+    cfg = replace(TrainConfig(), model={"weights": "runs/pre"}, distill={"teacher_weights": "nest_tiny_224.jx_in1k"})
+    assert absolute_weights(cfg) == cfg  # a new run: the missing path is reported where it is read
+    with pytest.raises(ConfigError, match=r"model.weights runs/pre: not found from .* add --set "
+                                          r"model.weights=ABSOLUTE_PATH"):
+        absolute_weights(cfg, resume=True)  # a published tag (the teacher here) is no path: left as it is
+    (tmp_path / "runs" / "pre").mkdir(parents=True)
+    assert absolute_weights(cfg, resume=True).model.weights == str(tmp_path / "runs" / "pre")

@@ -95,6 +95,27 @@ def _build(section: C.ModelSection, key: str, **data: Any) -> tuple[nn.Module, d
         raise C.ConfigError(f"{key} do not fit {section.name}: {e}") from e
 
 
+def absolute_weights(cfg: C.TrainConfig, *, resume: bool = False) -> C.TrainConfig:
+    """``model.weights`` and ``distill.teacher_weights`` recorded absolute where they name a file or folder here
+    (as ``data.root``), so that ``--resume`` works from any folder; published tags and ``hf-hub:`` stay as given.
+    A relative path a run recorded before this that is not found from here: one error naming the fix."""
+    from ..contract import HUB_PREFIX
+    from ..pretrained import published
+
+    for section, key in (("model", "weights"), ("distill", "teacher_weights")):
+        value = getattr(getattr(cfg, section), key)
+        if not value or str(value).startswith(HUB_PREFIX) or Path(value).is_absolute():
+            continue
+        path = Path(value).expanduser()
+        if path.exists():
+            cfg = C.replace(cfg, **{section: {key: str(path.absolute())}})
+        elif resume and published(value) is None:
+            raise C.ConfigError(f"{section}.{key} {value}: not found from {Path.cwd()} (a path relative to the "
+                                f"folder the run was started in); resume from there, or add --set "
+                                f"{section}.{key}=ABSOLUTE_PATH")
+    return cfg
+
+
 class Trainer:
     """Holds a run's model, optimizer, data and state; ``fit()`` trains it. Build with ``train()``."""
 
@@ -122,6 +143,7 @@ class Trainer:
         if state is not None and "channels" not in saved_data and cfg.data.channels is None and \
                 is_streamed(cfg.data.name):
             cfg = C.replace(cfg, data={"channels": 3})  # runs before data.channels decoded every file to RGB
+        cfg = absolute_weights(cfg, resume=resume)
         d = resolve_data(cfg.data, cfg.model)  # image size from the model, the eval split from what exists
         self.train_split = load_split(d, d.train_split, self.device, limit=d.limit_train)
         self.eval_split = load_split(d, d.eval_split, self.device, classes=self.train_split.classes,
