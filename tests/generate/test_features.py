@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 import torch
 from safetensors.torch import save_file
 
@@ -100,8 +101,11 @@ def test_gan_resume_refuses_another_feature_network(tmp_path):
     names = {r["feature_net"] for r in read_metrics(run) if "feature_net" in r}
     assert names == {load_feature_net(a).name}
     other = GanConfig(**{**cfg.__dict__, "feature_net": str(b)})
-    with pytest.raises(FeatureNetError, match="not comparable"):
-        train_gan(other, run, resume=True, log=lambda s: None)
+    said.clear()
+    with pytest.raises(FeatureNetError, match="was evaluated with feature_net=.*a.safetensors, not .*b.safetensors; "
+                                              "FIDs of different feature networks are not comparable"):
+        train_gan(other, run, resume=True, log=said.append)
+    assert said == []  # refused before anything was set up (an "auto" network is trained for minutes)
     train_gan(cfg, run, resume=True, log=lambda s: None)  # the same network: resumes
     assert [r["step"] for r in read_metrics(run) if r.get("kind") == "eval"] == [0, 1, 2]
     train_gan(cfg, run, resume=True, log=lambda s: None)  # a finished run resumed: its last evaluation stands
@@ -150,9 +154,14 @@ def test_generate_eval_repeats_the_runs_last_evaluation(tmp_path, monkeypatch, c
     assert "not on the run's curve" in capsys.readouterr().err
     assert main(["generate", "eval", str(run / "generator.safetensors"), "-n", "16", "--out", "r.json"]) == 0
     assert json.loads((tmp_path / "r.json").read_text())["generator"] == "raw"  # named by the file's own role
-    # from another folder the run's relative feature_net is not found: said so, with the fix
+    # the relative feature_net was recorded absolute: the run evaluates from any folder
+    assert yaml.safe_load((run / "config.yaml").read_text())["feature_net"] == str(a)
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["generate", "eval", str(run), "-n", "16"]) == 0
+    # a run of an older version recorded it relative: not found from here, said so with the fix
+    text = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(text.replace(str(a), "a.safetensors"))
     capsys.readouterr()
     assert main(["generate", "eval", str(run), "-n", "16"]) == 2
     err = capsys.readouterr().err

@@ -27,7 +27,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -301,6 +301,49 @@ def _is_path(spec: str) -> bool:
     return spec != "auto" and not spec.startswith("inception")
 
 
+def absolute_feature_net(cfg: GanConfig, recorded_by: Path | None = None, flag: str = "--set feature_net=") -> GanConfig:
+    """``cfg`` with a feature network path (a classifier run, ``inception:PATH``) made absolute where it exists
+    here, so that a run's config.yaml works from any folder; ``recorded_by``: the run folder whose config.yaml
+    named it, for the error of a relative path written by an older version and not found from here."""
+    spec = cfg.feature_net
+    prefix, path = ("inception:", spec[len("inception:"):]) if spec.startswith("inception:") else ("", spec)
+    if not (prefix or _is_path(spec)) or not path or Path(path).is_absolute():
+        return cfg
+    if Path(path).expanduser().exists():
+        return replace(cfg, feature_net=prefix + str(Path(path).expanduser().absolute()))
+    if recorded_by is not None:
+        from .metrics import FeatureNetError
+
+        raise FeatureNetError(f"{recorded_by}/config.yaml names the feature network {spec}, a path relative to where "
+                              f"the run was trained and not found from here ({Path.cwd()}); run the command from "
+                              f"there, or give {flag}{prefix}ABSOLUTE_PATH (the same network, for "
+                              "comparable numbers)")
+    return cfg
+
+
+def _check_same_feature_net(cfg: GanConfig, out: Path) -> None:
+    """Refuse, before anything is trained, a resume whose feature network is not the one the run's metrics so far
+    were measured with (FIDs of two networks are not comparable)."""
+    from ..config import ConfigError, read_run_config
+
+    try:
+        saved = read_run_config(out, "gan").get("feature_net")
+    except ConfigError:
+        return  # no config.yaml: the resume itself says what is missing
+    if not isinstance(saved, str) or saved == cfg.feature_net:
+        return
+    saved = absolute_feature_net(replace(cfg, feature_net=saved)).feature_net
+    path = "" if saved == "auto" else saved.partition(":")[2] if saved.startswith("inception") else saved
+    if saved == cfg.feature_net or (path and not Path(path).is_absolute()):
+        return  # the same network, or an older relative path not found here: compared after the set-up
+    if any("feature_net" in r for r in read_metrics(out)):
+        from .metrics import FeatureNetError
+
+        raise FeatureNetError(f"{out} was evaluated with feature_net={saved}, not {cfg.feature_net}; FIDs of "
+                              "different feature networks are not comparable. Resume without changing feature_net "
+                              "(or --set feature_net=" + saved + "), or train a new run")
+
+
 def evaluate_run(path: str | Path, *, n: int = 10_000, ema: bool = True, feature_net: str | None = None,
                  seed: int = EVAL_SEED, device: str | None = None,
                  log: Callable[[str], None] | None = None) -> dict:
@@ -332,13 +375,9 @@ def evaluate_run(path: str | Path, *, n: int = 10_000, ema: bool = True, feature
                           "folder's config.yaml") from None
     cfg = config_from_dict(raw, str(run_dir / "config.yaml"))
     if feature_net:
-        cfg = apply_overrides(cfg, [f"feature_net={feature_net}"])
-    elif _is_path(cfg.feature_net) and not Path(cfg.feature_net).is_absolute() and not Path(cfg.feature_net).exists():
-        from .metrics import FeatureNetError
-
-        raise FeatureNetError(f"{run_dir}/config.yaml names the feature network {cfg.feature_net}, a path relative to "
-                              f"where the run was trained and not found from here ({Path.cwd()}); run the command "
-                              "from there, or give --feature-net PATH (the same network, for comparable numbers)")
+        cfg = absolute_feature_net(apply_overrides(cfg, [f"feature_net={feature_net}"]))
+    else:
+        cfg = absolute_feature_net(cfg, recorded_by=run_dir, flag="--feature-net ")
     dev = resolve_device(device)
     extractor, ref_feats, ref_stats = eval_reference(cfg, run_dir / "feature_net", dev, log)
     measured = {r["feature_net"] for r in read_metrics(run_dir) if "feature_net" in r}
@@ -426,6 +465,9 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
     if not resume and ((out / STATE_FILE).exists() or (out / "checkpoints" / "latest").exists()):
         raise ValueError(f"{out} already holds a run; resume it (nestvit generate train --resume {out}) or pick "
                          "another --out")
+    cfg = absolute_feature_net(cfg, recorded_by=out if resume else None)
+    if resume:
+        _check_same_feature_net(cfg, out)
     threads = torch.get_num_threads()
     try:
         with contextlib.ExitStack() as closing:  # the metrics log, closed however the run ends
