@@ -499,6 +499,13 @@ def _train_gan(cfg: GanConfig, out: Path, *, resume: bool, data: torch.Tensor | 
     if G.img_size != size or G.out_chans != images.shape[1]:
         raise ValueError(f"generator {cfg.generator} makes {G.out_chans}x{G.img_size}x{G.img_size} images but the data "
                          f"are {images.shape[1]}x{size}x{size}; pick a matching preset or set generator_overrides")
+    if D.img_size != size or D.in_chans != images.shape[1]:
+        raise ValueError(f"discriminator {cfg.discriminator} takes {D.in_chans}x{D.img_size}x{D.img_size} images but "
+                         f"the data are {images.shape[1]}x{size}x{size}; pick the preset of that size (the "
+                         f"generator's is {cfg.generator}) or set discriminator_overrides")
+    if cfg.batch_size > len(images):
+        raise ValueError(f"batch_size {cfg.batch_size} is larger than the {len(images)} training images; set "
+                         f"batch_size to at most {len(images)} (or use more images: max_images)")
     # the EMA generator: samples and metrics use it; its weights are averaged with a warm-up ramp, its buffers
     # (the conv baseline's BatchNorm statistics) copied from the raw generator at every update, and with
     # ema_bn="recompute" measured anew for the averaged weights before each use (the next update overwrites
