@@ -110,6 +110,9 @@ def test_bench_dtype_list_and_single_mode(tmp_path, monkeypatch, capsys):
     (["bench", "nest_tiny_cifar", "--dtype", "fp16"], "--dtype"),
     (["bench", "nest_tiny_cifar", "--set", "attn"], "KEY=VALUE"),
     (["bench", "nest_tiny_cifar", "--img-size", "0"], "--img-size"),
+    (["bench", "generator_nest_28"], "is a generator: bench times classifiers; the generators are timed by"),
+    (["bench", "nest_tiny_cifar", "--generators", "--gen-sizes", "48"],  # before the classifier is timed
+     "generator size(s) 48: the generators (nest, transgan, conv) have presets of sizes 28, 32, 64"),
 ])
 def test_bad_arguments_are_clear_errors(argv, message, capsys):
     assert main(argv) == 2

@@ -503,7 +503,7 @@ def format_table(rows: list[dict[str, Any]], *, markdown: bool = False) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from .contract import HUB_PREFIX
-    from .registry import list_models
+    from .registry import list_models, model_kind
     from .system import machine_info, machine_label, slow_bf16
 
     known = set(list_models(kind=None))
@@ -523,6 +523,14 @@ def run(args: argparse.Namespace) -> int:
         else:
             raise ValueError(f"unknown model {m!r}: neither a registered name (`nestvit models`) nor a run "
                              "directory or weights file")
+        kind = model_kind(specs[m][0])
+        if kind not in ("classifier", "baseline"):  # the GAN's networks take noise or give one logit
+            raise ValueError(f"{m} is a {kind}: bench times classifiers; the generators are timed by `python -m "
+                             "nestvit.generate.bench --sizes 28` (or beside a classifier: --generators)")
+    if args.generators:  # checked now, not after the classifiers were timed
+        from .generate.bench import check_sizes
+
+        check_sizes(args.gen_sizes)
     dtypes = [d.strip() for d in str(args.dtype).split(",") if d.strip()]
     bad = [d for d in dtypes if d not in DTYPES]
     if bad or not dtypes:

@@ -58,6 +58,23 @@ def _interleaved(calls: dict[str, Callable[[], object]], *, rounds: int, warmup:
     return times
 
 
+def preset_sizes(kinds: Sequence[str] = KINDS) -> list[str]:
+    """The output sizes every one of ``kinds`` has a preset of (``nest_28``, ``conv_28``, ...)."""
+    from .models import GENERATORS
+
+    return sorted({name.rpartition("_")[2] for name in GENERATORS
+                   if all(f"{k}_{name.rpartition('_')[2]}" in GENERATORS for k in kinds)})
+
+
+def check_sizes(sizes: Sequence[int | str], kinds: Sequence[str] = KINDS) -> None:
+    """``ValueError`` naming the sizes that have presets, before anything is timed."""
+    have = preset_sizes(kinds)
+    bad = [str(s) for s in sizes if str(s) not in have]
+    if bad:
+        raise ValueError(f"generator size(s) {', '.join(bad)}: the generators ({', '.join(kinds)}) have presets of "
+                         f"sizes {', '.join(have)}")
+
+
 def bench_generators(sizes: Sequence[int | str] = (32, 64), kinds: Sequence[str] = KINDS, *, batch_size: int = 64,
                      train_batch_size: int | None = None, repeats: int = 3, train_repeats: int = 2, warmup: int = 1,
                      threads: int | None = None, train: bool = True, seed: int = 0, clock: str = "wall",
@@ -77,6 +94,7 @@ def bench_generators(sizes: Sequence[int | str] = (32, 64), kinds: Sequence[str]
 
     if clock not in ("wall", "cpu"):
         raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
+    check_sizes(sizes, kinds)
     if threads:
         torch.set_num_threads(threads)
     train_batch_size = train_batch_size or batch_size
@@ -195,6 +213,10 @@ def _main(argv: list[str] | None = None) -> int:
         attention = dict(item.split("=", 1) for item in args.attention)
     except ValueError:
         p.error(f"--attention takes KIND=KERNEL, got {args.attention}")
+    try:
+        check_sizes(args.sizes, args.kinds)
+    except ValueError as e:
+        p.error(f"--sizes: {e}")
     t0 = time.perf_counter()
     rows = bench_generators(args.sizes, args.kinds, batch_size=args.batch_size,
                             train_batch_size=args.train_batch_size, repeats=args.repeats,
