@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path

@@ -104,10 +104,9 @@ def save_pretrained(source: Any, folder: str | Path) -> Path:
     ``source``: a run folder or weights file (``nestvit.load``), a ``Loaded``, or a model from ``create_model``.
     """
     from . import __version__
+    from .contract import EXPORTED_SUFFIXES
     from .fileio import atomic_write_text
     from .interop import save_weights
-
-    from .contract import EXPORTED_SUFFIXES
 
     folder = Path(folder)
     if isinstance(source, (str, Path)) and Path(source).suffix.lower() in EXPORTED_SUFFIXES:

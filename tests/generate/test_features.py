@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import yaml
 import torch
+import yaml
 from safetensors.torch import save_file
 
 from nestvit.contract import InputTransform, RunContract

@@ -299,3 +299,30 @@ def test_a_discriminator_or_batch_that_does_not_fit_the_data_is_one_clear_error(
         train_gan(GanConfig(**{**TINY, "discriminator": "resnet_32"}, steps=1), tmp_path / "a", data=_toy())
     with pytest.raises(ValueError, match="batch_size 64 is larger than the 3 training images"):
         train_gan(GanConfig(**{**TINY, "batch_size": 64}, steps=1), tmp_path / "b", data=_toy()[:3])
+
+
+def test_your_own_images_train_a_gan_as_docs_generation_md_says(tmp_path, capsys):
+    """docs/generation.md, "Your own images": load_images -> one uint8 tensor -> train_gan -> generate sample;
+    `generate train` itself names that way for an image folder."""
+    import numpy as np
+    from PIL import Image
+
+    from nestvit.cli import main
+    from nestvit.config import ConfigError
+    from nestvit.data import load_images
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "my_images" / c).mkdir(parents=True)
+        for i in range(6):
+            image = rng.integers(0, 255, (30 + i, 40), dtype=np.uint8)  # of several sizes
+            Image.fromarray(image).save(tmp_path / "my_images" / c / f"{i}.png")
+    ds = load_images(tmp_path / "my_images", "train", holdout=0, size=28, channels=1)
+    images = torch.stack([ds[i][0] for i in range(len(ds))])
+    assert images.dtype == torch.uint8 and images.shape == (12, 1, 28, 28)
+    cfg = GanConfig(generator="nest_28", discriminator="resnet_28", steps=1, batch_size=4, progress=False)
+    train_gan(cfg, tmp_path / "my_gan", data=images, log=lambda s: None)
+    assert main(["generate", "sample", str(tmp_path / "my_gan"), "-n", "4", "--out", str(tmp_path / "g.png")]) == 0
+    with pytest.raises(ConfigError, match=r"dataset 'imagefolder': `nestvit generate train` reads an in-memory set .*"
+                                          r"train_gan\(cfg, out, data=images\)"):
+        GanConfig(dataset="imagefolder")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -113,6 +114,13 @@ class GanConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        from ..data.datasets import DATASETS
+
+        sets = [name for name, info in DATASETS.items() if info.in_memory]
+        if self.dataset not in sets:
+            raise ConfigError(f"dataset {self.dataset!r}: `nestvit generate train` reads an in-memory set "
+                              f"({', '.join(sets)}); your own images train from Python: train_gan(cfg, out, "
+                              "data=images), a uint8 (N, C, H, W) tensor (docs/generation.md, \"Your own images\")")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,7 +291,6 @@ def eval_reference(cfg: GanConfig, cache: Path, device: torch.device | str,
     """What a run's FID / KID / IS are measured against: ``(feature network, reference features, their
     Gaussian statistics)`` for ``cfg.feature_net`` (``"auto"``: the ``fid_features`` run in ``cache``) and the
     ``cfg.eval_ref_split`` images of ``cfg.dataset``. Training and ``nestvit generate eval`` both use it."""
-    from ..data import load_dataset
     from .metrics import extract, gaussian_stats, get_feature_extractor
 
     extractor = get_feature_extractor(cfg.feature_net, cache=cache, dataset=cfg.dataset, pad_to=cfg.pad_to, log=log)
@@ -292,7 +299,7 @@ def eval_reference(cfg: GanConfig, cache: Path, device: torch.device | str,
     if trained_on and trained_on != cfg.dataset:
         log(f"note: the feature network {extractor.name} was trained on {trained_on}, this run's data is "
             f"{cfg.dataset}: its features may not describe these images")
-    ref = _to_unit(load_dataset(cfg.dataset, split=cfg.eval_ref_split).images, cfg.pad_to)
+    ref = _to_unit(load_images_of(cfg, cfg.eval_ref_split), cfg.pad_to)
     ref_feats, _ = extract(extractor, ref)
     return extractor, ref_feats, gaussian_stats(ref_feats)
 
@@ -301,7 +308,8 @@ def _is_path(spec: str) -> bool:
     return spec != "auto" and not spec.startswith("inception")
 
 
-def absolute_feature_net(cfg: GanConfig, recorded_by: Path | None = None, flag: str = "--set feature_net=") -> GanConfig:
+def absolute_feature_net(cfg: GanConfig, recorded_by: Path | None = None,
+                         flag: str = "--set feature_net=") -> GanConfig:
     """``cfg`` with a feature network path (a classifier run, ``inception:PATH``) made absolute where it exists
     here, so that a run's config.yaml works from any folder; ``recorded_by``: the run folder whose config.yaml
     named it, for the error of a relative path written by an older version and not found from here."""
@@ -396,10 +404,20 @@ def evaluate_run(path: str | Path, *, n: int = 10_000, ema: bool = True, feature
 # Training
 # --------------------------------------------------------------------------------------------------
 
-def load_train_images(cfg: GanConfig) -> torch.Tensor:
-    from ..data import load_dataset
+def load_images_of(cfg: GanConfig, split: str) -> torch.Tensor:
+    """uint8 ``(N, C, H, W)`` images of ``split`` of ``cfg.dataset`` (an in-memory set), one clear error if absent."""
+    from ..data import DatasetError, load_dataset
 
-    images = load_dataset(cfg.dataset, split="train").images
+    try:
+        return load_dataset(cfg.dataset, split=split).images
+    except DatasetError as e:  # the GAN config has no data.download key: the fix that applies here
+        fix = f"fetch the files once from Python: nestvit.data.load_dataset({cfg.dataset!r}, download=True)"
+        raise DatasetError(re.sub(r"set data\.download=true \(.*?\) to fetch the original files", fix, str(e))) \
+            from None
+
+
+def load_train_images(cfg: GanConfig) -> torch.Tensor:
+    images = load_images_of(cfg, "train")
     return images[:cfg.max_images] if cfg.max_images else images
 
 
