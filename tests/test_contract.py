@@ -138,6 +138,22 @@ def test_predict_skips_an_unreadable_file_and_keeps_the_others(weights, image, t
     assert "none of the 3 files is a readable image" in one_line_error(capsys, "predict", str(weights), str(photos))
 
 
+def test_explain_skips_an_unreadable_file_and_refuses_a_class_list_of_another_length(weights, image, tmp_path,
+                                                                                       capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.png").write_bytes(Path(image).read_bytes())
+    (photos / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    assert main(["explain", str(weights), str(photos), "--method", "cam", "--out", str(tmp_path / "x")]) == 0
+    std = capsys.readouterr()
+    assert "warning: skipped 1 unreadable file(s): " in std.err and "broken.png" in std.err
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["a_cam.png"]
+    names = tmp_path / "names.txt"
+    names.write_text("cat\ndog\n")  # the model has 3 classes: before, silently ignored
+    assert "2 names, but the model has 3 classes" in one_line_error(
+        capsys, "explain", str(weights), str(image), "--classes", str(names), "--out", str(tmp_path / "y"))
+
+
 def test_unwritable_out_fails_before_the_work(weights, image, tmp_path, capsys):
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -143,3 +144,41 @@ def output_stems(paths: list[Path]) -> list[str]:
             return [f"{i}_{s}" if s in taken else s for i, s in enumerate(stems)]
         for i in grow:
             depth[i] += 1
+
+
+class SkippedImages:
+    """The unreadable files a command over many images skips (one does not cost the others their results)."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.errors)
+
+    def read(self, transform: Any, paths: Sequence[Path]) -> tuple[list[Path], Any]:
+        """``(readable paths, uint8 (B, C, H, W) tensor of them or None)``; each unreadable file's error is kept."""
+        import torch
+
+        from .contract import UnreadableImageError
+
+        kept, images = [], []
+        for path in paths:
+            try:
+                images.append(transform.read(path))
+                kept.append(path)
+            except UnreadableImageError as e:
+                self.errors.append(str(e))
+        return kept, torch.stack(images) if images else None
+
+    def report(self, done: int) -> None:
+        """Raise the error when nothing was read (``done == 0``); else warn about the files skipped."""
+        from .contract import UnreadableImageError
+
+        more = f" and {len(self.errors) - 3} more" if len(self.errors) > 3 else ""
+        if not done and self.errors:
+            raise UnreadableImageError(self.errors[0] if len(self.errors) == 1 else f"none of the {len(self.errors)} "
+                                       f"files is a readable image: {'; '.join(self.errors[:3])}{more}")
+        if self.errors:
+            print(f"warning: skipped {len(self.errors)} unreadable file(s): {'; '.join(self.errors[:3])}{more}",
+                  file=sys.stderr)
+

@@ -25,7 +25,16 @@ from pathlib import Path
 
 import torch
 
-from ..cli_args import add_threads, image_files, output_stems, parse_sets, positive_int, unit_float, writable_dir
+from ..cli_args import (
+    SkippedImages,
+    add_threads,
+    image_files,
+    output_stems,
+    parse_sets,
+    positive_int,
+    unit_float,
+    writable_dir,
+)
 from ..fileio import atomic_write_text
 
 METHODS = ("gradcat", "cam", "gradcam", "rollout", "occlusion")
@@ -152,6 +161,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--classes {args.classes}: not a UTF-8 text file; save it as UTF-8, one class name "
                              "per line") from None
         names = [line.strip() for line in text.splitlines() if line.strip()]
+        if len(names) != model.num_classes:
+            raise ValueError(f"--classes {args.classes}: {len(names)} names, but the model has {model.num_classes} "
+                             "classes; give one name per line for each, in the order of its outputs")
     else:
         names = list(loaded.contract.classes) if loaded.contract.classes is not None else None
     if args.target is not None and not 0 <= args.target < model.num_classes:
@@ -164,16 +176,19 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "rollout" and args.target is not None:
         print("nestvit explain: attention rollout does not depend on the class; --class is ignored", file=sys.stderr)
     report = []
+    stem_of = dict(zip(image_paths, stems))
+    skipped = SkippedImages()  # an unreadable file does not cost the others their explanations
     for first in range(0, len(image_paths), args.batch_size):  # a batch at a time: the maps need gradients
-        paths = image_paths[first:first + args.batch_size]
-        raw = transform.read_batch(paths)
+        paths, raw = skipped.read(transform, image_paths[first:first + args.batch_size])
+        if not paths:
+            continue
         x = transform(raw)
         top_c, top_p = predict(model, x, n_bars)
         if args.method == "gradcat":
             target = None if args.target is None else torch.full((len(x), 1), args.target, dtype=torch.long)
             res = gradcat(model, x, target=target, top_k=args.top_k, sign=args.sign, top=args.top_map)
             for b, p in enumerate(paths):
-                out = gradcat_figure(out_dir / f"{stems[first + b]}_gradcat.png", raw[b], res, b,
+                out = gradcat_figure(out_dir / f"{stem_of[p]}_gradcat.png", raw[b], res, b,
                                      top_classes=top_c[b], top_probs=top_p[b], class_names=names)
                 entry = {"image": str(p), "png": str(out), "explained": []}
                 for k in range(res.classes.shape[1]):
@@ -199,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
             c = int(top_c[b, 0]) if args.target is None else args.target
             box = map_to_box(heat[b], args.threshold) if args.threshold is not None else None
             explained = "" if args.method == "rollout" else label(c)
-            out = heatmap_figure(out_dir / f"{stems[first + b]}_{args.method}.png", raw[b], heat[b],
+            out = heatmap_figure(out_dir / f"{stem_of[p]}_{args.method}.png", raw[b], heat[b],
                                  method=titles[args.method], explained=explained, top_classes=top_c[b],
                                  top_probs=top_p[b], class_names=names, box=box)
             entry = {"image": str(p), "png": str(out), "class": None if args.method == "rollout" else c,
@@ -208,6 +223,7 @@ def run(args: argparse.Namespace) -> int:
                 entry["box"] = list(box)
             report.append(entry)
             print(f"{p}: top-1 {label(int(top_c[b, 0]))} p={float(top_p[b, 0]):.3f} -> {out}")
+    skipped.report(len(report))
     if args.json:
         atomic_write_text(out_dir / "explain.json", json.dumps({"method": args.method, "images": report}, indent=1))
     return 0

@@ -49,8 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..cli_args import writable_dir
-    from ..contract import UnreadableImageError, load
+    from ..cli_args import SkippedImages, writable_dir
+    from ..contract import load
     from ..fileio import atomic_write_text
     from .distributed import resolve_device
     from .loop import view_logits
@@ -74,31 +74,19 @@ def run(args: argparse.Namespace) -> int:
     classes = loaded.classes
     k = min(args.top_k, len(classes))
     rows: list[tuple[Path, list[tuple[str, float]]]] = []
-    skipped: list[str] = []  # an unreadable file does not cost the others their predictions
+    skipped = SkippedImages()  # an unreadable file does not cost the others their predictions
     starts = range(0, len(paths), args.batch_size)
     for start in tqdm(starts, desc="predict", unit="batch", disable=len(starts) < 2 or None, leave=False):
-        chunk, images = [], []
-        for path in paths[start:start + args.batch_size]:
-            try:
-                images.append(loaded.transform.read(path))
-                chunk.append(path)
-            except UnreadableImageError as e:
-                skipped.append(str(e))
+        chunk, batch = skipped.read(loaded.transform, paths[start:start + args.batch_size])
         if not chunk:
             continue
-        batch = torch.stack(images)
         with torch.no_grad():
             out = view_logits(model, batch.to(device), loaded.transform.mean, loaded.transform.std, args.tta)
             probs = out.float().softmax(dim=1).cpu()
         for path, p in zip(chunk, probs):
             top = p.topk(k)
             rows.append((path, [(classes[i], v) for v, i in zip(top.values.tolist(), top.indices.tolist())]))
-    more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
-    if not rows:  # nothing to predict: the error itself
-        raise UnreadableImageError(skipped[0] if len(skipped) == 1 else f"none of the {len(skipped)} files is a "
-                                   f"readable image: {'; '.join(skipped[:3])}{more}")
-    if skipped:
-        print(f"warning: skipped {len(skipped)} unreadable file(s): {'; '.join(skipped[:3])}{more}", file=sys.stderr)
+    skipped.report(len(rows))
     if args.out is None:
         width = max(len(c) for c in classes)
         for path, top in rows:
