@@ -502,3 +502,21 @@ def test_an_unknown_model_option_is_one_line_for_every_command(tmp_path, capsys)
     assert cli.main(["train", "mnist5k_nest", "--set", "model.overrides.depths=abc", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "depths: expected int or a list of int, got 'abc'" in err
+
+
+@pytest.mark.parametrize("option, message", [  # before: ZeroDivisionError / conv / bernoulli errors, exit 1
+    ("block_size=0", "block_size=0 for NestConfig: must be at least 1"),
+    ("num_heads=0", "num_heads=(0, 0, 0) for NestConfig: must be at least 1"),
+    ("mlp_ratio=-1", "mlp_ratio=-1.0 for NestConfig: must be positive"),
+    ("drop_path_rate=2", "drop_path_rate=2.0 for NestConfig: a probability, in [0, 1)"),
+    ("embed_dims=65", "width 65 (level 0) is not divisible by 2 heads; choose widths that are multiples"),
+    ("num_classes=3", "model.overrides.num_classes=3, but the data give 10 classes (the head follows the data)"),
+    ("img_size=48", "model.overrides.img_size=48x48, but the data give 32x32 images (data.img_size; an in-memory"),
+])
+def test_an_impossible_model_option_is_one_line_before_training(option, message, tmp_path, capsys):
+    from nestvit import cli
+
+    assert cli.main(["train", "mnist5k_nest", "--set", f"model.overrides.{option}", "--set", "progress=false",
+                     "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err and "internal error" not in err

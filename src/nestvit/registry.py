@@ -68,7 +68,50 @@ def build_config(cfg: C, overrides: dict[str, Any]) -> C:
         overrides = {k: coerce(v, hints[k], k) for k, v in overrides.items()}
     except ConfigError as e:
         raise ModelOptionError(f"model option {e} (for {type(cfg).__name__})") from None
-    return dataclasses.replace(cfg, **overrides)  # type: ignore[type-var]
+    cfg = dataclasses.replace(cfg, **overrides)  # type: ignore[type-var]
+    check_values(cfg)
+    return cfg
+
+
+# the ranges of the model configs' fields, by name (every family uses the same names for the same things)
+_AT_LEAST_1 = ("in_chans", "out_chans", "patch_size", "num_levels", "depth", "latent_dim", "base_size", "block_size",
+               "embed_dim", "embed_dims", "num_heads", "dims", "token_sizes", "channels", "widths", "img_size",
+               "convs_per_block")
+_AT_LEAST_0 = ("num_classes", "depths")
+_POSITIVE = ("mlp_ratio", "mlp_ratios", "norm_eps")
+_HEADS_OF = ("embed_dims", "embed_dim", "dims")  # widths that num_heads must divide, level by level
+
+
+def check_values(cfg: Any) -> None:
+    """``ModelOptionError`` for a value of a model config out of its field's range (a width of 0, a drop rate of
+    2, heads that do not divide a width), naming the option."""
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    where = f"for {type(cfg).__name__}"
+
+    def each(name: str) -> list[Any]:
+        value = fields[name]
+        return [] if value is None else list(value) if isinstance(value, (tuple, list)) else [value]
+
+    for name in fields:
+        values = each(name)
+        if name in _AT_LEAST_1 and any(v < 1 for v in values):
+            raise ModelOptionError(f"model option {name}={fields[name]!r} {where}: must be at least 1")
+        if name in _AT_LEAST_0 and any(v < 0 for v in values):
+            raise ModelOptionError(f"model option {name}={fields[name]!r} {where}: must not be negative")
+        if name in _POSITIVE and any(v <= 0 for v in values):
+            raise ModelOptionError(f"model option {name}={fields[name]!r} {where}: must be positive")
+        if name.endswith("_rate") and any(not 0 <= v < 1 for v in values):
+            raise ModelOptionError(f"model option {name}={fields[name]!r} {where}: a probability, in [0, 1)")
+    for width in _HEADS_OF:
+        if width in fields and "num_heads" in fields:
+            dims, heads = each(width), each("num_heads")
+            heads = heads * len(dims) if len(heads) == 1 else heads
+            for level, (d, h) in enumerate(zip(dims, heads)):
+                if d % h:
+                    at = f" (level {level})" if len(dims) > 1 else ""
+                    raise ModelOptionError(f"model options {width}={fields[width]!r} and num_heads="
+                                           f"{fields['num_heads']!r} {where}: width {d}{at} is not divisible by {h} "
+                                           "heads; choose widths that are multiples of the heads")
 
 
 def _backbone(model: nn.Module, features_only: bool, out_indices: Any) -> nn.Module:

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..contract import InputTransform, RunContract
 from ..data.datasets import DATASETS
+from ..layers import to_2tuple
 from .config import DataSection, ModelSection
 
 
@@ -51,6 +52,19 @@ def build_model(section: ModelSection, *, num_classes: int, in_chans: int, img_s
                                 "classifier; fine-tuning starts from a classifier's weights")
         name, recorded = legacy_nest_kwargs(contract.model, contract.kwargs)  # files of older versions too
         recorded = {k: v for k, v in recorded.items() if k not in data}
+    what = {"num_classes": "classes (the head follows the data)", "in_chans": "channel(s) (data.channels)",
+            "img_size": "images (data.img_size; an in-memory set: data.pad_to or data.resize_to)"}
+    for key, noun in what.items():  # an override the data contradict: refused here, not a shape error mid-step
+        given = section.overrides.get(key)
+        if given is None:
+            continue
+        if key == "img_size":
+            given, have = ("x".join(map(str, to_2tuple(v))) for v in (given, data[key]))
+        else:
+            have = data[key]
+        if given != have:
+            raise ContractError(f"model.overrides.{key}={given}, but the data give {have} {noun}; drop the override: "
+                                "the model is built for the data")
     kwargs: dict[str, Any] = {**recorded, **data, **section.overrides}
     model = create_model(name, **kwargs)
     model.adapt_notes = []
