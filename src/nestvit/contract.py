@@ -87,6 +87,8 @@ class InputTransform:
                                 "(one per channel)")
         if self.resize not in ("stretch", "center-crop"):
             raise ContractError(f"input transform: resize must be 'stretch' or 'center-crop', not {self.resize!r}")
+        if not all(v > 0 for v in self.std):
+            raise ContractError(f"input transform: std {self.std} must be positive (it divides the pixels)")
 
     @classmethod
     def default(cls, channels: int, size: Sequence[int] | int) -> InputTransform:

@@ -76,6 +76,8 @@ def test_value_checks():
         load_config(None, ["optim.sam_rho=-0.1"])
     with pytest.raises(ConfigError, match="optim.sam_batch must be >= 0"):
         load_config(None, ["optim.sam_batch=-8"])
+    with pytest.raises(ConfigError, match=r"data.std must be positive \(it divides the pixels\), got \(0.0,\)"):
+        load_config(None, ["data.std=[0]"])  # before: "loss is nan ... lower optim.lr", which did not help
 
 
 def test_batch_plan_and_lr_scaling():

@@ -201,6 +201,8 @@ class TrainConfig:
              f"data.channels must be 1 (greyscale), 3 (RGB) or null (by the images), got {self.data.channels}"),
             (0 <= self.data.holdout < 1,
              f"data.holdout must be in [0, 1) (the share of each class held out; 0 = none), got {self.data.holdout}"),
+            (self.data.std is None or all(v > 0 for v in self.data.std),
+             f"data.std must be positive (it divides the pixels), got {self.data.std}"),
             (self.data.pad_to is None or self.data.pad_to >= 1,
              f"data.pad_to must be a positive image size or null, got {self.data.pad_to}"),
             (self.aug.crop_padding >= 0, f"aug.crop_padding must be >= 0 (pixels), got {self.aug.crop_padding}"),
