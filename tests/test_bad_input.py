@@ -520,3 +520,19 @@ def test_an_impossible_model_option_is_one_line_before_training(option, message,
                      "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err and "internal error" not in err
+
+
+def test_an_unwritable_out_is_refused_before_any_work(tmp_path, capsys):
+    """Before: train gave "[Errno 20] Not a directory" (or a temporary file's name) after reading the data, bench
+    after the whole benchmark."""
+    from nestvit import cli
+
+    (tmp_path / "afile").write_text("mine")
+    assert cli.main(["train", "mnist5k_nest", "--out", str(tmp_path / "afile" / "run")]) == 2
+    assert f"--out {tmp_path / 'afile' / 'run'}: cannot create the folder ({tmp_path / 'afile'} is a file)" in \
+        capsys.readouterr().err
+    assert cli.main(["bench", "nest_tiny_cifar", "--json", str(tmp_path)]) == 2
+    assert "--json " + str(tmp_path) + ": is a folder; give a file name such as" in capsys.readouterr().err
+    assert cli.main(["bench", "nest_tiny_cifar", "--json", str(tmp_path / "afile" / "b.json")]) == 2
+    assert "--json " + str(tmp_path / "afile") + ": exists and is not a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

@@ -527,6 +527,13 @@ def run(args: argparse.Namespace) -> int:
         if kind not in ("classifier", "baseline"):  # the GAN's networks take noise or give one logit
             raise ValueError(f"{m} is a {kind}: bench times classifiers; the generators are timed by `python -m "
                              "nestvit.generate.bench --sizes 28` (or beside a classifier: --generators)")
+    if args.json:  # checked now, not after the benchmark
+        from .cli_args import writable_dir
+
+        if Path(args.json).is_dir():
+            raise ValueError(f"--json {args.json}: is a folder; give a file name such as "
+                             f"{Path(args.json) / 'bench.json'}")
+        writable_dir(Path(args.json).parent, flag="--json")
     if args.generators:  # checked now, not after the classifiers were timed
         from .generate.bench import check_sizes
 

@@ -63,24 +63,34 @@ def unit_float(text: str) -> float:
     return value
 
 
-def writable_dir(path: str | Path) -> Path:
+def writable_dir(path: str | Path, *, create: bool = True, flag: str = "--out") -> Path:
     """Check, before any work, that ``path`` is (or can be made) a writable folder; returns it as a Path.
 
-    Raises ``ValueError`` naming the folder, so an unwritable ``--out`` fails at once instead of after
-    the whole evaluation."""
+    Raises ``ValueError`` naming the folder and ``flag`` (the option that gave it), so an unwritable ``--out``
+    fails at once instead of after the whole evaluation. ``create=False`` makes nothing: the nearest existing
+    folder above is checked (a training run makes its folder once its data and model are read, so a refused
+    run leaves none behind)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"--out {path}: exists and is not a folder; choose another path")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"--out {path}: cannot create the folder ({e.strerror}); choose a writable path") from None
+        raise ValueError(f"{flag} {path}: exists and is not a folder; choose another path")
+    probe = path
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            why = "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror
+            raise ValueError(f"{flag} {path}: cannot create the folder ({why}); choose a writable path") from None
+    else:
+        probe = next(p for p in (path, *path.absolute().parents) if p.exists())
+        if not probe.is_dir():
+            raise ValueError(f"{flag} {path}: cannot create the folder ({probe} is a file); choose another path")
     try:  # a real write: os.access says yes to root in read-only places such as /proc
-        with tempfile.TemporaryFile(dir=path):
+        with tempfile.TemporaryFile(dir=probe):
             pass
     except OSError as e:
         why = f" ({e.strerror.lower()})" if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else ""
-        raise ValueError(f"--out {path}: the folder is not writable{why}; choose a writable path") from None
+        place = "the folder" if probe == path else f"{probe}, where it would be made,"
+        raise ValueError(f"{flag} {path}: {place} is not writable{why}; choose a writable path") from None
     return path
 
 

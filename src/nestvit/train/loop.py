@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..cli_args import writable_dir
 from ..contract import RunContract
 from ..data.augment import BatchAugment, eval_transform, shift, tta_views
 from ..data.datasets import DatasetError
@@ -131,6 +132,7 @@ class Trainer:
         if not resume and (run_dir / STATE_FILE).exists():  # every rank checks, so none waits for a failed one
             raise FileExistsError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose "
                                   "another --out")
+        writable_dir(run_dir, create=False)  # now, not after the data and model are read
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         self.machine = machine_info(self.device.type)  # recorded in summary.json and the run header
