@@ -60,6 +60,11 @@ def test_export_bad_input_is_one_line(weights, tmp_path, capsys):
     assert "onnx exports are .onnx files; name it notes.onnx" in capsys.readouterr().err
     assert main(["export", str(weights), "--format", "onnx", "--out", str(tmp_path / "m.pt2")]) == 2
     assert notes.read_text() == "mine" and not (tmp_path / "m.pt2").exists()
+    for opset, said in ((999, "--opset 999: the installed onnx knows opsets up to"),
+                        (17, "--opset 17: this model cannot be converted to it (the exporter makes opset 18)")):
+        assert main(["export", str(weights), "--opset", str(opset), "--out", str(tmp_path / "o.onnx")]) == 2
+        err = capsys.readouterr().err  # before: opset 18 written, exit 0, with a traceback of the converter
+        assert said in err and "Traceback" not in err and not (tmp_path / "o.onnx").exists()
     assert main(["export", str(weights), "--out", str(notes / "m.onnx")]) == 2  # a file where a folder goes
     assert "--out " + str(notes) + ": exists and is not a folder" in capsys.readouterr().err
 

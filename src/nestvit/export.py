@@ -62,12 +62,19 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, *, co
 
     from .fileio import atomic_path
 
+    newest = onnx.defs.onnx_opset_version()
+    if opset is not None and opset > newest:
+        raise ValueError(f"--opset {opset}: the installed onnx knows opsets up to {newest}")
     batch = torch.export.Dim("batch", min=1, max=4096)
     kwargs = {"opset_version": opset} if opset else {}
     with atomic_path(path) as tmp, _quiet_exporter():
         program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=({0: batch},), verbose=False,
                                     input_names=[names[0]], output_names=[names[1]], **kwargs)
         proto = program.model_proto
+        wrote = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+        if opset and wrote != opset:  # the exporter falls back to its own opset when a conversion fails
+            raise ValueError(f"--opset {opset}: this model cannot be converted to it (the exporter makes opset "
+                             f"{wrote}); use --opset {wrote} or higher, or leave --opset out")
         entry = proto.metadata_props.add()
         entry.key, entry.value = CONTRACT_KEY, contract_json
         onnx.save(proto, str(tmp))
@@ -78,15 +85,20 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, *, co
 def _quiet_exporter() -> Iterator[None]:
     """Without the exporter's notes that say nothing about this model ("torchvision is not installed. Skipping
     torchvision::nms", deprecation warnings of its own internals); its errors still show."""
-    log = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = log.level
-    log.setLevel(logging.ERROR)
+    # and without the traceback of a failed opset conversion, which export_onnx reports in one line
+    names = ("torch.onnx._internal.exporter._registration", "torch.onnx._internal.exporter._compat",
+             "onnxscript.version_converter")
+    logs = [logging.getLogger(name) for name in names]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.CRITICAL)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             yield
     finally:
-        log.setLevel(level)
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
 
 
 def check_onnx(path: Path, model: torch.nn.Module, inputs: list[torch.Tensor]) -> float | None:
