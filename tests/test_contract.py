@@ -284,3 +284,12 @@ def test_a_file_without_an_input_transform_says_what_is_assumed(tmp_path, weight
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         nestvit.load(weights)  # a run's file records its transform: nothing to say
+
+
+def test_a_run_stopped_before_its_first_weights_says_to_resume(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "state.pt").write_bytes(b"a checkpoint of steps inside the first epoch")
+    err = one_line_error(capsys, "eval", str(run))
+    assert "no weights yet (a run writes them at the end of each epoch" in err
+    assert f"continue it with nestvit train --resume {run}" in err
