@@ -293,3 +293,15 @@ def test_a_run_stopped_before_its_first_weights_says_to_resume(tmp_path, capsys)
     err = one_line_error(capsys, "eval", str(run))
     assert "no weights yet (a run writes them at the end of each epoch" in err
     assert f"continue it with nestvit train --resume {run}" in err
+
+
+def test_a_file_that_is_no_weights_file_says_so(tmp_path, image, capsys):
+    """Before: a text file or an image given as the model was "records no model ... name its architecture",
+    whose fix then failed with "cannot read weights"."""
+    notes = tmp_path / "notes"
+    notes.write_text("my notes")
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    for path, what in ((notes, "neither safetensors nor a torch.save file"), (image, "neither"), (empty, "empty")):
+        err = one_line_error(capsys, "predict", str(path), str(image))
+        assert f"{path}: not a weights file ({what}" in err and "records no model" not in err

@@ -165,6 +165,12 @@ def read_state_dict(path: str | Path, *, tensors: bool = True) -> tuple[dict[str
                                    "when they were saved); copy the file again or retrain")
             return sd, meta
         if not tensors:
+            with open(path, "rb") as f:
+                head = f.read(4)
+            if head != b"PK\x03\x04" and head[:1] != b"\x80":  # neither a torch.save zip nor a legacy pickle
+                what = "empty" if not head else "neither safetensors nor a torch.save file"
+                raise WeightsError(f"{path}: not a weights file ({what}); give a run folder, a .safetensors file or "
+                                   "a PyTorch state dict")
             return {}, meta
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except WeightsError:
