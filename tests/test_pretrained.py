@@ -200,6 +200,9 @@ def test_official_checkpoints_are_found_in_the_bucket_listing_and_converted(serv
     entry.cache_path().unlink()
     with pytest.raises(PretrainedError, match="MD5"):
         pt.download(entry, progress=False)
+    del server.files["listing"]  # unreachable: the offline fix says the URL is a listing, not the file
+    with pytest.raises(PretrainedError, match=r"Fetch the newest ckpt.N file it lists \(a JSON listing of the bucket"):
+        pt.download(entry, progress=False)
 
 
 def test_bad_requests_are_one_clear_error(tmp_path):

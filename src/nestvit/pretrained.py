@@ -192,7 +192,9 @@ def resolve(name: str, pretrained: Any = True) -> tuple[str, PretrainedFile | No
 # --------------------------------------------------------------------------------------------------
 
 def _fail(entry: PretrainedFile, url: str, reason: str) -> PretrainedError:
-    return PretrainedError(f"cannot download {entry.tag} from {url} ({reason}). Fetch it with a browser or "
+    what = "it" if not (entry.listing and url == entry.url) else ("the newest ckpt.N file it lists (a JSON listing "
+                                                                  "of the bucket: that item's mediaLink)")
+    return PretrainedError(f"cannot download {entry.tag} from {url} ({reason}). Fetch {what} with a browser or "
                            f"curl and save it as {entry.cache_path()}: the tag then loads from there, as "
                            f"--set model.weights={entry.tag} and in Python (or pass the file in Python: "
                            f"create_model({entry.model!r}, pretrained='path/to/{entry.filename}'))")
