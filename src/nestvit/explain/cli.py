@@ -43,8 +43,9 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="CHECKPOINT|IMAGE",
-                   help="a checkpoint (a run folder, or a .safetensors/.pth/.pt/.bin file), then image files or "
-                        "folders; with --model the checkpoint may be left out (random weights)")
+                   help="a checkpoint (a run folder, a save_pretrained folder or hf-hub:org/name, a "
+                        ".safetensors/.pth/.pt/.bin file, or an .onnx export for --method occlusion), then image "
+                        "files or folders; with --model the checkpoint may be left out (random weights)")
     add_threads(p)
     p.add_argument("--method", choices=METHODS, default="gradcat",
                    help="gradcat (NesT only), cam (NesT: head weights x final map), gradcam (any model), "

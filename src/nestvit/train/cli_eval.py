@@ -29,8 +29,9 @@ from .config import PRECISIONS, DataSection
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
-                        help="a run directory or a .safetensors file written by nestvit train, or an .onnx file of "
-                             "nestvit export (run by onnxruntime); several: each evaluated, then a table of all")
+                        help="a run directory, a save_pretrained folder (or hf-hub:org/name), a .safetensors file "
+                             "written by nestvit, or an .onnx file of nestvit export (run by onnxruntime); several: "
+                             "each evaluated, then a table of all")
     parser.add_argument("--data", help="data set name, or a folder or CSV file of your images (as --data imagefolder "
                                        "--root PATH); default: the one the run trained on")
     parser.add_argument("--root", help="data directory (default: the run's data.root, else the default root)")

@@ -28,8 +28,8 @@ OUT_FORMATS = (".csv", ".jsonl")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a run directory or a .safetensors file written by nestvit, or an .onnx "
-                                           "file of nestvit export")
+    parser.add_argument("checkpoint", help="a run directory, a save_pretrained folder (or hf-hub:org/name), a "
+                                           ".safetensors file written by nestvit, or an .onnx file of nestvit export")
     parser.add_argument("images", nargs="+", metavar="IMAGE",
                         help="image files (PNG, JPEG, ...) or folders (every image file below them)")
     parser.add_argument("--top-k", type=positive_int, default=5, help="classes per image (default 5)")
