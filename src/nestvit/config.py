@@ -329,6 +329,8 @@ def read_run_config(run_dir: str | Path, kind: str) -> dict[str, Any]:
     other kind names the command that resumes it (not the one that would start a new run from its config)."""
     run_dir = Path(run_dir)
     path = run_dir / "config.yaml"
+    if not run_dir.exists():
+        raise ConfigError(f"{run_dir}: no such run folder (--resume continues a run in the folder it was trained in)")
     if not path.is_file():
         raise ConfigError(f"{run_dir}: no config.yaml; is it a `{COMMANDS[kind]}` run folder?")
     raw = _read_mapping(path, run=True)

@@ -56,8 +56,8 @@ def disk_full_error(path: str | Path, *, kept: str | None = None) -> DiskFullErr
     if kept is None:
         kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
     err = DiskFullError(f"{path}: the disk is full (no space left on the device holding {path.parent}); {kept}. "
-                        "Free some space, then run the command again (a training run: nestvit train --resume "
-                        "RUN_DIR)")
+                        "Free some space, then run the command again (a training run that saved a checkpoint, "
+                        "state.pt: nestvit train --resume RUN_DIR)")
     err.errno, err.filename = errno.ENOSPC, str(path)
     return err
 

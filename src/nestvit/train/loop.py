@@ -819,7 +819,10 @@ def train(cfg: C.TrainConfig, run_dir: str | Path, *, resume: bool = False, devi
                 why = (f" (stopped by its time budget, time_budget_min={cfg.time_budget_min:g})" if budget else "")
                 more = ("a larger --set time_budget_min (the epochs were not what stopped it)" if budget
                         else "--epochs N" + (" or a larger time_budget_min" if cfg.time_budget_min else ""))
-                print(f"{run_dir} is already finished{why}: {done.get('epochs', state['epoch'])}/{cfg.epochs} epochs, "
+                trained = done.get("epochs", state["epoch"])
+                epochs = f"{trained}/{cfg.epochs}" if trained <= cfg.epochs else \
+                    f"{trained} (more than --epochs {cfg.epochs})"
+                print(f"{run_dir} is already finished{why}: {epochs} epochs, "
                       f"{state['step']} steps" + (f", test top-1 {top1:.2f}%" if isinstance(top1, (int, float)) else "")
                       + f" (summary.json); nothing to do, nothing changed. To train on, resume with {more}")
             return RunResult(run_dir, state["epoch"], state["step"], None, None, state.get("best_top1", -1.0), 0.0)
