@@ -329,16 +329,21 @@ def absolute_feature_net(cfg: GanConfig, recorded_by: Path | None = None,
     return cfg
 
 
-def _check_same_feature_net(cfg: GanConfig, out: Path) -> None:
-    """Refuse, before anything is trained, a resume whose feature network is not the one the run's metrics so far
-    were measured with (FIDs of two networks are not comparable)."""
+def _saved_feature_net(out: Path) -> str | None:
+    """The feature network a run's config.yaml names (None: no readable config; the resume says what is wrong)."""
     from ..config import ConfigError, read_run_config
 
     try:
         saved = read_run_config(out, "gan").get("feature_net")
     except ConfigError:
-        return  # no config.yaml: the resume itself says what is missing
-    if not isinstance(saved, str) or saved == cfg.feature_net:
+        return None
+    return saved if isinstance(saved, str) else None
+
+
+def _check_same_feature_net(cfg: GanConfig, saved: str, out: Path) -> None:
+    """Refuse, before anything is trained, a resume whose feature network is not ``saved``, the one the run's
+    metrics so far were measured with (FIDs of two networks are not comparable)."""
+    if saved == cfg.feature_net:
         return
     saved = absolute_feature_net(replace(cfg, feature_net=saved)).feature_net
     path = "" if saved == "auto" else saved.partition(":")[2] if saved.startswith("inception") else saved
@@ -483,9 +488,10 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
     if not resume and ((out / STATE_FILE).exists() or (out / "checkpoints" / "latest").exists()):
         raise ValueError(f"{out} already holds a run; resume it (nestvit generate train --resume {out}) or pick "
                          "another --out")
-    cfg = absolute_feature_net(cfg, recorded_by=out if resume else None)
-    if resume:
-        _check_same_feature_net(cfg, out)
+    saved = _saved_feature_net(out) if resume else None
+    cfg = absolute_feature_net(cfg, recorded_by=out if saved is not None and saved == cfg.feature_net else None)
+    if saved is not None:
+        _check_same_feature_net(cfg, saved, out)
     threads = torch.get_num_threads()
     try:
         with contextlib.ExitStack() as closing:  # the metrics log, closed however the run ends
