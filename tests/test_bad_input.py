@@ -512,6 +512,8 @@ def test_an_unknown_model_option_is_one_line_for_every_command(tmp_path, capsys)
     ("embed_dims=65", "width 65 (level 0) is not divisible by 2 heads; choose widths that are multiples"),
     ("num_classes=3", "model.overrides.num_classes=3, but the data give 10 classes (the head follows the data)"),
     ("img_size=48", "model.overrides.img_size=48x48, but the data give 32x32 images (data.img_size; an in-memory"),
+    ("patch_size=3", "image height 32 is not divisible by 3; choose an image size that is a multiple of 3 (a recipe "
+                     "sets the images' size with data.img_size, an in-memory set's with data.pad_to"),
 ])
 def test_an_impossible_model_option_is_one_line_before_training(option, message, tmp_path, capsys):
     from nestvit import cli

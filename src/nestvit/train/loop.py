@@ -94,6 +94,12 @@ def _build(section: C.ModelSection, key: str, **data: Any) -> tuple[nn.Module, d
         return build_model(section, **data)
     except TypeError as e:
         raise C.ConfigError(f"{key} do not fit {section.name}: {e}") from e
+    except ValueError as e:  # a size the model cannot take: say which keys of a recipe set the sizes
+        if isinstance(e, UserError):
+            raise
+        raise C.ConfigError(f"{section.name or 'the model'} cannot be built for this data: {e} (a recipe sets the "
+                            f"images' size with data.img_size, an in-memory set's with data.pad_to or "
+                            f"data.resize_to, the model's options with {key})") from e
 
 
 def absolute_weights(cfg: C.TrainConfig, *, resume: bool = False) -> C.TrainConfig:
