@@ -71,7 +71,7 @@ def nest_cam(model: nn.Module, images: torch.Tensor, target=None, *, upsample: b
         if feats.ndim != 4:
             raise ValueError(f"CAM needs a model whose features are a (B, C, H, W) map pooled by averaging "
                              f"(NesT); {type(model).__name__} gives {tuple(feats.shape)}. Use grad_cam or "
-                             f"attention_rollout for token models")
+                             f"attention_rollout (method gradcam / rollout) for token models")
         logits = model.forward_head(feats)
         c = _single_target(logits, target).to(feats.device)
         cam = torch.einsum("bchw,bc->bhw", feats, head.weight[c])

@@ -156,6 +156,8 @@ def run(args: argparse.Namespace) -> int:
     transform = replace(loaded.transform, mean=_stats(args.mean, loaded.transform.mean, "mean"),
                         std=_stats(args.std, loaded.transform.std, "std"))
     if args.classes is not None:
+        if not args.classes.is_file():
+            raise ValueError(f"--classes {args.classes}: no such file (a text file of class names, one per line)")
         try:
             text = args.classes.read_bytes().decode("utf-8")
         except UnicodeDecodeError:

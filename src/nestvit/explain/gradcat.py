@@ -130,7 +130,7 @@ def _prepare_targets(logits: torch.Tensor, target, top_k: int) -> torch.Tensor:
     B, num_classes = logits.shape
     if target is None:
         if not 1 <= top_k <= num_classes:
-            raise ValueError(f"top_k must be between 1 and {num_classes}, got {top_k}")
+            raise ValueError(f"top_k (--top-k) must be between 1 and {num_classes}, the model's classes; got {top_k}")
         return logits.detach().topk(top_k, dim=1).indices
     t = torch.as_tensor(target, dtype=torch.long)
     if t.ndim == 0:
