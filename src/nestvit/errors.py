@@ -19,5 +19,9 @@ class UserError(Exception):
 
 def did_you_mean(word: str, options: Iterable[str]) -> str:
     """``" (did you mean X?)"`` naming the options closest to a mistyped ``word``, or ``""`` when none is close."""
-    close = difflib.get_close_matches(word, list(options), n=2, cutoff=0.75)
+    options = list(options)
+    close = difflib.get_close_matches(word, options, n=2, cutoff=0.75)
+    if not close and "." in word:  # a dotted key in the wrong section (train.epochs): the keys of its last part
+        last = word.rpartition(".")[2]
+        close = [o for o in options if o.rpartition(".")[2] == last][:2]
     return f" (did you mean {' or '.join(close)}?)" if close else ""

@@ -42,6 +42,8 @@ def test_unknown_key_names_the_closest_or_lists_valid_keys():
     assert "valid keys" in str(e.value) and "optim.weight_decay" in str(e.value)
     with pytest.raises(ConfigError, match="unknown key.*epoch .did you mean epochs.*valid keys: epochs"):
         load_config({"epoch": 3})
+    with pytest.raises(ConfigError, match=r"unknown key 'train.epochs' .* \(did you mean epochs\?\)"):
+        load_config(None, ["train.epochs=3"])  # a key in a section it is not in
 
 
 def test_wrong_type_is_refused():
