@@ -538,3 +538,16 @@ def test_an_unwritable_out_is_refused_before_any_work(tmp_path, capsys):
     assert cli.main(["bench", "nest_tiny_cifar", "--json", str(tmp_path / "afile" / "b.json")]) == 2
     assert "--json " + str(tmp_path / "afile") + ": exists and is not a folder" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_a_run_into_a_folder_of_the_users_files_says_so(tmp_path, capsys):
+    from nestvit.train import train
+    from nestvit.train.config import load_config
+    from tests.train.conftest import tiny_recipe
+
+    out = tmp_path / "digits"
+    out.mkdir()
+    (out / "0.png").write_bytes(b"mine")
+    train(load_config(tiny_recipe(epochs=1)), out)
+    assert f"note: {out} already holds 1 file(s) or folder(s) of no run (0.png)" in capsys.readouterr().out
+    assert (out / "0.png").read_bytes() == b"mine"

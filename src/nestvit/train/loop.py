@@ -230,6 +230,13 @@ class Trainer:
             self._load(state if state is not None else load_state(run_dir))
 
         if self.main:
+            started = ("config.yaml", "metrics.jsonl", "tensorboard")  # what a run killed early leaves
+            others = [p.name for p in run_dir.iterdir() if p.name not in started and not p.name.startswith(".")] \
+                if run_dir.is_dir() and not resume else []
+            if others:  # a folder of the user's (images, notes): the run's files go beside them, said once
+                self.say(f"note: {run_dir} already holds {len(others)} file(s) or folder(s) of no run "
+                         f"({', '.join(sorted(others)[:3])}{' ...' if len(others) > 3 else ''}); the run's files are "
+                         "written beside them")
             run_dir.mkdir(parents=True, exist_ok=True)
             removed = remove_stale_temporaries(run_dir)  # left by writes of a killed run
             if removed:
