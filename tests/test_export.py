@@ -74,6 +74,10 @@ def test_export_format_follows_out_and_a_replaced_file_is_said(weights, tmp_path
     assert "wrote " + str(tmp_path / "m.pt2") + " (" in capsys.readouterr().out  # pt2 from the suffix
     assert main(["export", str(weights), "--out", str(tmp_path / "m.pt2")]) == 0
     assert "m.pt2 (replacing the file there)" in capsys.readouterr().out
+    mine = tmp_path / "mine.safetensors"  # a weights file of the user's name: its export takes that name
+    mine.write_bytes(weights.read_bytes())
+    assert main(["export", str(mine), "--format", "pt2", "--no-check"]) == 0
+    assert (tmp_path / "mine.pt2").is_file() and not (tmp_path / "model.pt2").exists()
 
 
 @pytest.mark.parametrize("name", ["tnt_tiny_patch4_32", "rtnt_nano", "vit_tiny_patch4_32", "convnet"])

@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=list(FORMATS), default=None,
                         help="onnx or pt2 (default: the --out file's suffix, else onnx)")
     parser.add_argument("--out", type=Path, help="output file (default: model.onnx / model.pt2, a GAN run: "
-                                                 "generator.onnx / .pt2, beside the weights)")
+                                                 "generator.onnx / .pt2, beside the weights; a weights file of "
+                                                 "another name: NAME.onnx)")
     parser.add_argument("--weights", default=None, help="which weights of a run directory (best, last, ema; a GAN run: "
                                                           "ema, raw)")
     parser.add_argument("--opset", type=positive_int, default=None, help="ONNX opset (default: the exporter's)")
@@ -238,6 +239,9 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"{loaded.weights} holds a {kind}; export takes classifiers and generators")
     model = loaded.model.eval()
     stem = "generator" if kind == "generator" else "model"
+    if Path(args.checkpoint).is_file() and loaded.weights.stem not in ("best", "last", "ema", "model", "generator",
+                                                                        "generator_ema"):
+        stem = loaded.weights.stem  # a weights file of the user's name: its export beside it, of that name
     beside = Path.cwd() if str(args.checkpoint).startswith(HUB_PREFIX) else loaded.weights.parent  # not in a cache
     suffix = args.out.suffix.lower() if args.out is not None else ""
     args.format = args.format or next((f for f, s in FORMATS.items() if s == suffix), "onnx")
