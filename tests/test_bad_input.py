@@ -531,8 +531,8 @@ def test_an_unwritable_out_is_refused_before_any_work(tmp_path, capsys):
 
     (tmp_path / "afile").write_text("mine")
     assert cli.main(["train", "mnist5k_nest", "--out", str(tmp_path / "afile" / "run")]) == 2
-    assert f"--out {tmp_path / 'afile' / 'run'}: cannot create the folder ({tmp_path / 'afile'} is a file)" in \
-        capsys.readouterr().err
+    assert f"the run folder {tmp_path / 'afile' / 'run'}: cannot create the folder ({tmp_path / 'afile'} is a " \
+           "file)" in capsys.readouterr().err
     assert cli.main(["bench", "nest_tiny_cifar", "--json", str(tmp_path)]) == 2
     assert "--json " + str(tmp_path) + ": is a folder; give a file name such as" in capsys.readouterr().err
     assert cli.main(["bench", "nest_tiny_cifar", "--json", str(tmp_path / "afile" / "b.json")]) == 2

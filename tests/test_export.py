@@ -61,7 +61,7 @@ def test_export_bad_input_is_one_line(weights, tmp_path, capsys):
     assert main(["export", str(weights), "--format", "onnx", "--out", str(tmp_path / "m.pt2")]) == 2
     assert notes.read_text() == "mine" and not (tmp_path / "m.pt2").exists()
     for opset, said in ((999, "--opset 999: the installed onnx knows opsets up to"),
-                        (17, "--opset 17: this model cannot be converted to it (the exporter makes opset 18)")):
+                        (17, "--opset 17: this model cannot be converted to it (the exporter's own opset is 18)")):
         assert main(["export", str(weights), "--opset", str(opset), "--out", str(tmp_path / "o.onnx")]) == 2
         err = capsys.readouterr().err  # before: opset 18 written, exit 0, with a traceback of the converter
         assert said in err and "Traceback" not in err and not (tmp_path / "o.onnx").exists()

@@ -101,6 +101,9 @@ def test_bad_config_messages():
         Nest(drop_path_rate="a")
     assert Nest(num_levels=2, img_size=8, patch_size=1, embed_dims=[8, 16], num_heads=1, depths=1).cfg.embed_dims \
         == (8, 16)  # a list (YAML's) for a tuple field, an int for every level
+    import numpy as np
+
+    assert nestvit.create_model("nest_tiny_cifar", num_classes=np.int64(7)).num_classes == 7  # numpy's ints too
 
 
 def test_nest_config_holds_nest_and_its_ablations_only():

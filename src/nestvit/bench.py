@@ -523,6 +523,9 @@ def run(args: argparse.Namespace) -> int:
         else:
             raise ValueError(f"unknown model {m!r}: neither a registered name (`nestvit models`) nor a run "
                              "directory or weights file")
+        if specs[m][0] not in known:  # a file of a model this version does not have
+            raise ValueError(f"{m} records the model {specs[m][0]!r}, which this nestvit does not have "
+                             "(`nestvit models` lists them)")
         kind = model_kind(specs[m][0])
         if kind not in ("classifier", "baseline"):  # the GAN's networks take noise or give one logit
             raise ValueError(f"{m} is a {kind}: bench times classifiers; the generators are timed by `python -m "

@@ -165,17 +165,18 @@ class SkippedImages:
     def __len__(self) -> int:
         return len(self.errors)
 
-    def read(self, transform: Any, paths: Sequence[Path]) -> tuple[list[Path], Any]:
-        """``(readable paths, uint8 (B, C, H, W) tensor of them or None)``; each unreadable file's error is kept."""
+    def read(self, transform: Any, paths: Sequence[Path]) -> tuple[list[int], Any]:
+        """``(positions in paths of the readable files, uint8 (B, C, H, W) tensor of them or None)``; each
+        unreadable file's error is kept."""
         import torch
 
         from .contract import UnreadableImageError
 
         kept, images = [], []
-        for path in paths:
+        for i, path in enumerate(paths):
             try:
                 images.append(transform.read(path))
-                kept.append(path)
+                kept.append(i)
             except UnreadableImageError as e:
                 self.errors.append(str(e))
         return kept, torch.stack(images) if images else None

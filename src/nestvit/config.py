@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import numbers
 import types
 import typing
 from pathlib import Path
@@ -122,10 +123,10 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool):
             return value
     elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):  # numpy's integers too
+            return int(value)
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
             return float(value)
         if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
             try:

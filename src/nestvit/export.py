@@ -74,8 +74,8 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, *, co
         proto = program.model_proto
         wrote = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
         if opset and wrote != opset:  # the exporter falls back to its own opset when a conversion fails
-            raise ValueError(f"--opset {opset}: this model cannot be converted to it (the exporter makes opset "
-                             f"{wrote}); use --opset {wrote} or higher, or leave --opset out")
+            raise ValueError(f"--opset {opset}: this model cannot be converted to it (the exporter's own opset is "
+                             f"{wrote}); leave --opset out, or try another")
         entry = proto.metadata_props.add()
         entry.key, entry.value = CONTRACT_KEY, contract_json
         onnx.save(proto, str(tmp))

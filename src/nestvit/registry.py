@@ -28,6 +28,10 @@ KINDS = ("classifier", "baseline", "generator", "discriminator")
 C = TypeVar("C")
 
 
+class UnknownModelError(UserError, ValueError):
+    """A model name the registry does not have."""
+
+
 class ModelOptionError(UserError, TypeError):
     """A keyword argument a model's config does not have (a ``TypeError``, as Python's own for unknown arguments)."""
 
@@ -179,7 +183,7 @@ def create_model(name: str, *, pretrained: bool | str | Path = False, weights: s
         name = name.partition(".")[0]
     if name not in _MODELS:
         close = [n for n in _MODELS if n.split("_")[0] == name.split("_")[0]] or list(_MODELS)
-        raise ValueError(f"unknown model {name!r}; did you mean one of: {', '.join(sorted(close))}?")
+        raise UnknownModelError(f"unknown model {name!r}; did you mean one of: {', '.join(sorted(close))}?")
     model = _MODELS[name](**overrides)
     # what built it: nestvit.interop.save_weights writes this into the file's run contract
     model.registry_spec = {"model": name, "kwargs": dict(overrides)}

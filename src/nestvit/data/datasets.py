@@ -769,12 +769,12 @@ def convert_image(img: Image.Image, mode: str) -> Image.Image:
     """``img.convert(mode)`` (``"L"`` or ``"RGB"``) that keeps the grey levels of high-bit-depth images.
 
     Pillow's own conversion clips 16-bit (``I;16``, ``I``) and float (``F``) greyscale to 0..255, which makes a
-    16-bit PNG almost white; here 16-bit values are scaled by 255/65535 (``I`` as 16-bit when a value exceeds
-    255) and floats in [0, 1] by 255 (others clipped to 0..255).
+    16-bit PNG almost white; here 16-bit values are scaled by 255/65535 (``I`` too: Pillow's mode of 16-bit PGM
+    files, and of 16-bit PNG files in older versions) and floats in [0, 1] by 255 (others clipped to 0..255).
     """
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         a = np.asarray(img, dtype=np.float64)
-        if img.mode.startswith("I;16") or (img.mode == "I" and a.size and a.max() > 255):
+        if img.mode.startswith("I"):
             a = a * (255 / 65535)
         elif img.mode == "F" and a.size and a.min() >= 0 and a.max() <= 1:
             a = a * 255

@@ -179,19 +179,20 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "rollout" and args.target is not None:
         print("nestvit explain: attention rollout does not depend on the class; --class is ignored", file=sys.stderr)
     report = []
-    stem_of = dict(zip(image_paths, stems))
     skipped = SkippedImages()  # an unreadable file does not cost the others their explanations
     for first in range(0, len(image_paths), args.batch_size):  # a batch at a time: the maps need gradients
-        paths, raw = skipped.read(transform, image_paths[first:first + args.batch_size])
-        if not paths:
+        kept, raw = skipped.read(transform, image_paths[first:first + args.batch_size])
+        if not kept:
             continue
+        paths = [image_paths[first + i] for i in kept]
+        outs = [stems[first + i] for i in kept]  # one output name per input, a path given twice included
         x = transform(raw)
         top_c, top_p = predict(model, x, n_bars)
         if args.method == "gradcat":
             target = None if args.target is None else torch.full((len(x), 1), args.target, dtype=torch.long)
             res = gradcat(model, x, target=target, top_k=args.top_k, sign=args.sign, top=args.top_map)
             for b, p in enumerate(paths):
-                out = gradcat_figure(out_dir / f"{stem_of[p]}_gradcat.png", raw[b], res, b,
+                out = gradcat_figure(out_dir / f"{outs[b]}_gradcat.png", raw[b], res, b,
                                      top_classes=top_c[b], top_probs=top_p[b], class_names=names)
                 entry = {"image": str(p), "png": str(out), "explained": []}
                 for k in range(res.classes.shape[1]):
@@ -217,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
             c = int(top_c[b, 0]) if args.target is None else args.target
             box = map_to_box(heat[b], args.threshold) if args.threshold is not None else None
             explained = "" if args.method == "rollout" else label(c)
-            out = heatmap_figure(out_dir / f"{stem_of[p]}_{args.method}.png", raw[b], heat[b],
+            out = heatmap_figure(out_dir / f"{outs[b]}_{args.method}.png", raw[b], heat[b],
                                  method=titles[args.method], explained=explained, top_classes=top_c[b],
                                  top_probs=top_p[b], class_names=names, box=box)
             entry = {"image": str(p), "png": str(out), "class": None if args.method == "rollout" else c,

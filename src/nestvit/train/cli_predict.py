@@ -77,9 +77,10 @@ def run(args: argparse.Namespace) -> int:
     skipped = SkippedImages()  # an unreadable file does not cost the others their predictions
     starts = range(0, len(paths), args.batch_size)
     for start in tqdm(starts, desc="predict", unit="batch", disable=len(starts) < 2 or None, leave=False):
-        chunk, batch = skipped.read(loaded.transform, paths[start:start + args.batch_size])
-        if not chunk:
+        kept, batch = skipped.read(loaded.transform, paths[start:start + args.batch_size])
+        if not kept:
             continue
+        chunk = [paths[start + i] for i in kept]
         with torch.no_grad():
             out = view_logits(model, batch.to(device), loaded.transform.mean, loaded.transform.std, args.tta)
             probs = out.float().softmax(dim=1).cpu()

@@ -91,7 +91,7 @@ def _build(section: C.ModelSection, key: str, **data: Any) -> tuple[nn.Module, d
     """``build_model``, where a constructor's ``TypeError`` (an option the model does not have, a value of the
     wrong type: ``registry.build_config`` raises it) is the config's mistake, said in one line naming ``key``."""
     try:
-        return build_model(section, **data)
+        return build_model(section, key=key, **data)
     except TypeError as e:
         raise C.ConfigError(f"{key} do not fit {section.name}: {e}") from e
     except ValueError as e:  # a size the model cannot take: say which keys of a recipe set the sizes
@@ -111,12 +111,12 @@ def absolute_weights(cfg: C.TrainConfig, *, resume: bool = False) -> C.TrainConf
 
     for section, key in (("model", "weights"), ("distill", "teacher_weights")):
         value = getattr(getattr(cfg, section), key)
-        if not value or str(value).startswith(HUB_PREFIX) or Path(value).is_absolute():
-            continue
+        if not value or str(value).startswith(HUB_PREFIX) or published(value) is not None or Path(value).is_absolute():
+            continue  # a published tag first, as build_model reads it
         path = Path(value).expanduser()
         if path.exists():
             cfg = C.replace(cfg, **{section: {key: str(path.absolute())}})
-        elif resume and published(value) is None:
+        elif resume:
             raise C.ConfigError(f"{section}.{key} {value}: not found from {Path.cwd()} (a path relative to the "
                                 f"folder the run was started in); resume from there, or add --set "
                                 f"{section}.{key}=ABSOLUTE_PATH")
@@ -138,7 +138,7 @@ class Trainer:
         if not resume and (run_dir / STATE_FILE).exists():  # every rank checks, so none waits for a failed one
             raise FileExistsError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose "
                                   "another --out")
-        writable_dir(run_dir, create=False)  # now, not after the data and model are read
+        writable_dir(run_dir, create=False, flag="the run folder")  # now, not after the data and model are read
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         self.machine = machine_info(self.device.type)  # recorded in summary.json and the run header

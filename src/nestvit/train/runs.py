@@ -18,8 +18,9 @@ from .config import DataSection, ModelSection
 
 
 def build_model(section: ModelSection, *, num_classes: int, in_chans: int, img_size: tuple[int, int] | int,
-                adapt: bool = True) -> tuple[nn.Module, dict[str, Any]]:
-    """``(model, keyword arguments it was built with)``; ``section.overrides`` win over the data's sizes.
+                adapt: bool = True, key: str = "model.overrides") -> tuple[nn.Module, dict[str, Any]]:
+    """``(model, keyword arguments it was built with)``; ``section.overrides`` (the config's ``key``) may not
+    contradict the data's class count, channels and size: the model is built for the data.
 
     With ``section.weights`` the model starts from them, adapted (``adapt``) to this data's class count,
     image size and channel count (``nestvit.adapt``; what changed is in ``model.adapt_notes``); ``section.name`` None
@@ -54,16 +55,16 @@ def build_model(section: ModelSection, *, num_classes: int, in_chans: int, img_s
         recorded = {k: v for k, v in recorded.items() if k not in data}
     what = {"num_classes": "classes (the head follows the data)", "in_chans": "channel(s) (data.channels)",
             "img_size": "images (data.img_size; an in-memory set: data.pad_to or data.resize_to)"}
-    for key, noun in what.items():  # an override the data contradict: refused here, not a shape error mid-step
-        given = section.overrides.get(key)
+    for opt, noun in what.items():  # an override the data contradict: refused here, not a shape error mid-step
+        given = section.overrides.get(opt)
         if given is None:
             continue
-        if key == "img_size":
-            given, have = ("x".join(map(str, to_2tuple(v))) for v in (given, data[key]))
+        if opt == "img_size":
+            given, have = ("x".join(map(str, to_2tuple(v))) for v in (given, data[opt]))
         else:
-            have = data[key]
+            have = data[opt]
         if given != have:
-            raise ContractError(f"model.overrides.{key}={given}, but the data give {have} {noun}; drop the override: "
+            raise ContractError(f"{key}.{opt}={given}, but the data give {have} {noun}; drop the override: "
                                 "the model is built for the data")
     kwargs: dict[str, Any] = {**recorded, **data, **section.overrides}
     model = create_model(name, **kwargs)
