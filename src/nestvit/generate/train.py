@@ -530,6 +530,10 @@ def _train_gan(cfg: GanConfig, out: Path, *, resume: bool, data: torch.Tensor | 
     if cfg.batch_size > len(images):
         raise ValueError(f"batch_size {cfg.batch_size} is larger than the {len(images)} training images; set "
                          f"batch_size to at most {len(images)} (or use more images: max_images)")
+    params = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f}M"  # noqa: E731
+    log(f"run dir: {out}\ngenerator {cfg.generator} ({params(G)} parameters), discriminator {cfg.discriminator} "
+        f"({params(D)}) on {dev}\ndata: {'your images' if data is not None else cfg.dataset} {len(images)} images of "
+        f"{images.shape[1]}x{size}x{size}; {cfg.steps} steps of batch {cfg.batch_size}")
     # the EMA generator: samples and metrics use it; its weights are averaged with a warm-up ramp, its buffers
     # (the conv baseline's BatchNorm statistics) copied from the raw generator at every update, and with
     # ema_bn="recompute" measured anew for the averaged weights before each use (the next update overwrites
