@@ -530,10 +530,6 @@ def _train_gan(cfg: GanConfig, out: Path, *, resume: bool, data: torch.Tensor | 
     if cfg.batch_size > len(images):
         raise ValueError(f"batch_size {cfg.batch_size} is larger than the {len(images)} training images; set "
                          f"batch_size to at most {len(images)} (or use more images: max_images)")
-    params = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f}M"  # noqa: E731
-    log(f"run dir: {out}\ngenerator {cfg.generator} ({params(G)} parameters), discriminator {cfg.discriminator} "
-        f"({params(D)}) on {dev}\ndata: {'your images' if data is not None else cfg.dataset} {len(images)} images of "
-        f"{images.shape[1]}x{size}x{size}; {cfg.steps} steps of batch {cfg.batch_size}")
     # the EMA generator: samples and metrics use it; its weights are averaged with a warm-up ramp, its buffers
     # (the conv baseline's BatchNorm statistics) copied from the raw generator at every update, and with
     # ema_bn="recompute" measured anew for the averaged weights before each use (the next update overwrites
@@ -592,6 +588,10 @@ def _train_gan(cfg: GanConfig, out: Path, *, resume: bool, data: torch.Tensor | 
                 f"not {extractor.name} ({cfg.feature_net}); FIDs of different feature networks are not comparable. "
                 "Resume with --set feature_net=<that network>, or train the run afresh")
     save(cfg, out / "config.yaml")  # after every check: a refused resume leaves the run's config as it was
+    params = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f}M"  # noqa: E731
+    log(f"run dir: {out}\ngenerator {cfg.generator} ({params(G)} parameters), discriminator {cfg.discriminator} "
+        f"({params(D)}) on {dev}\ndata: {'your images' if data is not None else cfg.dataset} {len(images)} images of "
+        f"{images.shape[1]}x{size}x{size}; {cfg.steps} steps of batch {cfg.batch_size}")
 
     # a new run drops every record of one killed before its first checkpoint (its step-0 evaluations included:
     # they are measured again); a resumed run drops what was logged after its checkpoint
