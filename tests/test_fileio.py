@@ -31,8 +31,8 @@ def test_a_path_that_cannot_be_written_names_itself_not_the_temporary(tmp_path):
     from nestvit.fileio import UnwritableError
 
     (tmp_path / "grid.png").write_text("a file")
-    with pytest.raises(UnwritableError, match=r"grid.png/g.onnx: cannot be written \(a file is in the way of its "
-                                              r"folder\); choose a path"):
+    with pytest.raises(UnwritableError, match=r"grid.png/g.onnx: cannot be written \(a file is in the way\); "
+                                              r"choose a path"):
         atomic_write_text(tmp_path / "grid.png" / "g.onnx", "x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png"]
 

@@ -78,8 +78,10 @@ def writable_dir(path: str | Path, *, create: bool = True, flag: str = "--out") 
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            why = "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror
-            raise ValueError(f"{flag} {path}: cannot create the folder ({why}); choose a writable path") from None
+            from .fileio import why_unwritable
+
+            raise ValueError(f"{flag} {path}: cannot create the folder ({why_unwritable(e)}); choose a writable "
+                             "path") from None
     else:
         probe = next(p for p in (path, *path.absolute().parents) if p.exists())
         if not probe.is_dir():

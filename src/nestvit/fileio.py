@@ -69,6 +69,13 @@ class UnwritableError(UserError, OSError):
         return str(self.args[0]) if self.args else ""
 
 
+def why_unwritable(e: OSError) -> str:
+    """Why a folder could not be made or written to, in words: a file in the way, or the system's reason."""
+    if isinstance(e, (FileExistsError, NotADirectoryError)):
+        return "a file is in the way"
+    return (e.strerror or str(e)).lower()
+
+
 def _temporary_beside(path: Path) -> str:
     """A new empty temporary file in ``path``'s folder (made if missing); :class:`UnwritableError` naming ``path``
     (not the temporary) where the folder cannot be made or written to."""
@@ -78,10 +85,8 @@ def _temporary_beside(path: Path) -> str:
     except OSError as e:  # the temporary's own name would only confuse: say which file and why
         if is_disk_full(e):
             raise disk_full_error(path) from e
-        why = "a file is in the way of its folder" if isinstance(e, (FileExistsError, NotADirectoryError)) \
-            else (e.strerror or str(e)).lower()
-        raise UnwritableError(f"{path}: cannot be written ({why}); choose a path in a folder you can write to") \
-            from None
+        raise UnwritableError(f"{path}: cannot be written ({why_unwritable(e)}); choose a path in a folder you can "
+                              "write to") from None
     os.close(fd)
     return tmp
 

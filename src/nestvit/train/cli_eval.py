@@ -173,6 +173,8 @@ def data_and_root(data: str | None, root: str | None) -> tuple[str | None, str |
     ``imagefolder`` with that root (a built-in data set's name wins over a folder of the same name)."""
     from ..data.datasets import DATASETS
 
+    if root is not None and not Path(root).exists():
+        raise ValueError(f"--root {root}: no such folder")
     if data is None or data in DATASETS or data == "synthetic":
         return data, root
     if not Path(data).exists():
