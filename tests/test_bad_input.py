@@ -551,3 +551,20 @@ def test_a_run_into_a_folder_of_the_users_files_says_so(tmp_path, capsys):
     train(load_config(tiny_recipe(epochs=1)), out)
     assert f"note: {out} already holds 1 file(s) or folder(s) of no run (0.png)" in capsys.readouterr().out
     assert (out / "0.png").read_bytes() == b"mine"
+
+
+def test_python_callers_bad_arguments_are_one_clear_error(tmp_path):
+    """Before: AttributeError ('NoneType' has no attribute 'partition'), torch.stack's "expects a non-empty
+    TensorList", a ZeroDivisionError when an item was read."""
+    from nestvit.contract import ContractError, InputTransform
+    from nestvit.data import DatasetError, load_images
+
+    with pytest.raises(nestvit.registry.UnknownModelError, match="takes a model's name"):
+        nestvit.create_model(None)
+    with pytest.raises(ContractError, match="no image paths"):
+        InputTransform(channels=1, size=(8, 8), mean=(0.5,), std=(0.5,)).read_batch([])
+    for kwargs in ({"holdout": 2}, {"channels": 0}, {"size": 0}):
+        with pytest.raises(DatasetError, match="load_images: holdout must be in"):
+            load_images(tmp_path, "train", **kwargs)
+    with pytest.raises(DatasetError, match="split must be a split's name"):
+        load_images(tmp_path, None)

@@ -146,6 +146,8 @@ class InputTransform:
         """uint8 ``(B, channels, H, W)`` of image files (one path: a batch of one)."""
         if isinstance(paths, (str, Path)):  # not its characters, one by one
             paths = [paths]
+        if not paths:
+            raise ContractError("read_batch: no image paths given")
         return torch.stack([self.read(p) for p in paths])
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:

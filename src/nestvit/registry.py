@@ -179,6 +179,9 @@ def create_model(name: str, *, pretrained: bool | str | Path = False, weights: s
             model.registry_spec.update(transform=published.transform(model), info={"pretrained": published.tag})
         return _backbone(model, features_only, out_indices)
     _ensure_loaded()
+    if not isinstance(name, str):
+        raise UnknownModelError(f"create_model takes a model's name (a str, see nestvit.list_models()), not "
+                                f"{type(name).__name__}")
     if name not in _MODELS and name.partition(".")[0] in _MODELS:  # a published tag's architecture (timm's way)
         name = name.partition(".")[0]
     if name not in _MODELS:

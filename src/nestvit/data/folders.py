@@ -304,6 +304,11 @@ def load_images(root: str | Path | None, split: str, *, train_split: str = "trai
     there is one: always with class folders and a CSV (``holdout > 0``), with split folders only when
     ``eval_split`` is ``"holdout"``. The result's ``description`` says which images it holds.
     """
+    if not 0 <= holdout < 1 or channels not in (1, 3, None) or (size is not None and size < 1):
+        raise DatasetError(f"load_images: holdout must be in [0, 1) (got {holdout}), channels 1 or 3 (got {channels}), "
+                           f"size at least 1 (got {size})")
+    if not isinstance(split, str):
+        raise DatasetError(f"load_images: split must be a split's name, such as 'train' or 'test', not {split!r}")
     layout = find_layout(root, train_split)
     split, train_split = split_folder(layout, split), split_folder(layout, train_split)
     eval_split = eval_split if eval_split is None else split_folder(layout, eval_split)
