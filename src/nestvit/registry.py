@@ -2,7 +2,8 @@
 
 An entry is a function ``name(**overrides) -> nn.Module`` that fills a config dataclass; overrides
 (``num_classes``, ``img_size``, ``in_chans``, ``drop_path_rate``, ``attn``, ``act``, ...) replace fields
-of that dataclass, and an unknown key is refused with the list of valid ones.
+of that dataclass (``build_config``): an unknown key is refused with the list of valid ones, and each value is
+checked against its field's type and range (``check_values``).
 """
 
 from __future__ import annotations
