@@ -105,7 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time the NesT, TransGAN-like and conv generators side by side "
                              "(nestvit.generate.bench) at --gen-sizes")
     parser.add_argument("--gen-sizes", type=int, nargs="+", default=[32, 64], metavar="PX",
-                        help="--generators: output sizes, among 28 32 64 (default 32 64)")
+                        help="--generators: output sizes, among 28 32 64 tiny (default 32 64)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write every result and setting as JSON")
     parser.add_argument("--markdown", action="store_true", help="print the table as GitHub markdown")
     parser.add_argument("--profile", type=nonnegative_int, default=0, metavar="N",

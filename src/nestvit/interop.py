@@ -153,6 +153,9 @@ def read_state_dict(path: str | Path, *, tensors: bool = True) -> tuple[dict[str
         raise WeightsError(f"{path} is an export (a program for onnxruntime or torch.export), not a weights file; "
                            f"use the run folder it was exported from ({path.parent}) or its .safetensors weights")
     meta: dict[str, str] = {}
+    if path.stat().st_size == 0:
+        raise WeightsError(f"{path}: not a weights file (empty); give a run folder, a .safetensors file or a PyTorch "
+                           "state dict")
     try:
         if path.suffix == ".safetensors" or _is_safetensors(path):
             from safetensors import safe_open
@@ -168,9 +171,8 @@ def read_state_dict(path: str | Path, *, tensors: bool = True) -> tuple[dict[str
             with open(path, "rb") as f:
                 head = f.read(4)
             if head != b"PK\x03\x04" and head[:1] != b"\x80":  # neither a torch.save zip nor a legacy pickle
-                what = "empty" if not head else "neither safetensors nor a torch.save file"
-                raise WeightsError(f"{path}: not a weights file ({what}); give a run folder, a .safetensors file or "
-                                   "a PyTorch state dict")
+                raise WeightsError(f"{path}: not a weights file (neither safetensors nor a torch.save file); give a "
+                                   "run folder, a .safetensors file or a PyTorch state dict")
             return {}, meta
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except WeightsError:

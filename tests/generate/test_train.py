@@ -295,7 +295,8 @@ def test_a_discriminator_or_batch_that_does_not_fit_the_data_is_one_clear_error(
     """Before: a discriminator of another size or channel count was a raw conv error (an internal error in the
     CLI); a batch of 100,000 from 4,000 images was killed by the kernel."""
     with pytest.raises(ValueError, match=r"discriminator resnet_32 takes 3x32x32 images but the data are 3x16x16; "
-                                         r"pick the preset of that size \(the generator's is nest_tiny\)"):
+                                         r"pick the preset of that size \(nest_tiny or resnet_tiny, as the generator "
+                                         r"nest_tiny\)"):
         train_gan(GanConfig(**{**TINY, "discriminator": "resnet_32"}, steps=1), tmp_path / "a", data=_toy())
     with pytest.raises(ValueError, match="batch_size 64 is larger than the 3 training images"):
         train_gan(GanConfig(**{**TINY, "batch_size": 64}, steps=1), tmp_path / "b", data=_toy()[:3])

@@ -45,7 +45,7 @@ from ..train.metrics import METRICS_FILE
 from ..train.metrics import read_metrics as _read_metrics
 from ..train.optim import ModelEMA
 from .metrics import EVAL_SEED
-from .models import build_discriminator, build_generator
+from .models import DISCRIMINATORS, build_discriminator, build_generator
 
 __all__ = ["GanConfig", "ConfigError", "load_recipe", "apply_overrides", "r1_penalty", "train_gan",
            "load_generator", "save_grid", "read_metrics", "recompute_bn_stats"]
@@ -524,9 +524,11 @@ def _train_gan(cfg: GanConfig, out: Path, *, resume: bool, data: torch.Tensor | 
         raise ValueError(f"generator {cfg.generator} makes {G.out_chans}x{G.img_size}x{G.img_size} images but the data "
                          f"are {images.shape[1]}x{size}x{size}; pick a matching preset or set generator_overrides")
     if D.img_size != size or D.in_chans != images.shape[1]:
+        same = sorted(k for k in DISCRIMINATORS if k.rpartition("_")[2] == cfg.generator.rpartition("_")[2])
         raise ValueError(f"discriminator {cfg.discriminator} takes {D.in_chans}x{D.img_size}x{D.img_size} images but "
-                         f"the data are {images.shape[1]}x{size}x{size}; pick the preset of that size (the "
-                         f"generator's is {cfg.generator}) or set discriminator_overrides")
+                         f"the data are {images.shape[1]}x{size}x{size}; pick the preset of that size"
+                         + (f" ({' or '.join(same)}, as the generator {cfg.generator})" if same else "")
+                         + " or set discriminator_overrides")
     if cfg.batch_size > len(images):
         raise ValueError(f"batch_size {cfg.batch_size} is larger than the {len(images)} training images; set "
                          f"batch_size to at most {len(images)} (or use more images: max_images)")
