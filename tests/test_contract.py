@@ -307,3 +307,9 @@ def test_a_file_that_is_no_weights_file_says_so(tmp_path, image, capsys):
     for path, what in ((notes, "neither safetensors nor a torch.save file"), (image, "neither"), (empty, "empty")):
         err = one_line_error(capsys, "predict", str(path), str(image))
         assert f"{path}: not a weights file ({what}" in err and "records no model" not in err
+
+
+def test_weights_of_a_single_file_is_said_to_be_ignored(weights, image, capsys):
+    assert main(["predict", str(weights), str(image), "--weights", "last"]) == 0
+    assert f"note: --weights last chooses among a run folder's weights; {weights} is one file" in \
+        capsys.readouterr().err

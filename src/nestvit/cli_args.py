@@ -195,3 +195,10 @@ class SkippedImages:
             print(f"warning: skipped {len(self.errors)} unreadable file(s): {'; '.join(self.errors[:3])}{more}",
                   file=sys.stderr)
 
+
+def note_weights_of_a_file(checkpoint: str | Path, weights: str | None) -> None:
+    """Say that ``--weights`` is ignored for one weights file (it chooses among a run folder's)."""
+    if weights is not None and Path(checkpoint).is_file():
+        print(f"note: --weights {weights} chooses among a run folder's weights; {checkpoint} is one file, used as "
+              "given", file=sys.stderr)
+

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .cli_args import add_threads, nonnegative_float, positive_int, writable_dir
+from .cli_args import add_threads, nonnegative_float, note_weights_of_a_file, positive_int, writable_dir
 from .contract import CONTRACT_KEY  # the ONNX metadata key of the contract; ".json" added: the .pt2 file
 
 FORMATS = {"onnx": ".onnx", "pt2": ".pt2"}
@@ -233,6 +233,7 @@ def _run(args: argparse.Namespace) -> int:
     if Path(args.checkpoint).suffix.lower() in EXPORTED_SUFFIXES:
         raise ValueError(f"{args.checkpoint} is an export already; export the run folder or weights file it was "
                          "made from")
+    note_weights_of_a_file(args.checkpoint, args.weights)
     loaded = load(args.checkpoint, args.weights)
     kind = loaded.contract.kind
     if kind not in ("classifier", "generator"):

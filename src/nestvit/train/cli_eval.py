@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
 def evaluate_one(args: argparse.Namespace, checkpoint: str, out: Path | None) -> dict:
     """Evaluate one checkpoint as ``args`` say, print its numbers (and write them to ``out``); its record."""
+    from ..cli_args import note_weights_of_a_file
     from ..contract import load
     from ..export import OnnxModel
     from .cli_train import one_line_errors
@@ -97,6 +98,7 @@ def evaluate_one(args: argparse.Namespace, checkpoint: str, out: Path | None) ->
 
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+    note_weights_of_a_file(checkpoint, args.weights)
     loaded = load(checkpoint, args.weights)
     if loaded.contract.kind != "classifier":
         raise ValueError(f"{loaded.weights} holds a {loaded.contract.kind}, not a classifier; eval needs one")

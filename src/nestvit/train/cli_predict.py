@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..cli_args import SkippedImages, writable_dir
+    from ..cli_args import SkippedImages, note_weights_of_a_file, writable_dir
     from ..contract import load
     from ..fileio import atomic_write_text
     from .distributed import resolve_device
@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out}: is a folder; give a file name such as {args.out / 'predictions.csv'}")
     if args.out is not None:
         writable_dir(args.out.parent)  # fail now, not after every image has been classified
+    note_weights_of_a_file(args.checkpoint, args.weights)
     loaded = load(args.checkpoint, args.weights)
     if loaded.contract.kind != "classifier":
         raise ValueError(f"{loaded.weights} holds a {loaded.contract.kind}, not a classifier; predict needs one")
