@@ -313,3 +313,11 @@ def test_weights_of_a_single_file_is_said_to_be_ignored(weights, image, capsys):
     assert main(["predict", str(weights), str(image), "--weights", "last"]) == 0
     assert f"note: --weights last chooses among a run folder's weights; {weights} is one file" in \
         capsys.readouterr().err
+
+
+def test_eval_names_its_own_flag_for_a_split_that_is_not_there(weights, image, tmp_path, capsys):
+    for c in ("cat", "dog", "eel"):
+        (tmp_path / "photos" / c).mkdir(parents=True)
+        (tmp_path / "photos" / c / "0.png").write_bytes(Path(image).read_bytes())
+    err = one_line_error(capsys, "eval", str(weights), "--data", str(tmp_path / "photos"), "--split", "foo")
+    assert "--split foo does not exist in" in err and "data.eval_split" not in err

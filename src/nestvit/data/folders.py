@@ -168,7 +168,8 @@ def check_split(layout: Layout, split: str, holdout: float, *, key: str, name: s
         share = ", the hold-out a share of them" if holdout > 0 else ""
         hint = "" if layout.split_folders else \
             f" ({layout.describe()} has no split folders: its images are the train split{share})"
-        raise DatasetError(f"{name}: {key}={split!r} does not exist in {layout.root}; it has: "
+        given = f"{key} {split}" if key.startswith("--") else f"{key}={split!r}"
+        raise DatasetError(f"{name}: {given} does not exist in {layout.root}; it has: "
                            f"{', '.join(available)}{hint}")
 
 

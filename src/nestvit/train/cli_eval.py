@@ -126,6 +126,11 @@ def evaluate_one(args: argparse.Namespace, checkpoint: str, out: Path | None) ->
             layout = find_layout(root, "train")
             split = eval_split_of(layout, "train") or split_folder(layout, "train")
         section = dataclasses.replace(section, holdout=0.0, eval_split=split)
+    if args.split is not None and name == "imagefolder":  # a split that is not there: said with the flag's name
+        from ..data.folders import check_split, find_layout, split_folder
+
+        layout = find_layout(root, section.train_split)
+        check_split(layout, split_folder(layout, args.split), section.holdout, key="--split")
     if isinstance(loaded.model, OnnxModel) and args.precision != "fp32":
         raise ValueError(f"--precision {args.precision}: {loaded.weights} is an ONNX file; onnxruntime runs it in "
                          "float32 as exported")
