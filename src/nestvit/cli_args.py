@@ -186,14 +186,14 @@ class SkippedImages:
     def report(self, done: int) -> None:
         """Raise the error when nothing was read (``done == 0``); else warn about the files skipped."""
         from .contract import UnreadableImageError
+        from .errors import listed
 
-        more = f" and {len(self.errors) - 3} more" if len(self.errors) > 3 else ""
+        shown = listed(self.errors, sep="; ")
         if not done and self.errors:
             raise UnreadableImageError(self.errors[0] if len(self.errors) == 1 else f"none of the {len(self.errors)} "
-                                       f"files is a readable image: {'; '.join(self.errors[:3])}{more}")
+                                       f"files is a readable image: {shown}")
         if self.errors:
-            print(f"warning: skipped {len(self.errors)} unreadable file(s): {'; '.join(self.errors[:3])}{more}",
-                  file=sys.stderr)
+            print(f"warning: skipped {len(self.errors)} unreadable file(s): {shown}", file=sys.stderr)
 
 
 def note_weights_of_a_file(checkpoint: str | Path, weights: str | None) -> None:

@@ -387,7 +387,9 @@ def resolve_weights(path: str | Path, which: str | None = None) -> Path:
     if has:
         why = " (the run was trained without an EMA: ema.decay 0)" if which == "ema" else ""
         raise ContractError(f"{path} has no {which}.safetensors{why}; it has {', '.join(has)}")
-    if (path / "state.pt").is_file():  # a training run stopped before its first epoch ended
+    from .train.checkpoint import STATE_FILE
+
+    if (path / STATE_FILE).is_file():  # a training run stopped before its first epoch ended
         raise ContractError(f"{path}: no weights yet (a run writes them at the end of each epoch; this one was "
                             f"stopped before); continue it with nestvit train --resume {path}")
     raise ContractError(f"{path}: no {which}.safetensors; is it a nestvit run directory that reached its first "

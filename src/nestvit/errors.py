@@ -8,9 +8,9 @@ says so, asks for a report and shows the traceback with ``--debug``.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
-__all__ = ["UserError", "did_you_mean"]
+__all__ = ["UserError", "did_you_mean", "listed"]
 
 
 class UserError(Exception):
@@ -25,3 +25,9 @@ def did_you_mean(word: str, options: Iterable[str]) -> str:
         last = word.rpartition(".")[2]
         close = [o for o in options if o.rpartition(".")[2] == last][:2]
     return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
+def listed(items: Sequence[str], most: int = 3, sep: str = ", ") -> str:
+    """``a, b, c and 4 more``: the first ``most`` of ``items`` and how many others, for a message."""
+    return sep.join(items[:most]) + (f" and {len(items) - most} more" if len(items) > most else "")
+

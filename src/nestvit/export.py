@@ -228,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .contract import EXPORTED_SUFFIXES, HUB_PREFIX, load
+    from .contract import CLASSIFIER_WEIGHTS, EXPORTED_SUFFIXES, GAN_WEIGHTS, HUB_PREFIX, PRETRAINED_FILE, load
 
     if Path(args.checkpoint).suffix.lower() in EXPORTED_SUFFIXES:
         raise ValueError(f"{args.checkpoint} is an export already; export the run folder or weights file it was "
@@ -240,8 +240,8 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"{loaded.weights} holds a {kind}; export takes classifiers and generators")
     model = loaded.model.eval()
     stem = "generator" if kind == "generator" else "model"
-    if Path(args.checkpoint).is_file() and loaded.weights.stem not in ("best", "last", "ema", "model", "generator",
-                                                                        "generator_ema"):
+    runs_names = {*CLASSIFIER_WEIGHTS, *GAN_WEIGHTS.values(), Path(PRETRAINED_FILE).stem}
+    if Path(args.checkpoint).is_file() and loaded.weights.stem not in runs_names:
         stem = loaded.weights.stem  # a weights file of the user's name: its export beside it, of that name
     beside = Path.cwd() if str(args.checkpoint).startswith(HUB_PREFIX) else loaded.weights.parent  # not in a cache
     suffix = args.out.suffix.lower() if args.out is not None else ""

@@ -327,3 +327,15 @@ def test_your_own_images_train_a_gan_as_docs_generation_md_says(tmp_path, capsys
     with pytest.raises(ConfigError, match=r"dataset 'imagefolder': `nestvit generate train` reads an in-memory set .*"
                                           r"train_gan\(cfg, out, data=images\)"):
         GanConfig(dataset="imagefolder")
+
+
+def test_a_missing_data_set_names_the_fix_that_applies_to_a_gan_config(tmp_path, monkeypatch):
+    """The data sets' own hint is `--set data.download=true`, a key GAN configs do not have."""
+    from nestvit.data import DatasetError
+    from nestvit.generate.train import load_train_images
+
+    monkeypatch.setenv("NESTVIT_DATA_DIR", str(tmp_path))  # an empty data folder: CIFAR-10 is not there
+    with pytest.raises(DatasetError, match=r"fetch the files once from Python: "
+                                           r"nestvit.data.load_dataset\('cifar10', download=True\)") as e:
+        load_train_images(GanConfig(dataset="cifar10"))
+    assert "data.download" not in str(e.value)

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import listed
 from .datasets import IMAGE_EXTENSIONS, DatasetError, ImageFolderDataset, ImageListDataset
 
 __all__ = [
@@ -267,9 +268,8 @@ def read_labels_csv(path: str | Path) -> list[tuple[str, Path, str, str | None]]
         raise DatasetError(f"imagefolder: {path} has no rows; expected lines of path,label or path,label,split "
                            f"(paths relative to {path.parent})")
     if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise DatasetError(f"imagefolder: {path}: {len(missing)} listed file(s) do not exist: {shown} (paths are "
-                           f"relative to the CSV's folder, {path.parent})")
+        raise DatasetError(f"imagefolder: {path}: {len(missing)} listed file(s) do not exist: {listed(missing)} "
+                           f"(paths are relative to the CSV's folder, {path.parent})")
     return rows
 
 

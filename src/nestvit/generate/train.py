@@ -343,8 +343,6 @@ def _saved_feature_net(out: Path) -> str | None:
 def _check_same_feature_net(cfg: GanConfig, saved: str, out: Path) -> None:
     """Refuse, before anything is trained, a resume whose feature network is not ``saved``, the one the run's
     metrics so far were measured with (FIDs of two networks are not comparable)."""
-    if saved == cfg.feature_net:
-        return
     saved = absolute_feature_net(replace(cfg, feature_net=saved)).feature_net
     path = "" if saved == "auto" else saved.partition(":")[2] if saved.startswith("inception") else saved
     if saved == cfg.feature_net or (path and not Path(path).is_absolute()):

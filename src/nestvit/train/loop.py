@@ -36,7 +36,7 @@ from ..cli_args import writable_dir
 from ..contract import RunContract
 from ..data.augment import BatchAugment, eval_transform, shift, tta_views
 from ..data.datasets import DatasetError
-from ..errors import UserError
+from ..errors import UserError, listed
 from ..fileio import atomic_write_text, remove_stale_temporaries
 from ..interop import save_weights
 from ..system import machine_info, machine_label, resolve_precision, slow_bf16, use_tf32
@@ -284,7 +284,7 @@ class Trainer:
             tr.channels == 1 else ""
         self.say(f"data: {cfg.data.name} {len(tr)} train / {len(ev)} {cfg.data.eval_split} images of "
                  f"{tr.channels}x{tr.size[0]}x{tr.size[1]}{grey}, {self.num_classes} classes "
-                 f"({_listed(self.classes)}); normalised with mean {cfg.data.mean} std {cfg.data.std}")
+                 f"({listed(self.classes, 8)}); normalised with mean {cfg.data.mean} std {cfg.data.std}")
         self.say(f"batch: global {cfg.global_batch} = {i.world_size} device(s) x {self.per_device} per device; per "
                  f"device {self.micro} per forward x {self.accum} accumulation step(s); {self.steps_per_epoch} "
                  f"steps/epoch x {cfg.epochs} epochs = {self.schedule.total_steps} steps")
@@ -752,11 +752,6 @@ def view_logits(model: nn.Module, images: torch.Tensor, mean: tuple[float, ...],
 def _logits(out: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """A distilled model's (class, distillation) pair averaged; any other output as it is."""
     return (out[0] + out[1]) / 2 if isinstance(out, tuple) else out
-
-
-def _listed(names: Sequence[str], most: int = 8) -> str:
-    """``a, b, c`` (the first ``most`` and how many more): what a run learns to tell apart, in its header."""
-    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def _has_key(config: dict[str, Any], dotted: str) -> bool:
