@@ -86,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():  # nestvit's own warnings as one line each, as its notes (restored after)
             warnings.showwarning = _show_warning
             return int(importlib.import_module(args._module).run(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # training's Stopped says where its state is and how to go on
+        _close_progress_bars()
+        print(f"nestvit {args.command}: {e}" if str(e) else "interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError as e:
         if _stdout_reader_gone():  # `nestvit models | head`: the reader has what it wanted; be quiet

@@ -821,5 +821,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not hasattr(args, "argv"):
         args.argv = sys.argv[2:] if len(sys.argv) > 2 and sys.argv[1] == "experiment" else [args.name]
-    run_experiment(args)
+    from .train.interrupt import Stopped
+
+    try:
+        run_experiment(args)
+    except Stopped as e:  # the same command goes on: finished runs are read back, this one resumes
+        raise Stopped(e.signal_name, e.step, e.run_dir, how="the same command (nestvit experiment "
+                      + " ".join(args.argv) + ")") from None
     return 0

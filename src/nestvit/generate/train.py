@@ -504,6 +504,7 @@ def _train_gan(cfg: GanConfig, out: Path, *, resume: bool, data: torch.Tensor | 
     from ..fileio import remove_stale_temporaries
     from ..system import use_tf32
     from ..train.distributed import resolve_device
+    from ..train.interrupt import Stopped, StopRequest
     from ..train.metrics import MetricsLog
 
     if cfg.threads:
@@ -646,6 +647,7 @@ def _train_gan(cfg: GanConfig, out: Path, *, resume: bool, data: torch.Tensor | 
     acc: dict[str, float] = {}
     n_acc = 0
     last_eval = None
+    stop = closing.enter_context(StopRequest())  # Ctrl-C / SIGTERM: a checkpoint after this step, then stop
     while step < last:
         t0 = time.perf_counter()
         idx = torch.randint(len(images), (cfg.batch_size,), generator=rng)
@@ -704,9 +706,13 @@ def _train_gan(cfg: GanConfig, out: Path, *, resume: bool, data: torch.Tensor | 
                 save_grid(G_ema(fixed_z), out / "samples" / f"step_{step:06d}.png")
         if cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != cfg.steps:  # the last step: below
             last_eval = evaluate(step)
-        if step % cfg.ckpt_every == 0 or step == last:
+        if step % cfg.ckpt_every == 0 or step == last or stop.requested:
             ready_ema(step)  # generator_ema.safetensors carries the statistics of its own weights
             save_checkpoint(out, step, cfg=cfg, G=G, ema=ema, D=D, opt_g=opt_g, opt_d=opt_d, rng=rng)
+        if stop.requested and step < last:
+            bar.close()
+            raise Stopped(stop.signal_name, step, out, how=f"nestvit generate train --resume {out}")
+    stop.close()  # the final evaluation: Ctrl-C stops it at once
     bar.close()
     if step == cfg.steps and cfg.eval_every >= 0:
         done = [r for r in read_metrics(out) if r.get("kind") == "eval" and r.get("step") == step

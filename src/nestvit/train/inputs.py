@@ -28,6 +28,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,7 @@ from ..data.datasets import DATASETS, DatasetError, ImageListDataset, load_datas
 from ..data.folders import HOLDOUT, default_eval_split, find_layout, holds_image_folders, load_images
 from ..data.shards import ShardEpoch, ShardPass, ShardSet, find_shard_layout, load_shards
 from .config import ConfigError, DataSection, ModelSection
+from .interrupt import ignore_stop_signals
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -360,8 +362,7 @@ class TrainBatches:
             shards = ShardEpoch(self.split.stream, seed=self.seed, epoch=epoch, rank=self.rank,
                                 world_size=self.world_size, batch=self.per_rank, steps=self.steps_per_epoch,
                                 start_step=start_step)
-            loader = torch.utils.data.DataLoader(shards, batch_size=None, num_workers=self.workers,
-                                                 pin_memory=self.device.type == "cuda")
+            loader = _loader(shards, self.workers, batch_size=None, pin_memory=self.device.type == "cuda")
             for images, batch_labels in loader:
                 yield images.to(self.device, non_blocking=True), batch_labels.to(self.device, non_blocking=True)
             return
@@ -372,10 +373,15 @@ class TrainBatches:
             for idx in indices:
                 yield images[idx.to(images.device)], labels[idx].to(self.device)
             return
-        loader = torch.utils.data.DataLoader(self.split.folder, batch_sampler=indices.tolist(),
-                                             num_workers=self.workers, pin_memory=self.device.type == "cuda")
+        loader = _loader(self.split.folder, self.workers, batch_sampler=indices.tolist(),
+                         pin_memory=self.device.type == "cuda")
         for images, batch_labels in loader:
             yield images.to(self.device, non_blocking=True), batch_labels.to(self.device, non_blocking=True)
+
+
+def _loader(data: Any, workers: int, **kwargs: Any) -> torch.utils.data.DataLoader:
+    """A DataLoader of ``workers`` processes that leave Ctrl-C and SIGTERM to the trainer (``.interrupt``)."""
+    return torch.utils.data.DataLoader(data, num_workers=workers, worker_init_fn=ignore_stop_signals, **kwargs)
 
 
 def eval_batches(split: Split, *, batch: int, rank: int, world_size: int, device: torch.device,
@@ -384,8 +390,8 @@ def eval_batches(split: Split, *, batch: int, rank: int, world_size: int, device
     its streams' shards). ``workers`` None: :func:`default_workers`."""
     workers = default_workers() if workers is None else workers
     if split.stream is not None:
-        loader = torch.utils.data.DataLoader(ShardPass(split.stream, rank=rank, world_size=world_size, batch=batch),
-                                             batch_size=None, num_workers=workers)
+        loader = _loader(ShardPass(split.stream, rank=rank, world_size=world_size, batch=batch), workers,
+                         batch_size=None)
         for images, labels in loader:
             yield images.to(device), labels.to(device)
         return
@@ -395,7 +401,6 @@ def eval_batches(split: Split, *, batch: int, rank: int, world_size: int, device
         for c in chunks:
             yield split.images[c.to(split.images.device)], split.labels[c].to(device)
         return
-    loader = torch.utils.data.DataLoader(split.folder, batch_sampler=[c.tolist() for c in chunks],
-                                         num_workers=workers)
+    loader = _loader(split.folder, workers, batch_sampler=[c.tolist() for c in chunks])
     for images, labels in loader:
         yield images.to(device), labels.to(device)

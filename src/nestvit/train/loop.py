@@ -46,6 +46,7 @@ from .distill import classification_loss, teacher_targets
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed, shutdown
 from .hooks import Callback, EmaEvaluation, Plots, TtaEvaluation
 from .inputs import Split, TrainBatches, eval_batches, is_streamed, load_split, normalization, resolve_data
+from .interrupt import Stopped, StopRequest
 from .metrics import EvalAccumulator, EvalResult, MetricsLog
 from .optim import (
     LRSchedule,
@@ -131,6 +132,8 @@ class Trainer:
         self.info, self.device, self.run_dir = info, info.device, run_dir
         self.main = info.is_main
         self.started = time.perf_counter()
+        self.stop = StopRequest(announce=self.main)  # Ctrl-C / SIGTERM: save at the next step, then stop
+        self.stop_agreed = False  # under DDP: a rank asked to stop, as the last step's all-reduce says
         self.precision = resolve_precision(cfg.precision, self.device)
         use_tf32(self.device, cfg.tf32)
         if self.precision == "fp16" and self.device.type != "cuda":
@@ -346,8 +349,10 @@ class Trainer:
             loss_sum += loss.detach().float() / self.accum
             correct += (logits.detach().argmax(1) == ts.argmax(1)).sum()
         sam_restore(moved)
-        stats = all_reduce_sum(torch.stack([loss_sum, correct]), self.info)
+        # a stop request rides on the step's all-reduce: every rank stops after the same step, at no extra cost
+        stats = all_reduce_sum(torch.stack([loss_sum, correct, self.stop.flag(self.device)]), self.info)
         loss_value = stats[0].item() / self.info.world_size
+        self.stop_agreed = stats[2].item() > 0
         self.read_clock()
         if not math.isfinite(loss_value):
             state = self.run_dir / STATE_FILE
@@ -418,9 +423,14 @@ class Trainer:
                              "lr": self.lr, "img_s": img_s, "data_img_s": data_img_s})
                 window = {k: 0.0 if k != "steps" else 0 for k in window}
                 t_window = time.perf_counter()
-            if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 \
-                    and self.step_in_epoch < self.steps_per_epoch:
+            mid_epoch = self.step_in_epoch < self.steps_per_epoch  # the epoch's last step: fit() saves it
+            saved = bool(self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 and mid_epoch)
+            if saved:
                 self.save_state()
+            if mid_epoch and (self.stop_agreed if self.info.enabled else self.stop.requested):
+                batches.close()
+                bar.close()
+                self.stopped(save=not saved)
             if self.time_frac >= 1.0:
                 batches.close()
                 break
@@ -478,6 +488,21 @@ class Trainer:
             self.call("on_evaluate", redone)
             self.call("on_final_evaluate", redone)
             self.write_plots(self.test)
+        with self.stop:
+            self.train_epochs(stop_after_epochs)
+        return self.finish()
+
+    def stopped(self, *, save: bool) -> None:
+        """Save the state where training stands (a step boundary) and raise :class:`Stopped`."""
+        if save:
+            self.save_state()
+        self.log.close()
+        raise Stopped(self.stop.signal_name or "a stop request of another rank", self.step, self.run_dir)
+
+    def train_epochs(self, stop_after_epochs: int | None) -> None:
+        """Train (and evaluate, save, call the hooks) epoch by epoch until the run's end, a time budget or
+        ``stop_after_epochs``."""
+        cfg = self.cfg
         while self.epoch < cfg.epochs and self.time_frac < 1.0:
             epoch = self.epoch
             stats = self.train_epoch(epoch)
@@ -515,6 +540,12 @@ class Trainer:
             self.call("on_epoch_end", record, last or stop)
             if stop or last:
                 break
+            if all_reduce_sum(self.stop.flag(self.device), self.info).item() > 0:  # asked during the evaluation
+                self.stopped(save=False)
+
+    def finish(self) -> RunResult:
+        """``summary.json`` and the closing line, after the last epoch."""
+        cfg = self.cfg
         if self.time_frac >= 1.0 and self.epoch < cfg.epochs:
             self.say(f"the time budget of {cfg.time_budget_min:g} min is spent: stopped after {self.step} steps")
         wall = time.perf_counter() - self.started
