@@ -6,9 +6,13 @@ resumed run is bit-exact), and raises :class:`Stopped`. A second Ctrl-C stops at
 the last checkpoint. A signal the process was told to ignore (``nohup``, a shell's background job ignores
 SIGINT) stays ignored.
 
-DataLoader workers ignore both signals (:func:`ignore_stop_signals`, their ``worker_init_fn``): a terminal's
-Ctrl-C reaches every process of the group, and a worker that quit would fail the step the main process
-finishes. Under DDP the ranks agree on the step they stop at: the trainer sums every rank's request into the
+DataLoader workers ignore SIGINT (:func:`ignore_ctrl_c`, their ``worker_init_fn``): a terminal's Ctrl-C
+reaches every process of the group, and a worker that quit would fail the step the main process finishes.
+They keep PyTorch's SIGTERM handling: the DataLoader (and ``multiprocessing`` at exit) stops its workers with
+SIGTERM, so a worker must obey it. A SIGTERM sent to every process, workers included (SLURM's ``scancel``),
+therefore ends the workers too and the stop fails with their error; send it to the main process alone.
+
+Under DDP the ranks agree on the step they stop at: the trainer sums every rank's request into the
 all-reduce each step already makes (:meth:`StopRequest.flag`).
 """
 
@@ -24,7 +28,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["StopRequest", "Stopped", "ignore_stop_signals"]
+__all__ = ["StopRequest", "Stopped", "ignore_ctrl_c"]
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
@@ -91,7 +95,6 @@ class StopRequest:
         return torch.tensor(float(self.requested), device=device)
 
 
-def ignore_stop_signals(worker_id: int = 0) -> None:
-    """A DataLoader ``worker_init_fn``: the worker leaves SIGINT and SIGTERM to the main process."""
-    for sig in _SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+def ignore_ctrl_c(worker_id: int = 0) -> None:
+    """A DataLoader ``worker_init_fn``: the worker leaves Ctrl-C (SIGINT) to the main process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
