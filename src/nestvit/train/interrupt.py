@@ -9,8 +9,9 @@ SIGINT) stays ignored.
 DataLoader workers ignore SIGINT (:func:`ignore_ctrl_c`, their ``worker_init_fn``): a terminal's Ctrl-C
 reaches every process of the group, and a worker that quit would fail the step the main process finishes.
 They keep PyTorch's SIGTERM handling: the DataLoader (and ``multiprocessing`` at exit) stops its workers with
-SIGTERM, so a worker must obey it. A SIGTERM sent to every process, workers included (a scheduler that
-signals the whole job), ends the workers too and the stop fails with their error; send it to the main process alone.
+SIGTERM, so a worker must obey it. A SIGTERM sent to every process, workers included (a scheduler
+that signals the whole job), ends the workers too and the stop fails with their error; send it to the main
+process alone.
 
 Under DDP the ranks agree on the step they stop at: the trainer sums every rank's request into the
 all-reduce each step already makes (:meth:`StopRequest.flag`).
