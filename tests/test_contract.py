@@ -276,6 +276,32 @@ def test_read_batch_of_one_path_is_a_batch_of_one(image):
     assert torch.equal(t.read_batch(str(image)), t.read_batch([image]))  # before: "i: no such image file"
 
 
+@pytest.mark.parametrize("resize", ["stretch", "center-crop"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_read_takes_a_pil_image_an_array_or_a_tensor_as_its_file(image, tmp_path, resize, channels, monkeypatch):
+    """An image in memory (a camera frame, a notebook's PIL image) is prepared exactly as its file would be."""
+    t = InputTransform(channels=channels, size=(16, 16), mean=(0.5,) * channels, std=(0.25,) * channels, resize=resize)
+    want = t.read_batch([image])
+    monkeypatch.setenv("HOME", str(image.parent))
+    with Image.open(image) as pil:
+        rgb = np.array(pil)
+        for item in (pil, rgb, torch.from_numpy(rgb).permute(2, 0, 1), f"~/{image.name}"):
+            assert torch.equal(t.read_batch([item]), want), type(item)
+        assert tuple(pil.size) == (30, 20) and pil.mode == "RGB"  # the caller's image is left as it was
+    assert torch.equal(t.read_batch(rgb), want)  # one array: a batch of one, not one image per row
+    assert torch.equal(t.read_batch(torch.from_numpy(rgb).permute(2, 0, 1)[None]), want)  # (B, C, H, W) uint8
+    grey = rgb.mean(-1).round().astype(np.uint8)
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    assert torch.equal(t.read(grey), t.read(tmp_path / "grey.png"))
+    for bad, says in ((rgb.astype(np.float32) / 255, r"a float32 array of shape \(20, 30, 3\); it takes the pixels "
+                                                    r"of one image: uint8 \(H, W\) or \(H, W, C\) .*\(floats in 0..1"),
+                      (torch.zeros(5, 8, 8, dtype=torch.uint8), r"a torch.uint8 tensor of shape \(5, 8, 8\)"),
+                      (3, r"cannot read a 'int' object; it takes a file's path, a PIL image or the pixels"),
+                      (tmp_path, rf"{tmp_path}: a folder, not an image file: pass its files")):
+        with pytest.raises(ContractError, match=says):
+            t.read(bad)
+
+
 def test_a_file_without_an_input_transform_says_what_is_assumed(tmp_path, weights):
     model = nestvit.create_model("nest_tiny_cifar", **TINY)
     torch.save(model.state_dict(), tmp_path / "plain.pth")

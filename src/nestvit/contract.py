@@ -18,6 +18,7 @@ and ``experiment`` all go through it. Files written before the contract existed 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from collections.abc import Mapping, Sequence
@@ -38,6 +39,9 @@ EXPORTED_SUFFIXES = (".onnx", ".pt2")  # files of `nestvit export` (nestvit.expo
 CONTRACT_VERSION = 1
 Kind = Literal["classifier", "generator", "discriminator"]
 Resize = Literal["stretch", "center-crop"]
+# one image for InputTransform.read: a path (str, Path), a PIL image, a uint8 numpy array (H, W[, C]) or tensor
+# (C, H, W)
+ImageLike = Any
 
 # which weights of a run directory: classifier runs write best/last/ema, GAN runs a generator, its EMA and a
 # discriminator per checkpoint
@@ -108,28 +112,34 @@ class InputTransform:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
 
-    def read(self, path: str | Path) -> torch.Tensor:
-        """uint8 ``(channels, H, W)`` of an image file, resized (cropped, padded) as the model expects."""
+    def read(self, image: ImageLike) -> torch.Tensor:
+        """uint8 ``(channels, H, W)`` of an image, resized (cropped, padded) as the model expects.
+
+        ``image``: a file's path (``~`` expanded), an open ``PIL.Image``, or the pixels of one image of any size:
+        a uint8 numpy array ``(H, W)`` / ``(H, W, C)`` or a uint8 tensor ``(C, H, W)`` (C 1, 3 or 4).
+        """
         import numpy as np
 
         if self.channels not in (1, 3):
-            raise ContractError(f"the model takes {self.channels}-channel input; image files give 1 (grayscale) "
+            raise ContractError(f"the model takes {self.channels}-channel input; images give 1 (grayscale) "
                                 "or 3 (RGB)")
+        img, path = _as_pil(image)
         if self.resize == "center-crop":  # the very decoding of image-folder training (JPEG draft mode included)
             from .data.datasets import DatasetError, decode_image
 
-            if not Path(path).is_file():
-                raise UnreadableImageError(f"{path}: no such image file")
+            if img is None and not path.is_file():
+                raise UnreadableImageError(_not_a_file(path))
             try:  # an unreadable or huge file: one clear error
-                x = decode_image(Path(path), size=self.size[0], resize_size=round(self.size[0] / self.crop_pct),
-                                 channels=self.channels)
+                x = decode_image(img if img is not None else path, size=self.size[0],
+                                 resize_size=round(self.size[0] / self.crop_pct), channels=self.channels,
+                                 name=path)
             except DatasetError as e:
                 raise UnreadableImageError(str(e)) from None
             return x.contiguous()
         from .data.datasets import convert_image, resize_images
 
-        with open_image(path) as img:
-            array = np.asarray(convert_image(img, "L" if self.channels == 1 else "RGB"), dtype=np.uint8)
+        with contextlib.nullcontext(img) if img is not None else open_image(path) as opened:
+            array = np.asarray(convert_image(opened, "L" if self.channels == 1 else "RGB"), dtype=np.uint8)
         x = torch.from_numpy(array.copy())
         x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
         x = resize_images(x[None], self.content or self.size)[0]  # the resize of training's data.resize_to
@@ -142,13 +152,14 @@ class InputTransform:
             x = torch.nn.functional.pad(x, (left, W - w - left, top, H - h - top))
         return x.contiguous()
 
-    def read_batch(self, paths: Sequence[str | Path] | str | Path) -> torch.Tensor:
-        """uint8 ``(B, channels, H, W)`` of image files (one path: a batch of one)."""
-        if isinstance(paths, (str, Path)):  # not its characters, one by one
-            paths = [paths]
-        if not paths:
-            raise ContractError("read_batch: no image paths given")
-        return torch.stack([self.read(p) for p in paths])
+    def read_batch(self, images: Sequence[ImageLike] | ImageLike) -> torch.Tensor:
+        """uint8 ``(B, channels, H, W)`` of images (see :meth:`read`; one image: a batch of one; a uint8 tensor
+        ``(B, C, H, W)``: its images, each resized)."""
+        if not isinstance(images, (list, tuple)) and not (isinstance(images, torch.Tensor) and images.ndim == 4):
+            images = [images]  # one path, not its characters one by one; one array, not its rows
+        if len(images) == 0:
+            raise ContractError("read_batch: no images given")
+        return torch.stack([self.read(p) for p in images])
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 ``(B, C, H, W)`` -> normalised float32, as in training and evaluation."""
@@ -157,13 +168,44 @@ class InputTransform:
         return eval_transform(images, self.mean, self.std)
 
 
+def _as_pil(image: Any) -> tuple[Any, Path]:
+    """``(PIL image or None, name)`` of what :meth:`InputTransform.read` takes: None for a path (read later)."""
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(image, (str, Path)):
+        return None, Path(image).expanduser()
+    if isinstance(image, Image.Image):
+        return image, Path(getattr(image, "filename", "") or "(PIL image)")
+    pixels = "the pixels of one image: uint8 (H, W) or (H, W, C) numpy arrays, uint8 (C, H, W) tensors"
+    if isinstance(image, torch.Tensor):
+        if image.dtype != torch.uint8 or image.ndim not in (2, 3) or (image.ndim == 3
+                                                                      and image.shape[0] not in (1, 3, 4)):
+            raise ContractError(f"read: a {image.dtype} tensor of shape {tuple(image.shape)}; it takes {pixels} "
+                                "(float tensors in 0..1: (x * 255).round().to(torch.uint8))")
+        image = image.cpu().numpy() if image.ndim == 2 else image.permute(1, 2, 0).cpu().numpy()
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3
+                                                                   and image.shape[2] not in (1, 3, 4)):
+            raise ContractError(f"read: a {image.dtype} array of shape {image.shape}; it takes {pixels} "
+                                "(floats in 0..1: (a * 255).round().astype(np.uint8))")
+        return Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image), \
+            Path("(array)")
+    raise ContractError(f"read: cannot read a {type(image).__name__!r} object; it takes a file's path, a PIL image or "
+                        f"{pixels}")
+
+
+def _not_a_file(path: Path) -> str:
+    return f"{path}: " + ("a folder, not an image file: pass its files" if path.is_dir() else "no such image file")
+
+
 def open_image(path: str | Path):
     """``PIL.Image`` of a file, with one clear :class:`ContractError` for a missing, unreadable or huge file."""
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
-        raise UnreadableImageError(f"{path}: no such image file")
+        raise UnreadableImageError(_not_a_file(path))
     img = None
     try:
         img = Image.open(path)

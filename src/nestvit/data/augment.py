@@ -799,8 +799,9 @@ def eval_transform(images: Tensor, mean: Sequence[float], std: Sequence[float]) 
     """
     if not isinstance(images, Tensor):
         raise TypeError(f"images must be a torch tensor (uint8 0..255 or float 0..1, (B, C, H, W)), not a "
-                        f"{type(images).__name__}; image files: InputTransform.read_batch(paths); arrays: "
-                        "torch.from_numpy(array).permute(0, 3, 1, 2)")
+                        f"{type(images).__name__}; image files, PIL images or arrays of any size: "
+                        "InputTransform.read_batch(images) (nestvit.load(RUN).transform) resizes them as in training "
+                        "and gives this uint8 batch")
     _check_images(images)
     if images.dtype != torch.uint8 and not images.is_floating_point():
         raise TypeError(f"images must be uint8 (0..255) or float (0..1), not {images.dtype}; convert with "

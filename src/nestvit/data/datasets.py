@@ -13,6 +13,7 @@ unpickler that can only rebuild plain numpy arrays, so no code stored in a file 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import importlib.util
 import io
@@ -782,11 +783,11 @@ def convert_image(img: Image.Image, mode: str) -> Image.Image:
     return img.convert(mode)
 
 
-def decode_image(source: str | Path | io.BytesIO, *, size: int, resize_size: int | None = None,
+def decode_image(source: str | Path | io.BytesIO | Image.Image, *, size: int, resize_size: int | None = None,
                  crop_box: Callable[[int, int], tuple[int, int, int, int] | None] | None = None,
                  name: str | Path | None = None, channels: int = 3) -> torch.Tensor:
-    """Decode one image (a path or bytes in a file object) to a uint8 ``channels x size x size`` tensor
-    (``channels`` 3: RGB; 1: greyscale, Pillow's ``L``).
+    """Decode one image (a path, bytes in a file object, or an open ``PIL.Image``, left as it is) to a uint8
+    ``channels x size x size`` tensor (``channels`` 3: RGB; 1: greyscale, Pillow's ``L``).
 
     The shorter side is resized to ``resize_size`` (default ``round(size / 0.875)``) and the centre cropped;
     with ``crop_box`` (``(w, h) -> (left, top, right, bottom)`` or None for the centre crop) that box of the
@@ -794,10 +795,11 @@ def decode_image(source: str | Path | io.BytesIO, *, size: int, resize_size: int
     one :class:`DatasetError` naming ``name`` (default: the path).
     """
     resize_size = resize_size or round(size / 0.875)
+    given = isinstance(source, Image.Image)  # the caller's image: not drafted (that changes it), not closed
     try:
-        with Image.open(source) as img:
+        with contextlib.nullcontext(source) if given else Image.open(source) as img:
             mode = "L" if channels == 1 else "RGB"
-            if crop_box is None:  # small random crops need the full resolution
+            if crop_box is None and not given:  # small random crops need the full resolution
                 img.draft(mode, (resize_size, resize_size))  # fast JPEG downscale on decode
             img = convert_image(img, mode)
             w, h = img.size
