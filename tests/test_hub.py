@@ -48,6 +48,27 @@ def test_a_model_from_create_model(tmp_path):
     assert torch.equal(loaded.model(x), model.eval()(x))
 
 
+def test_the_model_of_a_loaded_run_keeps_its_input_and_classes_and_a_new_head_is_saved_as_it_is(run, tmp_path,
+                                                                                                   monkeypatch):
+    loaded = nestvit.load(run)
+    (tmp_path / "summary.json").write_text('{"test_top1": 99.9}')  # the working folder's: not the model's results
+    monkeypatch.chdir(tmp_path)
+    same = nestvit.from_pretrained(nestvit.save_pretrained(loaded.model, tmp_path / "model"))
+    assert same.transform == loaded.transform and same.classes == loaded.classes  # before: 0.5 and class0..
+    assert "99.9" not in (tmp_path / "model/README.md").read_text()
+    loaded.model.reset_classifier(3)
+    with pytest.warns(UserWarning, match="head has 3 classes now, not the 10 it was loaded with"):
+        out = nestvit.save_pretrained(loaded, tmp_path / "head3")  # before: a folder that did not load
+    again = nestvit.from_pretrained(out)
+    assert again.model.num_classes == 3 and again.classes == ["class0", "class1", "class2"]
+    assert again.transform == loaded.transform and "test top-1" not in (out / "README.md").read_text()
+    named = nestvit.from_pretrained(nestvit.save_pretrained(loaded.model, tmp_path / "abc", classes=["a", "b", "c"]))
+    assert named.classes == ["a", "b", "c"]
+    with pytest.raises(ContractError, match="classes: 2 names for a model of 3 classes"):
+        nestvit.save_pretrained(loaded, tmp_path / "bad", classes=["a", "b"])
+    assert not (tmp_path / "bad").exists()
+
+
 def test_a_folder_that_mixes_two_models_is_refused(run, tmp_path):
     out = nestvit.save_pretrained(run, tmp_path / "shared")
     config = json.loads((out / "config.json").read_text())

@@ -347,12 +347,19 @@ def contract_of(model: nn.Module, **fields: Any) -> RunContract | None:
     spec = getattr(model, "registry_spec", None)
     if spec is None:
         return None
-    recorded = {k: spec[k] for k in ("transform", "info") if k in spec}  # pretrained: its input, its tag
+    # pretrained: its input and tag; nestvit.load: the file's input, classes and info
+    recorded = {k: spec[k] for k in ("transform", "classes", "info") if spec.get(k) is not None}
     kwargs = dict(spec["kwargs"])
-    built = getattr(getattr(model, "cfg", None), "num_classes", None)
-    if built is not None and getattr(model, "num_classes", built) != built:  # reset_classifier since it was built
+    if head_changed(model):  # reset_classifier since it was built: the recorded class names are not its own
         kwargs["num_classes"] = model.num_classes
+        recorded = {k: v for k, v in recorded.items() if k != "classes"}
     return RunContract(model=spec["model"], kwargs=kwargs, **{**recorded, **fields})
+
+
+def head_changed(model: nn.Module) -> bool:
+    """Whether ``model``'s classifier has another number of classes than it was built with (reset_classifier)."""
+    built = getattr(getattr(model, "cfg", None), "num_classes", None)
+    return built is not None and getattr(model, "num_classes", built) != built
 
 
 # --------------------------------------------------------------------------------------------------
@@ -520,6 +527,8 @@ def load(path: str | Path, which: str | None = None, *, model: str | None = None
             warnings.warn(f"{weights} records no input transform: images are stretched to {h}x{w} and scaled to "
                           "[-1, 1] (mean = std = 0.5); if the model was trained otherwise, save it with "
                           "nestvit.interop.save_weights(model, path, transform=InputTransform(...))", stacklevel=2)
+    # the model remembers them: save_weights(loaded.model, ...) and save_pretrained(loaded.model, ...) keep them
+    net.registry_spec.update(transform=transform, classes=contract.classes, info=contract.info)
     return Loaded(model=net.eval(), transform=transform, contract=contract, weights=weights,
                   config=_run_config(weights, contract.kind))
 

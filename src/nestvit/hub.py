@@ -19,12 +19,23 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from .contract import HUB_PREFIX, PRETRAINED_FILE, ContractError, Loaded, RunContract, contract_of, load
+from .contract import (
+    HUB_PREFIX,
+    PRETRAINED_FILE,
+    ContractError,
+    Loaded,
+    RunContract,
+    contract_of,
+    head_changed,
+    load,
+)
 
 __all__ = ["from_pretrained", "push_to_hub", "save_pretrained"]
 
@@ -98,10 +109,12 @@ def _card(loaded: Loaded, summary: dict[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
-def save_pretrained(source: Any, folder: str | Path) -> Path:
+def save_pretrained(source: Any, folder: str | Path, *, classes: Sequence[str] | None = None) -> Path:
     """Write ``config.json``, ``model.safetensors`` and ``README.md`` of ``source`` into ``folder``.
 
-    ``source``: a run folder or weights file (``nestvit.load``), a ``Loaded``, or a model from ``create_model``.
+    ``source``: a run folder or weights file (``nestvit.load``), a ``Loaded``, or a model from ``create_model``
+    (or from ``nestvit.load``: it keeps the file's input transform and class names). ``classes``: the class
+    names to record instead (a head changed with ``reset_classifier`` has none of its own).
     """
     from . import __version__
     from .contract import EXPORTED_SUFFIXES
@@ -117,24 +130,35 @@ def save_pretrained(source: Any, folder: str | Path) -> Path:
     loaded = _loaded(source)
     if loaded.weights.suffix.lower() in EXPORTED_SUFFIXES:
         raise ContractError(f"{loaded.weights} is an export; give the run folder or weights file it was made from")
+    contract = replace(loaded.contract, transform=loaded.contract.transform or loaded.transform)
+    # the run's results: beside the weights file (a model in memory has none, whatever the working folder holds)
+    summary_file = loaded.weights.parent / "summary.json" if loaded.weights.is_file() else None
+    if head_changed(loaded.model):  # reset_classifier since it was loaded: not the run's model any more
+        n = loaded.model.num_classes
+        if classes is None:
+            warnings.warn(f"the model's head has {n} classes now, not the {contract.kwargs.get('num_classes')} it "
+                          "was loaded with: its class names are not saved (pass classes=[...]), nor the run's results",
+                          stacklevel=2)
+        contract = replace(contract, kwargs={**contract.kwargs, "num_classes": n}, classes=None,
+                           info={k: v for k, v in contract.info.items() if k == "pretrained"})
+        summary_file = None
+    if classes is not None:
+        n = getattr(loaded.model, "num_classes", None)
+        if n is not None and len(classes) != n:
+            raise ContractError(f"classes: {len(classes)} names for a model of {n} classes")
+        contract = replace(contract, classes=tuple(map(str, classes)))
     folder.mkdir(parents=True, exist_ok=True)
-    contract = loaded.contract
-    if contract.transform is None:
-        from dataclasses import replace
-
-        contract = replace(contract, transform=loaded.transform)
     save_weights(loaded.model, folder / PRETRAINED_FILE, contract=contract)
     config = {"library_name": "nestvit", "nestvit_version": __version__, "architecture": contract.model,
               **{k: v for k, v in json.loads(contract.to_json()).items() if k != "model"}}
     config["input"] = config.pop("transform")
     atomic_write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
-    summary_file = loaded.weights.parent / "summary.json"
     try:
-        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
+        summary = json.loads(summary_file.read_text()) if summary_file and summary_file.is_file() else None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:  # the card is written without its results
         warnings.warn(f"{summary_file}: not read ({e}); the model card lists no results", stacklevel=2)
         summary = None
-    atomic_write_text(folder / "README.md", _card(loaded, summary))
+    atomic_write_text(folder / "README.md", _card(replace(loaded, contract=contract), summary))
     return folder
 
 
