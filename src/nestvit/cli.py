@@ -88,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
             return int(importlib.import_module(args._module).run(args) or 0)
     except KeyboardInterrupt as e:  # training's Stopped says where its state is and how to go on
         _close_progress_bars()
-        print(f"nestvit {args.command}: {e}" if str(e) else "interrupted", file=sys.stderr)
-        return 130
+        if os.environ.get("RANK", "0") == "0":  # torchrun: every rank stopped at the same step; one says so
+            print(f"nestvit {args.command}: {e}" if str(e) else "interrupted", file=sys.stderr)
+        return 143 if getattr(e, "signal_name", None) == "SIGTERM" else 130  # the shells' 128 + signal number
     except BrokenPipeError as e:
         if _stdout_reader_gone():  # `nestvit models | head`: the reader has what it wanted; be quiet
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit

@@ -58,7 +58,8 @@ def test_a_signal_saves_the_step_and_the_resumed_run_is_bit_exact(tmp_path, make
     name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
     assert str(stopped.value) == (f"stopped by {name} at step {at}; the run's state is saved in {tmp_path / 'b'}: "
                                   f"continue it with nestvit train --resume {tmp_path / 'b'}")
-    assert f"{name}: stopping after this step, saving the run's state first" in capfd.readouterr().err
+    assert f"{name}: stopping after the current step or evaluation, saving the run's state first" in \
+        capfd.readouterr().err
     state = load_state(tmp_path / "b")
     assert (state["step"], state["epoch"], state["step_in_epoch"]) == where
     assert not (tmp_path / "b/summary.json").exists()
@@ -67,6 +68,26 @@ def test_a_signal_saves_the_step_and_the_resumed_run_is_bit_exact(tmp_path, make
         assert_same_weights(weights(tmp_path / f"a/{name}.safetensors"), weights(tmp_path / f"b/{name}.safetensors"))
     steps = lambda run: [(r["step"], r["loss"]) for r in read_metrics(run) if r["kind"] == "step"]  # noqa: E731
     assert steps(tmp_path / "a") == steps(tmp_path / "b")
+    # the stopped epoch's record counts its steps before the stop too; the run's time counts both pieces
+    epochs = lambda run: [(r["train_loss"], r["train_acc"]) for r in read_metrics(run) if r["kind"] == "epoch"]  # noqa
+    assert epochs(tmp_path / "a") == epochs(tmp_path / "b")
+    assert json.loads((tmp_path / "b/summary.json").read_text())["wall_s"] >= state["elapsed_s"]
+
+
+def test_a_second_ctrl_c_says_which_checkpoint_the_run_goes_on_from(tmp_path, make_config):
+    class TwiceAt(SignalAt):
+        def on_record(self, trainer, record):
+            if record["kind"] == "step" and record["step"] == self.step:
+                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(signal.SIGINT)
+
+    cfg = make_config("checkpoint_every=1")
+    with pytest.raises(KeyboardInterrupt, match=rf"^stopped at once at step 3; the run goes on from its last "
+                                                rf"checkpoint, step 2, with nestvit train --resume {tmp_path / 'a'}$"):
+        train(cfg, tmp_path / "a", callbacks=[TwiceAt(3, signal.SIGINT)])
+    with pytest.raises(KeyboardInterrupt, match=r"^stopped at once at step 1, before the run's first checkpoint: "
+                                                r"nothing is saved; start it again \(remove .*b first\)$"):
+        train(make_config(), tmp_path / "b", callbacks=[TwiceAt(1, signal.SIGINT)])
 
 
 def test_a_second_ctrl_c_stops_at_once_and_sigterm_never_does():
@@ -100,6 +121,17 @@ def test_an_ignored_signal_stays_ignored_and_other_threads_change_nothing():
     assert seen == [(False, signal.SIG_DFL)]
 
 
+def test_a_forked_process_leaves_the_request_to_its_parent():
+    # a DataLoader worker is forked with the trainer's handler and runs it until its worker_init_fn: before, each
+    # worker printed the stop notice again
+    with StopRequest(announce=False) as stop:
+        pid = os.fork()
+        if pid == 0:
+            signal.raise_signal(signal.SIGINT)
+            os._exit(0 if not stop.requested else 1)
+        assert os.waitpid(pid, 0)[1] == 0 and not stop.requested
+
+
 class _SignalledInWorkers(torch.utils.data.Dataset):
     """Every item sends SIGINT to the worker process that loads it (a terminal's Ctrl-C)."""
 
@@ -109,6 +141,21 @@ class _SignalledInWorkers(torch.utils.data.Dataset):
     def __getitem__(self, i):
         os.kill(os.getpid(), signal.SIGINT)
         return torch.tensor([i])
+
+
+def test_a_gan_stopped_while_training_its_feature_network_says_to_run_it_again(tmp_path, monkeypatch):
+    from nestvit.generate import train as gan
+
+    from ..generate.test_train import TINY
+
+    def stopped_feature_net(cfg, folder, dev, log):
+        raise Stopped("Ctrl-C", 5, folder)
+
+    monkeypatch.setattr(gan, "load_train_images", lambda cfg: torch.zeros(16, 3, 16, 16, dtype=torch.uint8))
+    monkeypatch.setattr(gan, "eval_reference", stopped_feature_net)
+    with pytest.raises(Stopped, match=r"at step 5; the run's state is saved in .*feature_net: continue it with the "
+                                      r"same nestvit generate train command"):  # before: nestvit train --resume ..
+        gan.train_gan(gan.GanConfig(**{**TINY, "eval_every": 10}, steps=2), tmp_path / "run")
 
 
 def test_dataloader_workers_leave_ctrl_c_to_the_trainer():
@@ -164,7 +211,8 @@ def test_ctrl_c_of_the_command_line_with_dataloader_workers(tmp_path, make_recip
     os.killpg(p.pid, signal.SIGINT)  # what a terminal does
     out, err = p.communicate(timeout=120)
     assert p.returncode == 130, err
-    assert "Ctrl-C: stopping after this step" in err and f"continue it with nestvit train --resume {run}" in err
+    assert "Ctrl-C: stopping after the current step or evaluation" in err
+    assert f"continue it with nestvit train --resume {run}" in err
     assert "Traceback" not in err and "worker" not in err.lower()
     step = load_state(run)["step"]
     assert 0 < step < 30 * 4

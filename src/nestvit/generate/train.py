@@ -233,8 +233,10 @@ def _contract(kind: str, name: str, overrides: Mapping[str, Any], role: str, ste
 
 
 def save_checkpoint(run_dir: Path, step: int, *, cfg: GanConfig, G: nn.Module, ema: ModelEMA, D: nn.Module,
-                    opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, rng: torch.Generator) -> Path:
-    """The three weights files, then ``state.pt`` (the commit point), each written atomically."""
+                    opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, rng: torch.Generator,
+                    window: dict[str, Any] | None = None) -> Path:
+    """The three weights files, then ``state.pt`` (the commit point), each written atomically. ``window``: the
+    sums of the steps since the last log record (a run stopped between records logs them all on resume)."""
     from ..interop import save_weights
     from ..train.checkpoint import STATE_FILE, atomic_torch_save, capture_rng
 
@@ -248,7 +250,7 @@ def save_checkpoint(run_dir: Path, step: int, *, cfg: GanConfig, G: nn.Module, e
              "models": {"generator": G.state_dict(), "generator_ema": ema.state_dict(),
                         "discriminator": D.state_dict()},
              "optimizers": {"generator": opt_g.state_dict(), "discriminator": opt_d.state_dict()},
-             "rng": capture_rng({"data": rng}), "config": dump(cfg)}
+             "rng": capture_rng({"data": rng}), "config": dump(cfg), "window": window}
     return atomic_torch_save(state, run_dir / STATE_FILE)
 
 
@@ -549,7 +551,7 @@ def _train_gan(cfg: GanConfig, out: Path, *, resume: bool, data: torch.Tensor | 
     rng = torch.Generator().manual_seed(cfg.seed)
     fixed_z = torch.randn(cfg.sample_n, G.latent_dim, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(dev)
 
-    step = 0
+    step, window = 0, None
     if resume:
         from ..train.checkpoint import load_state, restore_rng
 
@@ -571,6 +573,7 @@ def _train_gan(cfg: GanConfig, out: Path, *, resume: bool, data: torch.Tensor | 
             raise ConfigError(_misfit(out / STATE_FILE, state, cfg)) from e
         restore_rng(state["rng"], {"data": rng})
         step = int(state["step"])
+        window = state.get("window")
         log(f"resumed {out} at step {step}")
     removed = remove_stale_temporaries(out)  # left by writes of a killed run
     if removed:
@@ -579,7 +582,11 @@ def _train_gan(cfg: GanConfig, out: Path, *, resume: bool, data: torch.Tensor | 
     # evaluation set-up (feature network + reference features), only when evaluations are on
     extractor = ref_feats = ref_stats = None
     if cfg.eval_every >= 0 and data is None:
-        extractor, ref_feats, ref_stats = eval_reference(cfg, out / "feature_net", dev, log)
+        try:
+            extractor, ref_feats, ref_stats = eval_reference(cfg, out / "feature_net", dev, log)
+        except Stopped as e:  # training the feature network, before the run has a config or state to resume
+            raise Stopped(e.signal_name, e.step, e.run_dir, how="the same nestvit generate train command (or "
+                          "train_gan call): the feature network goes on from there, then the GAN trains") from None
         measured = {r["feature_net"] for r in read_metrics(out) if "feature_net" in r} if resume else set()
         if measured - {extractor.name}:
             from .metrics import FeatureNetError
@@ -643,11 +650,19 @@ def _train_gan(cfg: GanConfig, out: Path, *, resume: bool, data: torch.Tensor | 
         if resume else {}
     t_start = time.perf_counter() - float(before.get("wall", 0.0))
     cpu_start = time.process_time() - float(before.get("cpu", 0.0))
-    t_train = 0.0
-    acc: dict[str, float] = {}
-    n_acc = 0
+    acc: dict[str, float] = dict((window or {}).get("acc", {}))  # the sums since the last log record
+    n_acc, t_train = int((window or {}).get("n", 0)), float((window or {}).get("t", 0.0))
     last_eval = None
-    stop = closing.enter_context(StopRequest())  # Ctrl-C / SIGTERM: a checkpoint after this step, then stop
+    saved = [step if resume else None]  # the step of state.pt
+
+    def at_once() -> str:
+        if saved[0] is None:
+            return (f"stopped at once at step {step}, before the run's first checkpoint: nothing is saved; start "
+                    f"it again (remove {out} first)")
+        return (f"stopped at once at step {step}; the run goes on from its last checkpoint, step {saved[0]}, with "
+                f"nestvit generate train --resume {out}")
+
+    stop = closing.enter_context(StopRequest(at_once=at_once))  # Ctrl-C / SIGTERM: a checkpoint, then stop
     while step < last:
         t0 = time.perf_counter()
         idx = torch.randint(len(images), (cfg.batch_size,), generator=rng)
@@ -708,7 +723,9 @@ def _train_gan(cfg: GanConfig, out: Path, *, resume: bool, data: torch.Tensor | 
             last_eval = evaluate(step)
         if step % cfg.ckpt_every == 0 or step == last or stop.requested:
             ready_ema(step)  # generator_ema.safetensors carries the statistics of its own weights
-            save_checkpoint(out, step, cfg=cfg, G=G, ema=ema, D=D, opt_g=opt_g, opt_d=opt_d, rng=rng)
+            save_checkpoint(out, step, cfg=cfg, G=G, ema=ema, D=D, opt_g=opt_g, opt_d=opt_d, rng=rng,
+                            window={"acc": acc, "n": n_acc, "t": t_train})
+            saved[0] = step
         if stop.requested and step < last:
             bar.close()
             raise Stopped(stop.signal_name, step, out, how=f"nestvit generate train --resume {out}")

@@ -23,6 +23,7 @@ import contextlib
 import os
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -51,14 +52,17 @@ class StopRequest:
     killing the process; a second SIGINT raises ``KeyboardInterrupt``. The previous handlers come back on exit.
 
     ``announce``: say so on stderr when the request comes (rank 0 does, the other ranks are quiet).
+    ``at_once``: what the second Ctrl-C's ``KeyboardInterrupt`` says (called then: where the run stands).
     """
 
-    def __init__(self, *, announce: bool = True) -> None:
-        self.announce = announce
+    def __init__(self, *, announce: bool = True, at_once: Callable[[], str] | None = None) -> None:
+        self.announce, self.at_once = announce, at_once
         self.signal_name: str | None = None
         self._old: dict[int, Any] = {}
+        self._pid = os.getpid()
 
     def __enter__(self) -> StopRequest:
+        self._pid = os.getpid()
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
             for sig in _SIGNALS:
                 if signal.getsignal(sig) is not signal.SIG_IGN:
@@ -75,14 +79,17 @@ class StopRequest:
         self._old = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != self._pid:  # a DataLoader worker forked with this handler, before its worker_init_fn
+            return
         if self.signal_name is not None:
             if signum == signal.SIGINT:
-                raise KeyboardInterrupt
+                raise KeyboardInterrupt(self.at_once() if self.at_once else "")
             return
         self.signal_name = _NAMES.get(signum, f"signal {signum}")
         if self.announce:  # a raw write: the handler may run inside a print of the main flow (a buffered
             # stream's write is not reentrant), and a progress bar's lock may be held
-            message = (f"\n{self.signal_name}: stopping after this step, saving the run's state first "
+            message = (f"\n{self.signal_name}: stopping after the current step or evaluation, saving the run's state "
+                       "first "
                        "(Ctrl-C again stops at once and loses the steps since the last checkpoint)\n")
             with contextlib.suppress(OSError):
                 os.write(2, message.encode())

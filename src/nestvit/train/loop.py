@@ -132,7 +132,8 @@ class Trainer:
         self.info, self.device, self.run_dir = info, info.device, run_dir
         self.main = info.is_main
         self.started = time.perf_counter()
-        self.stop = StopRequest(announce=self.main)  # Ctrl-C / SIGTERM: save at the next step, then stop
+        self.stop = StopRequest(announce=self.main, at_once=self._stopped_at_once)  # Ctrl-C / SIGTERM: save, stop
+        self.saved_step: int | None = None  # the step of the run's state.pt
         self.stop_agreed = False  # under DDP: a rank asked to stop, as the last step's all-reduce says
         self.precision = resolve_precision(cfg.precision, self.device)
         use_tf32(self.device, cfg.tf32)
@@ -226,6 +227,7 @@ class Trainer:
         self.budget_s = cfg.time_budget_min * 60.0
         self.final_eval_cost = 1 + (len(tta_views(cfg.tta)) if cfg.tta != "none" else 0)
         self.spent_before = self.eval_s = self.time_frac = 0.0
+        self.epoch_total: dict[str, float] | None = None
         self.lr = 0.0  # the learning rate of the last optimizer step (what the records log)
         self.fit_started = time.perf_counter()
         self.finished = False  # a resumed run whose training is over (its final evaluation is redone)
@@ -390,8 +392,11 @@ class Trainer:
                    disable=not (self.main and self.cfg.progress), dynamic_ncols=True, leave=False,
                    mininterval=1.0 if sys.stderr.isatty() else 30.0)  # a log file: a status every 30 s
         window = {"loss": 0.0, "correct": 0.0, "images": 0.0, "data_s": 0.0, "steps": 0}
-        total = dict(window)
+        # the epoch's sums (and seconds) so far: a resumed epoch's record counts the steps before its checkpoint too
+        total = self.epoch_total or {**window, "time_s": 0.0}
+        self.epoch_total = total
         t_epoch = t_window = time.perf_counter()
+        epoch_s = total["time_s"]
         batches = self.batches.epoch(epoch, self.step_in_epoch)
         while True:
             t0 = time.perf_counter()
@@ -423,6 +428,7 @@ class Trainer:
                              "lr": self.lr, "img_s": img_s, "data_img_s": data_img_s})
                 window = {k: 0.0 if k != "steps" else 0 for k in window}
                 t_window = time.perf_counter()
+            total["time_s"] = epoch_s + time.perf_counter() - t_epoch
             mid_epoch = self.step_in_epoch < self.steps_per_epoch  # the epoch's last step: fit() saves it
             saved = bool(self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 and mid_epoch)
             if saved:
@@ -435,7 +441,8 @@ class Trainer:
                 batches.close()
                 break
         bar.close()
-        elapsed = time.perf_counter() - t_epoch
+        self.epoch_total = None
+        elapsed = epoch_s + time.perf_counter() - t_epoch
         steps = max(total["steps"], 1)
         return {"train_loss": total["loss"] / steps, "train_acc": 100 * total["correct"] / max(total["images"], 1),
                 "img_s": total["images"] / max(elapsed, 1e-9),
@@ -490,7 +497,17 @@ class Trainer:
             self.write_plots(self.test)
         with self.stop:
             self.train_epochs(stop_after_epochs)
+        if self.stop.requested:  # it came during the run's last evaluation: nothing left to stop
+            self.say(f"{self.stop.signal_name} came as the run was finishing: it is complete")
         return self.finish()
+
+    def _stopped_at_once(self) -> str:
+        """What a second Ctrl-C says: where the run can go on from."""
+        if self.saved_step is None:
+            return (f"stopped at once at step {self.step}, before the run's first checkpoint: nothing is saved; "
+                    f"start it again (remove {self.run_dir} first)")
+        return (f"stopped at once at step {self.step}; the run goes on from its last checkpoint, step "
+                f"{self.saved_step}, with nestvit train --resume {self.run_dir}")
 
     def stopped(self, *, save: bool) -> None:
         """Save the state where training stands (a step boundary) and raise :class:`Stopped`."""
@@ -548,7 +565,7 @@ class Trainer:
         cfg = self.cfg
         if self.time_frac >= 1.0 and self.epoch < cfg.epochs:
             self.say(f"the time budget of {cfg.time_budget_min:g} min is spent: stopped after {self.step} steps")
-        wall = time.perf_counter() - self.started
+        wall = self.spent_before + time.perf_counter() - self.started  # every piece of a resumed run
         test = self.test
         ema = next((h.result for h in self.hooks if isinstance(h, EmaEvaluation)), None)
         result = RunResult(self.run_dir, self.epoch, self.step, test, ema, self.best_top1, wall)
@@ -641,8 +658,10 @@ class Trainer:
             "config": C.to_dict(self.cfg),
             "time_budget_s": self.budget_s,
             "budget_spent": self.time_frac >= 1.0,  # with time_budget_s: the run is over (see run_finished)
+            "epoch_total": self.epoch_total,  # mid-epoch: its record's sums so far
         }
         atomic_torch_save(state, self.run_dir / STATE_FILE)
+        self.saved_step = self.step
 
     def _load(self, state: dict[str, Any]) -> None:
         try:
@@ -657,6 +676,8 @@ class Trainer:
         self.step, self.epoch = state["step"], state["epoch"]
         self.step_in_epoch, self.best_top1 = state["step_in_epoch"], state["best_top1"]
         self.spent_before = state.get("elapsed_s", 0.0)
+        self.saved_step = self.step
+        self.epoch_total = state.get("epoch_total")  # the sums of a resumed epoch's steps before the checkpoint
         rngs = state["rng"]
         if len(rngs) == self.info.world_size:
             self.rng_state = rngs[self.info.rank]
