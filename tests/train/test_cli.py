@@ -195,3 +195,19 @@ def test_eval_compares_several_checkpoints(tmp_path, recipe, capsys):
     rows = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     each = [json.loads((tmp_path / "cmp" / n / "eval.json").read_text()) for n in ("a", "b")]
     assert [r["top1"] for r in rows] == [e["top1"] for e in each] and rows[0]["count"] == 64
+
+
+def test_the_comparison_of_runs_of_other_class_counts_says_each_rows_k(tmp_path, capsys, monkeypatch):
+    # before: a 3-class run beside a 10-class one headed every row top-3, its top-5 included
+    from nestvit.train import cli_eval
+
+    def evaluated(args, checkpoint, out):
+        n = 3 if checkpoint == "three" else 10
+        return {"weights": checkpoint, "data": "d", "count": 8, "top1": 50.0, "top5": 90.0, "loss": 1.0,
+                "classes": [f"c{i}" for i in range(n)]}
+
+    monkeypatch.setattr(cli_eval, "evaluate_one", evaluated)
+    assert main(["eval", "ten", "three", "--out", str(tmp_path)]) == 0
+    table = capsys.readouterr().out.split("\n\n")[-1].splitlines()
+    assert table[0].split()[4] == "top-k" and "90.00% (k=5)" in table[1] and "90.00% (k=3)" in table[2]
+    assert [r["top_k"] for r in json.loads((tmp_path / "comparison.json").read_text())] == [5, 3]

@@ -69,17 +69,20 @@ def run(args: argparse.Namespace) -> int:
         rows.append(evaluate_one(args, checkpoint, out / name if out is not None else None))
         print()
     width = max(len(c) for c in [*args.checkpoints, "checkpoint"])
-    top_k = f"top-{min(5, *(len(r['classes']) for r in rows))}"  # top-5 of fewer classes: top-k of all of them
-    print(f"{'checkpoint':<{width}}  {'data':<24}  {'images':>6}  {'top-1':>7}  {top_k:>7}  {'loss':>7}")
-    for c, r in zip(args.checkpoints, rows):
-        print(f"{c:<{width}}  {r['data']:<24}  {r['count']:>6}  {r['top1']:>6.2f}%  {r['top5']:>6.2f}%  "
-              f"{r['loss']:>7.4f}")
+    ks = [min(5, len(r["classes"])) for r in rows]  # top-5 of fewer classes: top-k of all of them
+    same_k = len(set(ks)) == 1
+    top_k = f"top-{ks[0]}" if same_k else "top-k"  # runs of 3 and 10 classes: each row says its k
+    print(f"{'checkpoint':<{width}}  {'data':<24}  {'images':>6}  {'top-1':>7}  {top_k:>{7 if same_k else 11}}  "
+          f"{'loss':>7}")
+    for c, r, k in zip(args.checkpoints, rows, ks):
+        print(f"{c:<{width}}  {r['data']:<24}  {r['count']:>6}  {r['top1']:>6.2f}%  {r['top5']:>6.2f}%"
+              + ("" if same_k else f" (k={k})") + f"  {r['loss']:>7.4f}")
     if len({(r["data"], r["count"], tuple(r["classes"])) for r in rows}) > 1:
         print("note: the checkpoints were evaluated on different data (each on its own run's; --data and --split "
               "put them on the same images)", file=sys.stderr)
     if out is not None:
-        table = [{"checkpoint": c, **{k: r[k] for k in ("weights", "data", "count", "top1", "top5", "loss")}}
-                 for c, r in zip(args.checkpoints, rows)]
+        table = [{"checkpoint": c, **{k: r[k] for k in ("weights", "data", "count", "top1", "top5", "loss")},
+                  "top_k": k} for c, r, k in zip(args.checkpoints, rows, ks)]  # top5 holds the top-k
         atomic_write_text(out / "comparison.json", json.dumps(table, indent=1) + "\n")
         print(f"wrote {out / 'comparison.json'}")
     return 0
