@@ -32,8 +32,9 @@ def check_runs(run_dirs: Sequence[str | Path], labels: Sequence[str] | None) -> 
         if gan_run_folder(d) is None and not (d / "metrics.jsonl").is_file():
             raise ValueError(f"{d} is not a `nestvit generate train` run folder")
         if not eval_rows(d):
-            raise ValueError(f"{d}: no FID evaluations in its metrics.jsonl (trained with eval_every -1?); "
-                             f"`nestvit generate eval {d}` measures the generator once")
+            raise ValueError(f"{d}: no FID evaluations in its metrics.jsonl (trained with eval_every -1?): the report "
+                             "plots the evaluations made during training (a run with --set eval_every=N); "
+                             f"`nestvit generate eval {d}` measures its last generator once, on its own")
     return list(labels or [Path(d).name for d in run_dirs])
 
 
