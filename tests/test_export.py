@@ -159,6 +159,12 @@ def test_an_onnx_export_without_class_names_predicts_and_loads_in_python(tmp_pat
     assert loaded.classes == ["class0", "class1", "class2"]
     x = torch.randn(2, 1, 16, 16)
     assert torch.allclose(loaded.model(x), nestvit.load(weights).model(x), atol=1e-4)
+    # what the PyTorch model refuses, the export refuses too (before: logits of raw 0..255 pixels, raw runtime errors)
+    for bad, says in ((torch.zeros(1, 1, 16, 16, dtype=torch.uint8), "takes normalised float images, not torch.uint8"),
+                      (x[0], r"got shape \(1, 16, 16\); one image: add the batch dimension"),
+                      (torch.randn(1, 1, 8, 8), "was built for 16x16 input, got 8x8; resize the images")):
+        with pytest.raises((TypeError, ValueError), match=says):
+            loaded.model(bad)
     with pytest.raises(ContractError, match="exported model"):
         nestvit.load(tmp_path / "m.onnx", "last")
     # occlusion needs forward passes only: it explains what you ship, and as the PyTorch model does

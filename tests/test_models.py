@@ -166,6 +166,15 @@ def test_input_of_another_type_is_one_clear_error():
         model(np.zeros((1, 3, 16, 16), np.float32))
     with pytest.raises(TypeError, match="takes normalised float images, not torch.uint8"):
         model(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
+    # the usual slips of a notebook get the fix, not torch's error from deep inside
+    with pytest.raises(ValueError, match=r"got \(1, 16, 16, 3\): channels last \(B, H, W, C\)\? "
+                                         r"x.permute\(0, 3, 1, 2\)"):
+        model(torch.zeros(1, 16, 16, 3))
+    with pytest.raises(ValueError, match=r"one image: add the batch dimension, x\[None\]"):
+        model(torch.zeros(3, 16, 16))
+    with pytest.raises(TypeError, match=r"computes in torch.float32, the images are torch.float64: convert them with "
+                                        r"\.to\(torch.float32\)"):
+        model(torch.zeros(1, 3, 16, 16, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("name", ["nest_tiny_cifar", "vit_tiny_patch4_32", "rtnt_nano", "tnt_tiny_patch4_32"])

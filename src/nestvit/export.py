@@ -146,11 +146,20 @@ class OnnxModel(torch.nn.Module):
         super().__init__()
         import onnxruntime as ort
 
+        self.path = Path(path)
+
         self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
+        first = self.session.get_inputs()[0]
+        self.input_name = first.name
+        chans, *size = first.shape[1:]  # (batch, C, H, W): the batch is dynamic, the rest fixed
+        self.in_chans = chans if isinstance(chans, int) else None
+        self.img_size = tuple(size) if all(isinstance(v, int) for v in size) else None
         self.num_classes = int(self.session.get_outputs()[0].shape[-1])  # the logits' width (fixed; batch is not)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .layers import check_images
+
+        check_images(x, f"the exported model {self.path.name}", self.in_chans, self.img_size)  # as the module would
         out = self.session.run(None, {self.input_name: x.detach().float().cpu().numpy()})[0]
         return torch.from_numpy(out).to(x.device)
 

@@ -351,6 +351,34 @@ def run_layers(layers: nn.Module, x: torch.Tensor, *, checkpoint: bool) -> torch
     return x
 
 
+def check_images(x: Any, name: str, in_chans: int | None, img_size: Sequence[int] | None,
+                 dtype: torch.dtype | None = None) -> None:
+    """One clear error for what a classifier ``name`` cannot take: not a float tensor ``(B, in_chans, H, W)`` of
+    ``img_size`` (None: any channels, any size); ``dtype``: the float type it computes in (None: any)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} takes a torch tensor (B, C, H, W), not a {type(x).__name__}; images (files, PIL "
+                        "images, arrays): nestvit.load(RUN).transform.read_batch(images), then .transform(batch)")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} takes normalised float images, not {x.dtype}; uint8 images: normalise them first "
+                        "(nestvit.load(RUN).transform(images) does it as in training)")
+    if dtype is not None and x.dtype != dtype:
+        raise TypeError(f"{name} computes in {dtype}, the images are {x.dtype}: convert them with .to({dtype})")
+    if x.ndim != 4:
+        one = "; one image: add the batch dimension, x[None]" if x.ndim == 3 else ""
+        raise ValueError(f"{name} expects images (B, C, H, W), got shape {tuple(x.shape)}{one}")
+    _, c, h, w = x.shape
+    if in_chans is not None and c != in_chans:
+        if x.shape[-1] == in_chans:
+            raise ValueError(f"{name} expects images (B, C, H, W) of {in_chans} channel(s), got {tuple(x.shape)}: "
+                             "channels last (B, H, W, C)? x.permute(0, 3, 1, 2)")
+        raise ValueError(f"{name} was built for {in_chans}-channel input, got {c} channels; create it with "
+                         f"in_chans={c} or convert the images")
+    if img_size is not None and (h, w) != tuple(img_size):
+        raise ValueError(f"{name} was built for {img_size[0]}x{img_size[1]} input, got {h}x{w}; resize the images "
+                         "(nestvit.load(RUN).transform.read_batch(images) does it as in training) or, for a new "
+                         f"model, create it with img_size=({h}, {w})")
+
+
 class ModelBase(nn.Module):
     """The contract every nestvit classifier follows (as timm's models do).
 
@@ -375,21 +403,7 @@ class ModelBase(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise one clear error for input that is not a float tensor, or of a wrong rank, channel count or size."""
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{type(self).__name__} takes a torch tensor (B, C, H, W), not a {type(x).__name__}; "
-                            "image files: nestvit.load(RUN).transform.read_batch(paths), then .transform(batch)")
-        if not x.is_floating_point():
-            raise TypeError(f"{type(self).__name__} takes normalised float images, not {x.dtype}; uint8 images: "
-                            "normalise them first (nestvit.load(RUN).transform(images) does it as in training)")
-        if x.ndim != 4:
-            raise ValueError(f"{type(self).__name__} expects images (B, C, H, W), got shape {tuple(x.shape)}")
-        _, c, h, w = x.shape
-        if c != self.in_chans:
-            raise ValueError(f"{type(self).__name__} was built for {self.in_chans}-channel input, got {c} "
-                             f"channels; create it with in_chans={c} or convert the images")
-        if (h, w) != tuple(self.img_size):
-            raise ValueError(f"{type(self).__name__} was built for {self.img_size[0]}x{self.img_size[1]} input, "
-                             f"got {h}x{w}; create it with img_size=({h}, {w}) or resize the images")
+        check_images(x, type(self).__name__, self.in_chans, self.img_size, next(self.parameters()).dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W) -> (B, num_classes)``."""
