@@ -140,3 +140,26 @@ def test_qkv_hooks_reproduce_vits_attention_and_tnt_rows():
     n = tnt.cfg.grid[0] * tnt.cfg.grid[1] + 1
     assert len(maps) == tnt.cfg.depth and maps[0].shape == (2, tnt.cfg.num_heads[0], n, n)
     torch.testing.assert_close(maps[0].sum(-1), torch.ones(2, tnt.cfg.num_heads[0], n))
+
+
+def test_every_method_takes_what_nestvit_load_returns_and_refuses_uint8_or_an_export(tmp_path):
+    # before: 'Loaded' object has no attribute 'training', "family '?'", torch's "only Tensors of floating point
+    # dtype can require gradients"
+    from nestvit.contract import Loaded
+    from nestvit.explain import gradcat, occlusion
+    from nestvit.export import OnnxModel
+
+    model = tiny("nest_tiny_cifar")
+    loaded = Loaded(model=model, transform=None, contract=None, weights=tmp_path / "w.safetensors")
+    x = x_for(model, 1)
+    assert torch.equal(nest_cam(loaded, x), nest_cam(model, x))
+    assert torch.equal(gradcat(loaded, x).boxes, gradcat(model, x).boxes)
+    assert torch.equal(occlusion(loaded, x), occlusion(model, x))
+    for method in (gradcat, grad_cam, nest_cam, occlusion):
+        with pytest.raises(TypeError, match="takes normalised float images, not torch.uint8"):
+            method(model, torch.zeros(1, model.in_chans, *model.img_size, dtype=torch.uint8))
+    export = OnnxModel.__new__(OnnxModel)  # what nestvit.load gives for an .onnx file
+    for method in (gradcat, grad_cam, nest_cam, attention_rollout):
+        with pytest.raises(TypeError, match=rf"{method.__name__} needs the PyTorch model .* an exported model is "
+                                            "explained by nestvit.explain.occlusion"):
+            method(export, x)

@@ -16,6 +16,24 @@ import torch
 from torch import nn
 
 
+def explained(model, images: torch.Tensor, method: str, *, internals: bool = True) -> nn.Module:
+    """The classifier ``method`` explains (a ``nestvit.load`` result gives its ``.model``), after one clear error
+    for images the model cannot take, or, with ``internals`` (its maps, gradients, attention), an export."""
+    from ..contract import Loaded
+    from ..export import OnnxModel
+
+    if isinstance(model, Loaded):
+        model = model.model
+    if internals and isinstance(model, OnnxModel):
+        raise TypeError(f"{method} needs the PyTorch model (its maps, gradients or attention); an exported model is "
+                        "explained by nestvit.explain.occlusion (forward passes only), or load the run: "
+                        "nestvit.load(RUN).model")
+    check = getattr(model, "check_input", None)
+    if check is not None:  # uint8 or wrongly shaped images: the model's own message, before any gradient
+        check(images)
+    return model
+
+
 def _stage_modules(model: nn.Module) -> list[nn.Module] | None:
     """The modules ``feature_info`` names (one per intermediate map), or None if it names none."""
     names = [f.get("module") for f in (getattr(model, "feature_info", None) or [])]

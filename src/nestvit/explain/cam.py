@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..layers import attention_probs, split_qkv
-from ._grad import intermediate_gradients
+from ._grad import explained, intermediate_gradients
 from .gradcat import _prepare_targets, upsample_map
 
 __all__ = ["nest_cam", "grad_cam", "attention_rollout", "predict", "cam_layer_default"]
@@ -63,6 +63,7 @@ def nest_cam(model: nn.Module, images: torch.Tensor, target=None, *, upsample: b
 
     At the feature resolution, ``cam.mean((1, 2)) + head.bias[c]`` is exactly the logit ``Y_c``.
     """
+    model = explained(model, images, "nest_cam")
     head = getattr(model, "head", None)
     if not isinstance(head, nn.Linear):
         raise ValueError(f"CAM needs a linear classification head; {type(model).__name__} has {type(head).__name__}")
@@ -98,6 +99,7 @@ def grad_cam(model: nn.Module, images: torch.Tensor, target=None, layer: int | N
     ``layer=None`` picks :func:`cam_layer_default` (``-1`` for NesT, ``-2`` for class-token ViT / TNT /
     RTNT). An explicitly chosen map that the logit does not depend on is refused.
     """
+    model = explained(model, images, "grad_cam")
     if layer is None:
         layer = cam_layer_default(model)
     _, _, maps, grads = intermediate_gradients(model, images, lambda logits: _single_target(logits, target)[:, None],
@@ -194,6 +196,7 @@ def attention_rollout(model: nn.Module, images: torch.Tensor, discard_ratio: flo
     Class-agnostic (attention does not depend on the class). Models without a class token use the
     mean row of the patch tokens.
     """
+    model = explained(model, images, "attention_rollout")
     with _eval(model):
         attentions, prefix, (gh, gw) = _attention_maps(model, images)
     R = rollout(attentions, discard_ratio)  # (B, T, T)

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._grad import intermediate_gradients
+from ._grad import explained, intermediate_gradients
 
 __all__ = ["GradCATResult", "gradcat", "block_box", "check_nest"]
 
@@ -184,6 +184,7 @@ def gradcat(model: nn.Module, images: torch.Tensor, *, target=None, top_k: int =
     Lower levels always use the raw level outputs (each feeds block aggregation's conv, which is not
     scale invariant). Returns a :class:`GradCATResult` (one path per image and class).
     """
+    model = explained(model, images, "gradcat")
     check_nest(model)
     if sign not in (-1, 1):
         raise ValueError(f"sign must be -1 (the paper) or +1, got {sign}")

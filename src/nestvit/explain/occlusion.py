@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._grad import explained
 from .cam import _eval, _single_target
 
 __all__ = ["occlusion"]
@@ -78,6 +79,7 @@ def occlusion(model: nn.Module, images: torch.Tensor, target=None, *, window: in
     windows resolve finer detail but probe smaller, often less decisive, regions. Returns a float
     tensor on the CPU.
     """
+    model = explained(model, images, "occlusion", internals=False)
     if images.ndim != 4:
         raise ValueError(f"occlusion expects images (B, C, H, W), got shape {tuple(images.shape)}")
     B, _C, H, W = images.shape
