@@ -302,6 +302,13 @@ def test_read_takes_a_pil_image_an_array_or_a_tensor_as_its_file(image, tmp_path
             t.read(bad)
 
 
+def test_the_state_file_of_a_run_is_named_as_one(tmp_path, weights):
+    (tmp_path / "config.yaml").write_text("kind: train\n")
+    torch.save({"model": {}, "optimizer": {}, "step": 3}, tmp_path / "state.pt")
+    with pytest.raises(ContractError, match=r"state.pt is the run's training state .* give the run folder, "):
+        load(tmp_path / "state.pt")  # before: "records no model (a timm or torch.save file, not written by nestvit)"
+
+
 def test_a_file_without_an_input_transform_says_what_is_assumed(tmp_path, weights):
     model = nestvit.create_model("nest_tiny_cifar", **TINY)
     torch.save(model.state_dict(), tmp_path / "plain.pth")

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import numbers
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -394,8 +396,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], cls: type) -> dic
     return out
 
 
-def load(cls: type, recipe: str | Path | dict[str, Any] | None = None, overrides: list[str] = ()) -> Any:
-    """A ``cls`` config from a recipe (path, built-in name, dict or None for defaults) and ``--set`` overrides."""
+def load(cls: type, recipe: str | Path | dict[str, Any] | None = None,
+         overrides: Sequence[str] | Mapping[str, Any] | str = ()) -> Any:
+    """A ``cls`` config from a recipe (path, built-in name, dict or None for defaults) and ``--set`` overrides:
+    ``["epochs=3", "optim.lr=1e-3"]``, one such string, or a mapping ``{"epochs": 3, "optim.lr": 1e-3}``."""
+    if isinstance(overrides, str):  # one override, not its characters one by one
+        overrides = [overrides]
+    elif isinstance(overrides, Mapping):
+        overrides = [f"{k}={json.dumps(list(v) if isinstance(v, tuple) else v)}" for k, v in overrides.items()]
     if recipe is None:
         raw: dict[str, Any] = {}
     elif isinstance(recipe, dict):

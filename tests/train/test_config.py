@@ -186,3 +186,15 @@ def test_a_key_given_twice_in_a_recipe_is_refused(tmp_path):
     recipe.write_text("optim:\n  <<: {lr: 1.0e-3, weight_decay: 0.1}\n  lr: 3.0e-3\n")  # YAML merge keys still work
     cfg = load_config(recipe)
     assert (cfg.optim.lr, cfg.optim.weight_decay) == (3.0e-3, 0.1)
+
+
+def test_python_callers_give_overrides_as_a_list_one_string_or_a_mapping(make_recipe, tmp_path):
+    # before: a mapping was "--set expects key=value, got 'epochs'" and a string was read one character at a time
+    want = load_config("mnist5k_nest", ["epochs=1", "optim.lr=0.001", "model.overrides.depths=[1, 1, 1]"])
+    assert load_config("mnist5k_nest", {"epochs": 1, "optim.lr": 1e-3, "model.overrides.depths": (1, 1, 1)}) == want
+    assert load_config("mnist5k_nest", "epochs=1").epochs == 1
+    from nestvit.train import train
+
+    assert train(make_recipe(epochs=1), tmp_path / "run").epochs_done == 1  # a recipe, as load_config takes it
+    with pytest.raises(TypeError, match="train takes a TrainConfig or a recipe .* not 'int'; load_config"):
+        train(3, tmp_path / "other")

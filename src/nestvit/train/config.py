@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -288,8 +289,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return _config.apply_overrides(raw, overrides, TrainConfig)
 
 
-def load_config(recipe: str | Path | dict[str, Any] | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """A ``TrainConfig`` from a recipe (path, built-in name, dict or None for defaults) and ``--set`` overrides."""
+def load_config(recipe: str | Path | dict[str, Any] | None = None,
+                overrides: Sequence[str] | Mapping[str, Any] | str = ()) -> TrainConfig:
+    """A ``TrainConfig`` from a recipe (path, built-in name, dict or None for defaults) and ``--set`` overrides
+    (``["epochs=3"]``, ``"epochs=3"`` or ``{"epochs": 3, "optim.lr": 1e-3}``)."""
     return _config.load(TrainConfig, recipe, overrides)
 
 

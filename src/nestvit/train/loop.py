@@ -861,9 +861,15 @@ def train(cfg: C.TrainConfig, run_dir: str | Path, *, resume: bool = False, devi
           stop_after_epochs: int | None = None, callbacks: Sequence[Callback] = ()) -> RunResult:
     """Train ``cfg`` into ``run_dir`` (continuing the run there with ``resume``); joins torchrun's group if any.
 
+    ``cfg``: a ``TrainConfig``, or a recipe (built-in name, path or dict) for :func:`load_config`.
     ``stop_after_epochs`` returns after that many epochs have completed, as an interrupted run would.
     ``callbacks``: your own hooks of the loop (``nestvit.train.hooks.Callback``), after the built-in ones.
     """
+    if isinstance(cfg, (str, Path, dict)):
+        cfg = C.load_config(cfg)
+    elif not isinstance(cfg, C.TrainConfig):
+        raise TypeError(f"train takes a TrainConfig or a recipe (name, path or dict), not {type(cfg).__name__!r}; "
+                        "load_config(recipe, overrides) builds one")
     info = init_distributed(device)
     trainer, threads = None, torch.get_num_threads()
     try:
