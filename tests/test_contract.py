@@ -225,6 +225,21 @@ def test_create_model_takes_a_run_folder_or_a_save_pretrained_folder_as_weights(
         assert all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_pretrained_takes_your_own_run_with_its_architecture_and_adapts_a_new_head(weights, tmp_path):
+    # before: "pretrained='runs/demo': no such file", and the sizes and channels had to be copied by hand
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.safetensors").write_bytes(weights.read_bytes())
+    want = nestvit.load(weights).model.state_dict()
+    for source in (run, nestvit.save_pretrained(run, tmp_path / "shared"), weights):
+        model = nestvit.create_model("nest_tiny_cifar", pretrained=source, num_classes=5)  # TINY from the file
+        assert model.in_chans == 1 and model.num_classes == 5 and "head: re-initialised for 5" in model.adapt_notes[0]
+        got = model.state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want if not k.startswith("head"))
+    with pytest.raises(WeightsError, match=r"create_model\(NAME, pretrained=PATH, ...\) adapts them"):
+        nestvit.create_model("nest_tiny_cifar", weights=run, **{**TINY, "num_classes": 5})
+
+
 @pytest.mark.parametrize("command", ["eval", "predict", "explain"])
 def test_threads_hold_for_the_command_only(command, monkeypatch):
     # a shared machine: eval, predict and explain take --threads as bench does, and put the count back after

@@ -116,7 +116,9 @@ def load_state_strict(model: nn.Module, sd: Mapping[str, torch.Tensor], *, sourc
             parts.append(f"{len(shapes)} with another shape (e.g. {shapes[:2]})")
         raise WeightsError(f"{source} does not fit {type(model).__name__}: " + "; ".join(parts)
                            + ". Is it a checkpoint of another model or size? Create the matching model "
-                             "(see `nestvit models`) or pass the overrides it was trained with.")
+                             "(see `nestvit models`) or pass the overrides it was trained with; to start from it "
+                             "with another head, size or channel count: create_model(NAME, pretrained=PATH, ...) "
+                             "adapts them.")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})
 
 

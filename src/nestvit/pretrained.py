@@ -162,16 +162,21 @@ def resolve(name: str, pretrained: Any = True) -> tuple[str, PretrainedFile | No
     """``(model name, published file or None, local file or None)`` for ``create_model(name, pretrained=...)``.
 
     ``name`` is a model (``nest_tiny_224``) or a tag (``nest_tiny_224.jx_in1k``); ``pretrained`` is True (the
-    tag in ``name``, else the model's first published file), a tag or its part after the dot, or a path.
+    tag in ``name``, else the model's first published file), a tag or its part after the dot, a file, or a run
+    or ``save_pretrained`` folder (local or ``hf-hub:org/name``: its weights file).
     """
     model, _, wanted = name.partition(".")
     if isinstance(pretrained, (str, Path)) and not isinstance(pretrained, bool):
         text = str(pretrained)
         suffixes = (".safetensors", ".pth", ".pt", ".bin", ".tar", ".flax")
+        from .contract import HUB_PREFIX, resolve_weights
+
+        if text.startswith(HUB_PREFIX) or Path(text).expanduser().is_dir():  # a run or save_pretrained folder
+            return model, None, resolve_weights(Path(text).expanduser() if not text.startswith(HUB_PREFIX) else text)
         if os.sep in text or Path(text).suffix in suffixes or Path(text).exists():
             path = Path(text).expanduser()
             if not path.is_file():
-                raise PretrainedError(f"pretrained={text!r}: no such file")
+                raise PretrainedError(f"pretrained={text!r}: no such file or folder")
             return model, None, path
         wanted = text.split(".", 1)[1] if text.startswith(model + ".") else text
     elif pretrained is not True:

@@ -150,6 +150,17 @@ def model_kind(name: str) -> str:
     return _KIND[name]
 
 
+def _recorded_architecture(path: Path, name: str) -> dict[str, Any] | None:
+    """The constructor arguments a nestvit weights file records for model ``name`` (None: another model or none)."""
+    from .contract import RunContract, _tuples
+    from .interop import read_state_dict
+
+    if path.suffix != ".safetensors":
+        return None
+    contract = RunContract.from_metadata(read_state_dict(path, tensors=False)[1], source=str(path))
+    return _tuples(dict(contract.kwargs)) if contract is not None and contract.model == name else None
+
+
 def create_model(name: str, *, pretrained: bool | str | Path = False, weights: str | Path | None = None,
                  features_only: bool = False, out_indices: int | list[int] | tuple[int, ...] | None = None,
                  **overrides: Any) -> nn.Module:
@@ -157,8 +168,9 @@ def create_model(name: str, *, pretrained: bool | str | Path = False, weights: s
     ``save_pretrained`` folder (local or ``hf-hub:org/name``) or a timm checkpoint.
 
     ``pretrained`` starts from published weights (``nestvit.pretrained``): True (the tag in ``name``, as
-    ``"nest_tiny_224.jx_in1k"``, else the model's first published file), a tag, or a downloaded file; they
-    are downloaded once into the torch hub cache, checked and converted, and adapt to ``num_classes``,
+    ``"nest_tiny_224.jx_in1k"``, else the model's first published file), a tag, a downloaded file, or your own
+    run or ``save_pretrained`` folder (the architecture it records, as a published file's); they are
+    downloaded once into the torch hub cache, checked and converted, and adapt to ``num_classes``,
     ``img_size`` and ``in_chans`` overrides (``model.adapt_notes`` says what changed).
     Any kind builds here: classifiers, the conv baseline, GAN generators and discriminators.
     ``features_only=True`` returns the model (weights loaded) as a backbone whose forward gives a list of
@@ -174,6 +186,8 @@ def create_model(name: str, *, pretrained: bool | str | Path = False, weights: s
         name, published, path = resolve(name, pretrained)
         if published is not None:
             overrides = {**published.kwargs, **overrides}
+        elif (recorded := _recorded_architecture(path, name)) is not None:  # a nestvit file of this model
+            overrides = {**recorded, **overrides}  # its sizes and channels; what you override is adapted
         model = create_model(name, **overrides)
         model.adapt_notes = load_pretrained(model, published or path)
         if published is not None:
