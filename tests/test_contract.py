@@ -317,6 +317,11 @@ def test_read_takes_a_pil_image_an_array_or_a_tensor_as_its_file(image, tmp_path
             t.read(bad)
 
 
+def test_a_loaded_model_shows_as_one_line(weights):
+    assert repr(load(weights)) == (f"Loaded(nest_tiny_cifar, 2,923 parameters, 3 classes, input 1x16x16 stretch, "
+                                   f"weights={str(weights)!r})")  # before: the module tree, 94 lines
+
+
 def test_the_state_file_of_a_run_is_named_as_one(tmp_path, weights):
     (tmp_path / "config.yaml").write_text("kind: train\n")
     torch.save({"model": {}, "optimizer": {}, "step": 3}, tmp_path / "state.pt")

@@ -383,6 +383,17 @@ class Loaded:
             return list(self.contract.classes)
         return [f"class{k}" for k in range(int(getattr(self.model, "num_classes", 0)))]
 
+    def __repr__(self) -> str:  # one line in a notebook, not the module tree and the whole config
+        params = sum(p.numel() for p in self.model.parameters())
+        model = self.contract.model if self.contract is not None else type(self.model).__name__
+        n = getattr(self.model, "num_classes", None)
+        t = self.transform
+        what = f", {n} classes" if n is not None and (self.contract is None or self.contract.kind == "classifier") \
+            else ""
+        seen = f", input {t.channels}x{t.size[0]}x{t.size[1]} {t.resize}" if t is not None else ""
+        size = f", {params:,} parameters" if params else ""  # an export holds none of torch's
+        return f"Loaded({model}{size}{what}{seen}, weights={str(self.weights)!r})"
+
 
 def gan_run_folder(path: Path) -> Path | None:
     """The folder of a ``nestvit generate train`` run's weights: the run itself, or the latest

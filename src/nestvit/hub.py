@@ -181,7 +181,8 @@ def from_pretrained(source: str | Path) -> Loaded:
     folder = hub_folder(text) if text.startswith(HUB_PREFIX) else Path(source)
     weights = folder / PRETRAINED_FILE if folder.is_dir() else folder
     if not weights.is_file():
-        raise ContractError(f"{folder}: no model.safetensors; is it a folder written by nestvit.save_pretrained?")
+        raise ContractError(f"{folder}: no model.safetensors; is it a folder written by nestvit.save_pretrained? (a "
+                            "run folder or a weights file: nestvit.load(PATH) reads it)")
     loaded = load(weights)
     config_file = weights.parent / "config.json"
     if config_file.is_file():
