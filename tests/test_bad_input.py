@@ -561,7 +561,7 @@ def test_python_callers_bad_arguments_are_one_clear_error(tmp_path):
 
     with pytest.raises(nestvit.registry.UnknownModelError, match="takes a model's name"):
         nestvit.create_model(None)
-    with pytest.raises(ContractError, match="no image paths"):
+    with pytest.raises(ContractError, match="read_batch: no images given"):
         InputTransform(channels=1, size=(8, 8), mean=(0.5,), std=(0.5,)).read_batch([])
     for kwargs in ({"holdout": 2}, {"channels": 0}, {"size": 0}):
         with pytest.raises(DatasetError, match="load_images: holdout must be in"):
