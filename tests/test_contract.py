@@ -317,6 +317,14 @@ def test_read_takes_a_pil_image_an_array_or_a_tensor_as_its_file(image, tmp_path
             t.read(bad)
 
 
+def test_a_path_from_home_is_expanded(weights, monkeypatch):
+    monkeypatch.setenv("HOME", str(weights.parent))
+    assert load(f"~/{weights.name}").weights == weights  # before: "no such file"
+    shared = nestvit.save_pretrained(weights, weights.parent / "shared")
+    assert nestvit.from_pretrained("~/shared").classes == ["cat", "dog", "eel"]
+    assert shared.is_dir()
+
+
 def test_a_loaded_model_shows_as_one_line(weights):
     assert repr(load(weights)) == (f"Loaded(nest_tiny_cifar, 2,923 parameters, 3 classes, input 1x16x16 stretch, "
                                    f"weights={str(weights)!r})")  # before: the module tree, 94 lines

@@ -418,7 +418,7 @@ def resolve_weights(path: str | Path, which: str | None = None) -> Path:
         from .hub import hub_folder
 
         path = hub_folder(str(path))
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_file():
         return path
     if not path.is_dir():
@@ -517,6 +517,7 @@ def load(path: str | Path, which: str | None = None, *, model: str | None = None
     """
     from .interop import load_weights, read_state_dict
 
+    path = path if str(path).startswith(HUB_PREFIX) else Path(path).expanduser()
     if Path(path).suffix in EXPORTED_SUFFIXES:  # a file of `nestvit export`: one set of weights, its own runtime
         if which is not None or model is not None or overrides:
             raise ContractError(f"{path} is an exported model: its weights and architecture are fixed; give the run "

@@ -178,7 +178,7 @@ def hub_folder(text: str) -> Path:
 def from_pretrained(source: str | Path) -> Loaded:
     """A model shared by :func:`save_pretrained`: a local folder, or ``"hf-hub:org/name"`` from the Hub."""
     text = str(source)
-    folder = hub_folder(text) if text.startswith(HUB_PREFIX) else Path(source)
+    folder = hub_folder(text) if text.startswith(HUB_PREFIX) else Path(source).expanduser()
     weights = folder / PRETRAINED_FILE if folder.is_dir() else folder
     if not weights.is_file():
         raise ContractError(f"{folder}: no model.safetensors; is it a folder written by nestvit.save_pretrained? (a "
