@@ -186,7 +186,8 @@ def test_a_bad_file_of_the_evaluation_split_keeps_the_trained_epoch(recipe, tmp_
     run = tmp_path / "run"
     assert main(["train", str(recipe), "--out", str(run), *folder_args(data)]) == 2
     err = one_line_error(capsys)
-    assert f"{bad}: cannot decode image" in err and "1 epoch(s) trained are saved" in err
+    assert f"{bad}: cannot decode image" in err
+    assert "The 3 steps trained so far are saved: replace the file, then" in err
     assert f"nestvit train --resume {run}" in err and (run / "state.pt").exists()
     bad.write_bytes(good)
     assert main(["train", "--resume", str(run)]) == 0
@@ -196,14 +197,19 @@ def test_a_bad_file_of_the_evaluation_split_keeps_the_trained_epoch(recipe, tmp_
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_truncated_jpeg_is_one_line_naming_the_file(recipe, tmp_path, capsys, workers):
     data = image_folder(tmp_path / "data", {"train": {"cat": 6, "dog": 6}, "val": {"cat": 2, "dog": 2}}, size=64)
-    bad = data / "train" / "dog" / "3.jpg"
-    bad.write_bytes(bad.read_bytes()[:300])
+    bad = [data / "train" / "dog" / "3.jpg", data / "train" / "cat" / "5.jpg"]
+    for b in bad:
+        b.write_bytes(b.read_bytes()[:300])
     run = tmp_path / "run"
     assert main(["train", str(recipe), "--out", str(run), *folder_args(data, f"data.workers={workers}")]) == 2
     err = one_line_error(capsys)
-    assert f"{bad}: cannot decode image" in err and "replace the file or remove it" in err
+    assert ": cannot decode image" in err and "replace the file or remove it" in err
     assert "DataLoader worker" not in err and "Original Traceback" not in err
-    assert not (run / "state.pt").exists()
+    # every bad file at once, not one per run (a scan of the split's files when the first is met)
+    assert f"2 files of the imagefolder:train split are unreadable (all 12 checked): {bad[1]}, {bad[0]}" in err
+    saved = (run / "state.pt").exists()  # the steps before the bad batch are kept
+    assert saved == ("steps trained so far are saved" in err)
+    assert saved or "Replace the files, then run the command again (nothing was trained yet)" in err
 
 
 # ------------------------------------------------------------------------------------------- resuming (6, 7, 8, 9)

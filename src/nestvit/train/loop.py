@@ -35,7 +35,7 @@ from torch import nn
 from ..cli_args import writable_dir
 from ..contract import RunContract
 from ..data.augment import BatchAugment, eval_transform, shift, tta_views
-from ..data.datasets import DatasetError
+from ..data.datasets import DatasetError, find_unreadable
 from ..errors import UserError, listed
 from ..fileio import atomic_write_text, remove_stale_temporaries
 from ..interop import save_weights
@@ -400,7 +400,11 @@ class Trainer:
         batches = self.batches.epoch(epoch, self.step_in_epoch)
         while True:
             t0 = time.perf_counter()
-            batch = next(batches, None)
+            try:
+                batch = next(batches, None)
+            except DatasetError as e:  # an unreadable file, between two steps: the steps so far are kept
+                bar.close()
+                raise self.data_error(e, self.train_split) from None
             if batch is None:
                 break
             x, targets = self.augment(*batch, generator=self.aug_gen)
@@ -501,6 +505,30 @@ class Trainer:
             self.say(f"{self.stop.signal_name} came as the run was finishing: it is complete")
         return self.finish()
 
+    def data_error(self, e: DatasetError, split: Split) -> DatasetError:
+        """The error of an unreadable file of ``split`` met between steps, naming every unreadable file of the split
+        that a quick scan finds (not the first only), after saving the run's state (one process: saving is
+        collective under DDP, and one rank cannot do it alone)."""
+        text, files_word = str(e), "file"
+        if split.folder is not None and self.main:
+            files = [path for path, _ in split.folder.samples]
+            bad, checked = find_unreadable(files)
+            scanned = f"all {len(files):,}" if checked == len(files) else f"the first {checked:,} of {len(files):,}"
+            if len(bad) > 1:
+                files_word = "files"
+                text += (f". {len(bad)} files of the {split.name} split are unreadable ({scanned} checked): "
+                         f"{listed(bad, 5)}")
+        if self.step == 0 and self.saved_step is None:
+            text += f". Replace the {files_word}, then run the command again (nothing was trained yet)"
+        elif self.step == self.saved_step:
+            text += (f". Replace the {files_word}, then continue with nestvit train --resume {self.run_dir} (its state "
+                     f"is saved at step {self.step})")
+        elif not self.info.enabled:
+            self.save_state()
+            text += (f". The {self.step} steps trained so far are saved: replace the {files_word}, then continue "
+                     f"with nestvit train --resume {self.run_dir}")
+        return DatasetError(text)
+
     def _stopped_at_once(self) -> str:
         """What a second Ctrl-C says: where the run can go on from."""
         if self.saved_step is None:
@@ -537,11 +565,7 @@ class Trainer:
                 try:
                     self.test = self.evaluate(self.model)
                 except DatasetError as e:  # a bad file of the evaluation split: the epoch's training is kept
-                    if self.info.enabled:  # saving is collective: one rank cannot do it alone
-                        raise
-                    self.save_state()
-                    raise DatasetError(f"{e}. The {self.epoch} epoch(s) trained are saved: fix the file, then "
-                                       f"continue with nestvit train --resume {self.run_dir}") from None
+                    raise self.data_error(e, self.eval_split) from None
                 record.update(test_loss=self.test.loss, test_top1=self.test.top1, test_top5=self.test.top5)
                 self.call("on_evaluate", record)  # counted in the evaluation time the budget reserves
                 self.eval_s = self.elapsed() - t
