@@ -304,6 +304,7 @@ def test_read_takes_a_pil_image_an_array_or_a_tensor_as_its_file(image, tmp_path
             assert torch.equal(t.read_batch([item]), want), type(item)
         assert tuple(pil.size) == (30, 20) and pil.mode == "RGB"  # the caller's image is left as it was
     assert torch.equal(t.read_batch(rgb), want)  # one array: a batch of one, not one image per row
+    assert torch.equal(t.read_batch(p for p in [image]), want)  # an iterable of paths (Path.glob)
     assert torch.equal(t.read_batch(torch.from_numpy(rgb).permute(2, 0, 1)[None]), want)  # (B, C, H, W) uint8
     grey = rgb.mean(-1).round().astype(np.uint8)
     Image.fromarray(grey).save(tmp_path / "grey.png")

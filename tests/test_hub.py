@@ -57,7 +57,7 @@ def test_the_model_of_a_loaded_run_keeps_its_input_and_classes_and_a_new_head_is
     assert same.transform == loaded.transform and same.classes == loaded.classes  # before: 0.5 and class0..
     assert "99.9" not in (tmp_path / "model/README.md").read_text()
     loaded.model.reset_classifier(3)
-    with pytest.warns(UserWarning, match="head has 3 classes now, not the 10 it was loaded with"):
+    with pytest.warns(UserWarning, match="head has 3 classes now, not the 10 it was built with"):
         out = nestvit.save_pretrained(loaded, tmp_path / "head3")  # before: a folder that did not load
     again = nestvit.from_pretrained(out)
     assert again.model.num_classes == 3 and again.classes == ["class0", "class1", "class2"]

@@ -85,6 +85,9 @@ def test_a_file_saved_with_the_old_kwargs_loads(tmp_path):
     # re-saved, the file records the twin's name and no retired key
     assert loaded.model.registry_spec["model"] == "nestv_tiny_cifar"
     assert "cpu_chunk_tokens" not in loaded.model.registry_spec["kwargs"]
+    # a start for fine-tuning, as nestvit.load reads it (before: "unknown option(s) ['cpu_chunk_tokens']")
+    model = nestvit.create_model("nest_tiny_cifar", pretrained=path, num_classes=5)
+    assert isinstance(model, NestVariant) and model.num_classes == 5 and model.cfg.stem_dim == 4
 
 
 def test_a_training_run_file_from_before_the_contract_loads(tmp_path):

@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import json
 import numbers
+import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -396,6 +397,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], cls: type) -> dic
     return out
 
 
+def _plain(value: Any) -> Any:
+    """A Python value as JSON (the YAML of ``--set``) takes it: tuples as lists, paths as strings."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value) if isinstance(value, os.PathLike) else value
+
+
 def load(cls: type, recipe: str | Path | dict[str, Any] | None = None,
          overrides: Sequence[str] | Mapping[str, Any] | str = ()) -> Any:
     """A ``cls`` config from a recipe (path, built-in name, dict or None for defaults) and ``--set`` overrides:
@@ -403,7 +411,7 @@ def load(cls: type, recipe: str | Path | dict[str, Any] | None = None,
     if isinstance(overrides, str):  # one override, not its characters one by one
         overrides = [overrides]
     elif isinstance(overrides, Mapping):
-        overrides = [f"{k}={json.dumps(list(v) if isinstance(v, tuple) else v)}" for k, v in overrides.items()]
+        overrides = [f"{k}={json.dumps(_plain(v))}" for k, v in overrides.items()]
     if recipe is None:
         raw: dict[str, Any] = {}
     elif isinstance(recipe, dict):

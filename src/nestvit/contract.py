@@ -155,8 +155,11 @@ class InputTransform:
     def read_batch(self, images: Sequence[ImageLike] | ImageLike) -> torch.Tensor:
         """uint8 ``(B, channels, H, W)`` of images (see :meth:`read`; one image: a batch of one; a uint8 tensor
         ``(B, C, H, W)``: its images, each resized)."""
-        if not isinstance(images, (list, tuple)) and not (isinstance(images, torch.Tensor) and images.ndim == 4):
-            images = [images]  # one path, not its characters one by one; one array, not its rows
+        one = isinstance(images, (str, Path, torch.Tensor)) or hasattr(images, "__array__") \
+            or not hasattr(images, "__iter__")  # one path (not its characters), array (not its rows) or PIL image
+        if isinstance(images, torch.Tensor) and images.ndim == 4:  # a batch: its images
+            one = False
+        images = [images] if one else list(images)  # a generator of paths (Path.glob) too
         if len(images) == 0:
             raise ContractError("read_batch: no images given")
         return torch.stack([self.read(p) for p in images])
@@ -544,8 +547,10 @@ def load(path: str | Path, which: str | None = None, *, model: str | None = None
             warnings.warn(f"{weights} records no input transform: images are stretched to {h}x{w} and scaled to "
                           "[-1, 1] (mean = std = 0.5); if the model was trained otherwise, save it with "
                           "nestvit.interop.save_weights(model, path, transform=InputTransform(...))", stacklevel=2)
-    # the model remembers them: save_weights(loaded.model, ...) and save_pretrained(loaded.model, ...) keep them
-    net.registry_spec.update(transform=transform, classes=contract.classes, info=contract.info)
+    # the model remembers what the file records (not a guessed transform, not the run's results): its save_weights
+    # and save_pretrained keep them
+    net.registry_spec.update(transform=contract.transform, classes=contract.classes,
+                             info={k: v for k, v in contract.info.items() if k == "pretrained"})
     return Loaded(model=net.eval(), transform=transform, contract=contract, weights=weights,
                   config=_run_config(weights, contract.kind))
 

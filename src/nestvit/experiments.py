@@ -33,6 +33,7 @@ import argparse
 import dataclasses
 import json
 import math
+import shlex
 import shutil
 import statistics
 import sys
@@ -826,6 +827,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         run_experiment(args)
     except Stopped as e:  # the same command goes on: finished runs are read back, this one resumes
-        raise Stopped(e.signal_name, e.step, e.run_dir, how="the same command (nestvit experiment "
-                      + " ".join(args.argv) + ")") from None
+        again = shlex.join(["nestvit", "experiment", *(a for a in args.argv if a != "--fresh")])  # not anew
+        raise Stopped(e.signal_name, e.step, e.run_dir, how=f"the same command ({again})",
+                      complete=e.complete) from None
     return 0

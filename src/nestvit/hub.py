@@ -133,11 +133,11 @@ def save_pretrained(source: Any, folder: str | Path, *, classes: Sequence[str] |
     contract = replace(loaded.contract, transform=loaded.contract.transform or loaded.transform)
     # the run's results: beside the weights file (a model in memory has none, whatever the working folder holds)
     summary_file = loaded.weights.parent / "summary.json" if loaded.weights.is_file() else None
-    if head_changed(loaded.model):  # reset_classifier since it was loaded: not the run's model any more
-        n = loaded.model.num_classes
+    if head_changed(loaded.model):  # reset_classifier since it was built: not the saved model any more
+        n, built = loaded.model.num_classes, loaded.model.cfg.num_classes
         if classes is None:
-            warnings.warn(f"the model's head has {n} classes now, not the {contract.kwargs.get('num_classes')} it "
-                          "was loaded with: its class names are not saved (pass classes=[...]), nor the run's results",
+            warnings.warn(f"the model's head has {n} classes now, not the {built} it was built with: no class "
+                          "names are saved for it (pass classes=[...]), nor the results of the run it came from",
                           stacklevel=2)
         contract = replace(contract, kwargs={**contract.kwargs, "num_classes": n}, classes=None,
                            info={k: v for k, v in contract.info.items() if k == "pretrained"})
@@ -158,7 +158,8 @@ def save_pretrained(source: Any, folder: str | Path, *, classes: Sequence[str] |
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:  # the card is written without its results
         warnings.warn(f"{summary_file}: not read ({e}); the model card lists no results", stacklevel=2)
         summary = None
-    atomic_write_text(folder / "README.md", _card(replace(loaded, contract=contract), summary))
+    atomic_write_text(folder / "README.md", _card(replace(loaded, contract=contract, transform=contract.transform),
+                                                  summary))
     return folder
 
 

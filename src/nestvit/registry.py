@@ -150,15 +150,19 @@ def model_kind(name: str) -> str:
     return _KIND[name]
 
 
-def _recorded_architecture(path: Path, name: str) -> dict[str, Any] | None:
-    """The constructor arguments a nestvit weights file records for model ``name`` (None: another model or none)."""
+def _recorded(path: Path, name: str) -> tuple[str, dict[str, Any], Any] | None:
+    """``(registry name, constructor arguments, run contract)`` a nestvit weights file records for model ``name``
+    (as ``RunContract.build`` reads them: an older file's retired options too); None: another model or none."""
     from .contract import RunContract, _tuples
     from .interop import read_state_dict
+    from .models.nest_variants import legacy_nest_kwargs
 
     if path.suffix != ".safetensors":
         return None
     contract = RunContract.from_metadata(read_state_dict(path, tensors=False)[1], source=str(path))
-    return _tuples(dict(contract.kwargs)) if contract is not None and contract.model == name else None
+    if contract is None or contract.model != name:
+        return None
+    return (*legacy_nest_kwargs(contract.model, _tuples(dict(contract.kwargs))), contract)
 
 
 def create_model(name: str, *, pretrained: bool | str | Path = False, weights: str | Path | None = None,
@@ -186,12 +190,17 @@ def create_model(name: str, *, pretrained: bool | str | Path = False, weights: s
         name, published, path = resolve(name, pretrained)
         if published is not None:
             overrides = {**published.kwargs, **overrides}
-        elif (recorded := _recorded_architecture(path, name)) is not None:  # a nestvit file of this model
-            overrides = {**recorded, **overrides}  # its sizes and channels; what you override is adapted
+        recorded = _recorded(path, name) if published is None else None  # a nestvit file of this model
+        if recorded is not None:
+            name, kwargs, contract = recorded
+            overrides = {**kwargs, **overrides}  # its sizes and channels; what you override is adapted
         model = create_model(name, **overrides)
         model.adapt_notes = load_pretrained(model, published or path)
         if published is not None:
             model.registry_spec.update(transform=published.transform(model), info={"pretrained": published.tag})
+        elif recorded is not None and (t := contract.transform) is not None and t.channels == model.in_chans \
+                and t.size == tuple(model.img_size):  # the run's input, where the model still takes it
+            model.registry_spec.update(transform=t)
         return _backbone(model, features_only, out_indices)
     _ensure_loaded()
     if not isinstance(name, str):

@@ -71,7 +71,40 @@ def test_a_signal_saves_the_step_and_the_resumed_run_is_bit_exact(tmp_path, make
     # the stopped epoch's record counts its steps before the stop too; the run's time counts both pieces
     epochs = lambda run: [(r["train_loss"], r["train_acc"]) for r in read_metrics(run) if r["kind"] == "epoch"]  # noqa
     assert epochs(tmp_path / "a") == epochs(tmp_path / "b")
-    assert json.loads((tmp_path / "b/summary.json").read_text())["wall_s"] >= state["elapsed_s"]
+    wall = json.loads((tmp_path / "b/summary.json").read_text())["wall_s"]
+    assert wall >= state["elapsed_s"] + 0.1 * json.loads((tmp_path / "a/summary.json").read_text())["wall_s"]
+
+
+def test_the_log_window_between_two_records_survives_a_stop(tmp_path, make_config, monkeypatch):
+    from nestvit.train import loop
+
+    cfg = make_config(*RANDOM, "log_every=3")
+    train(cfg, tmp_path / "a")
+    real = loop.Trainer.train_step
+
+    def signal_after_step_2(self, x, t):
+        out = real(self, x, t)
+        if self.step == 2:
+            signal.raise_signal(signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(loop.Trainer, "train_step", signal_after_step_2)
+    with pytest.raises(Stopped, match="at step 2;"):
+        train(cfg, tmp_path / "b")
+    monkeypatch.setattr(loop.Trainer, "train_step", real)
+    train(cfg, tmp_path / "b", resume=True)
+    records = lambda run: [(r["step"], r["loss"], r["acc"]) for r in read_metrics(run) if r["kind"] == "step"]  # noqa
+    assert records(tmp_path / "a") == records(tmp_path / "b")  # step 3's record averages steps 1-3, as unstopped
+
+
+def test_a_signal_during_the_last_evaluation_lets_the_run_finish_and_stops_what_called_it(tmp_path, make_config):
+    class SignalAtTheEnd(Callback):
+        def on_final_evaluate(self, trainer, record):
+            signal.raise_signal(signal.SIGTERM)
+
+    with pytest.raises(Stopped, match=rf"^stopped by SIGTERM at step 8; {tmp_path / 'run'} is complete$") as e:
+        train(make_config(), tmp_path / "run", callbacks=[SignalAtTheEnd()])
+    assert e.value.complete and (tmp_path / "run/summary.json").is_file()
 
 
 def test_a_second_ctrl_c_says_which_checkpoint_the_run_goes_on_from(tmp_path, make_config):
@@ -133,14 +166,15 @@ def test_a_forked_process_leaves_the_request_to_its_parent():
 
 
 class _SignalledInWorkers(torch.utils.data.Dataset):
-    """Every item sends SIGINT to the worker process that loads it (a terminal's Ctrl-C)."""
+    """Every item sends SIGINT to the worker process that loads it (a terminal's Ctrl-C), and says in which
+    process group the worker is."""
 
     def __len__(self):
         return 6
 
     def __getitem__(self, i):
         os.kill(os.getpid(), signal.SIGINT)
-        return torch.tensor([i])
+        return torch.tensor([i, os.getpgid(0)])
 
 
 def test_a_gan_stopped_while_training_its_feature_network_says_to_run_it_again(tmp_path, monkeypatch):
@@ -161,7 +195,10 @@ def test_a_gan_stopped_while_training_its_feature_network_says_to_run_it_again(t
 def test_dataloader_workers_leave_ctrl_c_to_the_trainer():
     from nestvit.train.inputs import _loader
 
-    assert [b.tolist() for b in _loader(_SignalledInWorkers(), 1, batch_size=2)] == [[[0], [1]], [[2], [3]], [[4], [5]]]
+    batches = [b.tolist() for b in _loader(_SignalledInWorkers(), 1, batch_size=2)]
+    assert [[item[0] for item in b] for b in batches] == [[0, 1], [2, 3], [4, 5]]  # the worker went on
+    # a group of its own: a SIGTERM to the trainer's group (kill -- -PGID, torchrun's forwarding) misses it
+    assert {item[1] for b in batches for item in b} != {os.getpgid(0)}
 
 
 def test_a_gan_stops_after_its_step_and_resumes_exactly(tmp_path, monkeypatch):

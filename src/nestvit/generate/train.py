@@ -506,7 +506,7 @@ def _train_gan(cfg: GanConfig, out: Path, *, resume: bool, data: torch.Tensor | 
     from ..fileio import remove_stale_temporaries
     from ..system import use_tf32
     from ..train.distributed import resolve_device
-    from ..train.interrupt import Stopped, StopRequest
+    from ..train.interrupt import Stopped, StopRequest, stopped_at_once
     from ..train.metrics import MetricsLog
 
     if cfg.threads:
@@ -654,15 +654,8 @@ def _train_gan(cfg: GanConfig, out: Path, *, resume: bool, data: torch.Tensor | 
     n_acc, t_train = int((window or {}).get("n", 0)), float((window or {}).get("t", 0.0))
     last_eval = None
     saved = [step if resume else None]  # the step of state.pt
-
-    def at_once() -> str:
-        if saved[0] is None:
-            return (f"stopped at once at step {step}, before the run's first checkpoint: nothing is saved; start "
-                    f"it again (remove {out} first)")
-        return (f"stopped at once at step {step}; the run goes on from its last checkpoint, step {saved[0]}, with "
-                f"nestvit generate train --resume {out}")
-
-    stop = closing.enter_context(StopRequest(at_once=at_once))  # Ctrl-C / SIGTERM: a checkpoint, then stop
+    stop = closing.enter_context(StopRequest(  # Ctrl-C / SIGTERM: a checkpoint, then stop
+        at_once=lambda: stopped_at_once(step, saved[0], out, f"nestvit generate train --resume {out}")))
     while step < last:
         t0 = time.perf_counter()
         idx = torch.randint(len(images), (cfg.batch_size,), generator=rng)
@@ -721,12 +714,13 @@ def _train_gan(cfg: GanConfig, out: Path, *, resume: bool, data: torch.Tensor | 
                 save_grid(G_ema(fixed_z), out / "samples" / f"step_{step:06d}.png")
         if cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != cfg.steps:  # the last step: below
             last_eval = evaluate(step)
-        if step % cfg.ckpt_every == 0 or step == last or stop.requested:
+        stopping = stop.requested  # read once: a signal between two reads would skip the save below
+        if step % cfg.ckpt_every == 0 or step == last or stopping:
             ready_ema(step)  # generator_ema.safetensors carries the statistics of its own weights
             save_checkpoint(out, step, cfg=cfg, G=G, ema=ema, D=D, opt_g=opt_g, opt_d=opt_d, rng=rng,
                             window={"acc": acc, "n": n_acc, "t": t_train})
             saved[0] = step
-        if stop.requested and step < last:
+        if stopping and step < last:
             bar.close()
             raise Stopped(stop.signal_name, step, out, how=f"nestvit generate train --resume {out}")
     stop.close()  # the final evaluation: Ctrl-C stops it at once

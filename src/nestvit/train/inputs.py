@@ -37,7 +37,7 @@ from ..data.datasets import DATASETS, DatasetError, ImageListDataset, load_datas
 from ..data.folders import HOLDOUT, default_eval_split, find_layout, holds_image_folders, load_images
 from ..data.shards import ShardEpoch, ShardPass, ShardSet, find_shard_layout, load_shards
 from .config import ConfigError, DataSection, ModelSection
-from .interrupt import ignore_ctrl_c
+from .interrupt import leave_signals_to_the_trainer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -380,8 +380,9 @@ class TrainBatches:
 
 
 def _loader(data: Any, workers: int, **kwargs: Any) -> torch.utils.data.DataLoader:
-    """A DataLoader of ``workers`` processes that leave Ctrl-C to the trainer (``.interrupt``)."""
-    return torch.utils.data.DataLoader(data, num_workers=workers, worker_init_fn=ignore_ctrl_c, **kwargs)
+    """A DataLoader of ``workers`` processes that leave the stop signals to the trainer (``.interrupt``)."""
+    return torch.utils.data.DataLoader(data, num_workers=workers, worker_init_fn=leave_signals_to_the_trainer,
+                                       **kwargs)
 
 
 def eval_batches(split: Split, *, batch: int, rank: int, world_size: int, device: torch.device,

@@ -3,15 +3,14 @@
 The first SIGINT (Ctrl-C) or SIGTERM (a scheduler's pre-emption, ``kill PID``) asks the loop to stop at its
 next step boundary. There it saves ``state.pt``, the same checkpoint ``checkpoint_every`` writes (so the
 resumed run is bit-exact), and raises :class:`Stopped`. A second Ctrl-C stops at once, losing the steps since
-the last checkpoint. A signal the process was told to ignore (``nohup``, a shell's background job ignores
-SIGINT) stays ignored.
+the last checkpoint. SIGHUP (the terminal or ssh session closed) stops the same way. A signal the process was
+told to ignore stays ignored (``nohup`` ignores SIGHUP; a shell script's background job ignores SIGINT).
 
-DataLoader workers ignore SIGINT (:func:`ignore_ctrl_c`, their ``worker_init_fn``): a terminal's Ctrl-C
-reaches every process of the group, and a worker that quit would fail the step the main process finishes.
-They keep PyTorch's SIGTERM handling: the DataLoader (and ``multiprocessing`` at exit) stops its workers with
-SIGTERM, so a worker must obey it. A SIGTERM sent to every process, workers included (a scheduler
-that signals the whole job), ends the workers too and the stop fails with their error; send it to the main
-process alone.
+DataLoader workers leave the signals to the trainer (:func:`leave_signals_to_the_trainer`, their
+``worker_init_fn``): each moves to a process group of its own, so a terminal's Ctrl-C and a SIGTERM to the
+trainer's group (``kill -- -PGID``; torchrun forwards signals to each rank's group) reach the trainer only; a
+worker that quit would fail the step the trainer finishes. PyTorch still stops its workers by their pid. A
+scheduler that signals every process one by one still reaches them: send the trainer alone such signals.
 
 Under DDP the ranks agree on the step they stop at: the trainer sums every rank's request into the
 all-reduce each step already makes (:meth:`StopRequest.flag`).
@@ -30,21 +29,37 @@ from typing import Any
 
 import torch
 
-__all__ = ["StopRequest", "Stopped", "ignore_ctrl_c"]
+__all__ = ["StopRequest", "Stopped", "leave_signals_to_the_trainer", "stopped_at_once"]
 
-_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+# SIGHUP: the terminal or ssh session closed (a run under nohup ignores it, and that stays so)
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, *((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()))
+_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", getattr(signal, "SIGHUP", -1): "SIGHUP"}
 
 
 class Stopped(KeyboardInterrupt):
     """Training stopped by Ctrl-C or SIGTERM after its state was saved: ``train(cfg, run_dir, resume=True)``
-    (``nestvit train --resume RUN``) goes on from ``step``, as if it had never stopped."""
+    (``nestvit train --resume RUN``) goes on from ``step``, as if it had never stopped. ``complete``: the
+    signal came as the run was finishing, and it did (what called it stops too: the next run of an
+    experiment does not start)."""
 
-    def __init__(self, signal_name: str, step: int, run_dir: str | Path, how: str | None = None) -> None:
-        self.signal_name, self.step, self.run_dir = signal_name, step, Path(run_dir)
+    def __init__(self, signal_name: str, step: int, run_dir: str | Path, how: str | None = None,
+                 complete: bool = False) -> None:
+        self.signal_name, self.step, self.run_dir, self.complete = signal_name, step, Path(run_dir), complete
         self.how = how or f"nestvit train --resume {run_dir}"
-        super().__init__(f"stopped by {signal_name} at step {step}; the run's state is saved in {run_dir}: "
-                         f"continue it with {self.how}")
+        done = f"; {run_dir} is complete" if complete else f"; the run's state is saved in {run_dir}"
+        super().__init__(f"stopped by {signal_name} at step {step}{done}: continue it with {self.how}"
+                         if not complete or how else f"stopped by {signal_name} at step {step}{done}")
+
+    def __reduce__(self):  # picklable (a worker process's exception), although __init__ takes more than one
+        return type(self), (self.signal_name, self.step, self.run_dir, self.how, self.complete)
+
+
+def stopped_at_once(step: int, saved_step: int | None, run_dir: Path, resume: str) -> str:
+    """What a second Ctrl-C says: where the run stands and where it can go on from (``resume``: the command)."""
+    if saved_step is None:
+        return (f"stopped at once at step {step}, before the run's first checkpoint: nothing is saved; start it "
+                f"again (remove {run_dir} first)")
+    return f"stopped at once at step {step}; the run goes on from its last checkpoint, step {saved_step}, with {resume}"
 
 
 class StopRequest:
@@ -100,9 +115,12 @@ class StopRequest:
 
     def flag(self, device: torch.device) -> torch.Tensor:
         """``1.0`` when a stop is requested on this rank, as a tensor to sum over the ranks."""
-        return torch.tensor(float(self.requested), device=device)
+        return torch.full((), float(self.requested), device=device)  # no blocking copy from the host
 
 
-def ignore_ctrl_c(worker_id: int = 0) -> None:
-    """A DataLoader ``worker_init_fn``: the worker leaves Ctrl-C (SIGINT) to the main process."""
+def leave_signals_to_the_trainer(worker_id: int = 0) -> None:
+    """A DataLoader ``worker_init_fn``: the worker leaves the stop signals to the main process (a process group of
+    its own; Ctrl-C ignored, for the instant before)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with contextlib.suppress(OSError, AttributeError):  # AttributeError: no process groups (Windows)
+        os.setpgid(0, 0)

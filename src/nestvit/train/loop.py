@@ -46,7 +46,7 @@ from .distill import classification_loss, teacher_targets
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed, shutdown
 from .hooks import Callback, EmaEvaluation, Plots, TtaEvaluation
 from .inputs import Split, TrainBatches, eval_batches, is_streamed, load_split, normalization, resolve_data
-from .interrupt import Stopped, StopRequest
+from .interrupt import Stopped, StopRequest, stopped_at_once
 from .metrics import EvalAccumulator, EvalResult, MetricsLog
 from .optim import (
     LRSchedule,
@@ -122,6 +122,11 @@ def absolute_weights(cfg: C.TrainConfig, *, resume: bool = False) -> C.TrainConf
                                 f"folder the run was started in); resume from there, or add --set "
                                 f"{section}.{key}=ABSOLUTE_PATH")
     return cfg
+
+
+def _sums() -> dict[str, float]:
+    """Running sums of training steps (a log window's or an epoch's)."""
+    return {"loss": 0.0, "correct": 0.0, "images": 0.0, "data_s": 0.0, "steps": 0, "time_s": 0.0}
 
 
 class Trainer:
@@ -227,7 +232,7 @@ class Trainer:
         self.budget_s = cfg.time_budget_min * 60.0
         self.final_eval_cost = 1 + (len(tta_views(cfg.tta)) if cfg.tta != "none" else 0)
         self.spent_before = self.eval_s = self.time_frac = 0.0
-        self.epoch_total: dict[str, float] | None = None
+        self.epoch_sums: dict[str, dict[str, float]] | None = None
         self.lr = 0.0  # the learning rate of the last optimizer step (what the records log)
         self.fit_started = time.perf_counter()
         self.finished = False  # a resumed run whose training is over (its final evaluation is redone)
@@ -391,12 +396,13 @@ class Trainer:
         bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
                    disable=not (self.main and self.cfg.progress), dynamic_ncols=True, leave=False,
                    mininterval=1.0 if sys.stderr.isatty() else 30.0)  # a log file: a status every 30 s
-        window = {"loss": 0.0, "correct": 0.0, "images": 0.0, "data_s": 0.0, "steps": 0}
-        # the epoch's sums (and seconds) so far: a resumed epoch's record counts the steps before its checkpoint too
-        total = self.epoch_total or {**window, "time_s": 0.0}
-        self.epoch_total = total
+        # the sums (and seconds) of the epoch and of the log window so far, saved with the state: after a resume
+        # the epoch's record and the next step record count the steps before the checkpoint too
+        sums = self.epoch_sums or {"epoch": _sums(), "window": _sums()}
+        self.epoch_sums = sums
+        total, window = sums["epoch"], sums["window"]
         t_epoch = t_window = time.perf_counter()
-        epoch_s = total["time_s"]
+        epoch_s, window_s = total["time_s"], window["time_s"]
         batches = self.batches.epoch(epoch, self.step_in_epoch)
         while True:
             t0 = time.perf_counter()
@@ -418,7 +424,7 @@ class Trainer:
                 acc["data_s"] += data_s
                 acc["steps"] += 1
             now = time.perf_counter()
-            img_s = window["images"] / max(now - t_window, 1e-9)
+            img_s = window["images"] / max(window_s + now - t_window, 1e-9)
             data_img_s = window["images"] / max(window["data_s"], 1e-9)
             bar.update(1)
             bar.set_postfix(loss=f"{window['loss'] / window['steps']:.4f}",
@@ -430,9 +436,10 @@ class Trainer:
                              "loss": window["loss"] / window["steps"],
                              "acc": 100 * window["correct"] / window["images"],
                              "lr": self.lr, "img_s": img_s, "data_img_s": data_img_s})
-                window = {k: 0.0 if k != "steps" else 0 for k in window}
-                t_window = time.perf_counter()
-            total["time_s"] = epoch_s + time.perf_counter() - t_epoch
+                window = sums["window"] = _sums()
+                t_window, window_s = time.perf_counter(), 0.0
+            now = time.perf_counter()
+            total["time_s"], window["time_s"] = epoch_s + now - t_epoch, window_s + now - t_window
             mid_epoch = self.step_in_epoch < self.steps_per_epoch  # the epoch's last step: fit() saves it
             saved = bool(self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 and mid_epoch)
             if saved:
@@ -445,7 +452,7 @@ class Trainer:
                 batches.close()
                 break
         bar.close()
-        self.epoch_total = None
+        self.epoch_sums = None
         elapsed = epoch_s + time.perf_counter() - t_epoch
         steps = max(total["steps"], 1)
         return {"train_loss": total["loss"] / steps, "train_acc": 100 * total["correct"] / max(total["images"], 1),
@@ -501,9 +508,11 @@ class Trainer:
             self.write_plots(self.test)
         with self.stop:
             self.train_epochs(stop_after_epochs)
-        if self.stop.requested:  # it came during the run's last evaluation: nothing left to stop
-            self.say(f"{self.stop.signal_name} came as the run was finishing: it is complete")
-        return self.finish()
+        result = self.finish()
+        if self.stop.requested:  # it came during the last evaluation: the run (or its stop_after_epochs) is done
+            raise Stopped(self.stop.signal_name, self.step, self.run_dir,
+                          complete=self.epoch >= self.cfg.epochs or self.time_frac >= 1.0)
+        return result
 
     def data_error(self, e: DatasetError, split: Split) -> DatasetError:
         """The error of an unreadable file of ``split`` met between steps, naming every unreadable file of the split
@@ -530,12 +539,7 @@ class Trainer:
         return DatasetError(text)
 
     def _stopped_at_once(self) -> str:
-        """What a second Ctrl-C says: where the run can go on from."""
-        if self.saved_step is None:
-            return (f"stopped at once at step {self.step}, before the run's first checkpoint: nothing is saved; "
-                    f"start it again (remove {self.run_dir} first)")
-        return (f"stopped at once at step {self.step}; the run goes on from its last checkpoint, step "
-                f"{self.saved_step}, with nestvit train --resume {self.run_dir}")
+        return stopped_at_once(self.step, self.saved_step, self.run_dir, f"nestvit train --resume {self.run_dir}")
 
     def stopped(self, *, save: bool) -> None:
         """Save the state where training stands (a step boundary) and raise :class:`Stopped`."""
@@ -682,7 +686,7 @@ class Trainer:
             "config": C.to_dict(self.cfg),
             "time_budget_s": self.budget_s,
             "budget_spent": self.time_frac >= 1.0,  # with time_budget_s: the run is over (see run_finished)
-            "epoch_total": self.epoch_total,  # mid-epoch: its record's sums so far
+            "epoch_sums": self.epoch_sums,  # mid-epoch: the sums of its record and of the log window so far
         }
         atomic_torch_save(state, self.run_dir / STATE_FILE)
         self.saved_step = self.step
@@ -701,7 +705,7 @@ class Trainer:
         self.step_in_epoch, self.best_top1 = state["step_in_epoch"], state["best_top1"]
         self.spent_before = state.get("elapsed_s", 0.0)
         self.saved_step = self.step
-        self.epoch_total = state.get("epoch_total")  # the sums of a resumed epoch's steps before the checkpoint
+        self.epoch_sums = state.get("epoch_sums")  # a resumed epoch's sums before the checkpoint
         rngs = state["rng"]
         if len(rngs) == self.info.world_size:
             self.rng_state = rngs[self.info.rank]
