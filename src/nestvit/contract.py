@@ -116,7 +116,9 @@ class InputTransform:
         """uint8 ``(channels, H, W)`` of an image, resized (cropped, padded) as the model expects.
 
         ``image``: a file's path (``~`` expanded), an open ``PIL.Image``, or the pixels of one image of any size:
-        a uint8 numpy array ``(H, W)`` / ``(H, W, C)`` or a uint8 tensor ``(C, H, W)`` (C 1, 3 or 4).
+        a uint8 numpy array ``(H, W)`` / ``(H, W, C)`` or a uint8 tensor ``(C, H, W)`` (C 1, 3 or 4). An image in
+        memory gives what its lossless file gives; a JPEG file (centre crop) is decoded at a reduced scale first,
+        as training's image folders do, which an image already decoded cannot be: a few levels of difference.
         """
         import numpy as np
 
