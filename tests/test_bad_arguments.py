@@ -196,6 +196,9 @@ def test_a_callback_that_cannot_be_built_is_a_config_error():
         load_callback("json:dumps")
     with pytest.raises(ConfigError, match=r"NeedsArgs\(\) failed \(TypeError.*built with no arguments"):
         load_callback(f"{__name__}:NeedsArgs")
+    for spec in ("mylogger", "mylogger:", ":Logger"):  # before: Python's "Empty module name"
+        with pytest.raises(ConfigError, match=rf"--callback {spec}: give MODULE:CLASS \(e.g. my_logger:WandbLogger\)"):
+            load_callback(spec)
 
 
 def test_bench_data_with_fewer_images_than_a_batch_says_so(tmp_path):

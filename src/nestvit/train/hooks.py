@@ -121,6 +121,9 @@ def load_callback(spec: str) -> Callback:
     module, sep, name = spec.partition(":")
     if not sep:
         module, _, name = spec.rpartition(".")
+    if not module or not name:  # "mylogger": which class of which module?
+        raise ConfigError(f"--callback {spec}: give MODULE:CLASS (e.g. my_logger:WandbLogger), the module on the "
+                          "Python path")
     try:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as e:
