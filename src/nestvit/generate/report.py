@@ -94,8 +94,13 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from matplotlib.backend_bases import FigureCanvasBase
+
     from ..cli_args import writable_dir
 
+    kinds = FigureCanvasBase.get_supported_filetypes()  # before the table: not matplotlib's error after it
+    if Path(args.out).suffix and Path(args.out).suffix[1:].lower() not in kinds:
+        raise ValueError(f"--out {args.out}: a figure is written as {', '.join(sorted(kinds))}; name the file .png")
     check_runs(args.runs, args.labels)
     writable_dir(Path(args.out).parent)
     print(fid_table(args.runs, labels=args.labels))
