@@ -668,6 +668,7 @@ class Trainer:
     def save_state(self) -> None:
         """Write ``state.pt`` atomically (every rank's RNG states gathered into it)."""
         rngs = all_gather_objects(capture_rng({"augment": self.aug_gen}), self.info)
+        self.saved_step = self.step  # (rank 0 writes it; every rank knows where the run can go on from)
         if not self.main:
             return
         state = {
@@ -689,7 +690,6 @@ class Trainer:
             "epoch_sums": self.epoch_sums,  # mid-epoch: the sums of its record and of the log window so far
         }
         atomic_torch_save(state, self.run_dir / STATE_FILE)
-        self.saved_step = self.step
 
     def _load(self, state: dict[str, Any]) -> None:
         try:
