@@ -206,7 +206,8 @@ def test_a_truncated_jpeg_is_one_line_naming_the_file(recipe, tmp_path, capsys, 
     assert ": cannot decode image" in err and "replace the file or remove it" in err
     assert "DataLoader worker" not in err and "Original Traceback" not in err
     # every bad file at once, not one per run (a scan of the split's files when the first is met)
-    assert f"2 files of the imagefolder:train split are unreadable (all 12 checked): {bad[1]}, {bad[0]}" in err
+    assert (f"2 files of imagefolder:train and imagefolder:val are unreadable (all 16 checked): {bad[1]}, {bad[0]}"
+            in err)
     saved = (run / "state.pt").exists()  # the steps before the bad batch are kept
     assert saved == ("steps trained so far are saved" in err)
     assert saved or "Replace the files, then run the command again (nothing was trained yet)" in err

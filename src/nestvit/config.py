@@ -397,6 +397,17 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], cls: type) -> dic
     return out
 
 
+def _dotted(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"optim": {"lr": 1}}`` -> ``{"optim.lr": 1}``: each leaf set on its own, as ``--set`` keys are."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, Mapping):
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def _plain(value: Any) -> Any:
     """A Python value as JSON (the YAML of ``--set``) takes it: tuples as lists, paths as strings."""
     if isinstance(value, (list, tuple)):
@@ -410,8 +421,11 @@ def load(cls: type, recipe: str | Path | dict[str, Any] | None = None,
     ``["epochs=3", "optim.lr=1e-3"]``, one such string, or a mapping ``{"epochs": 3, "optim.lr": 1e-3}``."""
     if isinstance(overrides, str):  # one override, not its characters one by one
         overrides = [overrides]
-    elif isinstance(overrides, Mapping):
-        overrides = [f"{k}={json.dumps(_plain(v))}" for k, v in overrides.items()]
+    elif isinstance(overrides, Mapping):  # {"optim.lr": 1e-3} or {"optim": {"lr": 1e-3}}
+        overrides = [f"{k}={json.dumps(_plain(v))}" for k, v in _dotted(overrides).items()]
+    elif not isinstance(overrides, (list, tuple)):
+        raise ConfigError(f"overrides: give a list of 'key=value' strings, one such string or a mapping, not "
+                          f"{type(overrides).__name__!r}")
     if recipe is None:
         raw: dict[str, Any] = {}
     elif isinstance(recipe, dict):

@@ -186,8 +186,9 @@ def _as_pil(image: Any) -> tuple[Any, Path]:
     if isinstance(image, torch.Tensor):
         if image.dtype != torch.uint8 or image.ndim not in (2, 3) or (image.ndim == 3
                                                                       and image.shape[0] not in (1, 3, 4)):
-            raise ContractError(f"read: a {image.dtype} tensor of shape {tuple(image.shape)}; it takes {pixels} "
-                                "(float tensors in 0..1: (x * 255).round().to(torch.uint8))")
+            last = " (channels last? x.permute(2, 0, 1))" if image.ndim == 3 and image.shape[-1] in (1, 3, 4) else ""
+            raise ContractError(f"read: a {image.dtype} tensor of shape {tuple(image.shape)}{last}; it takes "
+                                f"{pixels} (float tensors in 0..1: (x * 255).round().to(torch.uint8))")
         image = image.cpu().numpy() if image.ndim == 2 else image.permute(1, 2, 0).cpu().numpy()
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3

@@ -194,6 +194,12 @@ def test_python_callers_give_overrides_as_a_list_one_string_or_a_mapping(make_re
     assert load_config("mnist5k_nest", {"epochs": 1, "optim.lr": 1e-3, "model.overrides.depths": (1, 1, 1)}) == want
     assert load_config("mnist5k_nest", "epochs=1").epochs == 1
     assert load_config("mnist5k_nest", {"data.root": tmp_path}).data.root == str(tmp_path)  # a Path value
+    nested = load_config("mnist5k_nest", {"optim": {"lr": 1e-3}, "model": {"overrides": {"depths": [1, 1, 1]}},
+                                          "epochs": 1})
+    assert nested == want  # nested as a recipe is written
+    with pytest.raises(ConfigError, match="overrides: give a list of 'key=value' strings, one such string or a "
+                                          "mapping, not 'int'"):
+        load_config("mnist5k_nest", 5)
     from nestvit.train import train
 
     assert train(make_recipe(epochs=1), tmp_path / "run").epochs_done == 1  # a recipe, as load_config takes it

@@ -174,7 +174,8 @@ class _SignalledInWorkers(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         os.kill(os.getpid(), signal.SIGINT)
-        return torch.tensor([i, os.getpgid(0)])
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the worker's mask: the signals let in again
+        return torch.tensor([i, os.getpgid(0), int(signal.SIGTERM in blocked or signal.SIGINT in blocked)])
 
 
 def test_a_gan_stopped_while_training_its_feature_network_says_to_run_it_again(tmp_path, monkeypatch):
@@ -199,6 +200,17 @@ def test_dataloader_workers_leave_ctrl_c_to_the_trainer():
     assert [[item[0] for item in b] for b in batches] == [[0, 1], [2, 3], [4, 5]]  # the worker went on
     # a group of its own: a SIGTERM to the trainer's group (kill -- -PGID, torchrun's forwarding) misses it
     assert {item[1] for b in batches for item in b} != {os.getpgid(0)}
+    assert {item[2] for b in batches for item in b} == {0}  # born with the signals blocked, then let in
+
+
+def test_a_signal_while_workers_start_reaches_the_trainer_afterwards():
+    from nestvit.train.interrupt import starting_workers
+
+    with StopRequest(announce=False) as stop:
+        with starting_workers():  # a fork here gives a worker born with the signals blocked
+            signal.raise_signal(signal.SIGTERM)
+            assert not stop.requested
+        assert stop.requested and stop.signal_name == "SIGTERM"
 
 
 def test_a_gan_stops_after_its_step_and_resumes_exactly(tmp_path, monkeypatch):

@@ -37,7 +37,7 @@ from ..data.datasets import DATASETS, DatasetError, ImageListDataset, load_datas
 from ..data.folders import HOLDOUT, default_eval_split, find_layout, holds_image_folders, load_images
 from ..data.shards import ShardEpoch, ShardPass, ShardSet, find_shard_layout, load_shards
 from .config import ConfigError, DataSection, ModelSection
-from .interrupt import leave_signals_to_the_trainer
+from .interrupt import leave_signals_to_the_trainer, starting_workers
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -379,10 +379,17 @@ class TrainBatches:
             yield images.to(self.device, non_blocking=True), batch_labels.to(self.device, non_blocking=True)
 
 
+class _Loader(torch.utils.data.DataLoader):
+    """A DataLoader whose worker processes leave the stop signals to the trainer (``.interrupt``)."""
+
+    def __iter__(self):
+        with starting_workers():  # the workers are forked here, for every epoch and evaluation
+            return super().__iter__()
+
+
 def _loader(data: Any, workers: int, **kwargs: Any) -> torch.utils.data.DataLoader:
     """A DataLoader of ``workers`` processes that leave the stop signals to the trainer (``.interrupt``)."""
-    return torch.utils.data.DataLoader(data, num_workers=workers, worker_init_fn=leave_signals_to_the_trainer,
-                                       **kwargs)
+    return _Loader(data, num_workers=workers, worker_init_fn=leave_signals_to_the_trainer, **kwargs)
 
 
 def eval_batches(split: Split, *, batch: int, rank: int, world_size: int, device: torch.device,

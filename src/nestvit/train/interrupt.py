@@ -119,8 +119,45 @@ class StopRequest:
 
 
 def leave_signals_to_the_trainer(worker_id: int = 0) -> None:
-    """A DataLoader ``worker_init_fn``: the worker leaves the stop signals to the main process (a process group of
-    its own; Ctrl-C ignored, for the instant before)."""
+    """A DataLoader ``worker_init_fn``: the worker leaves the stop signals to the main process. It starts with
+    them blocked (:func:`starting_workers`); here it ignores Ctrl-C, drops a SIGTERM sent to the trainer's
+    group meanwhile, moves to a process group of its own, takes PyTorch's SIGTERM handling back (the DataLoader
+    stops its workers with it) and lets the signals in."""
+    from torch.utils.data._utils.signal_handling import _set_worker_signal_handlers
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # discards a pending one (POSIX)
     with contextlib.suppress(OSError, AttributeError):  # AttributeError: no process groups (Windows)
         os.setpgid(0, 0)
+    _set_worker_signal_handlers()
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+
+
+@contextlib.contextmanager
+def starting_workers():
+    """Block the stop signals while DataLoader workers are forked: a worker is born with them blocked, so that a
+    signal to the trainer's group in its first instant (before :func:`leave_signals_to_the_trainer`) does not
+    end it. The trainer gets a signal sent meanwhile when the block ends."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+@contextlib.contextmanager
+def ignoring_ctrl_c():
+    """Ctrl-C ignored for a moment (the clean-up after a stop: a second Ctrl-C there would replace the
+    :class:`Stopped` that says where the run stands)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old if old is not None else signal.SIG_DFL)

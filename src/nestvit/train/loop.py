@@ -46,7 +46,7 @@ from .distill import classification_loss, teacher_targets
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed, shutdown
 from .hooks import Callback, EmaEvaluation, Plots, TtaEvaluation
 from .inputs import Split, TrainBatches, eval_batches, is_streamed, load_split, normalization, resolve_data
-from .interrupt import Stopped, StopRequest, stopped_at_once
+from .interrupt import Stopped, StopRequest, ignoring_ctrl_c, stopped_at_once
 from .metrics import EvalAccumulator, EvalResult, MetricsLog
 from .optim import (
     LRSchedule,
@@ -410,7 +410,7 @@ class Trainer:
                 batch = next(batches, None)
             except DatasetError as e:  # an unreadable file, between two steps: the steps so far are kept
                 bar.close()
-                raise self.data_error(e, self.train_split) from None
+                raise self.data_error(e) from None
             if batch is None:
                 break
             x, targets = self.augment(*batch, generator=self.aug_gen)
@@ -514,19 +514,20 @@ class Trainer:
                           complete=self.epoch >= self.cfg.epochs or self.time_frac >= 1.0)
         return result
 
-    def data_error(self, e: DatasetError, split: Split) -> DatasetError:
-        """The error of an unreadable file of ``split`` met between steps, naming every unreadable file of the split
-        that a quick scan finds (not the first only), after saving the run's state (one process: saving is
-        collective under DDP, and one rank cannot do it alone)."""
+    def data_error(self, e: DatasetError) -> DatasetError:
+        """The error of an unreadable image met between steps, naming every unreadable file of the run's folders that
+        a quick scan finds (not the first only), after saving the run's state (one process: saving is collective
+        under DDP, and one rank cannot do it alone)."""
         text, files_word = str(e), "file"
-        if split.folder is not None and self.main:
-            files = [path for path, _ in split.folder.samples]
+        folders = [s for s in (self.train_split, self.eval_split) if s.folder is not None]
+        if folders and self.main:  # both splits: a bad file of the other one would stop the run again later
+            files = [path for s in folders for path, _ in s.folder.samples]
             bad, checked = find_unreadable(files)
             scanned = f"all {len(files):,}" if checked == len(files) else f"the first {checked:,} of {len(files):,}"
             if len(bad) > 1:
                 files_word = "files"
-                text += (f". {len(bad)} files of the {split.name} split are unreadable ({scanned} checked): "
-                         f"{listed(bad, 5)}")
+                names = " and ".join(s.name for s in folders)
+                text += f". {len(bad)} files of {names} are unreadable ({scanned} checked): {listed(bad, 5)}"
         if self.step == 0 and self.saved_step is None:
             text += f". Replace the {files_word}, then run the command again (nothing was trained yet)"
         elif self.step == self.saved_step:
@@ -569,7 +570,7 @@ class Trainer:
                 try:
                     self.test = self.evaluate(self.model)
                 except DatasetError as e:  # a bad file of the evaluation split: the epoch's training is kept
-                    raise self.data_error(e, self.eval_split) from None
+                    raise self.data_error(e) from None
                 record.update(test_loss=self.test.loss, test_top1=self.test.top1, test_top5=self.test.top5)
                 self.call("on_evaluate", record)  # counted in the evaluation time the budget reserves
                 self.eval_s = self.elapsed() - t
@@ -924,5 +925,6 @@ def train(cfg: C.TrainConfig, run_dir: str | Path, *, resume: bool = False, devi
         return trainer.fit(stop_after_epochs)
     finally:
         del trainer  # model, optimizer and DDP go before the process group (see distributed.shutdown)
-        shutdown(info)
+        with ignoring_ctrl_c():  # a second Ctrl-C here would replace the Stopped that says where the run is
+            shutdown(info)
         torch.set_num_threads(threads)  # cfg.threads applies to this run only
