@@ -404,7 +404,8 @@ class ModelBase(nn.Module):
     def check_input(self, x: torch.Tensor) -> None:
         """Raise one clear error for input that is not a float tensor, or of a wrong rank, channel count or size."""
         param = next(self.parameters(), None)
-        autocast = isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)  # it casts as it needs
+        autocast = isinstance(x, torch.Tensor) and x.device.type != "meta" \
+            and torch.is_autocast_enabled(x.device.type)  # it casts the input as it needs (meta: no autocast)
         check_images(x, type(self).__name__, self.in_chans, self.img_size,
                      None if param is None or autocast else param.dtype)
 
