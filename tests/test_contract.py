@@ -334,8 +334,10 @@ def test_a_loaded_model_shows_as_one_line(weights):
 def test_the_state_file_of_a_run_is_named_as_one(tmp_path, weights):
     (tmp_path / "config.yaml").write_text("kind: train\n")
     torch.save({"model": {}, "optimizer": {}, "step": 3}, tmp_path / "state.pt")
-    with pytest.raises(ContractError, match=r"state.pt is the run's training state .* give the run folder, "):
+    with pytest.raises(WeightsError, match=r"state.pt is the run's training state .* give the run folder, "):
         load(tmp_path / "state.pt")  # before: "records no model (a timm or torch.save file, not written by nestvit)"
+    with pytest.raises(WeightsError, match=r"state.pt is the run's training state"):  # before: "113 missing ..."
+        nestvit.create_model("nest_tiny_cifar", pretrained=tmp_path / "state.pt", num_classes=5)
 
 
 def test_a_file_without_an_input_transform_says_what_is_assumed(tmp_path, weights):

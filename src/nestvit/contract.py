@@ -500,11 +500,6 @@ def read_contract(path: str | Path, which: str | None = None) -> RunContract:
 
 def no_model_error(weights: Path) -> ContractError:
     """The error for weights that record no model (a timm or ``torch.save`` file), with every way to name it."""
-    from .train.checkpoint import STATE_FILE
-
-    if weights.name == STATE_FILE and (weights.parent / "config.yaml").is_file():  # a nestvit run's own
-        return ContractError(f"{weights} is the run's training state (optimizer, random streams, step), not a model "
-                             f"file: give the run folder, {weights.parent}")
     return ContractError(f"{weights}: records no model (a timm or torch.save file, not written by nestvit); name its "
                          "architecture (`nestvit models`; its size options where they are not the default): training "
                          "--set model.name=NAME --set model.overrides.KEY=VALUE, explain --model NAME --set "

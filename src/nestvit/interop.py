@@ -151,6 +151,11 @@ def read_state_dict(path: str | Path, *, tensors: bool = True) -> tuple[dict[str
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file")
+    from .train.checkpoint import STATE_FILE
+
+    if path.name == STATE_FILE and (path.parent / "config.yaml").is_file():  # a nestvit run's training state
+        raise WeightsError(f"{path} is the run's training state (optimizer, random streams, step), not a model file: "
+                           f"give the run folder, {path.parent}")
     if path.suffix.lower() in (".onnx", ".pt2"):  # an export: a program to run, not weights to load or train on
         raise WeightsError(f"{path} is an export (a program for onnxruntime or torch.export), not a weights file; "
                            f"use the run folder it was exported from ({path.parent}) or its .safetensors weights")
