@@ -288,6 +288,14 @@ def test_read_run_skips_a_torn_log_line(tmp_path):
     assert run["test_top1"] == 90.0 and run["steps"] == 20
 
 
+def test_the_wall_time_of_a_run_resumed_by_an_older_version_counts_every_piece(tmp_path):
+    import torch
+
+    (tmp_path / "summary.json").write_text(json.dumps({"test_top1": 90.0, "wall_s": 40.0}))  # its last piece
+    torch.save({"step": 20, "elapsed_s": 100.0}, tmp_path / "state.pt")
+    assert E._read_run(tmp_path)["wall_s"] == 100.0
+
+
 def _lever_curves():
     import importlib.util
 

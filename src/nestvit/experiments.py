@@ -173,8 +173,14 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
               for rec in records if rec.get("kind") == "epoch"]
     train_s = sum(e["time_s"] or 0 for e in epochs)
     images = sum((e["img_s"] or 0) * (e["time_s"] or 0) for e in epochs)
+    wall = summary.get("wall_s")
+    from .train.checkpoint import STATE_FILE, load_state
+
+    state = run_dir / STATE_FILE
+    if wall is not None and state.is_file():  # summaries before 2026-12-06 counted the last piece of a resumed run
+        wall = max(wall, float(load_state(state).get("elapsed_s") or 0.0))  # every piece's training and evaluation
     return {"test_top1": summary.get("test_top1"), "best_top1": summary.get("best_top1"),
-            "epochs": summary.get("epochs"), "steps": summary.get("steps"), "wall_s": summary.get("wall_s"),
+            "epochs": summary.get("epochs"), "steps": summary.get("steps"), "wall_s": wall,
             "train_s": round(train_s, 1), "train_img_s": images / train_s if train_s > 0 else None,
             "precision": summary.get("precision"),  # absent in runs before precision auto
             "machine": machine_label(summary.get("machine")),  # absent in runs before the thirteenth session
