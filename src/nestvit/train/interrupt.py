@@ -63,7 +63,7 @@ def stopped_at_once(step: int, saved_step: int | None, run_dir: Path, resume: st
 
 
 class StopRequest:
-    """While entered (in the main thread), the first SIGINT or SIGTERM sets :attr:`signal_name` instead of
+    """While entered (in the main thread), the first SIGINT, SIGTERM or SIGHUP sets :attr:`signal_name` instead of
     killing the process; a second SIGINT raises ``KeyboardInterrupt``. The previous handlers come back on exit.
 
     ``announce``: say so on stderr when the request comes (rank 0 does, the other ranks are quiet).
@@ -104,8 +104,7 @@ class StopRequest:
         if self.announce:  # a raw write: the handler may run inside a print of the main flow (a buffered
             # stream's write is not reentrant), and a progress bar's lock may be held
             message = (f"\n{self.signal_name}: stopping after the current step or evaluation, saving the run's state "
-                       "first "
-                       "(Ctrl-C again stops at once and loses the steps since the last checkpoint)\n")
+                       "first (Ctrl-C again stops at once and loses the steps since the last checkpoint)\n")
             with contextlib.suppress(OSError):
                 os.write(2, message.encode())
 
