@@ -163,3 +163,9 @@ def test_every_method_takes_what_nestvit_load_returns_and_refuses_uint8_or_an_ex
         with pytest.raises(TypeError, match=rf"{method.__name__} needs the PyTorch model .* an exported model is "
                                             "explained by nestvit.explain.occlusion"):
             method(export, x)
+
+
+def test_grad_cam_of_a_one_block_class_token_model_says_why_it_has_no_map():
+    model = nestvit.create_model("vit_tiny_patch4_32", depth=1, embed_dim=16, num_heads=1).eval()
+    with pytest.raises(ValueError, match="Grad-CAM has no map to use in this ViT: it classifies from a class token"):
+        grad_cam(model, x_for(model, 1))  # before: "map index [-2] out of range"

@@ -102,6 +102,10 @@ def grad_cam(model: nn.Module, images: torch.Tensor, target=None, layer: int | N
     model = explained(model, images, "grad_cam")
     if layer is None:
         layer = cam_layer_default(model)
+        if layer == -2 and len(getattr(model, "feature_info", None) or [None, None]) < 2:
+            raise ValueError(f"Grad-CAM has no map to use in this {type(model).__name__}: it classifies from a class "
+                             "token, which never reads its last (here: only) block's patch tokens; explain it with "
+                             "occlusion or attention_rollout, or give it two or more blocks")
     _, _, maps, grads = intermediate_gradients(model, images, lambda logits: _single_target(logits, target)[:, None],
                                                only=[layer])
     a, g = maps[0], grads[0][0]
