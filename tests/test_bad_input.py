@@ -194,6 +194,32 @@ def test_a_bad_file_of_the_evaluation_split_keeps_the_trained_epoch(recipe, tmp_
     assert "test top-1" in capsys.readouterr().out
 
 
+def test_a_resume_on_changed_files_says_the_test_images_moved(recipe, tmp_path, capsys):
+    # removing bad files (as the error above asks) shifts a hold-out drawn from the folder: the resume says so
+    data = image_folder(tmp_path / "data", {"train": {"cat": 10, "dog": 10}})
+    run = tmp_path / "run"
+    sets = folder_args(data, "data.eval_split=null")
+    assert main(["train", str(recipe), "--out", str(run), "--epochs", "1", *sets]) == 0
+    from nestvit.train.checkpoint import load_state
+
+    held = {k: v["images"] for k, v in load_state(run)["data_files"].items()}
+    import hashlib
+
+    from nestvit.data.folders import HOLDOUT_SALT
+
+    dogs = sorted((data / "train" / "dog").iterdir(),  # the dog the hold-out takes first (its ranking by hash)
+                  key=lambda f: hashlib.sha256(HOLDOUT_SALT + str(f.relative_to(data / "train")).encode()).digest())
+    dogs[0].unlink()  # a bad file removed: the next-ranked training image moves into the hold-out
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"note: the data changed since the run was saved: train split {held['train']} -> " in out
+    assert f"eval split {held['eval']} -> {held['eval']} images (other files)" in out
+    assert "Its test numbers before and after are not on the same images (a hold-out drawn from the folder" in out
+    assert main(["train", "--resume", str(run), "--epochs", "3"]) == 0
+    assert "the data changed" not in capsys.readouterr().out  # nothing changed since
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_truncated_jpeg_is_one_line_naming_the_file(recipe, tmp_path, capsys, workers):
     data = image_folder(tmp_path / "data", {"train": {"cat": 6, "dog": 6}, "val": {"cat": 2, "dog": 2}}, size=64)

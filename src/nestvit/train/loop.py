@@ -689,8 +689,20 @@ class Trainer:
             "time_budget_s": self.budget_s,
             "budget_spent": self.time_frac >= 1.0,  # with time_budget_s: the run is over (see run_finished)
             "epoch_sums": self.epoch_sums,  # mid-epoch: the sums of its record and of the log window so far
+            "data_files": self._data_files(),  # which images each split held (a resume says if they changed)
         }
         atomic_torch_save(state, self.run_dir / STATE_FILE)
+
+    def _data_files(self) -> dict[str, Any]:
+        """Per split: its image count and, for files on disk, a SHA-256 of their paths."""
+        import hashlib
+
+        out: dict[str, Any] = {}
+        for key, split in (("train", self.train_split), ("eval", self.eval_split)):
+            files = [str(path) for path, _ in split.folder.samples] if split.folder is not None else []
+            out[key] = {"images": len(split), "paths_sha256": hashlib.sha256("\n".join(files).encode()).hexdigest()
+                        if files else None}
+        return out
 
     def _load(self, state: dict[str, Any]) -> None:
         try:
@@ -707,6 +719,16 @@ class Trainer:
         self.spent_before = state.get("elapsed_s", 0.0)
         self.saved_step = self.step
         self.epoch_sums = state.get("epoch_sums")  # a resumed epoch's sums before the checkpoint
+        before, now = state.get("data_files"), self._data_files()
+        changed = [k for k in now if before and k in before and before[k] != now[k]]
+        if changed:  # files replaced are fine; files added or removed also move a hold-out drawn from the folder
+            self.say("note: the data changed since the run was saved: " + "; ".join(
+                f"{k} split {before[k]['images']} -> {now[k]['images']} images"
+                + ("" if before[k]["images"] != now[k]["images"] else " (other files)") for k in changed)
+                + (". Its test numbers before and after are not on the same images"
+                   + (" (a hold-out drawn from the folder moves when files are added or removed)"
+                      if "holdout" in self.eval_split.name else "")
+                   if "eval" in changed else ". Training goes on over the files there now"))
         rngs = state["rng"]
         if len(rngs) == self.info.world_size:
             self.rng_state = rngs[self.info.rank]
