@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import random
@@ -689,9 +690,13 @@ class Trainer:
             "time_budget_s": self.budget_s,
             "budget_spent": self.time_frac >= 1.0,  # with time_budget_s: the run is over (see run_finished)
             "epoch_sums": self.epoch_sums,  # mid-epoch: the sums of its record and of the log window so far
-            "data_files": self._data_files(),  # which images each split held (a resume says if they changed)
+            "data_files": self._files,  # which images each split held (a resume says if they changed)
         }
         atomic_torch_save(state, self.run_dir / STATE_FILE)
+
+    @functools.cached_property
+    def _files(self) -> dict[str, Any]:
+        return self._data_files()
 
     def _data_files(self) -> dict[str, Any]:
         """Per split: its image count and, for files on disk, a SHA-256 of their paths."""
@@ -719,7 +724,7 @@ class Trainer:
         self.spent_before = state.get("elapsed_s", 0.0)
         self.saved_step = self.step
         self.epoch_sums = state.get("epoch_sums")  # a resumed epoch's sums before the checkpoint
-        before, now = state.get("data_files"), self._data_files()
+        before, now = state.get("data_files"), self._files
         changed = [k for k in now if before and k in before and before[k] != now[k]]
         if changed:  # files replaced are fine; files added or removed also move a hold-out drawn from the folder
             self.say("note: the data changed since the run was saved: " + "; ".join(
