@@ -172,7 +172,7 @@ def resolve(name: str, pretrained: Any = True) -> tuple[str, PretrainedFile | No
         from .contract import HUB_PREFIX, resolve_weights
 
         if text.startswith(HUB_PREFIX) or Path(text).expanduser().is_dir():  # a run or save_pretrained folder
-            return model, None, resolve_weights(Path(text).expanduser() if not text.startswith(HUB_PREFIX) else text)
+            return model, None, resolve_weights(text)  # (it expands "~" and fetches hf-hub: ids)
         if os.sep in text or Path(text).suffix in suffixes or Path(text).exists():
             path = Path(text).expanduser()
             if not path.is_file():
