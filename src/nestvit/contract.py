@@ -157,11 +157,13 @@ class InputTransform:
     def read_batch(self, images: Sequence[ImageLike] | ImageLike) -> torch.Tensor:
         """uint8 ``(B, channels, H, W)`` of images (see :meth:`read`; one image: a batch of one; a uint8 tensor
         ``(B, C, H, W)``: its images, each resized)."""
-        one = isinstance(images, (str, Path, torch.Tensor)) or hasattr(images, "__array__") \
-            or not hasattr(images, "__iter__")  # one path (not its characters), array (not its rows) or PIL image
         if isinstance(images, torch.Tensor) and images.ndim == 4:  # a batch: its images
-            one = False
-        images = [images] if one else list(images)  # a generator of paths (Path.glob) too
+            images = list(images)
+        elif isinstance(images, (str, Path, torch.Tensor)) or hasattr(images, "__array__") \
+                or not hasattr(images, "__iter__"):  # one path (not its characters), array (not its rows), PIL image
+            images = [images]
+        else:
+            images = list(images)  # a generator of paths (Path.glob) too
         if len(images) == 0:
             raise ContractError("read_batch: no images given")
         return torch.stack([self.read(p) for p in images])
@@ -353,7 +355,7 @@ def contract_of(model: nn.Module, **fields: Any) -> RunContract | None:
     spec = getattr(model, "registry_spec", None)
     if spec is None:
         return None
-    # pretrained: its input and tag; nestvit.load: the file's input, classes and info
+    # pretrained: its input and tag; nestvit.load: the input and classes its file records
     recorded = {k: spec[k] for k in ("transform", "classes", "info") if spec.get(k) is not None}
     kwargs = dict(spec["kwargs"])
     if head_changed(model):  # reset_classifier since it was built: the recorded class names are not its own
