@@ -144,6 +144,25 @@ def test_a_finished_run_is_reused_only_for_the_same_config(tmp_path):
     assert not changed["read_back"] and any("another config" in m for m in said)
 
 
+def test_a_committed_run_record_is_read_back_without_weights(tmp_path):
+    """A study whose --out is in the repository commits what its .gitignore keeps; a fresh clone reads it back."""
+    ignore = Path(__file__).resolve().parents[1] / "experiments/results/rtnt_paper_fashion_mnist/.gitignore"
+    kept = {line.split("/")[-1] for line in ignore.read_text().splitlines() if line.startswith("!runs/*/")}
+    assert {"config.yaml", "summary.json", "metrics.jsonl"} <= kept
+    args = _args("best_fashion_mnist", tmp_path)
+    arm = E.plan_quick(E.plan_best_fashion_mnist, args).arms[0]
+    arm.recipe.update(epochs=1, threads=1)
+    first = E.run_arm(arm, 0, tmp_path, device="cpu", fresh=False, log=lambda m: None)
+    run_dir = tmp_path / "runs" / "nest-best-s0"
+    for f in run_dir.iterdir():
+        if f.name not in kept:  # weights, state.pt, plots: not committed
+            f.unlink()
+    again = E.run_arm(arm, 0, tmp_path, device="cpu", fresh=False, log=lambda m: None)
+    assert again["read_back"] and not (run_dir / "last.safetensors").exists()
+    assert {k: again[k] for k in ("test_top1", "steps", "curve", "wall_s")} == \
+        {k: first[k] for k in ("test_top1", "steps", "curve", "wall_s")}
+
+
 def test_an_interrupted_run_resumes_and_ends_as_an_uninterrupted_one(tmp_path):
     from nestvit.train.config import TrainConfig, from_dict
     from nestvit.train.loop import train

@@ -3,7 +3,10 @@
     .venv/bin/python experiments/results/publish.py [--runs runs/experiments]
 
 docs/results.md holds ``<!-- BEGIN name -->`` / ``<!-- END name -->`` markers; the text between them is
-replaced by ``runs/experiments/name/results.md`` and the plot is copied to ``docs/img/results_name.png``.
+replaced by ``name/results.md`` and the plot is copied to ``docs/img/results_name.png``. ``name`` is looked
+for in ``--runs`` (the experiments' default output), then in ``experiments/results/``: studies too long to
+run in one sitting write there (``--out experiments/results/name``) and their finished runs' records are
+committed, so the same command on any clone reads them back and trains only the runs still missing.
 Experiments without results keep their text ("not run yet").
 """
 
@@ -27,8 +30,9 @@ def main() -> None:
     doc = Path(a.doc)
     text = doc.read_text()
     for name in re.findall(r"<!-- BEGIN (\w+) -->", text):
-        src = Path(a.runs) / name
-        if not (src / "results.md").is_file():
+        src = next((d for d in (Path(a.runs) / name, ROOT / "experiments" / "results" / name)
+                    if (d / "results.md").is_file()), None)
+        if src is None:
             print(f"{name}: no results, left as it is")
             continue
         table = (src / "results.md").read_text().strip()
