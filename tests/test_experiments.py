@@ -182,19 +182,20 @@ def test_an_interrupted_run_resumes_and_ends_as_an_uninterrupted_one(tmp_path):
     assert resumed["curve"] == whole["curve"]
 
 
-def test_a_stopped_experiment_says_to_run_its_command_again(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("signal_name", "status"), [("Ctrl-C", 130), ("SIGTERM", 143), ("SIGHUP", 129)])
+def test_a_stopped_experiment_says_to_run_its_command_again(tmp_path, monkeypatch, signal_name, status):
     from nestvit.cli import main
     from nestvit.train import Stopped
 
     def stopped(args, log=None):
-        raise Stopped("Ctrl-C", 7, tmp_path / "runs" / "a-s0")
+        raise Stopped(signal_name, 7, tmp_path / "runs" / "a-s0")
 
     monkeypatch.setattr(E, "run_experiment", stopped)
     monkeypatch.setattr("sys.argv", ["nestvit", "experiment", "rtnt_vs_tnt", "--quick", "--out", str(tmp_path)])
     with pytest.raises(Stopped, match=r"at step 7; .*a-s0: continue it with the same command \(nestvit experiment "
                                       r"rtnt_vs_tnt --quick --out .*\)$"):
         E.run(build_parser().parse_args(["experiment", "rtnt_vs_tnt", "--quick", "--out", str(tmp_path)]))
-    assert main(["experiment", "rtnt_vs_tnt", "--quick", "--out", str(tmp_path)]) == 130
+    assert main(["experiment", "rtnt_vs_tnt", "--quick", "--out", str(tmp_path)]) == status  # 128 + signum
 
 
 def test_rtnt_runs_of_the_papers_size_checkpoint_inside_epochs():

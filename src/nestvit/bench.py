@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cli_args import nonnegative_int, parse_sets, positive_int
+from .cli_args import nonnegative_int, parse_sets, positive_int, size_arg
 from .fileio import atomic_write_text
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -73,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "trained models (their architecture, read from the run contract)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="model config override, e.g. --set attn=mha (repeatable; values parsed as YAML)")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="default: cpu, also on a GPU machine (pass --device cuda)")
     parser.add_argument("--batch", type=positive_int, default=None,
                         help="images per step (default: 64 up to 64x64 pixels, else 8)")
     parser.add_argument("--img-size", default=None, metavar="H[,W]", help="input size (default: the model's)")
@@ -104,7 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generators", action="store_true",
                         help="also time the NesT, TransGAN-like and conv generators side by side "
                              "(nestvit.generate.bench) at --gen-sizes")
-    parser.add_argument("--gen-sizes", type=int, nargs="+", default=[32, 64], metavar="PX",
+    parser.add_argument("--gen-sizes", type=size_arg, nargs="+", default=[32, 64], metavar="PX",
                         help="--generators: output sizes, among 28 32 64 tiny (default 32 64)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write every result and setting as JSON")
     parser.add_argument("--markdown", action="store_true", help="print the table as GitHub markdown")

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         _close_progress_bars()
         if os.environ.get("RANK", "0") == "0":  # torchrun: every rank stopped at the same step; one says so
             print(f"nestvit {args.command}: {e}" if str(e) else "interrupted", file=sys.stderr)
-        return 143 if getattr(e, "signal_name", None) == "SIGTERM" else 130  # the shells' 128 + signal number
+        return {"SIGTERM": 143, "SIGHUP": 129}.get(getattr(e, "signal_name", None), 130)  # the shells' 128 + signum
     except BrokenPipeError as e:
         if _stdout_reader_gone():  # `nestvit models | head`: the reader has what it wanted; be quiet
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit

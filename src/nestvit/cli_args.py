@@ -202,3 +202,8 @@ def note_weights_of_a_file(checkpoint: str | Path, weights: str | None) -> None:
         print(f"note: --weights {weights} chooses among a run folder's weights; {checkpoint} is one file, used as "
               "given", file=sys.stderr)
 
+
+
+def size_arg(text: str) -> int | str:
+    """A generator size argument: pixels (``32``) or a preset's name (``tiny``); ``check_sizes`` judges it."""
+    return int(text) if text.isdigit() else text

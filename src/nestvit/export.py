@@ -34,7 +34,8 @@ FORMATS = {"onnx": ".onnx", "pt2": ".pt2"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a run directory (classifier or GAN) or a weights file written by nestvit")
+    parser.add_argument("checkpoint", help="a run directory (classifier or GAN), a save_pretrained folder (or "
+                             "hf-hub:org/name, exported into the current folder), or a weights file written by nestvit")
     parser.add_argument("--format", choices=list(FORMATS), default=None,
                         help="onnx or pt2 (default: the --out file's suffix, else onnx)")
     parser.add_argument("--out", type=Path, help="output file (default: model.onnx / model.pt2, a GAN run: "

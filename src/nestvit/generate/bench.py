@@ -190,10 +190,10 @@ def _main(argv: list[str] | None = None) -> int:
     import json
     import platform
 
-    from ..cli_args import nonnegative_int, positive_int
+    from ..cli_args import nonnegative_int, positive_int, size_arg
 
     p = argparse.ArgumentParser(prog="python -m nestvit.generate.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", type=positive_int, nargs="+", default=[32, 64])
+    p.add_argument("--sizes", type=size_arg, nargs="+", default=[32, 64])
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--train-batch-size", type=positive_int, default=None)

@@ -29,8 +29,9 @@ PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 TtaMode = Literal["none", "flip", "shift", "flip-shift"]  # nestvit.data.augment.TTA_MODES
 
 # Keys a recipe cannot set because they are derived: the augmentation normalises with data.mean/std.
-DERIVED_KEYS = {"aug.mean": "data.mean (None: measured on the training images)",
-                "aug.std": "data.std (None: measured on the training images)"}
+_MEASURED = ("None: measured on in-memory training images, ImageNet's for image folders and shards, or what "
+             "model.weights learnt")
+DERIVED_KEYS = {"aug.mean": f"data.mean ({_MEASURED})", "aug.std": f"data.std ({_MEASURED})"}
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,9 @@ class DataSection:
     # it is evaluated (always with no split folders); fixed by a hash of each file's path, the same in every run
     holdout: float = 0.1
     classes: str | None = None  # imagefolder / webdataset: a text file of class names, one a line (fixes the order)
-    mean: tuple[float, ...] | None = None  # per-channel normalisation; None: measured on the training images
+    # per-channel normalisation; None: measured on in-memory training images, ImageNet's for image folders and
+    # shards (greyscale: its channel mean), or the normalisation model.weights learnt
+    mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     resize_to: int | None = None  # resize in-memory images to resize_to x resize_to first (bilinear, antialiased)
     pad_to: int | None = None  # zero-pad in-memory images to pad_to x pad_to (e.g. 28 -> 32 for CIFAR models)
