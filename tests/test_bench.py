@@ -126,6 +126,10 @@ def test_parsers():
     assert bench.parse_img_size("32,64") == (32, 64)
     assert bench.parse_img_size(None) is None
     assert bench.default_batch((32, 32)) == 64 and bench.default_batch((224, 224)) == 8
+    from nestvit.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "nest_tiny_cifar", "--generators", "--gen-sizes", "tiny", "32"])
+    assert args.gen_sizes == ["tiny", 32]  # a preset's name, as its --help says, or pixels
 
 
 # --------------------------------------------------------------------------------------------------
