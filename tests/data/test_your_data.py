@@ -566,6 +566,11 @@ def test_train_eval_predict_on_class_folders(tmp_path, recipe, capsys):
     assert main(["eval", str(run), "--data", str(strangers)]) == 2
     err = capsys.readouterr().err
     assert "none of the class folders" in err and "(tulip)" in err and "model's classes (daisy, rose)" in err
+    listed = tmp_path / "strangers.csv"  # a CSV whose labels are none of them (numbers for names)
+    listed.write_text("path,label\nstrangers/tulip/0.png,0\n")
+    assert main(["eval", str(run), "--data", str(listed)]) == 2
+    err = capsys.readouterr().err
+    assert "none of the labels" in err and "(0)" in err and "label the rows with the class names" in err
     # the ONNX export beside the run reads the run's data as the run does
     assert main(["export", str(run)]) == 0 and main(["eval", str(run / "model.onnx")]) == 0
     assert "imagefolder:holdout (2 images)" in capsys.readouterr().out

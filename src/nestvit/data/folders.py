@@ -322,6 +322,11 @@ def load_images(root: str | Path | None, split: str, *, train_split: str = "trai
                      and base == (train_split if layout.split_folders else "train"))
     if layout.kind in ("csv", "csv-splits"):
         samples, found, keys, unlisted = _csv_samples(layout, base, names, fixed)
+        if not samples and unlisted and classes is not None:  # another model's classes
+            raise DatasetError(f"imagefolder: none of the labels of {layout.root} ({', '.join(unlisted[:5])}"
+                               f"{', ...' if len(unlisted) > 5 else ''}) is one of the model's classes "
+                               f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); label the rows with "
+                               "the class names it was trained on")
         ds = ImageListDataset(samples, found, root=layout.root, size=size, crop_scale=crop_scale, channels=channels)
         ds.unlisted = unlisted
     else:
