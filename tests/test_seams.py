@@ -248,6 +248,19 @@ def test_grey_image_folders_train_a_grey_model_and_finetune_keeps_its_normalisat
                  "--set", "data.pad_to=null", "--set", "data.channels=3", *common,
                  "--out", str(tmp_path / "forced")]) == 0
     assert nestvit.load(tmp_path / "forced").transform.channels == 3
+    # fine-tuning with the same classes in another order (a class list): the head follows the names
+    from nestvit.train.config import ModelSection
+    from nestvit.train.runs import build_model
+
+    run = tmp_path / "scratch_L"
+    trained = nestvit.load(run).model.state_dict()
+    for classes, flipped in ((["b", "a"], True), (["a", "b"], False), (["x", "y"], False)):
+        model, _ = build_model(ModelSection(name=None, weights=str(run)), num_classes=2, in_chans=1, img_size=32,
+                               classes=classes)
+        head = model.state_dict()["head.weight"]
+        assert torch.equal(head, trained["head.weight"].flip(0) if flipped else trained["head.weight"])
+        assert ("reordered" in " ".join(model.adapt_notes)) == flipped
+        assert ("kept row by row" in " ".join(model.adapt_notes)) == (classes == ["x", "y"])
 
 
 def test_a_relative_weights_path_of_an_older_run_names_the_fix_on_resume(tmp_path, monkeypatch):

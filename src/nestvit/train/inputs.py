@@ -265,8 +265,8 @@ def load_split(cfg: DataSection, split: str | None, device: torch.device, *, cla
                               else data.labels, dtype=torch.int64)
         folder = data if isinstance(data, ImageListDataset) else None
         return Split(name=f"{cfg.name}:{split}", labels=labels, classes=list(data.classes), channels=cfg.channels,
-                     size=(cfg.img_size, cfg.img_size), folder=folder, stream=data if folder is None else None, notes=notes,
-                     about=data.description)
+                     size=(cfg.img_size, cfg.img_size), folder=folder, stream=data if folder is None else None,
+                     notes=notes, about=data.description)
     ds = load_dataset(cfg.name, root=cfg.root, split=split, download=cfg.download)
     images, labels = ds.images, ds.labels
     if limit is not None:

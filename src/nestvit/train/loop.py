@@ -176,7 +176,8 @@ class Trainer:
 
         # model, EMA, teacher
         self.model, self.model_kwargs = _build(cfg.model, "model.overrides", num_classes=self.num_classes,
-                                               in_chans=self.train_split.channels, img_size=self.train_split.size)
+                                               in_chans=self.train_split.channels, img_size=self.train_split.size,
+                                               classes=self.classes)
         self.model_name = self.model.registry_spec["model"]  # model.name, or the weights' (fine-tuning)
         self.model.to(self.device)
         self.ema = ModelEMA(self.model, cfg.ema.decay) if cfg.ema.decay > 0 else None

@@ -7,8 +7,11 @@ to evaluate, predict or explain from a weights file copied out of its run direct
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..contract import InputTransform, RunContract
@@ -18,7 +21,8 @@ from .config import DataSection, ModelSection
 
 
 def build_model(section: ModelSection, *, num_classes: int, in_chans: int, img_size: tuple[int, int] | int,
-                adapt: bool = True, key: str = "model.overrides") -> tuple[nn.Module, dict[str, Any]]:
+                adapt: bool = True, key: str = "model.overrides", classes: Sequence[str] | None = None
+                ) -> tuple[nn.Module, dict[str, Any]]:
     """``(model, keyword arguments it was built with)``; ``section.overrides`` (the config's ``key``) may not
     contradict the data's class count, channels and size: the model is built for the data.
 
@@ -26,6 +30,8 @@ def build_model(section: ModelSection, *, num_classes: int, in_chans: int, img_s
     image size and channel count (``nestvit.adapt``; what changed is in ``model.adapt_notes``); ``section.name`` None
     takes the architecture from the weights' run contract (fine-tuning a trained run). ``section.weights`` may
     be a published tag (``nest_tiny_224.jx_in1k``, ``nestvit.pretrained``): downloaded once, then adapted.
+    ``classes`` (the data's class names): a head kept from weights whose run named its classes follows the names
+    (:func:`follow_class_names`).
     """
     from ..contract import ContractError, read_contract, resolve_weights
     from ..interop import load_weights
@@ -73,9 +79,41 @@ def build_model(section: ModelSection, *, num_classes: int, in_chans: int, img_s
         model.adapt_notes = load_pretrained(model, published)
     elif weights is not None:
         load_weights(model, weights, adapt=adapt, notes=model.adapt_notes)
+        if adapt and classes is not None:
+            follow_class_names(model, weights, list(classes))
     if section.grad_checkpointing:
         model.set_grad_checkpointing(True)  # a runtime setting: kwargs (what is saved) stay as they are
     return model, kwargs
+
+
+def follow_class_names(model: nn.Module, weights: str | Path, classes: list[str]) -> None:
+    """A head kept from ``weights`` (the same class count) follows the class names its run recorded.
+
+    The same classes in another order (a class list, other folder names' sorting) get their head rows
+    reordered to ``classes``; other names keep the rows by position and a note says so. Files that record no
+    classes (timm's, published weights) keep their rows, as they are.
+    """
+    from ..adapt import HEADS
+    from ..contract import ContractError, read_contract
+
+    try:
+        had = list(read_contract(weights).classes or ())
+    except ContractError:
+        return
+    if len(had) != len(classes) or had == classes:
+        return
+    shown = ", ".join(had[:5]) + (", ..." if len(had) > 5 else "")
+    if sorted(had) != sorted(classes):
+        model.adapt_notes.append(f"head: kept row by row, though the weights' classes ({shown}) are not this "
+                                 "data's: class k starts from the weights' class k")
+        return
+    order = torch.tensor([had.index(c) for c in classes])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith(HEADS) and p.shape[0] == len(classes):
+                p.copy_(p[order])
+    model.adapt_notes.append(f"head: rows reordered to this data's class order (the weights had the same classes, "
+                             f"ordered {shown})")
 
 
 def input_transform(data: DataSection, *, channels: int, size: tuple[int, int],
