@@ -138,8 +138,7 @@ def test_a_split_that_does_not_exist_is_one_error_listing_those_that_do(tmp_path
     root = tmp_path / "data"
     class_folders(root / "train", {"a": 3, "b": 3})
     class_folders(root / "val", {"a": 1, "b": 1})
-    with pytest.raises(DatasetError, match=r"data.train_split='fit' does not exist in .*; it has: train, val, "
-                                           "holdout$"):
+    with pytest.raises(DatasetError, match=r"data.train_split='fit' does not exist in .*; it has: train, val$"):
         load_split(section(root, train_split="fit"), "fit", CPU)
     flat = class_folders(tmp_path / "flat", {"a": 3, "b": 3})
     with pytest.raises(DatasetError, match="it has: train, holdout .class folders root/<class>/. has no split"):
@@ -504,6 +503,19 @@ def test_a_relative_data_root_is_recorded_absolute(tmp_path, recipe, capsys, mon
     assert main(["train", "--resume", "work/run", "--epochs", "2"]) == 0
     with pytest.raises(DatasetError, match=r"photos does not exist \(a relative path, read from the current folder"):
         find_layout("photos")
+
+
+def test_a_run_that_trained_on_all_of_its_train_split_has_no_holdout_to_evaluate(tmp_path, recipe, capsys):
+    root = tmp_path / "data"
+    class_folders(root / "Train", {"a": 6, "b": 6})
+    class_folders(root / "Val", {"a": 2, "b": 2})
+    assert main(["train", str(recipe), "--out", str(tmp_path / "run"), "--set", f"data.root={root}",
+                 "--set", "epochs=1"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--split", "holdout"]) == 2  # its hold-out would be trained images
+    assert ("trained on all of " + str(root) + "'s Train split (it was evaluated on Val), so it held no images out; "
+            "evaluate --split Val") in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "run"), "--split", "val"]) == 0
 
 
 def test_train_eval_predict_on_class_folders(tmp_path, recipe, capsys):

@@ -164,7 +164,7 @@ def default_eval_split(layout: Layout, train_split: str, holdout: float, *, name
 
 def check_split(layout: Layout, split: str, holdout: float, *, key: str, name: str = "imagefolder") -> None:
     """One ``DatasetError`` naming the splits there are, if ``split`` is not one of them."""
-    available = layout.available(holdout)
+    available = [s for s in layout.available(holdout) if s != HOLDOUT or key != "data.train_split"]
     if split not in available:
         share = ", the hold-out a share of them" if holdout > 0 else ""
         hint = "" if layout.split_folders else \

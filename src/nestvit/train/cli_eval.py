@@ -130,10 +130,16 @@ def evaluate_one(args: argparse.Namespace, checkpoint: str, out: Path | None) ->
             split = eval_split_of(layout, "train") or split_folder(layout, "train")
         section = dataclasses.replace(section, holdout=0.0, eval_split=split)
     if args.split is not None and name == "imagefolder":  # a split that is not there: said with the flag's name
-        from ..data.folders import check_split, find_layout, split_folder
+        from ..data.folders import HOLDOUT, check_split, find_layout, split_folder
 
         layout = find_layout(root, section.train_split)
         check_split(layout, split_folder(layout, args.split), section.holdout, key="--split")
+        if split_folder(layout, args.split) == HOLDOUT and layout.split_folders and same is not None \
+                and same.eval_split != HOLDOUT:  # the run trained on every image of its train split
+            trained = split_folder(layout, section.train_split)
+            raise ValueError(f"--split {HOLDOUT}: {loaded.weights} trained on all of {root}'s {trained} split (it "
+                             f"was evaluated on {same.eval_split}), so it held no images out; evaluate --split "
+                             f"{same.eval_split}, or train with data.eval_split={HOLDOUT} to keep a hold-out")
     if isinstance(loaded.model, OnnxModel) and args.precision != "fp32":
         raise ValueError(f"--precision {args.precision}: {loaded.weights} is an ONNX file; onnxruntime runs it in "
                          "float32 as exported")
