@@ -501,6 +501,12 @@ def test_a_relative_data_root_is_recorded_absolute(tmp_path, recipe, capsys, mon
     assert main(["eval", "work/run", "--data", "work/photos"]) == 0  # the run's own folder: its hold-out again
     assert "imagefolder:holdout (2 images)" in capsys.readouterr().out
     assert main(["train", "--resume", "work/run", "--epochs", "2"]) == 0
+    (tmp_path / "work" / "photos").rename(tmp_path / "moved")  # the data moved: --root alone is the run's data there
+    assert main(["eval", "work/run"]) == 2
+    assert "nestvit eval RUN --root NEW_PATH" in capsys.readouterr().err
+    assert main(["eval", "work/run", "--root", "moved"]) == 0
+    assert "imagefolder:holdout (2 images)" in capsys.readouterr().out
+    (tmp_path / "moved").rename(tmp_path / "work" / "photos")
     with pytest.raises(DatasetError, match=r"photos does not exist \(a relative path, read from the current folder"):
         find_layout("photos")
 

@@ -115,7 +115,8 @@ def find_layout(root: str | Path | None, train_split: str = "train", *, name: st
         return Layout(path, "csv-splits", tuple(splits)) if splits else Layout(path, "csv", ("train",))
     if not path.exists():
         where = (f" (a relative path, read from the current folder {Path.cwd()})" if not path.is_absolute() else
-                 " (moved? a run reads its data from where it was: --set data.root=NEW_PATH)")
+                 " (moved? a run reads its data from where it was: nestvit train --resume RUN --set "
+                 "data.root=NEW_PATH, nestvit eval RUN --root NEW_PATH)")
         raise DatasetError(f"{name}: {path} does not exist{where}; data.root must be {LAYOUTS}")
     if not path.is_dir():
         raise DatasetError(f"{name}: {path} is neither a folder nor a CSV file; data.root must be {LAYOUTS}")

@@ -34,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "each evaluated, then a table of all")
     parser.add_argument("--data", help="data set name, or a folder or CSV file of your images (as --data imagefolder "
                                        "--root PATH); default: the one the run trained on")
-    parser.add_argument("--root", help="data directory (default: the run's data.root, else the default root)")
+    parser.add_argument("--root", help="data directory (default: the run's data.root, else the default root); "
+                                       "without --data: the run's own data moved there, its splits, hold-out and "
+                                       "class order kept")
     parser.add_argument("--split", default=None, help="split to evaluate (default: the run's eval split, e.g. its "
                              "holdout; else the data's test split; another image folder's val or test split, else "
                              "all of it)")
@@ -113,8 +115,10 @@ def evaluate_one(args: argparse.Namespace, checkpoint: str, out: Path | None) ->
         raise ValueError(f"{loaded.weights} does not say which data set it was trained on; pass --data NAME (or a "
                          "folder of your images)")
     # the run's own data (its splits, hold-out and class order) when this is the same data set in the same place
+    # (--root alone: the run's data, moved there)
     same = run_data if run_data is not None and name == run_data.name and (
-        root is None or run_data.root is None or Path(root).resolve() == Path(run_data.root).resolve()) else None
+        root is None or run_data.root is None or args.data is None
+        or Path(root).resolve() == Path(run_data.root).resolve()) else None
     split = args.split or (same.eval_split if same is not None else None)  # None: the data's evaluation split
     root = root or (same.root if same is not None else None)
     if name in ("imagefolder", "webdataset") and root is None:
