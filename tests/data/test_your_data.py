@@ -153,8 +153,9 @@ def test_a_split_that_does_not_exist_is_one_error_listing_those_that_do(tmp_path
 
 def test_layout_errors_are_one_line_each(tmp_path):
     cases = {
-        tmp_path / "missing": r"does not exist \(moved\? a run reads its data from where it was: --set "
-                               r"data.root=NEW_PATH\); data.root must be root/<class>/",
+        tmp_path / "missing": r"does not exist \(moved\? a run reads its data from where it was: nestvit train "
+                               r"--resume RUN --set data.root=NEW_PATH, nestvit eval RUN --root NEW_PATH\); data.root "
+                               "must be root/<class>/",
         write_image(tmp_path / "one.png", 1): "is a file but not a .csv",
         tmp_path / "empty": "has no class folders; expected",
         tmp_path / "loose": "it holds images directly: put each class's images in a folder of its own",
