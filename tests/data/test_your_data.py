@@ -87,6 +87,21 @@ def test_class_folders_get_a_fixed_per_class_holdout(tmp_path):
     assert quarter.labels.bincount().tolist() == [3, 5, 1]
 
 
+def test_every_usual_image_extension_is_read(tmp_path):
+    from nestvit.data.datasets import class_images, decode_image
+
+    folder = tmp_path
+    for i, (name, fmt) in enumerate([("a.JPG", "JPEG"), ("b.jfif", "JPEG"), ("c.jpe", "JPEG"), ("d.avif", "AVIF"),
+                                     ("e.TIF", "TIFF"), ("f.pnm", "PPM"), ("notes.txt", None)]):
+        if fmt is None:
+            (folder / name).write_text("not an image")
+        else:
+            Image.fromarray(np.full((8, 8, 3), 10 * i, np.uint8)).save(folder / name, format=fmt)
+    found = class_images(folder)
+    assert [p.name for p in found] == ["a.JPG", "b.jfif", "c.jpe", "d.avif", "e.TIF", "f.pnm"]
+    assert all(decode_image(p, size=8).shape == (3, 8, 8) for p in found)
+
+
 def test_holdout_rule():
     assert [holdout_count(n, 0.1) for n in (0, 1, 2, 5, 10, 14, 15, 100)] == [0, 0, 1, 1, 1, 1, 2, 10]
     assert holdout_count(3, 0.9) == 2 and holdout_count(50, 0.0) == 0  # never a whole class; 0 = none

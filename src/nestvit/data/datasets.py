@@ -709,7 +709,9 @@ def load_dataset(
 
 # --------------------------------------------------------------------------- image folders
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# the image files Pillow reads, as cameras, phones and the web name them (any case)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".avif",
+                    ".ppm", ".pgm", ".pbm", ".pnm")
 
 
 def random_crop_box(w: int, h: int, crop_scale: tuple[float, float]) -> tuple[int, int, int, int] | None:
