@@ -229,6 +229,9 @@ def test_a_csv_of_path_and_label(tmp_path):
     # no header is fine too
     (tmp_path / "bare.csv").write_text("imgs/0.png,dog\nimgs/1.png,cat\nimgs/2.png,dog\nimgs/3.png,cat\n")
     assert len(load_split(section(tmp_path / "bare.csv", holdout=0.0, eval_split="train"), "train", CPU)) == 4
+    # written on Windows: backslash separators
+    (tmp_path / "windows.csv").write_text("imgs\\0.png,dog\r\nimgs\\1.png,cat\r\n")
+    assert [w for w, *_ in read_labels_csv(tmp_path / "windows.csv")] == ["imgs/0.png", "imgs/1.png"]
 
 
 def test_a_csv_with_a_split_column(tmp_path):
@@ -266,6 +269,8 @@ def test_a_csv_with_a_split_column(tmp_path):
     ("path,label,split\nimgs/0.png,dog\n", "line 2: expected 3 fields path,label,split"),
     ("imgs/0.png,dog\n\nimgs/0.png,cat\n", "line 3: imgs/0.png is listed twice .first on line 1."),
     ("imgs/0.png,dog\nimgs/1.png,emu\n", r"1 row\(s\) have a label that is not in the class list: imgs/1.png \(emu\)"),
+    ("filename,class\nimgs/0.png,dog\nimgs/1.png,cat\n", r"its first line \(filename,class\) looks like a header; a "
+                                                         "header must be path,label or path,label,split"),
 ])
 def test_a_bad_csv_is_one_error(tmp_path, text, message):
     for i in range(2):

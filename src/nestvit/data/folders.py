@@ -248,6 +248,12 @@ def _labels_table(path: Path) -> list[tuple[int, list[str]]]:
     return rows
 
 
+def _listed_file(csv_file: Path, written: str) -> Path:
+    """The file a CSV row names: absolute, or relative to the CSV's folder."""
+    file = Path(written).expanduser()
+    return file if file.is_absolute() else csv_file.parent / file
+
+
 def read_labels_csv(path: str | Path) -> list[tuple[str, Path, str, str | None]]:
     """The rows ``(path as written, file, label, split or None)`` of a CSV of ``path,label[,split]``; one
     ``DatasetError`` for an unreadable or empty table, a malformed row, a file listed twice, or listed files that
@@ -260,14 +266,19 @@ def read_labels_csv(path: str | Path) -> list[tuple[str, Path, str, str | None]]
             raise DatasetError(f"imagefolder: {path}, line {line}: {written} is listed twice (first on line "
                                f"{first[written]}); give each image one row")
         first[written] = line
-        file = Path(written).expanduser()
-        file = file if file.is_absolute() else path.parent / file
+        file = _listed_file(path, written)
+        if "\\" in written and not file.is_file() and _listed_file(path, written.replace("\\", "/")).is_file():
+            written = written.replace("\\", "/")  # written on Windows: its separators
+            file = _listed_file(path, written)
         if not file.is_file():
             missing.append(written)
         rows.append((written, file, label, split))
     if not rows:
         raise DatasetError(f"imagefolder: {path} has no rows; expected lines of path,label or path,label,split "
                            f"(paths relative to {path.parent})")
+    if missing == [rows[0][0]] and len(rows) > 1 and Path(missing[0]).suffix.lower() not in IMAGE_EXTENSIONS:
+        raise DatasetError(f"imagefolder: {path}: its first line ({rows[0][0]},{rows[0][2]}) looks "
+                           "like a header; a header must be path,label or path,label,split (or leave it out)")
     if missing:
         raise DatasetError(f"imagefolder: {path}: {len(missing)} listed file(s) do not exist: {listed(missing)} "
                            f"(paths are relative to the CSV's folder, {path.parent})")
