@@ -127,3 +127,17 @@ def test_model_flags_without_metadata_and_random_weights(tmp_path, images, capsy
     check_png(tmp_path / "o2" / "dog_cam.png")
     assert "random weights" in capsys.readouterr().err
     assert main(["explain", str(images[1]), "--out", str(tmp_path / "o3")]) == 2  # neither checkpoint nor --model
+
+
+def test_the_class_to_explain_by_name_or_index():
+    from nestvit.explain.cli import class_index
+
+    names = ["blue sky", "café", "10", "2"]  # numbers sorted as text: the name wins over the index
+    assert class_index("café", names, 4) == 1 and class_index("2", names, 4) == 3 and class_index("1", names, 4) == 1
+    assert class_index("3", None, 4) == 3
+    with pytest.raises(ValueError, match=r"--class tulip: give a class name or an index in 0..3; its classes: blue "
+                                         "sky, café, 10, 2"):
+        class_index("tulip", names, 4)
+    with pytest.raises(ValueError, match=r"--class 4: give a class name or an index in 0..3$"):
+        class_index("4", None, 4)
+

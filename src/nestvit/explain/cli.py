@@ -41,6 +41,16 @@ METHODS = ("gradcat", "cam", "gradcam", "rollout", "occlusion")
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
+def class_index(given: str | int, names: list[str] | None, num_classes: int) -> int:
+    """``--class``: a class name (first), else an output index in ``0..num_classes - 1``."""
+    if names and str(given) in names:
+        return names.index(str(given))
+    if str(given).lstrip("-").isdigit() and 0 <= int(given) < num_classes:
+        return int(given)
+    shown = (f"; its classes: {', '.join(names[:20])}{', ...' if len(names) > 20 else ''}" if names else "")
+    raise ValueError(f"--class {given}: give a class name or an index in 0..{num_classes - 1}{shown}")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="CHECKPOINT|IMAGE",
                    help="a checkpoint (a run folder, a save_pretrained folder or hf-hub:org/name, a "
@@ -51,8 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="gradcat (NesT only), cam (NesT: head weights x final map), gradcam (any model), "
                         "rollout (ViT, TNT, RTNT attention rollout), occlusion (any model: probability drop "
                         "when a window is hidden); default gradcat")
-    p.add_argument("--class", dest="target", type=int, default=None,
-                   help="explain this class instead of the prediction")
+    p.add_argument("--class", dest="target", default=None, metavar="CLASS",
+                   help="explain this class instead of the prediction: its name, or its output index")
     p.add_argument("--top-k", type=positive_int, default=1,
                    help="explain the top-k predicted classes (gradcat) and show k bars (default 1; at least 5 bars "
                         "are shown)")
@@ -169,8 +179,8 @@ def run(args: argparse.Namespace) -> int:
                              "classes; give one name per line for each, in the order of its outputs")
     else:
         names = list(loaded.contract.classes) if loaded.contract.classes is not None else None
-    if args.target is not None and not 0 <= args.target < model.num_classes:
-        raise ValueError(f"--class must lie in 0..{model.num_classes - 1}")
+    if args.target is not None:
+        args.target = class_index(args.target, names, model.num_classes)
 
     stems = output_stems(image_paths)
     n_bars = min(max(args.top_k, 5), model.num_classes)
