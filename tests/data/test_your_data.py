@@ -304,6 +304,20 @@ def test_class_list_for_folders(tmp_path):
         load_images(root, "train", classes_file=tmp_path / "blank.txt", size=8)
     with pytest.raises(DatasetError, match="data.classes: .*nope.txt does not exist"):
         load_images(root, "train", classes_file=tmp_path / "nope.txt", size=8)
+    (tmp_path / "more.txt").write_text("dog\ncat\nemu\n")  # a class of the list without a folder
+    with pytest.raises(DatasetError, match=r"class emu of the class list \(data.classes\) has no folder in .*pets; "
+                                           "add a folder of images for it or remove it from the class list"):
+        load_split(section(root, classes=str(tmp_path / "more.txt")), "train", CPU)
+    import unicodedata  # macOS writes folder names decomposed: the class "café" is still the folder "café"
+
+    decomposed = unicodedata.normalize("NFD", "café")
+    (root / "dog").rename(root / decomposed)
+    (tmp_path / "accents.txt").write_text("café\ncat\n")
+    ds = load_images(root, "train", classes_file=tmp_path / "accents.txt", holdout=0.0, size=8)
+    assert ds.counts == [4, 4] and ds.unlisted == []
+    trained = load_images(root, "train", holdout=0.0, size=8)  # trained on the decomposed name, evaluated on "café"
+    (root / decomposed).rename(root / "café")
+    assert load_images(root, "train", classes=trained.classes, holdout=0.0, size=8).counts == [4, 4]
 
 
 # ------------------------------------------------------------------------------------------- defaults

@@ -22,6 +22,7 @@ import os
 import pickle
 import re
 import tarfile
+import unicodedata
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -936,11 +937,13 @@ class ImageFolderDataset(ImageListDataset):
         names = list(classes) if classes is not None else found
         if not names:
             raise DatasetError(f"imagefolder: {folder} has no class sub-directories")
+        on_disk = {same_name(f): f for f in found}  # a name typed on one system matches its folder on another
         samples = []
         for label, cls in enumerate(names):
-            samples += [(p, label) for p in class_images(folder / cls, extensions)]
+            samples += [(p, label) for p in class_images(folder / on_disk.get(same_name(cls), cls), extensions)]
+        wanted = {same_name(n) for n in names}
         if not samples:
-            if classes is not None and found and not set(found) & set(names):  # another model's classes
+            if classes is not None and found and not set(on_disk) & wanted:  # another model's classes
                 raise DatasetError(f"imagefolder: none of the class folders of {folder} ({', '.join(found[:5])}"
                                    f"{', ...' if len(found) > 5 else ''}) is one of the model's classes "
                                    f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); name the folders "
@@ -949,10 +952,16 @@ class ImageFolderDataset(ImageListDataset):
             raise DatasetError(f"imagefolder: no images ({', '.join(exts)}) under {folder}/<class>/")
         super().__init__(samples, names, root=folder, size=size, resize_size=resize_size, transform=transform,
                          crop_scale=crop_scale, channels=channels)
-        self.unlisted = sorted(set(found) - set(names))
+        self.unlisted = sorted(f for f in found if same_name(f) not in wanted)
 
 
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")  # Pillow modes of single-channel images
+
+
+def same_name(name: str) -> str:
+    """``name`` in Unicode's composed form (NFC): a class name as macOS writes it (decomposed, "e" + accent)
+    and as Linux and Windows do ("é") compare equal."""
+    return unicodedata.normalize("NFC", name)
 
 
 def image_channels(paths: Sequence[Path], *, most: int = 64) -> int:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import listed
-from .datasets import IMAGE_EXTENSIONS, DatasetError, ImageFolderDataset, ImageListDataset
+from .datasets import IMAGE_EXTENSIONS, DatasetError, ImageFolderDataset, ImageListDataset, same_name
 
 __all__ = [
     "HOLDOUT",
@@ -292,14 +292,14 @@ def _csv_samples(layout: Layout, split: str, names: list[str] | None, fixed: boo
     rows = [(w, f, label) for w, f, label, s in read_labels_csv(layout.root) if s is None or s == split]
     found = sorted({label for _, _, label in rows})
     classes = names if names is not None else found
-    index = {c: k for k, c in enumerate(classes)}
-    unknown = [(w, label) for w, _, label in rows if label not in index]
+    index = {same_name(c): k for k, c in enumerate(classes)}
+    unknown = [(w, label) for w, _, label in rows if same_name(label) not in index]
     if unknown and fixed:
         shown = ", ".join(f"{w} ({label})" for w, label in unknown[:3])
         raise DatasetError(f"imagefolder: {layout.root}: {len(unknown)} row(s) have a label that is not in the class "
                            f"list: {shown}; the classes are: {', '.join(classes)}")
-    kept = [(w, f, label) for w, f, label in rows if label in index]
-    samples = [(f, index[label]) for _, f, label in kept]
+    kept = [(w, f, label) for w, f, label in rows if same_name(label) in index]
+    samples = [(f, index[same_name(label)]) for _, f, label in kept]
     keys = [Path(w).as_posix() for w, _, _ in kept]
     return samples, classes, keys, sorted({label for _, label in unknown})
 

@@ -300,6 +300,12 @@ def _class_notes(data: ImageListDataset | ShardSet, split: str, *, training: boo
                            f"tell apart{inside}")
     what = ("class director" + ("ies" if len(empty) > 1 else "y")) if folders else \
         ("class" + ("es" if len(empty) > 1 else ""))
+    absent = [c for c in empty if folders and not (data.root / c).is_dir()]
+    if absent and training:  # named by data.classes only
+        es, have, them = ("es", "have", "them") if len(absent) > 1 else ("", "has", "it")
+        raise DatasetError(f"imagefolder: class{es} {', '.join(absent)} of the class list (data.classes) {have} no "
+                           f"folder in {data.root}; add a folder of images for {them} or remove {them} from the "
+                           "class list")
     if empty and training:
         raise DatasetError(f"{'imagefolder' if isinstance(data, ImageListDataset) else 'webdataset'}: {what} "
                            f"{', '.join(empty)} of {data.root} {'have' if len(empty) > 1 else 'has'} no images; a "
