@@ -479,7 +479,7 @@ def test_bad_shards_are_one_error_each(tmp_path, monkeypatch):
     (tmp_path / "two.txt").write_text("a\nb\n")
     cases = [
         (shard_section(tmp_path / "bad"), "x.tar: not a readable tar shard"),
-        (shard_section(tmp_path / "nolabel"), r"sample 'lonely' has no a label \(.cls\) \(found .png\)"),
+        (shard_section(tmp_path / "nolabel"), r"sample 'lonely' lacks a label \(.cls\) \(found .png\)"),
         (shard_section(tmp_path / "none"), r"no tar shards \(.tar, .tar.gz, .tgz\) in"),
         (shard_section(tmp_path / "mixed"), "holds both shards and split folders of shards"),
         (shard_section(tmp_path / "ints", classes=str(tmp_path / "two.txt")), "label.s. 2 of the .cls files are not"),

@@ -117,7 +117,7 @@ def scan_shard(path: Path) -> list[tuple[str, str]]:
         if not current["image"] or current["label"] is None:
             lacks = " and ".join(w for w, ok in (("an image (.jpg, .png, ...)", current["image"]),
                                                 ("a label (.cls)", current["label"] is not None)) if not ok)
-            raise DatasetError(f"webdataset: {path}: sample {key!r} has no {lacks} (found "
+            raise DatasetError(f"webdataset: {path}: sample {key!r} lacks {lacks} (found "
                                f"{', '.join('.' + s for s in found)}); a sample is files sharing a name: key.jpg + "
                                "key.cls")
         samples.append((key, current["label"]))

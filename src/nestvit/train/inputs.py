@@ -231,8 +231,9 @@ def load_split(cfg: DataSection, split: str | None, device: torch.device, *, cla
                          "the model's)")
     if not streamed and cfg.root is not None and cfg.name != "synthetic" \
             and not (Path(cfg.root).expanduser() / cfg.name).exists() and holds_image_folders(cfg.root):
-        raise ValueError(f"data.root={cfg.root} holds image files in folders, but data.name={cfg.name} is a built-in "
-                         f"data set that does not read them; for your own images set data.name=imagefolder"
+        what = "a built-in data set that does not read them" if cfg.name in DATASETS else "no data set nestvit knows"
+        raise ValueError(f"data.root={cfg.root} holds image files in folders, but data.name={cfg.name} is {what}; "
+                         "for your own images set data.name=imagefolder"
                          + (" (and data.pad_to=null)" if cfg.pad_to is not None else ""))
     if not streamed and cfg.channels is not None and cfg.name != "synthetic":
         raise ValueError(f"data.channels applies to image folders and shards; {cfg.name} images have their own "
