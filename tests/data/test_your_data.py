@@ -304,6 +304,10 @@ def test_class_list_for_folders(tmp_path):
         load_images(root, "train", classes_file=tmp_path / "blank.txt", size=8)
     with pytest.raises(DatasetError, match="data.classes: .*nope.txt does not exist"):
         load_images(root, "train", classes_file=tmp_path / "nope.txt", size=8)
+    numbered = class_folders(tmp_path / "numbered", {"1": 5, "2": 5, "10": 5})
+    assert load_split(section(numbered, holdout=0.0, eval_split="train"), "train", CPU).notes == [
+        "note: the class names are numbers, sorted as text (as torchvision's ImageFolder sorts them): outputs 0, 1, "
+        "2, ... are classes 1, 10, 2; a class list (data.classes, one name a line) fixes another order"]
     (tmp_path / "more.txt").write_text("dog\ncat\nemu\n")  # a class of the list without a folder
     with pytest.raises(DatasetError, match=r"class emu of the class list \(data.classes\) has no folder in .*pets; "
                                            "add a folder of images for it or remove it from the class list"):

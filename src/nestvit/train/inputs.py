@@ -322,6 +322,12 @@ def _class_notes(data: ImageListDataset | ShardSet, split: str, *, training: boo
         if differ:
             notes.append(f"warning: the {split} split of {data.root}: its classes differ from the training split's: "
                          f"{'; '.join(differ)}; {fix}")
+    numbers = [c for c in data.classes if c.isdigit()]
+    if training and len(numbers) == len(data.classes) and numbers != sorted(numbers, key=int) \
+            and isinstance(data, ImageListDataset):  # shards number integer labels themselves
+        notes.append(f"note: the class names are numbers, sorted as text (as torchvision's ImageFolder sorts them): "
+                     f"outputs 0, 1, 2, ... are classes {', '.join(numbers[:6])}{', ...' if len(numbers) > 6 else ''}"
+                     "; a class list (data.classes, one name a line) fixes another order")
     few = [f"{c} ({n})" for c, n in counts.items() if 0 < n < FEW_IMAGES]
     if few and training:
         notes.append(f"warning: {data.root}: class(es) with fewer than {FEW_IMAGES} images: "
