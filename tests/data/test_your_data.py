@@ -102,6 +102,17 @@ def test_every_usual_image_extension_is_read(tmp_path):
     assert all(decode_image(p, size=8).shape == (3, 8, 8) for p in found)
 
 
+def test_images_the_layout_leaves_out_are_warned_about(tmp_path):
+    root = class_folders(tmp_path / "pets", {"cat": 5, "dog": 5})
+    write_image(root / "unsorted.png", 1)
+    notes = load_split(section(root), "train", CPU).notes
+    assert any("pets: 1 image file(s) lie directly in it (unsorted.png), in no class folder" in n for n in notes)
+    split = class_folders(tmp_path / "split" / "train", {"cat": 5, "dog": 5}).parent
+    write_image(split / "val" / "0.png", 1)  # a val folder of loose images: not a split
+    notes = load_split(section(split), "train", CPU).notes
+    assert any("split/val holds images but no class folders, so it is not a split" in n for n in notes)
+
+
 def test_holdout_rule():
     assert [holdout_count(n, 0.1) for n in (0, 1, 2, 5, 10, 14, 15, 100)] == [0, 0, 1, 1, 1, 1, 2, 10]
     assert holdout_count(3, 0.9) == 2 and holdout_count(50, 0.0) == 0  # never a whole class; 0 = none

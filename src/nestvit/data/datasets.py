@@ -883,6 +883,7 @@ class ImageListDataset(Dataset):
         self.counts: list[int] = np.bincount([label for _, label in self.samples],
                                              minlength=len(self.classes)).tolist()
         self.unlisted: list[str] = []  # classes found in the source but not in ``classes`` (their images skipped)
+        self.stray: list[str] = []  # warnings for image files the folder layout leaves out
         self.description = ""  # which images these are (nestvit.data.folders: the layout, the hold-out)
 
     def __len__(self) -> int:

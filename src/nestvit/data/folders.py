@@ -103,6 +103,26 @@ def _subdirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def stray_images(layout: Layout, split: str) -> list[str]:
+    """Warnings for image files a folder layout does not use: loose in the class folders' root, or in a folder
+    named as a split (``val/*.jpg``) that has no class folders, so it is no split."""
+    if layout.kind not in ("classes", "splits"):
+        return []
+    notes = []
+    folder = layout.root / split if layout.kind == "splits" else layout.root
+    exts = set(IMAGE_EXTENSIONS)
+    loose = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in exts and p.is_file())
+    if loose:
+        notes.append(f"warning: {folder}: {len(loose)} image file(s) lie directly in it ({', '.join(loose[:3])}"
+                     f"{', ...' if len(loose) > 3 else ''}), in no class folder, so they are not used; move each "
+                     "into its class's folder")
+    for d in _subdirs(layout.root):
+        if d.name.lower() in SPLIT_NAMES and d.name not in layout.splits and _has_images(d):
+            notes.append(f"warning: {d} holds images but no class folders, so it is not a split and is not used; "
+                         f"put its images in {d.name}/<class>/ folders")
+    return notes
+
+
 def find_layout(root: str | Path | None, train_split: str = "train", *, name: str = "imagefolder") -> Layout:
     """The layout of ``root`` (see the module docstring), or one ``DatasetError`` saying what was expected."""
     if root is None:
@@ -349,6 +369,8 @@ def load_images(root: str | Path | None, split: str, *, train_split: str = "trai
             raise DatasetError(f"imagefolder: class folder(s) {', '.join(ds.unlisted)} of {folder} are not in the "
                                f"class list {classes_file}; add them to it or move them out of {folder}")
         keys = [p.relative_to(folder).as_posix() for p, _ in ds.samples]
+    if classes is None:  # the training split: what the layout leaves out is said once
+        ds.stray = stray_images(layout, base)
     where = f"{layout.root} ({layout.describe()})"
     if not split_holdout:
         ds.description = f"{where}: {split} = {len(ds)} images"

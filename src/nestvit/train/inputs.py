@@ -322,6 +322,8 @@ def _class_notes(data: ImageListDataset | ShardSet, split: str, *, training: boo
         if differ:
             notes.append(f"warning: the {split} split of {data.root}: its classes differ from the training split's: "
                          f"{'; '.join(differ)}; {fix}")
+    if training:
+        notes += getattr(data, "stray", [])
     numbers = [c for c in data.classes if c.isdigit()]
     if training and len(numbers) == len(data.classes) and numbers != sorted(numbers, key=int) \
             and isinstance(data, ImageListDataset):  # shards number integer labels themselves
