@@ -84,7 +84,8 @@ def main_(argv: list[str] | None = None) -> int:
     for k, v in contract.kwargs.items():
         if k not in ("num_classes", "in_chans", "img_size"):
             arch += ["--set", f"model.overrides.{k}={json.dumps(v)}"]
-    common = ["train", "finetune", "--set", f"data.root={data}", "--set", "data.workers=0", "--set", "progress=false"]
+    common = ["train", "finetune", "--set", f"data.root={data}", "--set", "data.img_size=64", "--set",
+              "data.workers=0", "--set", "progress=false"]
     arms = {"finetune (Fashion-MNIST weights)": ["--set", f"model.weights={pre}"],
             "scratch, lr 5e-4": arch,
             "scratch, lr 2e-3": [*arch, "--set", "optim.lr=2e-3"]}
