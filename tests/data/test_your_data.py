@@ -684,6 +684,12 @@ def test_train_on_shards_end_to_end(tmp_path, recipe, capsys):
     assert "22 train / 2 holdout samples in 2 shard(s)" in out and "2 steps/epoch" in out
     assert main(["eval", str(run)]) == 0
     assert "webdataset:holdout (2 images)" in capsys.readouterr().out
+    # a folder of shards as --data: the run's own (its hold-out), or another one, all of it
+    assert main(["eval", str(run), "--data", str(tmp_path / "shards")]) == 0
+    assert "webdataset:holdout (2 images)" in capsys.readouterr().out
+    write_shards(tmp_path / "more", shards=1, per_shard=6, labels=lambda n: ["dark", "light"][n >= 3])
+    assert main(["eval", str(run), "--data", str(tmp_path / "more")]) == 0
+    assert "webdataset:train (6 images)" in capsys.readouterr().out
 
 
 def test_a_bad_folder_through_the_command_line_is_one_line(tmp_path, recipe, capsys):

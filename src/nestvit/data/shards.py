@@ -75,6 +75,15 @@ def _shards(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if _is_shard(p))
 
 
+def holds_shards(root: str | Path) -> bool:
+    """Whether ``root`` is a tar shard, or a folder of them (or of split folders of them)."""
+    path = Path(root).expanduser()
+    if path.is_file():
+        return _is_shard(path)
+    return path.is_dir() and (bool(_shards(path)) or any(
+        _shards(d) for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")))
+
+
 def find_shard_layout(root: str | Path | None) -> tuple[Layout, dict[str, list[Path]]]:
     """``(layout, shards of each split)`` of ``root``, or one ``DatasetError`` saying what was expected."""
     if root is None:

@@ -125,12 +125,13 @@ def evaluate_one(args: argparse.Namespace, checkpoint: str, out: Path | None) ->
         raise ValueError(f"{loaded.weights}: which {name} to evaluate on? pass --data FOLDER (or --data {name} "
                          "--root PATH)")
     section = eval_section(name, root, transform, same)
-    if same is None and name == "imagefolder":
+    if same is None and name in ("imagefolder", "webdataset"):
         # another folder of images than the run's: all of it is evaluation data (its val or test split if it has one)
         from ..data.folders import eval_split_of, find_layout, split_folder
+        from ..data.shards import find_shard_layout
 
         if split is None:
-            layout = find_layout(root, "train")
+            layout = find_layout(root, "train") if name == "imagefolder" else find_shard_layout(root)[0]
             split = eval_split_of(layout, "train") or split_folder(layout, "train")
         section = dataclasses.replace(section, holdout=0.0, eval_split=split)
     if args.split is not None and name == "imagefolder":  # a split that is not there: said with the flag's name
@@ -202,7 +203,9 @@ def data_and_root(data: str | None, root: str | None) -> tuple[str | None, str |
                          "file of images")
     if root is not None and Path(root).resolve() != Path(data).resolve():
         raise ValueError(f"--data {data} is a folder of images and --root {root} another; give one of them")
-    return "imagefolder", data
+    from ..data.shards import holds_shards
+
+    return ("webdataset" if holds_shards(data) else "imagefolder"), data
 
 
 def eval_section(name: str, root: str | None, transform: InputTransform, run: DataSection | None = None
