@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "written by nestvit, or an .onnx file of nestvit export (run by onnxruntime); several: "
                              "each evaluated, then a table of all")
     parser.add_argument("--data", help="data set name, or a folder or CSV file of your images (as --data imagefolder "
-                                       "--root PATH); default: the one the run trained on")
+                                       "--root PATH; a folder of tar shards: webdataset); default: the one the "
+                                       "run trained on")
     parser.add_argument("--root", help="data directory (default: the run's data.root, else the default root); "
                                        "without --data: the run's own data moved there, its splits, hold-out and "
                                        "class order kept")
