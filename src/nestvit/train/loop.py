@@ -162,6 +162,7 @@ class Trainer:
                 is_streamed(cfg.data.name):
             cfg = C.replace(cfg, data={"channels": 3})  # runs before data.channels decoded every file to RGB
         cfg = absolute_weights(cfg, resume=resume)
+        self.channels_given = cfg.data.channels is not None  # else read from the files' headers
         d = resolve_data(cfg.data, cfg.model)  # image size from the model, the eval split from what exists
         self.train_split = load_split(d, d.train_split, self.device, limit=d.limit_train)
         self.eval_split = load_split(d, d.eval_split, self.device, classes=self.train_split.classes,
@@ -292,8 +293,8 @@ class Trainer:
             self.say(warning)
         for note in ([f"data: {tr.about}"] if tr.about else []) + tr.notes + ev.notes:
             self.say(note)
-        grey = " (greyscale files: one channel; data.channels=3 for RGB)" if tr.folder is not None and \
-            tr.channels == 1 else ""
+        grey = "" if tr.folder is None or tr.channels != 1 else " (data.channels=1)" if self.channels_given else \
+            " (greyscale files: one channel; data.channels=3 for RGB)"
         self.say(f"data: {cfg.data.name} {len(tr)} train / {len(ev)} {cfg.data.eval_split} images of "
                  f"{tr.channels}x{tr.size[0]}x{tr.size[1]}{grey}, {self.num_classes} classes "
                  f"({listed(self.classes, 8)}); normalised with mean {cfg.data.mean} std {cfg.data.std}")
