@@ -206,4 +206,4 @@ def note_weights_of_a_file(checkpoint: str | Path, weights: str | None) -> None:
 
 def size_arg(text: str) -> int | str:
     """A generator size argument: pixels (``32``) or a preset's name (``tiny``); ``check_sizes`` judges it."""
-    return int(text) if text.isdigit() else text
+    return int(text) if text.isascii() and text.isdecimal() else text

@@ -111,6 +111,14 @@ def test_images_the_layout_leaves_out_are_warned_about(tmp_path):
     write_image(split / "val" / "0.png", 1)  # a val folder of loose images: not a split
     notes = load_split(section(split), "train", CPU).notes
     assert any("split/val holds images but no class folders, so it is not a split" in n for n in notes)
+    flat = class_folders(tmp_path / "flat", {"cat": 5, "dog": 5, "val": 5})  # class folders: val is a class
+    notes = load_split(section(flat), "train", CPU).notes
+    assert any("val/ is read as a class named 'val'; if it is a split" in n for n in notes)
+    import unicodedata
+
+    twins = class_folders(tmp_path / "twins", {"café": 2, unicodedata.normalize("NFD", "café"): 2, "tea": 2})
+    with pytest.raises(DatasetError, match="differ only in their Unicode form .* merge them into one folder"):
+        load_split(section(twins), "train", CPU)
 
 
 def test_holdout_rule():
@@ -243,6 +251,15 @@ def test_a_csv_of_path_and_label(tmp_path):
     # written on Windows: backslash separators
     (tmp_path / "windows.csv").write_text("imgs\\0.png,dog\r\nimgs\\1.png,cat\r\n")
     assert [w for w, *_ in read_labels_csv(tmp_path / "windows.csv")] == ["imgs/0.png", "imgs/1.png"]
+    (tmp_path / "both.csv").write_text("imgs\\0.png,dog\nimgs/0.png,dog\n")
+    with pytest.raises(DatasetError, match="line 2: imgs/0.png is listed twice"):
+        read_labels_csv(tmp_path / "both.csv")
+    (tmp_path / "drive.csv").write_text("C:\\photos\\0.png,dog\nimgs/1.png,cat\n")
+    with pytest.raises(DatasetError, match="Windows paths with a drive letter: write them relative to the CSV's"):
+        read_labels_csv(tmp_path / "drive.csv")
+    (tmp_path / "header.csv").write_text("filename,class\nimgs/0.png,dog\nimgs/gone.png,cat\n")
+    with pytest.raises(DatasetError, match="2 listed file.s. do not exist: .*its first line looks like a header"):
+        read_labels_csv(tmp_path / "header.csv")
 
 
 def test_a_csv_with_a_split_column(tmp_path):
@@ -551,6 +568,9 @@ def test_a_relative_data_root_is_recorded_absolute(tmp_path, recipe, capsys, mon
     assert main(["eval", "work/run", "--data", "work/photos"]) == 0  # the run's own folder: its hold-out again
     assert "imagefolder:holdout (2 images)" in capsys.readouterr().out
     assert main(["train", "--resume", "work/run", "--epochs", "2"]) == 0
+    shutil.copytree(tmp_path / "work" / "photos", tmp_path / "copy")  # the run's data still there: other data
+    assert main(["eval", "work/run", "--root", "copy"]) == 0
+    assert "imagefolder:train (12 images)" in capsys.readouterr().out
     (tmp_path / "work" / "photos").rename(tmp_path / "moved")  # the data moved: --root alone is the run's data there
     assert main(["eval", "work/run"]) == 2
     assert "nestvit eval RUN --root NEW_PATH" in capsys.readouterr().err
@@ -690,6 +710,14 @@ def test_train_on_shards_end_to_end(tmp_path, recipe, capsys):
     write_shards(tmp_path / "more", shards=1, per_shard=6, labels=lambda n: ["dark", "light"][n >= 3])
     assert main(["eval", str(run), "--data", str(tmp_path / "more")]) == 0
     assert "webdataset:train (6 images)" in capsys.readouterr().out
+    # split folders of shards: the run trains on all of train, so it has no hold-out to evaluate
+    write_shards(tmp_path / "split" / "train", shards=1, per_shard=12, labels=lambda n: ["dark", "light"][n >= 6])
+    write_shards(tmp_path / "split" / "val", shards=1, per_shard=4, labels=lambda n: ["dark", "light"][n >= 2])
+    assert main(["train", str(recipe), "--out", str(tmp_path / "split_run"), "--set", "data.name=webdataset",
+                 "--set", f"data.root={tmp_path / 'split'}", "--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "split_run"), "--split", "holdout"]) == 2
+    assert "so it held no images out; evaluate --split val" in capsys.readouterr().err
 
 
 def test_a_bad_folder_through_the_command_line_is_one_line(tmp_path, recipe, capsys):

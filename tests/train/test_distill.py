@@ -103,3 +103,10 @@ def test_the_teacher_comes_from_its_weights_and_is_checked_against_the_data(tmp_
     with pytest.raises(ValueError, match=r"distill.teacher_weights .* has 5 classes \(a, b, c, d, e\); the student's "
                                          r"data has 10"):
         train(make_config("epochs=1", f"distill.teacher_weights={weights}"), tmp_path / "s3")
+    # the data's classes in another order: the teacher's head rows follow the names
+    reordered = save_weights(create_model("convnet", **c.kwargs), tmp_path / "rev" / "best.safetensors",
+                             contract=RunContract(model="convnet", kwargs=c.kwargs, classes=tuple(c.classes[::-1]),
+                                                  transform=c.transform))
+    capsys.readouterr()
+    train(make_config("epochs=1", f"distill.teacher_weights={reordered}"), tmp_path / "s4")
+    assert "distill.teacher_weights: head: rows reordered to this data's class order" in capsys.readouterr().out

@@ -935,10 +935,18 @@ class ImageFolderDataset(ImageListDataset):
                 f"imagefolder: {folder} is not a directory; expected root/<split>/<class>/*.jpg"
             )
         found = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        spellings: dict[str, list[str]] = {}  # a name typed on one system matches its folder on another
+        for f in found:
+            spellings.setdefault(same_name(f), []).append(f)
+        twins = next((s for s in spellings.values() if len(s) > 1), None)
+        if twins:
+            raise DatasetError(f"imagefolder: {folder} has class folders whose names differ only in their Unicode "
+                               f"form ({' and '.join(map(ascii, twins))}): merge them into one folder")
+        on_disk = {name: s[0] for name, s in spellings.items()}
+        found = sorted(on_disk)  # class names in composed form, whatever the file system wrote
         names = list(classes) if classes is not None else found
         if not names:
             raise DatasetError(f"imagefolder: {folder} has no class sub-directories")
-        on_disk = {same_name(f): f for f in found}  # a name typed on one system matches its folder on another
         samples = []
         for label, cls in enumerate(names):
             samples += [(p, label) for p in class_images(folder / on_disk.get(same_name(cls), cls), extensions)]

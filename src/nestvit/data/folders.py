@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,17 +110,21 @@ def stray_images(layout: Layout, split: str) -> list[str]:
     if layout.kind not in ("classes", "splits"):
         return []
     notes = []
-    folder = layout.root / split if layout.kind == "splits" else layout.root
     exts = set(IMAGE_EXTENSIONS)
-    loose = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in exts and p.is_file())
-    if loose:
-        notes.append(f"warning: {folder}: {len(loose)} image file(s) lie directly in it ({', '.join(loose[:3])}"
-                     f"{', ...' if len(loose) > 3 else ''}), in no class folder, so they are not used; move each "
-                     "into its class's folder")
+    for folder in (layout.root, layout.root / split) if layout.kind == "splits" else (layout.root,):
+        loose = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in exts and p.is_file())
+        if loose:
+            notes.append(f"warning: {folder}: {len(loose)} image file(s) lie directly in it ({', '.join(loose[:3])}"
+                         f"{', ...' if len(loose) > 3 else ''}), in no class folder, so they are not used; move "
+                         "each into its class's folder")
     for d in _subdirs(layout.root):
-        if d.name.lower() in SPLIT_NAMES and d.name not in layout.splits and _has_images(d):
+        if layout.kind == "splits" and d.name.lower() in SPLIT_NAMES and d.name not in layout.splits \
+                and _has_images(d):
             notes.append(f"warning: {d} holds images but no class folders, so it is not a split and is not used; "
                          f"put its images in {d.name}/<class>/ folders")
+        elif layout.kind == "classes" and d.name.lower() in SPLIT_NAMES:
+            notes.append(f"warning: {d.name}/ is read as a class named {d.name!r}; if it is a split, put the "
+                         f"training images in {layout.root}/train/<class>/ and these in {d}/<class>/")
     return notes
 
 
@@ -282,26 +287,32 @@ def read_labels_csv(path: str | Path) -> list[tuple[str, Path, str, str | None]]
     rows, first, missing = [], {}, []
     for line, row in _labels_table(path):
         written, label, split = row[0], row[1], (row[2] if len(row) == 3 else None)
+        if "\\" in written and not _listed_file(path, written).is_file() \
+                and _listed_file(path, written.replace("\\", "/")).is_file():
+            written = written.replace("\\", "/")  # written on Windows: its separators
         if written in first:
             raise DatasetError(f"imagefolder: {path}, line {line}: {written} is listed twice (first on line "
                                f"{first[written]}); give each image one row")
         first[written] = line
         file = _listed_file(path, written)
-        if "\\" in written and not file.is_file() and _listed_file(path, written.replace("\\", "/")).is_file():
-            written = written.replace("\\", "/")  # written on Windows: its separators
-            file = _listed_file(path, written)
         if not file.is_file():
             missing.append(written)
         rows.append((written, file, label, split))
     if not rows:
         raise DatasetError(f"imagefolder: {path} has no rows; expected lines of path,label or path,label,split "
                            f"(paths relative to {path.parent})")
-    if missing == [rows[0][0]] and len(rows) > 1 and Path(missing[0]).suffix.lower() not in IMAGE_EXTENSIONS:
-        raise DatasetError(f"imagefolder: {path}: its first line ({rows[0][0]},{rows[0][2]}) looks "
-                           "like a header; a header must be path,label or path,label,split (or leave it out)")
     if missing:
+        header = rows[0][0] in missing and len(rows) > 1 and Path(rows[0][0]).suffix.lower() not in IMAGE_EXTENSIONS
+        if header and missing == [rows[0][0]]:
+            raise DatasetError(f"imagefolder: {path}: its first line ({rows[0][0]},{rows[0][2]}) looks like a header; "
+                               "a header must be path,label or path,label,split (or leave it out)")
+        drive = any(re.match(r"[A-Za-z]:[\\/]", w) for w in missing)
         raise DatasetError(f"imagefolder: {path}: {len(missing)} listed file(s) do not exist: {listed(missing)} "
-                           f"(paths are relative to the CSV's folder, {path.parent})")
+                           f"(paths are relative to the CSV's folder, {path.parent}"
+                           + ("; Windows paths with a drive letter: write them relative to the CSV's folder"
+                              if drive else "")
+                           + ("; its first line looks like a header: a header must be path,label[,split]"
+                              if header else "") + ")")
     return rows
 
 
@@ -320,7 +331,7 @@ def _csv_samples(layout: Layout, split: str, names: list[str] | None, fixed: boo
                            f"list: {shown}; the classes are: {', '.join(classes)}")
     kept = [(w, f, label) for w, f, label in rows if same_name(label) in index]
     samples = [(f, index[same_name(label)]) for _, f, label in kept]
-    keys = [Path(w).as_posix() for w, _, _ in kept]
+    keys = [same_name(Path(w).as_posix()) for w, _, _ in kept]
     return samples, classes, keys, sorted({label for _, label in unknown})
 
 
@@ -368,7 +379,7 @@ def load_images(root: str | Path | None, split: str, *, train_split: str = "trai
         if fixed and ds.unlisted:
             raise DatasetError(f"imagefolder: class folder(s) {', '.join(ds.unlisted)} of {folder} are not in the "
                                f"class list {classes_file}; add them to it or move them out of {folder}")
-        keys = [p.relative_to(folder).as_posix() for p, _ in ds.samples]
+        keys = [same_name(p.relative_to(folder).as_posix()) for p, _ in ds.samples]
     if classes is None:  # the training split: what the layout leaves out is said once
         ds.stray = stray_images(layout, base)
     where = f"{layout.root} ({layout.describe()})"

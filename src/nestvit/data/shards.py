@@ -46,7 +46,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..fileio import atomic_write_text, cache_home
 from .datasets import IMAGE_EXTENSIONS, DatasetError, decode_image, random_crop_box
-from .folders import HOLDOUT, Layout, check_split, holdout_mask, read_classes_file
+from .folders import HOLDOUT, SPLIT_NAMES, Layout, check_split, holdout_mask, read_classes_file
 
 __all__ = ["SHUFFLE_BUFFER", "ShardEpoch", "ShardPass", "ShardSet", "find_shard_layout", "load_shards", "scan_shard",
            "scan_shard_indexed", "shard_index_dir"]
@@ -80,8 +80,10 @@ def holds_shards(root: str | Path) -> bool:
     path = Path(root).expanduser()
     if path.is_file():
         return _is_shard(path)
-    return path.is_dir() and (bool(_shards(path)) or any(
-        _shards(d) for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")))
+    if not path.is_dir():
+        return False
+    splits = (d for d in path.iterdir() if d.is_dir() and d.name.lower() in SPLIT_NAMES)
+    return any(_is_shard(p) for p in path.iterdir()) or any(any(_is_shard(p) for p in d.iterdir()) for d in splits)
 
 
 def find_shard_layout(root: str | Path | None) -> tuple[Layout, dict[str, list[Path]]]:

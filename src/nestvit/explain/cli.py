@@ -43,9 +43,12 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 def class_index(given: str | int, names: list[str] | None, num_classes: int) -> int:
     """``--class``: a class name (first), else an output index in ``0..num_classes - 1``."""
-    if names and str(given) in names:
-        return names.index(str(given))
-    if str(given).lstrip("-").isdigit() and 0 <= int(given) < num_classes:
+    from ..data.datasets import same_name
+
+    composed = [same_name(n) for n in names or []]
+    if same_name(str(given)) in composed:
+        return composed.index(same_name(str(given)))
+    if str(given).isascii() and str(given).isdecimal() and int(given) < num_classes:
         return int(given)
     shown = (f"; its classes: {', '.join(names[:20])}{', ...' if len(names) > 20 else ''}" if names else "")
     raise ValueError(f"--class {given}: give a class name or an index in 0..{num_classes - 1}{shown}")

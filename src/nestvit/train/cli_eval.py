@@ -36,8 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                        "--root PATH; a folder of tar shards: webdataset); default: the one the "
                                        "run trained on")
     parser.add_argument("--root", help="data directory (default: the run's data.root, else the default root); "
-                                       "without --data: the run's own data moved there, its splits, hold-out and "
-                                       "class order kept")
+                                       "without --data, when the run's data.root is gone: the run's own data moved "
+                                       "there, its splits, hold-out and class order kept")
     parser.add_argument("--split", default=None, help="split to evaluate (default: the run's eval split, e.g. its "
                              "holdout; else the data's test split; another image folder's val or test split, else "
                              "all of it)")
@@ -116,9 +116,11 @@ def evaluate_one(args: argparse.Namespace, checkpoint: str, out: Path | None) ->
         raise ValueError(f"{loaded.weights} does not say which data set it was trained on; pass --data NAME (or a "
                          "folder of your images)")
     # the run's own data (its splits, hold-out and class order) when this is the same data set in the same place
-    # (--root alone: the run's data, moved there)
+    # (--root alone where the run's data is gone: the run's data, moved there)
+    moved = args.data is None and run_data is not None and run_data.root is not None \
+        and not Path(run_data.root).exists()
     same = run_data if run_data is not None and name == run_data.name and (
-        root is None or run_data.root is None or args.data is None
+        root is None or run_data.root is None or moved
         or Path(root).resolve() == Path(run_data.root).resolve()) else None
     split = args.split or (same.eval_split if same is not None else None)  # None: the data's evaluation split
     root = root or (same.root if same is not None else None)
@@ -135,11 +137,12 @@ def evaluate_one(args: argparse.Namespace, checkpoint: str, out: Path | None) ->
             layout = find_layout(root, "train") if name == "imagefolder" else find_shard_layout(root)[0]
             split = eval_split_of(layout, "train") or split_folder(layout, "train")
         section = dataclasses.replace(section, holdout=0.0, eval_split=split)
-    if args.split is not None and name == "imagefolder":  # a split that is not there: said with the flag's name
+    if args.split is not None and name in ("imagefolder", "webdataset"):  # said with the flag's name
         from ..data.folders import HOLDOUT, check_split, find_layout, split_folder
+        from ..data.shards import find_shard_layout
 
-        layout = find_layout(root, section.train_split)
-        check_split(layout, split_folder(layout, args.split), section.holdout, key="--split")
+        layout = find_layout(root, section.train_split) if name == "imagefolder" else find_shard_layout(root)[0]
+        check_split(layout, split_folder(layout, args.split), section.holdout, key="--split", name=name)
         if split_folder(layout, args.split) == HOLDOUT and layout.split_folders and same is not None \
                 and same.eval_split != HOLDOUT:  # the run trained on every image of its train split
             trained = split_folder(layout, section.train_split)

@@ -33,7 +33,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data.datasets import DATASETS, DatasetError, ImageListDataset, load_dataset, pixel_moments, resize_images
+from ..data.datasets import (
+    DATASETS,
+    DatasetError,
+    ImageListDataset,
+    load_dataset,
+    pixel_moments,
+    resize_images,
+    same_name,
+)
 from ..data.folders import HOLDOUT, default_eval_split, find_layout, holds_image_folders, load_images
 from ..data.shards import ShardEpoch, ShardPass, ShardSet, find_shard_layout, load_shards
 from .config import ConfigError, DataSection, ModelSection
@@ -301,7 +309,8 @@ def _class_notes(data: ImageListDataset | ShardSet, split: str, *, training: boo
                            f"tell apart{inside}")
     what = ("class director" + ("ies" if len(empty) > 1 else "y")) if folders else \
         ("class" + ("es" if len(empty) > 1 else ""))
-    absent = [c for c in empty if folders and not (data.root / c).is_dir()]
+    present = {same_name(p.name) for p in data.root.iterdir() if p.is_dir()} if folders and empty else set()
+    absent = [c for c in empty if folders and same_name(c) not in present]
     if absent and training:  # named by data.classes only
         es, have, them = ("es", "have", "them") if len(absent) > 1 else ("", "has", "it")
         raise DatasetError(f"imagefolder: class{es} {', '.join(absent)} of the class list (data.classes) {have} no "
@@ -324,7 +333,7 @@ def _class_notes(data: ImageListDataset | ShardSet, split: str, *, training: boo
                          f"{'; '.join(differ)}; {fix}")
     if training:
         notes += getattr(data, "stray", [])
-    numbers = [c for c in data.classes if c.isdigit()]
+    numbers = [c for c in data.classes if c.isdecimal() and c.isascii()]
     if training and len(numbers) == len(data.classes) and numbers != sorted(numbers, key=int) \
             and isinstance(data, ImageListDataset):  # shards number integer labels themselves
         notes.append(f"note: the class names are numbers, sorted as text (as torchvision's ImageFolder sorts them): "

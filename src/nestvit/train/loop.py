@@ -194,7 +194,9 @@ class Trainer:
                                      weights=cfg.distill.teacher_weights)
             self.teacher, _ = _build(section, "distill.teacher_overrides", num_classes=self.num_classes,
                                      in_chans=self.train_split.channels, img_size=self.train_split.size,
-                                     adapt=False)  # a teacher must fit as it is: a new head would teach noise
+                                     adapt=False,  # a teacher must fit as it is: a new head would teach noise
+                                     classes=self.classes)  # its head rows follow the class names
+            self.teacher_notes += [f"distill.teacher_weights: {note}" for note in self.teacher.adapt_notes]
             self.teacher.to(self.device).eval().requires_grad_(False)
         if info.rank > 0:  # ranks share the initial weights but draw their own dropout / drop-path masks
             torch.manual_seed(cfg.seed + 1000 * info.rank)
@@ -769,10 +771,7 @@ class Trainer:
             raise C.ConfigError(f"distill.teacher_weights {weights} has {len(classes)} classes "
                                 f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}); the student's data "
                                 f"has {self.num_classes}: a teacher is trained on the student's classes")
-        notes = []
-        if classes and classes != list(self.classes):
-            notes.append(f"warning: the teacher's classes ({', '.join(classes[:5])}, ...) are not the data's "
-                         f"({', '.join(self.classes[:5])}, ...): its targets are numbered by its own names")
+        notes = []  # classes of other names or order: said by build_model (follow_class_names)
         t, cfg = contract.transform, self.cfg.data
         if t is not None and (tuple(t.size) != tuple(self.train_split.size)
                               or (cfg.mean is not None and tuple(t.mean) != tuple(cfg.mean))

@@ -79,7 +79,7 @@ def build_model(section: ModelSection, *, num_classes: int, in_chans: int, img_s
         model.adapt_notes = load_pretrained(model, published)
     elif weights is not None:
         load_weights(model, weights, adapt=adapt, notes=model.adapt_notes)
-        if adapt and classes is not None:
+        if classes is not None:  # a reordering of the head fits any model, a teacher's too
             follow_class_names(model, weights, list(classes))
     if section.grad_checkpointing:
         model.set_grad_checkpointing(True)  # a runtime setting: kwargs (what is saved) stay as they are
@@ -95,17 +95,19 @@ def follow_class_names(model: nn.Module, weights: str | Path, classes: list[str]
     """
     from ..adapt import HEADS
     from ..contract import ContractError, read_contract
+    from ..data.datasets import same_name
 
     try:
         had = list(read_contract(weights).classes or ())
     except ContractError:
         return
+    had, classes = [same_name(c) for c in had], [same_name(c) for c in classes]
     if len(had) != len(classes) or had == classes:
         return
     shown = ", ".join(had[:5]) + (", ..." if len(had) > 5 else "")
     if sorted(had) != sorted(classes):
-        model.adapt_notes.append(f"head: kept row by row, though the weights' classes ({shown}) are not this "
-                                 "data's: class k starts from the weights' class k")
+        model.adapt_notes.append(f"warning: head kept row by row, though the weights' classes ({shown}) are not "
+                                 "this data's: row k, the weights' class k, serves the data's class k")
         return
     order = torch.tensor([had.index(c) for c in classes])
     with torch.no_grad():
