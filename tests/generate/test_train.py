@@ -81,6 +81,23 @@ def test_gan_steps_reduce_discriminator_loss(tmp_path):
     assert last < first - 0.2, (first, last)
 
 
+def test_a_run_on_your_own_images_says_so_and_resumes_only_with_them(tmp_path):
+    import nestvit
+    from nestvit.config import ConfigError
+    from nestvit.generate.train import OWN_DATA, evaluate_run
+
+    cfg = GanConfig(**TINY, steps=2)
+    said: list[str] = []
+    train_gan(cfg, tmp_path, data=_toy(), stop_at=1, log=said.append)
+    assert nestvit.load(tmp_path).contract.info["data"] == OWN_DATA  # not cfg.dataset (fashion_mnist)
+    with pytest.raises(ValueError, match=r"trained on images given from Python, not on fashion_mnist; resume it the "
+                                         r"same way, with the same images: train_gan\(cfg, RUN, resume=True"):
+        train_gan(cfg, tmp_path, resume=True)
+    with pytest.raises(ConfigError, match="no command for FID against your own images"):
+        evaluate_run(tmp_path, n=8)
+    train_gan(cfg, tmp_path, resume=True, data=_toy())
+
+
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

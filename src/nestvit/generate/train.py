@@ -221,32 +221,38 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 # Checkpoints
 # --------------------------------------------------------------------------------------------------
 
+OWN_DATA = "your images"  # the data of a run trained on images given from Python (train_gan(..., data=))
+
+
 def _contract(kind: str, name: str, overrides: Mapping[str, Any], role: str, step: int, model: nn.Module,
-              cfg: GanConfig) -> RunContract:
+              cfg: GanConfig, data: str) -> RunContract:
     """The run contract of a GAN checkpoint's network; a generator's transform is its output space ([-1, 1])."""
     transform = None
     if kind == "generator":
         size = (model.img_size, model.img_size)
         transform = InputTransform.default(model.out_chans, size)
     return RunContract(model=f"{kind}_{name}", kwargs=dict(overrides), kind=kind, transform=transform,
-                       info={"role": role, "step": step, "data": cfg.dataset})
+                       info={"role": role, "step": step, "data": data})
 
 
 def save_checkpoint(run_dir: Path, step: int, *, cfg: GanConfig, G: nn.Module, ema: ModelEMA, D: nn.Module,
                     opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, rng: torch.Generator,
-                    window: dict[str, Any] | None = None) -> Path:
+                    window: dict[str, Any] | None = None, own_data: bool = False) -> Path:
     """The three weights files, then ``state.pt`` (the commit point), each written atomically. ``window``: the
-    sums of the steps since the last log record (a run stopped between records logs them all on resume)."""
+    sums of the steps since the last log record (a run stopped between records logs them all on resume).
+    ``own_data``: trained on images given from Python, recorded as :data:`OWN_DATA` (not ``cfg.dataset``)."""
     from ..interop import save_weights
     from ..train.checkpoint import STATE_FILE, atomic_torch_save, capture_rng
 
+    data = OWN_DATA if own_data else cfg.dataset
     for net, file in ((G, "generator"), (ema.module, "generator_ema")):
         save_weights(net, run_dir / f"{file}.safetensors",
-                     contract=_contract("generator", cfg.generator, cfg.generator_overrides, file, step, net, cfg))
+                     contract=_contract("generator", cfg.generator, cfg.generator_overrides, file, step, net, cfg,
+                                        data))
     save_weights(D, run_dir / "discriminator.safetensors",
                  contract=_contract("discriminator", cfg.discriminator, cfg.discriminator_overrides, "discriminator",
-                                    step, D, cfg))
-    state = {"kind": "gan", "step": step,
+                                    step, D, cfg, data))
+    state = {"kind": "gan", "step": step, "data": data,
              "models": {"generator": G.state_dict(), "generator_ema": ema.state_dict(),
                         "discriminator": D.state_dict()},
              "optimizers": {"generator": opt_g.state_dict(), "discriminator": opt_d.state_dict()},
@@ -377,6 +383,10 @@ def evaluate_run(path: str | Path, *, n: int = 10_000, ema: bool = True, feature
     if not (run_dir / "config.yaml").is_file() and (run_dir.parent.parent / "config.yaml").is_file():
         run_dir = run_dir.parent.parent  # checkpoints/step_* of runs before the classifiers' layout
     generator = load_generator(path, ema=ema)
+    if read_contract(resolve_weights(path, "ema" if ema else "raw")).info.get("data") == OWN_DATA:
+        raise ConfigError(f"{path} was trained on images given from Python: `nestvit generate eval` compares with "
+                          "the images of a data set nestvit reads, so its FID would measure other images; nestvit "
+                          "has no command for FID against your own images")
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{path}: `nestvit generate eval` needs the run folder the generator was trained in (its "
                           "config.yaml names the data, the reference split and the feature network); none found "
@@ -475,7 +485,8 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
               stop_at: int | None = None, log: Callable[[str], None] | None = None, device: str | None = None) -> dict:
     """Train (or resume) a GAN run in ``out_dir``; returns a summary dict.
 
-    ``data``: uint8 ``(N, C, H, W)`` images instead of ``cfg.dataset`` (tests). ``stop_at``: end (with a
+    ``data``: uint8 ``(N, C, H, W)`` images instead of ``cfg.dataset`` (your own images: recorded as
+    :data:`OWN_DATA`; no evaluations; resume with the same images). ``stop_at``: end (with a
     checkpoint) after this many steps although the run is configured for ``cfg.steps`` (tests of resume).
     ``device``: ``"cpu"``, ``"cuda"`` or None (CUDA when available). The networks and the feature network live
     there; the data, the latents and every random draw stay on the CPU (one generator, the same draws on any
@@ -488,6 +499,12 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
     if not resume and ((out / STATE_FILE).exists() or (out / "checkpoints" / "latest").exists()):
         raise ValueError(f"{out} already holds a run; resume it (nestvit generate train --resume {out}) or pick "
                          "another --out")
+    if resume and data is None and (out / STATE_FILE).is_file():
+        from ..train.checkpoint import load_state
+
+        if load_state(out / STATE_FILE).get("data") == OWN_DATA:
+            raise ValueError(f"{out} was trained on images given from Python, not on {cfg.dataset}; resume it the "
+                             "same way, with the same images: train_gan(cfg, RUN, resume=True, data=images)")
     saved = _saved_feature_net(out) if resume else None
     cfg = absolute_feature_net(cfg, recorded_by=out if saved is not None and saved == cfg.feature_net else None)
     if saved is not None:
@@ -598,8 +615,11 @@ def _train_gan(cfg: GanConfig, out: Path, *, resume: bool, data: torch.Tensor | 
     save(cfg, out / "config.yaml")  # after every check: a refused resume leaves the run's config as it was
     params = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f}M"  # noqa: E731
     log(f"run dir: {out}\ngenerator {cfg.generator} ({params(G)} parameters), discriminator {cfg.discriminator} "
-        f"({params(D)}) on {dev}\ndata: {'your images' if data is not None else cfg.dataset} {len(images)} images of "
+        f"({params(D)}) on {dev}\ndata: {OWN_DATA if data is not None else cfg.dataset} {len(images)} images of "
         f"{images.shape[1]}x{size}x{size}; {cfg.steps} steps of batch {cfg.batch_size}")
+    if data is not None and cfg.eval_every > 0:
+        log("note: no FID/KID/IS evaluations (eval_every): they compare with reference images of a data set nestvit "
+            "reads (dataset), not with images given from Python")
 
     # a new run drops every record of one killed before its first checkpoint (its step-0 evaluations included:
     # they are measured again); a resumed run drops what was logged after its checkpoint
@@ -718,11 +738,12 @@ def _train_gan(cfg: GanConfig, out: Path, *, resume: bool, data: torch.Tensor | 
         if step % cfg.ckpt_every == 0 or step == last or stopping:
             ready_ema(step)  # generator_ema.safetensors carries the statistics of its own weights
             save_checkpoint(out, step, cfg=cfg, G=G, ema=ema, D=D, opt_g=opt_g, opt_d=opt_d, rng=rng,
-                            window={"acc": acc, "n": n_acc, "t": t_train})
+                            window={"acc": acc, "n": n_acc, "t": t_train}, own_data=data is not None)
             saved[0] = step
         if stopping and step < last:
             bar.close()
-            raise Stopped(stop.signal_name, step, out, how=f"nestvit generate train --resume {out}")
+            raise Stopped(stop.signal_name, step, out, how=f"nestvit generate train --resume {out}" if data is None
+                          else f"train_gan(cfg, {str(out)!r}, resume=True, data=images), the same images")
     stop.close()  # the final evaluation: Ctrl-C stops it at once
     bar.close()
     if step == cfg.steps and cfg.eval_every >= 0:
