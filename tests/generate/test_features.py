@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 import yaml
@@ -100,12 +102,17 @@ def test_gan_resume_refuses_another_feature_network(tmp_path):
     assert not [line for line in said if "was trained on" in line]  # the same data: no note
     names = {r["feature_net"] for r in read_metrics(run) if "feature_net" in r}
     assert names == {load_feature_net(a).name}
-    other = GanConfig(**{**cfg.__dict__, "feature_net": str(b)})
     said.clear()
-    with pytest.raises(FeatureNetError, match="was evaluated with feature_net=.*a.safetensors, not .*b.safetensors; "
+    with pytest.raises(FeatureNetError, match="was evaluated with feature_net=.*a.safetensors, not auto; "
                                               "FIDs of different feature networks are not comparable"):
-        train_gan(other, run, resume=True, log=said.append)
+        train_gan(GanConfig(**{**cfg.__dict__, "feature_net": "auto"}), run, resume=True, log=said.append)
     assert said == []  # refused before anything was set up (an "auto" network is trained for minutes)
+    with pytest.raises(FeatureNetError, match=r"measured with the feature network .*, not .*b.safetensors\); FIDs of "
+                                              "different feature networks are not comparable"):
+        train_gan(GanConfig(**{**cfg.__dict__, "feature_net": str(b)}), run, resume=True, log=lambda s: None)
+    shutil.copyfile(a, tmp_path / "moved.safetensors")  # the same network elsewhere: compared by its hash, resumes
+    train_gan(GanConfig(**{**cfg.__dict__, "feature_net": str(tmp_path / "moved.safetensors"), "steps": 1}), run,
+              resume=True, log=lambda s: None)
     train_gan(cfg, run, resume=True, log=lambda s: None)  # the same network: resumes
     assert [r["step"] for r in read_metrics(run) if r.get("kind") == "eval"] == [0, 1, 2]
     train_gan(cfg, run, resume=True, log=lambda s: None)  # a finished run resumed: its last evaluation stands

@@ -285,8 +285,10 @@ def load_feature_net(path: str | Path) -> ClassifierFeatures:
     path = Path(path)
     if not path.exists():
         run = path.parent if path.suffix == ".safetensors" else path
-        raise FeatureNetError(f"{path}: no feature network there; train one with "
-                              f"`nestvit train {FEATURES_RECIPE} --out {run}` (or name any classifier run)")
+        raise FeatureNetError(f"{path}: no feature network there; if it moved, name its new place (nestvit generate "
+                              "eval RUN --feature-net PATH; a resume: --set feature_net=PATH), the same network "
+                              f"for comparable FIDs; else train one with `nestvit train {FEATURES_RECIPE} --out "
+                              f"{run}` (or name any classifier run)")
     try:
         weights = resolve_weights(path, "last") if path.is_dir() else path
         contract = read_contract(weights)

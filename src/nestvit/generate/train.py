@@ -353,8 +353,9 @@ def _check_same_feature_net(cfg: GanConfig, saved: str, out: Path) -> None:
     metrics so far were measured with (FIDs of two networks are not comparable)."""
     saved = absolute_feature_net(replace(cfg, feature_net=saved)).feature_net
     path = "" if saved == "auto" else saved.partition(":")[2] if saved.startswith("inception") else saved
-    if saved == cfg.feature_net or (path and not Path(path).is_absolute()):
-        return  # the same network, or an older relative path not found here: compared after the set-up
+    new = cfg.feature_net.partition(":")[2] if cfg.feature_net.startswith("inception:") else cfg.feature_net
+    if saved == cfg.feature_net or (path and not Path(path).is_absolute()) or (_is_path(new) and Path(new).exists()):
+        return  # the same network, an older relative path, or one that exists: compared by name after the set-up
     if any("feature_net" in r for r in read_metrics(out)):
         from .metrics import FeatureNetError
 
