@@ -307,6 +307,9 @@ def test_gan_outputs_that_cannot_be_written_or_read_are_one_line(gan_run, tmp_pa
     assert "2 label(s) for 1 run(s)" in one_line_error(capsys)
     assert main(["generate", "report", str(gan_run), "--out", str(tmp_path / "fid.txt")]) == 2
     assert "a figure is written as" in one_line_error(capsys)
+    for command in (["report", str(gan_run)], ["eval", str(gan_run)]):  # --out a folder: refused first
+        assert main(["generate", *command, "--out", str(tmp_path)]) == 2
+        assert f"--out {tmp_path} is a folder; give the" in one_line_error(capsys)
     # fine-tuning from a generator
     assert main(["train", "finetune", "--set", f"model.weights={gan_run}", "--set", "data.name=mnist5k"]) == 2
     assert "holds a generator (generator_nest_28), not a classifier" in one_line_error(capsys)

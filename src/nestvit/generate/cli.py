@@ -22,7 +22,7 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..cli_args import positive_int
+    from ..cli_args import add_threads, positive_int
 
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="gen_command", metavar="ACTION")
@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--out", help="run directory (default runs/generate/<recipe name>)")
     t.add_argument("--resume", metavar="DIR", help="resume the run in DIR from its latest checkpoint")
     t.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    t.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     s = sub.add_parser("sample", help="sample an image grid (or a folder of images) from a trained generator")
     s.add_argument("checkpoint", help="GAN run folder, save_pretrained folder or generator*.safetensors file")
     s.add_argument("-n", type=positive_int, default=64, help="number of images (default 64)")
@@ -47,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--nrow", type=positive_int, default=None, help="images per row (default sqrt(n))")
     s.add_argument("--raw", action="store_true", help="use the raw generator instead of its EMA")
-    s.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    add_threads(s)
     e = sub.add_parser("eval", help="FID / KID / IS of a trained generator")
     e.add_argument("run", help="a `nestvit generate train` run folder (or a generator*.safetensors file in it)")
     e.add_argument("-n", type=_at_least_2, default=10_000, help="samples (default 10000; the run's own "
@@ -60,12 +61,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--raw", action="store_true", help="measure the raw generator instead of its EMA")
     e.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     e.add_argument("--out", metavar="FILE.json", help="also write the result as JSON")
-    e.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    add_threads(e)
     r = sub.add_parser("report", help="FID / KID table and plot of GAN runs against steps")
     from .report import add_arguments as report_arguments
 
     report_arguments(r)
-    r.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    r.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     parser.set_defaults(_gen_parser=parser)
 
 
@@ -175,6 +177,9 @@ def _eval(args: argparse.Namespace) -> int:
     if args.out:
         from ..cli_args import writable_dir
 
+        if Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out} is a folder; give the JSON file's name, e.g. "
+                             f"{Path(args.out) / 'eval.json'}")
         writable_dir(Path(args.out).parent)  # before the evaluation
     res = evaluate_run(args.run, n=args.n, ema=not args.raw, feature_net=args.feature_net,
                        seed=EVAL_SEED if args.seed is None else args.seed, device=args.device)

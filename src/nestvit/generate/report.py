@@ -94,6 +94,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    import sys
+
     from matplotlib.backend_bases import FigureCanvasBase
 
     from ..cli_args import writable_dir
@@ -101,7 +103,16 @@ def run(args) -> int:
     kinds = FigureCanvasBase.get_supported_filetypes()  # before the table: not matplotlib's error after it
     if Path(args.out).suffix and Path(args.out).suffix[1:].lower() not in kinds:
         raise ValueError(f"--out {args.out}: a figure is written as {', '.join(sorted(kinds))}; name the file .png")
-    check_runs(args.runs, args.labels)
+    if Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a folder; give the figure's file name, e.g. "
+                         f"{Path(args.out) / 'fid.png'}")
+    labels = check_runs(args.runs, args.labels)
+    for what, key in (("feature networks", "feature_net"), ("sample counts (eval_n)", "n")):
+        seen = {label: sorted({str(r.get(key)) for r in eval_rows(d)}) for label, d in zip(labels, args.runs)}
+        if len({v for vs in seen.values() for v in vs}) > 1:
+            print(f"warning: the runs were evaluated with different {what} ("
+                  + "; ".join(f"{label}: {', '.join(vs)}" for label, vs in seen.items())
+                  + "): their FIDs are not comparable", file=sys.stderr)
     writable_dir(Path(args.out).parent)
     print(fid_table(args.runs, labels=args.labels))
     print(f"wrote {plot_fid(args.runs, args.out, labels=args.labels)}")
