@@ -227,6 +227,8 @@ def test_a_generator_exports_noise_to_images(generator, tmp_path, capsys):
     assert main(["export", str(run), "--format", "pt2"]) == 0
     assert (run / "generator.pt2").is_file() and not list(run.glob(".*unchecked*"))
     assert "Expect archive file" not in capsys.readouterr().err
+    assert main(["export", str(run), "--format", "pt2", "--weights", "raw"]) == 0  # beside the EMA's, not over it
+    assert (run / "generator_raw.pt2").is_file() and (run / "generator.pt2").is_file()
 
 
 def test_for_export_gives_python_users_a_dynamic_batch():

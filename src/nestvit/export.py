@@ -247,9 +247,11 @@ def _run(args: argparse.Namespace) -> int:
     loaded = load(args.checkpoint, args.weights)
     kind = loaded.contract.kind
     if kind not in ("classifier", "generator"):
-        raise ValueError(f"{loaded.weights} holds a {kind}; export takes classifiers and generators")
+        raise ValueError(f"{loaded.weights} holds a {kind}; export takes classifiers and generators (a GAN run: "
+                         "--weights ema or raw)")
     model = loaded.model.eval()
-    stem = "generator" if kind == "generator" else "model"
+    raw = kind == "generator" and loaded.contract.info.get("role") == "generator"  # not the EMA generator
+    stem = ("generator_raw" if raw else "generator") if kind == "generator" else "model"
     runs_names = {*CLASSIFIER_WEIGHTS, *GAN_WEIGHTS.values(), Path(PRETRAINED_FILE).stem}
     if Path(args.checkpoint).is_file() and loaded.weights.stem not in runs_names:
         stem = loaded.weights.stem  # a weights file of the user's name: its export beside it, of that name

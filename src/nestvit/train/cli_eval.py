@@ -107,7 +107,9 @@ def evaluate_one(args: argparse.Namespace, checkpoint: str, out: Path | None) ->
     note_weights_of_a_file(checkpoint, args.weights)
     loaded = load(checkpoint, args.weights)
     if loaded.contract.kind != "classifier":
-        raise ValueError(f"{loaded.weights} holds a {loaded.contract.kind}, not a classifier; eval needs one")
+        raise ValueError(f"{loaded.weights} holds a {loaded.contract.kind}, not a classifier; eval needs one"
+                         + ("; a GAN's FID/KID/IS: nestvit generate eval RUN" if loaded.contract.kind in
+                            ("generator", "discriminator") else ""))
     transform = loaded.transform
     run_data = loaded.config.data if loaded.config is not None and hasattr(loaded.config, "data") else None
     name, root = data_and_root(args.data, args.root)
