@@ -5,7 +5,7 @@
 - :mod:`.train`: ``GanConfig`` recipes, ``train_gan`` (logistic loss, lazy R1, EMA, exact resume).
 - :mod:`.metrics`: FID / KID / IS over a pluggable ``FeatureExtractor``.
 - :mod:`.bench`: ``bench_generators`` throughput comparison.
-- :mod:`.cli`: ``nestvit generate train|sample``.
+- :mod:`.cli`: ``nestvit generate train|sample|eval|report``.
 """
 
 from .models import (
