@@ -230,7 +230,8 @@ def test_a_gan_stops_after_its_step_and_resumes_exactly(tmp_path, monkeypatch):
         return real(images, pad_to)
 
     monkeypatch.setattr(gan, "_to_unit", ctrl_c_in_step_3)
-    with pytest.raises(Stopped, match=r"at step 3; .* nestvit generate train --resume .*split$"):
+    with pytest.raises(Stopped, match=r"at step 3; .* train_gan\(cfg, '.*split', resume=True, data=images\), the "
+                                      "same images$"):  # images given from Python: resumed from Python
         gan.train_gan(cfg, tmp_path / "split", data=data)
     monkeypatch.setattr(gan, "_to_unit", real)
     assert load_state(tmp_path / "split")["step"] == 3
