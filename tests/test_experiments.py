@@ -147,7 +147,7 @@ def test_a_finished_run_is_reused_only_for_the_same_config(tmp_path):
 def test_a_committed_run_record_is_read_back_without_weights(tmp_path):
     """A study whose --out is in the repository commits what its .gitignore keeps; a fresh clone reads it back."""
     ignore = Path(__file__).resolve().parents[1] / "experiments/results/rtnt_paper_fashion_mnist/.gitignore"
-    kept = {line.split("/")[-1] for line in ignore.read_text().splitlines() if line.startswith("!runs/*/")}
+    kept = {line.split("/")[-1] for line in ignore.read_text().splitlines() if line.startswith("!/runs/*/")}
     assert {"config.yaml", "summary.json", "metrics.jsonl"} <= kept
     args = _args("best_fashion_mnist", tmp_path)
     arm = E.plan_quick(E.plan_best_fashion_mnist, args).arms[0]
