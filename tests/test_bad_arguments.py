@@ -307,6 +307,8 @@ def test_gan_outputs_that_cannot_be_written_or_read_are_one_line(gan_run, tmp_pa
     assert "2 label(s) for 1 run(s)" in one_line_error(capsys)
     assert main(["generate", "report", str(gan_run), "--out", str(tmp_path / "fid.txt")]) == 2
     assert "a figure is written as" in one_line_error(capsys)
+    assert main(["generate", "eval", str(gan_run), "--feature-net", str(gan_run)]) == 2  # a GAN as features
+    assert f"{gan_run} is a GAN run; FID features come from a classifier" in one_line_error(capsys)
     for command in (["report", str(gan_run)], ["eval", str(gan_run)]):  # --out a folder: refused first
         assert main(["generate", *command, "--out", str(tmp_path)]) == 2
         assert f"--out {tmp_path} is a folder; give the" in one_line_error(capsys)

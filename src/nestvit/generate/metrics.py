@@ -280,9 +280,12 @@ def train_feature_net(dataset: str = "fashion_mnist", run_dir: str | Path = "run
 
 def load_feature_net(path: str | Path) -> ClassifierFeatures:
     """A classifier run directory or weights file (its ``last`` weights) as a :class:`ClassifierFeatures`."""
-    from ..contract import load, read_contract, resolve_weights
+    from ..contract import gan_run_folder, load, read_contract, resolve_weights
 
     path = Path(path)
+    if path.is_dir() and gan_run_folder(path) is not None:
+        raise FeatureNetError(f"{path} is a GAN run; FID features come from a classifier trained on the same data "
+                              f"(`nestvit train {FEATURES_RECIPE} --out DIR`, then feature_net=DIR)")
     if not path.exists():
         run = path.parent if path.suffix == ".safetensors" else path
         raise FeatureNetError(f"{path}: no feature network there; if it moved, name its new place (nestvit generate "
