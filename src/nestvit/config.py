@@ -336,7 +336,10 @@ def read_run_config(run_dir: str | Path, kind: str) -> dict[str, Any]:
     if not run_dir.exists():
         raise ConfigError(f"{run_dir}: no such run folder (--resume continues a run in the folder it was trained in)")
     if not path.is_file():
-        raise ConfigError(f"{run_dir}: no config.yaml; is it a `{COMMANDS[kind]}` run folder?")
+        when = ", e.g. while its feature network trained," if kind == "gan" else ""
+        started = f" (a run stopped before its first step{when} has none yet: run the command that started it " \
+            f"again, `{COMMANDS[kind]} RECIPE --out {run_dir}`)" if any(run_dir.iterdir()) else ""
+        raise ConfigError(f"{run_dir}: no config.yaml; is it a `{COMMANDS[kind]}` run folder?{started}")
     raw = _read_mapping(path, run=True)
     # runs written before kinds existed name none: a GAN run's config has a generator
     declared = recipe_kind(raw) if KIND_KEY in raw else "gan" if "generator" in raw else "classifier"
