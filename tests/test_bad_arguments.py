@@ -337,3 +337,13 @@ def test_export_of_an_absent_ema_says_the_run_had_none(weights, capsys):
     assert main(["export", str(weights.parent), "--weights", "ema"]) == 2
     err = one_line_error(capsys)
     assert "has no ema.safetensors (the run was trained without an EMA: ema.decay 0); it has best, last" in err
+
+
+def test_resume_of_a_folder_stopped_before_its_first_step_says_to_start_it_again(tmp_path, capsys):
+    (tmp_path / "early" / "feature_net").mkdir(parents=True)  # a GAN stopped while its feature network trained
+    assert main(["generate", "train", "--resume", str(tmp_path / "early")]) == 2
+    assert (f"has none yet: run the command that started it again, `nestvit generate train RECIPE --out "
+            f"{tmp_path / 'early'}`") in one_line_error(capsys)
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "--resume", str(tmp_path / "empty")]) == 2
+    assert one_line_error(capsys).rstrip().endswith("no config.yaml; is it a `nestvit train` run folder?")
