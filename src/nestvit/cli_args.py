@@ -203,7 +203,6 @@ def note_weights_of_a_file(checkpoint: str | Path, weights: str | None) -> None:
               "given", file=sys.stderr)
 
 
-
 def size_arg(text: str) -> int | str:
     """A generator size argument: pixels (``32``) or a preset's name (``tiny``); ``check_sizes`` judges it."""
     return int(text) if text.isascii() and text.isdecimal() else text
