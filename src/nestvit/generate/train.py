@@ -550,7 +550,8 @@ def _train_gan(cfg: GanConfig, out: Path, *, resume: bool, data: torch.Tensor | 
                          + " or set discriminator_overrides")
     if cfg.batch_size > len(images):
         raise ValueError(f"batch_size {cfg.batch_size} is larger than the {len(images)} training images; set "
-                         f"batch_size to at most {len(images)} (or use more images: max_images)")
+                         f"batch_size to at most {len(images)} (or use more images"
+                         + (": max_images)" if data is None else ")"))
     # the EMA generator: samples and metrics use it; its weights are averaged with a warm-up ramp, its buffers
     # (the conv baseline's BatchNorm statistics) copied from the raw generator at every update, and with
     # ema_bn="recompute" measured anew for the averaged weights before each use (the next update overwrites
