@@ -296,7 +296,8 @@ def test_gan_outputs_that_cannot_be_written_or_read_are_one_line(gan_run, tmp_pa
     lone = tmp_path / "lone.safetensors"
     lone.write_bytes((gan_run / "generator_ema.safetensors").read_bytes())
     assert main(["generate", "eval", str(lone)]) == 2
-    assert "needs the run folder the generator was trained in" in one_line_error(capsys)
+    assert "not in the run folder it was trained in, whose config.yaml names the data and the feature network; " \
+        "without it, `nestvit generate eval` needs --feature-net" in one_line_error(capsys)
     # the report: runs without evaluations, missing runs, labels that do not match
     assert main(["generate", "report", str(gan_run)]) == 2
     err = one_line_error(capsys)

@@ -119,6 +119,14 @@ def test_gan_resume_refuses_another_feature_network(tmp_path):
     assert [r["step"] for r in read_metrics(run) if r.get("kind") == "eval"] == [0, 1, 2]
     train_gan(GanConfig(**{**cfg.__dict__, "eval_n": 24}), run, resume=True, log=lambda s: None)  # another n
     assert [(r["step"], r["n"]) for r in read_metrics(run) if r.get("kind") == "eval"][-1] == (2, 24)
+    # the generator without its run folder (a save_pretrained folder): measured against its recorded data set
+    import nestvit
+    from nestvit.generate.train import evaluate_run
+
+    shared = nestvit.save_pretrained(run, tmp_path / "shared")
+    alone = evaluate_run(shared, n=16, feature_net=str(a), log=lambda s: None)
+    assert alone["fid"] == evaluate_run(run, n=16, feature_net=str(a), log=lambda s: None)["fid"]
+    assert alone["data"] == "fashion_mnist"
     other_data = _feature_net(tmp_path / "m.safetensors", 2, data="mnist5k")
     said.clear()
     train_gan(GanConfig(**{**cfg.__dict__, "feature_net": str(other_data), "steps": 1}), tmp_path / "run2",

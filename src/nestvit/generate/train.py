@@ -371,7 +371,9 @@ def evaluate_run(path: str | Path, *, n: int = 10_000, ema: bool = True, feature
 
     ``path``: a ``nestvit generate train`` run folder (or a weights file in it); its ``config.yaml`` names the
     data, the reference split and the feature network (``feature_net`` replaces the latter). With the run's
-    ``eval_n`` and the default ``seed`` this repeats the run's last evaluation of the EMA generator.
+    ``eval_n`` and the default ``seed`` this repeats the run's last evaluation of the EMA generator. A generator
+    without its run folder (a ``save_pretrained`` folder, a copied file) is measured against the test split of
+    the data set its weights record, with ``feature_net`` (required then: nothing else names one).
     """
     from ..config import read_run_config
     from ..contract import read_contract, resolve_weights
@@ -389,15 +391,14 @@ def evaluate_run(path: str | Path, *, n: int = 10_000, ema: bool = True, feature
                           "the images of a data set nestvit reads, so its FID would measure other images; nestvit "
                           "has no command for FID against your own images")
     if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{path}: `nestvit generate eval` needs the run folder the generator was trained in (its "
-                          "config.yaml names the data, the reference split and the feature network); none found "
-                          "beside it")
-    try:
-        raw = read_run_config(run_dir, "gan")
-    except ConfigError as e:
-        raise ConfigError(f"{e}; `nestvit generate eval` reads the data and the feature network from the run "
-                          "folder's config.yaml") from None
-    cfg = config_from_dict(raw, str(run_dir / "config.yaml"))
+        cfg = _config_of_a_lone_generator(path, generator, ema, feature_net)
+    else:
+        try:
+            raw = read_run_config(run_dir, "gan")
+        except ConfigError as e:
+            raise ConfigError(f"{e}; `nestvit generate eval` reads the data and the feature network from the run "
+                              "folder's config.yaml") from None
+        cfg = config_from_dict(raw, str(run_dir / "config.yaml"))
     if feature_net:
         cfg = absolute_feature_net(apply_overrides(cfg, [f"feature_net={feature_net}"]))
     else:
@@ -419,6 +420,22 @@ def evaluate_run(path: str | Path, *, n: int = 10_000, ema: bool = True, feature
 # --------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------
+
+def _config_of_a_lone_generator(path: Path, generator: nn.Module, ema: bool, feature_net: str | None) -> GanConfig:
+    """What to measure a generator found without its run folder against: the data set its weights record (its
+    test split; images zero-padded to the generator's size where they are smaller) and ``feature_net``."""
+    from ..contract import read_contract, resolve_weights
+
+    data = read_contract(resolve_weights(path, "ema" if ema else "raw")).info.get("data")
+    if not feature_net or not data:
+        missing = " and ".join(w for w, ok in (("--feature-net (the classifier run the FIDs to compare with used)",
+                                                feature_net), ("a data set in its weights", data)) if not ok)
+        raise ConfigError(f"{path}: not in the run folder it was trained in, whose config.yaml names the data and "
+                          f"the feature network; without it, `nestvit generate eval` needs {missing}")
+    cfg = GanConfig(dataset=str(data), feature_net=feature_net)
+    native = load_images_of(cfg, cfg.eval_ref_split).shape[-1]
+    return replace(cfg, pad_to=0 if generator.img_size == native else generator.img_size)
+
 
 def load_images_of(cfg: GanConfig, split: str) -> torch.Tensor:
     """uint8 ``(N, C, H, W)`` images of ``split`` of ``cfg.dataset`` (an in-memory set), one clear error if absent."""
