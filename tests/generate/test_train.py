@@ -341,9 +341,9 @@ def test_your_own_images_train_a_gan_as_docs_generation_md_says(tmp_path, capsys
     cfg = GanConfig(generator="nest_28", discriminator="resnet_28", steps=1, batch_size=4, progress=False)
     train_gan(cfg, tmp_path / "my_gan", data=images, log=lambda s: None)
     assert main(["generate", "sample", str(tmp_path / "my_gan"), "-n", "4", "--out", str(tmp_path / "g.png")]) == 0
-    with pytest.raises(ConfigError, match=r"dataset 'imagefolder': `nestvit generate train` reads an in-memory set .*"
-                                          r"train_gan\(cfg, out, data=images\)"):
-        GanConfig(dataset="imagefolder")
+    with pytest.raises(ConfigError, match=r"dataset 'imagenet': `nestvit generate train` reads an in-memory set .* "
+                                          "or your own images: dataset imagefolder with data_root=FOLDER"):
+        GanConfig(dataset="imagenet")
 
 
 def test_a_missing_data_set_names_the_fix_that_applies_to_a_gan_config(tmp_path, monkeypatch):
@@ -356,3 +356,27 @@ def test_a_missing_data_set_names_the_fix_that_applies_to_a_gan_config(tmp_path,
                                            r"nestvit.data.load_dataset\('cifar10', download=True\)") as e:
         load_train_images(GanConfig(dataset="cifar10"))
     assert "data.download" not in str(e.value)
+
+
+def test_a_gan_trains_on_a_folder_of_your_images_from_the_command_line(tmp_path, capsys):
+    from nestvit.cli import main
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "photos" / cls).mkdir(parents=True)
+        for i in range(8):
+            pixels = rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "photos" / cls / f"{i}.png")
+    run = tmp_path / "run"
+    common = ["--set", "threads=1", "--set", "progress=false", "--set", "ckpt_every=1"]
+    assert main(["generate", "train", "gan_nest_fashion_mnist", "--out", str(run), "--set", "dataset=imagefolder",
+                 "--set", f"data_root={tmp_path / 'photos'}", "--set", "generator=nest_tiny", "--set",
+                 "discriminator=resnet_tiny", "--set", "steps=2", "--set", "batch_size=8", *common]) == 0
+    err = capsys.readouterr().err
+    assert f"data: {tmp_path / 'photos'} 16 images of 3x16x16" in err and "no FID/KID/IS evaluations" in err
+    assert main(["generate", "train", "--resume", str(run), "--set", "steps=3"]) == 0  # the folder is in its config
+    assert main(["generate", "sample", str(run), "-n", "4", "--out", str(tmp_path / "grid.png")]) == 0
+    assert main(["generate", "eval", str(run), "-n", "4"]) == 2
+    assert "trained on your own images" in capsys.readouterr().err
+    assert main(["generate", "train", "gan_nest_fashion_mnist", "--set", "dataset=imagefolder"]) == 2
+    assert "data_root=None: it names your images' folder, with dataset imagefolder" in capsys.readouterr().err

@@ -51,13 +51,19 @@ __all__ = ["GanConfig", "ConfigError", "load_recipe", "apply_overrides", "r1_pen
            "load_generator", "save_grid", "read_metrics", "recompute_bn_stats"]
 
 
+FOLDER = "imagefolder"  # GanConfig.dataset for your own images (data_root)
+
+
 @dataclass(frozen=True)
 class GanConfig:
     """A GAN run; recipes declare ``kind: gan`` and are read by the one config system (``nestvit.config``)."""
 
     KIND: ClassVar[str] = "gan"
     # data
-    dataset: str = "fashion_mnist"  # any in-memory set of nestvit.data.load_dataset
+    dataset: str = "fashion_mnist"  # any in-memory set of nestvit.data.load_dataset, or imagefolder (data_root)
+    # dataset imagefolder: your images, any layout `nestvit train` reads (class folders, split folders, a CSV; the
+    # labels are not used), resized and centre-cropped to the generator's size and channels
+    data_root: str | None = None
     pad_to: int = 0  # pad images with background (-1) to this size (e.g. 32); 0 keeps the native size
     max_images: int = 0  # use only the first N training images; 0 = all
     # models (presets of nestvit.generate.models, with config-field overrides)
@@ -117,10 +123,15 @@ class GanConfig:
         from ..data.datasets import DATASETS
 
         sets = [name for name, info in DATASETS.items() if info.in_memory]
-        if self.dataset not in sets:
+        if self.dataset not in (*sets, FOLDER):
             raise ConfigError(f"dataset {self.dataset!r}: `nestvit generate train` reads an in-memory set "
-                              f"({', '.join(sets)}); your own images train from Python: train_gan(cfg, out, "
-                              "data=images), a uint8 (N, C, H, W) tensor (docs/generation.md, \"Your own images\")")
+                              f"({', '.join(sets)}) or your own images: dataset {FOLDER} with data_root=FOLDER")
+        if (self.dataset == FOLDER) != (self.data_root is not None):
+            raise ConfigError(f"data_root={self.data_root}: it names your images' folder, with dataset {FOLDER}; "
+                              f"set both (dataset={self.dataset})")
+        if self.dataset == FOLDER and self.pad_to:
+            raise ConfigError(f"pad_to={self.pad_to}: images of a folder are resized to the generator's size; leave "
+                              "pad_to 0")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -240,11 +251,12 @@ def save_checkpoint(run_dir: Path, step: int, *, cfg: GanConfig, G: nn.Module, e
                     window: dict[str, Any] | None = None, own_data: bool = False) -> Path:
     """The three weights files, then ``state.pt`` (the commit point), each written atomically. ``window``: the
     sums of the steps since the last log record (a run stopped between records logs them all on resume).
-    ``own_data``: trained on images given from Python, recorded as :data:`OWN_DATA` (not ``cfg.dataset``)."""
+    ``own_data``: trained on images given from Python, recorded as :data:`OWN_DATA` (not ``cfg.dataset``); a
+    folder's images are recorded as the folder."""
     from ..interop import save_weights
     from ..train.checkpoint import STATE_FILE, atomic_torch_save, capture_rng
 
-    data = OWN_DATA if own_data else cfg.dataset
+    data = OWN_DATA if own_data else cfg.data_root if cfg.dataset == FOLDER else cfg.dataset
     for net, file in ((G, "generator"), (ema.module, "generator_ema")):
         save_weights(net, run_dir / f"{file}.safetensors",
                      contract=_contract("generator", cfg.generator, cfg.generator_overrides, file, step, net, cfg,
@@ -386,10 +398,13 @@ def evaluate_run(path: str | Path, *, n: int = 10_000, ema: bool = True, feature
     if not (run_dir / "config.yaml").is_file() and (run_dir.parent.parent / "config.yaml").is_file():
         run_dir = run_dir.parent.parent  # checkpoints/step_* of runs before the classifiers' layout
     generator = load_generator(path, ema=ema)
-    if read_contract(resolve_weights(path, "ema" if ema else "raw")).info.get("data") == OWN_DATA:
-        raise ConfigError(f"{path} was trained on images given from Python: `nestvit generate eval` compares with "
-                          "the images of a data set nestvit reads, so its FID would measure other images; nestvit "
-                          "has no command for FID against your own images")
+    from ..data.datasets import DATASETS
+
+    recorded = read_contract(resolve_weights(path, "ema" if ema else "raw")).info.get("data")
+    if recorded and not (recorded in DATASETS and DATASETS[recorded].in_memory):
+        raise ConfigError(f"{path} was trained on your own images ({recorded}): `nestvit generate eval` compares "
+                          "with the images of a data set nestvit reads, so its FID would measure other images; "
+                          "nestvit has no command for FID against your own images")
     if not (run_dir / "config.yaml").is_file():
         cfg = _config_of_a_lone_generator(path, generator, ema, feature_net)
     else:
@@ -450,7 +465,18 @@ def load_images_of(cfg: GanConfig, split: str) -> torch.Tensor:
 
 
 def load_train_images(cfg: GanConfig) -> torch.Tensor:
-    images = load_images_of(cfg, "train")
+    """uint8 ``(N, C, H, W)`` training images: ``cfg.dataset``'s train split, or (``imagefolder``) every image
+    of ``cfg.data_root`` decoded to the generator's size and channels; the first ``cfg.max_images``."""
+    if cfg.dataset == FOLDER:
+        from ..data import load_images
+
+        with torch.random.fork_rng():  # the generator built for its size only: the run's draws are untouched
+            probe = build_generator(cfg.generator, **_model_overrides(cfg.generator_overrides))
+        ds = load_images(cfg.data_root, "train", holdout=0, size=probe.img_size, channels=probe.out_chans)
+        n = min(len(ds), cfg.max_images or len(ds))
+        images = torch.stack([ds[i][0] for i in range(n)])
+    else:
+        images = load_images_of(cfg, "train")
     return images[:cfg.max_images] if cfg.max_images else images
 
 
@@ -525,6 +551,8 @@ def train_gan(cfg: GanConfig, out_dir: str | Path, *, resume: bool = False, data
                              "same way, with the same images: train_gan(cfg, RUN, resume=True, data=images)")
     saved = _saved_feature_net(out) if resume else None
     cfg = absolute_feature_net(cfg, recorded_by=out if saved is not None and saved == cfg.feature_net else None)
+    if cfg.data_root is not None and Path(cfg.data_root).expanduser().exists():  # recorded absolute: any folder
+        cfg = replace(cfg, data_root=str(Path(cfg.data_root).expanduser().absolute()))
     if saved is not None:
         _check_same_feature_net(cfg, saved, out)
     threads = torch.get_num_threads()
@@ -617,7 +645,7 @@ def _train_gan(cfg: GanConfig, out: Path, *, resume: bool, data: torch.Tensor | 
 
     # evaluation set-up (feature network + reference features), only when evaluations are on
     extractor = ref_feats = ref_stats = None
-    if cfg.eval_every >= 0 and data is None:
+    if cfg.eval_every >= 0 and data is None and cfg.dataset != FOLDER:
         try:
             extractor, ref_feats, ref_stats = eval_reference(cfg, out / "feature_net", dev, log)
         except Stopped as e:  # training the feature network, before the run has a config or state to resume
@@ -634,11 +662,12 @@ def _train_gan(cfg: GanConfig, out: Path, *, resume: bool, data: torch.Tensor | 
     save(cfg, out / "config.yaml")  # after every check: a refused resume leaves the run's config as it was
     params = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f}M"  # noqa: E731
     log(f"run dir: {out}\ngenerator {cfg.generator} ({params(G)} parameters), discriminator {cfg.discriminator} "
-        f"({params(D)}) on {dev}\ndata: {OWN_DATA if data is not None else cfg.dataset} {len(images)} images of "
+        f"({params(D)}) on {dev}\ndata: {OWN_DATA if data is not None else cfg.data_root or cfg.dataset} {len(images)} "
+        "images of "
         f"{images.shape[1]}x{size}x{size}; {cfg.steps} steps of batch {cfg.batch_size}")
-    if data is not None and cfg.eval_every > 0:
-        log("note: no FID/KID/IS evaluations (eval_every): they compare with reference images of a data set nestvit "
-            "reads (dataset), not with images given from Python")
+    if (data is not None or cfg.dataset == FOLDER) and cfg.eval_every >= 0:
+        log("note: no FID/KID/IS evaluations (eval_every): they compare with reference images and a feature network "
+            "of one of nestvit's data sets, not of your images")
 
     # a new run drops every record of one killed before its first checkpoint (its step-0 evaluations included:
     # they are measured again); a resumed run drops what was logged after its checkpoint
