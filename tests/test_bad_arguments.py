@@ -306,6 +306,8 @@ def test_gan_outputs_that_cannot_be_written_or_read_are_one_line(gan_run, tmp_pa
     assert "no such run folder" in one_line_error(capsys)
     assert main(["generate", "report", str(gan_run), "--labels", "a", "b"]) == 2
     assert "2 label(s) for 1 run(s)" in one_line_error(capsys)
+    assert main(["generate", "report", str(gan_run), str(gan_run)]) == 2
+    assert "two runs would share the label 'gan' in the table; name each with --labels" in one_line_error(capsys)
     assert main(["generate", "report", str(gan_run), "--out", str(tmp_path / "fid.txt")]) == 2
     assert "a figure is written as" in one_line_error(capsys)
     assert main(["generate", "eval", str(gan_run), "--feature-net", str(gan_run)]) == 2  # a GAN as features

@@ -335,6 +335,8 @@ def read_run_config(run_dir: str | Path, kind: str) -> dict[str, Any]:
     path = run_dir / "config.yaml"
     if not run_dir.exists():
         raise ConfigError(f"{run_dir}: no such run folder (--resume continues a run in the folder it was trained in)")
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is a file; --resume takes the run folder it was trained in")
     if not path.is_file():
         when = ", e.g. while its feature network trained," if kind == "gan" else ""
         started = f" (a run stopped before its first step{when} has none yet: run the command that started it " \

@@ -378,5 +378,17 @@ def test_a_gan_trains_on_a_folder_of_your_images_from_the_command_line(tmp_path,
     assert main(["generate", "sample", str(run), "-n", "4", "--out", str(tmp_path / "grid.png")]) == 0
     assert main(["generate", "eval", str(run), "-n", "4"]) == 2
     assert "trained on your own images" in capsys.readouterr().err
+    assert main(["generate", "report", str(run)]) == 2
+    assert "trained on your own images" in capsys.readouterr().err
     assert main(["generate", "train", "gan_nest_fashion_mnist", "--set", "dataset=imagefolder"]) == 2
-    assert "data_root=None: it names your images' folder, with dataset imagefolder" in capsys.readouterr().err
+    assert "dataset imagefolder needs data_root=FOLDER" in capsys.readouterr().err
+    (tmp_path / "photos" / "a" / "0.png").unlink()  # the images changed: the resume says so
+    assert main(["generate", "train", "--resume", str(run), "--set", "steps=4"]) == 0
+    assert "warning: the training images changed since the run's last checkpoint (then 16 images" in \
+        capsys.readouterr().err
+    (tmp_path / "photos").rename(tmp_path / "moved")
+    assert main(["generate", "train", "--resume", str(run), "--set", "steps=5"]) == 2
+    assert "does not exist (moved? a run reads its images from where they were: nestvit generate train --resume " \
+        "RUN --set data_root=NEW_PATH)" in capsys.readouterr().err
+    assert main(["generate", "train", "--resume", str(run / "config.yaml")]) == 2
+    assert "config.yaml is a file; --resume takes the run folder it was trained in" in capsys.readouterr().err

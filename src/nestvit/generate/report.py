@@ -26,16 +26,35 @@ def check_runs(run_dirs: Sequence[str | Path], labels: Sequence[str] | None) -> 
 
     if labels is not None and len(labels) != len(run_dirs):
         raise ValueError(f"--labels: {len(labels)} label(s) for {len(run_dirs)} run(s); give one per run")
+    names = list(labels or [Path(d).name for d in run_dirs])
+    if len(set(names)) < len(names):
+        raise ValueError(f"two runs would share the label {next(n for n in names if names.count(n) > 1)!r} in the "
+                         "table; name each with --labels")
     for d in map(Path, run_dirs):
         if not d.is_dir():
             raise ValueError(f"{d}: no such run folder")
         if gan_run_folder(d) is None and not (d / "metrics.jsonl").is_file():
             raise ValueError(f"{d} is not a `nestvit generate train` run folder")
+        if not eval_rows(d) and _own_images(d):
+            raise ValueError(f"{d} was trained on your own images ({_own_images(d)}): FID needs a data set nestvit "
+                             "reads and its feature network, so the run has no evaluations to plot")
         if not eval_rows(d):
             raise ValueError(f"{d}: no FID evaluations in its metrics.jsonl (trained with eval_every -1?): the report "
                              "plots the evaluations made during training (a run with --set eval_every=N); "
                              f"`nestvit generate eval {d}` measures its last generator once, on its own")
-    return list(labels or [Path(d).name for d in run_dirs])
+    return names
+
+
+def _own_images(run_dir: Path) -> str | None:
+    """The images a GAN run was trained on when they are not one of nestvit's in-memory data sets, else None."""
+    from ..contract import gan_run_folder, read_contract
+    from ..data.datasets import DATASETS
+
+    folder = gan_run_folder(run_dir)
+    if folder is None or not (folder / "generator_ema.safetensors").is_file():
+        return None
+    data = read_contract(folder / "generator_ema.safetensors").info.get("data")
+    return data if data and not (data in DATASETS and DATASETS[data].in_memory) else None
 
 
 def plot_fid(run_dirs: Sequence[str | Path], out: str | Path, *, labels: Sequence[str] | None = None) -> Path:
@@ -108,10 +127,10 @@ def run(args) -> int:
                          f"{Path(args.out) / 'fid.png'}")
     labels = check_runs(args.runs, args.labels)
     for what, key in (("feature networks", "feature_net"), ("sample counts (eval_n)", "n")):
-        seen = {label: sorted({str(r.get(key)) for r in eval_rows(d)}) for label, d in zip(labels, args.runs)}
-        if len({v for vs in seen.values() for v in vs}) > 1:
+        seen = [(label, sorted({str(r.get(key)) for r in eval_rows(d)})) for label, d in zip(labels, args.runs)]
+        if len({v for _, vs in seen for v in vs}) > 1:
             print(f"warning: the runs were evaluated with different {what} ("
-                  + "; ".join(f"{label}: {', '.join(vs)}" for label, vs in seen.items())
+                  + "; ".join(f"{label}: {', '.join(vs)}" for label, vs in seen)
                   + "): their FIDs are not comparable", file=sys.stderr)
     writable_dir(Path(args.out).parent)
     print(fid_table(args.runs, labels=args.labels))

@@ -126,9 +126,11 @@ class GanConfig:
         if self.dataset not in (*sets, FOLDER):
             raise ConfigError(f"dataset {self.dataset!r}: `nestvit generate train` reads an in-memory set "
                               f"({', '.join(sets)}) or your own images: dataset {FOLDER} with data_root=FOLDER")
-        if (self.dataset == FOLDER) != (self.data_root is not None):
-            raise ConfigError(f"data_root={self.data_root}: it names your images' folder, with dataset {FOLDER}; "
-                              f"set both (dataset={self.dataset})")
+        if self.dataset == FOLDER and self.data_root is None:
+            raise ConfigError(f"dataset {FOLDER} needs data_root=FOLDER, the folder of your images")
+        if self.dataset != FOLDER and self.data_root is not None:
+            raise ConfigError(f"data_root={self.data_root} names a folder of your images, read with dataset {FOLDER} "
+                              f"(not {self.dataset}); set dataset={FOLDER}")
         if self.dataset == FOLDER and self.pad_to:
             raise ConfigError(f"pad_to={self.pad_to}: images of a folder are resized to the generator's size; leave "
                               "pad_to 0")
@@ -248,11 +250,11 @@ def _contract(kind: str, name: str, overrides: Mapping[str, Any], role: str, ste
 
 def save_checkpoint(run_dir: Path, step: int, *, cfg: GanConfig, G: nn.Module, ema: ModelEMA, D: nn.Module,
                     opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, rng: torch.Generator,
-                    window: dict[str, Any] | None = None, own_data: bool = False) -> Path:
+                    window: dict[str, Any] | None = None, own_data: bool = False, data_id: str | None = None) -> Path:
     """The three weights files, then ``state.pt`` (the commit point), each written atomically. ``window``: the
     sums of the steps since the last log record (a run stopped between records logs them all on resume).
     ``own_data``: trained on images given from Python, recorded as :data:`OWN_DATA` (not ``cfg.dataset``); a
-    folder's images are recorded as the folder."""
+    folder's images are recorded as the folder. ``data_id``: what the images were (count and hash), for resumes."""
     from ..interop import save_weights
     from ..train.checkpoint import STATE_FILE, atomic_torch_save, capture_rng
 
@@ -264,7 +266,7 @@ def save_checkpoint(run_dir: Path, step: int, *, cfg: GanConfig, G: nn.Module, e
     save_weights(D, run_dir / "discriminator.safetensors",
                  contract=_contract("discriminator", cfg.discriminator, cfg.discriminator_overrides, "discriminator",
                                     step, D, cfg, data))
-    state = {"kind": "gan", "step": step, "data": data,
+    state = {"kind": "gan", "step": step, "data": data, "data_id": data_id,
              "models": {"generator": G.state_dict(), "generator_ema": ema.state_dict(),
                         "discriminator": D.state_dict()},
              "optimizers": {"generator": opt_g.state_dict(), "discriminator": opt_d.state_dict()},
@@ -402,7 +404,8 @@ def evaluate_run(path: str | Path, *, n: int = 10_000, ema: bool = True, feature
 
     recorded = read_contract(resolve_weights(path, "ema" if ema else "raw")).info.get("data")
     if recorded and not (recorded in DATASETS and DATASETS[recorded].in_memory):
-        raise ConfigError(f"{path} was trained on your own images ({recorded}): `nestvit generate eval` compares "
+        raise ConfigError(f"{path} was trained on your own images{'' if recorded == OWN_DATA else f' ({recorded})'}: "
+                          "`nestvit generate eval` compares "
                           "with the images of a data set nestvit reads, so its FID would measure other images; "
                           "nestvit has no command for FID against your own images")
     if not (run_dir / "config.yaml").is_file():
@@ -465,18 +468,26 @@ def load_images_of(cfg: GanConfig, split: str) -> torch.Tensor:
 
 
 def load_train_images(cfg: GanConfig) -> torch.Tensor:
-    """uint8 ``(N, C, H, W)`` training images: ``cfg.dataset``'s train split, or (``imagefolder``) every image
-    of ``cfg.data_root`` decoded to the generator's size and channels; the first ``cfg.max_images``."""
+    """uint8 ``(N, C, H, W)`` training images: ``cfg.dataset``'s train split (its first ``cfg.max_images``), or
+    (``imagefolder``) the images of ``cfg.data_root`` (its train split, if it has split folders) decoded to the
+    generator's size and channels (``cfg.max_images`` of them drawn with ``cfg.seed``)."""
     if cfg.dataset == FOLDER:
-        from ..data import load_images
+        from ..data import DatasetError, load_images
 
         with torch.random.fork_rng():  # the generator built for its size only: the run's draws are untouched
             probe = build_generator(cfg.generator, **_model_overrides(cfg.generator_overrides))
-        ds = load_images(cfg.data_root, "train", holdout=0, size=probe.img_size, channels=probe.out_chans)
-        n = min(len(ds), cfg.max_images or len(ds))
-        images = torch.stack([ds[i][0] for i in range(n)])
-    else:
-        images = load_images_of(cfg, "train")
+        if not Path(cfg.data_root).expanduser().exists():
+            raise ConfigError(f"data_root {cfg.data_root} does not exist (moved? a run reads its images from where "
+                              "they were: nestvit generate train --resume RUN --set data_root=NEW_PATH)")
+        try:
+            ds = load_images(cfg.data_root, "train", holdout=0, size=probe.img_size, channels=probe.out_chans)
+        except DatasetError as e:
+            raise ConfigError(f"data_root: {e} (a GAN reads every image of class folders or a CSV, and the train "
+                              "split of split folders)") from None
+        keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.max_images] \
+            if cfg.max_images else torch.arange(len(ds))  # a seeded share of every class, not the first classes
+        return torch.stack([ds[int(i)][0] for i in keep.sort().values])
+    images = load_images_of(cfg, "train")
     return images[:cfg.max_images] if cfg.max_images else images
 
 
@@ -577,6 +588,12 @@ def _train_gan(cfg: GanConfig, out: Path, *, resume: bool, data: torch.Tensor | 
     images = data if data is not None else load_train_images(cfg)
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise ValueError(f"training images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+    data_id = None  # your images: which they were, so that a resume on other ones says so
+    if data is not None or cfg.dataset == FOLDER:
+        import hashlib
+
+        digest = hashlib.sha256(images.cpu().contiguous().numpy().tobytes()).hexdigest()[:8]
+        data_id = f"{len(images)} images, sha256 {digest}"
 
     dev = resolve_device(device)
     use_tf32(dev, cfg.tf32)
@@ -638,6 +655,9 @@ def _train_gan(cfg: GanConfig, out: Path, *, resume: bool, data: torch.Tensor | 
         restore_rng(state["rng"], {"data": rng})
         step = int(state["step"])
         window = state.get("window")
+        if state.get("data_id") and data_id and state["data_id"] != data_id:
+            log(f"warning: the training images changed since the run's last checkpoint (then {state['data_id']}, now "
+                f"{data_id}): the resumed run is not the run that was never stopped")
         log(f"resumed {out} at step {step}")
     removed = remove_stale_temporaries(out)  # left by writes of a killed run
     if removed:
@@ -666,8 +686,8 @@ def _train_gan(cfg: GanConfig, out: Path, *, resume: bool, data: torch.Tensor | 
         "images of "
         f"{images.shape[1]}x{size}x{size}; {cfg.steps} steps of batch {cfg.batch_size}")
     if (data is not None or cfg.dataset == FOLDER) and cfg.eval_every >= 0:
-        log("note: no FID/KID/IS evaluations (eval_every): they compare with reference images and a feature network "
-            "of one of nestvit's data sets, not of your images")
+        log("note: no FID/KID/IS evaluations: they compare with reference images and a feature network of one of "
+            "nestvit's data sets, not of your images")
 
     # a new run drops every record of one killed before its first checkpoint (its step-0 evaluations included:
     # they are measured again); a resumed run drops what was logged after its checkpoint
@@ -786,7 +806,8 @@ def _train_gan(cfg: GanConfig, out: Path, *, resume: bool, data: torch.Tensor | 
         if step % cfg.ckpt_every == 0 or step == last or stopping:
             ready_ema(step)  # generator_ema.safetensors carries the statistics of its own weights
             save_checkpoint(out, step, cfg=cfg, G=G, ema=ema, D=D, opt_g=opt_g, opt_d=opt_d, rng=rng,
-                            window={"acc": acc, "n": n_acc, "t": t_train}, own_data=data is not None)
+                            window={"acc": acc, "n": n_acc, "t": t_train}, own_data=data is not None,
+                            data_id=data_id)
             saved[0] = step
         if stopping and step < last:
             bar.close()
