@@ -285,7 +285,8 @@ def load_feature_net(path: str | Path) -> ClassifierFeatures:
     path = Path(path)
     if path.is_dir() and gan_run_folder(path) is not None:
         raise FeatureNetError(f"{path} is a GAN run; FID features come from a classifier trained on the same data "
-                              f"(`nestvit train {FEATURES_RECIPE} --out DIR`, then feature_net=DIR)")
+                              f"(`nestvit train {FEATURES_RECIPE} --out DIR`, then --feature-net DIR, or --set "
+                              "feature_net=DIR)")
     if not path.exists():
         run = path.parent if path.suffix == ".safetensors" else path
         raise FeatureNetError(f"{path}: no feature network there; if it moved, name its new place (nestvit generate "
