@@ -139,6 +139,9 @@ def test_a_finished_run_is_reused_only_for_the_same_config(tmp_path):
     saved.write_text(saved.read_text().replace("progress: false", "progress: true"))  # as `nestvit train` ran it
     shown = E.run_arm(arm, 0, tmp_path, device="cpu", fresh=False, log=said.append)
     assert shown["read_back"] and shown["test_top1"] == first["test_top1"]
+    thread = E.run_arm(E.Arm(arm.name, E._merge(arm.recipe, {"threads": 2}), arm.labels), 0, tmp_path, device="cpu",
+                       fresh=False, log=said.append)  # another thread count: the same run
+    assert thread["read_back"]
     arm.recipe = E._merge(arm.recipe, {"optim": {"lr": 1e-4}})  # the recipe changed since: train again
     changed = E.run_arm(arm, 0, tmp_path, device="cpu", fresh=False, log=said.append)
     assert not changed["read_back"] and any("another config" in m for m in said)

@@ -223,8 +223,9 @@ def _same_config(run_dir: Path, cfg: Any) -> bool:
     """Whether ``run_dir/config.yaml`` describes ``cfg`` (a finished run is only reused for the same config).
 
     A key left ``None`` in ``cfg`` matches any saved value: the trainer fills those in (``data.mean``/``std``).
-    Keys that only change what is shown (``progress``) are not compared, so a run made by ``nestvit train``
-    with the same recipe and seed counts too.
+    Keys that only change what is shown or how fast it runs (``progress``, ``threads``, ``data.workers``) are not
+    compared, so a run made by ``nestvit train`` with the same recipe and seed counts too, and a study goes on
+    with another thread count than its first runs had.
     """
     from .models.nest_variants import legacy_nest_kwargs
     from .train.config import TrainConfig, from_dict, read_recipe, to_dict
@@ -234,8 +235,9 @@ def _same_config(run_dir: Path, cfg: Any) -> bool:
             return planned.keys() == saved.keys() and all(same(planned[k], saved[k]) for k in planned)
         return planned is None or planned == saved
 
-    def compared(c: Any) -> dict[str, Any]:  # every key but the display-only ones
-        d = {k: v for k, v in to_dict(c).items() if k != "progress"}
+    def compared(c: Any) -> dict[str, Any]:  # every key but the display-only and speed-only ones
+        d = {k: v for k, v in to_dict(c).items() if k not in ("progress", "threads")}
+        d["data"] = {k: v for k, v in d["data"].items() if k != "workers"}
         # runs saved before NesT's variant options got their own entries (nest_tiny_cifar + stem_dim ...)
         name, overrides = legacy_nest_kwargs(d["model"]["name"], d["model"].get("overrides") or {})
         return {**d, "model": {**d["model"], "name": name, "overrides": overrides}}
