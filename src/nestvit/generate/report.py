@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..fileio import save_figure
-from .train import read_metrics
+from .train import own_images, read_metrics
 
 __all__ = ["eval_rows", "plot_fid", "fid_table"]
 
@@ -35,9 +35,9 @@ def check_runs(run_dirs: Sequence[str | Path], labels: Sequence[str] | None) -> 
             raise ValueError(f"{d}: no such run folder")
         if gan_run_folder(d) is None and not (d / "metrics.jsonl").is_file():
             raise ValueError(f"{d} is not a `nestvit generate train` run folder")
-        if not eval_rows(d) and _own_images(d):
-            raise ValueError(f"{d} was trained on your own images ({_own_images(d)}): FID needs a data set nestvit "
-                             "reads and its feature network, so the run has no evaluations to plot")
+        if not eval_rows(d) and (data := _recorded_data(d)) and own_images(data):
+            raise ValueError(f"{d} was trained on your own images ({data}): FID needs a data set nestvit reads and "
+                             "its feature network, so the run has no evaluations to plot")
         if not eval_rows(d):
             raise ValueError(f"{d}: no FID evaluations in its metrics.jsonl (trained with eval_every -1?): the report "
                              "plots the evaluations made during training (a run with --set eval_every=N); "
@@ -45,16 +45,14 @@ def check_runs(run_dirs: Sequence[str | Path], labels: Sequence[str] | None) -> 
     return names
 
 
-def _own_images(run_dir: Path) -> str | None:
-    """The images a GAN run was trained on when they are not one of nestvit's in-memory data sets, else None."""
+def _recorded_data(run_dir: Path) -> str | None:
+    """The data a GAN run's EMA generator records (None: no such weights)."""
     from ..contract import gan_run_folder, read_contract
-    from ..data.datasets import DATASETS
 
     folder = gan_run_folder(run_dir)
     if folder is None or not (folder / "generator_ema.safetensors").is_file():
         return None
-    data = read_contract(folder / "generator_ema.safetensors").info.get("data")
-    return data if data and not (data in DATASETS and DATASETS[data].in_memory) else None
+    return read_contract(folder / "generator_ema.safetensors").info.get("data")
 
 
 def plot_fid(run_dirs: Sequence[str | Path], out: str | Path, *, labels: Sequence[str] | None = None) -> Path:

@@ -400,16 +400,15 @@ def evaluate_run(path: str | Path, *, n: int = 10_000, ema: bool = True, feature
     if not (run_dir / "config.yaml").is_file() and (run_dir.parent.parent / "config.yaml").is_file():
         run_dir = run_dir.parent.parent  # checkpoints/step_* of runs before the classifiers' layout
     generator = load_generator(path, ema=ema)
-    from ..data.datasets import DATASETS
-
-    recorded = read_contract(resolve_weights(path, "ema" if ema else "raw")).info.get("data")
-    if recorded and not (recorded in DATASETS and DATASETS[recorded].in_memory):
+    weights = resolve_weights(path, "ema" if ema else "raw")
+    info = read_contract(weights).info
+    recorded = info.get("data")
+    if own_images(recorded):
         raise ConfigError(f"{path} was trained on your own images{'' if recorded == OWN_DATA else f' ({recorded})'}: "
-                          "`nestvit generate eval` compares "
-                          "with the images of a data set nestvit reads, so its FID would measure other images; "
-                          "nestvit has no command for FID against your own images")
+                          "`nestvit generate eval` compares with the images of a data set nestvit reads, so its FID "
+                          "would measure other images; nestvit has no command for FID against your own images")
     if not (run_dir / "config.yaml").is_file():
-        cfg = _config_of_a_lone_generator(path, generator, ema, feature_net)
+        cfg = _config_of_a_lone_generator(path, generator, recorded, feature_net)
     else:
         try:
             raw = read_run_config(run_dir, "gan")
@@ -428,8 +427,6 @@ def evaluate_run(path: str | Path, *, n: int = 10_000, ema: bool = True, feature
         log(f"note: the run's own evaluations used the feature network {', '.join(sorted(measured))}, this one is "
             f"{extractor.name}: its FIDs are not on the run's curve")
     result = evaluate_generator(generator.to(dev), extractor, ref_feats, n=n, seed=seed, ref_stats=ref_stats)
-    weights = resolve_weights(path, "ema" if ema else "raw")
-    info = read_contract(weights).info
     role = {"generator_ema": "ema", "generator": "raw"}.get(info.get("role"), "ema" if ema else "raw")
     return {"run": str(run_dir), "weights": str(weights), "step": info.get("step"), "generator": role,
             "data": cfg.dataset, "split": cfg.eval_ref_split, "seed": seed, "device": str(dev), **result}
@@ -439,12 +436,19 @@ def evaluate_run(path: str | Path, *, n: int = 10_000, ema: bool = True, feature
 # Training
 # --------------------------------------------------------------------------------------------------
 
-def _config_of_a_lone_generator(path: Path, generator: nn.Module, ema: bool, feature_net: str | None) -> GanConfig:
-    """What to measure a generator found without its run folder against: the data set its weights record (its
-    test split; images zero-padded to the generator's size where they are smaller) and ``feature_net``."""
-    from ..contract import read_contract, resolve_weights
+def own_images(data: str | None) -> bool:
+    """Whether the data a GAN's weights record are your own images (a folder, or images given from Python), not
+    one of nestvit's in-memory data sets: no reference split or feature network to measure FID with."""
+    from ..data.datasets import DATASETS
 
-    data = read_contract(resolve_weights(path, "ema" if ema else "raw")).info.get("data")
+    return bool(data) and not (data in DATASETS and DATASETS[data].in_memory)
+
+
+def _config_of_a_lone_generator(path: Path, generator: nn.Module, data: str | None,
+                                feature_net: str | None) -> GanConfig:
+    """What to measure a generator found without its run folder against: ``data``, the data set its weights
+    record (its test split; images zero-padded to the generator's size where they are smaller), and
+    ``feature_net``."""
     if not feature_net or not data:
         missing = " and ".join(w for w, ok in (("--feature-net (the classifier run the FIDs to compare with used)",
                                                 feature_net), ("a data set in its weights", data)) if not ok)
