@@ -22,6 +22,7 @@ from pathlib import Path
 from ..cli_args import add_threads, output_stems, positive_int, writable_dir
 from ..contract import InputTransform
 from ..data.augment import TTA_MODES, tta_views
+from ..data.folders import Layout
 from ..fileio import atomic_write_text
 from ..system import resolve_precision, slow_bf16
 from .config import PRECISIONS, DataSection
@@ -132,18 +133,16 @@ def evaluate_one(args: argparse.Namespace, checkpoint: str, out: Path | None) ->
     section = eval_section(name, root, transform, same)
     if same is None and name in ("imagefolder", "webdataset"):
         # another folder of images than the run's: all of it is evaluation data (its val or test split if it has one)
-        from ..data.folders import eval_split_of, find_layout, split_folder
-        from ..data.shards import find_shard_layout
+        from ..data.folders import eval_split_of, split_folder
 
         if split is None:
-            layout = find_layout(root, "train") if name == "imagefolder" else find_shard_layout(root)[0]
+            layout = _layout(name, root, "train")
             split = eval_split_of(layout, "train") or split_folder(layout, "train")
         section = dataclasses.replace(section, holdout=0.0, eval_split=split)
     if args.split is not None and name in ("imagefolder", "webdataset"):  # said with the flag's name
-        from ..data.folders import HOLDOUT, check_split, find_layout, split_folder
-        from ..data.shards import find_shard_layout
+        from ..data.folders import HOLDOUT, check_split, split_folder
 
-        layout = find_layout(root, section.train_split) if name == "imagefolder" else find_shard_layout(root)[0]
+        layout = _layout(name, root, section.train_split)
         check_split(layout, split_folder(layout, args.split), section.holdout, key="--split", name=name)
         if split_folder(layout, args.split) == HOLDOUT and layout.split_folders and same is not None \
                 and same.eval_split != HOLDOUT:  # the run trained on every image of its train split
@@ -193,6 +192,14 @@ def evaluate_one(args: argparse.Namespace, checkpoint: str, out: Path | None) ->
                        title=f"{data.name}: top-1 {result.top1:.2f}%")
         print(f"wrote {out / 'eval.json'} and {out / 'confusion.png'}")
     return record
+
+
+def _layout(name: str, root: str, train_split: str) -> Layout:
+    """The layout of an image folder (``name`` imagefolder) or of tar shards (webdataset) at ``root``."""
+    from ..data.folders import find_layout
+    from ..data.shards import find_shard_layout
+
+    return find_layout(root, train_split) if name == "imagefolder" else find_shard_layout(root)[0]
 
 
 def data_and_root(data: str | None, root: str | None) -> tuple[str | None, str | None]:
