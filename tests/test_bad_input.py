@@ -191,7 +191,7 @@ def test_a_bad_file_of_the_evaluation_split_keeps_the_trained_epoch(recipe, tmp_
     assert f"nestvit train --resume {run}" in err and (run / "state.pt").exists()
     bad.write_bytes(good)
     assert main(["train", "--resume", str(run)]) == 0
-    assert "test top-1" in capsys.readouterr().out
+    assert "val top-1" in capsys.readouterr().out
 
 
 def test_a_resume_on_changed_files_says_the_test_images_moved(recipe, tmp_path, capsys):

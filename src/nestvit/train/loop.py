@@ -620,7 +620,8 @@ class Trainer:
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
             if test is not None:
                 ema_top1, tta_top1 = summary.get("ema_top1"), summary.get("test_top1_tta")
-                self.say(f"done in {_fmt_time(wall)}: test top-1 {test.top1:.2f}% top-{self.top_k} {test.top5:.2f}% "
+                self.say(f"done in {_fmt_time(wall)}: {self.cfg.data.eval_split} top-1 {test.top1:.2f}% "
+                         f"top-{self.top_k} {test.top5:.2f}% "
                          f"(best {self.best_top1:.2f}%)"
                          + (f", EMA top-1 {ema_top1:.2f}%" if ema_top1 is not None else "")
                          + (f", {cfg.tta} TTA top-1 {tta_top1:.2f}%" if tta_top1 is not None else "")
@@ -633,7 +634,8 @@ class Trainer:
                 f" | {r['img_s']:.0f} img/s (input pipeline alone {r['data_img_s']:.0f} img/s)"
                 f" | {_fmt_time(r['time_s'])}")
         if "test_top1" in r:
-            line += f" | test top-1 {r['test_top1']:.2f}% top-{self.top_k} {r['test_top5']:.2f}%"
+            line += (f" | {self.cfg.data.eval_split} top-1 {r['test_top1']:.2f}% "  # the metrics keep the key test_*
+                     f"top-{self.top_k} {r['test_top5']:.2f}%")
         if "ema_top1" in r:
             line += f" | EMA top-1 {r['ema_top1']:.2f}%"
         if "test_top1_tta" in r:
