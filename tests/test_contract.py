@@ -385,3 +385,42 @@ def test_eval_names_its_own_flag_for_a_split_that_is_not_there(weights, image, t
         (tmp_path / "photos" / c / "0.png").write_bytes(Path(image).read_bytes())
     err = one_line_error(capsys, "eval", str(weights), "--data", str(tmp_path / "photos"), "--split", "foo")
     assert "--split foo does not exist in" in err and "data.eval_split" not in err
+
+
+def test_save_weights_refuses_a_contract_that_contradicts_the_model(tmp_path):
+    # before: accepted; the file then labelled 2 outputs with 3 names, or fed 64-pixel images to a 16-pixel model
+    model = nestvit.create_model("nest_tiny_cifar", **TINY)
+    with pytest.raises(WeightsError, match="2 class names for a model of 3 classes"):
+        save_weights(model, tmp_path / "w.safetensors", classes=["a", "b"])
+    for transform, what in ((InputTransform(channels=1, size=32, mean=(0.5,), std=(0.5,)), "32x32 images"),
+                            (InputTransform(channels=3, size=16, mean=(0.5,) * 3, std=(0.5,) * 3), "3-channel")):
+        with pytest.raises(WeightsError, match=f"the input transform makes {what}.*the model takes"):
+            save_weights(model, tmp_path / "w.safetensors", transform=transform)
+    assert not (tmp_path / "w.safetensors").exists()
+    with pytest.raises(WeightsError, match="is a folder: save_weights writes one file"):
+        save_weights(model, tmp_path)
+    with pytest.raises(WeightsError, match="is a folder, not a weights file"):
+        nestvit.interop.load_weights(model, tmp_path)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(size=(16, 32), resize="center-crop"), "center-crop makes square images"),
+    (dict(size=16, crop_pct=0), r"crop_pct 0 must be in \(0, 1\]"),
+    (dict(size=16, crop_pct=2.0), "crop_pct 2.0 must be"),
+    (dict(size=(16, 0)), "two positive ints"),
+])
+def test_the_transform_refuses_what_it_cannot_do(bad, message):
+    # before: a 16x32 centre crop gave 16x16 images, crop_pct 0 a ZeroDivisionError, size=16 a TypeError later
+    with pytest.raises(ContractError, match=message):
+        InputTransform(channels=1, mean=(0.5,), std=(0.5,), **bad)
+    assert InputTransform(channels=1, size=16, mean=(0.5,), std=(0.5,)).size == (16, 16)
+
+
+def test_which_weights_of_a_weights_file_are_the_file_or_an_error(weights, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    best = run / "best.safetensors"
+    best.write_bytes(weights.read_bytes())
+    assert load(best, "best").weights == best and load(best).weights == best
+    with pytest.raises(ContractError, match="is the run's best weights, not its 'last' ones"):
+        load(best, "last")  # before: the best weights, silently

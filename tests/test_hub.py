@@ -6,6 +6,7 @@ import json
 import shutil
 import sys
 import types
+import warnings
 
 import pytest
 import torch
@@ -43,9 +44,20 @@ def test_round_trip_gives_identical_logits(run, tmp_path):
 
 def test_a_model_from_create_model(tmp_path):
     model = nestvit.create_model("vit_tiny_patch4_32", img_size=16, embed_dim=16, depth=1, num_heads=2)
-    loaded = nestvit.from_pretrained(nestvit.save_pretrained(model, tmp_path / "vit"))
+    with pytest.warns(UserWarning, match="records no input transform: saved as taking images stretched to 16x16"):
+        loaded = nestvit.from_pretrained(nestvit.save_pretrained(model, tmp_path / "vit"))
     x = torch.randn(1, 3, 16, 16)
     assert torch.equal(loaded.model(x), model.eval()(x))
+    # your own training's normalisation travels with it (before: the 0.5 default, silently)
+    mine = nestvit.InputTransform(channels=3, size=16, mean=(0.4, 0.4, 0.4), std=(0.2, 0.2, 0.2),
+                                  resize="center-crop")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = nestvit.from_pretrained(nestvit.save_pretrained(model, tmp_path / "mine", transform=mine))
+    assert again.transform == mine and nestvit.input_transform(again.model) == mine
+    assert nestvit.input_transform(model) is None  # built without recorded weights: nothing to say
+    with pytest.raises(ContractError, match="no such folder"):
+        nestvit.from_pretrained(tmp_path / "nope")
 
 
 def test_the_model_of_a_loaded_run_keeps_its_input_and_classes_and_a_new_head_is_saved_as_it_is(run, tmp_path,

@@ -131,6 +131,11 @@ def test_unknown_override_lists_valid_options():
         nestvit.create_model("nest_tiny_cifar", imgsize=32)
     with pytest.raises(ValueError, match="unknown model"):
         nestvit.create_model("nest_huge_cifar")
+    with pytest.raises(ValueError, match=r"unknown model 'resnet50'; nestvit.list_models\(\) lists") as e:
+        nestvit.create_model("resnet50")  # before: "did you mean" every registered name, generators too
+    assert "did you mean" not in str(e.value)
+    with pytest.raises(ValueError, match="unknown model family 'nope'; known: .*nest"):
+        nestvit.list_models(family="nope")  # before: [] without a word
 
 
 @pytest.mark.parametrize("name", ONE_PER_FAMILY)

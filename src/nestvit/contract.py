@@ -86,6 +86,21 @@ class InputTransform:
     crop_pct: float = 0.875  # center-crop: the crop's share of the resized shorter side
 
     def __post_init__(self) -> None:
+        for key in ("size", "content"):  # an int (one side) or a list: the (H, W) tuple every reader expects
+            value = getattr(self, key)
+            if isinstance(value, int) and not isinstance(value, bool):
+                value = (value, value)
+            if value is not None:
+                value = tuple(value)
+                if len(value) != 2 or not all(isinstance(v, int) and v > 0 for v in value):
+                    raise ContractError(f"input transform: {key} must be (H, W), two positive ints, not {value}")
+            object.__setattr__(self, key, value)
+        if self.resize == "center-crop" and self.size[0] != self.size[1]:
+            raise ContractError(f"input transform: center-crop makes square images (as image-folder training does), "
+                                f"not {self.size[0]}x{self.size[1]}; use resize='stretch' for another shape")
+        if not 0 < self.crop_pct <= 1:
+            raise ContractError(f"input transform: crop_pct {self.crop_pct} must be in (0, 1] (the crop's share of "
+                                "the resized shorter side; 0.875 is the default)")
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ContractError(f"input transform: mean {self.mean} / std {self.std} need {self.channels} values "
                                 "(one per channel)")
@@ -118,7 +133,8 @@ class InputTransform:
         ``image``: a file's path (``~`` expanded), an open ``PIL.Image``, or the pixels of one image of any size:
         a uint8 numpy array ``(H, W)`` / ``(H, W, C)`` or a uint8 tensor ``(C, H, W)`` (C 1, 3 or 4). An image in
         memory gives what its lossless file gives; a JPEG file (centre crop) is decoded at a reduced scale first,
-        as training's image folders do, which an image already decoded cannot be: a few levels of difference.
+        as training's image folders do, which an image already decoded cannot be: a level or two on photos,
+        tens of levels on fine-grained noise. Give the path where the exact training pipeline matters.
         """
         import numpy as np
 
@@ -364,6 +380,18 @@ def contract_of(model: nn.Module, **fields: Any) -> RunContract | None:
     return RunContract(model=spec["model"], kwargs=kwargs, **{**recorded, **fields})
 
 
+def input_transform(model: nn.Module) -> InputTransform | None:
+    """How ``model``'s inputs are prepared, as its weights record it (timm's data config): published weights
+    (``create_model(name, pretrained=True)``), a run or ``save_pretrained`` folder, ``nestvit.load``. None for a
+    model built without recorded weights: choose one yourself (``InputTransform(...)``).
+
+    ``t = nestvit.input_transform(model)``; ``t.read(path)`` -> uint8 ``(C, H, W)``, ``t(batch)`` -> float
+    ``(B, C, H, W)`` normalised: the model's input.
+    """
+    spec = getattr(model, "registry_spec", None) or getattr(getattr(model, "model", None), "registry_spec", None)
+    return (spec or {}).get("transform")
+
+
 def head_changed(model: nn.Module) -> bool:
     """Whether ``model``'s classifier has another number of classes than it was built with (reset_classifier)."""
     built = getattr(getattr(model, "cfg", None), "num_classes", None)
@@ -428,6 +456,10 @@ def resolve_weights(path: str | Path, which: str | None = None) -> Path:
         path = hub_folder(str(path))
     path = Path(path).expanduser()
     if path.is_file():
+        if which in CLASSIFIER_WEIGHTS and path.name in {f"{n}.safetensors" for n in CLASSIFIER_WEIGHTS} - \
+                {f"{which}.safetensors"}:  # e.g. load("run/best.safetensors", "last"): not what was asked for
+            raise ContractError(f"{path} is the run's {path.stem} weights, not its {which!r} ones: which= picks the "
+                                f"weights of a run folder; give {path.parent} (or {path.parent / which}.safetensors)")
         return path
     if not path.is_dir():
         raise ContractError(f"{path}: no such run directory or weights file")

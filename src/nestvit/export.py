@@ -59,7 +59,7 @@ def _inputs(transform, batch: int, seed: int) -> torch.Tensor:
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, *, contract_json: str,
                 opset: int | None = None, names: tuple[str, str] = ("images", "logits")) -> Path:
     """ONNX with a dynamic batch, the contract in its metadata, ``names`` its input and output; written
-    atomically."""
+    atomically. Traced inside :func:`for_export` (the batch-size-dependent CPU speed rules off)."""
     import onnx
 
     from .fileio import atomic_path
@@ -69,7 +69,7 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, *, co
         raise ValueError(f"--opset {opset}: the installed onnx knows opsets up to {newest}")
     batch = torch.export.Dim("batch", min=1, max=4096)
     kwargs = {"opset_version": opset} if opset else {}
-    with atomic_path(path) as tmp, _quiet_exporter():
+    with atomic_path(path) as tmp, _quiet_exporter(), for_export():
         program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=({0: batch},), verbose=False,
                                     input_names=[names[0]], output_names=[names[1]], **kwargs)
         proto = program.model_proto
@@ -123,9 +123,10 @@ def check_onnx(path: Path, model: torch.nn.Module, inputs: list[torch.Tensor]) -
 def export_pt2(model: torch.nn.Module, example: torch.Tensor, path: Path, *, contract_json: str) -> Path:
     """A ``torch.export`` program with a dynamic batch and the contract as an extra file, written to ``path``
     itself (``nestvit export`` gives a temporary ``.pt2`` name, renamed after the check: torch warns about
-    names that do not end in ``.pt2``)."""
+    names that do not end in ``.pt2``). Traced inside :func:`for_export`."""
     batch = torch.export.Dim("batch", min=1, max=4096)
-    program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    with for_export():
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     torch.export.save(program, str(path), extra_files={f"{CONTRACT_KEY}.json": contract_json})
     return path
 

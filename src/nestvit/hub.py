@@ -30,6 +30,7 @@ from .contract import (
     HUB_PREFIX,
     PRETRAINED_FILE,
     ContractError,
+    InputTransform,
     Loaded,
     RunContract,
     contract_of,
@@ -45,8 +46,6 @@ def _loaded(source: Any) -> Loaded:
     if isinstance(source, Loaded):
         return source
     if isinstance(source, nn.Module):
-        from .contract import InputTransform
-
         contract = contract_of(source)
         if contract is None:
             raise ContractError("the model records no registry name (it was not built by nestvit.create_model); "
@@ -110,12 +109,16 @@ def _card(loaded: Loaded, summary: dict[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
-def save_pretrained(source: Any, folder: str | Path, *, classes: Sequence[str] | None = None) -> Path:
+def save_pretrained(source: Any, folder: str | Path, *, classes: Sequence[str] | None = None,
+                    transform: InputTransform | None = None) -> Path:
     """Write ``config.json``, ``model.safetensors`` and ``README.md`` of ``source`` into ``folder``.
 
     ``source``: a run folder or weights file (``nestvit.load``), a ``Loaded``, or a model from ``create_model``
     (or from ``nestvit.load``: it keeps the file's input transform and class names). ``classes``: the class
-    names to record instead (a head changed with ``reset_classifier`` has none of its own).
+    names to record instead (a head changed with ``reset_classifier`` has none of its own). ``transform``: how
+    the model's inputs were prepared (``nestvit.InputTransform``), for a model that records none (one you built
+    with ``create_model`` and trained yourself); without it such a model is saved as taking images stretched
+    to its size and scaled to [-1, 1], with a warning.
     """
     from . import __version__
     from .contract import EXPORTED_SUFFIXES
@@ -131,7 +134,12 @@ def save_pretrained(source: Any, folder: str | Path, *, classes: Sequence[str] |
     loaded = _loaded(source)
     if loaded.weights.suffix.lower() in EXPORTED_SUFFIXES:
         raise ContractError(f"{loaded.weights} is an export; give the run folder or weights file it was made from")
-    contract = replace(loaded.contract, transform=loaded.contract.transform or loaded.transform)
+    if transform is None and loaded.contract.transform is None and loaded.contract.kind == "classifier":
+        t = loaded.transform
+        warnings.warn(f"the model records no input transform: saved as taking images stretched to "
+                      f"{t.size[0]}x{t.size[1]} and scaled to [-1, 1] (mean = std = 0.5); if it was trained otherwise, "
+                      "pass transform=nestvit.InputTransform(...) (or save the run folder it came from)", stacklevel=2)
+    contract = replace(loaded.contract, transform=transform or loaded.contract.transform or loaded.transform)
     # the run's results: beside the weights file (a model in memory has none, whatever the working folder holds)
     summary_file = loaded.weights.parent / "summary.json" if loaded.weights.is_file() else None
     if head_changed(loaded.model):  # reset_classifier since it was built: not the saved model any more
@@ -182,6 +190,9 @@ def from_pretrained(source: str | Path) -> Loaded:
     text = str(source)
     folder = hub_folder(text) if text.startswith(HUB_PREFIX) else Path(source).expanduser()
     weights = folder / PRETRAINED_FILE if folder.is_dir() else folder
+    if not folder.exists():
+        raise ContractError(f"{folder}: no such folder (from_pretrained reads a folder written by "
+                            "nestvit.save_pretrained, or hf-hub:ORG/NAME)")
     if not weights.is_file():
         raise ContractError(f"{folder}: no model.safetensors; is it a folder written by nestvit.save_pretrained? (a "
                             "run folder or a weights file: nestvit.load(PATH) reads it)")

@@ -149,6 +149,10 @@ def read_state_dict(path: str | Path, *, tensors: bool = True) -> tuple[dict[str
     only a safetensors file's metadata (``({}, metadata)``), unchecked.
     """
     path = Path(path)
+    if path.is_dir():
+        raise WeightsError(f"{path} is a folder, not a weights file: give the file (e.g. {path / 'best.safetensors'}), "
+                           "or read a run or save_pretrained folder with nestvit.load / "
+                           "create_model(name, pretrained=FOLDER)")
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file")
     from .train.checkpoint import STATE_FILE
@@ -222,17 +226,42 @@ def save_weights(model: nn.Module, path: str | Path, *, metadata: Mapping[str, s
     from .fileio import atomic_path
 
     path = Path(path)
+    if path.is_dir():
+        raise WeightsError(f"{path} is a folder: save_weights writes one file (e.g. {path / 'model.safetensors'}); "
+                           "nestvit.save_pretrained writes a folder")
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if contract is None and "model" not in (metadata or {}):  # hand-written model metadata: read as it is
         given = {k: v for k, v in (("transform", transform), ("classes", tuple(classes) if classes else None))
                  if v is not None}
         contract = contract_of(model, **given)
+    if contract is not None:
+        _check_fits(model, contract, path)
     meta = {"format": "nestvit", "family": getattr(model, "family", ""),
             **(contract.to_metadata() if contract is not None else {}), **(metadata or {}),
             CHECKSUM_KEY: tensors_sha256(sd)}
     with atomic_path(path) as tmp:
         save_file(sd, str(tmp), metadata={k: str(v) for k, v in meta.items()})
     return path
+
+
+def _check_fits(model: nn.Module, contract: Any, path: Path) -> None:
+    """Refuse a contract that contradicts the model it is saved with: class names of another count, an input
+    transform of another size or channel count (a later load would mislabel, or fail at the first image)."""
+    n = getattr(model, "num_classes", None)
+    if contract.classes is not None and isinstance(n, int) and len(contract.classes) != n:
+        raise WeightsError(f"{path}: {len(contract.classes)} class names for a model of {n} classes; give one name "
+                           "per output")
+    t, chans, size = contract.transform, getattr(model, "in_chans", None), getattr(model, "img_size", None)
+    if t is None or contract.kind != "classifier":
+        return
+    if isinstance(chans, int) and t.channels != chans:
+        raise WeightsError(f"{path}: the input transform makes {t.channels}-channel images, the model takes {chans}; "
+                           "give the transform the model was trained with")
+    if isinstance(size, int):
+        size = (size, size)
+    if isinstance(size, tuple) and tuple(t.size) != size:
+        raise WeightsError(f"{path}: the input transform makes {t.size[0]}x{t.size[1]} images, the model takes "
+                           f"{size[0]}x{size[1]}; give the transform the model was trained with")
 
 
 def _root_version(sd: Mapping[str, torch.Tensor]) -> int | None:

@@ -136,6 +136,9 @@ def _ensure_loaded() -> None:
 def list_models(pattern: str = "*", *, family: str | None = None, kind: str | None = "classifier") -> list[str]:
     """Registered names matching a shell pattern (``"nest_*"``), sorted; one family and/or kind (None: all)."""
     _ensure_loaded()
+    for what, value, known in (("family", family, _FAMILY), ("kind", kind, _KIND)):
+        if value is not None and value not in set(known.values()):
+            raise UnknownModelError(f"unknown model {what} {value!r}; known: {', '.join(sorted(set(known.values())))}")
     return sorted(n for n in _MODELS if fnmatch.fnmatch(n, pattern) and (family is None or _FAMILY[n] == family)
                   and (kind is None or _KIND[n] == kind))
 
@@ -209,8 +212,13 @@ def create_model(name: str, *, pretrained: bool | str | Path = False, weights: s
     if name not in _MODELS and name.partition(".")[0] in _MODELS:  # a published tag's architecture (timm's way)
         name = name.partition(".")[0]
     if name not in _MODELS:
-        close = [n for n in _MODELS if n.split("_")[0] == name.split("_")[0]] or list(_MODELS)
-        raise UnknownModelError(f"unknown model {name!r}; did you mean one of: {', '.join(sorted(close))}?")
+        import difflib
+
+        close = [n for n in _MODELS if n.split("_")[0] == name.split("_")[0]] or \
+            difflib.get_close_matches(name, list(_MODELS), n=6, cutoff=0.5)
+        raise UnknownModelError(f"unknown model {name!r}; "
+                                + (f"did you mean one of: {', '.join(sorted(close))}? " if close else "")
+                                + "nestvit.list_models() lists the classifiers (`nestvit models`)")
     model = _MODELS[name](**overrides)
     # what built it: nestvit.interop.save_weights writes this into the file's run contract
     model.registry_spec = {"model": name, "kwargs": dict(overrides)}

@@ -146,8 +146,8 @@ class Trainer:
         if self.precision == "fp16" and self.device.type != "cuda":
             raise C.ConfigError("precision fp16 needs CUDA (it trains with a GradScaler); use bf16 on the CPU")
         if not resume and (run_dir / STATE_FILE).exists():  # every rank checks, so none waits for a failed one
-            raise FileExistsError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose "
-                                  "another --out")
+            raise FileExistsError(f"{run_dir} already holds a run; continue it (nestvit train --resume {run_dir}; "
+                                  "from Python train(cfg, RUN, resume=True)) or choose another run folder")
         writable_dir(run_dir, create=False, flag="the run folder")  # now, not after the data and model are read
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
