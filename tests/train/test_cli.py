@@ -64,7 +64,7 @@ def test_resume_cli(tmp_path, recipe, capsys):
     assert main(["train", str(recipe), "--out", str(run)]) == 0
     assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0
     out = capsys.readouterr().out
-    assert "resuming at epoch 2, step 4" in out and "the config differs from the saved run's in epochs" in out
+    assert "resuming at epoch 2, step 4" in out and "the config differs from the saved run's in epochs (1 -> 2)" in out
 
 
 def test_errors_are_one_line(tmp_path, recipe, capsys):

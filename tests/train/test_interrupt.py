@@ -295,3 +295,33 @@ def test_ddp_ranks_stop_at_the_same_step_when_one_is_signalled(tmp_path, make_co
     spawn_local(2, _resume, cfg, tmp_path / "b")
     for name in ("last", "ema"):
         assert_same_weights(weights(tmp_path / f"a/{name}.safetensors"), weights(tmp_path / f"b/{name}.safetensors"))
+
+
+def test_a_resume_refuses_changes_that_break_the_plan_of_steps(tmp_path, make_config, monkeypatch):
+    # before: accepted with a bare note; a shrunk set or another batch left the step count and the schedule off
+    # the epochs (the last steps at lr 0), another seed mid-epoch repeated and skipped images, fewer epochs
+    # ended the run half an epoch in with stale best weights
+    from nestvit.config import ConfigError
+    from nestvit.train import loop
+
+    real = loop.Trainer.train_step
+
+    def signal_after_step_6(self, x, t):
+        out = real(self, x, t)
+        if self.step == 6:  # epoch 2, step 2 of 4
+            signal.raise_signal(signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(loop.Trainer, "train_step", signal_after_step_6)
+    run = tmp_path / "run"
+    with pytest.raises(Stopped, match="at step 6;"):
+        train(make_config(), run)
+    monkeypatch.setattr(loop.Trainer, "train_step", real)
+    for change, message in ((["global_batch=64"], r"trained 4 steps per epoch \(128 images in batches of 32\); now 2"),
+                            (["data.limit_train=96"], "now 3 .*Keep global_batch, data.limit_train and the training"),
+                            (["seed=3"], "middle of epoch 2 .*seed 3 \\(not 0\\) would draw another order"),
+                            (["epochs=1"], "middle of epoch 2; epochs 1 would end it there")):
+        with pytest.raises(ConfigError, match=message):
+            train(make_config(*change), run, resume=True)
+    result = train(make_config("optim.lr=1e-4", epochs=3), run, resume=True)  # what the plan allows goes on
+    assert result.steps == 12

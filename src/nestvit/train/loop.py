@@ -730,6 +730,7 @@ class Trainer:
         self.spent_before = state.get("elapsed_s", 0.0)
         self.saved_step = self.step
         self.epoch_sums = state.get("epoch_sums")  # a resumed epoch's sums before the checkpoint
+        self._check_plan(state)
         before, now = state.get("data_files"), self._files
         changed = [k for k in now if before and k in before and before[k] != now[k]]
         if changed:  # files replaced are fine; files added or removed also move a hold-out drawn from the folder
@@ -749,7 +750,9 @@ class Trainer:
         # keys the saved config lacks are newer than the run (their values keep its behaviour): no note
         changed = [k for k in _changed_keys(state["config"], C.to_dict(self.cfg)) if _has_key(state["config"], k)]
         if changed:
-            self.say(f"note: the config differs from the saved run's in {', '.join(changed)}")
+            now_cfg = C.to_dict(self.cfg)
+            self.say("note: the config differs from the saved run's in " + ", ".join(
+                f"{k} ({_short(_get_key(state['config'], k))} -> {_short(_get_key(now_cfg, k))})" for k in changed))
         if {"epochs", "time_budget_min"} & set(changed) and self.cfg.schedule.name != "constant" \
                 and not self.cfg.time_budget_min:  # (a budget's schedule follows the time: read_clock sets it)
             before = state["optimizer"]["param_groups"][0]["lr"]
@@ -758,6 +761,34 @@ class Trainer:
                 self.say(f"note: the {self.cfg.schedule.name} schedule now spans {self.schedule.total_steps} steps, "
                          f"so the learning rate goes on from {now:.3g}, not from the {before:.3g} the run reached "
                          "(a longer run than planned: fine-tuning it, nestvit train finetune, starts a schedule anew)")
+
+    def _check_plan(self, state: dict[str, Any]) -> None:
+        """Refuse a resume whose changes break the run's plan of steps: another number of steps per epoch (other
+        ``global_batch``, ``data.limit_train`` or image count: the step count and the learning-rate schedule would
+        no longer fit the epochs), or, in the middle of an epoch, another seed (its image order: images repeated and
+        skipped) or fewer epochs than the one it is in (ended half trained)."""
+        saved = state.get("config") or {}
+        epoch, in_epoch, step = int(state["epoch"]), int(state["step_in_epoch"]), int(state["step"])
+        images = ((state.get("data_files") or {}).get("train") or {}).get("images")
+        spe = (step - in_epoch) // epoch if epoch else \
+            images // saved["global_batch"] if images and saved.get("global_batch") else None
+        fix = (f"resume with the run's own settings, or go on from its weights in a new run (nestvit train finetune "
+               f"--set model.weights={self.run_dir} --out NEW_RUN)")
+        if spe is not None and spe != self.steps_per_epoch:
+            raise C.ConfigError(
+                f"{self.run_dir} trained {spe} steps per epoch ({images if images is not None else '?'} images in "
+                f"batches of {saved.get('global_batch', '?')}); now {self.steps_per_epoch} ({len(self.train_split)} "
+                f"of {self.cfg.global_batch}): its steps and learning-rate schedule would no longer fit the epochs. "
+                "Keep global_batch, data.limit_train and the training images as they were, or " + fix.split(", or ")[1])
+        if in_epoch and saved.get("seed") is not None and saved["seed"] != self.cfg.seed:
+            raise C.ConfigError(f"{self.run_dir} stopped in the middle of epoch {epoch + 1} (step {in_epoch} of "
+                                f"{spe or self.steps_per_epoch}); seed {self.cfg.seed} (not {saved['seed']}) would draw "
+                                f"another order of its images, repeating some and skipping others: {fix}")
+        if in_epoch and self.cfg.epochs <= epoch:
+            raise C.ConfigError(f"{self.run_dir} stopped in the middle of epoch {epoch + 1}; epochs {self.cfg.epochs} "
+                                f"would end it there, that epoch half trained and unevaluated: resume with epochs "
+                                f">= {epoch + 1}, or use its last weights as they are (nestvit eval {self.run_dir} "
+                                "--weights last)")
 
     def _check_teacher(self, weights: str) -> list[str]:
         """The teacher's weights against the student's data: another class count is an error; other class names,
@@ -863,6 +894,17 @@ def view_logits(model: nn.Module, images: torch.Tensor, mean: tuple[float, ...],
 def _logits(out: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """A distilled model's (class, distillation) pair averaged; any other output as it is."""
     return (out[0] + out[1]) / 2 if isinstance(out, tuple) else out
+
+
+def _get_key(config: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _has_key(config: dict[str, Any], dotted: str) -> bool:
