@@ -829,7 +829,7 @@ def test_a_folder_run_from_before_data_channels_resumes_as_rgb(tmp_path, recipe,
     capsys.readouterr()
     assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0
     out = capsys.readouterr().out
-    assert "3x8x8" in out and "differs from the saved run's in epochs (1 -> 2)\n" in out  # epochs only: no data.channels
+    assert "3x8x8" in out and "differs from the saved run's in epochs (1 -> 2)\n" in out  # no data.channels
     assert nestvit.load(run).transform.channels == 3
 
 

@@ -782,8 +782,8 @@ class Trainer:
                 "Keep global_batch, data.limit_train and the training images as they were, or " + fix.split(", or ")[1])
         if in_epoch and saved.get("seed") is not None and saved["seed"] != self.cfg.seed:
             raise C.ConfigError(f"{self.run_dir} stopped in the middle of epoch {epoch + 1} (step {in_epoch} of "
-                                f"{spe or self.steps_per_epoch}); seed {self.cfg.seed} (not {saved['seed']}) would draw "
-                                f"another order of its images, repeating some and skipping others: {fix}")
+                                f"{spe or self.steps_per_epoch}); seed {self.cfg.seed} (not {saved['seed']}) would "
+                                f"draw another order of its images, repeating some and skipping others: {fix}")
         if in_epoch and self.cfg.epochs <= epoch:
             raise C.ConfigError(f"{self.run_dir} stopped in the middle of epoch {epoch + 1}; epochs {self.cfg.epochs} "
                                 f"would end it there, that epoch half trained and unevaluated: resume with epochs "
