@@ -218,6 +218,9 @@ def test_a_resume_on_changed_files_says_the_test_images_moved(recipe, tmp_path, 
     assert "Its test numbers before and after are not on the same images (a hold-out drawn from the folder" in out
     assert main(["train", "--resume", str(run), "--epochs", "3"]) == 0
     assert "the data changed" not in capsys.readouterr().out  # nothing changed since
+    data.rename(tmp_path / "moved")  # the documented move: the same files, the same hold-out
+    assert main(["train", "--resume", str(run), "--epochs", "4", "--set", f"data.root={tmp_path / 'moved'}"]) == 0
+    assert "the data changed" not in capsys.readouterr().out  # before: "other files", from their absolute paths
 
 
 @pytest.mark.parametrize("workers", [0, 1])

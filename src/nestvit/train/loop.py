@@ -705,14 +705,27 @@ class Trainer:
         return self._data_files()
 
     def _data_files(self) -> dict[str, Any]:
-        """Per split: its image count and, for files on disk, a SHA-256 of their paths."""
+        """Per split: its image count and, for files on disk, a SHA-256 of their paths, also of their paths
+        relative to ``data.root`` (what a resume compares: the same files moved with their folder are the same)."""
         import hashlib
+
+        def sha(names: list[str]) -> str | None:
+            return hashlib.sha256("\n".join(names).encode()).hexdigest() if names else None
+
+        root = Path(self.cfg.data.root).expanduser().absolute() if self.cfg.data.root else None
+        base = root.parent if root is not None and root.is_file() else root  # a CSV's paths: from its folder
+
+        def relative(path: Path) -> str:
+            try:
+                return Path(path).absolute().relative_to(base).as_posix() if base is not None else str(path)
+            except ValueError:  # outside the root (a CSV's absolute paths): as it is
+                return str(path)
 
         out: dict[str, Any] = {}
         for key, split in (("train", self.train_split), ("eval", self.eval_split)):
-            files = [str(path) for path, _ in split.folder.samples] if split.folder is not None else []
-            out[key] = {"images": len(split), "paths_sha256": hashlib.sha256("\n".join(files).encode()).hexdigest()
-                        if files else None}
+            files = [path for path, _ in split.folder.samples] if split.folder is not None else []
+            out[key] = {"images": len(split), "paths_sha256": sha([str(f) for f in files]),
+                        "relative_paths_sha256": sha([relative(f) for f in files])}
         return out
 
     def _load(self, state: dict[str, Any]) -> None:
@@ -732,7 +745,11 @@ class Trainer:
         self.epoch_sums = state.get("epoch_sums")  # a resumed epoch's sums before the checkpoint
         self._check_plan(state)
         before, now = state.get("data_files"), self._files
-        changed = [k for k in now if before and k in before and before[k] != now[k]]
+
+        def same(a: dict[str, Any], b: dict[str, Any]) -> bool:  # runs before relative paths: absolute ones
+            key = "relative_paths_sha256" if "relative_paths_sha256" in a else "paths_sha256"
+            return a["images"] == b["images"] and a.get(key) == b.get(key)
+        changed = [k for k in now if before and k in before and not same(before[k], now[k])]
         if changed:  # files replaced are fine; files added or removed also move a hold-out drawn from the folder
             self.say("note: the data changed since the run was saved: " + "; ".join(
                 f"{k} split {before[k]['images']} -> {now[k]['images']} images"
