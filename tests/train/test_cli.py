@@ -211,3 +211,27 @@ def test_the_comparison_of_runs_of_other_class_counts_says_each_rows_k(tmp_path,
     table = capsys.readouterr().out.split("\n\n")[-1].splitlines()
     assert table[0].split()[4] == "top-k" and "90.00% (k=5)" in table[1] and "90.00% (k=3)" in table[2]
     assert [r["top_k"] for r in json.loads((tmp_path / "comparison.json").read_text())] == [5, 3]
+
+
+def test_eval_of_a_built_in_set_with_other_classes_is_refused(tmp_path, recipe, capsys):
+    # before: scored by label index without a word (a digits model on Fashion-MNIST, its table relabelled)
+    from dataclasses import replace
+
+    import nestvit
+    from nestvit.interop import save_weights
+
+    run = tmp_path / "run"
+    assert main(["train", str(recipe), "--out", str(run)]) == 0
+    loaded = nestvit.load(run)
+    for classes, code in ((list("abcdefghij"), 2), ([f"class{k}" for k in reversed(range(10))], 2),
+                          ([*(f"class{k}" for k in range(9)), "emu"], 0)):
+        path = save_weights(loaded.model, tmp_path / f"{classes[0]}{classes[-1]}.safetensors",
+                            contract=replace(loaded.contract, classes=tuple(classes), info={"data": "mnist5k"}))
+        capsys.readouterr()
+        assert main(["eval", str(path), "--data", "synthetic", "--limit", "64"]) == code
+        err = capsys.readouterr().err
+        if code:
+            assert "synthetic's classes (class0, class1, class2, class3 and 6 more) are not the model's" in err
+            assert "evaluate it on --data mnist5k" in err
+        else:
+            assert "warning: the model's classes emu are not among synthetic's" in err

@@ -18,6 +18,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 from ..cli_args import add_threads, output_stems, positive_int, writable_dir
 from ..contract import InputTransform
@@ -174,6 +175,8 @@ def evaluate_one(args: argparse.Namespace, checkpoint: str, out: Path | None) ->
         data = dataclasses.replace(data, channels=transform.channels, size=transform.size)
     if len(data.classes) != len(classes):
         raise ValueError(f"{name} has {len(data.classes)} classes but the model was trained on {len(classes)}")
+    if data.folder is None and data.stream is None and loaded.contract.classes is not None:
+        _check_same_classes(loaded, name, data.classes)
     result = evaluate(model, data, mean=transform.mean, std=transform.std, batch=args.batch_size,
                       info=DistInfo(device=device), precision=precision, tta=args.tta)
     tta = f", {args.tta} TTA ({len(tta_views(args.tta))} views)" if args.tta != "none" else ""
@@ -192,6 +195,26 @@ def evaluate_one(args: argparse.Namespace, checkpoint: str, out: Path | None) ->
                        title=f"{data.name}: top-1 {result.top1:.2f}%")
         print(f"wrote {out / 'eval.json'} and {out / 'confusion.png'}")
     return record
+
+
+def _check_same_classes(loaded: Any, name: str, have: list[str]) -> None:
+    """A built-in data set is scored by label index: refuse one whose classes are not the model's (another data
+    set's digits scored as clothes), warn where only some names differ."""
+    from ..data.datasets import same_name
+    from ..errors import listed
+
+    want = list(loaded.contract.classes)
+    if [same_name(c) for c in want] == [same_name(c) for c in have]:
+        return
+    trained = loaded.contract.info.get("data")
+    shared = {same_name(c) for c in want} & {same_name(c) for c in have}
+    if not shared or len(shared) == len(want):  # other classes, or the same ones in another order
+        raise ValueError(f"{name}'s classes ({listed(have, 4)}) are not the model's ({listed(want, 4)}"
+                         + (f", of {trained}" if trained else "") + "): its scores would compare other classes"
+                         + (f"; evaluate it on --data {trained}" if trained and trained != name else ""))
+    differ = [c for c in want if same_name(c) not in {same_name(h) for h in have}]
+    print(f"warning: the model's classes {listed(differ, 4)} are not among {name}'s; images are scored by label "
+          "index", file=sys.stderr)
 
 
 def _layout(name: str, root: str, train_split: str) -> Layout:
