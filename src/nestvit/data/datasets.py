@@ -430,7 +430,18 @@ def _maybe_download(name: str, root: str | Path | None, download: bool, find: Ca
             raise
     from .download import download_dataset  # local import: download.py imports DatasetError from here
 
-    download_dataset(name, Path(root or default_root()).expanduser() / name)
+    new_root = Path(root).expanduser() if root is not None and not Path(root).expanduser().exists() else None
+    try:
+        download_dataset(name, Path(root or default_root()).expanduser() / name)
+    except DatasetError as e:
+        if new_root is None:
+            raise
+        if not any(f.is_file() for f in new_root.rglob("*")):  # the folders made for the download, and no more
+            import shutil
+
+            shutil.rmtree(new_root, ignore_errors=True)
+        raise type(e)(f"{e}. Note: data.root {root} did not exist (misspelt? the files may be in another "
+                           "folder)") from None
     return find()
 
 
