@@ -235,3 +235,20 @@ def test_eval_of_a_built_in_set_with_other_classes_is_refused(tmp_path, recipe, 
             assert "evaluate it on --data mnist5k" in err
         else:
             assert "warning: the model's classes emu are not among synthetic's" in err
+
+
+def test_training_goes_on_when_the_reader_of_its_output_leaves(tmp_path, recipe):
+    # `nestvit train ... | head -1`: before, the run stopped with "[Errno 32] Broken pipe" and lost its steps
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "nestvit"
+    run = tmp_path / "run"
+    p = subprocess.Popen([str(exe), "train", str(recipe), "--out", str(run), "--epochs", "2"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.readline()
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 0, err
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 2

@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -274,7 +275,10 @@ class Trainer:
         if self.main:
             from tqdm import tqdm
 
-            tqdm.write(message)
+            try:
+                tqdm.write(message)
+            except BrokenPipeError:  # `nestvit train ... | head`: the reader left; the run goes on, its files say it
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
     def describe(self) -> None:
         cfg, i = self.cfg, self.info
