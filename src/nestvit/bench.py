@@ -522,8 +522,10 @@ def run(args: argparse.Namespace) -> int:
                 print(f"note: {m} is an export: bench times its architecture ({contract.model}) in PyTorch, not the "
                       "export in onnxruntime or torch.export", file=sys.stderr)
         else:
-            raise ValueError(f"unknown model {m!r}: neither a registered name (`nestvit models`) nor a run "
-                             "directory or weights file")
+            from .errors import did_you_mean
+
+            raise ValueError(f"unknown model {m!r}{did_you_mean(m, sorted(known))}: neither a registered name "
+                             "(`nestvit models`) nor a run directory or weights file")
         if specs[m][0] not in known:  # a file of a model this version does not have
             raise ValueError(f"{m} records the model {specs[m][0]!r}, which this nestvit does not have "
                              "(`nestvit models` lists them)")

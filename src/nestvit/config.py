@@ -310,8 +310,8 @@ def read_recipe(recipe: str | Path, kind: str = "classifier") -> tuple[dict[str,
             if name in other:
                 path = other[name]  # a built-in recipe of another kind: the kind check below says which command
             else:
-                raise ConfigError(f"recipe {str(recipe)!r} is neither a file nor a built-in recipe; built-in "
-                                  f"{kind} recipes: {', '.join(recipes)}")
+                raise ConfigError(f"recipe {str(recipe)!r} is neither a file nor a built-in recipe"
+                                  f"{did_you_mean(name, recipes)}; built-in {kind} recipes: {', '.join(recipes)}")
         else:
             path = recipes[name]
     raw = _read_mapping(path)

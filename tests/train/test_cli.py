@@ -62,9 +62,10 @@ def test_train_eval_predict(tmp_path, recipe, capsys, monkeypatch):
 def test_resume_cli(tmp_path, recipe, capsys):
     run = tmp_path / "run"
     assert main(["train", str(recipe), "--out", str(run)]) == 0
-    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--threads", "1"]) == 0
     out = capsys.readouterr().out
-    assert "resuming at epoch 2, step 4" in out and "the config differs from the saved run's in epochs (1 -> 2)" in out
+    assert "resuming at epoch 2, step 4" in out
+    assert "the config differs from the saved run's in epochs (1 -> 2), threads (None -> 1)" in out
 
 
 def test_errors_are_one_line(tmp_path, recipe, capsys):
@@ -73,6 +74,8 @@ def test_errors_are_one_line(tmp_path, recipe, capsys):
     assert err.count("\n") == 1 and "unknown key 'optim.lrr'" in err and "did you mean optim.lr?" in err
     assert main(["train", "no_such_recipe"]) == 2
     assert "built-in classifier recipes" in capsys.readouterr().err
+    assert main(["train", "mnist5k_nset"]) == 2
+    assert "built-in recipe (did you mean mnist5k_nest" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "missing")]) == 2
     assert "no such run directory" in capsys.readouterr().err
     assert main(["train", str(recipe), "--set", "data.name=cifar10", "--set", "data.root=" + str(tmp_path),

@@ -1,4 +1,5 @@
-"""``nestvit train RECIPE [--set key=value ...] [--out DIR] [--resume DIR] [--device cpu|cuda] [--epochs N]``.
+"""``nestvit train RECIPE [--set key=value ...] [--out DIR] [--resume DIR] [--device cpu|cuda] [--epochs N]
+[--threads N]``.
 
 Several processes: ``torchrun --nproc-per-node 2 -m nestvit.cli train RECIPE`` (each process takes
 its share of the global batch; rank 0 prints and writes the run directory).
@@ -13,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..cli_args import positive_int
 from .config import builtin_recipes, recipe_summary
 
 
@@ -41,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue the run in RUN_DIR from its last checkpoint, with its own config")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     parser.add_argument("--epochs", type=int, help="shorthand for --set epochs=N")
+    parser.add_argument("--threads", type=positive_int, help="shorthand for --set threads=N (CPU threads)")
     parser.add_argument("--list-keys", action="store_true",
                         help="print every key --set accepts, with its value in RECIPE and its type, and exit")
     parser.add_argument("--callback", action="append", default=[], metavar="MODULE:CLASS",
@@ -75,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
 
         print(key_table(load_config(read_recipe(args.recipe)[0] if args.recipe else None)))
         return 0
-    overrides = list(args.overrides) + ([f"epochs={args.epochs}"] if args.epochs is not None else [])
+    overrides = list(args.overrides) + ([f"epochs={args.epochs}"] if args.epochs is not None else []) \
+        + ([f"threads={args.threads}"] if args.threads is not None else [])
     if args.resume:
         if args.recipe:
             raise ValueError("give either a RECIPE or --resume RUN_DIR (a resumed run keeps its own config.yaml; "
