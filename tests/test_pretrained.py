@@ -125,6 +125,9 @@ def test_pretrained_adapts_to_a_new_head_size_and_channels(server, monkeypatch):
     notes = "\n".join(model.adapt_notes)
     assert "head: re-initialised for 3 classes" in notes and "resampled" in notes and "input channels" in notes
     assert model(torch.randn(1, 1, 64, 64)).shape == (1, 3)
+    assert nestvit.input_transform(model).resize == "center-crop"
+    wide = nestvit.create_model("nest_tiny_cifar", pretrained="test_in1k", img_size=(32, 64))  # a square crop cannot
+    assert nestvit.input_transform(wide).size == (32, 64) and nestvit.input_transform(wide).resize == "stretch"
     backbone = nestvit.create_model("nest_tiny_cifar", pretrained=True, num_classes=0, features_only=True)
     assert [f.shape[1] for f in backbone(torch.randn(1, 3, 32, 32))] == [16] * 4
 

@@ -196,11 +196,14 @@ class SkippedImages:
             print(f"warning: skipped {len(self.errors)} unreadable file(s): {shown}", file=sys.stderr)
 
 
-def note_weights_of_a_file(checkpoint: str | Path, weights: str | None) -> None:
-    """Say that ``--weights`` is ignored for one weights file (it chooses among a run folder's)."""
-    if weights is not None and Path(checkpoint).is_file():
+def note_weights_of_a_file(checkpoint: str | Path, weights: str | None) -> str | None:
+    """Say that ``--weights`` is ignored for one weights file (it chooses among a run folder's); the ``which`` to
+    load ``checkpoint`` with (None for a file)."""
+    if weights is not None and Path(checkpoint).expanduser().is_file():
         print(f"note: --weights {weights} chooses among a run folder's weights; {checkpoint} is one file, used as "
               "given", file=sys.stderr)
+        return None
+    return weights
 
 
 def size_arg(text: str) -> int | str:

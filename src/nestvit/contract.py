@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import operator
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -88,13 +89,16 @@ class InputTransform:
     def __post_init__(self) -> None:
         for key in ("size", "content"):  # an int (one side) or a list: the (H, W) tuple every reader expects
             value = getattr(self, key)
-            if isinstance(value, int) and not isinstance(value, bool):
-                value = (value, value)
-            if value is not None:
-                value = tuple(value)
-                if len(value) != 2 or not all(isinstance(v, int) and v > 0 for v in value):
-                    raise ContractError(f"input transform: {key} must be (H, W), two positive ints, not {value}")
-            object.__setattr__(self, key, value)
+            if value is None and key == "content":
+                continue
+            try:
+                hw = (operator.index(value),) * 2 if not isinstance(value, (tuple, list)) else \
+                    tuple(operator.index(v) for v in value)
+            except TypeError:
+                hw = ()
+            if len(hw) != 2 or min(hw) <= 0:
+                raise ContractError(f"input transform: {key} must be (H, W), two positive ints, not {value!r}")
+            object.__setattr__(self, key, hw)
         if self.resize == "center-crop" and self.size[0] != self.size[1]:
             raise ContractError(f"input transform: center-crop makes square images (as image-folder training does), "
                                 f"not {self.size[0]}x{self.size[1]}; use resize='stretch' for another shape")
@@ -381,9 +385,10 @@ def contract_of(model: nn.Module, **fields: Any) -> RunContract | None:
 
 
 def input_transform(model: nn.Module) -> InputTransform | None:
-    """How ``model``'s inputs are prepared, as its weights record it (timm's data config): published weights
-    (``create_model(name, pretrained=True)``), a run or ``save_pretrained`` folder, ``nestvit.load``. None for a
-    model built without recorded weights: choose one yourself (``InputTransform(...)``).
+    """How ``model``'s inputs are prepared, as its weights record it (timm's data config): a model from published
+    weights (``create_model(name, pretrained=True)``) or from a run or ``save_pretrained`` folder read with
+    ``nestvit.load`` / ``from_pretrained`` / ``create_model(name, pretrained=FOLDER)``. None for a model whose
+    weights record none (built by ``create_model``, or with ``weights=``): choose one (``InputTransform(...)``).
 
     ``t = nestvit.input_transform(model)``; ``t.read(path)`` -> uint8 ``(C, H, W)``, ``t(batch)`` -> float
     ``(B, C, H, W)`` normalised: the model's input.
@@ -456,10 +461,6 @@ def resolve_weights(path: str | Path, which: str | None = None) -> Path:
         path = hub_folder(str(path))
     path = Path(path).expanduser()
     if path.is_file():
-        if which in CLASSIFIER_WEIGHTS and path.name in {f"{n}.safetensors" for n in CLASSIFIER_WEIGHTS} - \
-                {f"{which}.safetensors"}:  # e.g. load("run/best.safetensors", "last"): not what was asked for
-            raise ContractError(f"{path} is the run's {path.stem} weights, not its {which!r} ones: which= picks the "
-                                f"weights of a run folder; give {path.parent} (or {path.parent / which}.safetensors)")
         return path
     if not path.is_dir():
         raise ContractError(f"{path}: no such run directory or weights file")
@@ -560,6 +561,9 @@ def load(path: str | Path, which: str | None = None, *, model: str | None = None
         from .export import load_exported
 
         return load_exported(path)
+    if which in CLASSIFIER_WEIGHTS and Path(path).is_file() and Path(path).stem in set(CLASSIFIER_WEIGHTS) - {which}:
+        warnings.warn(f"which={which!r} chooses among a run folder's weights; {path} is one file (the run's "
+                      f"{Path(path).stem} weights), used as given", stacklevel=2)
     weights = resolve_weights(path, which)
     _, meta = read_state_dict(weights, tensors=False)
     contract = RunContract.from_metadata(meta, source=str(weights))

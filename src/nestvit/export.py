@@ -244,8 +244,7 @@ def _run(args: argparse.Namespace) -> int:
     if Path(args.checkpoint).suffix.lower() in EXPORTED_SUFFIXES:
         raise ValueError(f"{args.checkpoint} is an export already; export the run folder or weights file it was "
                          "made from")
-    note_weights_of_a_file(args.checkpoint, args.weights)
-    loaded = load(args.checkpoint, args.weights)
+    loaded = load(args.checkpoint, note_weights_of_a_file(args.checkpoint, args.weights))
     kind = loaded.contract.kind
     if kind not in ("classifier", "generator"):
         raise ValueError(f"{loaded.weights} holds a {kind}; export takes classifiers and generators (a GAN run: "

@@ -94,7 +94,10 @@ class PretrainedFile:
         mean, std = self.mean, self.std
         if len(mean) != c:  # weights adapted to other channels (nestvit.adapt): the channels' average, for each
             mean, std = (sum(mean) / len(mean),) * c, (sum(std) / len(std),) * c
-        return InputTransform(channels=c, size=tuple(model.img_size), mean=mean, std=std, resize="center-crop",
+        size = tuple(model.img_size)
+        if size[0] != size[1]:  # adapted to a non-square input: the centre crop is square, so stretch to it
+            return InputTransform(channels=c, size=size, mean=mean, std=std, resize="stretch")
+        return InputTransform(channels=c, size=size, mean=mean, std=std, resize="center-crop",
                               crop_pct=self.crop_pct)
 
 

@@ -256,10 +256,10 @@ def test_load_mnist_with_download(server, tmp_path, monkeypatch):
         f.unlink()  # now everything is local
     assert load_dataset("mnist", root=root, split="test", download=True).labels.tolist() == [9, 2]
     # a misspelt root: before, the folders made for the download stayed and the error named only the network
-    typo = tmp_path / "dat"
+    typo = tmp_path / "dat" / "sets"
     with pytest.raises(DatasetError, match=f"download from .* failed.* data.root {typo} did not exist \\(misspelt"):
         load_dataset("mnist", root=typo, download=True)
-    assert not typo.exists()
+    assert not (tmp_path / "dat").exists()
 
 
 def _cifar_archive() -> tuple[bytes, np.ndarray]:

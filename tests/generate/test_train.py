@@ -93,7 +93,7 @@ def test_a_run_on_your_own_images_says_so_and_resumes_only_with_them(tmp_path):
     with pytest.raises(ValueError, match=r"trained on images given from Python, not on fashion_mnist; resume it the "
                                          r"same way, with the same images: train_gan\(cfg, RUN, resume=True"):
         train_gan(cfg, tmp_path, resume=True)
-    with pytest.raises(ConfigError, match="no command for FID against your own images"):
+    with pytest.raises(ConfigError, match="trained on images given from Python, which nestvit cannot read again"):
         evaluate_run(tmp_path, n=8)
     train_gan(cfg, tmp_path, resume=True, data=_toy())
 
@@ -373,13 +373,34 @@ def test_a_gan_trains_on_a_folder_of_your_images_from_the_command_line(tmp_path,
                  "--set", f"data_root={tmp_path / 'photos'}", "--set", "generator=nest_tiny", "--set",
                  "discriminator=resnet_tiny", "--set", "steps=2", "--set", "batch_size=8", *common]) == 0
     err = capsys.readouterr().err
-    assert f"data: {tmp_path / 'photos'} 16 images of 3x16x16" in err and "no FID/KID/IS evaluations" in err
+    assert f"data: {tmp_path / 'photos'} 16 images of 3x16x16" in err
+    assert "no FID/KID/IS evaluations: for your images name a feature network, --set feature_net=RUN" in err
     assert main(["generate", "train", "--resume", str(run), "--set", "steps=3"]) == 0  # the folder is in its config
     assert main(["generate", "sample", str(run), "-n", "4", "--out", str(tmp_path / "grid.png")]) == 0
     assert main(["generate", "eval", str(run), "-n", "4"]) == 2
-    assert "trained on your own images" in capsys.readouterr().err
+    assert "without a feature network for FID: name one with --feature-net RUN" in capsys.readouterr().err
     assert main(["generate", "report", str(run)]) == 2
     assert "trained on your own images" in capsys.readouterr().err
+    # FID against the folder's own images, with a classifier trained on that folder (the command the message names)
+    features = tmp_path / "features"
+    assert main(["train", "fid_features", "--out", str(features), "--set", "data.name=imagefolder", "--set",
+                 f"data.root={tmp_path / 'photos'}", "--set", "data.img_size=16", "--set", "data.mean=[0.5,0.5,0.5]",
+                 "--set", "data.std=[0.5,0.5,0.5]", "--set", "global_batch=4", "--set", "epochs=1", "--threads", "1",
+                 "--set", "progress=false"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "eval", str(run), "-n", "16", "--feature-net", str(features)]) == 0
+    out = capsys.readouterr().out
+    assert f"16 samples vs {tmp_path / 'photos'} train, features imagefolder_convnet:" in out
+    assert "may not describe these images" not in capsys.readouterr().err
+    measured = tmp_path / "measured"
+    assert main(["generate", "train", "gan_nest_fashion_mnist", "--out", str(measured), "--set", "dataset=imagefolder",
+                 "--set", f"data_root={tmp_path / 'photos'}", "--set", "generator=nest_tiny", "--set",
+                 "discriminator=resnet_tiny", "--set", "steps=2", "--set", "batch_size=8", "--set", "eval_every=2",
+                 "--set", "eval_n=16", "--set", f"feature_net={features}", *common]) == 0
+    evals = [r for r in read_metrics(measured) if r["kind"] in ("eval", "eval_floor")]
+    assert [(r["kind"], r["step"]) for r in evals] == [("eval_floor", 0), ("eval", 0), ("eval", 2)]
+    capsys.readouterr()
+    assert main(["generate", "report", str(measured), "--out", str(tmp_path / "report")]) == 0
     assert main(["generate", "train", "gan_nest_fashion_mnist", "--set", "dataset=imagefolder"]) == 2
     assert "dataset imagefolder needs data_root=FOLDER" in capsys.readouterr().err
     (tmp_path / "photos" / "a" / "0.png").unlink()  # the images changed: the resume says so

@@ -227,8 +227,9 @@ def test_eval_of_a_built_in_set_with_other_classes_is_refused(tmp_path, recipe, 
     assert main(["train", str(recipe), "--out", str(run)]) == 0
     loaded = nestvit.load(run)
     for classes, code in ((list("abcdefghij"), 2), ([f"class{k}" for k in reversed(range(10))], 2),
+                          (["class1", "class0", *(f"class{k}" for k in range(2, 9)), "emu"], 2),
                           ([*(f"class{k}" for k in range(9)), "emu"], 0)):
-        path = save_weights(loaded.model, tmp_path / f"{classes[0]}{classes[-1]}.safetensors",
+        path = save_weights(loaded.model, tmp_path / f"{classes[0]}{classes[1]}{classes[-1]}.safetensors",
                             contract=replace(loaded.contract, classes=tuple(classes), info={"data": "mnist5k"}))
         capsys.readouterr()
         assert main(["eval", str(path), "--data", "synthetic", "--limit", "64"]) == code
@@ -242,6 +243,7 @@ def test_eval_of_a_built_in_set_with_other_classes_is_refused(tmp_path, recipe, 
 
 def test_training_goes_on_when_the_reader_of_its_output_leaves(tmp_path, recipe):
     # `nestvit train ... | head -1`: before, the run stopped with "[Errno 32] Broken pipe" and lost its steps
+    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -249,7 +251,8 @@ def test_training_goes_on_when_the_reader_of_its_output_leaves(tmp_path, recipe)
     exe = Path(sys.executable).parent / "nestvit"
     run = tmp_path / "run"
     p = subprocess.Popen([str(exe), "train", str(recipe), "--out", str(run), "--epochs", "2"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})  # each line written at once, as on a terminal
     p.stdout.readline()
     p.stdout.close()
     err = p.stderr.read().decode()

@@ -183,7 +183,7 @@ def test_a_gan_stopped_while_training_its_feature_network_says_to_run_it_again(t
 
     from ..generate.test_train import TINY
 
-    def stopped_feature_net(cfg, folder, dev, log):
+    def stopped_feature_net(cfg, folder, dev, log, images=None):
         raise Stopped("Ctrl-C", 5, folder)
 
     monkeypatch.setattr(gan, "load_train_images", lambda cfg: torch.zeros(16, 3, 16, 16, dtype=torch.uint8))
@@ -320,7 +320,7 @@ def test_a_resume_refuses_changes_that_break_the_plan_of_steps(tmp_path, make_co
     for change, message in ((["global_batch=64"], r"trained 4 steps per epoch \(128 images in batches of 32\); now 2"),
                             (["data.limit_train=96"], "now 3 .*Keep global_batch, data.limit_train and the training"),
                             (["seed=3"], "middle of epoch 2 .*seed 3 \\(not 0\\) would draw another order"),
-                            (["epochs=1"], "middle of epoch 2; epochs 1 would end it there")):
+                            (["epochs=1"], r"middle of epoch 2 \(step 2 of 4\); epochs 1 would end it there")):
         with pytest.raises(ConfigError, match=message):
             train(make_config(*change), run, resume=True)
     result = train(make_config("optim.lr=1e-4", epochs=3), run, resume=True)  # what the plan allows goes on

@@ -430,7 +430,12 @@ def _maybe_download(name: str, root: str | Path | None, download: bool, find: Ca
             raise
     from .download import download_dataset  # local import: download.py imports DatasetError from here
 
-    new_root = Path(root).expanduser() if root is not None and not Path(root).expanduser().exists() else None
+    new_root = None  # the topmost folder of data.root the download would create (a misspelt root: removed again)
+    if root is not None:
+        for folder in (Path(root).expanduser().absolute(), *Path(root).expanduser().absolute().parents):
+            if folder.exists():
+                break
+            new_root = folder
     try:
         download_dataset(name, Path(root or default_root()).expanduser() / name)
     except DatasetError as e:

@@ -36,8 +36,9 @@ def check_runs(run_dirs: Sequence[str | Path], labels: Sequence[str] | None) -> 
         if gan_run_folder(d) is None and not (d / "metrics.jsonl").is_file():
             raise ValueError(f"{d} is not a `nestvit generate train` run folder")
         if not eval_rows(d) and (data := _recorded_data(d)) and own_images(data):
-            raise ValueError(f"{d} was trained on your own images ({data}): FID needs a data set nestvit reads and "
-                             "its feature network, so the run has no evaluations to plot")
+            raise ValueError(f"{d} was trained on your own images ({data}) without FID evaluations, which need a "
+                             "feature network you name: `nestvit generate eval RUN --feature-net CLASSIFIER_RUN` "
+                             "measures its generator; a run trained with --set feature_net=CLASSIFIER_RUN has a curve")
         if not eval_rows(d):
             raise ValueError(f"{d}: no FID evaluations in its metrics.jsonl (trained with eval_every -1?): the report "
                              "plots the evaluations made during training (a run with --set eval_every=N); "

@@ -52,6 +52,11 @@ __all__ = ["GanConfig", "ConfigError", "load_recipe", "apply_overrides", "r1_pen
 
 
 FOLDER = "imagefolder"  # GanConfig.dataset for your own images (data_root)
+FEATURES_COMMAND = ("nestvit train fid_features --set data.name=imagefolder --set data.root=FOLDER --set "
+                    "data.img_size=SIZE --set data.channels=C --out RUN; C=3 also --set data.mean=[0.5,0.5,0.5] "
+                    "--set data.std=[0.5,0.5,0.5]")  # a feature network for FID on a folder of your images
+FOLDER_FEATURES = (f"--set feature_net=RUN, a classifier trained on the same folder at the generator's size and "
+                   f"channels ({FEATURES_COMMAND}), or --set feature_net=inception:PATH")
 
 
 @dataclass(frozen=True)
@@ -308,20 +313,28 @@ def load_generator(path: str | Path, *, ema: bool = True) -> nn.Module:
     return loaded.model
 
 
-def eval_reference(cfg: GanConfig, cache: Path, device: torch.device | str,
-                   log: Callable[[str], None]) -> tuple[Any, torch.Tensor, Any]:
+def eval_reference(cfg: GanConfig, cache: Path, device: torch.device | str, log: Callable[[str], None], *,
+                   images: torch.Tensor | None = None) -> tuple[Any, torch.Tensor, Any]:
     """What a run's FID / KID / IS are measured against: ``(feature network, reference features, their
     Gaussian statistics)`` for ``cfg.feature_net`` (``"auto"``: the ``fid_features`` run in ``cache``) and the
-    ``cfg.eval_ref_split`` images of ``cfg.dataset``. Training and ``nestvit generate eval`` both use it."""
+    ``cfg.eval_ref_split`` images of ``cfg.dataset``; for a folder of your images (``imagefolder``), the images
+    the GAN trains on (``images`` where the caller has them decoded), as StyleGAN measures FID against its training
+    set, with the feature network you name. Training and ``nestvit generate eval`` both use it."""
     from .metrics import extract, gaussian_stats, get_feature_extractor
 
+    if cfg.dataset == FOLDER and cfg.feature_net == "auto":
+        raise ConfigError(f"FID on your own images needs a feature network you name: {FOLDER_FEATURES}")
     extractor = get_feature_extractor(cfg.feature_net, cache=cache, dataset=cfg.dataset, pad_to=cfg.pad_to, log=log)
     extractor.to(device)
     trained_on = getattr(extractor, "data", None)
-    if trained_on and trained_on != cfg.dataset:
+    data = cfg.data_root if cfg.dataset == FOLDER else cfg.dataset
+    if trained_on and trained_on != cfg.dataset:  # (a classifier records a folder as imagefolder)
         log(f"note: the feature network {extractor.name} was trained on {trained_on}, this run's data is "
-            f"{cfg.dataset}: its features may not describe these images")
-    ref = _to_unit(load_images_of(cfg, cfg.eval_ref_split), cfg.pad_to)
+            f"{data}: its features may not describe these images")
+    if cfg.dataset == FOLDER:
+        ref = _to_unit(images if images is not None else load_train_images(cfg), 0)
+    else:
+        ref = _to_unit(load_images_of(cfg, cfg.eval_ref_split), cfg.pad_to)
     ref_feats, _ = extract(extractor, ref)
     return extractor, ref_feats, gaussian_stats(ref_feats)
 
@@ -403,10 +416,10 @@ def evaluate_run(path: str | Path, *, n: int = 10_000, ema: bool = True, feature
     weights = resolve_weights(path, "ema" if ema else "raw")
     info = read_contract(weights).info
     recorded = info.get("data")
-    if own_images(recorded):
-        raise ConfigError(f"{path} was trained on your own images{'' if recorded == OWN_DATA else f' ({recorded})'}: "
-                          "`nestvit generate eval` compares with the images of a data set nestvit reads, so its FID "
-                          "would measure other images; nestvit has no command for FID against your own images")
+    if recorded == OWN_DATA:
+        raise ConfigError(f"{path} was trained on images given from Python, which nestvit cannot read again: measure "
+                          "it in Python (nestvit.generate.metrics.evaluate_generator with reference features of those "
+                          "images), or train it on a folder (dataset imagefolder, data_root=FOLDER)")
     if not (run_dir / "config.yaml").is_file():
         cfg = _config_of_a_lone_generator(path, generator, recorded, feature_net)
     else:
@@ -420,16 +433,24 @@ def evaluate_run(path: str | Path, *, n: int = 10_000, ema: bool = True, feature
         cfg = absolute_feature_net(apply_overrides(cfg, [f"feature_net={feature_net}"]))
     else:
         cfg = absolute_feature_net(cfg, recorded_by=run_dir, flag="--feature-net ")
+    if cfg.dataset == FOLDER and cfg.feature_net == "auto":
+        raise ConfigError(f"{path} was trained on your images ({cfg.data_root}) without a feature network for FID: "
+                          "name one with --feature-net RUN, a classifier trained on the same folder at the generator's "
+                          f"size ({FEATURES_COMMAND}), or --feature-net inception:PATH")
     dev = resolve_device(device)
-    extractor, ref_feats, ref_stats = eval_reference(cfg, run_dir / "feature_net", dev, log)
+    images = load_train_images(cfg, size=generator.img_size, channels=generator.out_chans) \
+        if cfg.dataset == FOLDER else None
+    extractor, ref_feats, ref_stats = eval_reference(cfg, run_dir / "feature_net", dev, log, images=images)
     measured = {r["feature_net"] for r in read_metrics(run_dir) if "feature_net" in r}
     if measured and extractor.name not in measured:
         log(f"note: the run's own evaluations used the feature network {', '.join(sorted(measured))}, this one is "
             f"{extractor.name}: its FIDs are not on the run's curve")
     result = evaluate_generator(generator.to(dev), extractor, ref_feats, n=n, seed=seed, ref_stats=ref_stats)
     role = {"generator_ema": "ema", "generator": "raw"}.get(info.get("role"), "ema" if ema else "raw")
+    folder = cfg.dataset == FOLDER
     return {"run": str(run_dir), "weights": str(weights), "step": info.get("step"), "generator": role,
-            "data": cfg.dataset, "split": cfg.eval_ref_split, "seed": seed, "device": str(dev), **result}
+            "data": cfg.data_root if folder else cfg.dataset, "split": "train" if folder else cfg.eval_ref_split,
+            "seed": seed, "device": str(dev), **result}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -454,6 +475,8 @@ def _config_of_a_lone_generator(path: Path, generator: nn.Module, data: str | No
                                                 feature_net), ("a data set in its weights", data)) if not ok)
         raise ConfigError(f"{path}: not in the run folder it was trained in, whose config.yaml names the data and "
                           f"the feature network; without it, `nestvit generate eval` needs {missing}")
+    if own_images(data):  # a folder of your images: its own images are the reference
+        return GanConfig(dataset=FOLDER, data_root=str(data), feature_net=feature_net)
     cfg = GanConfig(dataset=str(data), feature_net=feature_net)
     native = load_images_of(cfg, cfg.eval_ref_split).shape[-1]
     return replace(cfg, pad_to=0 if generator.img_size == native else generator.img_size)
@@ -471,20 +494,23 @@ def load_images_of(cfg: GanConfig, split: str) -> torch.Tensor:
             from None
 
 
-def load_train_images(cfg: GanConfig) -> torch.Tensor:
+def load_train_images(cfg: GanConfig, *, size: int | None = None, channels: int | None = None) -> torch.Tensor:
     """uint8 ``(N, C, H, W)`` training images: ``cfg.dataset``'s train split (its first ``cfg.max_images``), or
     (``imagefolder``) the images of ``cfg.data_root`` (its train split, if it has split folders) decoded to the
-    generator's size and channels (``cfg.max_images`` of them drawn with ``cfg.seed``)."""
+    generator's size and channels (``size`` / ``channels`` where the caller has the generator; ``cfg.max_images``
+    of them drawn with ``cfg.seed``)."""
     if cfg.dataset == FOLDER:
         from ..data import DatasetError, load_images
 
-        with torch.random.fork_rng():  # the generator built for its size only: the run's draws are untouched
-            probe = build_generator(cfg.generator, **_model_overrides(cfg.generator_overrides))
+        if size is None or channels is None:
+            with torch.random.fork_rng():  # the generator built for its size only: the run's draws are untouched
+                probe = build_generator(cfg.generator, **_model_overrides(cfg.generator_overrides))
+            size, channels = probe.img_size, probe.out_chans
         if not Path(cfg.data_root).expanduser().exists():
             raise ConfigError(f"data_root {cfg.data_root} does not exist (moved? a run reads its images from where "
                               "they were: nestvit generate train --resume RUN --set data_root=NEW_PATH)")
         try:
-            ds = load_images(cfg.data_root, "train", holdout=0, size=probe.img_size, channels=probe.out_chans)
+            ds = load_images(cfg.data_root, "train", holdout=0, size=size, channels=channels)
         except DatasetError as e:
             raise ConfigError(f"data_root: {e} (a GAN reads every image of class folders or a CSV, and the train "
                               "split of split folders)") from None
@@ -669,9 +695,10 @@ def _train_gan(cfg: GanConfig, out: Path, *, resume: bool, data: torch.Tensor | 
 
     # evaluation set-up (feature network + reference features), only when evaluations are on
     extractor = ref_feats = ref_stats = None
-    if cfg.eval_every >= 0 and data is None and cfg.dataset != FOLDER:
+    if cfg.eval_every >= 0 and data is None and not (cfg.dataset == FOLDER and cfg.feature_net == "auto"):
         try:
-            extractor, ref_feats, ref_stats = eval_reference(cfg, out / "feature_net", dev, log)
+            extractor, ref_feats, ref_stats = eval_reference(cfg, out / "feature_net", dev, log,
+                                                             images=images if cfg.dataset == FOLDER else None)
         except Stopped as e:  # training the feature network, before the run has a config or state to resume
             raise Stopped(e.signal_name, e.step, e.run_dir, how="the same nestvit generate train command (or "
                           "train_gan call): the feature network goes on from there, then the GAN trains") from None
@@ -689,9 +716,11 @@ def _train_gan(cfg: GanConfig, out: Path, *, resume: bool, data: torch.Tensor | 
         f"({params(D)}) on {dev}\ndata: {OWN_DATA if data is not None else cfg.data_root or cfg.dataset} {len(images)} "
         "images of "
         f"{images.shape[1]}x{size}x{size}; {cfg.steps} steps of batch {cfg.batch_size}")
-    if (data is not None or cfg.dataset == FOLDER) and cfg.eval_every >= 0:
-        log("note: no FID/KID/IS evaluations: they compare with reference images and a feature network of one of "
-            "nestvit's data sets, not of your images")
+    if data is not None and cfg.eval_every >= 0:
+        log("note: no FID/KID/IS evaluations: they compare with reference images nestvit reads (a data set, or a "
+            "folder: dataset imagefolder)")
+    elif extractor is None and cfg.dataset == FOLDER and cfg.eval_every >= 0:
+        log(f"note: no FID/KID/IS evaluations: for your images name a feature network, {FOLDER_FEATURES}")
 
     # a new run drops every record of one killed before its first checkpoint (its step-0 evaluations included:
     # they are measured again); a resumed run drops what was logged after its checkpoint

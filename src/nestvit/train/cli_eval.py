@@ -106,8 +106,7 @@ def evaluate_one(args: argparse.Namespace, checkpoint: str, out: Path | None) ->
 
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    note_weights_of_a_file(checkpoint, args.weights)
-    loaded = load(checkpoint, args.weights)
+    loaded = load(checkpoint, note_weights_of_a_file(checkpoint, args.weights))
     if loaded.contract.kind != "classifier":
         raise ValueError(f"{loaded.weights} holds a {loaded.contract.kind}, not a classifier; eval needs one"
                          + ("; a GAN's FID/KID/IS: nestvit generate eval RUN" if loaded.contract.kind in
@@ -207,12 +206,14 @@ def _check_same_classes(loaded: Any, name: str, have: list[str]) -> None:
     if [same_name(c) for c in want] == [same_name(c) for c in have]:
         return
     trained = loaded.contract.info.get("data")
-    shared = {same_name(c) for c in want} & {same_name(c) for c in have}
-    if not shared or len(shared) == len(want):  # other classes, or the same ones in another order
+    want_at = {same_name(c): i for i, c in enumerate(want)}
+    have_at = {same_name(c): i for i, c in enumerate(have)}
+    shared = want_at.keys() & have_at.keys()
+    if not shared or any(want_at[c] != have_at[c] for c in shared):  # other classes, or shared ones at other outputs
         raise ValueError(f"{name}'s classes ({listed(have, 4)}) are not the model's ({listed(want, 4)}"
                          + (f", of {trained}" if trained else "") + "): its scores would compare other classes"
                          + (f"; evaluate it on --data {trained}" if trained and trained != name else ""))
-    differ = [c for c in want if same_name(c) not in {same_name(h) for h in have}]
+    differ = [c for c in want if same_name(c) not in have_at]
     print(f"warning: the model's classes {listed(differ, 4)} are not among {name}'s; images are scored by label "
           "index", file=sys.stderr)
 

@@ -61,8 +61,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out}: is a folder; give a file name such as {args.out / 'predictions.csv'}")
     if args.out is not None:
         writable_dir(args.out.parent)  # fail now, not after every image has been classified
-    note_weights_of_a_file(args.checkpoint, args.weights)
-    loaded = load(args.checkpoint, args.weights)
+    loaded = load(args.checkpoint, note_weights_of_a_file(args.checkpoint, args.weights))
     if loaded.contract.kind != "classifier":
         raise ValueError(f"{loaded.weights} holds a {loaded.contract.kind}, not a classifier; predict needs one")
     run_tta = getattr(loaded.config, "tta", "none") or "none"

@@ -701,6 +701,7 @@ class Trainer:
             "budget_spent": self.time_frac >= 1.0,  # with time_budget_s: the run is over (see run_finished)
             "epoch_sums": self.epoch_sums,  # mid-epoch: the sums of its record and of the log window so far
             "data_files": self._files,  # which images each split held (a resume says if they changed)
+            "steps_per_epoch": self.steps_per_epoch,  # the plan of steps a resume must keep
         }
         atomic_torch_save(state, self.run_dir / STATE_FILE)
 
@@ -786,30 +787,43 @@ class Trainer:
     def _check_plan(self, state: dict[str, Any]) -> None:
         """Refuse a resume whose changes break the run's plan of steps: another number of steps per epoch (other
         ``global_batch``, ``data.limit_train`` or image count: the step count and the learning-rate schedule would
-        no longer fit the epochs), or, in the middle of an epoch, another seed (its image order: images repeated and
-        skipped) or fewer epochs than the one it is in (ended half trained)."""
+        no longer fit the epochs), or, in the middle of an epoch, another image order (seed; for tar shards the
+        number of processes or workers too: images repeated and skipped) or fewer epochs than the one it is in
+        (ended half trained)."""
         saved = state.get("config") or {}
         epoch, in_epoch, step = int(state["epoch"]), int(state["step_in_epoch"]), int(state["step"])
+        if step == 0:  # nothing trained yet: any plan goes
+            return
         images = ((state.get("data_files") or {}).get("train") or {}).get("images")
-        spe = (step - in_epoch) // epoch if epoch else \
-            images // saved["global_batch"] if images and saved.get("global_batch") else None
-        fix = (f"resume with the run's own settings, or go on from its weights in a new run (nestvit train finetune "
-               f"--set model.weights={self.run_dir} --out NEW_RUN)")
+        spe = state.get("steps_per_epoch")  # recorded since 2026-12-06; before: what the last piece trained with
+        if spe is None and images and saved.get("global_batch"):
+            spe = images // saved["global_batch"]
+        new_run = f"go on from its weights in a new run (nestvit train finetune --set model.weights={self.run_dir} " \
+                  "--out NEW_RUN)"
         if spe is not None and spe != self.steps_per_epoch:
             raise C.ConfigError(
                 f"{self.run_dir} trained {spe} steps per epoch ({images if images is not None else '?'} images in "
                 f"batches of {saved.get('global_batch', '?')}); now {self.steps_per_epoch} ({len(self.train_split)} "
                 f"of {self.cfg.global_batch}): its steps and learning-rate schedule would no longer fit the epochs. "
-                "Keep global_batch, data.limit_train and the training images as they were, or " + fix.split(", or ")[1])
-        if in_epoch and saved.get("seed") is not None and saved["seed"] != self.cfg.seed:
-            raise C.ConfigError(f"{self.run_dir} stopped in the middle of epoch {epoch + 1} (step {in_epoch} of "
-                                f"{spe or self.steps_per_epoch}); seed {self.cfg.seed} (not {saved['seed']}) would "
-                                f"draw another order of its images, repeating some and skipping others: {fix}")
-        if in_epoch and self.cfg.epochs <= epoch:
-            raise C.ConfigError(f"{self.run_dir} stopped in the middle of epoch {epoch + 1}; epochs {self.cfg.epochs} "
-                                f"would end it there, that epoch half trained and unevaluated: resume with epochs "
-                                f">= {epoch + 1}, or use its last weights as they are (nestvit eval {self.run_dir} "
-                                "--weights last)")
+                f"Keep global_batch, data.limit_train and the training images as they were, or {new_run}")
+        if not in_epoch:
+            return
+        mid = f"{self.run_dir} stopped in the middle of epoch {epoch + 1} (step {in_epoch} of {self.steps_per_epoch})"
+        order = [f"seed {self.cfg.seed} (not {saved['seed']})"] if saved.get("seed", self.cfg.seed) != self.cfg.seed \
+            else []
+        if self.train_split.stream is not None:  # a shard epoch's order follows the processes and the workers
+            if state.get("world_size", self.info.world_size) != self.info.world_size:
+                order.append(f"{self.info.world_size} process(es) (not {state['world_size']})")
+            workers = (saved.get("data") or {}).get("workers", self.cfg.data.workers)
+            if workers != self.cfg.data.workers:
+                order.append(f"data.workers {self.cfg.data.workers} (not {workers})")
+        if order:
+            raise C.ConfigError(f"{mid}; {' and '.join(order)} would draw another order of its images, repeating "
+                                f"some and skipping others: resume with the run's own settings, or {new_run}")
+        if self.cfg.epochs <= epoch:
+            raise C.ConfigError(f"{mid}; epochs {self.cfg.epochs} would end it there, that epoch half trained and "
+                                f"unevaluated: resume with epochs >= {epoch + 1}, or use its last weights as they are "
+                                f"(nestvit eval {self.run_dir} --weights last)")
 
     def _check_teacher(self, weights: str) -> list[str]:
         """The teacher's weights against the student's data: another class count is an error; other class names,
@@ -923,9 +937,10 @@ def _get_key(config: dict[str, Any], dotted: str) -> Any:
     return config
 
 
-def _short(value: Any, limit: int = 40) -> str:
+def _short(value: Any, limit: int = 60) -> str:
+    """A value for a one-line note: long ones keep their start and their end (where paths differ)."""
     text = str(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[:20] + "..." + text[-(limit - 23):]
 
 
 def _has_key(config: dict[str, Any], dotted: str) -> bool:
