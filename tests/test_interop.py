@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -174,7 +176,25 @@ def test_a_torch_save_of_nestvits_own_nest_loads_unchanged(tmp_path):
                            model(x)), name
     # a state dict that does not say (a plain dict, as timm's files are) is still read in timm's layout
     torch.save(dict(model.state_dict()), tmp_path / "plain.pt")
-    assert not torch.equal(load_weights(tiny_model("nest_tiny_cifar"), tmp_path / "plain.pt").eval()(x), model(x))
+    with pytest.warns(UserWarning, match="plain.pt does not say whose layout it holds .*read as timm's NesT"):
+        plain = load_weights(tiny_model("nest_tiny_cifar"), tmp_path / "plain.pt")  # before: without a word
+    assert not torch.equal(plain.eval()(x), model(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a file known to be timm's (published weights): nothing to say
+        load_weights(tiny_model("nest_tiny_cifar"), tmp_path / "plain.pt", timm=True)
+
+
+def test_weights_of_another_family_or_width_into_a_nest_are_one_clear_error(tmp_path):
+    # before: an IndexError / a reshape RuntimeError (an "internal error") from the timm conversion
+    vit = nestvit.create_model("vit_tiny_patch4_32", img_size=16, embed_dim=16, depth=1, num_heads=2)
+    torch.save(dict(vit.state_dict()), tmp_path / "vit.pth")
+    wide = tiny_model("nest_tiny_cifar", embed_dims=20)
+    torch.save(dict(wide.state_dict()), tmp_path / "wide.pth")
+    for name in ("vit.pth", "wide.pth"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(WeightsError, match=f"{name} does not fit Nest"):
+                load_weights(tiny_model("nest_tiny_cifar", num_heads=8), tmp_path / name)
 
 
 def test_a_misfit_names_the_model_the_file_records(tmp_path):

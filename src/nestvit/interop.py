@@ -75,9 +75,10 @@ def nest_state_from_timm(sd: Mapping[str, torch.Tensor], num_heads: tuple[int, .
     """timm NesT keys are nestvit's; only ``attn.proj.weight`` columns move from ``d*H + h`` to ``h*D + d``."""
     out = {}
     for k, v in sd.items():
-        if k.endswith("attn.proj.weight"):
-            level = int(k.split(".")[1])
-            H = num_heads[level]
+        parts = k.split(".")
+        if k.endswith("attn.proj.weight") and v.ndim == 2 and len(parts) > 1 and parts[1].isdigit() \
+                and int(parts[1]) < len(num_heads) and v.shape[1] % num_heads[int(parts[1])] == 0:
+            H = num_heads[int(parts[1])]  # (a tensor that does not fit is left as it is: the load says so)
             D = v.shape[1] // H
             v = v.reshape(v.shape[0], D, H).transpose(1, 2).reshape(v.shape[0], H * D)
         out[k] = v
@@ -275,18 +276,19 @@ def _root_version(sd: Mapping[str, torch.Tensor]) -> int | None:
 
 
 def load_weights(model: nn.Module, path: str | Path, *, adapt: bool = False,
-                 notes: list[str] | None = None) -> nn.Module:
+                 notes: list[str] | None = None, timm: bool = False) -> nn.Module:
     """Load nestvit weights (``save_weights``) or a timm checkpoint into ``model``.
 
     Files written by nestvit carry ``format=nestvit`` metadata and load as they are (their family must
     match), as does a ``torch.save`` of a nestvit NesT's ``state_dict()`` (its ``_version``, 2, says so);
     anything else is taken to be in timm's layout and converted. ``adapt=True`` (fine-tuning) lets
     weights of another class count, image size or channel count fit (``nestvit.adapt``); what it changed
-    is appended to ``notes``.
+    is appended to ``notes``. A NesT file that records neither (a bare state dict: timm's and nestvit's NesT
+    share their key names) is read as timm's with a warning, unless ``timm=True`` says it is one.
     """
     sd, meta = read_state_dict(path)
     try:
-        return _load_weights(model, path, sd, meta, adapt=adapt, notes=notes)
+        return _load_weights(model, path, sd, meta, adapt=adapt, notes=notes, timm=timm)
     except WeightsError as e:  # a file that records what it is: say what builds it
         if meta.get("format") != "nestvit" or not meta.get("model") or "does not fit" not in str(e):
             raise
@@ -302,7 +304,7 @@ def load_weights(model: nn.Module, path: str | Path, *, adapt: bool = False,
 
 
 def _load_weights(model: nn.Module, path: str | Path, sd: dict[str, torch.Tensor], meta: dict[str, str], *,
-                  adapt: bool, notes: list[str] | None) -> nn.Module:
+                  adapt: bool, notes: list[str] | None, timm: bool = False) -> nn.Module:
     own_nest = _root_version(sd) == getattr(model, "_version", 1) > 1  # a torch.save of nestvit's own NesT
     sd = _strip(sd)
     family = getattr(model, "family", "")
@@ -311,6 +313,14 @@ def _load_weights(model: nn.Module, path: str | Path, sd: dict[str, torch.Tensor
             raise WeightsError(f"{path} holds a {meta['family']} model ({meta.get('model', '?')}), "
                                f"not a {family} model; create the model it was saved from")
     elif family == "nest" and not own_nest:
+        if not timm and any(k.startswith("levels.") for k in sd):  # a NesT's keys, timm's or nestvit's: only the
+            # attention projection's column order differs
+            import warnings
+
+            warnings.warn(f"{path} does not say whose layout it holds (no nestvit metadata): read as timm's NesT. "
+                          "A state dict of nestvit's own NesT loads wrongly so; save those with "
+                          "nestvit.interop.save_weights(model, path) or torch.save(model.state_dict()), which record "
+                          "it", stacklevel=3)
         sd = nest_state_from_timm(sd, model.cfg.num_heads)
     elif family == "tnt":
         from .models.tnt import tnt_state_from_timm

@@ -319,7 +319,7 @@ def load_pretrained(model: nn.Module, source: PretrainedFile | Path, *, progress
         sd, notes = adapt_state_dict(model, nest_state_from_official(params, cfg))
         load_state_strict(model, sd, source=str(path))
     else:
-        load_weights(model, path, adapt=True, notes=notes)
+        load_weights(model, path, adapt=True, notes=notes, timm=isinstance(source, PretrainedFile))
     for note in notes:
         log.info("pretrained: %s", note)
     return notes
