@@ -36,8 +36,10 @@ def test_round_trip_gives_identical_logits(run, tmp_path):
     assert config["architecture"] == "nest_tiny_cifar" and config["library_name"] == "nestvit"
     assert config["classes"][:2] == ["class0", "class1"] and config["input"]["size"] == [8, 8]
     card = (out / "README.md").read_text()
-    assert "test top-1 (%)" in card and "nest_tiny_cifar" in card and "from_pretrained" in card
+    assert "nest_tiny_cifar" in card and "from_pretrained" in card
     a, b = nestvit.load(run), nestvit.from_pretrained(out)
+    # the score of the weights saved (the best), rounded; before: the last epoch's, however many decimals
+    assert f"| top-1 on test (%) | {a.contract.info['top1']:.2f} |" in card
     x = torch.randn(3, 1, 8, 8)
     assert torch.equal(a.model(x), b.model(x)) and a.transform == b.transform and a.classes == b.classes
 
@@ -73,7 +75,7 @@ def test_the_model_of_a_loaded_run_keeps_its_input_and_classes_and_a_new_head_is
         out = nestvit.save_pretrained(loaded, tmp_path / "head3")  # before: a folder that did not load
     again = nestvit.from_pretrained(out)
     assert again.model.num_classes == 3 and again.classes == ["class0", "class1", "class2"]
-    assert again.transform == loaded.transform and "test top-1" not in (out / "README.md").read_text()
+    assert again.transform == loaded.transform and "top-1 on" not in (out / "README.md").read_text()
     named = nestvit.from_pretrained(nestvit.save_pretrained(loaded.model, tmp_path / "abc", classes=["a", "b", "c"]))
     assert named.classes == ["a", "b", "c"]
     with pytest.raises(ContractError, match="classes: 2 names for a model of 3 classes"):

@@ -93,9 +93,16 @@ def _card(loaded: Loaded, summary: dict[str, Any] | None) -> str:
     for key in ("data", "epoch", "step"):
         if key in c.info:
             facts.append((key, str(c.info[key])))
+    summary = summary or {}
+    split = str(summary.get("test_split") or "its evaluation split").rpartition(":")[2]
+    last = summary.get("steps") is not None and summary.get("steps") == c.info.get("step")  # the run's last weights
+    top1 = c.info.get("top1", summary.get("test_top1") if last else None)  # these weights' own score
+    if isinstance(top1, (int, float)):
+        facts.append((f"top-1 on {split} (%)", f"{top1:.2f}"))
+    if last and isinstance(summary.get("test_top1_tta"), (int, float)):
+        facts.append((f"top-1 on {split} with TTA (%)", f"{summary['test_top1_tta']:.2f}"))
     if summary:
-        for key, label in (("test_top1", "test top-1 (%)"), ("test_top1_tta", "test top-1 with TTA (%)"),
-                           ("epochs", "epochs"), ("wall_s", "training time (s)"), ("precision", "precision")):
+        for key, label in (("epochs", "epochs of the run"), ("wall_s", "training time (s)"), ("precision", "precision")):
             if summary.get(key) is not None:
                 facts.append((label, str(summary[key])))
         machine = summary.get("machine") or {}
