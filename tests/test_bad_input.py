@@ -604,3 +604,22 @@ def test_python_callers_bad_arguments_are_one_clear_error(tmp_path):
             load_images(tmp_path, "train", **kwargs)
     with pytest.raises(DatasetError, match="split must be a split's name"):
         load_images(tmp_path, None)
+
+
+def test_a_weights_file_without_its_run_scores_a_folder_whole_with_a_note_or_its_holdout(recipe, tmp_path, capsys):
+    # before: a copied file scored every image, training images too, without a word; --split holdout was refused
+    data = image_folder(tmp_path / "data", {"train": {"cat": 10, "dog": 10}})
+    run = tmp_path / "run"
+    assert main(["train", str(recipe), "--out", str(run), *folder_args(data, "data.eval_split=null")]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--out", str(tmp_path / "own")]) == 0
+    own = json.loads((tmp_path / "own" / "eval.json").read_text())
+    alone = tmp_path / "alone.safetensors"
+    alone.write_bytes((run / "best.safetensors").read_bytes())
+    assert main(["eval", str(alone), "--data", str(data)]) == 0
+    captured = capsys.readouterr()
+    assert "(20 images)" in captured.out and f"note: all of {data} is scored: {alone} alone does not say" \
+        in captured.err
+    assert main(["eval", str(alone), "--data", str(data), "--split", "holdout", "--out", str(tmp_path / "h")]) == 0
+    held = json.loads((tmp_path / "h" / "eval.json").read_text())
+    assert (held["count"], held["top1"]) == (own["count"], own["top1"]) and own["count"] < 20

@@ -133,12 +133,18 @@ def evaluate_one(args: argparse.Namespace, checkpoint: str, out: Path | None) ->
     section = eval_section(name, root, transform, same)
     if same is None and name in ("imagefolder", "webdataset"):
         # another folder of images than the run's: all of it is evaluation data (its val or test split if it has one)
-        from ..data.folders import eval_split_of, split_folder
+        from ..data.folders import HOLDOUT, eval_split_of, split_folder
 
+        layout = _layout(name, root, "train")
         if split is None:
-            layout = _layout(name, root, "train")
             split = eval_split_of(layout, "train") or split_folder(layout, "train")
-        section = dataclasses.replace(section, holdout=0.0, eval_split=split)
+            if loaded.config is None and split == split_folder(layout, "train"):  # a model without its run
+                print(f"note: all of {root} is scored: {loaded.weights} alone does not say which of its images it "
+                      f"trained on. If they are among them, score its hold-out: its run folder does (nestvit eval "
+                      f"RUN), or --split {HOLDOUT} (each class's {DataSection.holdout:g} share drawn from the file "
+                      "names, as training's data.holdout default draws it)", file=sys.stderr)
+        holdout = DataSection.holdout if args.split == HOLDOUT else 0.0  # the default share, drawn as training does
+        section = dataclasses.replace(section, holdout=holdout, eval_split=split)
     if args.split is not None and name in ("imagefolder", "webdataset"):  # said with the flag's name
         from ..data.folders import HOLDOUT, check_split, split_folder
 
