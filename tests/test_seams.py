@@ -207,6 +207,12 @@ def test_finetune_a_run_on_a_folder_at_another_size_channels_and_classes(tmp_pat
     assert load_config(run / "config.yaml").model.weights == str(pre)  # recorded absolute: resume from anywhere
     monkeypatch.chdir(tmp_path / "pets")
     assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0
+    pre.rename(tmp_path / "pre_moved")  # the starting weights moved: the run's own weights give the architecture
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--epochs", "3"]) == 0  # before: "no such run directory"
+    assert f"note: model.weights {pre} is gone; the architecture comes from {run / 'last.safetensors'}" \
+        in capsys.readouterr().out
+    assert nestvit.load(run).contract.kwargs == loaded.contract.kwargs
 
 
 def test_grey_image_folders_train_a_grey_model_and_finetune_keeps_its_normalisation(tmp_path, capsys):

@@ -114,6 +114,9 @@ def absolute_weights(cfg: C.TrainConfig, *, resume: bool = False) -> C.TrainConf
 
     for section, key in (("model", "weights"), ("distill", "teacher_weights")):
         value = getattr(getattr(cfg, section), key)
+        if resume and section == "distill" and value and Path(value).is_absolute() and not Path(value).exists():
+            raise C.ConfigError(f"distill.teacher_weights {value}: no such file or folder (moved?); the teacher gives "
+                                "every step's targets: resume with --set distill.teacher_weights=NEW_PATH")
         if not value or str(value).startswith(HUB_PREFIX) or published(value) is not None or Path(value).is_absolute():
             continue  # a published tag first, as build_model reads it
         path = Path(value).expanduser()
@@ -177,7 +180,8 @@ class Trainer:
         self.top_k = min(5, self.num_classes)  # "top-5" of fewer classes is top-k of all of them (always 100 %)
 
         # model, EMA, teacher
-        self.model, self.model_kwargs = _build(cfg.model, "model.overrides", num_classes=self.num_classes,
+        section = self._starting_weights(cfg, run_dir) if resume else cfg.model
+        self.model, self.model_kwargs = _build(section, "model.overrides", num_classes=self.num_classes,
                                                in_chans=self.train_split.channels, img_size=self.train_split.size,
                                                classes=self.classes)
         self.model_name = self.model.registry_spec["model"]  # model.name, or the weights' (fine-tuning)
@@ -783,6 +787,21 @@ class Trainer:
                 self.say(f"note: the {self.cfg.schedule.name} schedule now spans {self.schedule.total_steps} steps, "
                          f"so the learning rate goes on from {now:.3g}, not from the {before:.3g} the run reached "
                          "(a longer run than planned: fine-tuning it, nestvit train finetune, starts a schedule anew)")
+
+    def _starting_weights(self, cfg: C.TrainConfig, run_dir: Path) -> C.ModelSection:
+        """A resumed fine-tuning run whose ``model.weights`` moved or are gone: its own weights give the
+        architecture (its state holds every weight it trained); the config keeps the path it started from."""
+        weights = cfg.model.weights
+        if not weights or not Path(weights).is_absolute() or Path(weights).exists():
+            return cfg.model  # (published tags and hf-hub ids are not paths: absolute_weights left them as given)
+        own = run_dir / "last.safetensors"
+        if not own.is_file():
+            raise C.ConfigError(f"model.weights {weights}: no such file or folder (moved?), and {run_dir} has no "
+                                "weights of its own yet to take the architecture from; resume with --set "
+                                "model.weights=NEW_PATH")
+        self.say(f"note: model.weights {weights} is gone; the architecture comes from {own} (the run's state holds "
+                 "every weight it trained)")
+        return dataclasses.replace(cfg.model, weights=str(own))
 
     def _check_plan(self, state: dict[str, Any]) -> None:
         """Refuse a resume whose changes break the run's plan of steps: another number of steps per epoch (other
