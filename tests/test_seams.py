@@ -267,6 +267,19 @@ def test_grey_image_folders_train_a_grey_model_and_finetune_keeps_its_normalisat
         assert torch.equal(head, trained["head.weight"].flip(0) if flipped else trained["head.weight"])
         assert ("reordered" in " ".join(model.adapt_notes)) == flipped
         assert ("kept row by row" in " ".join(model.adapt_notes)) == (classes == ["x", "y"])
+    # classes shared in part (before: rows by position, "b" served by "a"'s row), or fewer / more of them (before:
+    # the whole head re-initialised): shared names keep their rows, new ones start fresh
+    for classes in (["emu", "a"], ["b"], ["b", "emu", "a"]):
+        model, _ = build_model(ModelSection(name=None, weights=str(run)), num_classes=len(classes), in_chans=1,
+                               img_size=32, classes=classes)
+        head = model.state_dict()["head.weight"]
+        for k, c in enumerate(classes):
+            if c in ("a", "b"):
+                assert torch.equal(head[k], trained["head.weight"][["a", "b"].index(c)]), (classes, c)
+            else:  # the new head's own initial row, none of the trained ones
+                assert not any(torch.equal(head[k], row) for row in trained["head.weight"]), (classes, c)
+        notes = " ".join(model.adapt_notes)
+        assert "keep their rows by name" in notes and "re-initialised" not in notes, notes
 
 
 def test_a_relative_weights_path_of_an_older_run_names_the_fix_on_resume(tmp_path, monkeypatch):

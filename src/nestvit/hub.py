@@ -102,7 +102,8 @@ def _card(loaded: Loaded, summary: dict[str, Any] | None) -> str:
     if last and isinstance(summary.get("test_top1_tta"), (int, float)):
         facts.append((f"top-1 on {split} with TTA (%)", f"{summary['test_top1_tta']:.2f}"))
     if summary:
-        for key, label in (("epochs", "epochs of the run"), ("wall_s", "training time (s)"), ("precision", "precision")):
+        for key, label in (("epochs", "epochs of the run"), ("wall_s", "training time (s)"),
+                           ("precision", "precision")):
             if summary.get(key) is not None:
                 facts.append((label, str(summary[key])))
         machine = summary.get("machine") or {}

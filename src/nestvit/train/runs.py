@@ -78,44 +78,65 @@ def build_model(section: ModelSection, *, num_classes: int, in_chans: int, img_s
     if published is not None:
         model.adapt_notes = load_pretrained(model, published)
     elif weights is not None:
+        from ..adapt import HEADS
+
+        fresh = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(HEADS)}  # a new head's rows
         load_weights(model, weights, adapt=adapt, notes=model.adapt_notes)
         if classes is not None:  # a reordering of the head fits any model, a teacher's too
-            follow_class_names(model, weights, list(classes))
+            follow_class_names(model, weights, list(classes), fresh=fresh if adapt else None)
     if section.grad_checkpointing:
         model.set_grad_checkpointing(True)  # a runtime setting: kwargs (what is saved) stay as they are
     return model, kwargs
 
 
-def follow_class_names(model: nn.Module, weights: str | Path, classes: list[str]) -> None:
-    """A head kept from ``weights`` (the same class count) follows the class names its run recorded.
+def follow_class_names(model: nn.Module, weights: str | Path, classes: list[str], *,
+                       fresh: dict[str, torch.Tensor] | None = None) -> None:
+    """A head kept from ``weights`` follows the class names its run recorded.
 
     The same classes in another order (a class list, other folder names' sorting) get their head rows
-    reordered to ``classes``; other names keep the rows by position and a note says so. Files that record no
-    classes (timm's, published weights) keep their rows, as they are.
+    reordered to ``classes``. With ``fresh`` (the new head's own rows, fine-tuning), classes the weights had
+    keep their rows by name, whatever the class counts, and the others start from ``fresh``; without it (a
+    teacher: it must teach every class) other names keep the rows by position and a note says so. Files that
+    record no classes (timm's, published weights) keep their rows, as they are.
     """
     from ..adapt import HEADS
     from ..contract import ContractError, read_contract
     from ..data.datasets import same_name
+    from ..interop import read_state_dict
 
     try:
         had = list(read_contract(weights).classes or ())
     except ContractError:
         return
     had, classes = [same_name(c) for c in had], [same_name(c) for c in classes]
-    if len(had) != len(classes) or had == classes:
+    if not had or had == classes:
         return
     shown = ", ".join(had[:5]) + (", ..." if len(had) > 5 else "")
-    if sorted(had) != sorted(classes):
+    shared = [c for c in classes if c in had]
+    if sorted(had) == sorted(classes) or (fresh is not None and shared):
+        sd = read_state_dict(weights)[0]
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.startswith(HEADS) and p.shape[0] == len(classes) and name in sd \
+                        and sd[name].shape[0] == len(had) and sd[name].shape[1:] == p.shape[1:]:
+                    rows = fresh[name].clone() if fresh is not None else p.detach().clone()
+                    for k, c in enumerate(classes):
+                        if c in had:
+                            rows[k] = sd[name][had.index(c)]
+                    p.copy_(rows)
+        if sorted(had) == sorted(classes):
+            model.adapt_notes.append(f"head: rows reordered to this data's class order (the weights had the same "
+                                     f"classes, ordered {shown})")
+        else:
+            new = [c for c in classes if c not in had]
+            model.adapt_notes[:] = [n for n in model.adapt_notes if not n.startswith(("head: re-", "head_dist: re-"))]
+            model.adapt_notes.append(f"head: the {len(shared)} classes the weights had keep their rows by name; "
+                                     f"{len(new)} new one(s) ({', '.join(new[:5])}{', ...' if len(new) > 5 else ''}) "
+                                     "start fresh")
+        return
+    if len(had) == len(classes):
         model.adapt_notes.append(f"warning: head kept row by row, though the weights' classes ({shown}) are not "
                                  "this data's: row k, the weights' class k, serves the data's class k")
-        return
-    order = torch.tensor([had.index(c) for c in classes])
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.startswith(HEADS) and p.shape[0] == len(classes):
-                p.copy_(p[order])
-    model.adapt_notes.append(f"head: rows reordered to this data's class order (the weights had the same classes, "
-                             f"ordered {shown})")
 
 
 def input_transform(data: DataSection, *, channels: int, size: tuple[int, int],
