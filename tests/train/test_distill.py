@@ -83,6 +83,17 @@ def test_teacher_weights_must_fit(tmp_path, make_config, teacher):
         train(cfg, tmp_path / "s")
 
 
+def test_a_transformer_teacher_of_another_size_or_a_gan_is_one_clear_error(tmp_path, make_config):
+    # before: "does not fit Nest: ... pos_embed ... create_model(NAME, pretrained=PATH)", advice for fine-tuning
+    from nestvit.config import ConfigError
+
+    train(make_config("epochs=1"), tmp_path / "nest8")
+    with pytest.raises(ConfigError, match=r"do not fit a teacher of the student's 16x16x1 images .*distil from one "
+                                          r"trained at that size"):
+        train(make_config("epochs=1", f"distill.teacher_weights={tmp_path / 'nest8'}", "data.pad_to=16"),
+              tmp_path / "s16")
+
+
 def test_the_teacher_comes_from_its_weights_and_is_checked_against_the_data(tmp_path, make_config, teacher, capsys):
     # before: teacher_weights without distill.teacher silently trained without a teacher
     result = train(make_config("epochs=1", f"distill.teacher_weights={teacher.parent}"), tmp_path / "s")

@@ -40,7 +40,7 @@ from ..data.augment import BatchAugment, eval_transform, shift, tta_views
 from ..data.datasets import DatasetError, find_unreadable
 from ..errors import UserError, listed
 from ..fileio import atomic_write_text, remove_stale_temporaries
-from ..interop import save_weights
+from ..interop import WeightsError, save_weights
 from ..system import machine_info, machine_label, resolve_precision, slow_bf16, use_tf32
 from . import config as C
 from .checkpoint import STATE_FILE, atomic_torch_save, capture_rng, load_state, restore_rng
@@ -197,10 +197,17 @@ class Trainer:
             self.teacher_notes = self._check_teacher(cfg.distill.teacher_weights)
             section = C.ModelSection(name=cfg.distill.teacher, overrides=cfg.distill.teacher_overrides,
                                      weights=cfg.distill.teacher_weights)
-            self.teacher, _ = _build(section, "distill.teacher_overrides", num_classes=self.num_classes,
-                                     in_chans=self.train_split.channels, img_size=self.train_split.size,
-                                     adapt=False,  # a teacher must fit as it is: a new head would teach noise
-                                     classes=self.classes)  # its head rows follow the class names
+            try:
+                self.teacher, _ = _build(section, "distill.teacher_overrides", num_classes=self.num_classes,
+                                         in_chans=self.train_split.channels, img_size=self.train_split.size,
+                                         adapt=False,  # a teacher must fit as it is: a new head would teach noise
+                                         classes=self.classes)  # its head rows follow the class names
+            except WeightsError as e:  # e.g. a transformer teacher of another image size: its embeddings differ
+                raise C.ConfigError(f"distill.teacher_weights {cfg.distill.teacher_weights} do not fit a teacher of "
+                                    f"the student's {self.train_split.size[0]}x{self.train_split.size[1]}x"
+                                    f"{self.train_split.channels} images ({str(e).split('. ')[0]}); a teacher sees "
+                                    "the student's images: distil from one trained at that size and channel count "
+                                    "(or train the student at the teacher's: data.img_size)") from None
             self.teacher_notes += [f"distill.teacher_weights: {note}" for note in self.teacher.adapt_notes]
             self.teacher.to(self.device).eval().requires_grad_(False)
         if info.rank > 0:  # ranks share the initial weights but draw their own dropout / drop-path masks

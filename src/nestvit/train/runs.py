@@ -55,8 +55,11 @@ def build_model(section: ModelSection, *, num_classes: int, in_chans: int, img_s
 
         contract = read_contract(weights)
         if contract.kind != "classifier":
-            raise ContractError(f"model.weights {weights} holds a {contract.kind} ({contract.model}), not a "
-                                "classifier; fine-tuning starts from a classifier's weights")
+            teacher = key.startswith("distill")
+            raise ContractError(f"{'distill.teacher_weights' if teacher else 'model.weights'} {weights} holds a "
+                                f"{contract.kind} ({contract.model}), not a classifier; "
+                                + ("a teacher is" if teacher else "fine-tuning starts from")
+                                + " a classifier's weights")
         name, recorded = legacy_nest_kwargs(contract.model, contract.kwargs)  # files of older versions too
         recorded = {k: v for k, v in recorded.items() if k not in data}
     what = {"num_classes": "classes (the head follows the data)", "in_chans": "channel(s) (data.channels)",
