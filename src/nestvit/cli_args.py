@@ -199,7 +199,10 @@ class SkippedImages:
 def note_weights_of_a_file(checkpoint: str | Path, weights: str | None) -> str | None:
     """Say that ``--weights`` is ignored for one weights file (it chooses among a run folder's); the ``which`` to
     load ``checkpoint`` with (None for a file)."""
-    if weights is not None and Path(checkpoint).expanduser().is_file():
+    from .contract import EXPORTED_SUFFIXES
+
+    if weights is not None and Path(checkpoint).expanduser().is_file() \
+            and Path(checkpoint).suffix.lower() not in EXPORTED_SUFFIXES:  # an export: nestvit.load refuses which=
         print(f"note: --weights {weights} chooses among a run folder's weights; {checkpoint} is one file, used as "
               "given", file=sys.stderr)
         return None
