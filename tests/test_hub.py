@@ -135,3 +135,16 @@ def test_the_hub_without_and_with_huggingface_hub(run, tmp_path, monkeypatch):
     model, kwargs = build_model(ModelSection(name=None, weights="hf-hub:org/name"), num_classes=3, in_chans=1,
                                 img_size=8)  # fine-tuning from the Hub: the architecture and weights come from it
     assert kwargs["num_classes"] == 3 and type(model).__name__ == type(loaded.model).__name__
+
+
+def test_the_card_of_ema_weights_shows_the_emas_score(tmp_path):
+    # before: the raw model's last top-1 under the EMA's weights
+    from tests.train.conftest import tiny_recipe
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(epochs=1, ema={"decay": 0.5})))
+    assert main(["train", str(recipe), "--out", str(tmp_path / "run")]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    shared = nestvit.save_pretrained(tmp_path / "run" / "ema.safetensors", tmp_path / "shared")
+    card = (shared / "README.md").read_text()
+    assert f"| top-1 on test (%) | {summary['ema_top1']:.2f} |" in card

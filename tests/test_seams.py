@@ -280,6 +280,12 @@ def test_grey_image_folders_train_a_grey_model_and_finetune_keeps_its_normalisat
                 assert not any(torch.equal(head[k], row) for row in trained["head.weight"]), (classes, c)
         notes = " ".join(model.adapt_notes)
         assert "keep their rows by name" in notes and "re-initialised" not in notes, notes
+        assert ("start fresh" in notes) == ("emu" in classes) and "()" not in notes, notes
+    # a teacher (no fresh rows: it must teach every class): a name it lacks takes the row of a class the data lack
+    model, _ = build_model(ModelSection(name=None, weights=str(run)), num_classes=2, in_chans=1, img_size=32,
+                           classes=["emu", "a"], adapt=False)
+    assert torch.equal(model.state_dict()["head.weight"], trained["head.weight"].flip(0))  # emu <- b, a <- a
+    assert "lack emu: emu is served by b's row; a by name" in " ".join(model.adapt_notes)
 
 
 def test_a_relative_weights_path_of_an_older_run_names_the_fix_on_resume(tmp_path, monkeypatch):

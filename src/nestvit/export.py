@@ -68,6 +68,7 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, *, co
     if opset is not None and opset > newest:
         raise ValueError(f"--opset {opset}: the installed onnx knows opsets up to {newest}")
     batch = torch.export.Dim("batch", min=1, max=4096)
+    example = _two(example)
     kwargs = {"opset_version": opset} if opset else {}
     with atomic_path(path) as tmp, _quiet_exporter(), for_export():
         program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=({0: batch},), verbose=False,
@@ -120,13 +121,18 @@ def check_onnx(path: Path, model: torch.nn.Module, inputs: list[torch.Tensor]) -
     return worst
 
 
+def _two(example: torch.Tensor) -> torch.Tensor:
+    """An example batch of at least 2: a batch of 1 makes the exporter fix the batch at 1 (its 0/1 rule)."""
+    return example if example.shape[0] > 1 else example.expand(2, *example.shape[1:]).contiguous()
+
+
 def export_pt2(model: torch.nn.Module, example: torch.Tensor, path: Path, *, contract_json: str) -> Path:
     """A ``torch.export`` program with a dynamic batch and the contract as an extra file, written to ``path``
     itself (``nestvit export`` gives a temporary ``.pt2`` name, renamed after the check: torch warns about
     names that do not end in ``.pt2``). Traced inside :func:`for_export`."""
     batch = torch.export.Dim("batch", min=1, max=4096)
     with for_export():
-        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+        program = torch.export.export(model, (_two(example),), dynamic_shapes=({0: batch},))
     torch.export.save(program, str(path), extra_files={f"{CONTRACT_KEY}.json": contract_json})
     return path
 

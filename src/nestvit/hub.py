@@ -96,10 +96,11 @@ def _card(loaded: Loaded, summary: dict[str, Any] | None) -> str:
     summary = summary or {}
     split = str(summary.get("test_split") or "its evaluation split").rpartition(":")[2]
     last = summary.get("steps") is not None and summary.get("steps") == c.info.get("step")  # the run's last weights
-    top1 = c.info.get("top1", summary.get("test_top1") if last else None)  # these weights' own score
+    ema = loaded.weights.name == "ema.safetensors"  # the EMA of the last weights: its own score in the summary
+    top1 = c.info.get("top1", summary.get("ema_top1" if ema else "test_top1") if last else None)
     if isinstance(top1, (int, float)):
         facts.append((f"top-1 on {split} (%)", f"{top1:.2f}"))
-    if last and isinstance(summary.get("test_top1_tta"), (int, float)):
+    if last and not ema and isinstance(summary.get("test_top1_tta"), (int, float)):
         facts.append((f"top-1 on {split} with TTA (%)", f"{summary['test_top1_tta']:.2f}"))
     if summary:
         for key, label in (("epochs", "epochs of the run"), ("wall_s", "training time (s)"),

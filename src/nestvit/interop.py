@@ -320,7 +320,7 @@ def _load_weights(model: nn.Module, path: str | Path, sd: dict[str, torch.Tensor
             warnings.warn(f"{path} does not say whose layout it holds (no nestvit metadata): read as timm's NesT. "
                           "A state dict of nestvit's own NesT loads wrongly so; save those with "
                           "nestvit.interop.save_weights(model, path) or torch.save(model.state_dict()), which record "
-                          "it", stacklevel=3)
+                          "it (this one: model.load_state_dict(safetensors.torch.load_file(path)))", stacklevel=3)
         sd = nest_state_from_timm(sd, model.cfg.num_heads)
     elif family == "tnt":
         from .models.tnt import tnt_state_from_timm

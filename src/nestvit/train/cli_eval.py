@@ -143,7 +143,8 @@ def evaluate_one(args: argparse.Namespace, checkpoint: str, out: Path | None) ->
                       f"trained on. If they are among them, score its hold-out: its run folder does (nestvit eval "
                       f"RUN), or --split {HOLDOUT} (each class's {DataSection.holdout:g} share drawn from the file "
                       "names, as training's data.holdout default draws it)", file=sys.stderr)
-        holdout = DataSection.holdout if args.split == HOLDOUT else 0.0  # the default share, drawn as training does
+        share = run_data.holdout if run_data is not None else DataSection.holdout  # the run's, else the default
+        holdout = share if args.split == HOLDOUT else 0.0  # drawn from the file names, as training draws it
         section = dataclasses.replace(section, holdout=holdout, eval_split=split)
     if args.split is not None and name in ("imagefolder", "webdataset"):  # said with the flag's name
         from ..data.folders import HOLDOUT, check_split, split_folder

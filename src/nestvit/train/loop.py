@@ -202,12 +202,17 @@ class Trainer:
                                          in_chans=self.train_split.channels, img_size=self.train_split.size,
                                          adapt=False,  # a teacher must fit as it is: a new head would teach noise
                                          classes=self.classes)  # its head rows follow the class names
-            except WeightsError as e:  # e.g. a transformer teacher of another image size: its embeddings differ
-                raise C.ConfigError(f"distill.teacher_weights {cfg.distill.teacher_weights} do not fit a teacher of "
-                                    f"the student's {self.train_split.size[0]}x{self.train_split.size[1]}x"
-                                    f"{self.train_split.channels} images ({str(e).split('. ')[0]}); a teacher sees "
-                                    "the student's images: distil from one trained at that size and channel count "
-                                    "(or train the student at the teacher's: data.img_size)") from None
+            except (WeightsError, C.ConfigError) as e:  # a teacher for other images: its embeddings do not
+                # fit, or its architecture does not take this size (_build's messages)
+                if isinstance(e, C.ConfigError) and not ("cannot be built for this data" in str(e)
+                                                         or str(e).startswith("distill.teacher_overrides do not fit")):
+                    raise
+                why = str(e).split(". Is it a checkpoint")[0].split(" (a recipe sets")[0]
+                raise C.ConfigError(f"distill.teacher_weights {cfg.distill.teacher_weights} cannot teach the "
+                                    f"student's {self.train_split.size[0]}x{self.train_split.size[1]}x"
+                                    f"{self.train_split.channels} images ({why}); a teacher sees the student's "
+                                    "images: distil from one trained at that size and channel count (or train the "
+                                    "student at the teacher's: data.img_size)") from None
             self.teacher_notes += [f"distill.teacher_weights: {note}" for note in self.teacher.adapt_notes]
             self.teacher.to(self.device).eval().requires_grad_(False)
         if info.rank > 0:  # ranks share the initial weights but draw their own dropout / drop-path masks
@@ -793,7 +798,8 @@ class Trainer:
             if not math.isclose(before, now, rel_tol=1e-3):
                 self.say(f"note: the {self.cfg.schedule.name} schedule now spans {self.schedule.total_steps} steps, "
                          f"so the learning rate goes on from {now:.3g}, not from the {before:.3g} the run reached "
-                         "(a longer run than planned: fine-tuning it, nestvit train finetune, starts a schedule anew)")
+                         "(a run of another length than planned: fine-tuning it, nestvit train finetune, starts a "
+                         "schedule anew)")
 
     def _starting_weights(self, cfg: C.TrainConfig, run_dir: Path) -> C.ModelSection:
         """A resumed fine-tuning run whose ``model.weights`` moved or are gone: its own weights give the

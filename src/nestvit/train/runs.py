@@ -99,7 +99,8 @@ def follow_class_names(model: nn.Module, weights: str | Path, classes: list[str]
     The same classes in another order (a class list, other folder names' sorting) get their head rows
     reordered to ``classes``. With ``fresh`` (the new head's own rows, fine-tuning), classes the weights had
     keep their rows by name, whatever the class counts, and the others start from ``fresh``; without it (a
-    teacher: it must teach every class) other names keep the rows by position and a note says so. Files that
+    teacher of the same count: it must teach every class) they take the rows of the weights' classes the data
+    lack, in order, with a warning. No name in common: rows by position (same count, with a warning). Files that
     record no classes (timm's, published weights) keep their rows, as they are.
     """
     from ..adapt import HEADS
@@ -116,30 +117,45 @@ def follow_class_names(model: nn.Module, weights: str | Path, classes: list[str]
         return
     shown = ", ".join(had[:5]) + (", ..." if len(had) > 5 else "")
     shared = [c for c in classes if c in had]
-    if sorted(had) == sorted(classes) or (fresh is not None and shared):
-        sd = read_state_dict(weights)[0]
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.startswith(HEADS) and p.shape[0] == len(classes) and name in sd \
-                        and sd[name].shape[0] == len(had) and sd[name].shape[1:] == p.shape[1:]:
-                    rows = fresh[name].clone() if fresh is not None else p.detach().clone()
-                    for k, c in enumerate(classes):
-                        if c in had:
-                            rows[k] = sd[name][had.index(c)]
-                    p.copy_(rows)
+    new = [c for c in classes if c not in had]
+    if not shared:  # nothing in common: a new head for another count (nestvit.adapt made it), else as it is
+        if len(had) == len(classes):
+            model.adapt_notes.append(f"warning: head kept row by row, though the weights' classes ({shown}) are not "
+                                     "this data's: row k, the weights' class k, serves the data's class k")
+        return
+    # the row each class takes: its own where the weights had it; else a fresh row (fine-tuning) or, for a teacher
+    # (it must teach every class; the same count), the rows of the weights' classes the data lack, in order
+    spare = iter([k for k, c in enumerate(had) if c not in classes])
+    source = {k: had.index(c) if c in had else (None if fresh is not None else next(spare))
+              for k, c in enumerate(classes)}
+    sd = read_state_dict(weights)[0]
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith(HEADS) and p.shape[0] == len(classes) and name in sd \
+                    and sd[name].shape[0] == len(had) and sd[name].shape[1:] == p.shape[1:]:
+                rows = fresh[name].clone() if fresh is not None else p.detach().clone()
+                for k, j in source.items():
+                    if j is not None:
+                        rows[k] = sd[name][j]
+                p.copy_(rows)
+    listed_ = lambda names: ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")  # noqa: E731
+    if not new:
         if sorted(had) == sorted(classes):
             model.adapt_notes.append(f"head: rows reordered to this data's class order (the weights had the same "
                                      f"classes, ordered {shown})")
         else:
-            new = [c for c in classes if c not in had]
             model.adapt_notes[:] = [n for n in model.adapt_notes if not n.startswith(("head: re-", "head_dist: re-"))]
-            model.adapt_notes.append(f"head: the {len(shared)} classes the weights had keep their rows by name; "
-                                     f"{len(new)} new one(s) ({', '.join(new[:5])}{', ...' if len(new) > 5 else ''}) "
-                                     "start fresh")
-        return
-    if len(had) == len(classes):
-        model.adapt_notes.append(f"warning: head kept row by row, though the weights' classes ({shown}) are not "
-                                 "this data's: row k, the weights' class k, serves the data's class k")
+            model.adapt_notes.append(f"head: {listed_(shared)} keep their rows by name (the weights' "
+                                     f"{listed_([c for c in had if c not in classes])} are dropped)")
+    elif fresh is not None:
+        model.adapt_notes[:] = [n for n in model.adapt_notes if not n.startswith(("head: re-", "head_dist: re-"))]
+        model.adapt_notes.append(f"head: {listed_(shared)} keep their rows by name; the new {listed_(new)} start "
+                                 "fresh")
+    else:
+        lent = [had[source[classes.index(c)]] for c in new]
+        model.adapt_notes.append(f"warning: the weights' classes ({shown}) lack {listed_(new)}: "
+                                 + ", ".join(f"{c} is served by {h}'s row" for c, h in zip(new[:5], lent))
+                                 + (f"; {listed_(shared)} by name" if shared else ""))
 
 
 def input_transform(data: DataSection, *, channels: int, size: tuple[int, int],
