@@ -106,6 +106,7 @@ def follow_class_names(model: nn.Module, weights: str | Path, classes: list[str]
     from ..adapt import HEADS
     from ..contract import ContractError, read_contract
     from ..data.datasets import same_name
+    from ..errors import listed
     from ..interop import read_state_dict
 
     try:
@@ -138,24 +139,23 @@ def follow_class_names(model: nn.Module, weights: str | Path, classes: list[str]
                     if j is not None:
                         rows[k] = sd[name][j]
                 p.copy_(rows)
-    listed_ = lambda names: ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")  # noqa: E731
     if not new:
         if sorted(had) == sorted(classes):
             model.adapt_notes.append(f"head: rows reordered to this data's class order (the weights had the same "
                                      f"classes, ordered {shown})")
         else:
             model.adapt_notes[:] = [n for n in model.adapt_notes if not n.startswith(("head: re-", "head_dist: re-"))]
-            model.adapt_notes.append(f"head: {listed_(shared)} keep their rows by name (the weights' "
-                                     f"{listed_([c for c in had if c not in classes])} are dropped)")
+            model.adapt_notes.append(f"head: {listed(shared, 5)} keep their rows by name (the weights' "
+                                     f"{listed([c for c in had if c not in classes], 5)} are dropped)")
     elif fresh is not None:
         model.adapt_notes[:] = [n for n in model.adapt_notes if not n.startswith(("head: re-", "head_dist: re-"))]
-        model.adapt_notes.append(f"head: {listed_(shared)} keep their rows by name; the new {listed_(new)} start "
+        model.adapt_notes.append(f"head: {listed(shared, 5)} keep their rows by name; the new {listed(new, 5)} start "
                                  "fresh")
     else:
         lent = [had[source[classes.index(c)]] for c in new]
-        model.adapt_notes.append(f"warning: the weights' classes ({shown}) lack {listed_(new)}: "
+        model.adapt_notes.append(f"warning: the weights' classes ({shown}) lack {listed(new, 5)}: "
                                  + ", ".join(f"{c} is served by {h}'s row" for c, h in zip(new[:5], lent))
-                                 + (f"; {listed_(shared)} by name" if shared else ""))
+                                 + (f"; {listed(shared, 5)} by name" if shared else ""))
 
 
 def input_transform(data: DataSection, *, channels: int, size: tuple[int, int],
