@@ -83,6 +83,16 @@ def test_the_model_of_a_loaded_run_keeps_its_input_and_classes_and_a_new_head_is
     assert not (tmp_path / "bad").exists()
 
 
+def test_an_edited_config_json_is_said_to_be_ignored(run, tmp_path):
+    # before: a renamed class in config.json changed nothing, without a word
+    out = nestvit.save_pretrained(run, tmp_path / "shared")
+    config = json.loads((out / "config.json").read_text())
+    config["classes"][0] = "renamed"
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="config.json's classes differ from what model.safetensors records"):
+        assert nestvit.from_pretrained(out).classes[0] == "class0"
+
+
 def test_a_folder_that_mixes_two_models_is_refused(run, tmp_path):
     out = nestvit.save_pretrained(run, tmp_path / "shared")
     config = json.loads((out / "config.json").read_text())

@@ -217,6 +217,12 @@ def from_pretrained(source: str | Path) -> Loaded:
             raise ContractError(f"{config_file} describes {described.model!r} {described.kwargs} but "
                                 f"model.safetensors holds {loaded.contract.model!r} {loaded.contract.kwargs}; the "
                                 "folder mixes two models")
+        edited = [k for k, a, b in (("classes", described.classes, loaded.contract.classes),
+                                    ("input", described.transform, loaded.contract.transform)) if a != b]
+        if edited:  # the weights' own contract is what every command reads: an edit of config.json is not
+            warnings.warn(f"{config_file}'s {' and '.join(edited)} differ from what model.safetensors records, which "
+                          "is what nestvit uses; to change them, save the folder again: nestvit.save_pretrained(MODEL, "
+                          "DIR, classes=[...], transform=nestvit.InputTransform(...))", stacklevel=2)
     return loaded
 
 
