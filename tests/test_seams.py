@@ -200,6 +200,8 @@ def test_finetune_a_run_on_a_folder_at_another_size_channels_and_classes(tmp_pat
     assert loaded.contract.model == "nest_tiny_cifar" and loaded.classes == ["cat", "dog", "eel"]
     assert loaded.transform.size == (64, 64) and loaded.transform.resize == "center-crop"
     assert loaded.contract.kwargs["embed_dims"] == 8  # the architecture came from the pretrained run
+    card = (nestvit.save_pretrained(run, tmp_path / "shared") / "README.md").read_text()
+    assert "| fine-tuned from | `pre` |" in card  # where it started, without the local path
     img = tmp_path / "pets" / "test" / "dog" / "0.png"
     assert main(["eval", str(run)]) == 0 and main(["predict", str(run), str(img)]) == 0
     assert main(["export", str(run), "--format", "pt2"]) == 0

@@ -77,6 +77,8 @@ def _generator_card(loaded: Loaded, summary: dict[str, Any] | None) -> str:
 
 
 def _card(loaded: Loaded, summary: dict[str, Any] | None) -> str:
+    from .pretrained import published
+
     if loaded.contract.kind == "generator":
         return _generator_card(loaded, summary)
     c, t = loaded.contract, loaded.transform
@@ -93,6 +95,12 @@ def _card(loaded: Loaded, summary: dict[str, Any] | None) -> str:
     for key in ("data", "epoch", "step"):
         if key in c.info:
             facts.append((key, str(c.info[key])))
+    cfg = loaded.config  # the run it came from: where its weights started, its teacher
+    for label, value in (("fine-tuned from", getattr(getattr(cfg, "model", None), "weights", None)),
+                         ("distilled from", getattr(getattr(cfg, "distill", None), "teacher_weights", None))):
+        if value:  # a published tag or hf-hub id as it is; a local path by its last part (no private paths)
+            shown = value if published(value) is not None or str(value).startswith(HUB_PREFIX) else Path(value).name
+            facts.append((label, f"`{shown}`"))
     summary = summary or {}
     split = str(summary.get("test_split") or "its evaluation split").rpartition(":")[2]
     last = summary.get("steps") is not None and summary.get("steps") == c.info.get("step")  # the run's last weights
