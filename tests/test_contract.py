@@ -175,6 +175,7 @@ def test_eval_counts_must_be_positive(weights, capsys, flag, value):
 
 def test_not_a_run(tmp_path, capsys):
     assert "no such run directory or weights file" in one_line_error(capsys, "eval", str(tmp_path / "nothing"))
+    assert "(did you mean nest_tiny_224.jx_in1k" in one_line_error(capsys, "eval", "nest_tiny_224.jx_in1")  # a tag
     (tmp_path / "empty").mkdir()
     assert "no best.safetensors" in one_line_error(capsys, "predict", str(tmp_path / "empty"), "x.png")
     with pytest.raises(ContractError, match="newer nestvit"):

@@ -463,7 +463,14 @@ def resolve_weights(path: str | Path, which: str | None = None) -> Path:
     if path.is_file():
         return path
     if not path.is_dir():
-        raise ContractError(f"{path}: no such run directory or weights file")
+        from .errors import did_you_mean
+        from .pretrained import PUBLISHED
+
+        tags = [p.tag for p in PUBLISHED] if "." in path.name and path.parent == Path(".") and path.suffix.lower() \
+            not in (".safetensors", ".pth", ".pt", ".bin", ".onnx", ".pt2", ".npz", ".msgpack") else []  # a tag?
+        raise ContractError(f"{path}: no such run directory or weights file"
+                            + (did_you_mean(str(path), tags) or (" nor a published tag (nestvit pretrained lists them)"
+                                                                 if tags else "")))
     ck = gan_run_folder(path)
     if ck is not None:
         which = which or "ema"
