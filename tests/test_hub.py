@@ -70,8 +70,18 @@ def test_the_model_of_a_loaded_run_keeps_its_input_and_classes_and_a_new_head_is
     same = nestvit.from_pretrained(nestvit.save_pretrained(loaded.model, tmp_path / "model"))
     assert same.transform == loaded.transform and same.classes == loaded.classes  # before: 0.5 and class0..
     assert "99.9" not in (tmp_path / "model/README.md").read_text()
+    from dataclasses import replace
+
+    from nestvit.interop import save_weights
+
+    named10 = save_weights(loaded.model, tmp_path / "named10.safetensors",
+                           contract=replace(loaded.contract, classes=tuple("abcdefghij")))
+    fresh = nestvit.load(named10)
+    fresh.model.reset_classifier(10)  # a new head of the same count: before, saved under the old names a, b, ...
+    with pytest.warns(UserWarning, match=r"head is new \(reset_classifier: 10 classes, built with 10\)"):
+        assert nestvit.from_pretrained(nestvit.save_pretrained(fresh, tmp_path / "head10")).classes[0] == "class0"
     loaded.model.reset_classifier(3)
-    with pytest.warns(UserWarning, match="head has 3 classes now, not the 10 it was built with"):
+    with pytest.warns(UserWarning, match=r"head is new \(reset_classifier: 3 classes, built with 10\)"):
         out = nestvit.save_pretrained(loaded, tmp_path / "head3")  # before: a folder that did not load
     again = nestvit.from_pretrained(out)
     assert again.model.num_classes == 3 and again.classes == ["class0", "class1", "class2"]

@@ -398,9 +398,10 @@ def input_transform(model: nn.Module) -> InputTransform | None:
 
 
 def head_changed(model: nn.Module) -> bool:
-    """Whether ``model``'s classifier has another number of classes than it was built with (reset_classifier)."""
+    """Whether ``model``'s classifier is not the one it was built with: ``reset_classifier`` since (for any class
+    count), or another number of classes."""
     built = getattr(getattr(model, "cfg", None), "num_classes", None)
-    return built is not None and getattr(model, "num_classes", built) != built
+    return getattr(model, "head_reset", False) or (built is not None and getattr(model, "num_classes", built) != built)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -162,7 +162,7 @@ def save_pretrained(source: Any, folder: str | Path, *, classes: Sequence[str] |
     if head_changed(loaded.model):  # reset_classifier since it was built: not the saved model any more
         n, built = loaded.model.num_classes, loaded.model.cfg.num_classes
         if classes is None:
-            warnings.warn(f"the model's head has {n} classes now, not the {built} it was built with: no class "
+            warnings.warn(f"the model's head is new (reset_classifier: {n} classes, built with {built}): no class "
                           "names are saved for it (pass classes=[...]), nor the results of the run it came from",
                           stacklevel=2)
         contract = replace(contract, kwargs={**contract.kwargs, "num_classes": n}, classes=None,

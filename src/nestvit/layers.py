@@ -426,6 +426,7 @@ class ModelBase(nn.Module):
                              f"(create_model(..., global_pool={global_pool!r}) where the model has it)")
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head_reset = True  # a new head: the class names its weights recorded are not its own
 
     def no_weight_decay(self) -> set[str]:
         """Names of parameters that get no weight decay by default (position embeddings and tokens)."""
