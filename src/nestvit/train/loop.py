@@ -830,7 +830,7 @@ class Trainer:
         spe = state.get("steps_per_epoch")  # recorded since 2026-12-06; before: what the last piece trained with
         if spe is None and images and saved.get("global_batch"):
             spe = images // saved["global_batch"]
-        new_run = f"go on from its weights in a new run (nestvit train finetune --set model.weights={self.run_dir} " \
+        new_run = f"go on from its weights in a new run (nestvit train RECIPE --set model.weights={self.run_dir} " \
                   "--out NEW_RUN)"
         if spe is not None and spe != self.steps_per_epoch:
             raise C.ConfigError(
