@@ -90,19 +90,36 @@ def _fmt_time(seconds: float) -> str:
     return f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
 
 
-def _build(section: C.ModelSection, key: str, **data: Any) -> tuple[nn.Module, dict[str, Any]]:
+def _build(section: C.ModelSection, key: str, *, teacher: bool = False,
+           **data: Any) -> tuple[nn.Module, dict[str, Any]]:
     """``build_model``, where a constructor's ``TypeError`` (an option the model does not have, a value of the
-    wrong type: ``registry.build_config`` raises it) is the config's mistake, said in one line naming ``key``."""
+    wrong type: ``registry.build_config`` raises it) is the config's mistake, said in one line naming ``key``.
+    ``teacher``: a distillation teacher, built for the student's images as it is; what does not fit them (its
+    weights, a size its architecture cannot take) is said as the teacher's."""
     try:
         return build_model(section, key=key, **data)
+    except WeightsError as e:  # (a ValueError too)
+        if not teacher:
+            raise
+        raise _teacher_misfit(section, data, str(e).split(". Is it a checkpoint")[0]) from None
     except TypeError as e:
         raise C.ConfigError(f"{key} do not fit {section.name}: {e}") from e
     except ValueError as e:  # a size the model cannot take: say which keys of a recipe set the sizes
         if isinstance(e, UserError):
             raise
+        if teacher:
+            raise _teacher_misfit(section, data, str(e)) from None
         raise C.ConfigError(f"{section.name or 'the model'} cannot be built for this data: {e} (a recipe sets the "
                             f"images' size with data.img_size, an in-memory set's with data.pad_to or "
                             f"data.resize_to, the model's options with {key})") from e
+
+
+def _teacher_misfit(section: C.ModelSection, data: dict[str, Any], why: str) -> C.ConfigError:
+    h, w = data["img_size"]
+    return C.ConfigError(f"distill.teacher_weights {section.weights} cannot teach the student's {h}x{w}x"
+                         f"{data['in_chans']} images ({why}); a teacher sees the student's images: distil from one "
+                         "trained at that size and channel count (or train the student at the teacher's: "
+                         "data.img_size)")
 
 
 def absolute_weights(cfg: C.TrainConfig, *, resume: bool = False) -> C.TrainConfig:
@@ -197,22 +214,10 @@ class Trainer:
             self.teacher_notes = self._check_teacher(cfg.distill.teacher_weights)
             section = C.ModelSection(name=cfg.distill.teacher, overrides=cfg.distill.teacher_overrides,
                                      weights=cfg.distill.teacher_weights)
-            try:
-                self.teacher, _ = _build(section, "distill.teacher_overrides", num_classes=self.num_classes,
-                                         in_chans=self.train_split.channels, img_size=self.train_split.size,
-                                         adapt=False,  # a teacher must fit as it is: a new head would teach noise
-                                         classes=self.classes)  # its head rows follow the class names
-            except (WeightsError, C.ConfigError) as e:  # a teacher for other images: its embeddings do not
-                # fit, or its architecture does not take this size (_build's messages)
-                if isinstance(e, C.ConfigError) and not ("cannot be built for this data" in str(e)
-                                                         or str(e).startswith("distill.teacher_overrides do not fit")):
-                    raise
-                why = str(e).split(". Is it a checkpoint")[0].split(" (a recipe sets")[0]
-                raise C.ConfigError(f"distill.teacher_weights {cfg.distill.teacher_weights} cannot teach the "
-                                    f"student's {self.train_split.size[0]}x{self.train_split.size[1]}x"
-                                    f"{self.train_split.channels} images ({why}); a teacher sees the student's "
-                                    "images: distil from one trained at that size and channel count (or train the "
-                                    "student at the teacher's: data.img_size)") from None
+            self.teacher, _ = _build(section, "distill.teacher_overrides", teacher=True, num_classes=self.num_classes,
+                                     in_chans=self.train_split.channels, img_size=self.train_split.size,
+                                     adapt=False,  # a teacher must fit as it is: a new head would teach noise
+                                     classes=self.classes)  # its head rows follow the class names
             self.teacher_notes += [f"distill.teacher_weights: {note}" for note in self.teacher.adapt_notes]
             self.teacher.to(self.device).eval().requires_grad_(False)
         if info.rank > 0:  # ranks share the initial weights but draw their own dropout / drop-path masks
