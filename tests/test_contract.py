@@ -177,7 +177,14 @@ def test_not_a_run(tmp_path, capsys):
     assert "no such run directory or weights file" in one_line_error(capsys, "eval", str(tmp_path / "nothing"))
     assert "(did you mean nest_tiny_224.jx_in1k" in one_line_error(capsys, "eval", "nest_tiny_224.jx_in1")  # a tag
     (tmp_path / "empty").mkdir()
-    assert "no best.safetensors" in one_line_error(capsys, "predict", str(tmp_path / "empty"), "x.png")
+    assert "empty: no weights files (best/last/ema.safetensors, model.safetensors): give a training run's folder" \
+        in one_line_error(capsys, "predict", str(tmp_path / "empty"), "x.png")
+    (tmp_path / "empty" / "config.yaml").write_text("kind: classifier\n")  # a run killed before its first checkpoint
+    assert f"empty: no weights: the run was stopped before its first checkpoint; train it again (nestvit train " \
+        f"{tmp_path / 'empty'}/config.yaml --out {tmp_path / 'empty'})" in \
+        one_line_error(capsys, "predict", str(tmp_path / "empty"), "x.png")
+    assert "runs/nope: no such run folder, weights file or published tag" in \
+        one_line_error(capsys, "explain", "runs/nope", "x.png")
     with pytest.raises(ContractError, match="newer nestvit"):
         RunContract.from_json(json.dumps({"version": 99, "model": "nest_tiny_cifar"}))
     with pytest.raises(ContractError, match="damaged"):

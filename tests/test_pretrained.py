@@ -17,6 +17,7 @@ import torch
 import nestvit
 from nestvit import pretrained as pt
 from nestvit.cli import main
+from nestvit.contract import ContractError
 from nestvit.pretrained import PretrainedError, PretrainedFile
 
 SMALL = {"depths": 1, "embed_dims": 16, "num_heads": 1}
@@ -289,3 +290,27 @@ def test_finetune_from_a_published_tag_on_a_folder(server, monkeypatch, tmp_path
     assert server.requests == ["w.pth"]  # downloaded once
     assert main(["eval", str(run)]) == 0
     assert main(["predict", str(run), str(tmp_path / "bugs" / "bee" / "0.png")]) == 0
+
+
+def test_the_commands_read_a_published_tag(server, monkeypatch, tmp_path, capsys):
+    """predict / explain / export / nestvit.load take a tag as they take a run: downloaded once, with the
+    publisher's input transform; the export is written into the current folder, not the download cache."""
+    import numpy as np
+    from PIL import Image
+
+    entry, _ = _publish(server, monkeypatch)
+    image = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 36, 3), dtype=np.uint8)).save(image)
+    loaded = nestvit.load(entry.tag)
+    assert loaded.contract.model == "nest_tiny_cifar" and loaded.transform.mean == (0.1, 0.2, 0.3)
+    assert loaded.classes[:2] == ["class0", "class1"] and loaded.contract.info["pretrained"] == entry.tag
+    assert main(["predict", entry.tag, str(image), "--top-k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("weights: ") and "class" in out
+    assert main(["explain", entry.tag, str(image), "--method", "occlusion", "--out", str(tmp_path / "ex")]) == 0
+    assert (tmp_path / "ex" / "x_occlusion.png").is_file()
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", entry.tag, "--format", "pt2"]) == 0
+    assert (tmp_path / "model.pt2").is_file() and server.requests == ["w.pth"]
+    with pytest.raises(ContractError, match="is a published tag: its weights and architecture are fixed"):
+        nestvit.load(entry.tag, "last")

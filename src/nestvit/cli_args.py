@@ -144,18 +144,28 @@ def next_commands(*commands: str) -> str:
 
 def output_stems(paths: list[Path]) -> list[str]:
     """A distinct name per path for its output (an image's PNG, a run's folder of ``eval``): the file's stem,
-    with as many of its folders as it takes to tell paths of the same name apart (``cats/0.png``,
-    ``dogs/0.png`` -> ``cats_0``, ``dogs_0``)."""
+    with its extension where files of one name differ in it (``sq.png``, ``sq.bmp`` -> ``sq_png``, ``sq_bmp``),
+    and as many of its folders as it takes to tell paths of the same name apart (``cats/0.png``,
+    ``dogs/0.png`` -> ``cats_0``, ``dogs_0``); the same file given twice is numbered."""
     parts = [p.with_suffix("").parts for p in paths]
     depth = [1] * len(paths)  # how many trailing parts of each path its name takes
+    ext = [False] * len(paths)  # whether its name ends with its extension
     while True:
-        stems = ["_".join(x[-k:]) for x, k in zip(parts, depth)]
+        stems = ["_".join(x[-k:]) + (f"_{p.suffix.lstrip('.')}" if e else "")
+                 for x, k, p, e in zip(parts, depth, paths, ext)]
         taken = {s for s in stems if stems.count(s) > 1}
-        grow = [i for i, s in enumerate(stems) if s in taken and depth[i] < len(parts[i])]
-        if not grow:  # all distinct, or the same file given twice: numbered
+        grown = False
+        for name in taken:
+            group = [i for i, s in enumerate(stems) if s == name]
+            if len({paths[i].suffix for i in group}) > 1 and not any(ext[i] for i in group):
+                for i in group:
+                    ext[i] = grown = True
+                continue
+            for i in group:
+                if depth[i] < len(parts[i]):
+                    depth[i], grown = depth[i] + 1, True
+        if not grown:  # all distinct, or the same file given twice: numbered
             return [f"{i}_{s}" if s in taken else s for i, s in enumerate(stems)]
-        for i in grow:
-            depth[i] += 1
 
 
 class SkippedImages:

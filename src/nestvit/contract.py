@@ -425,6 +425,18 @@ class Loaded:
             return list(self.contract.classes)
         return [f"class{k}" for k in range(int(getattr(self.model, "num_classes", 0)))]
 
+    def describe(self) -> str:
+        """Which weights these are, for the commands' output: ``runs/a/best.safetensors (epoch 3 of 10, top-1
+        91.20 %)``, from what the file records (a file that records nothing: its path alone)."""
+        info = self.contract.info if self.contract is not None else {}
+        said = []
+        if isinstance(info.get("epoch"), int):
+            total = getattr(self.config, "epochs", None)
+            said.append(f"epoch {info['epoch']}" + (f" of {total}" if isinstance(total, int) else ""))
+        if isinstance(info.get("top1"), (int, float)):
+            said.append(f"top-1 {info['top1']:.2f} %")
+        return f"{self.weights}" + (f" ({', '.join(said)})" if said else "")
+
     def __repr__(self) -> str:  # one line in a notebook, not the module tree and the whole config
         params = sum(p.numel() for p in self.model.parameters())
         model = self.contract.model if self.contract is not None else type(self.model).__name__
@@ -467,6 +479,9 @@ def resolve_weights(path: str | Path, which: str | None = None) -> Path:
         from .errors import did_you_mean
         from .pretrained import PUBLISHED
 
+        if any(p.tag == str(path) for p in PUBLISHED):
+            raise ContractError(f"{path} is a published tag, not a file: nestvit.load('{path}') and the commands read "
+                                f"it, and nestvit.create_model('{path}', pretrained=True) builds it")
         tags = [p.tag for p in PUBLISHED] if "." in path.name and path.parent == Path(".") and path.suffix.lower() \
             not in (".safetensors", ".pth", ".pt", ".bin", ".onnx", ".pt2", ".npz", ".msgpack") else []  # a tag?
         raise ContractError(f"{path}: no such run directory or weights file"
@@ -501,8 +516,11 @@ def resolve_weights(path: str | Path, which: str | None = None) -> Path:
     if (path / STATE_FILE).is_file():  # a training run stopped before its first epoch ended
         raise ContractError(f"{path}: no weights yet (a run writes them at the end of each epoch; this one was "
                             f"stopped before); continue it with nestvit train --resume {path}")
-    raise ContractError(f"{path}: no {which}.safetensors; is it a nestvit run directory that reached its first "
-                        "checkpoint?")
+    if (path / "config.yaml").is_file():  # a run killed before its first checkpoint: nothing to go on from
+        raise ContractError(f"{path}: no weights: the run was stopped before its first checkpoint; train it again "
+                            f"(nestvit train {path}/config.yaml --out {path})")
+    raise ContractError(f"{path}: no weights files (best/last/ema.safetensors, {PRETRAINED_FILE}): give a training "
+                        "run's folder, a save_pretrained folder or a weights file")
 
 
 def _run_config(weights: Path, kind: str) -> Any:
@@ -569,6 +587,11 @@ def load(path: str | Path, which: str | None = None, *, model: str | None = None
         from .export import load_exported
 
         return load_exported(path)
+    if (tag := published_tag(path)) is not None:  # published weights (nestvit pretrained), downloaded once
+        if which is not None or model is not None or overrides:
+            raise ContractError(f"{path} is a published tag: its weights and architecture are fixed; to change them, "
+                                f"nestvit.create_model('{path}', pretrained=True, ...)")
+        return _load_published(tag)
     if which in CLASSIFIER_WEIGHTS and Path(path).is_file() and Path(path).stem in set(CLASSIFIER_WEIGHTS) - {which}:
         warnings.warn(f"which={which!r} chooses among a run folder's weights; {path} is one file (the run's "
                       f"{Path(path).stem} weights), used as given", stacklevel=2)
@@ -597,6 +620,26 @@ def load(path: str | Path, which: str | None = None, *, model: str | None = None
                              info={k: v for k, v in contract.info.items() if k == "pretrained"})
     return Loaded(model=net.eval(), transform=transform, contract=contract, weights=weights,
                   config=_run_config(weights, contract.kind))
+
+
+def published_tag(path: str | Path) -> str | None:
+    """``path`` when it names published weights (``nest_tiny_224.jx_in1k``, ``nestvit pretrained``) and no file or
+    folder of that name exists here, else None."""
+    from .pretrained import published
+
+    return str(path) if published(str(path)) is not None and not Path(path).exists() else None
+
+
+def _load_published(tag: str) -> Loaded:
+    """Published weights as the commands read a run: the model, its input transform (the publisher's data
+    config), no class names (``class0`` ...)."""
+    from .pretrained import download, published
+    from .registry import create_model
+
+    net = create_model(tag, pretrained=True)
+    contract = contract_of(net)
+    return Loaded(model=net.eval(), transform=contract.transform, contract=contract,
+                  weights=download(published(tag), progress=False))
 
 
 def _channels(net: nn.Module) -> int:

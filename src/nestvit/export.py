@@ -104,13 +104,24 @@ def _quiet_exporter() -> Iterator[None]:
             log.setLevel(level)
 
 
+def ort_session(path: str | Path):
+    """An onnxruntime CPU session of ``path`` with torch's thread count (``--threads``: onnxruntime's own default
+    takes every core)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 def check_onnx(path: Path, model: torch.nn.Module, inputs: list[torch.Tensor]) -> float | None:
     """Largest |onnxruntime - torch| over ``inputs``; None when onnxruntime is not installed."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime") is None:
         return None
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort_session(path)
     name = session.get_inputs()[0].name
     worst = 0.0
     for x in inputs:
@@ -152,11 +163,8 @@ class OnnxModel(torch.nn.Module):
 
     def __init__(self, path: str | Path) -> None:
         super().__init__()
-        import onnxruntime as ort
-
         self.path = Path(path)
-
-        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.session = ort_session(path)
         first = self.session.get_inputs()[0]
         self.input_name = first.name
         chans, *size = first.shape[1:]  # (batch, C, H, W): the batch is dynamic, the rest fixed
@@ -245,7 +253,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .contract import CLASSIFIER_WEIGHTS, EXPORTED_SUFFIXES, GAN_WEIGHTS, HUB_PREFIX, PRETRAINED_FILE, load
+    from .contract import (
+        CLASSIFIER_WEIGHTS,
+        EXPORTED_SUFFIXES,
+        GAN_WEIGHTS,
+        HUB_PREFIX,
+        PRETRAINED_FILE,
+        load,
+        published_tag,
+    )
 
     if Path(args.checkpoint).suffix.lower() in EXPORTED_SUFFIXES:
         raise ValueError(f"{args.checkpoint} is an export already; export the run folder or weights file it was "
@@ -261,7 +277,8 @@ def _run(args: argparse.Namespace) -> int:
     runs_names = {*CLASSIFIER_WEIGHTS, *GAN_WEIGHTS.values(), Path(PRETRAINED_FILE).stem}
     if Path(args.checkpoint).is_file() and loaded.weights.stem not in runs_names:
         stem = loaded.weights.stem  # a weights file of the user's name: its export beside it, of that name
-    beside = Path.cwd() if str(args.checkpoint).startswith(HUB_PREFIX) else loaded.weights.parent  # not in a cache
+    cached = str(args.checkpoint).startswith(HUB_PREFIX) or published_tag(args.checkpoint) is not None
+    beside = Path.cwd() if cached else loaded.weights.parent  # not in a download cache
     suffix = args.out.suffix.lower() if args.out is not None else ""
     args.format = args.format or next((f for f, s in FORMATS.items() if s == suffix), "onnx")
     out = args.out or beside / f"{stem}{FORMATS[args.format]}"
@@ -321,5 +338,5 @@ def _run(args: argparse.Namespace) -> int:
     size = out.stat().st_size / 1e6
     check = f"; checked with {how} on batches of 2 and 3: max |difference| {worst:.2e}" if worst is not None else ""
     print(f"wrote {out}{' (replacing the file there)' if replaced else ''} ({size:.1f} MB, {args.format}, "
-          f"{shapes}{check})")
+          f"{shapes}{check}) from {loaded.describe()}")
     return 0

@@ -141,3 +141,50 @@ def test_the_class_to_explain_by_name_or_index():
     with pytest.raises(ValueError, match=r"--class 4: give a class name or an index in 0..3$"):
         class_index("4", None, 4)
 
+
+
+def test_class_names_fold_case_where_one_name_fits():
+    from nestvit.explain.cli import class_index
+
+    assert class_index("STRIPES", ["circles", "stripes"], 2) == 1
+    with pytest.raises(ValueError, match="give a class name"):
+        class_index("cat", ["Cat", "CAT"], 2)  # two names fold to it: none is guessed
+
+
+def test_output_names_tell_extensions_and_folders_apart():
+    from pathlib import Path
+
+    from nestvit.cli_args import output_stems
+
+    paths = [Path("odd/sq.bmp"), Path("odd/sq.gif"), Path("cats/0.png"), Path("dogs/0.png"), Path("x.png"),
+             Path("x.png")]
+    assert output_stems(paths) == ["sq_bmp", "sq_gif", "cats_0", "dogs_0", "4_x", "5_x"]
+
+
+def test_maps_keep_their_scale_and_the_explained_class(tmp_path, images, capsys):
+    """The occlusion of another class than the prediction: said on stdout, its bar highlighted, the map on a
+    colour bar of its own values (not stretched to the full range), and explain.json names the classes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from nestvit.explain import plot
+
+    ckpt = save(tmp_path, NEST, "nest.safetensors")
+    out = tmp_path / "out"
+    assert main(["explain", str(ckpt), str(images[0]), "--method", "occlusion", "--class", "c", "--out", str(out),
+                 "--json", "--top-k", "9"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"weights: {ckpt}\n") and "explained c; top-1 " in captured.out
+    assert "--top-k 9: the model has 4 classes" in captured.err
+    entry = json.loads((out / "explain.json").read_text())["images"][0]
+    assert entry["name"] == "c" and sorted(entry["top_names"]) == list("abcd") and len(entry["map_range"]) == 2
+    fig, ax = plt.subplots()
+    shown = plot.overlay(ax, np.zeros((8, 8), np.uint8), torch.tensor([[0.0199, 0.0201]]).expand(8, 2))
+    assert shown.get_clim() == (0.0, pytest.approx(0.0201))  # a flat map looks flat: from 0, not min-max
+    shown = plot.overlay(ax, np.zeros((8, 8), np.uint8), torch.tensor([[-0.002, 0.003]]))
+    assert shown.get_clim() == (pytest.approx(-0.003), pytest.approx(0.003))  # signed: centred at 0
+    plt.close(fig)
+    dark = plot._np_image(np.ones((4, 4), np.uint8))  # a 0/1 mask is near-black, as the model sees it
+    assert dark.max() == pytest.approx(1 / 255)

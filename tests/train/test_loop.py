@@ -441,3 +441,21 @@ def test_a_run_of_an_older_version_still_resumes(tmp_path, make_config):
     saved["model"]["overrides"]["depths"] = 2
     with pytest.raises(ConfigError, match="model.overrides.depths 2 -> 1"):
         loop.check_resumable(saved, cfg, tmp_path)
+
+
+def test_best_weights_of_equal_top1_go_to_the_lower_loss(tmp_path, make_config, monkeypatch):
+    """A small hold-out scores every epoch alike: best.safetensors is then the epoch of the lowest loss, not the
+    first one (which shipped epoch 1 of 10), and the commands say which epoch they use."""
+    from nestvit.train.metrics import EvalResult
+
+    def flat(self, model, tta="none"):
+        return EvalResult(loss={1: 0.9, 2: 0.5}.get(self.epoch, 0.7), top1=50.0, top5=90.0, count=2,
+                          confusion=[[1] + [0] * 9] * 10, classes=[str(i) for i in range(10)])
+
+    monkeypatch.setattr(loop.Trainer, "evaluate", flat)
+    train(make_config("epochs=3"), tmp_path / "run")
+    import nestvit
+
+    loaded = nestvit.load(tmp_path / "run")
+    assert loaded.contract.info["epoch"] == 2
+    assert loaded.describe() == f"{tmp_path / 'run' / 'best.safetensors'} (epoch 2 of 3, top-1 50.00 %)"

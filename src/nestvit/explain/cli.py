@@ -48,6 +48,9 @@ def class_index(given: str | int, names: list[str] | None, num_classes: int) -> 
     composed = [same_name(n) for n in names or []]
     if same_name(str(given)) in composed:
         return composed.index(same_name(str(given)))
+    folded = [n.casefold() for n in composed]  # "stripes" for "Stripes", where no other name folds to it
+    if folded.count(same_name(str(given)).casefold()) == 1:
+        return folded.index(same_name(str(given)).casefold())
     if str(given).isascii() and str(given).isdecimal() and int(given) < num_classes:
         return int(given)
     shown = (f"; its classes: {', '.join(names[:20])}{', ...' if len(names) > 20 else ''}" if names else "")
@@ -131,21 +134,29 @@ def _stats(values: list[float] | None, recorded: tuple[float, ...], name: str) -
 
 def _split_inputs(inputs: list[str], model_name: str | None, method: str = "gradcat"
                   ) -> tuple[Path | None, list[Path]]:
-    from ..contract import EXPORTED_SUFFIXES, HUB_PREFIX
+    from ..contract import EXPORTED_SUFFIXES, HUB_PREFIX, published_tag
 
     if inputs[0].startswith(HUB_PREFIX):  # a model on the Hugging Face Hub
         if len(inputs) < 2:
             raise ValueError("no images given after the checkpoint")
         return Path(inputs[0]), [Path(p) for p in inputs[1:]]
     first = Path(inputs[0])
-    if first.suffix in EXPORTED_SUFFIXES and not (first.suffix == ".onnx" and method == "occlusion"):
+    if first.suffix == ".pt2":
+        raise ValueError(f"{first} is a torch.export program, which nestvit's commands do not read (loading one may "
+                         "unpickle): give the run folder or its weights file"
+                         + ("" if method == "occlusion" else f" ({method} needs the PyTorch model's gradients, "
+                            "attention and feature maps)") + ", or explain the .onnx export with --method occlusion")
+    if first.suffix in EXPORTED_SUFFIXES and method != "occlusion":
         raise ValueError(f"{first} is an exported model; {method} needs the PyTorch model (its gradients, attention "
                          "and feature maps): give the run folder or its weights file, or explain the .onnx export "
                          "with --method occlusion (forward passes only)")
-    if first.is_dir() or first.suffix in WEIGHT_SUFFIXES or first.suffix == ".onnx":
+    if first.is_dir() or first.suffix in WEIGHT_SUFFIXES or first.suffix == ".onnx" or published_tag(first):
         if len(inputs) < 2:
             raise ValueError("no images given after the checkpoint")
         return first, [Path(p) for p in inputs[1:]]
+    if model_name is None and not first.exists():
+        raise ValueError(f"{first}: no such run folder, weights file or published tag (nestvit pretrained lists "
+                         "them); give the checkpoint first, then the images")
     if model_name is None:
         raise ValueError(f"{first} is not a checkpoint (.safetensors / run directory); give one first, or pass "
                          f"--model NAME to explain with random weights")
@@ -166,6 +177,8 @@ def run(args: argparse.Namespace) -> int:
     model = loaded.model
     if checkpoint is None:
         print("nestvit explain: no checkpoint given, the model has random weights (a demo)", file=sys.stderr)
+    else:
+        print(f"weights: {loaded.describe()}")
     transform = replace(loaded.transform, mean=_stats(args.mean, loaded.transform.mean, "mean"),
                         std=_stats(args.std, loaded.transform.std, "std"))
     if args.classes is not None:
@@ -184,11 +197,20 @@ def run(args: argparse.Namespace) -> int:
         names = list(loaded.contract.classes) if loaded.contract.classes is not None else None
     if args.target is not None:
         args.target = class_index(args.target, names, model.num_classes)
+    if args.top_k > model.num_classes:
+        print(f"note: --top-k {args.top_k}: the model has {model.num_classes} classes; explaining all of them",
+              file=sys.stderr)
+        args.top_k = model.num_classes
+    if args.target is not None and args.method == "gradcat" and args.top_k > 1:
+        print(f"note: --class explains one class; --top-k {args.top_k} is ignored", file=sys.stderr)
 
     stems = output_stems(image_paths)
     n_bars = min(max(args.top_k, 5), model.num_classes)
     label = lambda c: names[c] if names and c < len(names) else str(c)
     titles = {"cam": "CAM", "gradcam": "Grad-CAM", "rollout": "attention rollout", "occlusion": "occlusion"}
+    values = {"cam": "CAM: share of the logit (red for, blue against)", "gradcam": "Grad-CAM (ReLU of weighted maps)",
+              "rollout": "rolled-out attention of the class token",
+              "occlusion": "drop in the class's probability when hidden"}
     if args.method == "rollout" and args.target is not None:
         print("nestvit explain: attention rollout does not depend on the class; --class is ignored", file=sys.stderr)
     report = []
@@ -233,13 +255,21 @@ def run(args: argparse.Namespace) -> int:
             explained = "" if args.method == "rollout" else label(c)
             out = heatmap_figure(out_dir / f"{outs[b]}_{args.method}.png", raw[b], heat[b],
                                  method=titles[args.method], explained=explained, top_classes=top_c[b],
-                                 top_probs=top_p[b], class_names=names, box=box)
+                                 top_probs=top_p[b], class_names=names, box=box, value_label=values[args.method],
+                                 highlight=None if args.method == "rollout" else c)
             entry = {"image": str(p), "png": str(out), "class": None if args.method == "rollout" else c,
-                     "top_classes": top_c[b].tolist(), "top_probs": top_p[b].tolist()}
+                     "name": None if args.method == "rollout" else label(c),
+                     "top_classes": top_c[b].tolist(), "top_names": [label(int(k)) for k in top_c[b]],
+                     "top_probs": top_p[b].tolist(), "map_range": [float(heat[b].min()), float(heat[b].max())]}
             if box is not None:
                 entry["box"] = list(box)
             report.append(entry)
-            print(f"{p}: top-1 {label(int(top_c[b, 0]))} p={float(top_p[b, 0]):.3f} -> {out}")
+            said = "" if args.target is None or args.method == "rollout" else f"explained {label(c)}; "
+            print(f"{p}: {said}top-1 {label(int(top_c[b, 0]))} p={float(top_p[b, 0]):.3f} -> {out}")
+            if args.method == "occlusion" and float(heat[b].abs().max()) < 0.01:
+                print(f"{p}: note: hiding any one window changes p({label(c)}) by {float(heat[b].abs().max()):.3f} at "
+                      "most: no region of the image decides the prediction alone (a larger --window may show more)",
+                      file=sys.stderr)
     skipped.report(len(report))
     if args.json:
         atomic_write_text(out_dir / "explain.json", json.dumps({"method": args.method, "images": report}, indent=1))

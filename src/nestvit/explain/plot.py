@@ -35,8 +35,9 @@ def _np_image(image) -> np.ndarray:
     x = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     if x.ndim == 3 and x.shape[0] in (1, 3):
         x = x[0] if x.shape[0] == 1 else x.transpose(1, 2, 0)
+    integer = np.issubdtype(x.dtype, np.integer)
     x = x.astype(np.float64)
-    if x.max() > 1.0 + 1e-6:
+    if integer or x.max() > 1.0 + 1e-6:  # uint8 pixels: a dark image stays dark
         x = x / 255.0
     elif x.min() < 0:  # a normalised image: stretch for display
         x = (x - x.min()) / max(x.max() - x.min(), 1e-12)
@@ -50,16 +51,22 @@ def show_image(ax, image) -> None:
     ax.set_yticks([])
 
 
-def overlay(ax, image, heat, *, alpha: float = 0.5, cmap: str = "jet") -> None:
-    """The image in grey with ``heat (H, W)`` (min-max normalised) over it."""
+def overlay(ax, image, heat, *, alpha: float = 0.5, cmap: str | None = None):
+    """The image in grey with ``heat (H, W)`` over it, on the map's own scale: a map with values of both signs
+    on a diverging colour map centred at 0 (``RdBu_r``: red for, blue against), else from 0 to its largest value
+    (``jet``), so that a nearly uniform map looks uniform. Returns the map's ``AxesImage`` (for a colour bar)."""
     x = _np_image(image)
     grey = x if x.ndim == 2 else x.mean(axis=2)
     ax.imshow(grey, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     h = np.asarray(heat.detach().cpu() if isinstance(heat, torch.Tensor) else heat, dtype=np.float64)
-    h = (h - h.min()) / max(h.max() - h.min(), 1e-12)
-    ax.imshow(h, cmap=cmap, alpha=alpha, vmin=0, vmax=1, interpolation="bilinear")
+    signed = h.min() < 0 < h.max()
+    top = max(float(np.abs(h).max()), 1e-12)
+    lo, hi = (-top, top) if signed else ((0.0, top) if h.min() >= 0 else (-top, 0.0))
+    shown = ax.imshow(h, cmap=cmap or ("RdBu_r" if signed else "jet"), alpha=alpha, vmin=lo, vmax=hi,
+                      interpolation="bilinear")
     ax.set_xticks([])
     ax.set_yticks([])
+    return shown
 
 
 def draw_box(ax, box, *, color: str = "lime", lw: float = 2.0, ls: str = "-", label: str | None = None) -> None:
@@ -95,13 +102,16 @@ def draw_gradcat_path(ax, result, b: int = 0, k: int = 0, *, scores: bool = True
                  else float(result.scores[b, k, i - 1, result.choice[b, k, i - 1]]))
         parts.append(f"L{result.levels[i]} {value:.2g}")
     if scores:
-        ax.set_xlabel(" > ".join(parts), fontsize=fontsize)
+        ax.set_xlabel(" -> ".join(parts), fontsize=fontsize)
 
 
-def _bars(ax, classes: Sequence[int], probs: Sequence[float], names: Sequence[str] | None) -> None:
+def _bars(ax, classes: Sequence[int], probs: Sequence[float], names: Sequence[str] | None,
+          highlight: int | None = None) -> None:
+    """Horizontal bars of the top classes; ``highlight`` (a class index; default the first) in blue."""
     labels = [names[c] if names and c < len(names) else str(c) for c in classes]
     y = np.arange(len(labels))[::-1]
-    ax.barh(y, probs, color=["tab:blue"] + ["tab:gray"] * (len(labels) - 1))
+    marked = classes[0] if highlight is None else highlight
+    ax.barh(y, probs, color=["tab:blue" if c == marked else "tab:gray" for c in classes])
     ax.set_yticks(y)
     ax.set_yticklabels(labels, fontsize=8)
     ax.set_xlim(0, 1)
@@ -146,8 +156,9 @@ def gradcat_figure(path: str | Path, image, result, b: int = 0, *, top_classes=N
 
 def heatmap_figure(path: str | Path, image, heat, *, method: str, explained: str = "", top_classes=None,
                    top_probs=None, class_names: Sequence[str] | None = None, box=None, gt_box=None,
-                   dpi: int = 100) -> Path:
-    """PNG: the image, the heat map over it (and the thresholded box if given), the prediction bars."""
+                   value_label: str = "", highlight: int | None = None, dpi: int = 100) -> Path:
+    """PNG: the image, the heat map over it with a colour bar of its values (``value_label`` names them; the
+    thresholded box if given), the prediction bars (``highlight``: the explained class, if it is among them)."""
     plt = _plt()
     with_bars = top_classes is not None
     n = 2 + int(with_bars)
@@ -155,7 +166,11 @@ def heatmap_figure(path: str | Path, image, heat, *, method: str, explained: str
     axes = axes[0]
     show_image(axes[0], image)
     axes[0].set_title("input", fontsize=9)
-    overlay(axes[1], image, heat)
+    shown = overlay(axes[1], image, heat)
+    bar = fig.colorbar(shown, ax=axes[1], fraction=0.046, pad=0.04)
+    bar.ax.tick_params(labelsize=7)
+    if value_label:
+        bar.set_label(value_label, fontsize=8)
     if box is not None:
         draw_box(axes[1], box, color="white", lw=1.8, label="map box")
     if gt_box is not None:
@@ -163,7 +178,7 @@ def heatmap_figure(path: str | Path, image, heat, *, method: str, explained: str
             draw_box(ax, gt_box, color="lime", lw=1.2, ls="--", label="object")
     axes[1].set_title(f"{method}{': ' + explained if explained else ''}", fontsize=9)
     if with_bars:
-        _bars(axes[-1], [int(c) for c in top_classes], [float(p) for p in top_probs], class_names)
+        _bars(axes[-1], [int(c) for c in top_classes], [float(p) for p in top_probs], class_names, highlight)
     fig.tight_layout()
     path = save_figure(fig, path, dpi=dpi)
     plt.close(fig)

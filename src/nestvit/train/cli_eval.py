@@ -187,7 +187,7 @@ def evaluate_one(args: argparse.Namespace, checkpoint: str, out: Path | None) ->
                       info=DistInfo(device=device), precision=precision, tta=args.tta)
     tta = f", {args.tta} TTA ({len(tta_views(args.tta))} views)" if args.tta != "none" else ""
     tta += f", {precision}" if precision != "fp32" else ""
-    print(f"{loaded.weights} on {data.name} ({result.count} images{tta}): loss {result.loss:.4f}  "
+    print(f"{loaded.describe()} on {data.name} ({result.count} images{tta}): loss {result.loss:.4f}  "
           f"top-1 {result.top1:.2f}%  top-{min(5, len(data.classes))} {result.top5:.2f}%")
     print("per-class accuracy:")
     width = max(len(c) for c in data.classes)

@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = load(args.checkpoint, note_weights_of_a_file(args.checkpoint, args.weights))
     if loaded.contract.kind != "classifier":
         raise ValueError(f"{loaded.weights} holds a {loaded.contract.kind}, not a classifier; predict needs one")
+    print(f"weights: {loaded.describe()}")
     run_tta = getattr(loaded.config, "tta", "none") or "none"
     if run_tta != "none" and args.tta == "none":
         print(f"note: this run's results include {run_tta} test-time augmentation (summary.json test_top1_tta); "

@@ -251,7 +251,7 @@ class Trainer:
         self.step = 0  # optimizer steps done
         self.epoch = 0  # epochs completed
         self.step_in_epoch = 0  # optimizer steps done inside the current epoch (mid-epoch checkpoints)
-        self.best_top1 = -1.0
+        self.best_top1, self.best_loss = -1.0, math.inf  # best.safetensors: the highest top-1, ties to the lower loss
         self.rng_state: dict[str, Any] | None = None
         # time budget (cfg.time_budget_min): seconds spent by earlier pieces of a resumed run, the last
         # evaluation's duration (kept in reserve for the final one, times its views plus one with cfg.tta)
@@ -694,8 +694,8 @@ class Trainer:
         save_weights(self.model, self.run_dir / "last.safetensors", contract=self._contract(top1))
         if self.ema is not None:
             save_weights(self.ema.module, self.run_dir / "ema.safetensors", contract=self._contract())
-        if top1 is not None and top1 > self.best_top1:
-            self.best_top1 = top1
+        if top1 is not None and (top1, -test.loss) > (self.best_top1, -self.best_loss):
+            self.best_top1, self.best_loss = top1, test.loss
             save_weights(self.model, self.run_dir / "best.safetensors", contract=self._contract(top1))
 
     def save_state(self) -> None:
@@ -716,6 +716,7 @@ class Trainer:
             "step_in_epoch": self.step_in_epoch,
             "elapsed_s": self.elapsed(),
             "best_top1": self.best_top1,
+            "best_loss": self.best_loss,
             "world_size": self.info.world_size,
             "config": C.to_dict(self.cfg),
             "time_budget_s": self.budget_s,
@@ -766,6 +767,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.step_in_epoch, self.best_top1 = state["step_in_epoch"], state["best_top1"]
+        self.best_loss = state.get("best_loss", math.inf)  # older states: ties went to the earlier epoch
         self.spent_before = state.get("elapsed_s", 0.0)
         self.saved_step = self.step
         self.epoch_sums = state.get("epoch_sums")  # a resumed epoch's sums before the checkpoint

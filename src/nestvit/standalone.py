@@ -1,0 +1,121 @@
+"""Classify images with a nestvit ONNX export where nestvit is not installed: numpy, Pillow and onnxruntime only.
+
+Copy this one file into your service. It reads the run contract that ``nestvit export`` stores in the ONNX file's
+metadata (``nestvit.contract``: class names and the input transform) and prepares each image as nestvit's
+``InputTransform.read`` does: the same decoding (a JPEG decoded at a reduced scale first, as training's image
+folders do; 16-bit greyscale scaled, not clipped), resize, centre crop or zero padding, and normalisation. Its
+probabilities are ``nestvit predict``'s (tested to 1e-4 in nestvit's ``tests/test_standalone.py``).
+
+    python standalone.py model.onnx photo.jpg [more.png ...]
+
+    from standalone import Classifier
+    clf = Classifier("model.onnx", threads=1)
+    clf.predict(["photo.jpg"], top_k=3)  # per image: [(class name, probability), ...], most likely first
+
+Only what nestvit itself writes is read: an ONNX file, which onnxruntime runs without executing Python.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+CONTRACT_KEY = "nestvit.contract"
+
+
+def to_mode(img: Image.Image, mode: str) -> Image.Image:
+    """``img`` as ``"L"`` or ``"RGB"``; 16-bit greyscale scaled by 255/65535 and float greyscale in [0, 1] by 255
+    (Pillow's own conversion clips them to 0..255)."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I"):
+            a = a * (255 / 65535)
+        elif img.mode == "F" and a.size and a.min() >= 0 and a.max() <= 1:
+            a = a * 255
+        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+    return img.convert(mode)
+
+
+def _stretch(a: np.ndarray, h: int, w: int) -> np.ndarray:
+    """uint8 ``(H, W, C)`` resized to ``(h, w, C)``: antialiased bilinear on floats, rounded half to even."""
+    if a.shape[:2] == (h, w):
+        return a
+    planes = [np.asarray(Image.fromarray(a[..., c].astype(np.float32), mode="F").resize(
+        (w, h), Image.Resampling.BILINEAR)) for c in range(a.shape[2])]
+    return np.clip(np.rint(np.stack(planes, axis=-1)), 0, 255).astype(np.uint8)
+
+
+def prepare(path: str, transform: dict[str, Any]) -> np.ndarray:
+    """float32 ``(C, H, W)``: the model's input for one image file, as the contract's ``transform`` says."""
+    channels, (H, W) = transform["channels"], transform["size"]
+    mode = "L" if channels == 1 else "RGB"
+    with Image.open(path) as img:
+        if transform["resize"] == "center-crop":  # image folders: shorter side to size / crop_pct, centre crop
+            side = round(H / transform["crop_pct"])
+            img.draft(mode, (side, side))  # a JPEG decodes at a reduced scale, as in training
+            img = to_mode(img, mode)
+            w, h = img.size
+            scale = side / min(w, h)
+            new_w, new_h = max(H, round(w * scale)), max(H, round(h * scale))
+            img = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
+            left, top = (new_w - H) // 2, (new_h - H) // 2
+            a = np.asarray(img.crop((left, top, left + H, top + H)), dtype=np.uint8)
+            a = a[..., None] if a.ndim == 2 else a
+        else:  # "stretch" (in-memory data sets): resized to content, whatever the aspect ratio, zero-padded
+            a = np.asarray(to_mode(img, mode), dtype=np.uint8)
+            a = a[..., None] if a.ndim == 2 else a
+            ch, cw = transform.get("content") or (H, W)
+            a = _stretch(a, ch, cw)
+            top, left = (H - ch) // 2, (W - cw) // 2
+            a = np.pad(a, ((top, H - ch - top), (left, W - cw - left), (0, 0)))
+    mean = np.asarray(transform["mean"], dtype=np.float32)
+    std = np.asarray(transform["std"], dtype=np.float32)
+    x = (a.astype(np.float32) / np.float32(255) - mean) / std
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+class Classifier:
+    """A nestvit ONNX export with its contract: ``predict(paths)`` -> each image's top classes."""
+
+    def __init__(self, onnx_path: str, *, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads  # 0: onnxruntime's default, every core
+        self.session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if CONTRACT_KEY not in meta:
+            raise ValueError(f"{onnx_path}: no {CONTRACT_KEY} metadata; export it with `nestvit export`")
+        contract = json.loads(meta[CONTRACT_KEY])
+        self.transform = contract["transform"]
+        n = self.session.get_outputs()[0].shape[-1]
+        self.classes = contract.get("classes") or [f"class{k}" for k in range(int(n))]
+        self.input_name = self.session.get_inputs()[0].name
+
+    def probabilities(self, paths: Sequence[str]) -> np.ndarray:
+        """float32 ``(N, classes)`` softmax probabilities of the images."""
+        x = np.stack([prepare(p, self.transform) for p in paths])
+        logits = self.session.run(None, {self.input_name: x})[0].astype(np.float64)
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    def predict(self, paths: Sequence[str], top_k: int = 1) -> list[list[tuple[str, float]]]:
+        """Each image's ``top_k`` ``(class name, probability)`` pairs, most likely first."""
+        out = []
+        for p in self.probabilities(paths):
+            order = np.argsort(-p, kind="stable")[:top_k]
+            out.append([(self.classes[i], float(p[i])) for i in order])
+        return out
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3:
+        sys.exit("usage: python standalone.py MODEL.onnx IMAGE [IMAGE ...]")
+    clf = Classifier(sys.argv[1])
+    for image, top in zip(sys.argv[2:], clf.predict(sys.argv[2:], top_k=3)):
+        print(image + ": " + ", ".join(f"{name} {100 * p:.2f}%" for name, p in top))

@@ -1,0 +1,87 @@
+"""``nestvit/standalone.py``: an ONNX export classified without nestvit gives ``nestvit predict``'s probabilities.
+
+The file is run as a user's service runs it: imported from its own path, with nestvit's modules hidden from it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import nestvit
+from nestvit.cli import main
+from nestvit.contract import InputTransform, RunContract
+from nestvit.interop import save_weights
+
+pytest.importorskip("onnxruntime", reason="install the test extras: pip install -e '.[test]'")
+STANDALONE = Path(nestvit.__file__).parent / "standalone.py"
+KW = dict(img_size=16, num_classes=3, patch_size=2, num_levels=2, block_size=4, embed_dims=8, num_heads=2, depths=1)
+
+
+def _images(folder: Path) -> list[Path]:
+    """Files that exercise each decoding step: RGB and greyscale PNGs of odd sizes, a JPEG (decoded at a reduced
+    scale), a 16-bit PNG (scaled, not clipped), an RGBA PNG, a palette GIF."""
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    smooth = lambda h, w, c: np.clip(rng.normal(128, 40, (h // 8 + 1, w // 8 + 1, c)).repeat(8, 0).repeat(8, 1)
+                                     [:h, :w] + rng.normal(0, 20, (h, w, c)), 0, 255).astype(np.uint8)
+    files = {"rgb.png": Image.fromarray(smooth(40, 30, 3)), "grey.png": Image.fromarray(smooth(23, 57, 1)[..., 0]),
+             "photo.jpg": Image.fromarray(smooth(257, 300, 3)), "rgba.png": Image.fromarray(smooth(20, 20, 4)),
+             "wide16.png": Image.fromarray(rng.integers(0, 65535, (30, 70)).astype(np.uint16)),
+             "palette.gif": Image.fromarray(smooth(33, 33, 3)).convert("P")}
+    for name, img in files.items():
+        img.save(folder / name, quality=90) if name.endswith(".jpg") else img.save(folder / name)
+    return [folder / n for n in files]
+
+
+@pytest.mark.parametrize("transform", [
+    InputTransform(channels=3, size=(16, 16), mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3), resize="center-crop"),
+    InputTransform(channels=1, size=(16, 16), mean=(0.3,), std=(0.35,), content=(12, 12)),  # stretch, padded
+    InputTransform(channels=3, size=(16, 16), mean=(0.5,) * 3, std=(0.5,) * 3, resize="stretch"),
+], ids=["center-crop-rgb", "stretch-grey-padded", "stretch-rgb"])
+def test_standalone_matches_predict(transform, tmp_path, capsys):
+    torch.manual_seed(0)
+    model = nestvit.create_model("nest_tiny_cifar", in_chans=transform.channels, **KW)
+    contract = RunContract(model="nest_tiny_cifar", kwargs={**KW, "in_chans": transform.channels},
+                           classes=("ant", "bee", "cat"), transform=transform)
+    weights = save_weights(model, tmp_path / "run" / "best.safetensors", contract=contract)
+    assert main(["export", str(weights.parent), "--format", "onnx"]) == 0
+    images = _images(tmp_path / "images")
+
+    spec = importlib.util.spec_from_file_location("standalone", STANDALONE)
+    standalone = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(standalone)
+    clf = standalone.Classifier(str(weights.parent / "model.onnx"), threads=1)
+    assert clf.classes == ["ant", "bee", "cat"]
+    loaded = nestvit.load(weights.parent / "model.onnx")
+    for path in images:  # the very pixels, then the probabilities
+        want = loaded.transform(loaded.transform.read_batch([path]))[0].numpy()
+        got = standalone.prepare(str(path), clf.transform)
+        step = 1 / 255 / min(transform.std)  # one grey level
+        assert got.shape == want.shape and np.abs(got - want).max() <= step * 1.001, path.name
+    want = loaded.model(loaded.transform(loaded.transform.read_batch(images))).softmax(-1).numpy()
+    assert np.abs(clf.probabilities([str(p) for p in images]) - want).max() < 1e-3
+    top = clf.predict([str(images[0])], top_k=2)[0]
+    assert [name for name, _ in top] == [loaded.classes[i] for i in np.argsort(-want[0])[:2]]
+
+
+def test_standalone_runs_without_nestvit(weights, tmp_path, capsys):
+    """As a script, in a process where ``import nestvit`` fails."""
+    assert main(["export", str(weights.parent), "--format", "onnx"]) == 0
+    image = tmp_path / "x.png"
+    Image.fromarray(np.full((20, 20), 200, np.uint8)).save(image)
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "nestvit.py").write_text("raise ImportError('nestvit is not installed here')\n")
+    run = subprocess.run([sys.executable, str(STANDALONE), str(weights.parent / "model.onnx"), str(image)],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env={"PYTHONPATH": str(blocker), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith(f"{image}: ") and run.stdout.count("%") == 3
