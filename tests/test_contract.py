@@ -130,13 +130,27 @@ def test_predict_skips_an_unreadable_file_and_keeps_the_others(weights, image, t
     out = tmp_path / "p.csv"
     assert main(["predict", str(weights), str(photos), "--out", str(out), "--batch-size", "2"]) == 0
     std = capsys.readouterr()
-    assert "warning: skipped 1 unreadable file(s): " in std.err and "broken.png: cannot read the image" in std.err
+    assert "warning: skipped 1 unreadable file(s), left out of the results:\n  " in std.err
+    assert "broken.png: cannot read the image" in std.err
     assert "(2 images, top" in std.out and "1 unreadable skipped" in std.out
     assert [row.split(",")[0] for row in out.read_text().splitlines()[1:]] == [str(photos / "a.png"),
                                                                                str(photos / "b.png")]
     (photos / "a.png").write_bytes(b"x")
     (photos / "b.png").write_bytes(b"y")
     assert "none of the 3 files is a readable image" in one_line_error(capsys, "predict", str(weights), str(photos))
+
+
+def test_eval_of_a_folder_names_every_unreadable_file(weights, image, tmp_path, capsys):
+    # before: the first bad file stopped it, named alone, and each rerun met the next one
+    for c in ("cat", "dog", "eel"):
+        (tmp_path / "photos" / c).mkdir(parents=True)
+        (tmp_path / "photos" / c / "0.png").write_bytes(Path(image).read_bytes())
+    for c in ("cat", "dog"):
+        (tmp_path / "photos" / c / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    assert main(["eval", str(weights), "--data", str(tmp_path / "photos")]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # after the note that a lone weights file scores all of it
+    assert "2 files are unreadable (all 5 checked): " in err and "cat/bad.png" in err and "dog/bad.png" in err
+    assert err.rstrip().endswith(f"replace them or remove them from {tmp_path / 'photos'}, then evaluate again")
 
 
 def test_explain_skips_an_unreadable_file_and_refuses_a_class_list_of_another_length(weights, image, tmp_path,
@@ -148,7 +162,7 @@ def test_explain_skips_an_unreadable_file_and_refuses_a_class_list_of_another_le
     assert main(["explain", str(weights), str(photos), str(photos / "a.png"), "--method", "cam",
                  "--out", str(tmp_path / "x")]) == 0
     std = capsys.readouterr()
-    assert "warning: skipped 1 unreadable file(s): " in std.err and "broken.png" in std.err
+    assert "warning: skipped 1 unreadable file(s), left out of the results:\n  " in std.err and "broken.png" in std.err
     assert len(list((tmp_path / "x").iterdir())) == 2  # a.png given twice: two files, as before
     names = tmp_path / "names.txt"
     names.write_text("cat\ndog\n")  # the model has 3 classes: before, silently ignored

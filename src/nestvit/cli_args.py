@@ -198,12 +198,15 @@ class SkippedImages:
         from .contract import UnreadableImageError
         from .errors import listed
 
-        shown = listed(self.errors, sep="; ")
         if not done and self.errors:
             raise UnreadableImageError(self.errors[0] if len(self.errors) == 1 else f"none of the {len(self.errors)} "
-                                       f"files is a readable image: {shown}")
-        if self.errors:
-            print(f"warning: skipped {len(self.errors)} unreadable file(s): {shown}", file=sys.stderr)
+                                       f"files is a readable image: {listed(self.errors, sep='; ')}")
+        if self.errors:  # every one (up to 20), a line each: the results leave them out
+            print(f"warning: skipped {len(self.errors)} unreadable file(s), left out of the results:", file=sys.stderr)
+            for error in self.errors[:20]:
+                print(f"  {error}", file=sys.stderr)
+            if len(self.errors) > 20:
+                print(f"  ... and {len(self.errors) - 20} more", file=sys.stderr)
 
 
 def note_weights_of_a_file(checkpoint: str | Path, weights: str | None) -> str | None:

@@ -154,7 +154,7 @@ class InputTransform:
             try:  # an unreadable or huge file: one clear error
                 x = decode_image(img if img is not None else path, size=self.size[0],
                                  resize_size=round(self.size[0] / self.crop_pct), channels=self.channels,
-                                 name=path)
+                                 name=path, hint="")
             except DatasetError as e:
                 raise UnreadableImageError(str(e)) from None
             return x.contiguous()

@@ -55,7 +55,10 @@ def test_train_eval_predict(tmp_path, recipe, capsys, monkeypatch):
         # an RGB file at another size: predict converts to the model's 1 channel and 8x8
         Image.fromarray(np.repeat(img[0].numpy(), 4, 0).repeat(4, 1)).convert("RGB").save(files[-1])
     assert main(["predict", str(run), *map(str, files), "--top-k", "3"]) == 0
-    out = capsys.readouterr().out
+    head, out = capsys.readouterr().out.split("\n", 1)
+    best = json.loads((run / "summary.json").read_text())["best_top1"]
+    assert head.startswith(f"weights: {run / 'best.safetensors'} (epoch ")
+    assert head.endswith(f" of 2, top-1 {best:.2f} %)")
     assert out.count("%") == 6 and str(files[0]) in out
 
 

@@ -804,14 +804,15 @@ def convert_image(img: Image.Image, mode: str) -> Image.Image:
 
 def decode_image(source: str | Path | io.BytesIO | Image.Image, *, size: int, resize_size: int | None = None,
                  crop_box: Callable[[int, int], tuple[int, int, int, int] | None] | None = None,
-                 name: str | Path | None = None, channels: int = 3) -> torch.Tensor:
+                 name: str | Path | None = None, channels: int = 3,
+                 hint: str = "replace the file or remove it from the data set") -> torch.Tensor:
     """Decode one image (a path, bytes in a file object, or an open ``PIL.Image``, left as it is) to a uint8
     ``channels x size x size`` tensor (``channels`` 3: RGB; 1: greyscale, Pillow's ``L``).
 
     The shorter side is resized to ``resize_size`` (default ``round(size / 0.875)``) and the centre cropped;
     with ``crop_box`` (``(w, h) -> (left, top, right, bottom)`` or None for the centre crop) that box of the
     full-resolution image is resized to ``size x size`` instead. A file that is not a decodable image raises
-    one :class:`DatasetError` naming ``name`` (default: the path).
+    one :class:`DatasetError` naming ``name`` (default: the path), and ``hint``, what to do about it.
     """
     resize_size = resize_size or round(size / 0.875)
     given = isinstance(source, Image.Image)  # the caller's image: not drafted (that changes it), not closed
@@ -835,7 +836,7 @@ def decode_image(source: str | Path | io.BytesIO | Image.Image, *, size: int, re
             array = array[None].copy() if array.ndim == 2 else np.ascontiguousarray(array.transpose(2, 0, 1))
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise DatasetError(
-            f"{name or source}: cannot decode image ({e}); replace the file or remove it from the data set"
+            f"{name or source}: cannot decode image ({e})" + (f"; {hint}" if hint else "")
         ) from None
     return torch.from_numpy(array)
 

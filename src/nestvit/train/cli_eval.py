@@ -96,7 +96,9 @@ def run(args: argparse.Namespace) -> int:
 def evaluate_one(args: argparse.Namespace, checkpoint: str, out: Path | None) -> dict:
     """Evaluate one checkpoint as ``args`` say, print its numbers (and write them to ``out``); its record."""
     from ..cli_args import note_weights_of_a_file
-    from ..contract import load
+    from ..contract import UnreadableImageError, load
+    from ..data.datasets import find_unreadable
+    from ..errors import listed
     from ..export import OnnxModel
     from .cli_train import one_line_errors
     from .distributed import DistInfo, resolve_device
@@ -169,7 +171,8 @@ def evaluate_one(args: argparse.Namespace, checkpoint: str, out: Path | None) ->
     if is_streamed(name):  # files are decoded to the model's channels (below), not to what the folder's look like
         section = dataclasses.replace(section, channels=transform.channels)
     with one_line_errors():
-        data = load_split(section, split, device, classes=classes if is_streamed(name) else None, limit=args.limit)
+        data = load_split(section, split, device, classes=classes if is_streamed(name) else None, limit=args.limit,
+                          model_classes=True)
     for note in data.notes:  # classes of the data the model does not have, or the reverse
         print(note, file=sys.stderr)
     if same is not None and same.limit_eval is not None and args.limit is None and len(data) > same.limit_eval:
@@ -183,8 +186,18 @@ def evaluate_one(args: argparse.Namespace, checkpoint: str, out: Path | None) ->
         raise ValueError(f"{name} has {len(data.classes)} classes but the model was trained on {len(classes)}")
     if data.folder is None and data.stream is None and loaded.contract.classes is not None:
         _check_same_classes(loaded, name, data.classes)
-    result = evaluate(model, data, mean=transform.mean, std=transform.std, batch=args.batch_size,
-                      info=DistInfo(device=device), precision=precision, tta=args.tta)
+    try:
+        result = evaluate(model, data, mean=transform.mean, std=transform.std, batch=args.batch_size,
+                          info=DistInfo(device=device), precision=precision, tta=args.tta)
+    except UnreadableImageError as e:  # every unreadable file of the folder, not the first one only
+        if data.folder is None:
+            raise
+        bad, checked = find_unreadable([path for path, _ in data.folder.samples])
+        files = len(data.folder.samples)
+        scanned = f"all {files:,}" if checked == files else f"the first {checked:,} of {files:,}"
+        also = f"; {len(bad)} files are unreadable ({scanned} checked): {listed(bad, 5)}" if len(bad) > 1 else ""
+        raise UnreadableImageError(f"{e}{also}; replace {'them' if also else 'it'} or remove "
+                                   f"{'them' if also else 'it'} from {data.folder.root}, then evaluate again") from None
     tta = f", {args.tta} TTA ({len(tta_views(args.tta))} views)" if args.tta != "none" else ""
     tta += f", {precision}" if precision != "fp32" else ""
     print(f"{loaded.describe()} on {data.name} ({result.count} images{tta}): loss {result.loss:.4f}  "

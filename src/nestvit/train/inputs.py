@@ -222,10 +222,11 @@ def _learnt_normalization(weights: str) -> tuple[tuple[float, ...], tuple[float,
 
 
 def load_split(cfg: DataSection, split: str | None, device: torch.device, *, classes: list[str] | None = None,
-               limit: int | None = None) -> Split:
+               limit: int | None = None, model_classes: bool = False) -> Split:
     """Load ``split`` of ``cfg.name`` (None: the evaluation split); in-memory sets go to ``device`` as uint8.
 
-    ``classes`` (the training split's) numbers an evaluation split's labels as the training split's.
+    ``classes`` (the training split's; with ``model_classes``, a trained model's: ``nestvit eval``) numbers an
+    evaluation split's labels as the training split's.
     ``synthetic`` (not a real data set) makes ``limit`` images (default 512) of ``img_size`` pixels.
     Defaults ``cfg`` leaves open are filled by :func:`resolve_data` (without a model: 224 pixels).
     """
@@ -264,7 +265,7 @@ def load_split(cfg: DataSection, split: str | None, device: torch.device, *, cla
         data = load(cfg.root, split, train_split=cfg.train_split, eval_split=cfg.eval_split, holdout=cfg.holdout,
                     classes=classes, classes_file=cfg.classes, size=cfg.img_size, crop_scale=crop,
                     channels=cfg.channels)
-        notes = _class_notes(data, split, training=classes is None)
+        notes = _class_notes(data, split, training=classes is None, model_classes=model_classes)
         if limit is not None and limit < len(data):
             if isinstance(data, ImageListDataset):
                 data.samples = data.samples[:limit]
@@ -287,7 +288,8 @@ def load_split(cfg: DataSection, split: str | None, device: torch.device, *, cla
                  size=tuple(images.shape[-2:]), images=images.to(device), unpadded=unpadded)
 
 
-def _class_notes(data: ImageListDataset | ShardSet, split: str, *, training: bool) -> list[str]:
+def _class_notes(data: ImageListDataset | ShardSet, split: str, *, training: bool,
+                 model_classes: bool = False) -> list[str]:
     """Check the classes of images read from disk: warnings to print, or a ``DatasetError`` for an empty
     training class.
 
@@ -296,7 +298,8 @@ def _class_notes(data: ImageListDataset | ShardSet, split: str, *, training: boo
     counts its images as misses); the fix is to add images or remove the class. A training class with fewer
     than ``FEW_IMAGES`` images is a warning, as are the classes of an evaluation split (``training=False``: its
     classes are the training split's) that differ from the training split's: a training class it has no images
-    of (its accuracy is undefined), a class the training split does not have (its images are skipped).
+    of (its accuracy is undefined), a class the training split does not have (its images are skipped). With
+    ``model_classes`` (``nestvit eval`` of a trained model) they are said against the model's classes.
     """
     counts = dict(zip(data.classes, data.counts))
     empty = [c for c, n in counts.items() if n == 0]
@@ -323,14 +326,15 @@ def _class_notes(data: ImageListDataset | ShardSet, split: str, *, training: boo
                            f"{'the directory' if folders else 'it from the class list'}")
     notes = []
     if not training:
-        differ = ([f"no images of the training class(es) {', '.join(empty)} (their accuracy is n/a)"] if empty
-                  else []) + ([f"class(es) {', '.join(data.unlisted)} not in the training split (their images are "
-                               "skipped)"] if data.unlisted else [])
+        theirs, owner, lacking = (("the model's", "the model's", "that the model does not have") if model_classes
+                                  else ("the training split's", "the training", "not in the training split"))
+        differ = ([f"no images of {owner} class(es) {', '.join(empty)} (their accuracy is n/a)"] if empty else []) + \
+            ([f"class(es) {', '.join(data.unlisted)} {lacking} (their images are skipped)"] if data.unlisted else [])
         fix = ("a class needs 2 or more images to have one held out: add images" if split == HOLDOUT else
-               "give both splits the same classes")
+               "the scores cover the other classes" if model_classes else "give both splits the same classes")
+        where = str(data.root) if model_classes else f"the {split} split of {data.root}"
         if differ:
-            notes.append(f"warning: the {split} split of {data.root}: its classes differ from the training split's: "
-                         f"{'; '.join(differ)}; {fix}")
+            notes.append(f"warning: {where}: its classes differ from {theirs}: {'; '.join(differ)}; {fix}")
     if training:
         notes += getattr(data, "stray", [])
     numbers = [c for c in data.classes if c.isdecimal() and c.isascii()]
