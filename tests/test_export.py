@@ -44,6 +44,9 @@ def test_pt2_program(weights, tmp_path, capsys):
     out = tmp_path / "m.pt2"
     assert main(["export", str(weights), "--format", "pt2", "--out", str(out)]) == 0
     assert "checked with torch.export.load" in capsys.readouterr().out
+    import zipfile
+
+    assert {n.split("/")[0] for n in zipfile.ZipFile(out).namelist()} == {"m"}  # its own name, not a temporary one
     program = torch.export.load(str(out))
     x = torch.randn(4, 1, 16, 16)
     assert torch.allclose(program.module()(x), nestvit.load(weights).model(x), atol=1e-5)

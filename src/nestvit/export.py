@@ -314,8 +314,13 @@ def _run(args: argparse.Namespace) -> int:
         except ImportError:
             raise ValueError("ONNX export needs the onnx and onnxscript packages: pip install 'nestvit[export]'") \
                 from None
-    # written under a temporary name and checked there: only an export that passed its check takes the name
-    unchecked = out.with_name(f".{out.name}.unchecked{out.suffix}")
+    # written in a temporary folder beside it under its own name (a .pt2 archive's root folder is named after the
+    # file) and checked there: only an export that passed its check takes the place
+    import shutil
+
+    staging = out.with_name(f".{out.name}.unchecked")
+    staging.mkdir(exist_ok=True)
+    unchecked = staging / out.name
     try:
         if args.format == "onnx":
             export_onnx(model, example, unchecked, contract_json=contract_json, opset=args.opset, names=names)
@@ -334,7 +339,7 @@ def _run(args: argparse.Namespace) -> int:
                                "it as a bug")
         unchecked.replace(out)
     finally:
-        unchecked.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
     size = out.stat().st_size / 1e6
     check = f"; checked with {how} on batches of 2 and 3: max |difference| {worst:.2e}" if worst is not None else ""
     print(f"wrote {out}{' (replacing the file there)' if replaced else ''} ({size:.1f} MB, {args.format}, "
