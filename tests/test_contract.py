@@ -194,11 +194,12 @@ def test_not_a_run(tmp_path, capsys):
     assert "empty: no weights files (best/last/ema.safetensors, model.safetensors): give a training run's folder" \
         in one_line_error(capsys, "predict", str(tmp_path / "empty"), "x.png")
     (tmp_path / "empty" / "config.yaml").write_text("kind: classifier\n")  # a run killed before its first checkpoint
+    (tmp_path / "empty" / "metrics.jsonl").write_text("")
     assert f"empty: no weights: the run was stopped before its first checkpoint; train it again (nestvit train " \
         f"{tmp_path / 'empty'}/config.yaml --out {tmp_path / 'empty'})" in \
         one_line_error(capsys, "predict", str(tmp_path / "empty"), "x.png")
-    assert "runs/nope: no such run folder, weights file or published tag" in \
-        one_line_error(capsys, "explain", "runs/nope", "x.png")
+    assert "runs/nope: no such run directory or weights file" in one_line_error(capsys, "explain", "runs/nope", "x.png")
+    assert "(did you mean nest_tiny_224.jx_in1k" in one_line_error(capsys, "explain", "nest_tiny_224.jx_in1", "x.png")
     with pytest.raises(ContractError, match="newer nestvit"):
         RunContract.from_json(json.dumps({"version": 99, "model": "nest_tiny_cifar"}))
     with pytest.raises(ContractError, match="damaged"):

@@ -311,6 +311,13 @@ def test_the_commands_read_a_published_tag(server, monkeypatch, tmp_path, capsys
     assert (tmp_path / "ex" / "x_occlusion.png").is_file()
     monkeypatch.chdir(tmp_path)
     assert main(["export", entry.tag, "--format", "pt2"]) == 0
-    assert (tmp_path / "model.pt2").is_file() and server.requests == ["w.pth"]
-    with pytest.raises(ContractError, match="is a published tag: its weights and architecture are fixed"):
+    assert (tmp_path / f"{entry.tag}.pt2").is_file() and server.requests == ["w.pth"]
+    for c in range(10):  # published weights name no classes: a folder's sorted classes are their outputs
+        (tmp_path / "ten" / f"c{c}").mkdir(parents=True)
+        Image.fromarray(np.full((36, 36, 3), 20 * c, np.uint8)).save(tmp_path / "ten" / f"c{c}" / "0.png")
+    assert main(["eval", entry.tag, "--data", str(tmp_path / "ten")]) == 0
+    out, err = capsys.readouterr()
+    assert "records no class names: the folder's classes, sorted, are its outputs 0..9" in err
+    assert f"{entry.tag} (published weights, " in out and " on imagefolder:train (10 images)" in out
+    with pytest.raises(ContractError, match="is a published tag: one set of weights"):
         nestvit.load(entry.tag, "last")

@@ -26,8 +26,9 @@ KW = dict(img_size=16, num_classes=3, patch_size=2, num_levels=2, block_size=4, 
 
 
 def _images(folder: Path) -> list[Path]:
-    """Files that exercise each decoding step: RGB and greyscale PNGs of odd sizes, a JPEG (decoded at a reduced
-    scale), a 16-bit PNG (scaled, not clipped), an RGBA PNG, a palette GIF."""
+    """Files that exercise each decoding step: RGB and greyscale PNGs of odd sizes, smaller than the input too
+    (upscaled), a JPEG (decoded at a reduced scale), a 16-bit PNG (scaled, not clipped), an RGBA PNG, a palette
+    GIF."""
     rng = np.random.default_rng(0)
     folder.mkdir()
     smooth = lambda h, w, c: np.clip(rng.normal(128, 40, (h // 8 + 1, w // 8 + 1, c)).repeat(8, 0).repeat(8, 1)
@@ -35,7 +36,8 @@ def _images(folder: Path) -> list[Path]:
     files = {"rgb.png": Image.fromarray(smooth(40, 30, 3)), "grey.png": Image.fromarray(smooth(23, 57, 1)[..., 0]),
              "photo.jpg": Image.fromarray(smooth(257, 300, 3)), "rgba.png": Image.fromarray(smooth(20, 20, 4)),
              "wide16.png": Image.fromarray(rng.integers(0, 65535, (30, 70)).astype(np.uint16)),
-             "palette.gif": Image.fromarray(smooth(33, 33, 3)).convert("P")}
+             "palette.gif": Image.fromarray(smooth(33, 33, 3)).convert("P"),
+             "small.png": Image.fromarray(smooth(7, 9, 3)), "strip.png": Image.fromarray(smooth(5, 40, 1)[..., 0])}
     for name, img in files.items():
         img.save(folder / name, quality=90) if name.endswith(".jpg") else img.save(folder / name)
     return [folder / n for n in files]
@@ -73,13 +75,14 @@ def test_standalone_matches_predict(transform, tmp_path, capsys):
 
 
 def test_standalone_runs_without_nestvit(weights, tmp_path, capsys):
-    """As a script, in a process where ``import nestvit`` fails."""
+    """As a script, in a process where ``import nestvit`` and ``import torch`` fail."""
     assert main(["export", str(weights.parent), "--format", "onnx"]) == 0
     image = tmp_path / "x.png"
     Image.fromarray(np.full((20, 20), 200, np.uint8)).save(image)
     blocker = tmp_path / "blocker"
     blocker.mkdir()
-    (blocker / "nestvit.py").write_text("raise ImportError('nestvit is not installed here')\n")
+    for name in ("nestvit", "torch"):
+        (blocker / f"{name}.py").write_text(f"raise ImportError('{name} is not installed here')\n")
     run = subprocess.run([sys.executable, str(STANDALONE), str(weights.parent / "model.onnx"), str(image)],
                          capture_output=True, text=True, timeout=120, cwd=tmp_path,
                          env={"PYTHONPATH": str(blocker), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})

@@ -153,11 +153,13 @@ def output_stems(paths: list[Path]) -> list[str]:
     while True:
         stems = ["_".join(x[-k:]) + (f"_{p.suffix.lstrip('.')}" if e else "")
                  for x, k, p, e in zip(parts, depth, paths, ext)]
-        taken = {s for s in stems if stems.count(s) > 1}
+        folded = [s.casefold() for s in stems]  # a.PNG and a.png are one file name on macOS and Windows
+        taken = {s for s in folded if folded.count(s) > 1}
         grown = False
         for name in taken:
-            group = [i for i, s in enumerate(stems) if s == name]
-            if len({paths[i].suffix for i in group}) > 1 and not any(ext[i] for i in group):
+            group = [i for i, s in enumerate(folded) if s == name]
+            suffixes = [paths[i].suffix.casefold() for i in group]
+            if all(suffixes) and len(set(suffixes)) == len(group) and not any(ext[i] for i in group):
                 for i in group:
                     ext[i] = grown = True
                 continue
@@ -165,7 +167,7 @@ def output_stems(paths: list[Path]) -> list[str]:
                 if depth[i] < len(parts[i]):
                     depth[i], grown = depth[i] + 1, True
         if not grown:  # all distinct, or the same file given twice: numbered
-            return [f"{i}_{s}" if s in taken else s for i, s in enumerate(stems)]
+            return [f"{i}_{s}" if f in taken else s for i, (s, f) in enumerate(zip(stems, folded))]
 
 
 class SkippedImages:
@@ -202,11 +204,8 @@ class SkippedImages:
             raise UnreadableImageError(self.errors[0] if len(self.errors) == 1 else f"none of the {len(self.errors)} "
                                        f"files is a readable image: {listed(self.errors, sep='; ')}")
         if self.errors:  # every one (up to 20), a line each: the results leave them out
-            print(f"warning: skipped {len(self.errors)} unreadable file(s), left out of the results:", file=sys.stderr)
-            for error in self.errors[:20]:
-                print(f"  {error}", file=sys.stderr)
-            if len(self.errors) > 20:
-                print(f"  ... and {len(self.errors) - 20} more", file=sys.stderr)
+            print(f"warning: skipped {len(self.errors)} unreadable file(s), left out of the results:\n  "
+                  + listed(self.errors, 20, sep="\n  "), file=sys.stderr)
 
 
 def note_weights_of_a_file(checkpoint: str | Path, weights: str | None) -> str | None:

@@ -31,11 +31,11 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .standalone import CONTRACT_KEY  # the metadata key; the one file that runs exports without nestvit has it
 
 __all__ = ["CONTRACT_KEY", "ContractError", "InputTransform", "Loaded", "RunContract", "UnreadableImageError",
            "contract_of", "load", "open_image", "read_contract", "resolve_weights"]
 
-CONTRACT_KEY = "nestvit.contract"
 EXPORTED_SUFFIXES = (".onnx", ".pt2")  # files of `nestvit export` (nestvit.export.load_exported)
 CONTRACT_VERSION = 1
 Kind = Literal["classifier", "generator", "discriminator"]
@@ -429,10 +429,13 @@ class Loaded:
         """Which weights these are, for the commands' output: ``runs/a/best.safetensors (epoch 3 of 10, top-1
         91.20 %)``, from what the file records (a file that records nothing: its path alone)."""
         info = self.contract.info if self.contract is not None else {}
+        if info.get("pretrained") and self.config is None and published_tag(info["pretrained"]):
+            return f"{info['pretrained']} (published weights, {self.weights})"
         said = []
         if isinstance(info.get("epoch"), int):
             total = getattr(self.config, "epochs", None)
-            said.append(f"epoch {info['epoch']}" + (f" of {total}" if isinstance(total, int) else ""))
+            budget = getattr(self.config, "time_budget_min", None)  # stopped by the clock: its epochs, not a plan
+            said.append(f"epoch {info['epoch']}" + (f" of {total}" if isinstance(total, int) and not budget else ""))
         if isinstance(info.get("top1"), (int, float)):
             said.append(f"top-1 {info['top1']:.2f} %")
         return f"{self.weights}" + (f" ({', '.join(said)})" if said else "")
@@ -477,9 +480,9 @@ def resolve_weights(path: str | Path, which: str | None = None) -> Path:
         return path
     if not path.is_dir():
         from .errors import did_you_mean
-        from .pretrained import PUBLISHED
+        from .pretrained import PUBLISHED, published
 
-        if any(p.tag == str(path) for p in PUBLISHED):
+        if published(str(path)) is not None:
             raise ContractError(f"{path} is a published tag, not a file: nestvit.load('{path}') and the commands read "
                                 f"it, and nestvit.create_model('{path}', pretrained=True) builds it")
         tags = [p.tag for p in PUBLISHED] if "." in path.name and path.parent == Path(".") and path.suffix.lower() \
@@ -516,9 +519,12 @@ def resolve_weights(path: str | Path, which: str | None = None) -> Path:
     if (path / STATE_FILE).is_file():  # a training run stopped before its first epoch ended
         raise ContractError(f"{path}: no weights yet (a run writes them at the end of each epoch; this one was "
                             f"stopped before); continue it with nestvit train --resume {path}")
-    if (path / "config.yaml").is_file():  # a run killed before its first checkpoint: nothing to go on from
+    if (path / "config.yaml").is_file() and (path / "metrics.jsonl").is_file():  # a run killed before its first
+        import re  # checkpoint: nothing to go on from
+
+        gan = re.search(r"^kind:\s*gan\b", (path / "config.yaml").read_text(errors="replace"), re.M)
         raise ContractError(f"{path}: no weights: the run was stopped before its first checkpoint; train it again "
-                            f"(nestvit train {path}/config.yaml --out {path})")
+                            f"(nestvit {'generate train' if gan else 'train'} {path}/config.yaml --out {path})")
     raise ContractError(f"{path}: no weights files (best/last/ema.safetensors, {PRETRAINED_FILE}): give a training "
                         "run's folder, a save_pretrained folder or a weights file")
 
@@ -588,8 +594,11 @@ def load(path: str | Path, which: str | None = None, *, model: str | None = None
 
         return load_exported(path)
     if (tag := published_tag(path)) is not None:  # published weights (nestvit pretrained), downloaded once
-        if which is not None or model is not None or overrides:
-            raise ContractError(f"{path} is a published tag: its weights and architecture are fixed; to change them, "
+        if which is not None:
+            raise ContractError(f"{path} is a published tag: one set of weights (--weights / which={which!r} choose "
+                                "among a run folder's)")
+        if model is not None or overrides:
+            raise ContractError(f"{path} is a published tag: its architecture is fixed; to change it, "
                                 f"nestvit.create_model('{path}', pretrained=True, ...)")
         return _load_published(tag)
     if which in CLASSIFIER_WEIGHTS and Path(path).is_file() and Path(path).stem in set(CLASSIFIER_WEIGHTS) - {which}:

@@ -656,8 +656,9 @@ def plan_data_efficiency(a: argparse.Namespace) -> Plan:
             arm.recipe = _merge(arm.recipe, extra, {"eval_every": max(1, epochs // 10)})  # ~10 evaluations
             arms.append(arm)
     return Plan("data_efficiency", arms, a.seeds, [
-        f"Budget: the same number of optimizer steps for every training-set size, {steps} steps of 64 images "
-        f"(epochs = round({steps} x 64 / size), at least 1: one epoch of the largest set), AdamW lr 2e-3, cosine, "
+        f"Budget: about the same number of optimizer steps for every training-set size, {steps} steps of 64 images "
+        f"rounded to whole epochs (epochs = round({steps} x 64 / size), at least 1: one epoch of the largest set; "
+        "the steps column gives each run's), AdamW lr 2e-3, cosine, "
         "random crops (pad 2), bf16 autocast where fast, else fp32 (precision auto); sizes: the first "
         f"{', '.join(map(str, sizes))} {data} training "
         f"images; evaluated on {_ev_text(a)} test images about ten times per run (right panel).",

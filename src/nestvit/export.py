@@ -121,7 +121,10 @@ def check_onnx(path: Path, model: torch.nn.Module, inputs: list[torch.Tensor]) -
 
     if importlib.util.find_spec("onnxruntime") is None:
         return None
-    session = ort_session(path)
+    try:
+        session = ort_session(path)
+    except ImportError:  # installed but broken (a missing shared library): as if it were not there
+        return None
     name = session.get_inputs()[0].name
     worst = 0.0
     for x in inputs:
@@ -138,9 +141,9 @@ def _two(example: torch.Tensor) -> torch.Tensor:
 
 
 def export_pt2(model: torch.nn.Module, example: torch.Tensor, path: Path, *, contract_json: str) -> Path:
-    """A ``torch.export`` program with a dynamic batch and the contract as an extra file, written to ``path``
-    itself (``nestvit export`` gives a temporary ``.pt2`` name, renamed after the check: torch warns about
-    names that do not end in ``.pt2``). Traced inside :func:`for_export`."""
+    """A ``torch.export`` program with a dynamic batch (up to 4,096) and the contract as an extra file, written to
+    ``path`` itself (``nestvit export`` writes it into a temporary folder under its final name, moved after the
+    check: the archive's root folder is named after the file). Traced inside :func:`for_export`."""
     batch = torch.export.Dim("batch", min=1, max=4096)
     with for_export():
         program = torch.export.export(model, (_two(example),), dynamic_shapes=({0: batch},))
@@ -277,6 +280,8 @@ def _run(args: argparse.Namespace) -> int:
     runs_names = {*CLASSIFIER_WEIGHTS, *GAN_WEIGHTS.values(), Path(PRETRAINED_FILE).stem}
     if Path(args.checkpoint).is_file() and loaded.weights.stem not in runs_names:
         stem = loaded.weights.stem  # a weights file of the user's name: its export beside it, of that name
+    elif published_tag(args.checkpoint) is not None:
+        stem = str(args.checkpoint)  # nest_tiny_224.jx_in1k.onnx in the current folder
     cached = str(args.checkpoint).startswith(HUB_PREFIX) or published_tag(args.checkpoint) is not None
     beside = Path.cwd() if cached else loaded.weights.parent  # not in a download cache
     suffix = args.out.suffix.lower() if args.out is not None else ""

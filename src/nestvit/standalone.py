@@ -3,8 +3,10 @@
 Copy this one file into your service. It reads the run contract that ``nestvit export`` stores in the ONNX file's
 metadata (``nestvit.contract``: class names and the input transform) and prepares each image as nestvit's
 ``InputTransform.read`` does: the same decoding (a JPEG decoded at a reduced scale first, as training's image
-folders do; 16-bit greyscale scaled, not clipped), resize, centre crop or zero padding, and normalisation. Its
-probabilities are ``nestvit predict``'s (tested to 1e-4 in nestvit's ``tests/test_standalone.py``).
+folders do; 16-bit greyscale scaled, not clipped), resize, centre crop or zero padding, and normalisation.
+``to_mode`` and ``center_crop`` are nestvit's own (its data pipeline imports them from here), so centre-cropped
+inputs are the very same pixels; ``stretch`` resizes with Pillow where nestvit uses torch, within one grey level.
+Its probabilities are ``nestvit predict``'s to 1e-3 (nestvit's ``tests/test_standalone.py``).
 
     python standalone.py model.onnx photo.jpg [more.png ...]
 
@@ -18,6 +20,7 @@ Only what nestvit itself writes is read: an ONNX file, which onnxruntime runs wi
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -41,6 +44,17 @@ def to_mode(img: Image.Image, mode: str) -> Image.Image:
     return img.convert(mode)
 
 
+def center_crop(img: Image.Image, size: int, side: int) -> Image.Image:
+    """``img`` with its shorter side resized to ``side`` (Pillow's bilinear filter, ``reducing_gap=3``) and the
+    centre ``size x size`` cropped: the evaluation view of image-folder training."""
+    w, h = img.size
+    scale = side / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
 def _stretch(a: np.ndarray, h: int, w: int) -> np.ndarray:
     """uint8 ``(H, W, C)`` resized to ``(h, w, C)``: antialiased bilinear on floats, rounded half to even."""
     if a.shape[:2] == (h, w):
@@ -54,22 +68,18 @@ def prepare(path: str, transform: dict[str, Any]) -> np.ndarray:
     """float32 ``(C, H, W)``: the model's input for one image file, as the contract's ``transform`` says."""
     channels, (H, W) = transform["channels"], transform["size"]
     mode = "L" if channels == 1 else "RGB"
-    with Image.open(path) as img:
+    ch, cw = transform.get("content") or (H, W)
+    if ch > H or cw > W:
+        raise ValueError(f"input transform: content {ch}x{cw} is larger than the input size {H}x{W}")
+    with Image.open(os.path.expanduser(path)) as img:
         if transform["resize"] == "center-crop":  # image folders: shorter side to size / crop_pct, centre crop
             side = round(H / transform["crop_pct"])
             img.draft(mode, (side, side))  # a JPEG decodes at a reduced scale, as in training
-            img = to_mode(img, mode)
-            w, h = img.size
-            scale = side / min(w, h)
-            new_w, new_h = max(H, round(w * scale)), max(H, round(h * scale))
-            img = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
-            left, top = (new_w - H) // 2, (new_h - H) // 2
-            a = np.asarray(img.crop((left, top, left + H, top + H)), dtype=np.uint8)
+            a = np.asarray(center_crop(to_mode(img, mode), H, side), dtype=np.uint8)
             a = a[..., None] if a.ndim == 2 else a
         else:  # "stretch" (in-memory data sets): resized to content, whatever the aspect ratio, zero-padded
             a = np.asarray(to_mode(img, mode), dtype=np.uint8)
             a = a[..., None] if a.ndim == 2 else a
-            ch, cw = transform.get("content") or (H, W)
             a = _stretch(a, ch, cw)
             top, left = (H - ch) // 2, (W - cw) // 2
             a = np.pad(a, ((top, H - ch - top), (left, W - cw - left), (0, 0)))
@@ -92,15 +102,19 @@ class Classifier:
         if CONTRACT_KEY not in meta:
             raise ValueError(f"{onnx_path}: no {CONTRACT_KEY} metadata; export it with `nestvit export`")
         contract = json.loads(meta[CONTRACT_KEY])
+        if contract.get("kind", "classifier") != "classifier" or not contract.get("transform"):
+            raise ValueError(f"{onnx_path}: holds a {contract.get('kind')} without an input transform; this file runs "
+                             "classifiers")
         self.transform = contract["transform"]
         n = self.session.get_outputs()[0].shape[-1]
         self.classes = contract.get("classes") or [f"class{k}" for k in range(int(n))]
         self.input_name = self.session.get_inputs()[0].name
 
-    def probabilities(self, paths: Sequence[str]) -> np.ndarray:
-        """float32 ``(N, classes)`` softmax probabilities of the images."""
-        x = np.stack([prepare(p, self.transform) for p in paths])
-        logits = self.session.run(None, {self.input_name: x})[0].astype(np.float64)
+    def probabilities(self, paths: Sequence[str], batch: int = 64) -> np.ndarray:
+        """float32 ``(N, classes)`` softmax probabilities of the images, ``batch`` at a time."""
+        logits = np.concatenate([self.session.run(None, {self.input_name: np.stack(
+            [prepare(p, self.transform) for p in paths[i:i + batch]])})[0] for i in range(0, len(paths), batch)])
+        logits = logits.astype(np.float64)
         e = np.exp(logits - logits.max(axis=1, keepdims=True))
         return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 

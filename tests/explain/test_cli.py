@@ -157,8 +157,9 @@ def test_output_names_tell_extensions_and_folders_apart():
     from nestvit.cli_args import output_stems
 
     paths = [Path("odd/sq.bmp"), Path("odd/sq.gif"), Path("cats/0.png"), Path("dogs/0.png"), Path("x.png"),
-             Path("x.png")]
-    assert output_stems(paths) == ["sq_bmp", "sq_gif", "cats_0", "dogs_0", "4_x", "5_x"]
+             Path("x.png"), Path("up/a.PNG"), Path("low/a.png"), Path("runs/demo"), Path("runs/demo.onnx")]
+    assert output_stems(paths) == ["sq_bmp", "sq_gif", "cats_0", "dogs_0", "4_x", "5_x", "up_a", "low_a",
+                                   "8_runs_demo", "9_runs_demo"]
 
 
 def test_maps_keep_their_scale_and_the_explained_class(tmp_path, images, capsys):
@@ -177,7 +178,7 @@ def test_maps_keep_their_scale_and_the_explained_class(tmp_path, images, capsys)
                  "--json", "--top-k", "9"]) == 0
     captured = capsys.readouterr()
     assert captured.out.startswith(f"weights: {ckpt}\n") and "explained c; top-1 " in captured.out
-    assert "--top-k 9: the model has 4 classes" in captured.err
+    assert "--top-k 9: the model has 4 classes; showing all of them" in captured.err
     entry = json.loads((out / "explain.json").read_text())["images"][0]
     assert entry["name"] == "c" and sorted(entry["top_names"]) == list("abcd") and len(entry["map_range"]) == 2
     fig, ax = plt.subplots()
@@ -185,6 +186,8 @@ def test_maps_keep_their_scale_and_the_explained_class(tmp_path, images, capsys)
     assert shown.get_clim() == (0.0, pytest.approx(0.0201))  # a flat map looks flat: from 0, not min-max
     shown = plot.overlay(ax, np.zeros((8, 8), np.uint8), torch.tensor([[-0.002, 0.003]]))
     assert shown.get_clim() == (pytest.approx(-0.003), pytest.approx(0.003))  # signed: centred at 0
+    shown = plot.overlay(ax, np.zeros((8, 8), np.uint8), torch.tensor([[-0.002, 0.0]]))  # all against the class
+    assert shown.get_clim() == (pytest.approx(-0.002), pytest.approx(0.002)) and shown.get_cmap().name == "RdBu_r"
     plt.close(fig)
     dark = plot._np_image(np.ones((4, 4), np.uint8))  # a 0/1 mask is near-black, as the model sees it
     assert dark.max() == pytest.approx(1 / 255)

@@ -459,3 +459,21 @@ def test_best_weights_of_equal_top1_go_to_the_lower_loss(tmp_path, make_config, 
     loaded = nestvit.load(tmp_path / "run")
     assert loaded.contract.info["epoch"] == 2
     assert loaded.describe() == f"{tmp_path / 'run' / 'best.safetensors'} (epoch 2 of 3, top-1 50.00 %)"
+
+
+def test_a_state_from_before_the_tie_rule_keeps_the_earlier_best(tmp_path, make_config, monkeypatch):
+    """A run saved before state.pt recorded best_loss resumes with its old rule (ties to the earlier epoch)."""
+    import nestvit
+    from nestvit.train.metrics import EvalResult
+
+    def flat(self, model, tta="none"):
+        return EvalResult(loss={1: 0.9}.get(self.epoch, 0.5), top1=50.0, top5=90.0, count=2,
+                          confusion=[[1] + [0] * 9] * 10, classes=[str(i) for i in range(10)])
+
+    monkeypatch.setattr(loop.Trainer, "evaluate", flat)
+    train(make_config("epochs=1"), tmp_path / "run")
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=False)
+    del state["best_loss"]
+    torch.save(state, tmp_path / "run" / "state.pt")
+    train(make_config("epochs=2"), tmp_path / "run", resume=True)
+    assert nestvit.load(tmp_path / "run").contract.info["epoch"] == 1

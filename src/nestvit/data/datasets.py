@@ -35,7 +35,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import UserError
+from ..errors import UserError, listed
+from ..standalone import center_crop
+from ..standalone import to_mode as convert_image  # nestvit's name for it (contract.py, shards.py too)
 
 __all__ = [
     "DATASETS",
@@ -785,23 +787,6 @@ def resize_images(images: torch.Tensor, size: int | tuple[int, int] | None) -> t
     return torch.cat(out)
 
 
-def convert_image(img: Image.Image, mode: str) -> Image.Image:
-    """``img.convert(mode)`` (``"L"`` or ``"RGB"``) that keeps the grey levels of high-bit-depth images.
-
-    Pillow's own conversion clips 16-bit (``I;16``, ``I``) and float (``F``) greyscale to 0..255, which makes a
-    16-bit PNG almost white; here 16-bit values are scaled by 255/65535 (``I`` too: Pillow's mode of 16-bit PGM
-    files, and of 16-bit PNG files in older versions) and floats in [0, 1] by 255 (others clipped to 0..255).
-    """
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        if img.mode.startswith("I"):
-            a = a * (255 / 65535)
-        elif img.mode == "F" and a.size and a.min() >= 0 and a.max() <= 1:
-            a = a * 255
-        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
-    return img.convert(mode)
-
-
 def decode_image(source: str | Path | io.BytesIO | Image.Image, *, size: int, resize_size: int | None = None,
                  crop_box: Callable[[int, int], tuple[int, int, int, int] | None] | None = None,
                  name: str | Path | None = None, channels: int = 3,
@@ -827,11 +812,7 @@ def decode_image(source: str | Path | io.BytesIO | Image.Image, *, size: int, re
             if box is not None:
                 img = img.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0)
             else:
-                scale = resize_size / min(w, h)
-                new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-                img = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
-                left, top = (new_w - size) // 2, (new_h - size) // 2
-                img = img.crop((left, top, left + size, top + size))
+                img = center_crop(img, size, resize_size)
             array = np.asarray(img, dtype=np.uint8)
             array = array[None].copy() if array.ndim == 2 else np.ascontiguousarray(array.transpose(2, 0, 1))
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
@@ -839,6 +820,15 @@ def decode_image(source: str | Path | io.BytesIO | Image.Image, *, size: int, re
             f"{name or source}: cannot decode image ({e})" + (f"; {hint}" if hint else "")
         ) from None
     return torch.from_numpy(array)
+
+
+def unreadable_summary(paths: Sequence[str | Path], of: str = "") -> tuple[list[str], str]:
+    """``(unreadable files, "3 files{of} are unreadable (all 120 checked): a, b, c")`` of a quick scan
+    (:func:`find_unreadable`), for an error met at one file to name the others; the text is empty unless two or
+    more are unreadable."""
+    bad, checked = find_unreadable(paths)
+    scanned = f"all {len(paths):,}" if checked == len(paths) else f"the first {checked:,} of {len(paths):,}"
+    return bad, (f"{len(bad)} files{of} are unreadable ({scanned} checked): {listed(bad, 5)}" if len(bad) > 1 else "")
 
 
 def find_unreadable(paths: Sequence[str | Path], *, seconds: float = 30.0) -> tuple[list[str], int]:

@@ -155,8 +155,9 @@ def _split_inputs(inputs: list[str], model_name: str | None, method: str = "grad
             raise ValueError("no images given after the checkpoint")
         return first, [Path(p) for p in inputs[1:]]
     if model_name is None and not first.exists():
-        raise ValueError(f"{first}: no such run folder, weights file or published tag (nestvit pretrained lists "
-                         "them); give the checkpoint first, then the images")
+        from ..contract import resolve_weights
+
+        resolve_weights(first)  # its error: no such run folder or weights file, did you mean a published tag
     if model_name is None:
         raise ValueError(f"{first} is not a checkpoint (.safetensors / run directory); give one first, or pass "
                          f"--model NAME to explain with random weights")
@@ -198,8 +199,8 @@ def run(args: argparse.Namespace) -> int:
     if args.target is not None:
         args.target = class_index(args.target, names, model.num_classes)
     if args.top_k > model.num_classes:
-        print(f"note: --top-k {args.top_k}: the model has {model.num_classes} classes; explaining all of them",
-              file=sys.stderr)
+        print(f"note: --top-k {args.top_k}: the model has {model.num_classes} classes; "
+              + ("explaining all of them" if args.method == "gradcat" else "showing all of them"), file=sys.stderr)
         args.top_k = model.num_classes
     if args.target is not None and args.method == "gradcat" and args.top_k > 1:
         print(f"note: --class explains one class; --top-k {args.top_k} is ignored", file=sys.stderr)
@@ -208,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
     n_bars = min(max(args.top_k, 5), model.num_classes)
     label = lambda c: names[c] if names and c < len(names) else str(c)
     titles = {"cam": "CAM", "gradcam": "Grad-CAM", "rollout": "attention rollout", "occlusion": "occlusion"}
-    values = {"cam": "CAM: share of the logit (red for, blue against)", "gradcam": "Grad-CAM (ReLU of weighted maps)",
+    values = {"cam": "CAM: share of the logit", "gradcam": "Grad-CAM (ReLU of weighted maps)",
               "rollout": "rolled-out attention of the class token",
               "occlusion": "drop in the class's probability when hidden"}
     if args.method == "rollout" and args.target is not None:

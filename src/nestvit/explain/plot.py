@@ -52,16 +52,17 @@ def show_image(ax, image) -> None:
 
 
 def overlay(ax, image, heat, *, alpha: float = 0.5, cmap: str | None = None):
-    """The image in grey with ``heat (H, W)`` over it, on the map's own scale: a map with values of both signs
-    on a diverging colour map centred at 0 (``RdBu_r``: red for, blue against), else from 0 to its largest value
-    (``jet``), so that a nearly uniform map looks uniform. Returns the map's ``AxesImage`` (for a colour bar)."""
+    """The image in grey with ``heat (H, W)`` over it, on the map's own scale: a map with any negative value on a
+    diverging colour map centred at 0 (``RdBu_r``: red for, blue against), else from 0 to its largest value
+    (``jet``), so that a nearly uniform map looks uniform. Returns the map's ``AxesImage`` (for a colour bar; its
+    colour limits start below 0 for a signed map)."""
     x = _np_image(image)
     grey = x if x.ndim == 2 else x.mean(axis=2)
     ax.imshow(grey, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     h = np.asarray(heat.detach().cpu() if isinstance(heat, torch.Tensor) else heat, dtype=np.float64)
-    signed = h.min() < 0 < h.max()
+    signed = h.min() < 0
     top = max(float(np.abs(h).max()), 1e-12)
-    lo, hi = (-top, top) if signed else ((0.0, top) if h.min() >= 0 else (-top, 0.0))
+    lo, hi = (-top, top) if signed else (0.0, top)
     shown = ax.imshow(h, cmap=cmap or ("RdBu_r" if signed else "jet"), alpha=alpha, vmin=lo, vmax=hi,
                       interpolation="bilinear")
     ax.set_xticks([])
@@ -169,8 +170,9 @@ def heatmap_figure(path: str | Path, image, heat, *, method: str, explained: str
     shown = overlay(axes[1], image, heat)
     bar = fig.colorbar(shown, ax=axes[1], fraction=0.046, pad=0.04)
     bar.ax.tick_params(labelsize=7)
-    if value_label:
-        bar.set_label(value_label, fontsize=8)
+    signed = shown.get_clim()[0] < 0
+    if value_label or signed:
+        bar.set_label(value_label + (" (red for, blue against)" if signed else ""), fontsize=8)
     if box is not None:
         draw_box(axes[1], box, color="white", lw=1.8, label="map box")
     if gt_box is not None:

@@ -97,8 +97,7 @@ def evaluate_one(args: argparse.Namespace, checkpoint: str, out: Path | None) ->
     """Evaluate one checkpoint as ``args`` say, print its numbers (and write them to ``out``); its record."""
     from ..cli_args import note_weights_of_a_file
     from ..contract import UnreadableImageError, load
-    from ..data.datasets import find_unreadable
-    from ..errors import listed
+    from ..data.datasets import unreadable_summary
     from ..export import OnnxModel
     from .cli_train import one_line_errors
     from .distributed import DistInfo, resolve_device
@@ -170,9 +169,13 @@ def evaluate_one(args: argparse.Namespace, checkpoint: str, out: Path | None) ->
     classes = loaded.classes
     if is_streamed(name):  # files are decoded to the model's channels (below), not to what the folder's look like
         section = dataclasses.replace(section, channels=transform.channels)
+    named = loaded.contract.classes is not None  # else (published weights): the folder's classes, by position
+    if is_streamed(name) and not named:
+        print(f"note: {loaded.describe()} records no class names: the folder's classes, sorted, are its outputs "
+              f"0..{len(classes) - 1} in that order", file=sys.stderr)
     with one_line_errors():
-        data = load_split(section, split, device, classes=classes if is_streamed(name) else None, limit=args.limit,
-                          model_classes=True)
+        data = load_split(section, split, device, classes=classes if is_streamed(name) and named else None,
+                          limit=args.limit, model_classes=True)
     for note in data.notes:  # classes of the data the model does not have, or the reverse
         print(note, file=sys.stderr)
     if same is not None and same.limit_eval is not None and args.limit is None and len(data) > same.limit_eval:
@@ -192,10 +195,8 @@ def evaluate_one(args: argparse.Namespace, checkpoint: str, out: Path | None) ->
     except UnreadableImageError as e:  # every unreadable file of the folder, not the first one only
         if data.folder is None:
             raise
-        bad, checked = find_unreadable([path for path, _ in data.folder.samples])
-        files = len(data.folder.samples)
-        scanned = f"all {files:,}" if checked == files else f"the first {checked:,} of {files:,}"
-        also = f"; {len(bad)} files are unreadable ({scanned} checked): {listed(bad, 5)}" if len(bad) > 1 else ""
+        _, said = unreadable_summary([path for path, _ in data.folder.samples])
+        also = f"; {said}" if said else ""
         raise UnreadableImageError(f"{e}{also}; replace {'them' if also else 'it'} or remove "
                                    f"{'them' if also else 'it'} from {data.folder.root}, then evaluate again") from None
     tta = f", {args.tta} TTA ({len(tta_views(args.tta))} views)" if args.tta != "none" else ""

@@ -37,7 +37,7 @@ from torch import nn
 from ..cli_args import writable_dir
 from ..contract import RunContract
 from ..data.augment import BatchAugment, eval_transform, shift, tta_views
-from ..data.datasets import DatasetError, find_unreadable
+from ..data.datasets import DatasetError, unreadable_summary
 from ..errors import UserError, listed
 from ..fileio import atomic_write_text, remove_stale_temporaries
 from ..interop import WeightsError, save_weights
@@ -552,12 +552,10 @@ class Trainer:
         folders = [s for s in (self.train_split, self.eval_split) if s.folder is not None]
         if folders and self.main:  # both splits: a bad file of the other one would stop the run again later
             files = [path for s in folders for path, _ in s.folder.samples]
-            bad, checked = find_unreadable(files)
-            scanned = f"all {len(files):,}" if checked == len(files) else f"the first {checked:,} of {len(files):,}"
-            if len(bad) > 1:
+            _, said = unreadable_summary(files, of=f" of {' and '.join(s.name for s in folders)}")
+            if said:
                 files_word = "files"
-                names = " and ".join(s.name for s in folders)
-                text += f". {len(bad)} files of {names} are unreadable ({scanned} checked): {listed(bad, 5)}"
+                text += f". {said}"
         if self.step == 0 and self.saved_step is None:
             text += f". Replace the {files_word}, then run the command again (nothing was trained yet)"
         elif self.step == self.saved_step:
@@ -695,7 +693,7 @@ class Trainer:
         if self.ema is not None:
             save_weights(self.ema.module, self.run_dir / "ema.safetensors", contract=self._contract())
         if top1 is not None and (top1, -test.loss) > (self.best_top1, -self.best_loss):
-            self.best_top1, self.best_loss = top1, test.loss
+            self.best_top1, self.best_loss = top1, test.loss if math.isfinite(test.loss) else math.inf
             save_weights(self.model, self.run_dir / "best.safetensors", contract=self._contract(top1))
 
     def save_state(self) -> None:
@@ -767,7 +765,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.step_in_epoch, self.best_top1 = state["step_in_epoch"], state["best_top1"]
-        self.best_loss = state.get("best_loss", math.inf)  # older states: ties went to the earlier epoch
+        self.best_loss = state.get("best_loss", -math.inf)  # older states: ties go to the earlier epoch, as then
         self.spent_before = state.get("elapsed_s", 0.0)
         self.saved_step = self.step
         self.epoch_sums = state.get("epoch_sums")  # a resumed epoch's sums before the checkpoint
