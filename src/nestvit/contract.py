@@ -425,6 +425,18 @@ class Loaded:
             return list(self.contract.classes)
         return [f"class{k}" for k in range(int(getattr(self.model, "num_classes", 0)))]
 
+    @classmethod
+    def of_model(cls, model: nn.Module, weights: Path) -> Loaded:
+        """A model built by ``create_model`` (in memory, or from published weights ``weights``) as the commands
+        read a run: the contract it records, its input transform (else stretched to its size, mean = std = 0.5)."""
+        contract = contract_of(model)
+        if contract is None:
+            raise ContractError("the model records no registry name (it was not built by nestvit.create_model); "
+                                "build it with create_model, or pass its run folder")
+        transform = contract.transform or InputTransform.default(_channels(model),
+                                                                 getattr(model, "img_size", (224, 224)))
+        return cls(model=model, transform=transform, contract=contract, weights=weights)
+
     def describe(self) -> str:
         """Which weights these are, for the commands' output: ``runs/a/best.safetensors (epoch 3 of 10, top-1
         91.20 %)``, from what the file records (a file that records nothing: its path alone)."""
@@ -645,10 +657,7 @@ def _load_published(tag: str) -> Loaded:
     from .pretrained import download, published
     from .registry import create_model
 
-    net = create_model(tag, pretrained=True)
-    contract = contract_of(net)
-    return Loaded(model=net.eval(), transform=contract.transform, contract=contract,
-                  weights=download(published(tag), progress=False))
+    return Loaded.of_model(create_model(tag, pretrained=True).eval(), download(published(tag), progress=False))
 
 
 def _channels(net: nn.Module) -> int:

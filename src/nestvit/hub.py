@@ -33,7 +33,6 @@ from .contract import (
     InputTransform,
     Loaded,
     RunContract,
-    contract_of,
     head_changed,
     load,
 )
@@ -46,13 +45,7 @@ def _loaded(source: Any) -> Loaded:
     if isinstance(source, Loaded):
         return source
     if isinstance(source, nn.Module):
-        contract = contract_of(source)
-        if contract is None:
-            raise ContractError("the model records no registry name (it was not built by nestvit.create_model); "
-                                "build it with create_model, or pass its run folder")
-        in_chans, size = getattr(source, "in_chans", 3), getattr(source, "img_size", (224, 224))
-        return Loaded(model=source, transform=InputTransform.default(in_chans, size), contract=contract,
-                      weights=Path("(in memory)"))
+        return Loaded.of_model(source, Path("(in memory)"))
     return load(source)
 
 
