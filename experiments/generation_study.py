@@ -17,11 +17,14 @@ Reported per arm: the FID/KID/IS curves (mean and min-max over seeds), the mean 
 evaluations (mean +- std over seeds), and the FID at equal CPU time: each seed's FID-vs-CPU-seconds curve
 interpolated at the smallest total CPU time of all runs (which every run has reached). Runs resume after an
 interruption (``nestvit generate train``'s exact resume; the CPU clock counts across resumes) and finished
-runs are read back, so the command can be rerun until it is done.
+runs are read back, so the command can be rerun until it is done. The default ``--out`` is
+``experiments/results/generation_study``, whose ``.gitignore`` keeps the record (``generation_study.json``/``.md``
+and each run's ``config.yaml``, ``metrics.jsonl`` and ``summary.json``) for committing and leaves out weights,
+training state and samples.
 
-    python experiments/generation_study.py --out runs/generation_study            # nest, conv, transgan
-    python experiments/generation_study.py --out runs/generation_study --ablation # + the Figure 7 variants
-    python experiments/generation_study.py --quick                               # a smoke run (~1 CPU-minute)
+    python experiments/generation_study.py             # nest, conv, transgan
+    python experiments/generation_study.py --ablation  # + the Figure 7 variants
+    python experiments/generation_study.py --quick     # a smoke run (~1 CPU-minute), under OUT/quick
 """
 
 from __future__ import annotations
@@ -51,12 +54,14 @@ ABLATION = {
     "nest-nn-conv": ("gan_nest_fashion_mnist", ["generator_overrides.deaggregation=nearest",
                                                 "generator_overrides.deagg_conv=true"]),
 }
+DEFAULT_OUT = ROOT / "experiments/results/generation_study"
 LAST = 3  # evaluations averaged per seed for the "final" number
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=ROOT / "runs/generation_study")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help="the study's folder (default: experiments/results/generation_study, the committed record)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=5000)
     p.add_argument("--eval-every", type=int, default=500)
@@ -194,7 +199,7 @@ def plot(curves: dict[str, dict[int, list[dict]]], path: Path) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.quick:
-        args.out = args.out / "quick" if args.out == ROOT / "runs/generation_study" else args.out
+        args.out = args.out / "quick" if args.out == DEFAULT_OUT else args.out
         args.steps, args.eval_every, args.seeds = 20, 10, args.seeds[:2]
     arms = list(dict.fromkeys([*args.arms, *(ABLATION if args.ablation else [])]))
     t0 = time.perf_counter()
