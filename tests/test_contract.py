@@ -226,6 +226,59 @@ def test_a_folder_jpeg_reads_as_the_eval_split_decodes_it(tmp_path):
     assert torch.equal(ds[0][0], t.read(folder / "x.jpg"))
 
 
+def _sideways(tmp_path: Path, orientation: int):
+    """``(file, stored pixels, upright pixels)``: a 12x20 PNG stored turned, with the EXIF tag that says how to
+    turn it back."""
+    from PIL import ImageOps
+
+    rng = np.random.default_rng(orientation)
+    shown = Image.fromarray(rng.integers(0, 255, (12, 20, 3), dtype=np.uint8))  # what a viewer shows: 12 high
+    stored = {6: shown.transpose(Image.Transpose.ROTATE_90), 3: shown.transpose(Image.Transpose.ROTATE_180),
+              2: shown.transpose(Image.Transpose.FLIP_LEFT_RIGHT)}[orientation]  # tag 6: turn 90 clockwise
+    tags = Image.Exif()
+    tags[0x0112] = orientation
+    path = tmp_path / f"o{orientation}.png"
+    stored.save(path, exif=tags.tobytes())
+    with Image.open(path) as img:
+        assert np.array_equal(np.asarray(ImageOps.exif_transpose(img)), np.asarray(shown))  # the tag is right
+    return path, stored, shown
+
+
+@pytest.mark.parametrize("orientation", [6, 3, 2])
+@pytest.mark.parametrize("resize", ["stretch", "center-crop"])
+def test_a_photo_stored_sideways_is_read_upright(tmp_path, orientation, resize):
+    """Phone photos carry their orientation in EXIF: every reader turns them as viewers do (files and PIL images
+    alike; training's image folders too); a contract from before keeps the pixels as stored."""
+    from nestvit.data.datasets import ImageFolderDataset
+
+    path, stored, shown = _sideways(tmp_path, orientation)
+    t = InputTransform(channels=3, size=(12, 12), mean=(0.5,) * 3, std=(0.5,) * 3, resize=resize)
+    assert t.exif_orientation and InputTransform.from_dict(t.to_dict()).exif_orientation
+    want = t.read(shown)
+    assert torch.equal(t.read(path), want)
+    with Image.open(path) as img:
+        assert torch.equal(t.read(img), want)
+    old = InputTransform.from_dict({k: v for k, v in t.to_dict().items() if k != "exif_orientation"})
+    assert not old.exif_orientation
+    assert torch.equal(old.read(path), t.read(stored)) and not torch.equal(old.read(path), want)
+    if resize == "center-crop":  # training reads the folder the same way
+        folder = tmp_path / "test" / "a"
+        folder.mkdir(parents=True)
+        path.rename(folder / path.name)
+        assert torch.equal(ImageFolderDataset(tmp_path, split="test", size=12)[0][0], want)
+
+
+def test_a_damaged_exif_block_reads_the_pixels_as_stored(tmp_path, monkeypatch):
+    from nestvit.standalone import upright
+
+    path, stored, _ = _sideways(tmp_path, 6)
+    monkeypatch.setattr(Image.Image, "getexif", lambda self: (_ for _ in ()).throw(SyntaxError("bad EXIF")))
+    t = InputTransform(channels=3, size=(8, 8), mean=(0.5,) * 3, std=(0.5,) * 3, resize="center-crop")
+    assert torch.equal(t.read(path), t.read(stored))
+    with Image.open(path) as img:
+        assert upright(img) is img
+
+
 def test_model_overrides_of_set_are_one_syntax_and_one_line_errors(weights, image, tmp_path, capsys):
     """bench and explain read --set model overrides the same way; a value that does not parse is one line."""
     from nestvit.cli_args import parse_sets

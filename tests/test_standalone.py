@@ -27,8 +27,8 @@ KW = dict(img_size=16, num_classes=3, patch_size=2, num_levels=2, block_size=4, 
 
 def _images(folder: Path) -> list[Path]:
     """Files that exercise each decoding step: RGB and greyscale PNGs of odd sizes, smaller than the input too
-    (upscaled), a JPEG (decoded at a reduced scale), a 16-bit PNG (scaled, not clipped), an RGBA PNG, a palette
-    GIF."""
+    (upscaled), a JPEG (decoded at a reduced scale), a JPEG stored sideways with its EXIF orientation tag (turned
+    upright), a 16-bit PNG (scaled, not clipped), an RGBA PNG, a palette GIF."""
     rng = np.random.default_rng(0)
     folder.mkdir()
     smooth = lambda h, w, c: np.clip(rng.normal(128, 40, (h // 8 + 1, w // 8 + 1, c)).repeat(8, 0).repeat(8, 1)
@@ -40,7 +40,10 @@ def _images(folder: Path) -> list[Path]:
              "small.png": Image.fromarray(smooth(7, 9, 3)), "strip.png": Image.fromarray(smooth(5, 40, 1)[..., 0])}
     for name, img in files.items():
         img.save(folder / name, quality=90) if name.endswith(".jpg") else img.save(folder / name)
-    return [folder / n for n in files]
+    tags = Image.Exif()
+    tags[0x0112] = 6  # turn 90 degrees clockwise to view
+    Image.fromarray(smooth(300, 200, 3)).save(folder / "sideways.jpg", quality=90, exif=tags.tobytes())
+    return [folder / n for n in [*files, "sideways.jpg"]]
 
 
 @pytest.mark.parametrize("transform", [

@@ -76,6 +76,9 @@ class InputTransform:
       centre ``size`` cropped, as ``nestvit.data.ImageFolderDataset`` does;
 
     and a uint8 batch ``(B, C, H, W)`` is normalised as ``(x / 255 - mean) / std`` by :meth:`__call__`.
+    ``exif_orientation``: a file (or PIL image) is first turned upright as its EXIF orientation tag says, as
+    image viewers and training's image folders do; False in contracts written before nestvit did so (their
+    models saw the pixels as stored).
     """
 
     channels: int
@@ -85,6 +88,7 @@ class InputTransform:
     resize: Resize = "stretch"
     content: tuple[int, int] | None = None  # stretch: the image's (H, W) before zero padding to ``size``
     crop_pct: float = 0.875  # center-crop: the crop's share of the resized shorter side
+    exif_orientation: bool = True  # turn images upright as their EXIF tag says (False: as stored)
 
     def __post_init__(self) -> None:
         for key in ("size", "content"):  # an int (one side) or a list: the (H, W) tuple every reader expects
@@ -128,6 +132,7 @@ class InputTransform:
         for key in ("size", "content", "mean", "std"):
             if d.get(key) is not None:
                 d[key] = tuple(d[key])
+        d.setdefault("exif_orientation", False)  # written before nestvit turned images upright: as stored
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -154,14 +159,16 @@ class InputTransform:
             try:  # an unreadable or huge file: one clear error
                 x = decode_image(img if img is not None else path, size=self.size[0],
                                  resize_size=round(self.size[0] / self.crop_pct), channels=self.channels,
-                                 name=path, hint="")
+                                 exif_orientation=self.exif_orientation, name=path, hint="")
             except DatasetError as e:
                 raise UnreadableImageError(str(e)) from None
             return x.contiguous()
         from .data.datasets import convert_image, resize_images
+        from .standalone import upright
 
         with contextlib.nullcontext(img) if img is not None else open_image(path) as opened:
-            array = np.asarray(convert_image(opened, "L" if self.channels == 1 else "RGB"), dtype=np.uint8)
+            turned = upright(opened) if self.exif_orientation else opened
+            array = np.asarray(convert_image(turned, "L" if self.channels == 1 else "RGB"), dtype=np.uint8)
         x = torch.from_numpy(array.copy())
         x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
         x = resize_images(x[None], self.content or self.size)[0]  # the resize of training's data.resize_to
@@ -357,7 +364,8 @@ def _legacy(meta: Mapping[str, str]) -> RunContract:
         mean, std = (tuple(v) * (c if len(v) == 1 else 1) for v in (j("mean"), j("std")))  # one value: every channel
         transform = InputTransform(channels=c, size=tuple(model.img_size), mean=mean, std=std,
                                    resize="center-crop" if _is_folder(j("data")) else "stretch",
-                                   content=tuple(unpadded) if pad_to and unpadded else None)
+                                   content=tuple(unpadded) if pad_to and unpadded else None,
+                                   exif_orientation=False)  # before nestvit turned images upright
     classes = j("classes")
     info = {k: j(k) for k in ("data", "epoch", "step", "top1") if k in meta}
     return RunContract(model=name, kwargs=kwargs, classes=None if classes is None else tuple(classes),

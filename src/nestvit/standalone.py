@@ -3,9 +3,10 @@
 Copy this one file into your service. It reads the run contract that ``nestvit export`` stores in the ONNX file's
 metadata (``nestvit.contract``: class names and the input transform) and prepares each image as nestvit's
 ``InputTransform.read`` does: the same decoding (a JPEG decoded at a reduced scale first, as training's image
-folders do; 16-bit greyscale scaled, not clipped), resize, centre crop or zero padding, and normalisation.
-``to_mode`` and ``center_crop`` are nestvit's own (its data pipeline imports them from here), so centre-cropped
-inputs are the very same pixels; ``stretch`` resizes with Pillow where nestvit uses torch, within one grey level.
+folders do; turned upright as its EXIF orientation tag says; 16-bit greyscale scaled, not clipped), resize, centre
+crop or zero padding, and normalisation. ``upright``, ``to_mode`` and ``center_crop`` are nestvit's own (its data
+pipeline imports them from here), so centre-cropped inputs are the very same pixels; ``stretch`` resizes with
+Pillow where nestvit uses torch, within one grey level.
 Its probabilities are ``nestvit predict``'s to 1e-3 (nestvit's ``tests/test_standalone.py``).
 
     python standalone.py model.onnx photo.jpg [more.png ...]
@@ -26,9 +27,21 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 CONTRACT_KEY = "nestvit.contract"
+EXIF_ORIENTATION = 0x0112  # the EXIF tag of how a camera held the picture: 1 upright, 2-8 mirrored or turned
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """``img`` turned and mirrored as its EXIF orientation tag says (a phone photo stored sideways), as image
+    viewers show it; ``img`` itself when it has no such tag or a damaged EXIF block (its stored pixels)."""
+    try:
+        if img.getexif().get(EXIF_ORIENTATION, 1) in (1, None):
+            return img
+        return ImageOps.exif_transpose(img)
+    except Exception:  # a damaged EXIF block (cameras and editors write odd ones): the pixels as stored
+        return img
 
 
 def to_mode(img: Image.Image, mode: str) -> Image.Image:
@@ -71,14 +84,15 @@ def prepare(path: str, transform: dict[str, Any]) -> np.ndarray:
     ch, cw = transform.get("content") or (H, W)
     if ch > H or cw > W:
         raise ValueError(f"input transform: content {ch}x{cw} is larger than the input size {H}x{W}")
+    turn = upright if transform.get("exif_orientation", False) else (lambda img: img)  # older contracts: as stored
     with Image.open(os.path.expanduser(path)) as img:
         if transform["resize"] == "center-crop":  # image folders: shorter side to size / crop_pct, centre crop
             side = round(H / transform["crop_pct"])
             img.draft(mode, (side, side))  # a JPEG decodes at a reduced scale, as in training
-            a = np.asarray(center_crop(to_mode(img, mode), H, side), dtype=np.uint8)
+            a = np.asarray(center_crop(to_mode(turn(img), mode), H, side), dtype=np.uint8)
             a = a[..., None] if a.ndim == 2 else a
         else:  # "stretch" (in-memory data sets): resized to content, whatever the aspect ratio, zero-padded
-            a = np.asarray(to_mode(img, mode), dtype=np.uint8)
+            a = np.asarray(to_mode(turn(img), mode), dtype=np.uint8)
             a = a[..., None] if a.ndim == 2 else a
             a = _stretch(a, ch, cw)
             top, left = (H - ch) // 2, (W - cw) // 2

@@ -36,7 +36,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import UserError, listed
-from ..standalone import center_crop
+from ..standalone import center_crop, upright
 from ..standalone import to_mode as convert_image  # nestvit's name for it (contract.py, shards.py too)
 
 __all__ = [
@@ -789,10 +789,11 @@ def resize_images(images: torch.Tensor, size: int | tuple[int, int] | None) -> t
 
 def decode_image(source: str | Path | io.BytesIO | Image.Image, *, size: int, resize_size: int | None = None,
                  crop_box: Callable[[int, int], tuple[int, int, int, int] | None] | None = None,
-                 name: str | Path | None = None, channels: int = 3,
+                 name: str | Path | None = None, channels: int = 3, exif_orientation: bool = True,
                  hint: str = "replace the file or remove it from the data set") -> torch.Tensor:
     """Decode one image (a path, bytes in a file object, or an open ``PIL.Image``, left as it is) to a uint8
-    ``channels x size x size`` tensor (``channels`` 3: RGB; 1: greyscale, Pillow's ``L``).
+    ``channels x size x size`` tensor (``channels`` 3: RGB; 1: greyscale, Pillow's ``L``), first turned upright
+    as its EXIF orientation tag says (``exif_orientation``; a phone photo stored sideways), as viewers show it.
 
     The shorter side is resized to ``resize_size`` (default ``round(size / 0.875)``) and the centre cropped;
     with ``crop_box`` (``(w, h) -> (left, top, right, bottom)`` or None for the centre crop) that box of the
@@ -806,7 +807,7 @@ def decode_image(source: str | Path | io.BytesIO | Image.Image, *, size: int, re
             mode = "L" if channels == 1 else "RGB"
             if crop_box is None and not given:  # small random crops need the full resolution
                 img.draft(mode, (resize_size, resize_size))  # fast JPEG downscale on decode
-            img = convert_image(img, mode)
+            img = convert_image(upright(img) if exif_orientation else img, mode)
             w, h = img.size
             box = crop_box(w, h) if crop_box is not None else None
             if box is not None:
