@@ -37,11 +37,19 @@ def test_round_trip_gives_identical_logits(run, tmp_path):
     assert config["classes"][:2] == ["class0", "class1"] and config["input"]["size"] == [8, 8]
     card = (out / "README.md").read_text()
     assert "nest_tiny_cifar" in card and "from_pretrained" in card
+    assert card.startswith("---\nlibrary_name: nestvit\npipeline_tag: image-classification\n")  # the Hub's task
     a, b = nestvit.load(run), nestvit.from_pretrained(out)
     # the score of the weights saved (the best), rounded; before: the last epoch's, however many decimals
     assert f"| top-1 on test (%) | {a.contract.info['top1']:.2f} |" in card
     x = torch.randn(3, 1, 8, 8)
     assert torch.equal(a.model(x), b.model(x)) and a.transform == b.transform and a.classes == b.classes
+    # fine-tuned from a Hub model: the card links it (the Hub's model tree), by id, with the prefix dropped
+    from dataclasses import replace
+
+    from nestvit.hub import _card
+
+    tuned = replace(a, config=replace(a.config, model=replace(a.config.model, weights="hf-hub:org/base")))
+    assert "\nbase_model: org/base\n" in _card(tuned, None) and "base_model" not in card
 
 
 def test_a_model_from_create_model(tmp_path):

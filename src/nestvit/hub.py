@@ -51,8 +51,8 @@ def _loaded(source: Any) -> Loaded:
 
 def _generator_card(loaded: Loaded, summary: dict[str, Any] | None) -> str:
     c, g = loaded.contract, loaded.model
-    lines = ["---", "library_name: nestvit", "tags: [unconditional-image-generation, gan, nested-vision-transformer]",
-             "---", "", f"# {c.model}", "",
+    lines = ["---", "library_name: nestvit", "pipeline_tag: unconditional-image-generation",
+             "tags: [unconditional-image-generation, gan, nested-vision-transformer]", "---", "", f"# {c.model}", "",
              f"A `{c.model}` GAN generator trained with [nestvit](https://pypi.org/project/nestvit/).", ""]
     facts = [("input", f"noise z of shape (B, {g.latent_dim}), standard normal"),
              ("output", f"(B, {g.out_chans}, {g.img_size}, {g.img_size}) images in [-1, 1]")]
@@ -75,8 +75,11 @@ def _card(loaded: Loaded, summary: dict[str, Any] | None) -> str:
     if loaded.contract.kind == "generator":
         return _generator_card(loaded, summary)
     c, t = loaded.contract, loaded.transform
-    lines = ["---", "library_name: nestvit", "tags: [image-classification, nested-vision-transformer]", "---", "",
-             f"# {c.model}", "",
+    cfg = loaded.config  # the run it came from: where its weights started, its teacher
+    base = str(getattr(getattr(cfg, "model", None), "weights", None) or "")
+    lines = ["---", "library_name: nestvit", "pipeline_tag: image-classification",  # the Hub's task and model tree
+             *([f"base_model: {base[len(HUB_PREFIX):]}"] if base.startswith(HUB_PREFIX) else []),
+             "tags: [image-classification, nested-vision-transformer]", "---", "", f"# {c.model}", "",
              f"A `{c.model}` {c.kind} trained with [nestvit](https://pypi.org/project/nestvit/).", ""]
     facts = [("input", f"{t.channels} x {t.size[0]} x {t.size[1]}, {t.resize}"
                        + (f" (crop_pct {t.crop_pct})" if t.resize == "center-crop" else "")
@@ -88,7 +91,6 @@ def _card(loaded: Loaded, summary: dict[str, Any] | None) -> str:
     for key in ("data", "epoch", "step"):
         if key in c.info:
             facts.append((key, str(c.info[key])))
-    cfg = loaded.config  # the run it came from: where its weights started, its teacher
     for label, value in (("fine-tuned from", getattr(getattr(cfg, "model", None), "weights", None)),
                          ("distilled from", getattr(getattr(cfg, "distill", None), "teacher_weights", None))):
         if value:  # a published tag or hf-hub id as it is; a local path by its last part (no private paths)
