@@ -199,7 +199,7 @@ def plot(curves: dict[str, dict[int, list[dict]]], path: Path) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.quick:
-        args.out = args.out / "quick" if args.out == DEFAULT_OUT else args.out
+        args.out = args.out / "quick" if args.out.resolve() == DEFAULT_OUT else args.out  # never the record
         args.steps, args.eval_every, args.seeds = 20, 10, args.seeds[:2]
     arms = list(dict.fromkeys([*args.arms, *(ABLATION if args.ablation else [])]))
     t0 = time.perf_counter()

@@ -260,6 +260,8 @@ def test_a_photo_stored_sideways_is_read_upright(tmp_path, orientation, resize):
         assert torch.equal(t.read(img), want)
     old = InputTransform.from_dict({k: v for k, v in t.to_dict().items() if k != "exif_orientation"})
     assert not old.exif_orientation
+    with pytest.raises(ContractError, match="exif_orientation must be true or false"):
+        InputTransform.from_dict({**t.to_dict(), "exif_orientation": "false"})  # a hand-edited config.json
     assert torch.equal(old.read(path), t.read(stored)) and not torch.equal(old.read(path), want)
     if resize == "center-crop":  # training reads the folder the same way
         folder = tmp_path / "test" / "a"
@@ -268,15 +270,43 @@ def test_a_photo_stored_sideways_is_read_upright(tmp_path, orientation, resize):
         assert torch.equal(ImageFolderDataset(tmp_path, split="test", size=12)[0][0], want)
 
 
-def test_a_damaged_exif_block_reads_the_pixels_as_stored(tmp_path, monkeypatch):
+def test_tar_shards_turn_a_sideways_photo_upright_unless_the_model_was_trained_on_it_as_stored(tmp_path):
+    from nestvit.data.shards import ShardSet
+
+    path, stored, shown = _sideways(tmp_path, 6)
+    shards = ShardSet(tmp_path, [], [], [], [], ["a"], {"a": 0}, size=12, crop_scale=None)
+    sample = {"__url__": "s.tar", "__key__": "k", "png": path.read_bytes(), "cls": b"a"}
+    t = InputTransform(channels=3, size=(12, 12), mean=(0.5,) * 3, std=(0.5,) * 3, resize="center-crop")
+    assert torch.equal(shards.decode(sample)[0], t.read(shown))
+    shards.exif_orientation = False  # nestvit eval of a model whose contract says so
+    assert torch.equal(shards.decode(sample)[0], t.read(stored))
+
+
+def test_a_damaged_exif_block_reads_the_pixels_as_stored_and_damaged_pixels_still_fail(tmp_path):
+    from nestvit.contract import UnreadableImageError
     from nestvit.standalone import upright
 
-    path, stored, _ = _sideways(tmp_path, 6)
-    monkeypatch.setattr(Image.Image, "getexif", lambda self: (_ for _ in ()).throw(SyntaxError("bad EXIF")))
+    rng = np.random.default_rng(0)
+    stored = Image.fromarray(rng.integers(0, 255, (12, 20, 3), dtype=np.uint8))
+    # an EXIF block that says it holds 65,535 entries and ends after one, the orientation tag (6) in it
+    stored.save(tmp_path / "exif.png", exif=b"II*\x00\x08\x00\x00\x00\xff\xff\x12\x01\x03\x00\x01\x00\x00\x00\x06\x00")
     t = InputTransform(channels=3, size=(8, 8), mean=(0.5,) * 3, std=(0.5,) * 3, resize="center-crop")
-    assert torch.equal(t.read(path), t.read(stored))
-    with Image.open(path) as img:
-        assert upright(img) is img
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow: "Corrupt EXIF data"
+        assert torch.equal(t.read(tmp_path / "exif.png"), t.read(stored))
+    tags = Image.Exif()
+    tags[0x0112] = 6
+    stored.save(tmp_path / "pixels.png", exif=tags.tobytes())
+    data = bytearray((tmp_path / "pixels.png").read_bytes())
+    at = data.index(b"IDAT") + 40
+    data[at:at + 40] = bytes(b ^ 0xFF for b in data[at:at + 40])  # the compressed pixels damaged
+    (tmp_path / "pixels.png").write_bytes(bytes(data))
+    for resize in ("center-crop", "stretch"):  # before: the EXIF step swallowed the error, half the pixels read
+        with pytest.raises(UnreadableImageError, match="pixels.png"):
+            InputTransform(channels=3, size=(8, 8), mean=(0.5,) * 3, std=(0.5,) * 3, resize=resize).read(
+                tmp_path / "pixels.png")
+    with Image.open(tmp_path / "pixels.png") as img, pytest.raises(OSError):
+        upright(img)
 
 
 def test_model_overrides_of_set_are_one_syntax_and_one_line_errors(weights, image, tmp_path, capsys):

@@ -114,6 +114,9 @@ class InputTransform:
                                 "(one per channel)")
         if self.resize not in ("stretch", "center-crop"):
             raise ContractError(f"input transform: resize must be 'stretch' or 'center-crop', not {self.resize!r}")
+        if not isinstance(self.exif_orientation, bool):
+            raise ContractError(f"input transform: exif_orientation must be true or false, not "
+                                f"{self.exif_orientation!r}")
         if not all(v > 0 for v in self.std):
             raise ContractError(f"input transform: std {self.std} must be positive (it divides the pixels)")
 
@@ -141,9 +144,11 @@ class InputTransform:
 
         ``image``: a file's path (``~`` expanded), an open ``PIL.Image``, or the pixels of one image of any size:
         a uint8 numpy array ``(H, W)`` / ``(H, W, C)`` or a uint8 tensor ``(C, H, W)`` (C 1, 3 or 4). An image in
-        memory gives what its lossless file gives; a JPEG file (centre crop) is decoded at a reduced scale first,
-        as training's image folders do, which an image already decoded cannot be: a level or two on photos,
-        tens of levels on fine-grained noise. Give the path where the exact training pipeline matters.
+        memory gives what its lossless file gives (pixels in an array are taken as upright: a file's or PIL
+        image's EXIF orientation tag turns it, see ``exif_orientation``); a JPEG file (centre crop) is decoded
+        at a reduced scale first, as training's image folders do, which an image already decoded cannot be: a
+        level or two on photos, tens of levels on fine-grained noise. Give the path where the exact training
+        pipeline matters.
         """
         import numpy as np
 

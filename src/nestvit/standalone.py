@@ -35,7 +35,9 @@ EXIF_ORIENTATION = 0x0112  # the EXIF tag of how a camera held the picture: 1 up
 
 def upright(img: Image.Image) -> Image.Image:
     """``img`` turned and mirrored as its EXIF orientation tag says (a phone photo stored sideways), as image
-    viewers show it; ``img`` itself when it has no such tag or a damaged EXIF block (its stored pixels)."""
+    viewers show it; ``img`` itself when it has no such tag or a damaged EXIF block (its stored pixels).
+    A file whose pixels cannot be decoded raises Pillow's error here (``OSError``), as decoding it would."""
+    img.load()  # the pixels first, outside the try: a damaged image must fail, not pass half-decoded
     try:
         if img.getexif().get(EXIF_ORIENTATION, 1) in (1, None):
             return img
