@@ -645,8 +645,10 @@ def test_train_eval_predict_on_class_folders(tmp_path, recipe, capsys):
     out, err = capsys.readouterr()
     assert f"warning: {flat}: its classes differ from the model's: no images of the model's class(es) rose" in err
     assert "class(es) tulip that the model does not have (their images are skipped)" in err
-    assert "n/a  (no images)" in out
-    assert json.loads((tmp_path / "ev2" / "eval.json").read_text())["per_class_accuracy"]["rose"] is None
+    assert "n/a  (no images)" in out and "%  of 3 images" in out
+    record = json.loads((tmp_path / "ev2" / "eval.json").read_text())
+    assert record["per_class_accuracy"]["rose"] is None and record["per_class_count"] == {"daisy": 3, "rose": 0}
+    assert record["balanced_top1"] == record["per_class_accuracy"]["daisy"]  # the class with images only
     assert main(["eval", str(run), "--data", str(tmp_path / "photoz")]) == 2
     assert "neither a data set" in capsys.readouterr().err
     strangers = tmp_path / "strangers"  # class folders that are none of the run's classes

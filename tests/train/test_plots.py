@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from nestvit.train.metrics import EvalResult
 from nestvit.train.plots import plot_confusion, plot_run, smooth
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -40,6 +41,15 @@ def test_a_run_shorter_than_log_every_still_plots_its_loss(tmp_path):
                 "test_top1": 40 + e, "lr": 1e-3 / e} for e in (1, 2)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert sorted(p.name for p in plot_run(tmp_path)) == ["accuracy.png", "loss.png", "lr.png"]
+
+
+def test_balanced_accuracy_counts_each_class_the_same():
+    # 90 cats, 10 dogs: calling everything a cat is 90 % top-1 but 50 % balanced
+    r = EvalResult(loss=0.1, top1=90.0, top5=100.0, count=100, confusion=[[90, 0], [10, 0], [0, 0]],
+                   classes=["cat", "dog", "eel"])
+    assert r.per_class_count == {"cat": 90, "dog": 10, "eel": 0}
+    assert r.balanced_top1 == pytest.approx(50.0)  # eel has no images: not counted
+    assert json.loads(json.dumps(r.to_json()))["balanced_top1"] == pytest.approx(50.0)
 
 
 def test_confusion_png(tmp_path):

@@ -208,8 +208,13 @@ def evaluate_one(args: argparse.Namespace, checkpoint: str, out: Path | None) ->
           f"top-1 {result.top1:.2f}%  top-{min(5, len(data.classes))} {result.top5:.2f}%")
     print("per-class accuracy:")
     width = max(len(c) for c in data.classes)
+    counts = result.per_class_count
     for cls, acc in result.per_class.items():
-        print(f"  {cls:>{width}s}  " + ("   n/a  (no images)" if math.isnan(acc) else f"{acc:6.2f}%"))
+        print(f"  {cls:>{width}s}  " + ("   n/a  (no images)" if math.isnan(acc) else
+                                        f"{acc:6.2f}%  of {counts[cls]:,} image{'s' if counts[cls] != 1 else ''}"))
+    if len({n for n in counts.values() if n}) > 1:  # classes of unequal size: top-1 favours the large ones
+        print(f"balanced accuracy (the mean of the per-class accuracies, each class counting the same): "
+              f"{result.balanced_top1:.2f}%")
     record = {"weights": str(loaded.weights), "data": data.name, "tta": args.tta, "precision": precision,
               **result.to_json()}
     if out is not None:

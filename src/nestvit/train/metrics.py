@@ -41,11 +41,25 @@ class EvalResult:
             out[name] = 100.0 * self.confusion[i][i] / total if total else math.nan
         return out
 
+    @property
+    def per_class_count(self) -> dict[str, int]:
+        """Images of each class (the confusion matrix's row sums)."""
+        return {name: sum(row) for name, row in zip(self.classes, self.confusion)}
+
+    @property
+    def balanced_top1(self) -> float:
+        """Balanced accuracy (percent): the mean of the per-class accuracies of the classes with images, each class
+        counting the same however many images it has (top-1 when every class has as many); NaN with none."""
+        scored = [a for a in self.per_class.values() if not math.isnan(a)]
+        return sum(scored) / len(scored) if scored else math.nan
+
     def to_json(self) -> dict[str, Any]:
         """The result as strict JSON: a class without images has accuracy null (not NaN)."""
         per_class = {c: None if math.isnan(a) else a for c, a in self.per_class.items()}
-        return {"loss": self.loss, "top1": self.top1, "top5": self.top5, "count": self.count,
-                "classes": self.classes, "per_class_accuracy": per_class, "confusion": self.confusion}
+        balanced = None if math.isnan(self.balanced_top1) else self.balanced_top1
+        return {"loss": self.loss, "top1": self.top1, "top5": self.top5, "balanced_top1": balanced,
+                "count": self.count, "classes": self.classes, "per_class_accuracy": per_class,
+                "per_class_count": self.per_class_count, "confusion": self.confusion}
 
 
 class EvalAccumulator:
