@@ -1,4 +1,5 @@
-"""DeiT distillation: the loss math, and a conv-net teacher training NesT and distilled-ViT students."""
+"""The training loss: DeiT distillation's math, class weights, and a conv-net teacher training NesT and
+distilled-ViT students."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nestvit.train.distill import SmallConvNet, classification_loss, distillation_term
+from nestvit.train.distill import SmallConvNet, balanced_class_weights, classification_loss, distillation_term
 from nestvit.train.loop import train
 
 TINY_VIT = {"patch_size": 2, "embed_dim": 16, "depth": 1, "num_heads": 1}
@@ -20,6 +21,21 @@ def test_hard_distillation_math():
     loss = classification_loss(student, onehot, teacher, kind="hard", alpha=0.3)
     expect = 0.7 * F.cross_entropy(student, labels) + 0.3 * F.cross_entropy(student, teacher.argmax(1))
     torch.testing.assert_close(loss, expect)
+
+
+def test_balanced_class_weights_are_pytorchs_weighted_cross_entropy():
+    labels = torch.tensor([0] * 6 + [1] * 2 + [3] * 4)  # class 2 has no images
+    w = balanced_class_weights(labels, 4)
+    torch.testing.assert_close(w, torch.tensor([12 / (3 * 6), 12 / (3 * 2), 0.0, 12 / (3 * 4)]))  # K = 3 with images
+    assert w[labels].mean().item() == pytest.approx(1.0)  # the loss keeps its scale on the training split
+    torch.manual_seed(2)
+    logits = torch.randn(5, 4)
+    soft = F.softmax(torch.randn(5, 4), 1)  # mixup / label smoothing targets
+    torch.testing.assert_close(classification_loss(logits, soft, class_weights=w),
+                               F.cross_entropy(logits, soft, weight=w))
+    hard = torch.tensor([0, 1, 3, 3, 1])
+    torch.testing.assert_close(classification_loss(logits, F.one_hot(hard, 4).float(), class_weights=w),
+                               (F.cross_entropy(logits, hard, reduction="none") * w[hard]).mean())
 
 
 def test_soft_distillation_math():

@@ -198,6 +198,15 @@ def test_the_tiny_model_learns(tmp_path, make_config):
     assert result.test.top1 > 80  # chance is 10%
 
 
+def test_balanced_class_weights_train_and_are_said(tmp_path, make_config, capsys):
+    result = train(make_config("class_weights=balanced", "epochs=1"), tmp_path / "run")
+    out = capsys.readouterr().out
+    assert "class weights: balanced (N / (K x images of the class)): class0 " in out and " and 2 more (from " in out
+    assert result.test.count == 64 and torch.isfinite(torch.tensor(result.test.loss))
+    with pytest.raises(C.ConfigError, match="class_weights"):
+        make_config("class_weights=inverse")
+
+
 def test_step_order_is_shared_by_world_sizes():
     split = Split(name="x", labels=torch.arange(100), classes=["a"], channels=1, size=(1, 1),
                   images=torch.zeros(100, 1, 1, 1, dtype=torch.uint8))

@@ -685,9 +685,11 @@ def smooth_one_hot(labels: Tensor, num_classes: int, smoothing: float = 0.0) -> 
     return out.scatter_(1, labels.long().view(-1, 1), 1.0 - smoothing + off)
 
 
-def soft_target_cross_entropy(logits: Tensor, soft_targets: Tensor) -> Tensor:
-    """Mean over the batch of ``-sum_k t_k log softmax(logits)_k``.  ``(B, K), (B, K) -> ()``."""
-    return torch.sum(-soft_targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+def soft_target_cross_entropy(logits: Tensor, soft_targets: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Mean over the batch of ``-sum_k w_k t_k log softmax(logits)_k`` (``w``: per-class weights ``(K,)``, default
+    1; ``F.cross_entropy`` with probability targets and ``weight``).  ``(B, K), (B, K) -> ()``."""
+    targets = soft_targets if weight is None else soft_targets * weight
+    return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
 def rand_bbox(h: int, w: int, lam: float, cy_u: float, cx_u: float) -> tuple[int, int, int, int]:

@@ -148,6 +148,11 @@ class TrainConfig:
     # Test-time views (nestvit.data.augment.TTA_MODES) of the final evaluation, which then reports both the
     # single-view and the multi-view top-1; under a time budget its cost is reserved inside the budget.
     tta: TtaMode = "none"
+    # "balanced": each class's term of the training loss is weighted by N / (K * n_class) of the training split
+    # (K: its classes with images; scikit-learn's "balanced"), so a class of few images counts as much as a large
+    # one; "none":
+    # every image the same. Evaluations are not weighted (nestvit eval reports the balanced accuracy)
+    class_weights: Literal["none", "balanced"] = "none"
     checkpoint_every: int = 0  # optimizer steps between mid-epoch checkpoints; 0 = at epoch ends only
     progress: bool = True  # tqdm progress bar (rank 0 only)
     threads: int | None = None  # CPU threads per process (torch.set_num_threads); None: torch's default

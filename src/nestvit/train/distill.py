@@ -135,17 +135,27 @@ def distillation_term(student: torch.Tensor, teacher: torch.Tensor, *, kind: str
     return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * tau * tau
 
 
+def balanced_class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``(num_classes,)`` float32 weights ``N / (K * n_k)`` of integer ``labels`` ``(N,)``, ``K`` the classes with
+    images (scikit-learn's "balanced"): their mean over the images is 1; a class without images weighs 0."""
+    counts = torch.bincount(labels.long().cpu(), minlength=num_classes).double()
+    present = int((counts > 0).sum())
+    weights = torch.where(counts > 0, len(labels) / (present * counts.clamp(min=1)), torch.zeros_like(counts))
+    return weights.float()
+
+
 def classification_loss(output: torch.Tensor | tuple[torch.Tensor, torch.Tensor], targets: torch.Tensor,
                         teacher_logits: torch.Tensor | None = None, *, kind: str = "hard", alpha: float = 0.5,
-                        tau: float = 1.0) -> torch.Tensor:
-    """Soft-target cross entropy, plus the distillation term when ``teacher_logits`` are given.
+                        tau: float = 1.0, class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Soft-target cross entropy (each class's term weighted by ``class_weights`` ``(K,)``, when given), plus the
+    distillation term (not weighted) when ``teacher_logits`` are given.
 
     ``output``: student logits, or ``(cls_logits, dist_logits)`` for a distilled student.
     """
     cls, dist = output if isinstance(output, tuple) else (output, output)
-    base = soft_target_cross_entropy(cls, targets)
+    base = soft_target_cross_entropy(cls, targets, class_weights)
     if teacher_logits is None:
         if isinstance(output, tuple):  # a distilled student without a teacher: both heads learn the labels
-            return (base + soft_target_cross_entropy(dist, targets)) / 2
+            return (base + soft_target_cross_entropy(dist, targets, class_weights)) / 2
         return base
     return (1.0 - alpha) * base + alpha * distillation_term(dist, teacher_logits, kind=kind, tau=tau)

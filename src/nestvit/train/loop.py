@@ -44,7 +44,7 @@ from ..interop import WeightsError, save_weights
 from ..system import machine_info, machine_label, resolve_precision, slow_bf16, use_tf32
 from . import config as C
 from .checkpoint import STATE_FILE, atomic_torch_save, capture_rng, load_state, restore_rng
-from .distill import classification_loss, teacher_targets
+from .distill import balanced_class_weights, classification_loss, teacher_targets
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed, shutdown
 from .hooks import Callback, EmaEvaluation, Plots, TtaEvaluation
 from .inputs import Split, TrainBatches, eval_batches, is_streamed, load_split, normalization, resolve_data
@@ -237,6 +237,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim, self.peak_lr)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.augment = BatchAugment(dataclasses.replace(cfg.aug, mean=mean, std=std), num_classes=self.num_classes)
+        self.class_weights = balanced_class_weights(self.train_split.labels, self.num_classes).to(self.device) \
+            if cfg.class_weights == "balanced" else None
         self.aug_gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 7919 + 1 + info.rank)
 
         self.ddp: nn.Module = self.model
@@ -325,6 +327,11 @@ class Trainer:
         self.say(f"data: {cfg.data.name} {len(tr)} train / {len(ev)} {cfg.data.eval_split} images of "
                  f"{tr.channels}x{tr.size[0]}x{tr.size[1]}{grey}, {self.num_classes} classes "
                  f"({listed(self.classes, 8)}); normalised with mean {cfg.data.mean} std {cfg.data.std}")
+        if self.class_weights is not None:
+            w = self.class_weights.tolist()
+            self.say("class weights: balanced (N / (K x images of the class)): "
+                     + ", ".join(f"{c} {v:.3g}" for c, v in list(zip(self.classes, w))[:8])
+                     + (f" and {len(w) - 8} more (from {min(w):.3g} to {max(w):.3g})" if len(w) > 8 else ""))
         self.say(f"batch: global {cfg.global_batch} = {i.world_size} device(s) x {self.per_device} per device; per "
                  f"device {self.micro} per forward x {self.accum} accumulation step(s); {self.steps_per_epoch} "
                  f"steps/epoch x {cfg.epochs} epochs = {self.schedule.total_steps} steps")
@@ -357,7 +364,8 @@ class Trainer:
         with autocast(self.device, self.precision):
             out = self.forward(xs)
             teacher = teacher_targets(self.teacher, xs) if self.teacher is not None else None
-            return out, classification_loss(out, ts, teacher, kind=d.type, alpha=d.alpha, tau=d.tau)
+            return out, classification_loss(out, ts, teacher, kind=d.type, alpha=d.alpha, tau=d.tau,
+                                            class_weights=self.class_weights)
 
     def sam_ascent(self, x: torch.Tensor, targets: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
         """SAM's first pass: the gradient of the first ``sam_images`` images moves the weights by ``sam_rho``.
