@@ -209,14 +209,17 @@ def test_the_comparison_of_runs_of_other_class_counts_says_each_rows_k(tmp_path,
 
     def evaluated(args, checkpoint, out):
         n = 3 if checkpoint == "three" else 10
+        counts = {f"c{i}": (1 if checkpoint == "three" else i) for i in range(n)}  # ten: classes of unequal size
         return {"weights": checkpoint, "data": "d", "count": 8, "top1": 50.0, "top5": 90.0, "loss": 1.0,
-                "classes": [f"c{i}" for i in range(n)]}
+                "classes": list(counts), "per_class_count": counts, "balanced_top1": 40.0 if n == 10 else 50.0}
 
     monkeypatch.setattr(cli_eval, "evaluate_one", evaluated)
     assert main(["eval", "ten", "three", "--out", str(tmp_path)]) == 0
     table = capsys.readouterr().out.split("\n\n")[-1].splitlines()
     assert table[0].split()[4] == "top-k" and "90.00% (k=5)" in table[1] and "90.00% (k=3)" in table[2]
-    assert [r["top_k"] for r in json.loads((tmp_path / "comparison.json").read_text())] == [5, 3]
+    assert table[0].split()[-1] == "balanced" and table[1].endswith(" 40.00%") and table[2].endswith(" 50.00%")
+    rows = json.loads((tmp_path / "comparison.json").read_text())
+    assert [r["top_k"] for r in rows] == [5, 3] and [r["balanced_top1"] for r in rows] == [40.0, 50.0]
 
 
 def test_eval_of_a_built_in_set_with_other_classes_is_refused(tmp_path, recipe, capsys):

@@ -17,7 +17,8 @@ from nestvit.train import config as C
 from nestvit.train import loop
 from nestvit.train.checkpoint import load_state
 from nestvit.train.config import ConfigError
-from nestvit.train.inputs import Split, TrainBatches
+from nestvit.train.distill import balanced_class_weights
+from nestvit.train.inputs import Split, TrainBatches, load_split
 from nestvit.train.loop import NonFiniteLossError, train
 from nestvit.train.metrics import read_metrics
 from nestvit.train.optim import LRSchedule
@@ -198,11 +199,23 @@ def test_the_tiny_model_learns(tmp_path, make_config):
     assert result.test.top1 > 80  # chance is 10%
 
 
-def test_balanced_class_weights_train_and_are_said(tmp_path, make_config, capsys):
+def test_balanced_class_weights_train_and_are_said(tmp_path, make_config, capsys, monkeypatch):
+    seen = []
+
+    def spy(*args, class_weights=None, **kwargs):
+        seen.append(class_weights)
+        return loop_loss(*args, class_weights=class_weights, **kwargs)
+
+    loop_loss = loop.classification_loss
+    monkeypatch.setattr(loop, "classification_loss", spy)
     result = train(make_config("class_weights=balanced", "epochs=1"), tmp_path / "run")
     out = capsys.readouterr().out
     assert "class weights: balanced (N / (K x images of the class)): class0 " in out and " and 2 more (from " in out
-    assert result.test.count == 64 and torch.isfinite(torch.tensor(result.test.loss))
+    labels = load_split(make_config().data, "train", torch.device("cpu"), limit=128).labels
+    assert len(seen) == 4 and all(torch.equal(w, balanced_class_weights(labels, 10)) for w in seen)  # every step
+    # the synthetic test split's classes differ in size: its balanced accuracy is reported beside top-1
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["test_balanced_top1"] == pytest.approx(result.test.balanced_top1) and " balanced " in out
     with pytest.raises(C.ConfigError, match="class_weights"):
         make_config("class_weights=inverse")
 

@@ -45,10 +45,12 @@ def test_a_run_shorter_than_log_every_still_plots_its_loss(tmp_path):
 
 def test_balanced_accuracy_counts_each_class_the_same():
     # 90 cats, 10 dogs: calling everything a cat is 90 % top-1 but 50 % balanced
-    r = EvalResult(loss=0.1, top1=90.0, top5=100.0, count=100, confusion=[[90, 0], [10, 0], [0, 0]],
+    r = EvalResult(loss=0.1, top1=90.0, top5=100.0, count=100, confusion=[[90, 0, 0], [10, 0, 0], [0, 0, 0]],
                    classes=["cat", "dog", "eel"])
     assert r.per_class_count == {"cat": 90, "dog": 10, "eel": 0}
-    assert r.balanced_top1 == pytest.approx(50.0)  # eel has no images: not counted
+    assert r.balanced_top1 == pytest.approx(50.0) and r.unequal  # eel has no images: not counted
+    assert not EvalResult(loss=0.1, top1=50.0, top5=100.0, count=20, confusion=[[5, 5], [5, 5]],
+                          classes=["cat", "dog"]).unequal
     assert json.loads(json.dumps(r.to_json()))["balanced_top1"] == pytest.approx(50.0)
 
 

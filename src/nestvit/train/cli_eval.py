@@ -77,16 +77,20 @@ def run(args: argparse.Namespace) -> int:
     ks = [min(5, len(r["classes"])) for r in rows]  # top-5 of fewer classes: top-k of all of them
     same_k = len(set(ks)) == 1
     top_k = f"top-{ks[0]}" if same_k else "top-k"  # runs of 3 and 10 classes: each row says its k
+    balanced = any(len({n for n in r["per_class_count"].values() if n}) > 1 for r in rows)  # classes of unequal size
     print(f"{'checkpoint':<{width}}  {'data':<24}  {'images':>6}  {'top-1':>7}  {top_k:>{7 if same_k else 11}}  "
-          f"{'loss':>7}")
+          f"{'loss':>7}" + (f"  {'balanced':>8}" if balanced else ""))
     for c, r, k in zip(args.checkpoints, rows, ks):
         print(f"{c:<{width}}  {r['data']:<24}  {r['count']:>6}  {r['top1']:>6.2f}%  {r['top5']:>6.2f}%"
-              + ("" if same_k else f" (k={k})") + f"  {r['loss']:>7.4f}")
+              + ("" if same_k else f" (k={k})") + f"  {r['loss']:>7.4f}"
+              + ((f"  {r['balanced_top1']:>7.2f}%" if r["balanced_top1"] is not None else f"  {'n/a':>8}")
+                 if balanced else ""))
     if len({(r["data"], r["count"], tuple(r["classes"])) for r in rows}) > 1:
         print("note: the checkpoints were evaluated on different data (each on its own run's; --data and --split "
               "put them on the same images)", file=sys.stderr)
     if out is not None:
-        table = [{"checkpoint": c, **{k: r[k] for k in ("weights", "data", "count", "top1", "top5", "loss")},
+        table = [{"checkpoint": c, **{k: r[k] for k in ("weights", "data", "count", "top1", "top5", "loss",
+                                                         "balanced_top1")},
                   "top_k": k} for c, r, k in zip(args.checkpoints, rows, ks)]  # top5 holds the top-k
         atomic_write_text(out / "comparison.json", json.dumps(table, indent=1) + "\n")
         print(f"wrote {out / 'comparison.json'}")
@@ -212,7 +216,7 @@ def evaluate_one(args: argparse.Namespace, checkpoint: str, out: Path | None) ->
     for cls, acc in result.per_class.items():
         print(f"  {cls:>{width}s}  " + ("   n/a  (no images)" if math.isnan(acc) else
                                         f"{acc:6.2f}%  of {counts[cls]:,} image{'s' if counts[cls] != 1 else ''}"))
-    if len({n for n in counts.values() if n}) > 1:  # classes of unequal size: top-1 favours the large ones
+    if result.unequal:  # classes of unequal size: top-1 favours the large ones
         print(f"balanced accuracy (the mean of the per-class accuracies, each class counting the same): "
               f"{result.balanced_top1:.2f}%")
     record = {"weights": str(loaded.weights), "data": data.name, "tta": args.tta, "precision": precision,

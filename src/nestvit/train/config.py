@@ -148,10 +148,10 @@ class TrainConfig:
     # Test-time views (nestvit.data.augment.TTA_MODES) of the final evaluation, which then reports both the
     # single-view and the multi-view top-1; under a time budget its cost is reserved inside the budget.
     tta: TtaMode = "none"
-    # "balanced": each class's term of the training loss is weighted by N / (K * n_class) of the training split
-    # (K: its classes with images; scikit-learn's "balanced"), so a class of few images counts as much as a large
-    # one; "none":
-    # every image the same. Evaluations are not weighted (nestvit eval reports the balanced accuracy)
+    # "balanced": each class's term of the label loss (not distillation's) is weighted by N / (K * n_class) of the
+    # training split (K: its classes with images; scikit-learn's "balanced"), so a class of few images counts as
+    # much as a large one; "none": every image the same. Evaluations are not weighted; where the classes differ in
+    # size they report the balanced accuracy too (best.safetensors is still the best top-1)
     class_weights: Literal["none", "balanced"] = "none"
     checkpoint_every: int = 0  # optimizer steps between mid-epoch checkpoints; 0 = at epoch ends only
     progress: bool = True  # tqdm progress bar (rank 0 only)

@@ -608,6 +608,8 @@ class Trainer:
                 except DatasetError as e:  # a bad file of the evaluation split: the epoch's training is kept
                     raise self.data_error(e) from None
                 record.update(test_loss=self.test.loss, test_top1=self.test.top1, test_top5=self.test.top5)
+                if self.test.unequal:  # classes of unequal size: the mean of the per-class accuracies too
+                    record.update(test_balanced_top1=self.test.balanced_top1)
                 self.call("on_evaluate", record)  # counted in the evaluation time the budget reserves
                 self.eval_s = self.elapsed() - t
                 self.read_clock()
@@ -639,6 +641,7 @@ class Trainer:
         summary = {"epochs": epochs, "steps": self.step, "wall_s": round(wall, 1),
                    "test_top1": test.top1 if test else None, "test_top5": test.top5 if test else None,
                    "test_images": test.count if test else None, "test_split": self.eval_split.name,
+                   "test_balanced_top1": test.balanced_top1 if test and test.unequal else None,
                    "best_top1": self.best_top1, "ema_top1": None,
                    "params": self.model.num_params(), "world_size": self.info.world_size,
                    "device": str(self.device), "precision": self.precision,
@@ -667,6 +670,8 @@ class Trainer:
         if "test_top1" in r:
             line += (f" | {self.cfg.data.eval_split} top-1 {r['test_top1']:.2f}% "  # the metrics keep the key test_*
                      f"top-{self.top_k} {r['test_top5']:.2f}%")
+            if "test_balanced_top1" in r:
+                line += f" balanced {r['test_balanced_top1']:.2f}%"
         if "ema_top1" in r:
             line += f" | EMA top-1 {r['ema_top1']:.2f}%"
         if "test_top1_tta" in r:

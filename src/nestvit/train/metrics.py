@@ -53,6 +53,11 @@ class EvalResult:
         scored = [a for a in self.per_class.values() if not math.isnan(a)]
         return sum(scored) / len(scored) if scored else math.nan
 
+    @property
+    def unequal(self) -> bool:
+        """Whether the classes with images differ in size (then top-1 favours the large ones: say balanced too)."""
+        return len({n for n in self.per_class_count.values() if n}) > 1
+
     def to_json(self) -> dict[str, Any]:
         """The result as strict JSON: a class without images has accuracy null (not NaN)."""
         per_class = {c: None if math.isnan(a) else a for c, a in self.per_class.items()}
