@@ -220,6 +220,12 @@ def test_balanced_class_weights_train_and_are_said(tmp_path, make_config, capsys
         make_config("class_weights=inverse")
 
 
+def test_training_classes_of_unequal_size_are_said(tmp_path, make_config, capsys):
+    train(make_config("data.limit_train=64", "epochs=1"), tmp_path / "run")  # 12 images of class3, 3 of class7
+    assert ("note: the training classes differ in size (class3 12 images, class7 3): top-1 favours the large "
+            "ones; --set class_weights=balanced") in capsys.readouterr().out
+
+
 def test_step_order_is_shared_by_world_sizes():
     split = Split(name="x", labels=torch.arange(100), classes=["a"], channels=1, size=(1, 1),
                   images=torch.zeros(100, 1, 1, 1, dtype=torch.uint8))

@@ -327,6 +327,13 @@ class Trainer:
         self.say(f"data: {cfg.data.name} {len(tr)} train / {len(ev)} {cfg.data.eval_split} images of "
                  f"{tr.channels}x{tr.size[0]}x{tr.size[1]}{grey}, {self.num_classes} classes "
                  f"({listed(self.classes, 8)}); normalised with mean {cfg.data.mean} std {cfg.data.std}")
+        counts = torch.bincount(tr.labels.long().cpu(), minlength=self.num_classes).tolist()
+        small, large = min(counts), max(counts)
+        if self.class_weights is None and large >= 3 * max(small, 1):  # one class has 3x the images of another
+            self.say(f"note: the training classes differ in size ({self.classes[counts.index(large)]} {large:,} "
+                     f"images, {self.classes[counts.index(small)]} {small:,}): top-1 favours the large ones; "
+                     "--set class_weights=balanced weighs every class the same (evaluations report the balanced "
+                     "accuracy too)")
         if self.class_weights is not None:
             w = self.class_weights.tolist()
             self.say("class weights: balanced (N / (K x images of the class)): "
