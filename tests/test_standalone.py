@@ -86,8 +86,25 @@ def test_standalone_runs_without_nestvit(weights, tmp_path, capsys):
     blocker.mkdir()
     for name in ("nestvit", "torch"):
         (blocker / f"{name}.py").write_text(f"raise ImportError('{name} is not installed here')\n")
-    run = subprocess.run([sys.executable, str(STANDALONE), str(weights.parent / "model.onnx"), str(image)],
-                         capture_output=True, text=True, timeout=120, cwd=tmp_path,
-                         env={"PYTHONPATH": str(blocker), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    def script(*args):
+        return subprocess.run([sys.executable, str(STANDALONE), str(weights.parent / "model.onnx"), *map(str, args)],
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                              env={"PYTHONPATH": str(blocker), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+
+    run = script(image)
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith(f"{image}: ") and run.stdout.count("%") == 3
+    # a folder: its image files at any depth (hidden ones left out); an unreadable file is skipped, not fatal
+    folder = tmp_path / "photos"
+    (folder / "sub" / ".ipynb_checkpoints").mkdir(parents=True)
+    Image.fromarray(np.full((20, 20), 90, np.uint8)).save(folder / "sub" / "y.png")
+    Image.fromarray(np.full((20, 20), 90, np.uint8)).save(folder / "sub" / ".ipynb_checkpoints" / "y.png")
+    (folder / "broken.png").write_bytes(b"not an image")
+    (folder / "notes.txt").write_text("not listed")
+    run = script(image, folder, tmp_path / "missing.jpg")
+    assert run.returncode == 0, run.stderr
+    assert [line.split(": ")[0] for line in run.stdout.splitlines()] == [str(image), str(folder / "sub" / "y.png")]
+    assert f"skipped {folder / 'broken.png'}: " in run.stderr and f"skipped {tmp_path / 'missing.jpg'}: " in run.stderr
+    assert "Traceback" not in run.stderr
+    run = script(folder / "broken.png")
+    assert run.returncode == 1 and "no image could be read" in run.stderr

@@ -9,7 +9,7 @@ pipeline imports them from here), so centre-cropped inputs are the very same pix
 Pillow where nestvit uses torch, within one grey level.
 Its probabilities are ``nestvit predict``'s to 1e-3 (nestvit's ``tests/test_standalone.py``).
 
-    python standalone.py model.onnx photo.jpg [more.png ...]
+    python standalone.py model.onnx photo.jpg [more.png photos/ ...]   # an unreadable file is skipped
 
     from standalone import Classifier
     clf = Classifier("model.onnx", threads=1)
@@ -127,10 +127,13 @@ class Classifier:
         self.input_name = self.session.get_inputs()[0].name
 
     def probabilities(self, paths: Sequence[str], batch: int = 64) -> np.ndarray:
-        """float32 ``(N, classes)`` softmax probabilities of the images, ``batch`` at a time."""
-        logits = np.concatenate([self.session.run(None, {self.input_name: np.stack(
-            [prepare(p, self.transform) for p in paths[i:i + batch]])})[0] for i in range(0, len(paths), batch)])
-        logits = logits.astype(np.float64)
+        """float32 ``(N, classes)`` softmax probabilities of the image files, ``batch`` at a time."""
+        return np.concatenate([self.run(np.stack([prepare(p, self.transform) for p in paths[i:i + batch]]))
+                               for i in range(0, len(paths), batch)])
+
+    def run(self, inputs: np.ndarray) -> np.ndarray:
+        """float32 ``(B, classes)`` softmax probabilities of prepared inputs ``(B, C, H, W)`` (:func:`prepare`)."""
+        logits = self.session.run(None, {self.input_name: inputs})[0].astype(np.float64)
         e = np.exp(logits - logits.max(axis=1, keepdims=True))
         return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
@@ -143,9 +146,42 @@ class Classifier:
         return out
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def main(argv: Sequence[str]) -> int:
+    """The command line: the top 3 classes of each image file given (a folder: its image files, any depth); a
+    file that cannot be read is skipped with a line on stderr. Exit status 0, or 1 when no image could be read."""
+    if len(argv) < 2:
+        print("usage: python standalone.py MODEL.onnx IMAGE_OR_FOLDER [...]", file=sys.stderr)
+        return 2
+    clf = Classifier(argv[0])
+    paths: list[str] = []
+    for arg in argv[1:]:
+        if os.path.isdir(arg):  # hidden files and folders (.ipynb_checkpoints) left out, as nestvit does
+            for root, dirs, files in os.walk(arg):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                paths += sorted(os.path.join(root, f) for f in files
+                                if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith("."))
+        else:
+            paths.append(arg)
+    read = 0
+    for i in range(0, len(paths), 64):
+        ready: list[tuple[str, np.ndarray]] = []
+        for path in paths[i:i + 64]:
+            try:
+                ready.append((path, prepare(path, clf.transform)))
+            except (OSError, ValueError, SyntaxError) as e:  # missing, not an image, damaged
+                print(f"skipped {path}: {e}", file=sys.stderr)
+        if ready:
+            for (path, _), p in zip(ready, clf.run(np.stack([x for _, x in ready]))):
+                top = np.argsort(-p, kind="stable")[:3]
+                print(path + ": " + ", ".join(f"{clf.classes[k]} {100 * p[k]:.2f}%" for k in top))
+            read += len(ready)
+    if not read:
+        print("no image could be read", file=sys.stderr)
+    return 0 if read else 1
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 3:
-        sys.exit("usage: python standalone.py MODEL.onnx IMAGE [IMAGE ...]")
-    clf = Classifier(sys.argv[1])
-    for image, top in zip(sys.argv[2:], clf.predict(sys.argv[2:], top_k=3)):
-        print(image + ": " + ", ".join(f"{name} {100 * p:.2f}%" for name, p in top))
+    sys.exit(main(sys.argv[1:]))

@@ -211,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
     titles = {"cam": "CAM", "gradcam": "Grad-CAM", "rollout": "attention rollout", "occlusion": "occlusion"}
     values = {"cam": "CAM: share of the logit", "gradcam": "Grad-CAM (ReLU of weighted maps)",
               "rollout": "rolled-out attention of the class token",
-              "occlusion": "drop in the class's probability when hidden"}
+              "occlusion": "drop in p(class) when hidden"}
     if args.method == "rollout" and args.target is not None:
         print("nestvit explain: attention rollout does not depend on the class; --class is ignored", file=sys.stderr)
     report = []
@@ -238,8 +238,10 @@ def run(args: argparse.Namespace) -> int:
                         "levels": list(res.levels), "boxes": res.boxes[b, k].tolist(),
                         "scores": res.scores[b, k].tolist()})
                     leaf = res.leaf_boxes[b, k].tolist()
+                    n = res.classes.shape[1]  # the classes explained share one PNG, a panel each
+                    where = f"-> {out}" + (f" (panel {k + 1} of {n})" if n > 1 else "")
                     print(f"{p}: {label(int(res.classes[b, k]))} p={float(res.probs[b, k]):.3f} path "
-                          f"{res.path[b, k].tolist()} leaf box {leaf} -> {out}")
+                          f"{res.path[b, k].tolist()} leaf box {leaf} {where}")
                 report.append(entry)
             continue
         if args.method == "cam":

@@ -118,8 +118,10 @@ def _bars(ax, classes: Sequence[int], probs: Sequence[float], names: Sequence[st
     ax.set_xlim(0, 1)
     ax.set_xlabel("probability", fontsize=8)
     ax.tick_params(axis="x", labelsize=7)
-    for yi, p in zip(y, probs):
-        ax.text(min(float(p) + 0.02, 0.8), yi, f"{float(p):.2f}", va="center", fontsize=7)
+    for yi, p in zip(y, probs):  # beside the bar, or inside its end where there is no room beside it
+        inside = float(p) > 0.85
+        ax.text(float(p) - 0.02 if inside else float(p) + 0.02, yi, f"{float(p):.2f}", va="center", fontsize=7,
+                ha="right" if inside else "left", color="white" if inside else "black")
     ax.set_title("top predictions", fontsize=9)
 
 
@@ -147,8 +149,8 @@ def gradcat_figure(path: str | Path, image, result, b: int = 0, *, top_classes=N
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=7, frameon=False)
-    fig.suptitle(title or f"GradCAT path (sign {result.sign:+d}): boxes from the top level to the leaf",
-                 fontsize=10)
+    fig.suptitle(title or f"GradCAT path (sign {result.sign:+d}): boxes from the top level to the leaf; under each "
+                           "image, the score that chose the block at each level", fontsize=9)
     fig.tight_layout(rect=(0, 0.06, 1, 0.95))
     path = save_figure(fig, path, dpi=dpi)
     plt.close(fig)
@@ -172,7 +174,7 @@ def heatmap_figure(path: str | Path, image, heat, *, method: str, explained: str
     bar.ax.tick_params(labelsize=7)
     signed = shown.get_clim()[0] < 0
     if value_label or signed:
-        bar.set_label(value_label + (" (red for, blue against)" if signed else ""), fontsize=8)
+        bar.set_label(value_label + ("\n(red: for the class, blue: against)" if signed else ""), fontsize=7)
     if box is not None:
         draw_box(axes[1], box, color="white", lw=1.8, label="map box")
     if gt_box is not None:
