@@ -209,7 +209,7 @@ def evaluate_one(args: argparse.Namespace, checkpoint: str, out: Path | None) ->
     tta = f", {args.tta} TTA ({len(tta_views(args.tta))} views)" if args.tta != "none" else ""
     tta += f", {precision}" if precision != "fp32" else ""
     print(f"{loaded.describe()} on {data.name} ({result.count} images{tta}): loss {result.loss:.4f}  "
-          f"top-1 {result.top1:.2f}%  top-{min(5, len(data.classes))} {result.top5:.2f}%")
+          f"top-1 {result.top1:.2f}%" + (f"  top-5 {result.top5:.2f}%" if len(data.classes) > 5 else ""))
     print("per-class accuracy:")
     width = max(len(c) for c in data.classes)
     counts = result.per_class_count

@@ -194,7 +194,6 @@ class Trainer:
         self.cfg = cfg
         self.classes = self.train_split.classes
         self.num_classes = len(self.classes)
-        self.top_k = min(5, self.num_classes)  # "top-5" of fewer classes is top-k of all of them (always 100 %)
 
         # model, EMA, teacher
         section = self._starting_weights(cfg, run_dir) if resume else cfg.model
@@ -662,8 +661,8 @@ class Trainer:
             if test is not None:
                 ema_top1, tta_top1 = summary.get("ema_top1"), summary.get("test_top1_tta")
                 self.say(f"done in {_fmt_time(wall)}: {self.cfg.data.eval_split} top-1 {test.top1:.2f}% "
-                         f"top-{self.top_k} {test.top5:.2f}% "
-                         f"(best {self.best_top1:.2f}%)"
+                         + (f"top-5 {test.top5:.2f}% " if self.num_classes > 5 else "")
+                         + f"(best {self.best_top1:.2f}%)"
                          + (f", EMA top-1 {ema_top1:.2f}%" if ema_top1 is not None else "")
                          + (f", {cfg.tta} TTA top-1 {tta_top1:.2f}%" if tta_top1 is not None else "")
                          + f"; {self.run_dir}")
@@ -675,8 +674,9 @@ class Trainer:
                 f" | {r['img_s']:.0f} img/s (input pipeline alone {r['data_img_s']:.0f} img/s)"
                 f" | {_fmt_time(r['time_s'])}")
         if "test_top1" in r:
-            line += (f" | {self.cfg.data.eval_split} top-1 {r['test_top1']:.2f}% "  # the metrics keep the key test_*
-                     f"top-{self.top_k} {r['test_top5']:.2f}%")
+            line += f" | {self.cfg.data.eval_split} top-1 {r['test_top1']:.2f}%"  # the metrics keep the key test_*
+            if self.num_classes > 5:  # top-5 of 5 classes or fewer is always 100 %: not shown
+                line += f" top-5 {r['test_top5']:.2f}%"
             if "test_balanced_top1" in r:
                 line += f" balanced {r['test_balanced_top1']:.2f}%"
         if "ema_top1" in r:
