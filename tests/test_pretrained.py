@@ -17,7 +17,7 @@ import torch
 import nestvit
 from nestvit import pretrained as pt
 from nestvit.cli import main
-from nestvit.contract import ContractError
+from nestvit.contract import ContractError, contract_of
 from nestvit.pretrained import PretrainedError, PretrainedFile
 
 SMALL = {"depths": 1, "embed_dims": 16, "num_heads": 1}
@@ -67,17 +67,18 @@ def server(monkeypatch, tmp_path):
     s.close()
 
 
-def _publish(server, monkeypatch, *, name="w.pth", sha256=True, layout="timm", listing=False, **extra):
+def _publish(server, monkeypatch, *, name="w.pth", sha256=True, layout="timm", listing=False, kwargs=SMALL,
+             **extra):
     """A small NesT published on the loopback server as a timm-layout state dict; ``(entry, source model)``."""
     torch.manual_seed(0)
-    source = nestvit.create_model("nest_tiny_cifar", **SMALL)
+    source = nestvit.create_model("nest_tiny_cifar", **kwargs)
     buf = io.BytesIO()
     torch.save(source.state_dict(), buf)
     body = buf.getvalue()
     server.files[name] = body
     digest = hashlib.sha256(body).hexdigest()
     entry = PretrainedFile("nest_tiny_cifar.test_in1k", server.url + name, name, layout, "tests", "apache-2.0", 50.0,
-                           "nowhere", sha256=(digest if sha256 is True else sha256), kwargs=dict(SMALL),
+                           "nowhere", sha256=(digest if sha256 is True else sha256), kwargs=dict(kwargs),
                            mean=(0.1, 0.2, 0.3), std=(0.2, 0.2, 0.2), listing=listing, **extra)
     monkeypatch.setattr(pt, "PUBLISHED", (entry, *pt.PUBLISHED))
     return entry, source
@@ -290,6 +291,47 @@ def test_finetune_from_a_published_tag_on_a_folder(server, monkeypatch, tmp_path
     assert server.requests == ["w.pth"]  # downloaded once
     assert main(["eval", str(run)]) == 0
     assert main(["predict", str(run), str(tmp_path / "bugs" / "bee" / "0.png")]) == 0
+
+
+def test_imagenet_weights_name_their_classes_and_score_wordnet_folders_by_id(server, monkeypatch, tmp_path, capsys):
+    # before: published ImageNet weights predicted "class281"; ImageNet's own folders (n01440764, ...) were
+    # scored by position only, so a subset of them (Imagenette's 10) could not be scored at all
+    import numpy as np
+    from PIL import Image
+
+    ids, names = pt.imagenet_classes()
+    assert len(set(ids)) == len(set(names)) == 1000 and list(ids) == sorted(ids)
+    assert names[:2] == ("tench", "goldfish") and names[ids.index("n03126707")] == "crane (machine)"
+    entry, source = _publish(server, monkeypatch, kwargs={**SMALL, "num_classes": 1000})
+    loaded = nestvit.load(entry.tag)
+    assert loaded.classes == list(names)
+    adapted = nestvit.create_model(entry.tag, pretrained=True, num_classes=3)  # a new head: the data's classes
+    assert contract_of(adapted).classes is None
+    image = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 36, 3), dtype=np.uint8)).save(image)
+    with torch.no_grad():
+        top = int(source.eval()(loaded.transform(loaded.transform.read_batch([image]))).argmax())
+    assert main(["predict", entry.tag, str(image), "--top-k", "1"]) == 0
+    assert f"{names[top]} " in capsys.readouterr().out
+    rng = np.random.default_rng(1)
+    picked = (0, 1, 517)
+    for i in picked:  # ImageNet's layout for a few of its classes, as Imagenette has it
+        (tmp_path / "net" / "val" / ids[i]).mkdir(parents=True)
+        for j in range(2):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "net" / "val" / ids[i]
+                                                                                   / f"{j}.png")
+    assert main(["eval", entry.tag, "--data", str(tmp_path / "net"), "--out", str(tmp_path / "ev")]) == 0
+    out, err = capsys.readouterr()
+    assert "(6 images)" in out and "records no class names" not in err and "skipped" not in err
+    assert "  crane (machine)  " in out and "%  of 2 images" in out and "n/a (no images): 997 classes (" in out
+    counts = json.loads((tmp_path / "ev" / "eval.json").read_text())["per_class_count"]
+    assert {c: n for c, n in counts.items() if n} == {names[i]: 2 for i in picked}
+    for name in (names[2], "not_a_class"):  # folders named by class name: by name
+        Image.new("RGB", (8, 8)).save((tmp_path / "named" / name).mkdir(parents=True) or tmp_path / "named" / name
+                                      / "0.png")
+    assert main(["eval", entry.tag, "--data", str(tmp_path / "named")]) == 0
+    out, err = capsys.readouterr()
+    assert f"  {names[2]}  " in out and "class(es) not_a_class that the model does not have" in err
 
 
 def test_the_commands_read_a_published_tag(server, monkeypatch, tmp_path, capsys):

@@ -666,7 +666,7 @@ def published_tag(path: str | Path) -> str | None:
 
 def _load_published(tag: str) -> Loaded:
     """Published weights as the commands read a run: the model, its input transform (the publisher's data
-    config), no class names (``class0`` ...)."""
+    config) and its class names (ImageNet-1k's, ``nestvit.pretrained.imagenet_classes``)."""
     from .pretrained import download, published
     from .registry import create_model
 

@@ -34,6 +34,7 @@ saved from it carry both.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import logging
 import os
@@ -49,8 +50,8 @@ from torch import nn
 
 from .errors import UserError
 
-__all__ = ["PretrainedFile", "PretrainedError", "download", "list_pretrained", "load_pretrained", "published",
-           "resolve"]
+__all__ = ["PretrainedFile", "PretrainedError", "download", "imagenet_classes", "list_pretrained", "load_pretrained",
+           "published", "resolve"]
 
 log = logging.getLogger("nestvit")
 
@@ -79,6 +80,7 @@ class PretrainedFile:
     std: tuple[float, ...] = IMAGENET_STD
     crop_pct: float = 0.875  # evaluation: resize the shorter side to 224 / crop_pct, centre-crop 224
     listing: bool = False
+    labels: Literal["imagenet-1k"] | None = "imagenet-1k"  # what its outputs are (None: numbered only)
 
     @property
     def model(self) -> str:
@@ -99,6 +101,25 @@ class PretrainedFile:
             return InputTransform(channels=c, size=size, mean=mean, std=std, resize="stretch")
         return InputTransform(channels=c, size=size, mean=mean, std=std, resize="center-crop",
                               crop_pct=self.crop_pct)
+
+
+    def class_names(self, model: nn.Module) -> tuple[str, ...] | None:
+        """The names of ``model``'s outputs when its head is the published one (``imagenet_classes``), else None
+        (a head adapted to another class count is new: its classes are the data's it is trained on)."""
+        if self.labels is None:
+            return None
+        names = imagenet_classes()[1]
+        return names if int(getattr(model, "num_classes", 0)) == len(names) else None
+
+
+@functools.cache
+def imagenet_classes() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(WordNet ids, names)`` of the 1,000 ImageNet-1k classes in output order: the ids sorted (``n01440764``,
+    the class folders of ImageNet's own layout), the names readable (``tench``): each synset's first WordNet lemma,
+    the two that share one told apart (``crane (bird)`` / ``crane (machine)``, ``maillot`` / ``tank suit``)."""
+    rows = [line.split("\t") for line in (Path(__file__).parent / "imagenet_classes.tsv").read_text(
+        encoding="utf-8").splitlines() if line and not line.startswith("#")]
+    return tuple(r[0] for r in rows), tuple(r[1] for r in rows)
 
 
 _TIMM_RELEASE = "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-vt3p-weights/"

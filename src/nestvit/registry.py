@@ -200,7 +200,8 @@ def create_model(name: str, *, pretrained: bool | str | Path = False, weights: s
         model = create_model(name, **overrides)
         model.adapt_notes = load_pretrained(model, published or path)
         if published is not None:
-            model.registry_spec.update(transform=published.transform(model), info={"pretrained": published.tag})
+            model.registry_spec.update(transform=published.transform(model), classes=published.class_names(model),
+                                       info={"pretrained": published.tag})
         elif recorded is not None and (t := contract.transform) is not None and t.channels == model.in_chans \
                 and t.size == tuple(model.img_size):  # the run's input, where the model still takes it
             model.registry_spec.update(transform=t)

@@ -64,6 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .metrics import unequal_sizes
+
     out = writable_dir(args.out) if args.out else None  # fail now, not after the evaluation
     if len(args.checkpoints) == 1:
         evaluate_one(args, args.checkpoints[0], out)
@@ -77,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     ks = [min(5, len(r["classes"])) for r in rows]  # top-5 of fewer classes: top-k of all of them
     same_k = len(set(ks)) == 1
     top_k = f"top-{ks[0]}" if same_k else "top-k"  # runs of 3 and 10 classes: each row says its k
-    balanced = any(len({n for n in r["per_class_count"].values() if n}) > 1 for r in rows)  # classes of unequal size
+    balanced = any(unequal_sizes(r["per_class_count"].values()) for r in rows)  # classes of unequal size
     print(f"{'checkpoint':<{width}}  {'data':<24}  {'images':>6}  {'top-1':>7}  {top_k:>{7 if same_k else 11}}  "
           f"{'loss':>7}" + (f"  {'balanced':>8}" if balanced else ""))
     for c, r, k in zip(args.checkpoints, rows, ks):
@@ -102,6 +104,7 @@ def evaluate_one(args: argparse.Namespace, checkpoint: str, out: Path | None) ->
     from ..cli_args import note_weights_of_a_file
     from ..contract import UnreadableImageError, load
     from ..data.datasets import unreadable_summary
+    from ..errors import listed
     from ..export import OnnxModel
     from .cli_train import one_line_errors
     from .distributed import DistInfo, resolve_device
@@ -173,13 +176,16 @@ def evaluate_one(args: argparse.Namespace, checkpoint: str, out: Path | None) ->
     classes = loaded.classes
     if is_streamed(name):  # files are decoded to the model's channels (below), not to what the folder's look like
         section = dataclasses.replace(section, channels=transform.channels)
-    named = loaded.contract.classes is not None  # else (published weights): the folder's classes, by position
+    named = loaded.contract.classes is not None  # else: the folder's classes, by position
     if is_streamed(name) and not named:
         print(f"note: {loaded.describe()} records no class names: the folder's classes, sorted, are its outputs "
               f"0..{len(classes) - 1} in that order", file=sys.stderr)
+    ids = _wordnet_ids(loaded, name, section, split)  # ImageNet's class folders n01440764, ...: by id, not by name
     with one_line_errors():
-        data = load_split(section, split, device, classes=classes if is_streamed(name) and named else None,
+        data = load_split(section, split, device, classes=ids or (classes if is_streamed(name) and named else None),
                           limit=args.limit, model_classes=True)
+    if ids:  # the same classes, in the same order: said by name
+        data = dataclasses.replace(data, classes=classes)
     for note in data.notes:  # classes of the data the model does not have, or the reverse
         print(note, file=sys.stderr)
     if same is not None and same.limit_eval is not None and args.limit is None and len(data) > same.limit_eval:
@@ -211,11 +217,16 @@ def evaluate_one(args: argparse.Namespace, checkpoint: str, out: Path | None) ->
     print(f"{loaded.describe()} on {data.name} ({result.count} images{tta}): loss {result.loss:.4f}  "
           f"top-1 {result.top1:.2f}%" + (f"  top-5 {result.top5:.2f}%" if len(data.classes) > 5 else ""))
     print("per-class accuracy:")
-    width = max(len(c) for c in data.classes)
     counts = result.per_class_count
+    empty = [c for c, acc in result.per_class.items() if math.isnan(acc)]
+    folded = set(empty) if len(empty) > 10 else set()  # a few of many classes (Imagenette's 10 of ImageNet's
+    width = max((len(c) for c in data.classes if c not in folded), default=0)  # 1,000): the others on one line
     for cls, acc in result.per_class.items():
-        print(f"  {cls:>{width}s}  " + ("   n/a  (no images)" if math.isnan(acc) else
-                                        f"{acc:6.2f}%  of {counts[cls]:,} image{'s' if counts[cls] != 1 else ''}"))
+        if cls not in folded:
+            print(f"  {cls:>{width}s}  " + ("   n/a  (no images)" if math.isnan(acc) else
+                                            f"{acc:6.2f}%  of {counts[cls]:,} image{'s' if counts[cls] != 1 else ''}"))
+    if folded:
+        print(f"  n/a (no images): {len(empty):,} classes ({listed(empty, 4)})")
     if result.unequal:  # classes of unequal size: top-1 favours the large ones
         print(f"balanced accuracy (the mean of the per-class accuracies, each class counting the same): "
               f"{result.balanced_top1:.2f}%")
@@ -249,6 +260,26 @@ def _check_same_classes(loaded: Any, name: str, have: list[str]) -> None:
     differ = [c for c in want if same_name(c) not in have_at]
     print(f"warning: the model's classes {listed(differ, 4)} are not among {name}'s; images are scored by label "
           "index", file=sys.stderr)
+
+
+def _wordnet_ids(loaded: Any, name: str, section: DataSection, split: str | None) -> list[str] | None:
+    """ImageNet-1k weights (published ones, or saved from them) scored on class folders named by WordNet id, as
+    ImageNet's own layout and its subsets (Imagenette) name them: the ids in the model's output order, which
+    number the folders' classes; else None (folders are matched to the model's classes by name)."""
+    from ..data.folders import HOLDOUT, find_layout, split_folder
+    from ..pretrained import imagenet_classes
+
+    ids, names = imagenet_classes()
+    if name != "imagefolder" or loaded.contract.classes is None or tuple(loaded.contract.classes) != names:
+        return None
+    layout = find_layout(section.root, section.train_split)
+    if layout.kind not in ("splits", "classes"):
+        return None
+    split = split_folder(layout, split or section.eval_split)
+    folder = layout.root / split_folder(layout, section.train_split if split == HOLDOUT else split) \
+        if layout.kind == "splits" else layout.root
+    found = {p.name for p in folder.iterdir() if p.is_dir()} if folder.is_dir() else set()
+    return list(ids) if found and found <= set(ids) else None
 
 
 def _layout(name: str, root: str, train_split: str) -> Layout:

@@ -44,6 +44,7 @@ from ..data.datasets import (
 )
 from ..data.folders import HOLDOUT, default_eval_split, find_layout, holds_image_folders, load_images
 from ..data.shards import ShardEpoch, ShardPass, ShardSet, find_shard_layout, load_shards
+from ..errors import listed
 from .config import ConfigError, DataSection, ModelSection
 from .interrupt import leave_signals_to_the_trainer, starting_workers
 
@@ -328,8 +329,8 @@ def _class_notes(data: ImageListDataset | ShardSet, split: str, *, training: boo
     if not training:
         theirs, owner, lacking = (("the model's", "the model's", "that the model does not have") if model_classes
                                   else ("the training split's", "the training", "not in the training split"))
-        differ = ([f"no images of {owner} class(es) {', '.join(empty)} (their accuracy is n/a)"] if empty else []) + \
-            ([f"class(es) {', '.join(data.unlisted)} {lacking} (their images are skipped)"] if data.unlisted else [])
+        differ = ([f"no images of {owner} class(es) {listed(empty, 5)} (their accuracy is n/a)"] if empty else []) \
+            + ([f"class(es) {listed(data.unlisted, 5)} {lacking} (their images are skipped)"] if data.unlisted else [])
         fix = ("a class needs 2 or more images to have one held out: add images" if split == HOLDOUT else
                "the scores cover the other classes" if model_classes else "give both splits the same classes")
         where = str(data.root) if model_classes else f"the {split} split of {data.root}"

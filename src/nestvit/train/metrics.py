@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,11 @@ import torch.nn.functional as F
 from ..fileio import atomic_write_text, disk_full_error, is_disk_full
 
 METRICS_FILE = "metrics.jsonl"
+
+
+def unequal_sizes(counts: Iterable[int]) -> bool:
+    """Whether the classes with images (``counts``: images per class) differ in size."""
+    return len({n for n in counts if n}) > 1
 
 
 @dataclass
@@ -56,7 +62,7 @@ class EvalResult:
     @property
     def unequal(self) -> bool:
         """Whether the classes with images differ in size (then top-1 favours the large ones: say balanced too)."""
-        return len({n for n in self.per_class_count.values() if n}) > 1
+        return unequal_sizes(self.per_class_count.values())
 
     def to_json(self) -> dict[str, Any]:
         """The result as strict JSON: a class without images has accuracy null (not NaN)."""
