@@ -270,6 +270,33 @@ def test_a_photo_stored_sideways_is_read_upright(tmp_path, orientation, resize):
         assert torch.equal(ImageFolderDataset(tmp_path, split="test", size=12)[0][0], want)
 
 
+def test_published_weights_resize_bicubic_as_timm_evaluates_them(tmp_path):
+    # before: every centre crop was resized bilinearly, timm's NesT / TNT / DeiT weights included (timm: bicubic)
+    from nestvit.pretrained import published
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "x.png"
+    Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(path)
+    t = InputTransform(channels=3, size=(16, 16), mean=(0.5,) * 3, std=(0.5,) * 3, resize="center-crop",
+                       crop_pct=0.8, interpolation="bicubic")
+    with Image.open(path) as img:  # shorter side 16 / 0.8 = 20 with Pillow's bicubic filter, centre 16x16
+        want = np.asarray(img.resize((28, 20), Image.Resampling.BICUBIC, reducing_gap=3.0).crop((6, 2, 22, 18)))
+    assert np.array_equal(t.read(path).permute(1, 2, 0).numpy(), want)
+    bilinear = InputTransform.from_dict({k: v for k, v in t.to_dict().items() if k != "interpolation"})
+    assert bilinear.interpolation == "bilinear" and not torch.equal(bilinear.read(path), t.read(path))  # as before
+    assert InputTransform.from_dict(t.to_dict()) == t
+    with pytest.raises(ContractError, match="interpolation must be 'bilinear' or 'bicubic'"):
+        InputTransform.from_dict({**t.to_dict(), "interpolation": "lanczos"})
+    with pytest.raises(ContractError, match="bicubic with resize='center-crop' only"):
+        InputTransform.from_dict({**t.to_dict(), "resize": "stretch"})
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(in_chans=3, img_size=(224, 224))
+    assert all(published(tag).transform(model).interpolation == "bicubic"
+               for tag in ("nest_tiny_224.jx_in1k", "nest_tiny_224.official_in1k", "tnt_s_patch16_224.in1k",
+                           "deit_tiny_patch16_224.fb_in1k"))
+
+
 def test_tar_shards_turn_a_sideways_photo_upright_unless_the_model_was_trained_on_it_as_stored(tmp_path):
     from nestvit.data.shards import ShardSet
 

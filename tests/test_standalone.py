@@ -50,7 +50,9 @@ def _images(folder: Path) -> list[Path]:
     InputTransform(channels=3, size=(16, 16), mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3), resize="center-crop"),
     InputTransform(channels=1, size=(16, 16), mean=(0.3,), std=(0.35,), content=(12, 12)),  # stretch, padded
     InputTransform(channels=3, size=(16, 16), mean=(0.5,) * 3, std=(0.5,) * 3, resize="stretch"),
-], ids=["center-crop-rgb", "stretch-grey-padded", "stretch-rgb"])
+    InputTransform(channels=3, size=(16, 16), mean=(0.5,) * 3, std=(0.5,) * 3, resize="center-crop", crop_pct=0.9,
+                   interpolation="bicubic"),  # published ImageNet weights' evaluation view
+], ids=["center-crop-rgb", "stretch-grey-padded", "stretch-rgb", "center-crop-bicubic"])
 def test_standalone_matches_predict(transform, tmp_path, capsys):
     torch.manual_seed(0)
     model = nestvit.create_model("nest_tiny_cifar", in_chans=transform.channels, **KW)

@@ -40,6 +40,7 @@ EXPORTED_SUFFIXES = (".onnx", ".pt2")  # files of `nestvit export` (nestvit.expo
 CONTRACT_VERSION = 1
 Kind = Literal["classifier", "generator", "discriminator"]
 Resize = Literal["stretch", "center-crop"]
+Interpolation = Literal["bilinear", "bicubic"]
 # one image for InputTransform.read: a path (str, Path), a PIL image, a uint8 numpy array (H, W[, C]) or tensor
 # (C, H, W)
 ImageLike = Any
@@ -78,7 +79,8 @@ class InputTransform:
     and a uint8 batch ``(B, C, H, W)`` is normalised as ``(x / 255 - mean) / std`` by :meth:`__call__`.
     ``exif_orientation``: a file (or PIL image) is first turned upright as its EXIF orientation tag says, as
     image viewers and training's image folders do; False in contracts written before nestvit did so (their
-    models saw the pixels as stored).
+    models saw the pixels as stored). ``interpolation``: the centre crop's resize filter, ``"bilinear"`` as
+    training's image folders resize, ``"bicubic"`` for published ImageNet weights (as timm evaluates them).
     """
 
     channels: int
@@ -89,6 +91,7 @@ class InputTransform:
     content: tuple[int, int] | None = None  # stretch: the image's (H, W) before zero padding to ``size``
     crop_pct: float = 0.875  # center-crop: the crop's share of the resized shorter side
     exif_orientation: bool = True  # turn images upright as their EXIF tag says (False: as stored)
+    interpolation: Interpolation = "bilinear"  # center-crop: the resize filter (Pillow's)
 
     def __post_init__(self) -> None:
         for key in ("size", "content"):  # an int (one side) or a list: the (H, W) tuple every reader expects
@@ -114,6 +117,10 @@ class InputTransform:
                                 "(one per channel)")
         if self.resize not in ("stretch", "center-crop"):
             raise ContractError(f"input transform: resize must be 'stretch' or 'center-crop', not {self.resize!r}")
+        if self.interpolation not in ("bilinear", "bicubic") or (self.resize == "stretch"
+                                                                 and self.interpolation != "bilinear"):
+            raise ContractError(f"input transform: interpolation must be 'bilinear' or 'bicubic' (bicubic with "
+                                f"resize='center-crop' only), not {self.interpolation!r}")
         if not isinstance(self.exif_orientation, bool):
             raise ContractError(f"input transform: exif_orientation must be true or false, not "
                                 f"{self.exif_orientation!r}")
@@ -164,7 +171,8 @@ class InputTransform:
             try:  # an unreadable or huge file: one clear error
                 x = decode_image(img if img is not None else path, size=self.size[0],
                                  resize_size=round(self.size[0] / self.crop_pct), channels=self.channels,
-                                 exif_orientation=self.exif_orientation, name=path, hint="")
+                                 exif_orientation=self.exif_orientation, interpolation=self.interpolation,
+                                 name=path, hint="")
             except DatasetError as e:
                 raise UnreadableImageError(str(e)) from None
             return x.contiguous()

@@ -82,7 +82,7 @@ def _card(loaded: Loaded, summary: dict[str, Any] | None) -> str:
              "tags: [image-classification, nested-vision-transformer]", "---", "", f"# {c.model}", "",
              f"A `{c.model}` {c.kind} trained with [nestvit](https://pypi.org/project/nestvit/).", ""]
     facts = [("input", f"{t.channels} x {t.size[0]} x {t.size[1]}, {t.resize}"
-                       + (f" (crop_pct {t.crop_pct})" if t.resize == "center-crop" else "")
+                       + (f" (crop_pct {t.crop_pct}, {t.interpolation})" if t.resize == "center-crop" else "")
                        + (f" to {t.content[0]} x {t.content[1]} then zero-padded" if t.content else "")
                        + f", mean {list(t.mean)}, std {list(t.std)}")]
     if c.classes is not None:

@@ -79,6 +79,7 @@ class PretrainedFile:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     crop_pct: float = 0.875  # evaluation: resize the shorter side to 224 / crop_pct, centre-crop 224
+    interpolation: Literal["bilinear", "bicubic"] = "bicubic"  # that resize's filter (timm's data config)
     listing: bool = False
     labels: Literal["imagenet-1k"] | None = "imagenet-1k"  # what its outputs are (None: numbered only)
 
@@ -100,7 +101,7 @@ class PretrainedFile:
         if size[0] != size[1]:  # adapted to a non-square input: the centre crop is square, so stretch to it
             return InputTransform(channels=c, size=size, mean=mean, std=std, resize="stretch")
         return InputTransform(channels=c, size=size, mean=mean, std=std, resize="center-crop",
-                              crop_pct=self.crop_pct)
+                              crop_pct=self.crop_pct, interpolation=self.interpolation)
 
 
     def class_names(self, model: nn.Module) -> tuple[str, ...] | None:

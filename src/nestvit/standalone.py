@@ -59,13 +59,15 @@ def to_mode(img: Image.Image, mode: str) -> Image.Image:
     return img.convert(mode)
 
 
-def center_crop(img: Image.Image, size: int, side: int) -> Image.Image:
-    """``img`` with its shorter side resized to ``side`` (Pillow's bilinear filter, ``reducing_gap=3``) and the
-    centre ``size x size`` cropped: the evaluation view of image-folder training."""
+def center_crop(img: Image.Image, size: int, side: int, interpolation: str = "bilinear") -> Image.Image:
+    """``img`` with its shorter side resized to ``side`` (Pillow's ``interpolation`` filter, bilinear or bicubic,
+    ``reducing_gap=3``) and the centre ``size x size`` cropped: the evaluation view of image-folder training
+    (bilinear) and of published ImageNet weights (bicubic, as timm evaluates them)."""
     w, h = img.size
     scale = side / min(w, h)
     new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    resample = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}[interpolation]
+    img = img.resize((new_w, new_h), resample, reducing_gap=3.0)
     left, top = (new_w - size) // 2, (new_h - size) // 2
     return img.crop((left, top, left + size, top + size))
 
@@ -91,7 +93,8 @@ def prepare(path: str, transform: dict[str, Any]) -> np.ndarray:
         if transform["resize"] == "center-crop":  # image folders: shorter side to size / crop_pct, centre crop
             side = round(H / transform["crop_pct"])
             img.draft(mode, (side, side))  # a JPEG decodes at a reduced scale, as in training
-            a = np.asarray(center_crop(to_mode(turn(img), mode), H, side), dtype=np.uint8)
+            a = np.asarray(center_crop(to_mode(turn(img), mode), H, side, transform.get("interpolation", "bilinear")),
+                           dtype=np.uint8)
             a = a[..., None] if a.ndim == 2 else a
         else:  # "stretch" (in-memory data sets): resized to content, whatever the aspect ratio, zero-padded
             a = np.asarray(to_mode(turn(img), mode), dtype=np.uint8)

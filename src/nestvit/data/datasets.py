@@ -790,12 +790,14 @@ def resize_images(images: torch.Tensor, size: int | tuple[int, int] | None) -> t
 def decode_image(source: str | Path | io.BytesIO | Image.Image, *, size: int, resize_size: int | None = None,
                  crop_box: Callable[[int, int], tuple[int, int, int, int] | None] | None = None,
                  name: str | Path | None = None, channels: int = 3, exif_orientation: bool = True,
+                 interpolation: str = "bilinear",
                  hint: str = "replace the file or remove it from the data set") -> torch.Tensor:
     """Decode one image (a path, bytes in a file object, or an open ``PIL.Image``, left as it is) to a uint8
     ``channels x size x size`` tensor (``channels`` 3: RGB; 1: greyscale, Pillow's ``L``), first turned upright
     as its EXIF orientation tag says (``exif_orientation``; a phone photo stored sideways), as viewers show it.
 
-    The shorter side is resized to ``resize_size`` (default ``round(size / 0.875)``) and the centre cropped;
+    The shorter side is resized to ``resize_size`` (default ``round(size / 0.875)``; Pillow's ``interpolation``
+    filter, bilinear or bicubic) and the centre cropped;
     with ``crop_box`` (``(w, h) -> (left, top, right, bottom)`` or None for the centre crop) that box of the
     full-resolution image is resized to ``size x size`` instead. A file that is not a decodable image raises
     one :class:`DatasetError` naming ``name`` (default: the path), and ``hint``, what to do about it.
@@ -813,7 +815,7 @@ def decode_image(source: str | Path | io.BytesIO | Image.Image, *, size: int, re
             if box is not None:
                 img = img.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0)
             else:
-                img = center_crop(img, size, resize_size)
+                img = center_crop(img, size, resize_size, interpolation)
             array = np.asarray(img, dtype=np.uint8)
             array = array[None].copy() if array.ndim == 2 else np.ascontiguousarray(array.transpose(2, 0, 1))
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:

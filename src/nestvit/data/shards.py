@@ -237,6 +237,7 @@ class ShardSet:
         self.drop: frozenset[str] = frozenset()
         self.size, self.resize_size, self.crop_scale = size, round(size / 0.875), crop_scale
         self.exif_orientation = True  # turn images upright as their EXIF tag says (an older model's eval: as stored)
+        self.interpolation = "bilinear"  # the centre crop's resize filter (a model's eval: its contract's)
         self.unlisted: list[str] = []
         self.description = ""
 
@@ -308,7 +309,7 @@ class ShardSet:
         box = (lambda w, h: random_crop_box(w, h, self.crop_scale)) if self.crop_scale else None
         return decode_image(io.BytesIO(sample[suffix]), size=self.size, resize_size=self.resize_size, crop_box=box,
                             name=f"{where}.{suffix}", channels=self.channels,
-                            exif_orientation=self.exif_orientation), label
+                            exif_orientation=self.exif_orientation, interpolation=self.interpolation), label
 
     def collate(self, samples: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
         decoded = [self.decode(s) for s in samples]

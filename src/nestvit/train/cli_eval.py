@@ -198,6 +198,7 @@ def evaluate_one(args: argparse.Namespace, checkpoint: str, out: Path | None) ->
     if data.stream is not None:  # tar shards: centre-cropped and turned upright (or not) as the contract says
         data.stream.resize_size = round(data.stream.size / transform.crop_pct)
         data.stream.exif_orientation = transform.exif_orientation
+        data.stream.interpolation = transform.interpolation
     if len(data.classes) != len(classes):
         raise ValueError(f"{name} has {len(data.classes)} classes but the model was trained on {len(classes)}")
     if data.folder is None and data.stream is None and loaded.contract.classes is not None:
