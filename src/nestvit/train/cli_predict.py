@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
             rows.append((path, [(classes[i], v) for v, i in zip(top.values.tolist(), top.indices.tolist())]))
     skipped.report(len(rows))
     if args.out is None:
-        width = max(len(c) for c in classes)
+        width = max((len(name) for _, top in rows for name, _ in top), default=0)  # of the names shown
         for path, top in rows:
             print(f"{path}:")
             for name, value in top:
