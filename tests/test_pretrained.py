@@ -320,12 +320,29 @@ def test_imagenet_weights_name_their_classes_and_score_wordnet_folders_by_id(ser
         for j in range(2):
             Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "net" / "val" / ids[i]
                                                                                    / f"{j}.png")
+    (tmp_path / "net" / "val" / ".ipynb_checkpoints").mkdir()  # hidden: left out, as the reader leaves it out
+    Image.new("RGB", (8, 8)).save((tmp_path / "net" / "val" / "junk").mkdir() or tmp_path / "net" / "val" / "junk"
+                                  / "0.png")  # neither an id nor a name: skipped with a warning
     assert main(["eval", entry.tag, "--data", str(tmp_path / "net"), "--out", str(tmp_path / "ev")]) == 0
     out, err = capsys.readouterr()
-    assert "(6 images)" in out and "records no class names" not in err and "skipped" not in err
+    assert "(6 images)" in out and "records no class names" not in err and "class(es) junk that the model" in err
     assert "  crane (machine)  " in out and "%  of 2 images" in out and "n/a (no images): 997 classes (" in out
-    counts = json.loads((tmp_path / "ev" / "eval.json").read_text())["per_class_count"]
+    text = (tmp_path / "ev" / "eval.json").read_text()
+    assert len(text.splitlines()) < 4000  # the confusion matrix a line a row (before: a line a number, a million)
+    counts = json.loads(text)["per_class_count"]
     assert {c: n for c, n in counts.items() if n} == {names[i]: 2 for i in picked}
+    assert (tmp_path / "ev" / "confusion.png").is_file()
+    # a saved copy fine-tuned on folders named by WordNet id: their head rows kept by id
+    from nestvit.interop import save_weights
+    from nestvit.train.config import ModelSection
+    from nestvit.train.runs import build_model
+
+    copy = save_weights(loaded.model, tmp_path / "copy.safetensors", contract=loaded.contract)
+    model, _ = build_model(ModelSection(name=None, weights=str(copy)), num_classes=3, in_chans=3, img_size=32,
+                           classes=[ids[517], "emu", ids[0]])
+    head, trained = model.state_dict()["head.weight"], source.state_dict()["head.weight"]
+    assert torch.equal(head[0], trained[517]) and torch.equal(head[2], trained[0])
+    assert not any(torch.equal(head[1], row) for row in trained)
     for name in (names[2], "not_a_class"):  # folders named by class name: by name
         Image.new("RGB", (8, 8)).save((tmp_path / "named" / name).mkdir(parents=True) or tmp_path / "named" / name
                                       / "0.png")

@@ -117,10 +117,12 @@ class InputTransform:
                                 "(one per channel)")
         if self.resize not in ("stretch", "center-crop"):
             raise ContractError(f"input transform: resize must be 'stretch' or 'center-crop', not {self.resize!r}")
-        if self.interpolation not in ("bilinear", "bicubic") or (self.resize == "stretch"
-                                                                 and self.interpolation != "bilinear"):
-            raise ContractError(f"input transform: interpolation must be 'bilinear' or 'bicubic' (bicubic with "
-                                f"resize='center-crop' only), not {self.interpolation!r}")
+        if self.interpolation not in ("bilinear", "bicubic"):
+            raise ContractError(f"input transform: interpolation must be 'bilinear' or 'bicubic', not "
+                                f"{self.interpolation!r}")
+        if self.resize == "stretch" and self.interpolation != "bilinear":
+            raise ContractError(f"input transform: interpolation {self.interpolation!r} applies to "
+                                "resize='center-crop'; 'stretch' resizes bilinearly, as in-memory training does")
         if not isinstance(self.exif_orientation, bool):
             raise ContractError(f"input transform: exif_orientation must be true or false, not "
                                 f"{self.exif_orientation!r}")

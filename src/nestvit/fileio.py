@@ -4,6 +4,7 @@ or download."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import tempfile
@@ -141,6 +142,18 @@ def cache_home() -> Path:
     """nestvit's own cache folder: ``$NESTVIT_CACHE_DIR``, else ``~/.cache/nestvit`` (data sets, the shard index)."""
     env = os.environ.get("NESTVIT_CACHE_DIR")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "nestvit"
+
+
+def json_text(obj: Any, level: int = 0) -> str:
+    """``obj`` as ``json.dumps(obj, indent=1)`` writes it, except that a list of plain values stays on one line (a
+    confusion matrix: a line a row, not a line a number; 1,000 classes: 1,000 lines, not a million)."""
+    pad = " " * (level + 1)
+    if isinstance(obj, dict) and obj:
+        return "{\n" + ",\n".join(f"{pad}{json.dumps(str(k))}: {json_text(v, level + 1)}" for k, v in obj.items()) \
+            + "\n" + " " * level + "}"
+    if isinstance(obj, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) for v in obj):
+        return "[\n" + ",\n".join(pad + json_text(v, level + 1) for v in obj) + "\n" + " " * level + "]"
+    return json.dumps(obj)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

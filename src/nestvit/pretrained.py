@@ -43,12 +43,15 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .contract import Interpolation
 
 __all__ = ["PretrainedFile", "PretrainedError", "download", "imagenet_classes", "list_pretrained", "load_pretrained",
            "published", "resolve"]
@@ -79,7 +82,7 @@ class PretrainedFile:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     crop_pct: float = 0.875  # evaluation: resize the shorter side to 224 / crop_pct, centre-crop 224
-    interpolation: Literal["bilinear", "bicubic"] = "bicubic"  # that resize's filter (timm's data config)
+    interpolation: Interpolation = "bicubic"  # that resize's filter (timm's data config)
     listing: bool = False
     labels: Literal["imagenet-1k"] | None = "imagenet-1k"  # what its outputs are (None: numbered only)
 

@@ -24,7 +24,7 @@ from ..cli_args import add_threads, output_stems, positive_int, writable_dir
 from ..contract import InputTransform
 from ..data.augment import TTA_MODES, tta_views
 from ..data.folders import Layout
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, json_text
 from ..system import resolve_precision, slow_bf16
 from .config import PRECISIONS, DataSection
 
@@ -234,9 +234,12 @@ def evaluate_one(args: argparse.Namespace, checkpoint: str, out: Path | None) ->
     record = {"weights": str(loaded.weights), "data": data.name, "tta": args.tta, "precision": precision,
               **result.to_json()}
     if out is not None:
-        atomic_write_text(out / "eval.json", json.dumps(record, indent=1) + "\n")
-        plot_confusion(result.confusion, result.classes, out / "confusion.png",
-                       title=f"{data.name}: top-1 {result.top1:.2f}%")
+        atomic_write_text(out / "eval.json", json_text(record) + "\n")
+        shown = [i for i, c in enumerate(result.classes) if c not in folded]  # many classes: those with images
+        elsewhere = sum(sum(row) - sum(row[j] for j in shown) for row in (result.confusion[i] for i in shown))
+        plot_confusion([[result.confusion[i][j] for j in shown] for i in shown], [result.classes[i] for i in shown],
+                       out / "confusion.png", title=f"{data.name}: top-1 {result.top1:.2f}%" + (
+                           f"\n{len(shown)} classes with images; {elsewhere} predicted as others" if folded else ""))
         print(f"wrote {out / 'eval.json'} and {out / 'confusion.png'}")
     return record
 
@@ -266,8 +269,9 @@ def _check_same_classes(loaded: Any, name: str, have: list[str]) -> None:
 def _wordnet_ids(loaded: Any, name: str, section: DataSection, split: str | None) -> list[str] | None:
     """ImageNet-1k weights (published ones, or saved from them) scored on class folders named by WordNet id, as
     ImageNet's own layout and its subsets (Imagenette) name them: the ids in the model's output order, which
-    number the folders' classes; else None (folders are matched to the model's classes by name)."""
-    from ..data.folders import HOLDOUT, find_layout, split_folder
+    number the folders' classes (other folders' images are skipped, with a warning); else None (folders are
+    matched to the model's classes by name: a folder named by neither is skipped)."""
+    from ..data.folders import HOLDOUT, _subdirs, default_eval_split, find_layout, split_folder
     from ..pretrained import imagenet_classes
 
     ids, names = imagenet_classes()
@@ -276,11 +280,12 @@ def _wordnet_ids(loaded: Any, name: str, section: DataSection, split: str | None
     layout = find_layout(section.root, section.train_split)
     if layout.kind not in ("splits", "classes"):
         return None
-    split = split_folder(layout, split or section.eval_split)
+    split = split_folder(layout, split or section.eval_split
+                         or default_eval_split(layout, section.train_split, section.holdout))
     folder = layout.root / split_folder(layout, section.train_split if split == HOLDOUT else split) \
         if layout.kind == "splits" else layout.root
-    found = {p.name for p in folder.iterdir() if p.is_dir()} if folder.is_dir() else set()
-    return list(ids) if found and found <= set(ids) else None
+    found = {p.name for p in _subdirs(folder)} if folder.is_dir() else set()  # hidden folders left out, as read
+    return list(ids) if found & set(ids) and not found & set(names) else None
 
 
 def _layout(name: str, root: str, train_split: str) -> Layout:

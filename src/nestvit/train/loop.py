@@ -39,7 +39,7 @@ from ..contract import RunContract
 from ..data.augment import BatchAugment, eval_transform, shift, tta_views
 from ..data.datasets import DatasetError, unreadable_summary
 from ..errors import UserError, listed
-from ..fileio import atomic_write_text, remove_stale_temporaries
+from ..fileio import atomic_write_text, json_text, remove_stale_temporaries
 from ..interop import WeightsError, save_weights
 from ..system import machine_info, machine_label, resolve_precision, slow_bf16, use_tf32
 from . import config as C
@@ -695,7 +695,7 @@ class Trainer:
             return
         plot_run(self.run_dir)
         if test is not None:
-            atomic_write_text(self.run_dir / "confusion.json", json.dumps(test.to_json(), indent=1) + "\n")
+            atomic_write_text(self.run_dir / "confusion.json", json_text(test.to_json()) + "\n")
             plot_confusion(test.confusion, test.classes, self.run_dir / "confusion.png",
                            title=f"{self.model_name} on {self.eval_split.name}: top-1 {test.top1:.2f}%")
 

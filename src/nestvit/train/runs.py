@@ -101,19 +101,26 @@ def follow_class_names(model: nn.Module, weights: str | Path, classes: list[str]
     keep their rows by name, whatever the class counts, and the others start from ``fresh``; without it (a
     teacher of the same count: it must teach every class) they take the rows of the weights' classes the data
     lack, in order, with a warning. No name in common: rows by position (same count, with a warning). Files that
-    record no classes (timm's, published weights) keep their rows, as they are.
+    record no classes (timm's) keep their rows, as they are. Weights named by ImageNet-1k's classes (a saved copy
+    of published weights) match class folders named by WordNet id (ImageNet's layout, Imagenette) by id. A
+    published tag itself starts a fresh head for another class count (``nestvit.adapt``), as timm does.
     """
     from ..adapt import HEADS
     from ..contract import ContractError, read_contract
     from ..data.datasets import same_name
     from ..errors import listed
     from ..interop import read_state_dict
+    from ..pretrained import imagenet_classes
 
     try:
         had = list(read_contract(weights).classes or ())
     except ContractError:
         return
     had, classes = [same_name(c) for c in had], [same_name(c) for c in classes]
+    ids, names = imagenet_classes()
+    if tuple(had) == names:  # ImageNet's classes, this data's folders perhaps named by WordNet id
+        by_id = dict(zip(ids, names))
+        classes = [by_id.get(c, c) for c in classes]
     if not had or had == classes:
         return
     shown = ", ".join(had[:5]) + (", ..." if len(had) > 5 else "")
