@@ -77,6 +77,10 @@ def test_the_model_of_a_loaded_run_keeps_its_input_and_classes_and_a_new_head_is
     monkeypatch.chdir(tmp_path)
     same = nestvit.from_pretrained(nestvit.save_pretrained(loaded.model, tmp_path / "model"))
     assert same.transform == loaded.transform and same.classes == loaded.classes  # before: 0.5 and class0..
+    built = nestvit.create_model(loaded.contract.model, pretrained=str(tmp_path / "model"))  # before: no classes
+    assert nestvit.from_pretrained(nestvit.save_pretrained(built, tmp_path / "built")).classes == loaded.classes
+    other = nestvit.create_model(loaded.contract.model, pretrained=str(tmp_path / "model"), num_classes=3)
+    assert nestvit.contract.contract_of(other).classes is None  # a new head: no names of the old one
     assert "99.9" not in (tmp_path / "model/README.md").read_text()
     from dataclasses import replace
 

@@ -202,9 +202,12 @@ def create_model(name: str, *, pretrained: bool | str | Path = False, weights: s
         if published is not None:
             model.registry_spec.update(transform=published.transform(model), classes=published.class_names(model),
                                        info={"pretrained": published.tag})
-        elif recorded is not None and (t := contract.transform) is not None and t.channels == model.in_chans \
-                and t.size == tuple(model.img_size):  # the run's input, where the model still takes it
-            model.registry_spec.update(transform=t)
+        elif recorded is not None:  # the run's input, where the model still takes it; its classes, same head
+            if (t := contract.transform) is not None and t.channels == model.in_chans \
+                    and t.size == tuple(model.img_size):
+                model.registry_spec.update(transform=t)
+            if contract.classes is not None and len(contract.classes) == getattr(model, "num_classes", None):
+                model.registry_spec.update(classes=contract.classes)
         return _backbone(model, features_only, out_indices)
     _ensure_loaded()
     if not isinstance(name, str):
