@@ -332,17 +332,23 @@ def test_imagenet_weights_name_their_classes_and_score_wordnet_folders_by_id(ser
     counts = json.loads(text)["per_class_count"]
     assert {c: n for c, n in counts.items() if n} == {names[i]: 2 for i in picked}
     assert (tmp_path / "ev" / "confusion.png").is_file()
-    # a saved copy fine-tuned on folders named by WordNet id: their head rows kept by id
+    # fine-tuned on folders named by WordNet id or by class name: their head rows kept
     from nestvit.interop import save_weights
     from nestvit.train.config import ModelSection
     from nestvit.train.runs import build_model
 
     copy = save_weights(loaded.model, tmp_path / "copy.safetensors", contract=loaded.contract)
-    model, _ = build_model(ModelSection(name=None, weights=str(copy)), num_classes=3, in_chans=3, img_size=32,
-                           classes=[ids[517], "emu", ids[0]])
-    head, trained = model.state_dict()["head.weight"], source.state_dict()["head.weight"]
-    assert torch.equal(head[0], trained[517]) and torch.equal(head[2], trained[0])
-    assert not any(torch.equal(head[1], row) for row in trained)
+    trained = source.state_dict()["head.weight"]
+    for weights in (str(copy), entry.tag):  # and the tag itself (before: a fresh head, however many were shared)
+        model, _ = build_model(ModelSection(name=None, weights=weights), num_classes=3, in_chans=3, img_size=32,
+                               classes=[ids[517], "emu", names[1]])
+        head = model.state_dict()["head.weight"]
+        assert torch.equal(head[0], trained[517]) and torch.equal(head[2], trained[1]), weights
+        assert not any(torch.equal(head[1], row) for row in trained)
+        assert "keep their rows by name; the new emu start fresh" in " ".join(model.adapt_notes)
+    model, _ = build_model(ModelSection(name=None, weights=entry.tag), num_classes=2, in_chans=3, img_size=32,
+                           classes=["emu", "gnu"])  # nothing shared: the fresh head, as before
+    assert not any(torch.equal(row, t) for row in model.state_dict()["head.weight"] for t in trained)
     for name in (names[2], "not_a_class"):  # folders named by class name: by name
         Image.new("RGB", (8, 8)).save((tmp_path / "named" / name).mkdir(parents=True) or tmp_path / "named" / name
                                       / "0.png")

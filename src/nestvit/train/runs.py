@@ -80,6 +80,8 @@ def build_model(section: ModelSection, *, num_classes: int, in_chans: int, img_s
     model.adapt_notes = []
     if published is not None:
         model.adapt_notes = load_pretrained(model, published)
+        if classes is not None and adapt:  # ImageNet's classes among the data's (by name or WordNet id)
+            _follow_published(model, published, list(classes), name, kwargs)
     elif weights is not None:
         from ..adapt import HEADS
 
@@ -92,8 +94,33 @@ def build_model(section: ModelSection, *, num_classes: int, in_chans: int, img_s
     return model, kwargs
 
 
+def _follow_published(model: nn.Module, published: Any, classes: list[str], name: str,
+                      kwargs: dict[str, Any]) -> None:
+    """Fine-tuning from a published tag on data that has some of its ImageNet classes (named, or folders named by
+    WordNet id: Imagenette): those classes keep their trained head rows, as from any weights that name their
+    classes (:func:`follow_class_names`); the others keep the new head's fresh rows."""
+    from ..adapt import HEADS
+    from ..pretrained import imagenet_classes, load_pretrained
+    from ..registry import create_model
+
+    if published.labels is None or not set(classes) & set(imagenet_classes()[0] + imagenet_classes()[1]):
+        return
+    names = list(imagenet_classes()[1])
+    fresh = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(HEADS)}
+    if getattr(model, "num_classes", None) == len(names):
+        trained, notes = model.state_dict(), model.adapt_notes  # the published head as it is
+    else:  # the published head: the same model with ImageNet's 1,000 outputs
+        full = create_model(name, **{**kwargs, "num_classes": len(names)})
+        notes = load_pretrained(full, published, progress=False)
+        trained = full.state_dict()
+    if any(n.startswith(("head: re-", "head_dist: re-")) for n in notes):  # the file's head has other outputs
+        return
+    follow_class_names(model, published.tag, classes, fresh=fresh, recorded=(names, trained))
+
+
 def follow_class_names(model: nn.Module, weights: str | Path, classes: list[str], *,
-                       fresh: dict[str, torch.Tensor] | None = None) -> None:
+                       fresh: dict[str, torch.Tensor] | None = None,
+                       recorded: tuple[list[str], dict[str, torch.Tensor]] | None = None) -> None:
     """A head kept from ``weights`` follows the class names its run recorded.
 
     The same classes in another order (a class list, other folder names' sorting) get their head rows
@@ -101,9 +128,9 @@ def follow_class_names(model: nn.Module, weights: str | Path, classes: list[str]
     keep their rows by name, whatever the class counts, and the others start from ``fresh``; without it (a
     teacher of the same count: it must teach every class) they take the rows of the weights' classes the data
     lack, in order, with a warning. No name in common: rows by position (same count, with a warning). Files that
-    record no classes (timm's) keep their rows, as they are. Weights named by ImageNet-1k's classes (a saved copy
-    of published weights) match class folders named by WordNet id (ImageNet's layout, Imagenette) by id. A
-    published tag itself starts a fresh head for another class count (``nestvit.adapt``), as timm does.
+    record no classes (timm's) keep their rows, as they are. Weights named by ImageNet-1k's classes (published
+    ones, or a saved copy) match class folders named by WordNet id (ImageNet's layout, Imagenette) by id.
+    ``recorded``: ``(class names, state dict)`` of the weights instead of reading them from ``weights``.
     """
     from ..adapt import HEADS
     from ..contract import ContractError, read_contract
@@ -113,7 +140,7 @@ def follow_class_names(model: nn.Module, weights: str | Path, classes: list[str]
     from ..pretrained import imagenet_classes
 
     try:
-        had = list(read_contract(weights).classes or ())
+        had = list(recorded[0] if recorded is not None else read_contract(weights).classes or ())
     except ContractError:
         return
     had, classes = [same_name(c) for c in had], [same_name(c) for c in classes]
@@ -136,7 +163,7 @@ def follow_class_names(model: nn.Module, weights: str | Path, classes: list[str]
     spare = iter([k for k, c in enumerate(had) if c not in classes])
     source = {k: had.index(c) if c in had else (None if fresh is not None else next(spare))
               for k, c in enumerate(classes)}
-    sd = read_state_dict(weights)[0]
+    sd = recorded[1] if recorded is not None else read_state_dict(weights)[0]
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.startswith(HEADS) and p.shape[0] == len(classes) and name in sd \
