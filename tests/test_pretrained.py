@@ -332,7 +332,7 @@ def test_imagenet_weights_name_their_classes_and_score_wordnet_folders_by_id(ser
     counts = json.loads(text)["per_class_count"]
     assert {c: n for c, n in counts.items() if n} == {names[i]: 2 for i in picked}
     assert (tmp_path / "ev" / "confusion.png").is_file()
-    # fine-tuned on folders named by WordNet id or by class name: their head rows kept
+    # fine-tuned on folders named by WordNet id: their head rows kept
     from nestvit.interop import save_weights
     from nestvit.train.config import ModelSection
     from nestvit.train.runs import build_model
@@ -340,12 +340,13 @@ def test_imagenet_weights_name_their_classes_and_score_wordnet_folders_by_id(ser
     copy = save_weights(loaded.model, tmp_path / "copy.safetensors", contract=loaded.contract)
     trained = source.state_dict()["head.weight"]
     for weights in (str(copy), entry.tag):  # and the tag itself (before: a fresh head, however many were shared)
-        model, _ = build_model(ModelSection(name=None, weights=weights), num_classes=3, in_chans=3, img_size=32,
-                               classes=[ids[517], "emu", names[1]])
+        model, _ = build_model(ModelSection(name=None, weights=weights), num_classes=4, in_chans=3, img_size=32,
+                               classes=[ids[517], "emu", ids[1], names[2]])  # a name alone may be another thing
         head = model.state_dict()["head.weight"]
         assert torch.equal(head[0], trained[517]) and torch.equal(head[2], trained[1]), weights
-        assert not any(torch.equal(head[1], row) for row in trained)
-        assert "keep their rows by name; the new emu start fresh" in " ".join(model.adapt_notes)
+        assert not any(torch.equal(head[k], row) for row in trained for k in (1, 3))
+        assert f"{ids[517]}, {ids[1]} keep their rows by name; the new emu, {names[2]} start fresh" \
+            in " ".join(model.adapt_notes)
     model, _ = build_model(ModelSection(name=None, weights=entry.tag), num_classes=2, in_chans=3, img_size=32,
                            classes=["emu", "gnu"])  # nothing shared: the fresh head, as before
     assert not any(torch.equal(row, t) for row in model.state_dict()["head.weight"] for t in trained)

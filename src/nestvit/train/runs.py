@@ -96,14 +96,14 @@ def build_model(section: ModelSection, *, num_classes: int, in_chans: int, img_s
 
 def _follow_published(model: nn.Module, published: Any, classes: list[str], name: str,
                       kwargs: dict[str, Any]) -> None:
-    """Fine-tuning from a published tag on data that has some of its ImageNet classes (named, or folders named by
-    WordNet id: Imagenette): those classes keep their trained head rows, as from any weights that name their
+    """Fine-tuning from a published tag on data with some of its ImageNet classes, named by WordNet id (ImageNet's
+    folders, Imagenette's): those classes keep their trained head rows, as from any weights that name their
     classes (:func:`follow_class_names`); the others keep the new head's fresh rows."""
     from ..adapt import HEADS
     from ..pretrained import imagenet_classes, load_pretrained
     from ..registry import create_model
 
-    if published.labels is None or not set(classes) & set(imagenet_classes()[0] + imagenet_classes()[1]):
+    if published.labels is None or not set(classes) & set(imagenet_classes()[0]):
         return
     names = list(imagenet_classes()[1])
     fresh = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(HEADS)}
@@ -129,7 +129,8 @@ def follow_class_names(model: nn.Module, weights: str | Path, classes: list[str]
     teacher of the same count: it must teach every class) they take the rows of the weights' classes the data
     lack, in order, with a warning. No name in common: rows by position (same count, with a warning). Files that
     record no classes (timm's) keep their rows, as they are. Weights named by ImageNet-1k's classes (published
-    ones, or a saved copy) match class folders named by WordNet id (ImageNet's layout, Imagenette) by id.
+    ones, or a saved copy) match classes by WordNet id only (ImageNet's folders, Imagenette's): a first lemma
+    can name another thing (ImageNet's ``mouse`` is a computer mouse, CIFAR-100's an animal).
     ``recorded``: ``(class names, state dict)`` of the weights instead of reading them from ``weights``.
     """
     from ..adapt import HEADS
@@ -145,9 +146,8 @@ def follow_class_names(model: nn.Module, weights: str | Path, classes: list[str]
         return
     had, classes = [same_name(c) for c in had], [same_name(c) for c in classes]
     ids, names = imagenet_classes()
-    if tuple(had) == names:  # ImageNet's classes, this data's folders perhaps named by WordNet id
-        by_id = dict(zip(ids, names))
-        classes = [by_id.get(c, c) for c in classes]
+    if tuple(had) == names:  # ImageNet's classes go by WordNet id: a name can be another thing (a CIFAR mouse)
+        had = list(ids)
     if not had or had == classes:
         return
     shown = ", ".join(had[:5]) + (", ..." if len(had) > 5 else "")
